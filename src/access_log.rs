@@ -1,0 +1,286 @@
+//! The access log: exactly one line per proxied call, written when its
+//! response has finished.
+//!
+//! Lines are formatted on the request's own thread and handed to one writer
+//! thread over a bounded channel, so no request waits on a lock around stdout
+//! and a slow log reader slows the gateway down (back-pressure) rather than
+//! losing lines. The writer batches whatever is queued into one write.
+//!
+//! JSON line fields: `ts`, `event` (`"access"`), `request_id` and `code` and
+//! `msg` (from the provider's envelope, or null), `status`, `upstream_status`,
+//! `method`, `path` (never the query string), `profile`, `attempts`,
+//! `latency_ms`, `x_request_id`, `error` (the gateway's error kind, or null).
+
+use std::io::Write;
+use std::sync::Arc;
+use std::sync::mpsc::{self, Receiver, SyncSender};
+use std::thread::JoinHandle;
+use std::time::{Instant, SystemTime};
+
+use http::{HeaderValue, Method};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::config::LogFormat;
+use crate::envelope::EnvelopeFields;
+
+/// What the gateway knows about one call, filled in as it goes.
+#[derive(Debug)]
+pub struct AccessRecord {
+    pub started: Instant,
+    pub method: Method,
+    pub path: String,
+    pub x_request_id: HeaderValue,
+    pub profile: Option<Arc<str>>,
+    pub status: u16,
+    pub upstream_status: Option<u16>,
+    pub attempts: u32,
+    /// The gateway's error kind when it answered itself, or why the response
+    /// did not complete.
+    pub error: Option<&'static str>,
+    /// The gateway's message when it answered itself.
+    pub gateway_msg: Option<String>,
+}
+
+#[derive(Serialize)]
+struct Line<'a> {
+    ts: &'a str,
+    event: &'static str,
+    request_id: Option<&'a str>,
+    code: Option<&'a Value>,
+    msg: Option<&'a str>,
+    status: u16,
+    upstream_status: Option<u16>,
+    method: &'a str,
+    path: &'a str,
+    profile: Option<&'a str>,
+    attempts: u32,
+    latency_ms: f64,
+    x_request_id: &'a str,
+    error: Option<&'a str>,
+}
+
+enum Msg {
+    Line(Vec<u8>),
+    Flush(SyncSender<()>),
+}
+
+/// Handle to the access log; cheap to clone.
+#[derive(Clone)]
+pub struct AccessLog {
+    tx: SyncSender<Msg>,
+    format: LogFormat,
+}
+
+impl std::fmt::Debug for AccessLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccessLog")
+            .field("format", &self.format)
+            .finish()
+    }
+}
+
+/// Lines that may wait for the writer before callers feel back-pressure.
+const QUEUE: usize = 16 * 1024;
+
+impl AccessLog {
+    /// Starts the writer thread. It ends, after writing everything queued,
+    /// when the last `AccessLog` handle is dropped.
+    pub fn spawn(format: LogFormat, out: Box<dyn Write + Send>) -> (AccessLog, JoinHandle<()>) {
+        let (tx, rx) = mpsc::sync_channel(QUEUE);
+        let handle = std::thread::Builder::new()
+            .name("access-log".into())
+            .spawn(move || write_loop(rx, out))
+            .expect("spawn access-log thread");
+        (AccessLog { tx, format }, handle)
+    }
+
+    /// Formats and queues one line.
+    pub fn emit(&self, record: &AccessRecord, found: &EnvelopeFields) {
+        let line = self.format(record, found, SystemTime::now());
+        // The writer only goes away at process exit; a line lost then is moot.
+        let _ = self.tx.send(Msg::Line(line));
+    }
+
+    /// Waits until every line queued so far has been written.
+    pub fn flush(&self) {
+        let (done, wait) = mpsc::sync_channel(1);
+        if self.tx.send(Msg::Flush(done)).is_ok() {
+            let _ = wait.recv();
+        }
+    }
+
+    fn format(&self, r: &AccessRecord, found: &EnvelopeFields, now: SystemTime) -> Vec<u8> {
+        let ts = humantime::format_rfc3339_millis(now).to_string();
+        let line = Line {
+            ts: &ts,
+            event: "access",
+            request_id: found.request_id.as_deref(),
+            code: found.code.as_ref(),
+            msg: found.msg.as_deref().or(r.gateway_msg.as_deref()),
+            status: r.status,
+            upstream_status: r.upstream_status,
+            method: r.method.as_str(),
+            path: &r.path,
+            profile: r.profile.as_deref(),
+            attempts: r.attempts,
+            latency_ms: (r.started.elapsed().as_micros() as f64) / 1000.0,
+            x_request_id: r.x_request_id.to_str().unwrap_or("-"),
+            error: r.error,
+        };
+        let mut out = Vec::with_capacity(320);
+        match self.format {
+            LogFormat::Json => {
+                serde_json::to_writer(&mut out, &line).expect("serialising to a Vec cannot fail");
+            }
+            LogFormat::Text => text_line(&mut out, &line),
+        }
+        out.push(b'\n');
+        out
+    }
+}
+
+/// `ts access status=.. key=value ...`; strings that need it are JSON-quoted.
+fn text_line(out: &mut Vec<u8>, l: &Line<'_>) {
+    let _ = write!(
+        out,
+        "{} access status={} upstream_status={} method={} path={} profile={} attempts={} latency_ms={:.3} request_id={} code={} x_request_id={}",
+        l.ts,
+        l.status,
+        opt(l.upstream_status),
+        l.method,
+        quoted(l.path),
+        l.profile.map_or("-".into(), quoted),
+        l.attempts,
+        l.latency_ms,
+        l.request_id.map_or("-".into(), quoted),
+        l.code.map_or("-".into(), Value::to_string),
+        quoted(l.x_request_id),
+    );
+    if let Some(msg) = l.msg {
+        let _ = write!(out, " msg={}", quoted(msg));
+    }
+    if let Some(error) = l.error {
+        let _ = write!(out, " error={error}");
+    }
+}
+
+fn opt(v: Option<u16>) -> String {
+    v.map_or("-".into(), |v| v.to_string())
+}
+
+fn quoted(s: &str) -> String {
+    if !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+    {
+        s.to_owned()
+    } else {
+        Value::from(s).to_string()
+    }
+}
+
+fn write_loop(rx: Receiver<Msg>, mut out: Box<dyn Write + Send>) {
+    let mut batch = Vec::with_capacity(64 * 1024);
+    let mut waiting = Vec::new();
+    while let Ok(first) = rx.recv() {
+        let mut next = Some(first);
+        while let Some(msg) = next {
+            match msg {
+                Msg::Line(line) => batch.extend_from_slice(&line),
+                Msg::Flush(done) => waiting.push(done),
+            }
+            next = if batch.len() < 256 * 1024 {
+                rx.try_recv().ok()
+            } else {
+                None
+            };
+        }
+        // A failing stdout cannot be reported anywhere better; keep serving.
+        let _ = out.write_all(&batch).and_then(|_| out.flush());
+        batch.clear();
+        for done in waiting.drain(..) {
+            let _ = done.send(());
+        }
+    }
+    let _ = out.flush();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+    impl Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn record() -> AccessRecord {
+        AccessRecord {
+            started: Instant::now(),
+            method: Method::POST,
+            path: "/alibaba/order/create".into(),
+            x_request_id: HeaderValue::from_static("req-1"),
+            profile: Some("default".into()),
+            status: 200,
+            upstream_status: Some(200),
+            attempts: 1,
+            error: None,
+            gateway_msg: None,
+        }
+    }
+
+    #[test]
+    fn json_line_has_every_field_and_nulls() {
+        let buf = Buf::default();
+        let (log, _h) = AccessLog::spawn(LogFormat::Json, Box::new(buf.clone()));
+        let found = EnvelopeFields {
+            request_id: Some("rid".into()),
+            code: Some(Value::from(200)),
+            msg: None,
+        };
+        log.emit(&record(), &found);
+        log.flush();
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(text.lines().count(), 1);
+        let v: Value = serde_json::from_str(text.trim()).unwrap();
+        assert_eq!(v["event"], "access");
+        assert_eq!(v["request_id"], "rid");
+        assert_eq!(v["code"], 200);
+        assert!(v["msg"].is_null());
+        assert_eq!(v["status"], 200);
+        assert_eq!(v["upstream_status"], 200);
+        assert_eq!(v["method"], "POST");
+        assert_eq!(v["path"], "/alibaba/order/create");
+        assert_eq!(v["profile"], "default");
+        assert_eq!(v["attempts"], 1);
+        assert!(v["latency_ms"].as_f64().unwrap() >= 0.0);
+        assert_eq!(v["x_request_id"], "req-1");
+        assert!(v["error"].is_null());
+    }
+
+    #[test]
+    fn text_line_quotes_what_needs_it() {
+        let buf = Buf::default();
+        let (log, _h) = AccessLog::spawn(LogFormat::Text, Box::new(buf.clone()));
+        let found = EnvelopeFields {
+            request_id: None,
+            code: Some(Value::from("BUSY")),
+            msg: Some("系统 繁忙".into()),
+        };
+        log.emit(&record(), &found);
+        log.flush();
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        assert!(text.contains(" access status=200 upstream_status=200 method=POST path=/alibaba/order/create profile=default attempts=1 "), "{text}");
+        assert!(text.contains("request_id=- code=\"BUSY\""), "{text}");
+        assert!(text.contains("msg=\"系统 繁忙\""), "{text}");
+    }
+}

@@ -1,0 +1,308 @@
+//! Request and response bodies as the gateway handles them.
+//!
+//! * [`read_request`] reads a request body whole when it is small (at most
+//!   `server.buffer_body_bytes`), so an over-limit body is refused before a
+//!   byte is sent upstream and the bytes can be sent again; a larger body
+//!   streams through [`UpstreamBody::Stream`], which fails the upload the
+//!   moment it passes `server.max_request_body_bytes`.
+//! * [`ResponseBody`] passes the response through unchanged while keeping
+//!   the first `log.inspect_bytes` for the envelope reader, and writes the
+//!   call's access-log line exactly once: at end of stream, or when dropped
+//!   early (caller gone, upstream reset).
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Bytes, BytesMut};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+use crate::access_log::{AccessLog, AccessRecord};
+use crate::envelope::{self, EnvelopeFields};
+use crate::error::GatewayError;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Raised inside a streaming upload that passes the size limit; the proxy
+/// finds it in the client error's source chain and answers 413.
+#[derive(Debug, thiserror::Error)]
+#[error("request body exceeds {0} bytes")]
+pub struct BodyTooLarge(pub u64);
+
+/// The body sent upstream.
+#[derive(Debug)]
+pub enum UpstreamBody {
+    /// Read whole; can be sent again.
+    Full(Option<Bytes>),
+    /// Already-read chunks, then the rest of the caller's body.
+    Stream {
+        pending: VecDeque<Bytes>,
+        rest: Incoming,
+        seen: u64,
+        max: u64,
+    },
+}
+
+impl UpstreamBody {
+    /// A copy for another attempt, when the body was read whole.
+    pub fn replay(&self) -> Option<UpstreamBody> {
+        match self {
+            UpstreamBody::Full(b) => Some(UpstreamBody::Full(b.clone())),
+            UpstreamBody::Stream { .. } => None,
+        }
+    }
+}
+
+/// Reads `body` whole if it ends within `buffer` bytes; refuses it past `max`.
+pub async fn read_request(
+    mut body: Incoming,
+    declared: Option<u64>,
+    buffer: u64,
+    max: u64,
+) -> Result<UpstreamBody, GatewayError> {
+    if declared.is_some_and(|len| len > max) {
+        return Err(GatewayError::BodyTooLarge { limit: max });
+    }
+    let mut chunks: VecDeque<Bytes> = VecDeque::new();
+    let mut seen: u64 = 0;
+    while !body.is_end_stream() {
+        let Some(frame) = body.frame().await else {
+            break;
+        };
+        let frame = frame.map_err(|_| GatewayError::BodyRead)?;
+        // Request trailers are not forwarded: the provider does not use them.
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        seen += data.len() as u64;
+        if seen > max {
+            return Err(GatewayError::BodyTooLarge { limit: max });
+        }
+        if !data.is_empty() {
+            chunks.push_back(data);
+        }
+        if seen > buffer {
+            return Ok(UpstreamBody::Stream {
+                pending: chunks,
+                rest: body,
+                seen,
+                max,
+            });
+        }
+    }
+    let whole = match chunks.len() {
+        0 => None,
+        1 => chunks.pop_front(),
+        _ => {
+            let mut buf = BytesMut::with_capacity(seen as usize);
+            chunks.iter().for_each(|c| buf.extend_from_slice(c));
+            Some(buf.freeze())
+        }
+    };
+    Ok(UpstreamBody::Full(whole))
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            UpstreamBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            UpstreamBody::Stream {
+                pending,
+                rest,
+                seen,
+                max,
+            } => {
+                if let Some(chunk) = pending.pop_front() {
+                    return Poll::Ready(Some(Ok(Frame::data(chunk))));
+                }
+                loop {
+                    match ready!(Pin::new(&mut *rest).poll_frame(cx)) {
+                        None => return Poll::Ready(None),
+                        Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
+                        Some(Ok(frame)) => {
+                            let Ok(data) = frame.into_data() else {
+                                continue;
+                            };
+                            *seen += data.len() as u64;
+                            if *seen > *max {
+                                return Poll::Ready(Some(Err(BodyTooLarge(*max).into())));
+                            }
+                            return Poll::Ready(Some(Ok(Frame::data(data))));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Full(b) => b.is_none(),
+            UpstreamBody::Stream { pending, rest, .. } => {
+                pending.is_empty() && rest.is_end_stream()
+            }
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            UpstreamBody::Stream { pending, rest, .. } => {
+                let queued: u64 = pending.iter().map(|c| c.len() as u64).sum();
+                let r = rest.size_hint();
+                let mut hint = SizeHint::new();
+                hint.set_lower(r.lower() + queued);
+                if let Some(upper) = r.upper() {
+                    hint.set_upper(upper + queued);
+                }
+                hint
+            }
+        }
+    }
+}
+
+/// The body returned to the caller.
+pub struct ResponseBody {
+    inner: Inner,
+    watch: Option<Box<Watch>>,
+}
+
+enum Inner {
+    Upstream(Incoming),
+    Local(Option<Bytes>),
+}
+
+/// Access-log state riding along with the response.
+struct Watch {
+    record: AccessRecord,
+    log: AccessLog,
+    /// Zero when nothing is to be inspected (gateway-made answers).
+    inspect: usize,
+    first: Option<Bytes>,
+    more: Vec<u8>,
+}
+
+impl ResponseBody {
+    pub fn upstream(body: Incoming) -> Self {
+        Self {
+            inner: Inner::Upstream(body),
+            watch: None,
+        }
+    }
+
+    pub fn local(body: Bytes) -> Self {
+        Self {
+            inner: Inner::Local(Some(body)),
+            watch: None,
+        }
+    }
+
+    /// Writes `record` to `log` when this body ends or is dropped, reading
+    /// the envelope fields from its first `inspect` bytes.
+    pub fn log_on_finish(&mut self, record: AccessRecord, log: AccessLog, inspect: usize) {
+        self.watch = Some(Box::new(Watch {
+            record,
+            log,
+            inspect,
+            first: None,
+            more: Vec::new(),
+        }));
+    }
+
+    fn finish(&mut self, error: Option<&'static str>) {
+        if let Some(mut w) = self.watch.take() {
+            if w.record.error.is_none() {
+                w.record.error = error;
+            }
+            let found = match (&w.first, w.more.is_empty()) {
+                (_, false) => envelope::inspect(&w.more),
+                (Some(first), true) => envelope::inspect(first),
+                (None, true) => EnvelopeFields::default(),
+            };
+            w.log.emit(&w.record, &found);
+        }
+    }
+}
+
+impl Watch {
+    fn observe(&mut self, chunk: &Bytes) {
+        let seen = self.first.as_ref().map_or(0, Bytes::len) + self.more.len();
+        if seen >= self.inspect || chunk.is_empty() {
+            return;
+        }
+        let take = chunk.len().min(self.inspect - seen);
+        match &self.first {
+            // The common case, a body in one chunk, is inspected in place.
+            None => self.first = Some(chunk.slice(..take)),
+            Some(first) => {
+                if self.more.is_empty() {
+                    self.more.extend_from_slice(first);
+                }
+                self.more.extend_from_slice(&chunk[..take]);
+            }
+        }
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = match &mut this.inner {
+            Inner::Local(b) => b.take().map(|b| Ok(Frame::data(b))),
+            Inner::Upstream(body) => ready!(Pin::new(body).poll_frame(cx)),
+        };
+        match &polled {
+            Some(Ok(frame)) => {
+                if let (Some(w), Some(data)) = (this.watch.as_deref_mut(), frame.data_ref())
+                    && w.inspect > 0
+                {
+                    w.observe(data);
+                }
+                if this.is_end_stream() {
+                    this.finish(None);
+                }
+            }
+            Some(Err(_)) => this.finish(Some("upstream_body")),
+            None => this.finish(None),
+        }
+        Poll::Ready(polled)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.inner {
+            Inner::Local(b) => b.is_none(),
+            Inner::Upstream(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Inner::Local(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Inner::Upstream(b) => b.size_hint(),
+        }
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        // Still watching: either the body was empty and never polled, or the
+        // caller went away or the connection broke before it ended. The call
+        // is logged all the same.
+        let error = (!self.is_end_stream()).then_some("response_incomplete");
+        self.finish(error);
+    }
+}

@@ -1,0 +1,280 @@
+//! The command line: `run` (default), `check`, `demo`, `sandbox`, `sign`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use clap::{Parser, Subcommand};
+
+use crate::access_log::AccessLog;
+use crate::config::{self, ConfigError, Loaded, process_env};
+use crate::sandbox::{DEMO_ACCESS_KEY, DEMO_SECRET, Sandbox};
+use crate::secret::Secret;
+use crate::server::{self, ServerOptions};
+use crate::signer::{self, Recipe, TimestampUnit};
+use crate::{ids, proxy, telemetry};
+
+/// Exit status for an invalid configuration (EX_CONFIG... sysexits' EX_USAGE, 64).
+pub const EXIT_CONFIG: u8 = 64;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "pandagate",
+    version,
+    about = "A signing gateway for the PandaPon OpenAPI"
+)]
+pub struct Cli {
+    /// TOML config file; environment variables override it.
+    #[arg(long, global = true, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve (the default).
+    Run,
+    /// Validate the config and print the effective settings, secrets redacted.
+    Check,
+    /// Run a sandbox provider and a gateway in one process and make a few calls.
+    Demo,
+    /// Run the sandbox provider alone, for local development.
+    Sandbox {
+        #[arg(long, default_value = "127.0.0.1:9080")]
+        listen: SocketAddr,
+        /// AccessKey the sandbox accepts; its secret comes from
+        /// PANDAPON_ACCESS_SECRET (default: the demo credentials).
+        #[arg(long, default_value = DEMO_ACCESS_KEY)]
+        access_key: String,
+        #[arg(long, value_enum, default_value = "concat")]
+        recipe: RecipeArg,
+        #[arg(long, value_enum, default_value = "ms")]
+        timestamp_unit: UnitArg,
+    },
+    /// Print the headers for one request of a profile, to diagnose rejected signatures.
+    Sign {
+        /// Also print the string that is hashed (the secret shown as <secret>).
+        #[arg(long)]
+        explain: bool,
+        #[arg(long)]
+        profile: Option<String>,
+        /// Timestamp to sign (default: now, in the configured unit).
+        #[arg(long)]
+        timestamp: Option<String>,
+        /// Nonce to sign (default: a fresh random one).
+        #[arg(long)]
+        nonce: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum RecipeArg {
+    Concat,
+    SortedConcat,
+    QuerySecret,
+    QueryKey,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum UnitArg {
+    Ms,
+    S,
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pandagate: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let path = cli.config.as_deref();
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Run => with_config(path, |loaded| runtime.block_on(run(loaded))),
+        Command::Check => with_config(path, |loaded| {
+            check(&loaded);
+            ExitCode::SUCCESS
+        }),
+        Command::Sign {
+            explain,
+            profile,
+            timestamp,
+            nonce,
+        } => with_config(path, |loaded| {
+            sign(&loaded, explain, profile, timestamp, nonce)
+        }),
+        Command::Demo => {
+            let format = telemetry::resolve_format(None);
+            telemetry::init(format);
+            match runtime.block_on(crate::demo::run(format)) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(e) => {
+                    eprintln!("pandagate demo: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Sandbox {
+            listen,
+            access_key,
+            recipe,
+            timestamp_unit,
+        } => runtime.block_on(sandbox(listen, access_key, recipe, timestamp_unit)),
+    }
+}
+
+fn with_config(path: Option<&std::path::Path>, f: impl FnOnce(Loaded) -> ExitCode) -> ExitCode {
+    match config::load(path, &process_env) {
+        Ok(loaded) => f(loaded),
+        Err(e) => config_failure(&e),
+    }
+}
+
+fn config_failure(e: &ConfigError) -> ExitCode {
+    eprintln!("pandagate: {e}");
+    ExitCode::from(EXIT_CONFIG)
+}
+
+async fn run(loaded: Loaded) -> ExitCode {
+    let format = telemetry::resolve_format(loaded.config.log.format);
+    telemetry::init(format);
+    let (log, _writer) = AccessLog::spawn(format, Box::new(std::io::stdout()));
+    let gateway = match proxy::build(&loaded, log.clone()) {
+        Ok(g) => g,
+        Err(e) => return config_failure(&e),
+    };
+    let listener = match server::bind(loaded.config.server.listen, "gateway").await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!(
+                "pandagate: cannot listen on {}: {e}",
+                loaded.config.server.listen
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(
+        upstream = %loaded.config.upstream.url,
+        profiles = loaded.profiles.len(),
+        default_profile = %loaded.config.default_profile,
+        "gateway ready"
+    );
+    server::serve(
+        listener,
+        move |req| {
+            let gateway = gateway.clone();
+            async move { gateway.handle(req).await }
+        },
+        ServerOptions::from(&loaded.config.server),
+        server::shutdown_signal(),
+    )
+    .await;
+    log.flush();
+    ExitCode::SUCCESS
+}
+
+fn check(loaded: &Loaded) {
+    println!("# pandagate: config is valid; effective settings follow (secrets are never shown)");
+    for p in &loaded.profiles {
+        println!(
+            "# profile {:?}: secret loaded ({} bytes, redacted)",
+            &*p.name,
+            p.secret.len()
+        );
+    }
+    print!("{}", loaded.config.to_toml());
+}
+
+fn sign(
+    loaded: &Loaded,
+    explain: bool,
+    profile: Option<String>,
+    timestamp: Option<String>,
+    nonce: Option<String>,
+) -> ExitCode {
+    let name = profile.unwrap_or_else(|| loaded.config.default_profile.clone());
+    let Some(p) = loaded.profiles.iter().find(|p| *p.name == *name) else {
+        eprintln!("pandagate: no profile named {name:?}");
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    let signing = &loaded.config.signing;
+    let timestamp =
+        timestamp.unwrap_or_else(|| signing.timestamp_unit.stamp(SystemTime::now()).to_string());
+    let nonce = nonce.unwrap_or_else(|| {
+        String::from_utf8(ids::nonce(&mut rand::rng()).to_vec()).expect("alphanumeric")
+    });
+    let access_key = p.access_key.to_str().expect("validated: visible ASCII");
+    let signature = signer::sign(
+        signing.recipe,
+        access_key,
+        &timestamp,
+        &nonce,
+        p.secret.expose(),
+    );
+    let signature = String::from_utf8_lossy(&signature);
+    println!("profile:        {}", p.name);
+    println!("recipe:         {}", signing.recipe.name());
+    if explain {
+        println!(
+            "string to sign: {}",
+            signer::explain(signing.recipe, access_key, &timestamp, &nonce)
+        );
+        println!("                (MD5, upper-case hex; <secret> is the profile's Access secret)");
+    }
+    println!("access-key:     {access_key}");
+    println!("timestamp:      {timestamp}");
+    println!("nonce-str:      {nonce}");
+    if let Some(u) = p.user_id.as_ref().and_then(|u| u.to_str().ok()) {
+        println!("user-id:        {u}");
+    }
+    println!("signature:      {signature}");
+    ExitCode::SUCCESS
+}
+
+async fn sandbox(
+    listen: SocketAddr,
+    access_key: String,
+    recipe: RecipeArg,
+    unit: UnitArg,
+) -> ExitCode {
+    telemetry::init(telemetry::resolve_format(None));
+    let secret = process_env("PANDAPON_ACCESS_SECRET").unwrap_or_else(|| DEMO_SECRET.to_owned());
+    let recipe = match recipe {
+        RecipeArg::Concat => Recipe::Concat,
+        RecipeArg::SortedConcat => Recipe::SortedConcat,
+        RecipeArg::QuerySecret => Recipe::QuerySecret,
+        RecipeArg::QueryKey => Recipe::QueryKey,
+    };
+    let unit = match unit {
+        UnitArg::Ms => TimestampUnit::Ms,
+        UnitArg::S => TimestampUnit::S,
+    };
+    let sandbox = Arc::new(Sandbox::new(&access_key, Secret::new(secret), recipe, unit));
+    let listener = match server::bind(listen, "sandbox").await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("pandagate sandbox: cannot listen on {listen}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    server::serve(
+        listener,
+        move |req| {
+            let sandbox = sandbox.clone();
+            async move { sandbox.handle(req).await }
+        },
+        ServerOptions::from(&config::ServerConfig::default()),
+        server::shutdown_signal(),
+    )
+    .await;
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,588 @@
+//! The configuration: one typed tree read from TOML, overridden by the
+//! environment, then checked by [`Config::validate`].
+//!
+//! Every field has a default, so no file is needed at all:
+//! `PANDAPON_ACCESS_KEY=... PANDAPON_ACCESS_SECRET=... pandagate` serves.
+//! `config/pandagate.toml` is the commented reference with units.
+//!
+//! Secrets are never read from the TOML: a profile names the environment
+//! variable or the file that holds its secret. Any invalid setting becomes a
+//! [`ConfigError`] whose one-line message starts with the key it is about.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use http::Uri;
+use serde::de::IgnoredAny;
+use serde::{Deserialize, Serialize};
+
+use crate::secret::Secret;
+use crate::signer::{Recipe, TimestampUnit};
+
+/// Name of the profile built from the `PANDAPON_*` environment variables.
+pub const ENV_PROFILE: &str = "default";
+
+/// Reads an environment variable; injected so that tests need not touch the
+/// process environment.
+pub type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+/// The process environment.
+pub fn process_env(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Profile used when the caller sends no `x-pandagate-profile` header.
+    pub default_profile: String,
+    pub server: ServerConfig,
+    pub upstream: UpstreamConfig,
+    pub signing: SigningConfig,
+    pub log: LogConfig,
+    /// Credential profiles; `PANDAPON_*` variables fill the one named `default`.
+    pub profiles: Vec<ProfileConfig>,
+}
+
+/// The listener that internal services call.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address to listen on (env `PANDAGATE_LISTEN`). Port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// Time a client has to send the complete request head, in milliseconds.
+    pub header_read_timeout_ms: u64,
+    /// Largest request head (request line and headers), in bytes; at least 8192.
+    pub max_header_bytes: usize,
+    /// Most request headers accepted in one request.
+    pub max_headers: usize,
+    /// Largest request body, in bytes; larger bodies get 413.
+    pub max_request_body_bytes: u64,
+    /// Bodies up to this many bytes are read whole before anything is sent
+    /// upstream, so an over-limit body is refused before a byte is forwarded
+    /// and the body can be re-sent. Larger bodies stream.
+    pub buffer_body_bytes: u64,
+    /// On SIGTERM/SIGINT, how long calls in flight may take to finish, in milliseconds.
+    pub shutdown_grace_ms: u64,
+}
+
+/// The provider.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// Base URL (env `PANDAGATE_UPSTREAM`): `https://` in production, `http://`
+    /// for local sandboxes. A path here is prefixed to every forwarded path.
+    pub url: String,
+    /// Time to establish a TCP (and TLS) connection, in milliseconds.
+    pub connect_timeout_ms: u64,
+    /// Time from sending a request to receiving the response head, in milliseconds.
+    pub request_timeout_ms: u64,
+    /// How long an idle pooled connection is kept, in milliseconds.
+    pub pool_idle_timeout_ms: u64,
+    /// Most idle connections kept to the provider.
+    pub pool_max_idle: usize,
+}
+
+/// How requests are signed.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SigningConfig {
+    /// `concat` (default), `sorted_concat`, `query_secret` or `query_key`.
+    pub recipe: Recipe,
+    /// Unit of the `timestamp` header: `ms` (default) or `s`.
+    pub timestamp_unit: TimestampUnit,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `json` or `text` (env `PANDAGATE_LOG_FORMAT`); unset: `text` on a
+    /// terminal, `json` otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub format: Option<LogFormat>,
+    /// How many bytes at the start of each response are read for `requestId`,
+    /// `code` and `msg`; the body streams on regardless.
+    pub inspect_bytes: usize,
+}
+
+/// One AccessKey with its secret and user-id policy.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProfileConfig {
+    /// Name callers use in `x-pandagate-profile` and that the access log shows.
+    pub name: String,
+    /// The provider's AccessKey (an identifier, not a secret).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub access_key: Option<String>,
+    /// Environment variable holding the Access secret.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret_env: Option<String>,
+    /// File holding the Access secret (trailing whitespace ignored).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret_file: Option<PathBuf>,
+    /// `user-id` sent when the caller sends none (or when no list allows its own).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<String>,
+    /// If set, a caller may send any of these as `user-id`; others get 403.
+    /// If unset, a caller's `user-id` is replaced by `user_id`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allowed_user_ids: Option<Vec<String>>,
+    /// May a caller pick this profile with `x-pandagate-profile`?
+    pub selectable: bool,
+    /// Present only to give a clear error: secrets never live in the TOML.
+    #[serde(skip_serializing)]
+    pub secret: Option<IgnoredAny>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            default_profile: ENV_PROFILE.to_owned(),
+            server: ServerConfig::default(),
+            upstream: UpstreamConfig::default(),
+            signing: SigningConfig::default(),
+            log: LogConfig::default(),
+            profiles: Vec::new(),
+        }
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            header_read_timeout_ms: 10_000,
+            max_header_bytes: 64 * 1024,
+            max_headers: 100,
+            max_request_body_bytes: 8 * 1024 * 1024,
+            buffer_body_bytes: 1024 * 1024,
+            shutdown_grace_ms: 20_000,
+        }
+    }
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            url: "https://api.pandapon.com".to_owned(),
+            connect_timeout_ms: 3_000,
+            request_timeout_ms: 30_000,
+            pool_idle_timeout_ms: 60_000,
+            pool_max_idle: 256,
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: None,
+            inspect_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// An invalid setting: which key, and what is wrong with it. Displays as one line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub key: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(key: impl Into<String>, message: impl fmt::Display) -> Self {
+        let message = message.to_string().replace('\n', " ");
+        Self {
+            key: key.into(),
+            message: message.trim().to_owned(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid config: {}: {}", self.key, self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// A validated config with every profile's secret loaded.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub config: Config,
+    pub profiles: Vec<crate::profiles::Profile>,
+}
+
+/// Reads `path` (if any), applies the environment, validates, loads secrets.
+pub fn load(path: Option<&Path>, env: Env<'_>) -> Result<Loaded, ConfigError> {
+    let mut config = match path {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                ConfigError::new(
+                    "--config",
+                    format_args!("cannot read {}: {e}", path.display()),
+                )
+            })?;
+            Config::from_toml(&text)?
+        }
+        None => Config::default(),
+    };
+    config.apply_env(env)?;
+    resolve(config, env)
+}
+
+/// Validates a config built in code and loads its profiles' secrets.
+pub fn resolve(config: Config, env: Env<'_>) -> Result<Loaded, ConfigError> {
+    config.validate()?;
+    let profiles = config
+        .profiles
+        .iter()
+        .enumerate()
+        .map(|(i, p)| crate::profiles::Profile::load(p, &format!("profiles[{i}]"), env))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Loaded { config, profiles })
+}
+
+impl Config {
+    /// Parses TOML; unknown keys and wrong types are errors naming their key.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let line_of = |span: Option<std::ops::Range<usize>>| {
+            span.map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1)
+        };
+        let de = toml::Deserializer::parse(text).map_err(|e| {
+            let at = line_of(e.span()).map_or(String::new(), |l| format!(" (line {l})"));
+            ConfigError::new("toml", format_args!("{}{at}", e.message()))
+        })?;
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let at = line_of(e.inner().span()).map_or(String::new(), |l| format!(" (line {l})"));
+            ConfigError::new(key, format_args!("{}{at}", e.inner().message()))
+        })
+    }
+
+    /// Applies `PANDAGATE_*` and `PANDAPON_*` variables; they win over the file.
+    pub fn apply_env(&mut self, env: Env<'_>) -> Result<(), ConfigError> {
+        if let Some(v) = env("PANDAGATE_LISTEN") {
+            self.server.listen = v.parse().map_err(|_| {
+                ConfigError::new(
+                    "PANDAGATE_LISTEN",
+                    format_args!("not an address:port: {v:?}"),
+                )
+            })?;
+        }
+        if let Some(v) = env("PANDAGATE_UPSTREAM") {
+            self.upstream.url = v;
+        }
+        if let Some(v) = env("PANDAGATE_LOG_FORMAT") {
+            self.log.format = Some(match v.as_str() {
+                "json" => LogFormat::Json,
+                "text" => LogFormat::Text,
+                _ => {
+                    return Err(ConfigError::new(
+                        "PANDAGATE_LOG_FORMAT",
+                        format_args!("must be \"json\" or \"text\", not {v:?}"),
+                    ));
+                }
+            });
+        }
+
+        let key = env("PANDAPON_ACCESS_KEY");
+        let secret = env("PANDAPON_ACCESS_SECRET");
+        let secret_file = env("PANDAPON_ACCESS_SECRET_FILE");
+        let user_id = env("PANDAPON_USER_ID");
+        if secret.is_some() && secret_file.is_some() {
+            return Err(ConfigError::new(
+                "PANDAPON_ACCESS_SECRET_FILE",
+                "set either PANDAPON_ACCESS_SECRET or PANDAPON_ACCESS_SECRET_FILE, not both",
+            ));
+        }
+        if key.is_none() && secret.is_none() && secret_file.is_none() && user_id.is_none() {
+            return Ok(());
+        }
+        let profile = match self.profiles.iter().position(|p| p.name == ENV_PROFILE) {
+            Some(i) => &mut self.profiles[i],
+            None => {
+                self.profiles.push(ProfileConfig {
+                    name: ENV_PROFILE.to_owned(),
+                    ..ProfileConfig::default()
+                });
+                self.profiles.last_mut().expect("just pushed")
+            }
+        };
+        if key.is_some() {
+            profile.access_key = key;
+        }
+        if secret.is_some() {
+            profile.secret_env = Some("PANDAPON_ACCESS_SECRET".to_owned());
+            profile.secret_file = None;
+        }
+        if let Some(file) = secret_file {
+            profile.secret_file = Some(PathBuf::from(file));
+            profile.secret_env = None;
+        }
+        if user_id.is_some() {
+            profile.user_id = user_id;
+        }
+        Ok(())
+    }
+
+    /// Checks everything that can be checked without reading secrets.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        let u = &self.upstream;
+        let positive = [
+            ("server.header_read_timeout_ms", s.header_read_timeout_ms),
+            ("server.max_header_bytes", s.max_header_bytes as u64),
+            ("server.max_headers", s.max_headers as u64),
+            ("server.max_request_body_bytes", s.max_request_body_bytes),
+            ("server.buffer_body_bytes", s.buffer_body_bytes),
+            ("server.shutdown_grace_ms", s.shutdown_grace_ms),
+            ("upstream.connect_timeout_ms", u.connect_timeout_ms),
+            ("upstream.request_timeout_ms", u.request_timeout_ms),
+            ("upstream.pool_idle_timeout_ms", u.pool_idle_timeout_ms),
+            ("log.inspect_bytes", self.log.inspect_bytes as u64),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return Err(ConfigError::new(key, "must be greater than 0"));
+            }
+        }
+        if s.max_header_bytes < 8192 {
+            return Err(ConfigError::new(
+                "server.max_header_bytes",
+                "must be at least 8192",
+            ));
+        }
+        if s.buffer_body_bytes > s.max_request_body_bytes {
+            return Err(ConfigError::new(
+                "server.buffer_body_bytes",
+                "must not exceed server.max_request_body_bytes",
+            ));
+        }
+        upstream_base(&u.url).map_err(|m| ConfigError::new("upstream.url", m))?;
+
+        if self.profiles.is_empty() {
+            return Err(ConfigError::new(
+                "profiles",
+                "no credential profile: set PANDAPON_ACCESS_KEY and PANDAPON_ACCESS_SECRET \
+                 (or PANDAPON_ACCESS_SECRET_FILE), or add a [[profiles]] entry",
+            ));
+        }
+        for (i, p) in self.profiles.iter().enumerate() {
+            if p.name.is_empty() {
+                return Err(ConfigError::new(
+                    format!("profiles[{i}].name"),
+                    "must not be empty",
+                ));
+            }
+            if self.profiles[..i].iter().any(|q| q.name == p.name) {
+                return Err(ConfigError::new(
+                    format!("profiles[{i}].name"),
+                    format_args!("duplicate profile name {:?}", p.name),
+                ));
+            }
+        }
+        if !self.profiles.iter().any(|p| p.name == self.default_profile) {
+            return Err(ConfigError::new(
+                "default_profile",
+                format_args!("no profile named {:?}", self.default_profile),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The effective config as TOML, for `pandagate check`. Holds no secret:
+    /// profiles only name where their secret comes from.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+/// Splits and checks an upstream base URL: `http(s)://authority[/path]`.
+pub fn upstream_base(url: &str) -> Result<Uri, String> {
+    let uri: Uri = url
+        .parse()
+        .map_err(|e| format!("not a URL: {url:?} ({e})"))?;
+    match uri.scheme_str() {
+        Some("http" | "https") => {}
+        _ => return Err(format!("must start with http:// or https://: {url:?}")),
+    }
+    if uri.authority().is_none_or(|a| a.host().is_empty()) {
+        return Err(format!("has no host: {url:?}"));
+    }
+    if uri.query().is_some() {
+        return Err(format!("must not have a query string: {url:?}"));
+    }
+    Ok(uri)
+}
+
+/// Reads a profile's secret from its environment variable or file.
+pub fn load_secret(p: &ProfileConfig, key: &str, env: Env<'_>) -> Result<Secret, ConfigError> {
+    let value = match (&p.secret_env, &p.secret_file) {
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::new(
+                format!("{key}.secret_file"),
+                "set either secret_env or secret_file, not both",
+            ));
+        }
+        (Some(var), None) => env(var).ok_or_else(|| {
+            ConfigError::new(
+                format!("{key}.secret_env"),
+                format_args!("environment variable {var} is not set"),
+            )
+        })?,
+        (None, Some(file)) => std::fs::read_to_string(file).map_err(|e| {
+            ConfigError::new(
+                format!("{key}.secret_file"),
+                format_args!("cannot read {}: {e}", file.display()),
+            )
+        })?,
+        (None, None) => {
+            return Err(ConfigError::new(
+                format!("{key}.secret_env"),
+                "missing secret: set secret_env or secret_file (for the default profile: \
+                 PANDAPON_ACCESS_SECRET or PANDAPON_ACCESS_SECRET_FILE)",
+            ));
+        }
+    };
+    let value = value.trim_end();
+    if value.is_empty() {
+        return Err(ConfigError::new(
+            format!("{key}.secret"),
+            "the secret is empty",
+        ));
+    }
+    Ok(Secret::new(value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    const CREDS: &[(&str, &str)] = &[
+        ("PANDAPON_ACCESS_KEY", "ak-1"),
+        ("PANDAPON_ACCESS_SECRET", "s3cr3t-value"),
+    ];
+
+    #[test]
+    fn environment_alone_is_a_complete_config() {
+        let loaded = load(None, &env_of(CREDS)).unwrap();
+        assert_eq!(loaded.config.server.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(loaded.config.upstream.url, "https://api.pandapon.com");
+        assert_eq!(loaded.profiles.len(), 1);
+        assert_eq!(&*loaded.profiles[0].name, "default");
+        assert_eq!(loaded.profiles[0].secret.expose(), "s3cr3t-value");
+    }
+
+    #[test]
+    fn environment_wins_over_the_file() {
+        let mut c = Config::from_toml(
+            "[server]\nlisten = \"127.0.0.1:1\"\n[[profiles]]\nname = \"default\"\naccess_key = \"from-file\"\nsecret_env = \"OTHER\"\n",
+        )
+        .unwrap();
+        let mut pairs = CREDS.to_vec();
+        pairs.push(("PANDAGATE_LISTEN", "127.0.0.1:2"));
+        c.apply_env(&env_of(&pairs)).unwrap();
+        assert_eq!(c.server.listen.port(), 2);
+        assert_eq!(c.profiles[0].access_key.as_deref(), Some("ak-1"));
+        assert_eq!(
+            c.profiles[0].secret_env.as_deref(),
+            Some("PANDAPON_ACCESS_SECRET")
+        );
+    }
+
+    fn err(toml: &str) -> ConfigError {
+        let mut c = match Config::from_toml(toml) {
+            Ok(c) => c,
+            Err(e) => return e,
+        };
+        c.apply_env(&env_of(CREDS)).unwrap();
+        c.validate().unwrap_err()
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = err("[server]\nlisten_adress = \"127.0.0.1:1\"\n");
+        assert!(e.to_string().contains("listen_adress"), "{e}");
+        assert!(e.key.starts_with("server"), "{e}");
+    }
+
+    #[test]
+    fn negative_and_zero_limits_are_named() {
+        let e = err("[server]\nmax_request_body_bytes = -1\n");
+        assert_eq!(e.key, "server.max_request_body_bytes", "{e}");
+        let e = err("[upstream]\nrequest_timeout_ms = 0\n");
+        assert_eq!(e.key, "upstream.request_timeout_ms", "{e}");
+        assert!(e.message.contains("greater than 0"));
+    }
+
+    #[test]
+    fn malformed_url_is_named() {
+        for url in ["not a url", "ftp://x", "https://", "https://h/?q=1"] {
+            let e = err(&format!("[upstream]\nurl = \"{url}\"\n"));
+            assert_eq!(e.key, "upstream.url", "{url}: {e}");
+        }
+    }
+
+    #[test]
+    fn missing_secret_is_named() {
+        let e = load(None, &env_of(&[("PANDAPON_ACCESS_KEY", "ak")])).unwrap_err();
+        assert_eq!(e.key, "profiles[0].secret_env", "{e}");
+        let e = load(
+            None,
+            &env_of(&[
+                ("PANDAPON_ACCESS_KEY", "ak"),
+                ("PANDAPON_ACCESS_SECRET", "  "),
+            ]),
+        )
+        .unwrap_err();
+        assert!(e.message.contains("empty"), "{e}");
+    }
+
+    #[test]
+    fn secret_in_toml_is_refused_without_echoing_it() {
+        let mut c = Config::from_toml(
+            "[[profiles]]\nname = \"p\"\naccess_key = \"k\"\nsecret = \"do-not-echo\"\n",
+        )
+        .unwrap();
+        c.default_profile = "p".into();
+        c.validate().unwrap();
+        let e = crate::profiles::Profile::load(&c.profiles[0], "profiles[0]", &env_of(&[]))
+            .unwrap_err();
+        assert_eq!(e.key, "profiles[0].secret");
+        assert!(!e.to_string().contains("do-not-echo"));
+    }
+
+    #[test]
+    fn errors_are_one_line() {
+        let e = err("[server\nlisten = 1");
+        assert!(!e.to_string().contains('\n'), "{e}");
+    }
+
+    #[test]
+    fn effective_config_renders_without_secret() {
+        let loaded = load(None, &env_of(CREDS)).unwrap();
+        let text = loaded.config.to_toml();
+        assert!(text.contains("PANDAPON_ACCESS_SECRET"));
+        assert!(!text.contains("s3cr3t-value"));
+        assert!(!format!("{loaded:?}").contains("s3cr3t-value"));
+    }
+}

@@ -1,0 +1,129 @@
+//! The gateway's own failures and the one place they become HTTP answers.
+//!
+//! Every answer the gateway writes by itself uses the provider's envelope, so
+//! callers parse one format whoever answered:
+//!
+//! ```json
+//! {"requestId":"<gateway id>","code":502,"msg":"upstream unreachable","data":null,"source":"pandagate"}
+//! ```
+//!
+//! `code` equals the HTTP status; `source` tells a gateway answer from a
+//! provider answer. Messages never carry secrets, tokens or header values.
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+
+/// Why the gateway answered a call itself.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("CONNECT is not supported: this gateway is not a tunnel")]
+    Connect,
+    #[error("request target must be a path on the configured upstream")]
+    ForeignTarget,
+    #[error("x-pandagate-profile names no profile this caller may select")]
+    ProfileNotSelectable,
+    #[error("user-id is not allowed for this profile")]
+    UserIdNotAllowed,
+    #[error("request header {0} is not valid")]
+    BadHeader(&'static str),
+    #[error("request body exceeds the limit of {limit} bytes")]
+    BodyTooLarge { limit: u64 },
+    #[error("request body could not be read")]
+    BodyRead,
+    #[error("upstream unreachable")]
+    UpstreamConnect,
+    #[error("upstream did not answer within {0} ms")]
+    UpstreamTimeout(u64),
+    #[error("upstream connection failed")]
+    UpstreamFailed,
+}
+
+impl GatewayError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::Connect | Self::ForeignTarget | Self::BadHeader(_) | Self::BodyRead => {
+                StatusCode::BAD_REQUEST
+            }
+            Self::ProfileNotSelectable | Self::UserIdNotAllowed => StatusCode::FORBIDDEN,
+            Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UpstreamConnect | Self::UpstreamFailed => StatusCode::BAD_GATEWAY,
+            Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// A short stable name for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Connect => "connect_method",
+            Self::ForeignTarget => "foreign_target",
+            Self::ProfileNotSelectable => "profile_not_selectable",
+            Self::UserIdNotAllowed => "user_id_not_allowed",
+            Self::BadHeader(_) => "bad_header",
+            Self::BodyTooLarge { .. } => "body_too_large",
+            Self::BodyRead => "body_read",
+            Self::UpstreamConnect => "upstream_connect",
+            Self::UpstreamTimeout(_) => "upstream_timeout",
+            Self::UpstreamFailed => "upstream_failed",
+        }
+    }
+
+    /// The answer the caller gets: status and envelope body.
+    pub fn to_response(&self, request_id: &str) -> Response<Bytes> {
+        envelope_response(self.status(), request_id, &self.to_string())
+    }
+}
+
+/// A gateway-made envelope response with the given status and message.
+pub fn envelope_response(status: StatusCode, request_id: &str, msg: &str) -> Response<Bytes> {
+    let body = serde_json::json!({
+        "requestId": request_id,
+        "code": status.as_u16(),
+        "msg": msg,
+        "data": null,
+        "source": "pandagate",
+    });
+    let mut response = Response::new(Bytes::from(body.to_string()));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json; charset=utf-8"),
+    );
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelope_carries_status_as_code_and_names_the_source() {
+        let r = GatewayError::BodyTooLarge { limit: 10 }.to_response("abc");
+        assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        let v: serde_json::Value = serde_json::from_slice(r.body()).unwrap();
+        assert_eq!(v["requestId"], "abc");
+        assert_eq!(v["code"], 413);
+        assert_eq!(v["msg"], "request body exceeds the limit of 10 bytes");
+        assert!(v["data"].is_null());
+        assert_eq!(v["source"], "pandagate");
+    }
+
+    #[test]
+    fn each_error_has_its_status() {
+        use GatewayError::*;
+        let cases = [
+            (Connect, 400),
+            (ForeignTarget, 400),
+            (BadHeader("x-request-id"), 400),
+            (BodyRead, 400),
+            (ProfileNotSelectable, 403),
+            (UserIdNotAllowed, 403),
+            (BodyTooLarge { limit: 1 }, 413),
+            (UpstreamConnect, 502),
+            (UpstreamFailed, 502),
+            (UpstreamTimeout(5), 504),
+        ];
+        for (e, status) in cases {
+            assert_eq!(e.status().as_u16(), status, "{e:?}");
+        }
+    }
+}

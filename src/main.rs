@@ -1,0 +1,5 @@
+//! `pandagate`: see `pandagate --help` and README.md.
+
+fn main() -> std::process::ExitCode {
+    pandagate::cli::main()
+}

@@ -1,0 +1,167 @@
+//! The provider connection: one pooled HTTPS (or, for sandboxes, HTTP) client
+//! shared by every caller connection, and the mapping from the caller's
+//! request target to the provider's URL.
+
+use std::time::Duration;
+
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderValue, Method, Request, Uri, Version};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::body::UpstreamBody;
+use crate::config::{ConfigError, UpstreamConfig, upstream_base};
+use crate::error::GatewayError;
+
+pub type HttpClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
+
+/// Where calls go, and the client that takes them there.
+#[derive(Clone, Debug)]
+pub struct Upstream {
+    pub client: HttpClient,
+    scheme: Scheme,
+    authority: Authority,
+    /// Path of the base URL without its trailing `/`; empty for most setups.
+    base_path: String,
+    /// `Host` for upstream requests.
+    pub host: HeaderValue,
+}
+
+impl Upstream {
+    pub fn new(cfg: &UpstreamConfig) -> Result<Upstream, ConfigError> {
+        let base = upstream_base(&cfg.url).map_err(|m| ConfigError::new("upstream.url", m))?;
+        let parts = base.into_parts();
+        let scheme = parts.scheme.expect("validated: has a scheme");
+        let authority = parts.authority.expect("validated: has a host");
+        let base_path = parts
+            .path_and_query
+            .map(|pq| pq.path().trim_end_matches('/').to_owned())
+            .unwrap_or_default();
+        let host = HeaderValue::from_str(authority.as_str())
+            .map_err(|_| ConfigError::new("upstream.url", "host is not a valid header value"))?;
+
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(Duration::from_millis(cfg.connect_timeout_ms)));
+        http.set_keepalive(Some(Duration::from_secs(30)));
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
+            .map_err(|e| ConfigError::new("upstream.url", format_args!("TLS setup: {e}")))?
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_millis(cfg.pool_idle_timeout_ms))
+            .pool_max_idle_per_host(cfg.pool_max_idle)
+            // The gateway sets Host itself, to the upstream's authority.
+            .set_host(false)
+            .build(https);
+        Ok(Upstream {
+            client,
+            scheme,
+            authority,
+            base_path,
+            host,
+        })
+    }
+
+    /// The provider URL for a caller's request target.
+    pub fn uri_for(&self, target: &Uri) -> Result<Uri, GatewayError> {
+        let pq = target.path_and_query().map_or("/", PathAndQuery::as_str);
+        let pq = if self.base_path.is_empty() {
+            match target.path_and_query() {
+                Some(pq) => pq.clone(),
+                None => PathAndQuery::from_static("/"),
+            }
+        } else {
+            let mut joined = String::with_capacity(self.base_path.len() + pq.len());
+            joined.push_str(&self.base_path);
+            joined.push_str(pq);
+            PathAndQuery::try_from(joined).map_err(|_| GatewayError::ForeignTarget)?
+        };
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(pq)
+            .build()
+            .map_err(|_| GatewayError::ForeignTarget)
+    }
+
+    /// Refuses what would make the gateway an open proxy or a tunnel:
+    /// `CONNECT`, the asterisk form, and an HTTP/1 absolute-form target
+    /// naming a host other than the upstream's. (HTTP/2 always carries an
+    /// `:authority`, the equivalent of `Host`, so it is not a target choice.)
+    pub fn check_target<B>(&self, req: &Request<B>) -> Result<(), GatewayError> {
+        if req.method() == Method::CONNECT {
+            return Err(GatewayError::Connect);
+        }
+        let uri = req.uri();
+        if uri.path() == "*" || !uri.path().starts_with('/') {
+            return Err(GatewayError::ForeignTarget);
+        }
+        if req.version() < Version::HTTP_2
+            && let Some(authority) = uri.authority()
+            && !authority.host().eq_ignore_ascii_case(self.authority.host())
+        {
+            return Err(GatewayError::ForeignTarget);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upstream(url: &str) -> Upstream {
+        Upstream::new(&UpstreamConfig {
+            url: url.into(),
+            ..UpstreamConfig::default()
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn joins_base_path_and_keeps_query() {
+        let u = upstream("https://api.example.test/prefix/");
+        let uri = u
+            .uri_for(&"/open/product/get?itemId=1".parse().unwrap())
+            .unwrap();
+        assert_eq!(
+            uri.to_string(),
+            "https://api.example.test/prefix/open/product/get?itemId=1"
+        );
+        let u = upstream("http://127.0.0.1:9");
+        let uri = u.uri_for(&"/a?b=c".parse().unwrap()).unwrap();
+        assert_eq!(uri.to_string(), "http://127.0.0.1:9/a?b=c");
+    }
+
+    #[test]
+    fn refuses_connect_and_foreign_absolute_targets() {
+        let u = upstream("https://api.example.test");
+        let req = |m: Method, t: &str| Request::builder().method(m).uri(t).body(()).unwrap();
+        assert!(matches!(
+            u.check_target(&req(Method::CONNECT, "evil.test:443")),
+            Err(GatewayError::Connect)
+        ));
+        assert!(matches!(
+            u.check_target(&req(Method::GET, "http://evil.test/x")),
+            Err(GatewayError::ForeignTarget)
+        ));
+        assert!(matches!(
+            u.check_target(&req(Method::OPTIONS, "*")),
+            Err(GatewayError::ForeignTarget)
+        ));
+        assert!(
+            u.check_target(&req(Method::GET, "http://API.example.test/x"))
+                .is_ok()
+        );
+        assert!(u.check_target(&req(Method::GET, "/x")).is_ok());
+    }
+}
