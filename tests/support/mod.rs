@@ -1,0 +1,308 @@
+//! Test support: a gateway on a free loopback port with a captured access
+//! log, a plain HTTP client, raw-TCP helpers and an independent signature.
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use md5::{Digest, Md5};
+use pandagate::access_log::AccessLog;
+use pandagate::config::{self, Config, LogFormat, ProfileConfig};
+use pandagate::server::{self, ServerOptions};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+pub const ACCESS_KEY: &str = "ak-test-main";
+pub const SECRET: &str = "sk-test-main-never-log-me";
+pub const USER_ID: &str = "2100007341207";
+pub const OPS_ACCESS_KEY: &str = "ak-test-ops";
+pub const OPS_SECRET: &str = "sk-test-ops-never-log-me";
+
+/// A config pointing at `upstream` with a default profile ("default") and a
+/// selectable one ("ops", user-ids 11 and 22 allowed) plus a hidden one.
+pub fn config(upstream: &str) -> Config {
+    let mut c = Config::default();
+    c.server.listen = ([127, 0, 0, 1], 0).into();
+    c.upstream.url = upstream.to_owned();
+    c.upstream.request_timeout_ms = 5_000;
+    c.upstream.connect_timeout_ms = 1_000;
+    c.profiles = vec![
+        ProfileConfig {
+            name: "default".into(),
+            access_key: Some(ACCESS_KEY.into()),
+            secret_env: Some("TEST_SECRET".into()),
+            user_id: Some(USER_ID.into()),
+            ..ProfileConfig::default()
+        },
+        ProfileConfig {
+            name: "ops".into(),
+            access_key: Some(OPS_ACCESS_KEY.into()),
+            secret_env: Some("TEST_OPS_SECRET".into()),
+            user_id: Some("11".into()),
+            allowed_user_ids: Some(vec!["11".into(), "22".into()]),
+            selectable: true,
+            ..ProfileConfig::default()
+        },
+        ProfileConfig {
+            name: "hidden".into(),
+            access_key: Some("ak-hidden".into()),
+            secret_env: Some("TEST_SECRET".into()),
+            ..ProfileConfig::default()
+        },
+    ];
+    c
+}
+
+fn test_env(name: &str) -> Option<String> {
+    match name {
+        "TEST_SECRET" => Some(SECRET.into()),
+        "TEST_OPS_SECRET" => Some(OPS_SECRET.into()),
+        _ => None,
+    }
+}
+
+/// Bytes written by the access log, shared with the test.
+#[derive(Clone, Default)]
+pub struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+pub struct TestGateway {
+    pub addr: SocketAddr,
+    log: AccessLog,
+    captured: Captured,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Starts a gateway for `config` on a free loopback port.
+pub async fn spawn_gateway(config: Config) -> TestGateway {
+    let loaded = config::resolve(config, &test_env).expect("test config is valid");
+    let captured = Captured::default();
+    let (log, _writer) = AccessLog::spawn(LogFormat::Json, Box::new(captured.clone()));
+    let gateway = pandagate::proxy::build(&loaded, log.clone()).expect("gateway builds");
+    let listener = server::bind(loaded.config.server.listen, "test gateway")
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, mut stopped) = watch::channel(false);
+    let task = tokio::spawn(server::serve(
+        listener,
+        move |req| {
+            let gateway = gateway.clone();
+            async move { gateway.handle(req).await }
+        },
+        ServerOptions::from(&loaded.config.server),
+        async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        },
+    ));
+    TestGateway {
+        addr,
+        log,
+        captured,
+        stop,
+        task,
+    }
+}
+
+impl TestGateway {
+    pub fn url(&self, target: &str) -> String {
+        format!("http://{}{}", self.addr, target)
+    }
+
+    /// The access-log lines written so far, parsed.
+    pub fn access_log(&self) -> Vec<Value> {
+        self.log.flush();
+        let bytes = self.captured.0.lock().unwrap().clone();
+        String::from_utf8(bytes)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("each access-log line is JSON"))
+            .collect()
+    }
+
+    /// Waits (bounded) until `n` lines were logged; lines are written when a
+    /// response body ends, which can be a moment after the client saw it.
+    pub async fn access_log_of(&self, n: usize) -> Vec<Value> {
+        for _ in 0..200 {
+            let lines = self.access_log();
+            if lines.len() >= n {
+                return lines;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.access_log()
+    }
+
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
+    }
+}
+
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Answer {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).expect("body is JSON")
+    }
+
+    /// Asserts this is a gateway envelope for `status` and returns it.
+    pub fn assert_gateway_envelope(&self, status: u16) -> Value {
+        assert_eq!(self.status.as_u16(), status, "body: {:?}", self.body);
+        let v = self.json();
+        assert_eq!(v["code"], status);
+        assert_eq!(v["source"], "pandagate");
+        assert!(v["data"].is_null());
+        assert!(v["msg"].as_str().is_some_and(|m| !m.is_empty()));
+        let id = v["requestId"].as_str().expect("requestId is a string");
+        assert_eq!(id.len(), 32);
+        assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
+        v
+    }
+}
+
+/// Sends one request through a fresh plain-HTTP client.
+pub async fn send(req: Request<Full<Bytes>>) -> Answer {
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let resp = tokio::time::timeout(Duration::from_secs(20), client.request(req))
+        .await
+        .expect("answer within 20 s")
+        .expect("request succeeds");
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.expect("body reads").to_bytes();
+    Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+pub async fn get(url: &str) -> Answer {
+    send(Request::get(url).body(Full::default()).unwrap()).await
+}
+
+/// Writes `raw` to `addr` and reads one response with a Content-Length body
+/// (or up to the peer closing; at most 5 s).
+pub async fn raw_exchange(addr: SocketAddr, raw: &[u8]) -> String {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(raw).await.unwrap();
+    read_message(&mut stream).await
+}
+
+/// The signature computed here, independently of the gateway's signer, for
+/// the default recipe: MD5(access-key + timestamp + nonce + secret), upper hex.
+pub fn expected_signature(access_key: &str, timestamp: &str, nonce: &str, secret: &str) -> String {
+    md5_upper(&format!("{access_key}{timestamp}{nonce}{secret}"))
+}
+
+pub fn md5_upper(s: &str) -> String {
+    let digest = Md5::digest(s.as_bytes());
+    digest.iter().map(|b| format!("{b:02X}")).collect()
+}
+
+/// A loopback address on which nothing listens.
+pub fn dead_address() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// A provider-shaped envelope body.
+pub fn provider_body(request_id: &str, code: i64, msg: &str) -> String {
+    serde_json::json!({"requestId": request_id, "code": code, "developId": "1", "msg": msg, "data": {"ok": true}})
+        .to_string()
+}
+
+/// A fake upstream speaking raw HTTP/1.1: it records each request head and
+/// body as text and answers every request with `response`, then closes.
+pub struct RawUpstream {
+    pub addr: SocketAddr,
+    pub received: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RawUpstream {
+    pub async fn start(response: &'static [u8]) -> RawUpstream {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let seen = received.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let request = read_message(&mut stream).await;
+                    seen.lock().unwrap().push(request);
+                    let _ = stream.write_all(response).await;
+                    let _ = stream.shutdown().await;
+                });
+            }
+        });
+        RawUpstream {
+            addr,
+            received,
+            task,
+        }
+    }
+
+    pub fn requests(&self) -> Vec<String> {
+        self.received.lock().unwrap().clone()
+    }
+}
+
+impl Drop for RawUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Reads one message head and its Content-Length body (bounded by 5 s).
+pub async fn read_message(stream: &mut TcpStream) -> String {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let read = async {
+        loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                if buf.len() >= end + 4 + len {
+                    break;
+                }
+            }
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), read).await;
+    String::from_utf8_lossy(&buf).into_owned()
+}
