@@ -13,12 +13,10 @@ use wiremock::{Mock, MockServer, ResponseTemplate};
 async fn logs_one_event_with_every_field_when_the_response_ends() {
     let upstream = MockServer::start().await;
     Mock::given(any())
-        .respond_with(
-            ResponseTemplate::new(200).set_body_raw(
-                provider_body("4cfda0b725184ab8a1e3ee3b9051ec35", 200, "成功"),
-                "application/json",
-            ),
-        )
+        .respond_with(ResponseTemplate::new(200).set_body_raw(
+            provider_body("4cfda0b725184ab8a1e3ee3b9051ec35", 200, "成功"),
+            "application/json",
+        ))
         .mount(&upstream)
         .await;
     let gw = spawn_gateway(config(&upstream.uri())).await;
@@ -40,7 +38,10 @@ async fn logs_one_event_with_every_field_when_the_response_ends() {
     assert_eq!(e["upstream_status"], 200);
     assert_eq!(e["method"], "POST");
     assert_eq!(e["path"], "/alibaba/order/create", "no query string");
-    assert!(!e.to_string().contains("13800000000"), "query data never logged");
+    assert!(
+        !e.to_string().contains("13800000000"),
+        "query data never logged"
+    );
     assert_eq!(e["profile"], "default");
     assert_eq!(e["attempts"], 1);
     let latency = e["latency_ms"].as_f64().unwrap();
@@ -55,10 +56,10 @@ async fn logs_one_event_with_every_field_when_the_response_ends() {
 async fn logs_business_errors_with_their_code() {
     let upstream = MockServer::start().await;
     Mock::given(any())
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_raw(provider_body("rid-busy", 5001, "系统繁忙"), "application/json"),
-        )
+        .respond_with(ResponseTemplate::new(200).set_body_raw(
+            provider_body("rid-busy", 5001, "系统繁忙"),
+            "application/json",
+        ))
         .mount(&upstream)
         .await;
     let gw = spawn_gateway(config(&upstream.uri())).await;
@@ -118,7 +119,10 @@ async fn large_responses_stream_whole_and_only_their_prefix_is_read() {
     assert_eq!(log[0]["code"], 200);
     assert!(log[0]["msg"].is_null(), "msg lies beyond the 64 KiB prefix");
     assert_eq!(log[1]["code"], 200);
-    assert!(log[1]["request_id"].is_null(), "requestId lies beyond the prefix");
+    assert!(
+        log[1]["request_id"].is_null(),
+        "requestId lies beyond the prefix"
+    );
     gw.stop().await;
 }
 
@@ -135,7 +139,10 @@ async fn gateway_answers_are_logged_with_their_error_kind() {
     assert!(e["upstream_status"].is_null());
     assert_eq!(e["error"], "upstream_connect");
     assert_eq!(e["attempts"], 1);
-    assert_eq!(e["x_request_id"], answer.headers["x-request-id"].to_str().unwrap());
+    assert_eq!(
+        e["x_request_id"],
+        answer.headers["x-request-id"].to_str().unwrap()
+    );
     gw.stop().await;
 }
 
@@ -143,25 +150,42 @@ async fn gateway_answers_are_logged_with_their_error_kind() {
 async fn exactly_one_event_per_call() {
     let upstream = MockServer::start().await;
     Mock::given(any())
-        .respond_with(ResponseTemplate::new(200).set_body_raw(provider_body("r", 200, "ok"), "application/json"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_raw(provider_body("r", 200, "ok"), "application/json"),
+        )
         .mount(&upstream)
         .await;
     let gw = spawn_gateway(config(&upstream.uri())).await;
     let mut ids = Vec::new();
     for i in 0..20 {
-        let target = if i % 2 == 0 { "/open/product/get" } else { "/empty" };
+        let target = if i % 2 == 0 {
+            "/open/product/get"
+        } else {
+            "/empty"
+        };
         let answer = get(&gw.url(target)).await;
         ids.push(answer.headers["x-request-id"].to_str().unwrap().to_owned());
     }
     // HEAD and 204-style empty bodies end without a data frame.
-    let head = Request::head(gw.url("/open/product/get")).body(Full::default()).unwrap();
-    ids.push(send(head).await.headers["x-request-id"].to_str().unwrap().to_owned());
+    let head = Request::head(gw.url("/open/product/get"))
+        .body(Full::default())
+        .unwrap();
+    ids.push(
+        send(head).await.headers["x-request-id"]
+            .to_str()
+            .unwrap()
+            .to_owned(),
+    );
     let log = gw.access_log_of(21).await;
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     let log_after = gw.access_log();
     assert_eq!(log.len(), 21);
     assert_eq!(log_after.len(), 21, "no late duplicates");
-    let mut logged: Vec<String> = log.iter().map(|e| e["x_request_id"].as_str().unwrap().to_owned()).collect();
+    let mut logged: Vec<String> = log
+        .iter()
+        .map(|e| e["x_request_id"].as_str().unwrap().to_owned())
+        .collect();
     logged.sort();
     ids.sort();
     assert_eq!(logged, ids);

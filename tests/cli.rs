@@ -31,18 +31,43 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-const CREDS: &[(&str, &str)] = &[("PANDAPON_ACCESS_KEY", "ak-cli"), ("PANDAPON_ACCESS_SECRET", SECRET)];
+type Env<'a> = &'a [(&'a str, &'a str)];
+
+const CREDS: Env<'static> = &[
+    ("PANDAPON_ACCESS_KEY", "ak-cli"),
+    ("PANDAPON_ACCESS_SECRET", SECRET),
+];
 
 #[test]
 fn invalid_config_exits_64_with_one_line_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
-    let cases: [(&str, &str, &[(&str, &str)]); 6] = [
-        ("[server]\nlisten_adress = \"127.0.0.1:1\"\n", "listen_adress", CREDS),
+    let cases: [(&str, &str, Env); 6] = [
+        (
+            "[server]\nlisten_adress = \"127.0.0.1:1\"\n",
+            "listen_adress",
+            CREDS,
+        ),
         ("[upstream]\nurl = \"not a url\"\n", "upstream.url", CREDS),
-        ("[upstream]\nurl = \"ftp://api.pandapon.com\"\n", "upstream.url", CREDS),
-        ("", "profiles[0].secret_env", &[("PANDAPON_ACCESS_KEY", "ak")]),
-        ("[server]\nmax_request_body_bytes = 0\n", "server.max_request_body_bytes", CREDS),
-        ("[upstream]\nconnect_timeout_ms = -5\n", "upstream.connect_timeout_ms", CREDS),
+        (
+            "[upstream]\nurl = \"ftp://api.pandapon.com\"\n",
+            "upstream.url",
+            CREDS,
+        ),
+        (
+            "",
+            "profiles[0].secret_env",
+            &[("PANDAPON_ACCESS_KEY", "ak")],
+        ),
+        (
+            "[server]\nmax_request_body_bytes = 0\n",
+            "server.max_request_body_bytes",
+            CREDS,
+        ),
+        (
+            "[upstream]\nconnect_timeout_ms = -5\n",
+            "upstream.connect_timeout_ms",
+            CREDS,
+        ),
     ];
     for (i, (toml, key, env)) in cases.iter().enumerate() {
         let path = dir.path().join(format!("case{i}.toml"));
@@ -70,14 +95,24 @@ fn check_prints_the_effective_config_with_secrets_redacted() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("pandagate.toml");
     std::fs::write(&path, "[upstream]\nrequest_timeout_ms = 1234\n").unwrap();
-    let env = [CREDS[0], CREDS[1], ("PANDAGATE_UPSTREAM", "http://127.0.0.1:9")];
+    let env = [
+        CREDS[0],
+        CREDS[1],
+        ("PANDAGATE_UPSTREAM", "http://127.0.0.1:9"),
+    ];
     let out = output(&["check", "--config", path.to_str().unwrap()], &env);
     let stdout = text(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert!(stdout.contains("request_timeout_ms = 1234"), "{stdout}");
-    assert!(stdout.contains("url = \"http://127.0.0.1:9\""), "env wins: {stdout}");
+    assert!(
+        stdout.contains("url = \"http://127.0.0.1:9\""),
+        "env wins: {stdout}"
+    );
     assert!(stdout.contains("access_key = \"ak-cli\""), "{stdout}");
-    assert!(stdout.contains("secret_env = \"PANDAPON_ACCESS_SECRET\""), "{stdout}");
+    assert!(
+        stdout.contains("secret_env = \"PANDAPON_ACCESS_SECRET\""),
+        "{stdout}"
+    );
     assert!(!stdout.contains(SECRET));
     assert!(!text(&out.stderr).contains(SECRET));
 }
@@ -85,7 +120,10 @@ fn check_prints_the_effective_config_with_secrets_redacted() {
 #[test]
 fn the_shipped_example_config_is_valid() {
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config/pandagate.toml");
-    let env = [("PANDAPON_ACCESS_SECRET", SECRET), ("PANDAPON_OPS_SECRET", "ops")];
+    let env = [
+        ("PANDAPON_ACCESS_SECRET", SECRET),
+        ("PANDAPON_OPS_SECRET", "ops"),
+    ];
     let out = output(&["check", "--config", example], &env);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
@@ -99,7 +137,10 @@ fn the_shipped_example_config_is_valid() {
 #[test]
 fn sign_explain_shows_the_hashed_string_and_signature_without_the_secret() {
     // Known answer computed outside this code base (Python hashlib).
-    let env = [("PANDAPON_ACCESS_KEY", "AK_TEST_0001"), ("PANDAPON_ACCESS_SECRET", "SECRET_TEST_0001")];
+    let env = [
+        ("PANDAPON_ACCESS_KEY", "AK_TEST_0001"),
+        ("PANDAPON_ACCESS_SECRET", "SECRET_TEST_0001"),
+    ];
     let args = [
         "sign",
         "--explain",
@@ -115,7 +156,10 @@ fn sign_explain_shows_the_hashed_string_and_signature_without_the_secret() {
         stdout.contains("AK_TEST_00011715669977082abcdefghijklmnopqrstuvwxyz012345<secret>"),
         "{stdout}"
     );
-    assert!(stdout.contains("signature:      377FF2A66780B485EC0559F43395D0F2"), "{stdout}");
+    assert!(
+        stdout.contains("signature:      377FF2A66780B485EC0559F43395D0F2"),
+        "{stdout}"
+    );
     assert!(!stdout.contains("SECRET_TEST_0001"));
 }
 
@@ -123,7 +167,12 @@ fn sign_explain_shows_the_hashed_string_and_signature_without_the_secret() {
 fn demo_runs_green() {
     let out = output(&["demo"], &[("PANDAGATE_LOG_FORMAT", "json")]);
     let stdout = text(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{stdout}\n{}", text(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        text(&out.stderr)
+    );
     let events: Vec<serde_json::Value> = stdout
         .lines()
         .filter(|l| l.starts_with('{'))
@@ -138,7 +187,11 @@ fn demo_runs_green() {
     let paths: Vec<&str> = events.iter().map(|e| e["path"].as_str().unwrap()).collect();
     assert_eq!(
         paths,
-        ["/open/product/get", "/alibaba/product/keywords/query", "/alibaba/order/create"]
+        [
+            "/open/product/get",
+            "/alibaba/product/keywords/query",
+            "/alibaba/order/create"
+        ]
     );
     assert!(stdout.contains("demo: 3 of 3 calls succeeded"), "{stdout}");
 }
@@ -147,7 +200,10 @@ fn demo_runs_green() {
 async fn serves_from_the_environment_alone_and_never_logs_the_secret() {
     let upstream = MockServer::start().await;
     Mock::given(any())
-        .respond_with(ResponseTemplate::new(200).set_body_raw(support::provider_body("rid-cli", 200, "ok"), "application/json"))
+        .respond_with(ResponseTemplate::new(200).set_body_raw(
+            support::provider_body("rid-cli", 200, "ok"),
+            "application/json",
+        ))
         .mount(&upstream)
         .await;
     let mut child = Command::new(BIN)
@@ -198,7 +254,10 @@ async fn serves_from_the_environment_alone_and_never_logs_the_secret() {
 
     // SIGTERM: drain and exit 0.
     let pid = child.id().unwrap().to_string();
-    let killed = std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
     assert!(killed.success());
     let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
         .await
@@ -207,17 +266,28 @@ async fn serves_from_the_environment_alone_and_never_logs_the_secret() {
     assert_eq!(status.code(), Some(0));
 
     let mut stdout = String::new();
-    child.stdout.take().unwrap().read_to_string(&mut stdout).await.unwrap();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .await
+        .unwrap();
     while let Some(line) = stderr.next_line().await.unwrap() {
         seen_stderr.push_str(&line);
         seen_stderr.push('\n');
     }
-    let events: Vec<serde_json::Value> =
-        stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let events: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(events.len(), 2, "{stdout}");
     assert_eq!(events[0]["request_id"], "rid-cli");
     assert_eq!(events[1]["status"], 403);
-    assert!(seen_stderr.contains("TRACE") || seen_stderr.contains("DEBUG"), "trace logging was on");
+    assert!(
+        seen_stderr.contains("TRACE") || seen_stderr.contains("DEBUG"),
+        "trace logging was on"
+    );
     assert!(!stdout.contains(SECRET), "secret in stdout");
     assert!(!seen_stderr.contains(SECRET), "secret in stderr");
 }

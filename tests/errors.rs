@@ -83,15 +83,23 @@ async fn streamed_body_over_the_limit_is_cut_off_with_413() {
     let seen = upstream.await.unwrap();
     // The provider saw at most the start of the upload, never its end: the
     // gateway dropped the connection, so no complete request was forwarded.
-    assert!(seen.is_empty() || seen.starts_with("POST /alibaba/"), "{seen}");
-    assert!(!seen.ends_with("0\r\n\r\n"), "complete request forwarded: {seen}");
+    assert!(
+        seen.is_empty() || seen.starts_with("POST /alibaba/"),
+        "{seen}"
+    );
+    assert!(
+        !seen.ends_with("0\r\n\r\n"),
+        "complete request forwarded: {seen}"
+    );
     gw.stop().await;
 }
 
 #[tokio::test]
 async fn unreachable_upstream_gets_502() {
     let gw = spawn_gateway(config(&format!("http://{}", dead_address()))).await;
-    let v = get(&gw.url("/open/product/get")).await.assert_gateway_envelope(502);
+    let v = get(&gw.url("/open/product/get"))
+        .await
+        .assert_gateway_envelope(502);
     assert_eq!(v["msg"], "upstream unreachable");
     let log = gw.access_log_of(1).await;
     assert_eq!(log[0]["error"], "upstream_connect");
@@ -110,7 +118,9 @@ async fn slow_upstream_gets_504() {
     let mut c = config(&upstream.uri());
     c.upstream.request_timeout_ms = 200;
     let gw = spawn_gateway(c).await;
-    let v = get(&gw.url("/open/product/get")).await.assert_gateway_envelope(504);
+    let v = get(&gw.url("/open/product/get"))
+        .await
+        .assert_gateway_envelope(504);
     assert_eq!(v["msg"], "upstream did not answer within 200 ms");
     gw.stop().await;
 }
@@ -124,7 +134,10 @@ async fn forbidden_profile_gets_403_envelope() {
         .body(Full::default())
         .unwrap();
     let v = send(req).await.assert_gateway_envelope(403);
-    assert_eq!(v["msg"], "x-pandagate-profile names no profile this caller may select");
+    assert_eq!(
+        v["msg"],
+        "x-pandagate-profile names no profile this caller may select"
+    );
     gw.stop().await;
 }
 
@@ -132,7 +145,11 @@ async fn forbidden_profile_gets_403_envelope() {
 async fn connect_gets_400_envelope() {
     let upstream = ok_upstream().await;
     let gw = spawn_gateway(config(&upstream.uri())).await;
-    let answer = raw_exchange(gw.addr, b"CONNECT 127.0.0.1:1 HTTP/1.1\r\nHost: 127.0.0.1:1\r\n\r\n").await;
+    let answer = raw_exchange(
+        gw.addr,
+        b"CONNECT 127.0.0.1:1 HTTP/1.1\r\nHost: 127.0.0.1:1\r\n\r\n",
+    )
+    .await;
     let body = answer.split("\r\n\r\n").nth(1).unwrap();
     let v: serde_json::Value = serde_json::from_str(body).unwrap();
     assert_eq!(v["code"], 400);
@@ -147,7 +164,10 @@ async fn slow_request_head_is_cut_off() {
     c.server.header_read_timeout_ms = 300;
     let gw = spawn_gateway(c).await;
     let mut stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    stream.write_all(b"GET /open/product/get HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    stream
+        .write_all(b"GET /open/product/get HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
     let started = Instant::now();
     let mut buf = Vec::new();
     let closed = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut buf)).await;

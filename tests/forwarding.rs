@@ -71,7 +71,11 @@ async fn forwards_every_method() {
     let seen: Vec<String> = received.iter().map(|r| r.method.to_string()).collect();
     let sent: Vec<String> = methods.iter().map(|m| m.to_string()).collect();
     assert_eq!(seen, sent);
-    assert!(received.iter().all(|r| r.url.path() == "/v2/taobao/order/refund/query"));
+    assert!(
+        received
+            .iter()
+            .all(|r| r.url.path() == "/v2/taobao/order/refund/query")
+    );
     assert!(received.iter().all(|r| r.url.query() == Some("x=1")));
     gw.stop().await;
 }
@@ -83,11 +87,11 @@ async fn drops_hop_by_hop_headers_both_ways_and_sets_host_to_the_upstream() {
     )
     .await;
     let gw = spawn_gateway(config(&format!("http://{}", upstream.addr))).await;
-    let raw = format!(
-        "GET /open/product/get HTTP/1.1\r\nHost: gateway.internal\r\nConnection: x-req-hop\r\nX-Req-Hop: 1\r\n\
-         Proxy-Authorization: Basic Zm9vOmJhcg==\r\nTE: trailers\r\nUpgrade: websocket\r\nX-Req-Kept: 1\r\n\r\n"
-    );
-    let answer = raw_exchange(gw.addr, raw.as_bytes()).await.to_ascii_lowercase();
+    let raw = "GET /open/product/get HTTP/1.1\r\nHost: gateway.internal\r\nConnection: x-req-hop\r\nX-Req-Hop: 1\r\n\
+         Proxy-Authorization: Basic Zm9vOmJhcg==\r\nTE: trailers\r\nUpgrade: websocket\r\nX-Req-Kept: 1\r\n\r\n";
+    let answer = raw_exchange(gw.addr, raw.as_bytes())
+        .await
+        .to_ascii_lowercase();
     assert!(answer.starts_with("http/1.1 200"), "{answer}");
     assert!(answer.contains("x-resp-kept: 1"), "{answer}");
     assert!(!answer.contains("x-resp-hop"), "{answer}");
@@ -96,9 +100,18 @@ async fn drops_hop_by_hop_headers_both_ways_and_sets_host_to_the_upstream() {
     let requests = upstream.requests();
     assert_eq!(requests.len(), 1);
     let head = requests[0].to_ascii_lowercase();
-    assert!(head.contains(&format!("host: {}\r\n", upstream.addr)), "{head}");
+    assert!(
+        head.contains(&format!("host: {}\r\n", upstream.addr)),
+        "{head}"
+    );
     assert!(head.contains("x-req-kept: 1"), "{head}");
-    for dropped in ["x-req-hop", "proxy-authorization", "te:", "upgrade", "gateway.internal"] {
+    for dropped in [
+        "x-req-hop",
+        "proxy-authorization",
+        "te:",
+        "upgrade",
+        "gateway.internal",
+    ] {
         assert!(!head.contains(dropped), "{dropped} forwarded: {head}");
     }
     gw.stop().await;
@@ -108,7 +121,9 @@ async fn drops_hop_by_hop_headers_both_ways_and_sets_host_to_the_upstream() {
 async fn returns_redirects_without_following_them() {
     let upstream = MockServer::start().await;
     Mock::given(any())
-        .respond_with(ResponseTemplate::new(302).insert_header("location", "http://127.0.0.1:9/elsewhere"))
+        .respond_with(
+            ResponseTemplate::new(302).insert_header("location", "http://127.0.0.1:9/elsewhere"),
+        )
         .mount(&upstream)
         .await;
     let gw = spawn_gateway(config(&upstream.uri())).await;
@@ -140,7 +155,10 @@ async fn refuses_connect_and_foreign_absolute_targets_without_forwarding() {
     assert!(upstream.received_requests().await.unwrap().is_empty());
     let log = gw.access_log_of(3).await;
     let errors: Vec<&str> = log.iter().map(|l| l["error"].as_str().unwrap()).collect();
-    assert_eq!(errors, ["connect_method", "foreign_target", "foreign_target"]);
+    assert_eq!(
+        errors,
+        ["connect_method", "foreign_target", "foreign_target"]
+    );
     gw.stop().await;
 }
 

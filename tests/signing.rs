@@ -54,7 +54,10 @@ async fn sends_the_five_system_headers_with_a_valid_signature() {
     let ts = header(r, "timestamp");
     assert_eq!(ts.len(), 13, "milliseconds by default: {ts}");
     let ts_num: u64 = ts.parse().unwrap();
-    assert!((before..=after).contains(&ts_num), "{before} <= {ts_num} <= {after}");
+    assert!(
+        (before..=after).contains(&ts_num),
+        "{before} <= {ts_num} <= {after}"
+    );
     let nonce = header(r, "nonce-str");
     assert_eq!(nonce.len(), 32);
     assert!(nonce.bytes().all(|b| b.is_ascii_alphanumeric()), "{nonce}");
@@ -63,7 +66,9 @@ async fn sends_the_five_system_headers_with_a_valid_signature() {
         expected_signature(ACCESS_KEY, ts, nonce, SECRET)
     );
     assert!(
-        r.headers.values().all(|v| v.as_bytes() != SECRET.as_bytes()),
+        r.headers
+            .values()
+            .all(|v| v.as_bytes() != SECRET.as_bytes()),
         "the secret itself is never sent"
     );
     gw.stop().await;
@@ -144,16 +149,35 @@ async fn caller_supplied_credential_headers_are_replaced() {
         .unwrap();
     assert_eq!(send(req).await.status, 200);
     let r = &upstream.received_requests().await.unwrap()[0];
-    for name in ["access-key", "timestamp", "nonce-str", "signature", "user-id"] {
-        assert_eq!(r.headers.get_all(name).iter().count(), 1, "{name} sent once");
+    for name in [
+        "access-key",
+        "timestamp",
+        "nonce-str",
+        "signature",
+        "user-id",
+    ] {
+        assert_eq!(
+            r.headers.get_all(name).iter().count(),
+            1,
+            "{name} sent once"
+        );
     }
     assert_eq!(header(r, "access-key"), ACCESS_KEY);
-    assert_eq!(header(r, "user-id"), USER_ID, "no allow-list: caller's user-id replaced");
+    assert_eq!(
+        header(r, "user-id"),
+        USER_ID,
+        "no allow-list: caller's user-id replaced"
+    );
     assert_ne!(header(r, "timestamp"), "1");
     assert_ne!(header(r, "nonce-str"), "caller-chosen-nonce");
     assert_eq!(
         header(r, "signature"),
-        expected_signature(ACCESS_KEY, header(r, "timestamp"), header(r, "nonce-str"), SECRET)
+        expected_signature(
+            ACCESS_KEY,
+            header(r, "timestamp"),
+            header(r, "nonce-str"),
+            SECRET
+        )
     );
     gw.stop().await;
 }
@@ -171,10 +195,18 @@ async fn caller_picks_a_selectable_profile_and_an_allowed_user_id() {
     let r = &upstream.received_requests().await.unwrap()[0];
     assert_eq!(header(r, "access-key"), OPS_ACCESS_KEY);
     assert_eq!(header(r, "user-id"), "22");
-    assert!(r.headers.get("x-pandagate-profile").is_none(), "control header not forwarded");
+    assert!(
+        r.headers.get("x-pandagate-profile").is_none(),
+        "control header not forwarded"
+    );
     assert_eq!(
         header(r, "signature"),
-        expected_signature(OPS_ACCESS_KEY, header(r, "timestamp"), header(r, "nonce-str"), OPS_SECRET)
+        expected_signature(
+            OPS_ACCESS_KEY,
+            header(r, "timestamp"),
+            header(r, "nonce-str"),
+            OPS_SECRET
+        )
     );
     let log = gw.access_log_of(1).await;
     assert_eq!(log[0]["profile"], "ops");
@@ -185,15 +217,23 @@ async fn caller_picks_a_selectable_profile_and_an_allowed_user_id() {
 async fn refuses_unlisted_user_id_and_unselectable_profiles_with_403() {
     let upstream = provider().await;
     let gw = spawn_gateway(config(&upstream.uri())).await;
-    let cases = [("ops", Some("33")), ("hidden", None), ("no-such-profile", None)];
+    let cases = [
+        ("ops", Some("33")),
+        ("hidden", None),
+        ("no-such-profile", None),
+    ];
     for (profile, user_id) in cases {
-        let mut req = Request::get(gw.url("/open/product/get")).header("x-pandagate-profile", profile);
+        let mut req =
+            Request::get(gw.url("/open/product/get")).header("x-pandagate-profile", profile);
         if let Some(u) = user_id {
             req = req.header("user-id", u);
         }
         let answer = send(req.body(Full::default()).unwrap()).await;
         answer.assert_gateway_envelope(403);
     }
-    assert!(upstream.received_requests().await.unwrap().is_empty(), "nothing forwarded");
+    assert!(
+        upstream.received_requests().await.unwrap().is_empty(),
+        "nothing forwarded"
+    );
     gw.stop().await;
 }
