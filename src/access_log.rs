@@ -9,8 +9,9 @@
 //!
 //! JSON line fields: `ts`, `event` (`"access"`), `request_id` and `code` and
 //! `msg` (from the provider's envelope, or null), `status`, `upstream_status`,
-//! `method`, `path` (never the query string), `profile`, `attempts`,
-//! `latency_ms`, `x_request_id`, `error` (the gateway's error kind, or null).
+//! `method`, `path` (never the query string), `profile`, `class`, `attempts`,
+//! `retry_reasons`, `retry_skipped`, `latency_ms`, `x_request_id`, `error`
+//! (the gateway's error kind, or null).
 
 use std::io::Write;
 use std::sync::Arc;
@@ -24,6 +25,7 @@ use serde_json::Value;
 
 use crate::config::LogFormat;
 use crate::envelope::EnvelopeFields;
+use crate::routes::Class;
 
 /// What the gateway knows about one call, filled in as it goes.
 #[derive(Debug)]
@@ -36,6 +38,13 @@ pub struct AccessRecord {
     pub status: u16,
     pub upstream_status: Option<u16>,
     pub attempts: u32,
+    /// The endpoint class (`read`, `write`, `unknown`), once known.
+    pub class: Option<Class>,
+    /// Why each retry was made, e.g. `["503", "timeout"]`.
+    pub retry_reasons: Vec<String>,
+    /// Why a retry the outcome called for was not made (`not_repeatable`,
+    /// `budget`, `body_not_replayable`, ...).
+    pub retry_skipped: Option<&'static str>,
     /// The gateway's error kind when it answered itself, or why the response
     /// did not complete.
     pub error: Option<&'static str>,
@@ -55,7 +64,10 @@ struct Line<'a> {
     method: &'a str,
     path: &'a str,
     profile: Option<&'a str>,
+    class: Option<&'static str>,
     attempts: u32,
+    retry_reasons: &'a [String],
+    retry_skipped: Option<&'static str>,
     latency_ms: f64,
     x_request_id: &'a str,
     error: Option<&'a str>,
@@ -124,7 +136,10 @@ impl AccessLog {
             method: r.method.as_str(),
             path: &r.path,
             profile: r.profile.as_deref(),
+            class: r.class.map(Class::as_str),
             attempts: r.attempts,
+            retry_reasons: &r.retry_reasons,
+            retry_skipped: r.retry_skipped,
             latency_ms: (r.started.elapsed().as_micros() as f64) / 1000.0,
             x_request_id: r.x_request_id.to_str().unwrap_or("-"),
             error: r.error,
@@ -145,13 +160,14 @@ impl AccessLog {
 fn text_line(out: &mut Vec<u8>, l: &Line<'_>) {
     let _ = write!(
         out,
-        "{} access status={} upstream_status={} method={} path={} profile={} attempts={} latency_ms={:.3} request_id={} code={} x_request_id={}",
+        "{} access status={} upstream_status={} method={} path={} profile={} class={} attempts={} latency_ms={:.3} request_id={} code={} x_request_id={}",
         l.ts,
         l.status,
         opt(l.upstream_status),
         l.method,
         quoted(l.path),
         l.profile.map_or("-".into(), quoted),
+        l.class.unwrap_or("-"),
         l.attempts,
         l.latency_ms,
         l.request_id.map_or("-".into(), quoted),
@@ -160,6 +176,12 @@ fn text_line(out: &mut Vec<u8>, l: &Line<'_>) {
     );
     if let Some(msg) = l.msg {
         let _ = write!(out, " msg={}", quoted(msg));
+    }
+    if !l.retry_reasons.is_empty() {
+        let _ = write!(out, " retry_reasons={}", l.retry_reasons.join(","));
+    }
+    if let Some(skipped) = l.retry_skipped {
+        let _ = write!(out, " retry_skipped={skipped}");
     }
     if let Some(error) = l.error {
         let _ = write!(out, " error={error}");
@@ -263,6 +285,9 @@ mod tests {
             status: 200,
             upstream_status: Some(200),
             attempts: 1,
+            class: Some(Class::Write),
+            retry_reasons: Vec::new(),
+            retry_skipped: None,
             error: None,
             gateway_msg: None,
         }
@@ -292,6 +317,9 @@ mod tests {
         assert_eq!(v["path"], "/alibaba/order/create");
         assert_eq!(v["profile"], "default");
         assert_eq!(v["attempts"], 1);
+        assert_eq!(v["class"], "write");
+        assert_eq!(v["retry_reasons"], serde_json::json!([]));
+        assert!(v["retry_skipped"].is_null());
         assert!(v["latency_ms"].as_f64().unwrap() >= 0.0);
         assert_eq!(v["x_request_id"], "req-1");
         assert!(v["error"].is_null());
@@ -309,7 +337,7 @@ mod tests {
         log.emit(&record(), &found);
         log.flush();
         let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
-        assert!(text.contains(" access status=200 upstream_status=200 method=POST path=/alibaba/order/create profile=default attempts=1 "), "{text}");
+        assert!(text.contains(" access status=200 upstream_status=200 method=POST path=/alibaba/order/create profile=default class=write attempts=1 "), "{text}");
         assert!(text.contains("request_id=- code=\"BUSY\""), "{text}");
         assert!(text.contains("msg=\"系统 繁忙\""), "{text}");
     }

@@ -92,15 +92,7 @@ pub async fn read_request(
             });
         }
     }
-    let whole = match chunks.len() {
-        0 => None,
-        1 => chunks.pop_front(),
-        _ => {
-            let mut buf = BytesMut::with_capacity(seen as usize);
-            chunks.iter().for_each(|c| buf.extend_from_slice(c));
-            Some(buf.freeze())
-        }
-    };
+    let whole = (!chunks.is_empty()).then(|| join(chunks));
     Ok(UpstreamBody::Full(whole))
 }
 
@@ -155,16 +147,55 @@ impl Body for UpstreamBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             UpstreamBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            UpstreamBody::Stream { pending, rest, .. } => {
-                let queued: u64 = pending.iter().map(|c| c.len() as u64).sum();
-                let r = rest.size_hint();
-                let mut hint = SizeHint::new();
-                hint.set_lower(r.lower() + queued);
-                if let Some(upper) = r.upper() {
-                    hint.set_upper(upper + queued);
-                }
-                hint
+            UpstreamBody::Stream { pending, rest, .. } => queued_hint(pending, rest),
+        }
+    }
+}
+
+/// Size of `pending` chunks followed by `rest`.
+fn queued_hint(pending: &VecDeque<Bytes>, rest: &Incoming) -> SizeHint {
+    let queued: u64 = pending.iter().map(|c| c.len() as u64).sum();
+    let r = rest.size_hint();
+    let mut hint = SizeHint::new();
+    hint.set_lower(r.lower() + queued);
+    if let Some(upper) = r.upper() {
+        hint.set_upper(upper + queued);
+    }
+    hint
+}
+
+/// Reads `body` until it ends or `limit` bytes were seen. Returns the chunks
+/// read, and the rest of the body when it did not end.
+pub async fn read_prefix(
+    mut body: Incoming,
+    limit: usize,
+) -> Result<(VecDeque<Bytes>, Option<Incoming>), hyper::Error> {
+    let mut chunks = VecDeque::new();
+    let mut seen = 0;
+    while !body.is_end_stream() {
+        let Some(frame) = body.frame().await else {
+            break;
+        };
+        if let Ok(data) = frame?.into_data() {
+            seen += data.len();
+            chunks.push_back(data);
+            if seen >= limit {
+                return Ok((chunks, Some(body)));
             }
+        }
+    }
+    Ok((chunks, None))
+}
+
+/// Joins chunks into one `Bytes`, copying only when there are several.
+pub fn join(mut chunks: VecDeque<Bytes>) -> Bytes {
+    match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.pop_front().expect("one chunk"),
+        _ => {
+            let mut buf = BytesMut::with_capacity(chunks.iter().map(Bytes::len).sum());
+            chunks.iter().for_each(|c| buf.extend_from_slice(c));
+            buf.freeze()
         }
     }
 }
@@ -176,7 +207,13 @@ pub struct ResponseBody {
 }
 
 enum Inner {
-    Upstream(Incoming),
+    /// The provider's body; `pending` holds chunks already read from it
+    /// (while looking for a transient `code`), sent first.
+    Upstream {
+        pending: VecDeque<Bytes>,
+        rest: Incoming,
+    },
+    /// A body held whole: gateway-made, or a provider body read to its end.
     Local(Option<Bytes>),
 }
 
@@ -192,8 +229,13 @@ struct Watch {
 
 impl ResponseBody {
     pub fn upstream(body: Incoming) -> Self {
+        Self::upstream_after(VecDeque::new(), body)
+    }
+
+    /// A provider body of which `pending` has already been read.
+    pub fn upstream_after(pending: VecDeque<Bytes>, rest: Incoming) -> Self {
         Self {
-            inner: Inner::Upstream(body),
+            inner: Inner::Upstream { pending, rest },
             watch: None,
         }
     }
@@ -263,7 +305,10 @@ impl Body for ResponseBody {
         let this = self.get_mut();
         let polled = match &mut this.inner {
             Inner::Local(b) => b.take().map(|b| Ok(Frame::data(b))),
-            Inner::Upstream(body) => ready!(Pin::new(body).poll_frame(cx)),
+            Inner::Upstream { pending, rest } => match pending.pop_front() {
+                Some(chunk) => Some(Ok(Frame::data(chunk))),
+                None => ready!(Pin::new(rest).poll_frame(cx)),
+            },
         };
         match &polled {
             Some(Ok(frame)) => {
@@ -285,14 +330,14 @@ impl Body for ResponseBody {
     fn is_end_stream(&self) -> bool {
         match &self.inner {
             Inner::Local(b) => b.is_none(),
-            Inner::Upstream(b) => b.is_end_stream(),
+            Inner::Upstream { pending, rest } => pending.is_empty() && rest.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.inner {
             Inner::Local(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            Inner::Upstream(b) => b.size_hint(),
+            Inner::Upstream { pending, rest } => queued_hint(pending, rest),
         }
     }
 }

@@ -17,6 +17,9 @@ use http::Uri;
 use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
 
+use crate::breaker::BreakerConfig;
+use crate::retry::RetryConfig;
+use crate::routes::RouteConfig;
 use crate::secret::Secret;
 use crate::signer::{Recipe, TimestampUnit};
 
@@ -41,6 +44,10 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub signing: SigningConfig,
     pub log: LogConfig,
+    pub retry: RetryConfig,
+    pub circuit_breaker: BreakerConfig,
+    /// Per-path overrides of the endpoint catalogue and retry settings.
+    pub routes: Vec<RouteConfig>,
     /// Credential profiles; `PANDAPON_*` variables fill the one named `default`.
     pub profiles: Vec<ProfileConfig>,
 }
@@ -76,7 +83,9 @@ pub struct UpstreamConfig {
     pub url: String,
     /// Time to establish a TCP (and TLS) connection, in milliseconds.
     pub connect_timeout_ms: u64,
-    /// Time from sending a request to receiving the response head, in milliseconds.
+    /// Time from sending a request to receiving the response head, in
+    /// milliseconds: the one attempt of a call that cannot be repeated, and
+    /// the upper bound for attempts of one that can (see `retry`).
     pub request_timeout_ms: u64,
     /// How long an idle pooled connection is kept, in milliseconds.
     pub pool_idle_timeout_ms: u64,
@@ -150,6 +159,9 @@ impl Default for Config {
             upstream: UpstreamConfig::default(),
             signing: SigningConfig::default(),
             log: LogConfig::default(),
+            retry: RetryConfig::default(),
+            circuit_breaker: BreakerConfig::default(),
+            routes: Vec::new(),
             profiles: Vec::new(),
         }
     }
@@ -350,6 +362,22 @@ impl Config {
             ("upstream.request_timeout_ms", u.request_timeout_ms),
             ("upstream.pool_idle_timeout_ms", u.pool_idle_timeout_ms),
             ("log.inspect_bytes", self.log.inspect_bytes as u64),
+            ("retry.max_attempts", u64::from(self.retry.max_attempts)),
+            ("retry.deadline_ms", self.retry.deadline_ms),
+            (
+                "retry.read_attempt_timeout_ms",
+                self.retry.read_attempt_timeout_ms,
+            ),
+            ("retry.budget_window_ms", self.retry.budget_window_ms),
+            (
+                "circuit_breaker.failure_threshold",
+                u64::from(self.circuit_breaker.failure_threshold),
+            ),
+            ("circuit_breaker.open_ms", self.circuit_breaker.open_ms),
+            (
+                "circuit_breaker.half_open_probes",
+                u64::from(self.circuit_breaker.half_open_probes),
+            ),
         ];
         for (key, value) in positive {
             if value == 0 {
@@ -369,6 +397,21 @@ impl Config {
             ));
         }
         upstream_base(&u.url).map_err(|m| ConfigError::new("upstream.url", m))?;
+        if self.retry.backoff_cap_ms < self.retry.backoff_base_ms {
+            return Err(ConfigError::new(
+                "retry.backoff_cap_ms",
+                "must be at least retry.backoff_base_ms",
+            ));
+        }
+        if self.retry.budget_window_ms < 1000 {
+            return Err(ConfigError::new(
+                "retry.budget_window_ms",
+                "must be at least 1000",
+            ));
+        }
+        for (i, route) in self.routes.iter().enumerate() {
+            route.validate(&format!("routes[{i}]"))?;
+        }
 
         if self.profiles.is_empty() {
             return Err(ConfigError::new(

@@ -36,6 +36,8 @@ pub enum GatewayError {
     UpstreamTimeout(u64),
     #[error("upstream connection failed")]
     UpstreamFailed,
+    #[error("upstream circuit open after repeated failures; retry later")]
+    CircuitOpen { retry_after: std::time::Duration },
 }
 
 impl GatewayError {
@@ -48,6 +50,7 @@ impl GatewayError {
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UpstreamConnect | Self::UpstreamFailed => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::CircuitOpen { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -64,12 +67,21 @@ impl GatewayError {
             Self::UpstreamConnect => "upstream_connect",
             Self::UpstreamTimeout(_) => "upstream_timeout",
             Self::UpstreamFailed => "upstream_failed",
+            Self::CircuitOpen { .. } => "circuit_open",
         }
     }
 
     /// The answer the caller gets: status and envelope body.
     pub fn to_response(&self, request_id: &str) -> Response<Bytes> {
-        envelope_response(self.status(), request_id, &self.to_string())
+        let mut response = envelope_response(self.status(), request_id, &self.to_string());
+        if let Self::CircuitOpen { retry_after } = self {
+            // Whole seconds, rounded up, and never 0 (which invites a hot loop).
+            let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        }
+        response
     }
 }
 
@@ -108,6 +120,16 @@ mod tests {
     }
 
     #[test]
+    fn circuit_open_says_when_to_come_back() {
+        let r = GatewayError::CircuitOpen {
+            retry_after: std::time::Duration::from_millis(1500),
+        }
+        .to_response("id");
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "2");
+    }
+
+    #[test]
     fn each_error_has_its_status() {
         use GatewayError::*;
         let cases = [
@@ -121,6 +143,12 @@ mod tests {
             (UpstreamConnect, 502),
             (UpstreamFailed, 502),
             (UpstreamTimeout(5), 504),
+            (
+                CircuitOpen {
+                    retry_after: std::time::Duration::from_millis(1500),
+                },
+                503,
+            ),
         ];
         for (e, status) in cases {
             assert_eq!(e.status().as_u16(), status, "{e:?}");

@@ -12,6 +12,7 @@
 
 pub mod access_log;
 pub mod body;
+pub mod breaker;
 pub mod cli;
 pub mod config;
 pub mod demo;
@@ -21,6 +22,8 @@ pub mod headers;
 pub mod ids;
 pub mod profiles;
 pub mod proxy;
+pub mod retry;
+pub mod routes;
 pub mod sandbox;
 pub mod secret;
 pub mod server;

@@ -11,19 +11,24 @@
 //! or the gateway's own envelope built from a [`GatewayError`].
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use http::header::{self, HeaderMap};
 use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
+use tokio::time::Instant;
 
 use crate::access_log::{AccessLog, AccessRecord};
 use crate::body::{self, BodyTooLarge, ResponseBody, UpstreamBody};
+use crate::breaker::{Breaker, State as BreakerState};
 use crate::config::{ConfigError, Loaded, SigningConfig};
+use crate::envelope;
 use crate::error::GatewayError;
 use crate::headers::{self, X_PANDAGATE_PROFILE, X_REQUEST_ID};
 use crate::ids;
 use crate::profiles::{Profile, Profiles};
+use crate::retry::{self, Attempt, Budget, Decision, Outcome, RetryConfig};
+use crate::routes::{Class, Routes};
 use crate::signer;
 use crate::upstream::Upstream;
 
@@ -31,11 +36,16 @@ use crate::upstream::Upstream;
 const MAX_REQUEST_ID_LEN: usize = 128;
 
 /// Shared by every connection (behind an `Arc`): nothing in it is per-caller.
+/// The retry budget and the circuit breaker are process-wide on purpose.
 #[derive(Debug)]
 pub struct Gateway {
     upstream: Upstream,
     profiles: Profiles,
+    routes: Routes,
     signing: SigningConfig,
+    retry: RetryConfig,
+    budget: Budget,
+    breaker: Breaker,
     max_body: u64,
     buffer_body: u64,
     request_timeout: Duration,
@@ -43,13 +53,24 @@ pub struct Gateway {
     access_log: AccessLog,
 }
 
+/// One upstream attempt's result: the answer the caller would get.
+type Answer = Result<Response<ResponseBody>, GatewayError>;
+
 impl Gateway {
     pub fn new(loaded: &Loaded, access_log: AccessLog) -> Result<Gateway, ConfigError> {
         let c = &loaded.config;
         Ok(Gateway {
             upstream: Upstream::new(&c.upstream)?,
             profiles: Profiles::new(loaded.profiles.clone(), &c.default_profile),
+            routes: Routes::new(&c.routes),
             signing: c.signing.clone(),
+            retry: c.retry.clone(),
+            budget: Budget::new(
+                c.retry.budget_percent,
+                c.retry.budget_min_per_sec,
+                Duration::from_millis(c.retry.budget_window_ms),
+            ),
+            breaker: Breaker::new(c.circuit_breaker.clone()),
             max_body: c.server.max_request_body_bytes,
             buffer_body: c.server.buffer_body_bytes,
             request_timeout: Duration::from_millis(c.upstream.request_timeout_ms),
@@ -62,6 +83,10 @@ impl Gateway {
         &self.access_log
     }
 
+    pub fn breaker(&self) -> &Breaker {
+        &self.breaker
+    }
+
     /// Answers one call. Never fails: errors become envelopes.
     pub async fn handle(&self, req: Request<Incoming>) -> Response<ResponseBody> {
         let gateway_id = ids::request_id();
@@ -69,7 +94,7 @@ impl Gateway {
             HeaderValue::from_str(&gateway_id).expect("hex is a valid header value")
         });
         let mut record = AccessRecord {
-            started: Instant::now(),
+            started: std::time::Instant::now(),
             method: req.method().clone(),
             path: req.uri().path().to_owned(),
             x_request_id: x_request_id.clone(),
@@ -77,6 +102,9 @@ impl Gateway {
             status: 0,
             upstream_status: None,
             attempts: 0,
+            class: None,
+            retry_reasons: Vec::new(),
+            retry_skipped: None,
             error: None,
             gateway_msg: None,
         };
@@ -84,7 +112,7 @@ impl Gateway {
         let (mut response, inspect) = match self.forward(req, &x_request_id, &mut record).await {
             Ok(response) => {
                 record.upstream_status = Some(response.status().as_u16());
-                (response.map(ResponseBody::upstream), self.inspect_bytes)
+                (response, self.inspect_bytes)
             }
             Err(e) => {
                 record.error = Some(e.kind());
@@ -105,7 +133,7 @@ impl Gateway {
         req: Request<Incoming>,
         x_request_id: &HeaderValue,
         record: &mut AccessRecord,
-    ) -> Result<Response<Incoming>, GatewayError> {
+    ) -> Answer {
         // Request filter: refuse what must never be forwarded.
         self.upstream.check_target(&req)?;
 
@@ -118,8 +146,12 @@ impl Gateway {
             .user_id(req.headers().get(headers::USER_ID))?
             .cloned();
 
+        // Route: may this call be sent twice?
+        let route = self.routes.route(req.uri().path());
+        record.class = Some(route.class);
+
         // Body: small bodies are read whole, so an over-limit body is refused
-        // before anything is sent.
+        // before anything is sent, and the bytes can be sent again.
         let (parts, incoming) = req.into_parts();
         let declared = content_length(&parts.headers)?;
         let body = body::read_request(incoming, declared, self.buffer_body, self.max_body).await?;
@@ -134,14 +166,177 @@ impl Gateway {
             headers.insert(headers::USER_ID, user_id);
         }
         let uri = self.upstream.uri_for(&parts.uri)?;
-        let mut upstream_req = Request::new(body);
-        *upstream_req.method_mut() = parts.method;
-        *upstream_req.uri_mut() = uri;
-        *upstream_req.headers_mut() = headers;
 
-        record.attempts += 1;
-        self.sign(profile, upstream_req.headers_mut());
-        self.send(upstream_req).await
+        // Attempts: each one admitted by the breaker and signed afresh; the
+        // retry policy decides whether another follows.
+        let deadline = Instant::now() + Duration::from_millis(self.retry.deadline_ms);
+        let max_attempts = route.max_attempts.unwrap_or(self.retry.max_attempts);
+        let attempt_timeout = Duration::from_millis(route.attempt_timeout_ms.unwrap_or(
+            if route.class.repeatable() && max_attempts > 1 {
+                self.retry
+                    .read_attempt_timeout_ms
+                    .min(self.request_timeout.as_millis() as u64)
+            } else {
+                self.request_timeout.as_millis() as u64
+            },
+        ));
+        let replay = body.replay();
+        let mut first_body = Some(body);
+        self.budget.record_first(Instant::now());
+
+        for number in 1..=max_attempts {
+            let permit = match self.breaker.admit(Instant::now()) {
+                Ok(permit) => permit,
+                Err(retry_after) => {
+                    if number > 1 {
+                        record.retry_skipped = Some("circuit_open");
+                    }
+                    return Err(GatewayError::CircuitOpen { retry_after });
+                }
+            };
+            let body = match first_body.take() {
+                Some(body) => body,
+                None => replay
+                    .as_ref()
+                    .and_then(UpstreamBody::replay)
+                    .expect("the retry policy repeats only calls whose body can be replayed"),
+            };
+            let mut upstream_req = Request::new(body);
+            *upstream_req.method_mut() = parts.method.clone();
+            *upstream_req.uri_mut() = uri.clone();
+            *upstream_req.headers_mut() = headers.clone();
+            self.sign(profile, upstream_req.headers_mut());
+            record.attempts = number;
+
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let (outcome, answer) = self
+                .attempt(upstream_req, attempt_timeout.min(remaining), route.class)
+                .await;
+            self.breaker
+                .record(permit, health(&outcome), Instant::now());
+            tracing::debug!(attempt = number, ?outcome, path = %parts.uri.path(), "upstream attempt");
+
+            let attempt = Attempt {
+                class: route.class,
+                number,
+                max_attempts,
+                replayable: replay.is_some(),
+                remaining: deadline.saturating_duration_since(Instant::now()),
+            };
+            let backoff = retry::backoff(
+                number,
+                Duration::from_millis(self.retry.backoff_base_ms),
+                Duration::from_millis(self.retry.backoff_cap_ms),
+                &mut rand::rng(),
+            );
+            match retry::decide(&outcome, attempt, backoff) {
+                Decision::Retry { reason, wait } => {
+                    if self.breaker.state() == BreakerState::Open {
+                        record.retry_skipped = Some("circuit_open");
+                        return answer;
+                    }
+                    if !self.budget.try_retry(Instant::now()) {
+                        record.retry_skipped = Some("budget");
+                        return answer;
+                    }
+                    record.retry_reasons.push(reason);
+                    // Dropping an unread answer closes its connection; the
+                    // pool opens another if needed.
+                    drop(answer);
+                    tokio::time::sleep(wait).await;
+                }
+                Decision::Done { skipped } => {
+                    record.retry_skipped = skipped;
+                    return answer;
+                }
+            }
+        }
+        unreachable!("the retry policy stops at max_attempts")
+    }
+
+    /// Sends one attempt and says how it went.
+    async fn attempt(
+        &self,
+        req: Request<UpstreamBody>,
+        timeout: Duration,
+        class: Class,
+    ) -> (Outcome, Answer) {
+        let exchange = async {
+            let mut response = match self.upstream.client.request(req).await {
+                Ok(response) => response,
+                Err(e) => {
+                    let error = classify(&e, self.max_body);
+                    let outcome = match error {
+                        GatewayError::UpstreamConnect => Outcome::ConnectFailed,
+                        GatewayError::BodyTooLarge { .. } => Outcome::Refused,
+                        _ => Outcome::Dropped,
+                    };
+                    return (outcome, Err(error));
+                }
+            };
+            // Response filter: connection-level headers stay on their hop.
+            headers::strip_hop_by_hop(response.headers_mut());
+            let status = response.status().as_u16();
+            let retry_after = matches!(status, 429 | 503)
+                .then(|| response.headers().get(header::RETRY_AFTER))
+                .flatten()
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| retry::parse_retry_after(v, SystemTime::now()));
+            let outcome = Outcome::Response {
+                status,
+                retry_after,
+            };
+            if class.repeatable()
+                && response.status().is_success()
+                && !self.retry.transient_codes.is_empty()
+            {
+                return self.look_for_transient_code(response, outcome).await;
+            }
+            (outcome, Ok(response.map(ResponseBody::upstream)))
+        };
+        match tokio::time::timeout(timeout, exchange).await {
+            Ok(result) => result,
+            Err(_) => (
+                Outcome::TimedOut,
+                Err(GatewayError::UpstreamTimeout(timeout.as_millis() as u64)),
+            ),
+        }
+    }
+
+    /// Reads the start of a read's 2xx body to see whether its `code` is one
+    /// of `retry.transient_codes`. A body longer than `log.inspect_bytes` is
+    /// not judged (and so not retried on its code): it streams on.
+    async fn look_for_transient_code(
+        &self,
+        response: Response<Incoming>,
+        outcome: Outcome,
+    ) -> (Outcome, Answer) {
+        let (parts, incoming) = response.into_parts();
+        match body::read_prefix(incoming, self.inspect_bytes).await {
+            Err(_) => (Outcome::Dropped, Err(GatewayError::UpstreamFailed)),
+            Ok((chunks, Some(rest))) => (
+                outcome,
+                Ok(Response::from_parts(
+                    parts,
+                    ResponseBody::upstream_after(chunks, rest),
+                )),
+            ),
+            Ok((chunks, None)) => {
+                let whole = body::join(chunks);
+                let code = envelope::inspect(&whole).code;
+                let outcome = match code {
+                    Some(code) if self.retry.is_transient(&code) => Outcome::TransientCode(
+                        code.as_str()
+                            .map_or_else(|| code.to_string(), str::to_owned),
+                    ),
+                    _ => outcome,
+                };
+                (
+                    outcome,
+                    Ok(Response::from_parts(parts, ResponseBody::local(whole))),
+                )
+            }
+        }
     }
 
     /// Adds `access-key`, `timestamp`, `nonce-str` and `signature`, fresh for
@@ -173,22 +368,15 @@ impl Gateway {
         );
         headers.insert(headers::SIGNATURE, signature);
     }
+}
 
-    async fn send(&self, req: Request<UpstreamBody>) -> Result<Response<Incoming>, GatewayError> {
-        let sent =
-            tokio::time::timeout(self.request_timeout, self.upstream.client.request(req)).await;
-        let mut response = match sent {
-            Err(_) => {
-                return Err(GatewayError::UpstreamTimeout(
-                    self.request_timeout.as_millis() as u64,
-                ));
-            }
-            Ok(Err(e)) => return Err(classify(&e, self.max_body)),
-            Ok(Ok(response)) => response,
-        };
-        // Response filter: connection-level headers stay on their hop.
-        headers::strip_hop_by_hop(response.headers_mut());
-        Ok(response)
+/// What an outcome says about the provider's health, for the breaker.
+fn health(outcome: &Outcome) -> Option<bool> {
+    match outcome {
+        Outcome::Response { status: 429, .. } | Outcome::TransientCode(_) | Outcome::Refused => {
+            None
+        }
+        other => Some(!other.is_failure()),
     }
 }
 

@@ -138,7 +138,14 @@ async fn gateway_answers_are_logged_with_their_error_kind() {
     assert_eq!(e["status"], 502);
     assert!(e["upstream_status"].is_null());
     assert_eq!(e["error"], "upstream_connect");
-    assert_eq!(e["attempts"], 1);
+    // Nothing reached the provider, so even an order create was tried again.
+    assert_eq!(e["class"], "write");
+    assert_eq!(e["attempts"], 3);
+    assert_eq!(
+        e["retry_reasons"],
+        serde_json::json!(["connect", "connect"])
+    );
+    assert_eq!(e["retry_skipped"], "max_attempts");
     assert_eq!(
         e["x_request_id"],
         answer.headers["x-request-id"].to_str().unwrap()

@@ -1,0 +1,384 @@
+//! The endpoint catalogue: may a call be sent twice?
+//!
+//! The HTTP method does not tell (searches and previews are POST; refund
+//! cancel and the 1688 pay URL are GETs that change state), so every path is
+//! classified by name, from `shared/PANDAPON.md`:
+//!
+//! * `read`: safe to send twice;
+//! * `write`: sending twice may buy, pay, cancel or submit twice;
+//! * `unknown`: not in the catalogue, and treated exactly like `write`.
+//!
+//! v2 paths map onto v1 names (`/v2/taobao/x` ↔ `/open/x`, `/v2/alibaba/x` ↔
+//! `/alibaba/x`), and `{param}` segments match any one segment. Matching is
+//! exact: a path spelled any other way (`//`, a trailing `/`, `..`) is
+//! `unknown`, so a misspelling can only make a call less retryable, never
+//! more. Config `[[routes]]` entries (exact `path` or `prefix`, longest match
+//! first) override the class and retry settings.
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Whether a call may be repeated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Class {
+    Read,
+    Write,
+    Unknown,
+}
+
+impl Class {
+    /// Only reads are ever sent twice once a byte may have reached the provider.
+    pub fn repeatable(self) -> bool {
+        self == Class::Read
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Class::Read => "read",
+            Class::Write => "write",
+            Class::Unknown => "unknown",
+        }
+    }
+}
+
+use Class::{Read, Write};
+
+/// Paths named in `shared/PANDAPON.md`, in their v1 form.
+const CATALOGUE: &[(&str, Class)] = &[
+    // Taobao goods
+    ("/open/product/get", Read),
+    // Taobao orders
+    ("/open/order", Write),
+    ("/open/order/logistics/detail/get", Read),
+    // Taobao carts
+    ("/open/cart/add", Write),
+    ("/open/cart/create/order", Write),
+    // Taobao after-sales
+    ("/open/order/refund/render", Read),
+    ("/open/order/refund/query", Read),
+    ("/open/order/refund/submit/message", Write),
+    ("/open/order/refund/cancel/{refundId}", Write),
+    // 1688 goods
+    ("/alibaba/product/detail/get", Read),
+    ("/alibaba/product/keywords/query", Read),
+    ("/alibaba/product/query/selleroffer", Read),
+    ("/alibaba/product/image/query", Read),
+    ("/alibaba/product/openuid/decrypt", Read),
+    // 1688 orders
+    ("/alibaba/order/create/preview", Read),
+    ("/alibaba/order/create/previewbatch", Read),
+    ("/alibaba/order/create", Write),
+    ("/alibaba/order/batch/create", Write),
+    ("/alibaba/order/detail", Read),
+    ("/alibaba/order/page", Read),
+    ("/alibaba/order/cancel", Write),
+    ("/alibaba/order/batch/submit/to/pay", Write),
+    ("/alibaba/order/pay/url", Write),
+    // 1688 carts
+    ("/alibaba/cart/create/order", Write),
+    ("/alibaba/cart/list", Read),
+    // 1688 after-sales
+    ("/alibaba/refund/goods/return", Write),
+];
+
+/// The v1 spelling of a path, borrowing when it already is one.
+fn v1_form(path: &str) -> (&'static str, &str) {
+    if let Some(rest) = path.strip_prefix("/v2/taobao/") {
+        ("/open/", rest)
+    } else if let Some(rest) = path.strip_prefix("/v2/alibaba/") {
+        ("/alibaba/", rest)
+    } else {
+        ("", path)
+    }
+}
+
+/// The built-in catalogue: exact paths in a map, parameterised ones in a list.
+#[derive(Debug)]
+pub struct Catalogue {
+    exact: HashMap<&'static str, Class>,
+    patterns: Vec<(Vec<&'static str>, Class)>,
+}
+
+impl Default for Catalogue {
+    fn default() -> Self {
+        let mut exact = HashMap::new();
+        let mut patterns = Vec::new();
+        for &(path, class) in CATALOGUE {
+            if path.contains('{') {
+                patterns.push((path.split('/').collect(), class));
+            } else {
+                exact.insert(path, class);
+            }
+        }
+        Catalogue { exact, patterns }
+    }
+}
+
+impl Catalogue {
+    pub fn classify(&self, path: &str) -> Class {
+        let (prefix, rest) = v1_form(path);
+        let lookup = |p: &str| {
+            self.exact.get(p).copied().or_else(|| {
+                self.patterns
+                    .iter()
+                    .find(|(pattern, _)| segments_match(pattern, p))
+                    .map(|(_, class)| *class)
+            })
+        };
+        let found = if prefix.is_empty() {
+            lookup(rest)
+        } else {
+            let mut v1 = String::with_capacity(prefix.len() + rest.len());
+            v1.push_str(prefix);
+            v1.push_str(rest);
+            lookup(&v1)
+        };
+        found.unwrap_or(Class::Unknown)
+    }
+}
+
+fn segments_match(pattern: &[&str], path: &str) -> bool {
+    let mut segments = path.split('/');
+    for want in pattern {
+        match segments.next() {
+            Some(got) if want.starts_with('{') => {
+                if got.is_empty() {
+                    return false;
+                }
+            }
+            Some(got) if got == *want => {}
+            _ => return false,
+        }
+    }
+    segments.next().is_none()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn class(path: &str) -> Class {
+        Catalogue::default().classify(path)
+    }
+
+    #[test]
+    fn reads_and_writes_from_the_manual() {
+        assert_eq!(class("/open/product/get"), Class::Read);
+        assert_eq!(class("/open/order"), Class::Write);
+        assert_eq!(class("/alibaba/order/create"), Class::Write);
+        assert_eq!(class("/alibaba/order/create/preview"), Class::Read);
+        assert_eq!(class("/alibaba/order/pay/url"), Class::Write);
+        assert_eq!(class("/alibaba/product/keywords/query"), Class::Read);
+    }
+
+    #[test]
+    fn v2_paths_take_their_v1_class() {
+        assert_eq!(class("/v2/taobao/order/refund/render"), Class::Read);
+        assert_eq!(class("/v2/taobao/order/refund/query"), Class::Read);
+        assert_eq!(class("/v2/alibaba/order/page"), Class::Read);
+        assert_eq!(class("/v2/alibaba/cart/list"), Class::Read);
+        assert_eq!(class("/v2/alibaba/order/create"), Class::Write);
+        assert_eq!(class("/v2/taobao/product/get"), Class::Read);
+    }
+
+    #[test]
+    fn path_parameters_match_one_segment() {
+        assert_eq!(class("/open/order/refund/cancel/R123"), Class::Write);
+        assert_eq!(class("/v2/taobao/order/refund/cancel/R123"), Class::Write);
+        assert_eq!(class("/open/order/refund/cancel/"), Class::Unknown);
+        assert_eq!(class("/open/order/refund/cancel/R1/x"), Class::Unknown);
+    }
+
+    #[test]
+    fn anything_else_is_unknown_and_never_repeatable() {
+        for p in [
+            "/",
+            "/open/product/get/",
+            "/open//product/get",
+            "/open/product/get/../../order",
+            "/OPEN/PRODUCT/GET",
+            "/alibaba/order/create/preview/x",
+            "/something/new",
+        ] {
+            assert_eq!(class(p), Class::Unknown, "{p}");
+            assert!(!class(p).repeatable());
+        }
+        assert!(Class::Read.repeatable());
+        assert!(!Class::Write.repeatable());
+    }
+}
+
+/// A `[[routes]]` entry: overrides for one path or a family of paths.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// The exact path (no query) this entry applies to...
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// ...or every path that starts with this. The longest match wins.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    /// `read`, `write` or `unknown` (treated as write), replacing the catalogue's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub class: Option<Class>,
+    /// Replaces `retry.max_attempts` for these paths.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
+    /// Replaces the per-attempt timeout for these paths, in milliseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attempt_timeout_ms: Option<u64>,
+}
+
+impl RouteConfig {
+    fn pattern(&self) -> &str {
+        self.path
+            .as_deref()
+            .or(self.prefix.as_deref())
+            .unwrap_or("")
+    }
+
+    fn matches(&self, path: &str) -> bool {
+        match (&self.path, &self.prefix) {
+            (Some(exact), _) => exact == path,
+            (None, Some(prefix)) => path.starts_with(prefix.as_str()),
+            (None, None) => false,
+        }
+    }
+
+    /// Checks one entry; `key` names it in errors.
+    pub fn validate(&self, key: &str) -> Result<(), crate::config::ConfigError> {
+        use crate::config::ConfigError;
+        match (&self.path, &self.prefix) {
+            (Some(_), Some(_)) | (None, None) => {
+                return Err(ConfigError::new(key, "set exactly one of path and prefix"));
+            }
+            _ => {}
+        }
+        if !self.pattern().starts_with('/') {
+            return Err(ConfigError::new(key, "path and prefix must start with /"));
+        }
+        if self.max_attempts == Some(0) {
+            return Err(ConfigError::new(
+                format!("{key}.max_attempts"),
+                "must be greater than 0",
+            ));
+        }
+        if self.attempt_timeout_ms == Some(0) {
+            return Err(ConfigError::new(
+                format!("{key}.attempt_timeout_ms"),
+                "must be greater than 0",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What the gateway knows about a path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Route {
+    pub class: Class,
+    pub max_attempts: Option<u32>,
+    pub attempt_timeout_ms: Option<u64>,
+}
+
+/// The catalogue plus config overrides.
+#[derive(Debug, Default)]
+pub struct Routes {
+    catalogue: Catalogue,
+    /// Longest pattern first; for equal lengths, exact paths first.
+    overrides: Vec<RouteConfig>,
+}
+
+impl Routes {
+    pub fn new(overrides: &[RouteConfig]) -> Routes {
+        let mut overrides = overrides.to_vec();
+        overrides.sort_by_key(|r| (std::cmp::Reverse(r.pattern().len()), r.path.is_none()));
+        Routes {
+            catalogue: Catalogue::default(),
+            overrides,
+        }
+    }
+
+    pub fn route(&self, path: &str) -> Route {
+        let entry = self.overrides.iter().find(|r| r.matches(path));
+        Route {
+            class: entry
+                .and_then(|r| r.class)
+                .unwrap_or_else(|| self.catalogue.classify(path)),
+            max_attempts: entry.and_then(|r| r.max_attempts),
+            attempt_timeout_ms: entry.and_then(|r| r.attempt_timeout_ms),
+        }
+    }
+}
+
+#[cfg(test)]
+mod override_tests {
+    use super::*;
+
+    fn entry(path: Option<&str>, prefix: Option<&str>, class: Class) -> RouteConfig {
+        RouteConfig {
+            path: path.map(Into::into),
+            prefix: prefix.map(Into::into),
+            class: Some(class),
+            ..RouteConfig::default()
+        }
+    }
+
+    #[test]
+    fn longest_match_wins_and_exact_beats_prefix() {
+        let routes = Routes::new(&[
+            entry(None, Some("/open/"), Class::Read),
+            entry(None, Some("/open/order/"), Class::Write),
+            entry(Some("/open/order/list"), None, Class::Read),
+            RouteConfig {
+                prefix: Some("/open/order/list".into()),
+                max_attempts: Some(9),
+                ..RouteConfig::default()
+            },
+        ]);
+        assert_eq!(routes.route("/open/foo").class, Class::Read);
+        assert_eq!(routes.route("/open/order/x").class, Class::Write);
+        let list = routes.route("/open/order/list");
+        assert_eq!(list.class, Class::Read);
+        assert_eq!(
+            list.max_attempts, None,
+            "exact entry wins over the equal-length prefix"
+        );
+        let more = routes.route("/open/order/listing");
+        assert_eq!(more.max_attempts, Some(9));
+        assert_eq!(more.class, Class::Unknown, "no class override: catalogue's");
+    }
+
+    #[test]
+    fn without_overrides_the_catalogue_decides() {
+        let routes = Routes::new(&[]);
+        assert_eq!(routes.route("/alibaba/order/create").class, Class::Write);
+        assert_eq!(routes.route("/alibaba/order/detail").class, Class::Read);
+    }
+
+    #[test]
+    fn entries_need_exactly_one_pattern() {
+        assert!(
+            entry(Some("/a"), Some("/b"), Class::Read)
+                .validate("routes[0]")
+                .is_err()
+        );
+        assert!(
+            entry(None, None, Class::Read)
+                .validate("routes[0]")
+                .is_err()
+        );
+        assert!(
+            entry(Some("a"), None, Class::Read)
+                .validate("routes[0]")
+                .is_err()
+        );
+        assert!(
+            entry(Some("/a"), None, Class::Read)
+                .validate("routes[0]")
+                .is_ok()
+        );
+    }
+}
