@@ -19,7 +19,10 @@ use tokio::time::Instant;
 pub struct BreakerConfig {
     /// `false` turns the breaker off.
     pub enabled: bool,
-    /// Consecutive failed attempts (connect failures, 5xx, timeouts) that open the circuit.
+    /// Consecutive failed attempts (connect failures, 5xx, timeouts) that
+    /// open the circuit. High enough that a provider failing a third of its
+    /// calls at random (0.3^20 ≈ 3.5e-11 per attempt) never trips it, low
+    /// enough that a real outage does within a moment at any load.
     pub failure_threshold: u32,
     /// How long the circuit stays open before probing, in milliseconds.
     pub open_ms: u64,
@@ -31,7 +34,7 @@ impl Default for BreakerConfig {
     fn default() -> Self {
         Self {
             enabled: true,
-            failure_threshold: 5,
+            failure_threshold: 20,
             open_ms: 10_000,
             half_open_probes: 1,
         }
