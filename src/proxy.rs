@@ -87,6 +87,10 @@ impl Gateway {
         &self.breaker
     }
 
+    pub fn budget(&self) -> &Budget {
+        &self.budget
+    }
+
     /// Answers one call. Never fails: errors become envelopes.
     pub async fn handle(&self, req: Request<Incoming>) -> Response<ResponseBody> {
         let gateway_id = ids::request_id();

@@ -219,6 +219,8 @@ pub struct Budget {
     percent: u64,
     min_per_sec: u64,
     buckets: Vec<Bucket>,
+    /// Retries refused because the budget was spent, since start.
+    refused: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -237,6 +239,7 @@ impl Budget {
             percent: u64::from(percent),
             min_per_sec: u64::from(min_per_sec),
             buckets: (0..seconds).map(|_| Bucket::default()).collect(),
+            refused: AtomicU64::new(0),
         }
     }
 
@@ -259,6 +262,11 @@ impl Budget {
         (bucket, second)
     }
 
+    /// Retries refused because the budget was spent, since start.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+
     /// Counts a first attempt.
     pub fn record_first(&self, now: Instant) {
         self.bucket(now).0.firsts.fetch_add(1, Ordering::Relaxed);
@@ -278,6 +286,7 @@ impl Budget {
         }
         let allowed = self.min_per_sec * window + firsts * self.percent / 100;
         if retries >= allowed {
+            self.refused.fetch_add(1, Ordering::Relaxed);
             return false;
         }
         bucket.retries.fetch_add(1, Ordering::Relaxed);
@@ -473,6 +482,7 @@ mod tests {
         }
         let more = (0..100).filter(|_| budget.try_retry(now)).count();
         assert_eq!(more, 20);
+        assert_eq!(budget.refused(), 90 + 80, "every refusal is counted");
     }
 
     #[tokio::test(start_paused = true)]
