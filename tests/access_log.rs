@@ -6,19 +6,16 @@ use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
 use support::*;
-use wiremock::matchers::{any, path};
+use wiremock::matchers::path;
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
 #[tokio::test]
 async fn logs_one_event_with_every_field_when_the_response_ends() {
-    let upstream = MockServer::start().await;
-    Mock::given(any())
-        .respond_with(ResponseTemplate::new(200).set_body_raw(
-            provider_body("4cfda0b725184ab8a1e3ee3b9051ec35", 200, "成功"),
-            "application/json",
-        ))
-        .mount(&upstream)
-        .await;
+    let upstream = upstream_answering(ResponseTemplate::new(200).set_body_raw(
+        provider_body("4cfda0b725184ab8a1e3ee3b9051ec35", 200, "成功"),
+        "application/json",
+    ))
+    .await;
     let gw = spawn_gateway(config(&upstream.uri())).await;
     let req = Request::post(gw.url("/alibaba/order/create?buyer=alice&phone=13800000000"))
         .header("x-request-id", "trace-abc")
@@ -54,14 +51,11 @@ async fn logs_one_event_with_every_field_when_the_response_ends() {
 
 #[tokio::test]
 async fn logs_business_errors_with_their_code() {
-    let upstream = MockServer::start().await;
-    Mock::given(any())
-        .respond_with(ResponseTemplate::new(200).set_body_raw(
-            provider_body("rid-busy", 5001, "系统繁忙"),
-            "application/json",
-        ))
-        .mount(&upstream)
-        .await;
+    let upstream = upstream_answering(ResponseTemplate::new(200).set_body_raw(
+        provider_body("rid-busy", 5001, "系统繁忙"),
+        "application/json",
+    ))
+    .await;
     let gw = spawn_gateway(config(&upstream.uri())).await;
     get(&gw.url("/open/product/get")).await;
     let e = &gw.access_log_of(1).await[0];
@@ -74,11 +68,8 @@ async fn logs_business_errors_with_their_code() {
 
 #[tokio::test]
 async fn logs_nulls_for_a_body_that_is_not_an_envelope() {
-    let upstream = MockServer::start().await;
-    Mock::given(any())
-        .respond_with(ResponseTemplate::new(503).set_body_string("<html>busy</html>"))
-        .mount(&upstream)
-        .await;
+    let upstream =
+        upstream_answering(ResponseTemplate::new(503).set_body_string("<html>busy</html>")).await;
     let gw = spawn_gateway(config(&upstream.uri())).await;
     let answer = get(&gw.url("/open/product/get")).await;
     assert_eq!(answer.status, 503);
@@ -155,14 +146,10 @@ async fn gateway_answers_are_logged_with_their_error_kind() {
 
 #[tokio::test]
 async fn exactly_one_event_per_call() {
-    let upstream = MockServer::start().await;
-    Mock::given(any())
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_raw(provider_body("r", 200, "ok"), "application/json"),
-        )
-        .mount(&upstream)
-        .await;
+    let upstream = upstream_answering(
+        ResponseTemplate::new(200).set_body_raw(provider_body("r", 200, "ok"), "application/json"),
+    )
+    .await;
     let gw = spawn_gateway(config(&upstream.uri())).await;
     let mut ids = Vec::new();
     for i in 0..20 {

@@ -8,8 +8,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::process::Command;
-use wiremock::matchers::any;
-use wiremock::{Mock, MockServer, ResponseTemplate};
+use wiremock::ResponseTemplate;
 
 const BIN: &str = env!("CARGO_BIN_EXE_pandagate");
 const SECRET: &str = "cli-secret-value-never-in-output";
@@ -198,14 +197,11 @@ fn demo_runs_green() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serves_from_the_environment_alone_and_never_logs_the_secret() {
-    let upstream = MockServer::start().await;
-    Mock::given(any())
-        .respond_with(ResponseTemplate::new(200).set_body_raw(
-            support::provider_body("rid-cli", 200, "ok"),
-            "application/json",
-        ))
-        .mount(&upstream)
-        .await;
+    let upstream = support::upstream_answering(ResponseTemplate::new(200).set_body_raw(
+        support::provider_body("rid-cli", 200, "ok"),
+        "application/json",
+    ))
+    .await;
     let mut child = Command::new(BIN)
         .env_clear()
         .env("PANDAPON_ACCESS_KEY", "ak-cli")

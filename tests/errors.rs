@@ -10,16 +10,10 @@ use http::Request;
 use http_body_util::Full;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use wiremock::matchers::any;
-use wiremock::{Mock, MockServer, ResponseTemplate};
+use wiremock::{MockServer, ResponseTemplate};
 
 async fn ok_upstream() -> MockServer {
-    let upstream = MockServer::start().await;
-    Mock::given(any())
-        .respond_with(ResponseTemplate::new(200).set_body_string("{}"))
-        .mount(&upstream)
-        .await;
-    upstream
+    upstream_answering(ResponseTemplate::new(200).set_body_string("{}")).await
 }
 
 #[tokio::test]
@@ -45,11 +39,7 @@ async fn chunked_body_over_the_limit_gets_413_before_anything_is_sent() {
     c.server.max_request_body_bytes = 1024;
     c.server.buffer_body_bytes = 1024;
     let gw = spawn_gateway(c).await;
-    let chunk = "x".repeat(600);
-    let raw = format!(
-        "POST /alibaba/product/image/query HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n\
-         258\r\n{chunk}\r\n258\r\n{chunk}\r\n0\r\n\r\n"
-    );
+    let raw = chunked_upload_1200("/alibaba/product/image/query");
     let answer = raw_exchange(gw.addr, raw.as_bytes()).await;
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     assert!(answer.contains(r#""code":413"#), "{answer}");
@@ -73,11 +63,7 @@ async fn streamed_body_over_the_limit_is_cut_off_with_413() {
     c.server.max_request_body_bytes = 1024;
     c.server.buffer_body_bytes = 256;
     let gw = spawn_gateway(c).await;
-    let chunk = "x".repeat(600);
-    let raw = format!(
-        "POST /alibaba/product/image/query HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n\
-         258\r\n{chunk}\r\n258\r\n{chunk}\r\n0\r\n\r\n"
-    );
+    let raw = chunked_upload_1200("/alibaba/product/image/query");
     let answer = raw_exchange(gw.addr, raw.as_bytes()).await;
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     let seen = upstream.await.unwrap();
@@ -110,11 +96,8 @@ async fn unreachable_upstream_gets_502() {
 
 #[tokio::test]
 async fn slow_upstream_gets_504() {
-    let upstream = MockServer::start().await;
-    Mock::given(any())
-        .respond_with(ResponseTemplate::new(200).set_delay(Duration::from_secs(3)))
-        .mount(&upstream)
-        .await;
+    let upstream =
+        upstream_answering(ResponseTemplate::new(200).set_delay(Duration::from_secs(3))).await;
     let mut c = config(&upstream.uri());
     c.upstream.request_timeout_ms = 200;
     let gw = spawn_gateway(c).await;

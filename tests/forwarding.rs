@@ -6,7 +6,7 @@ use bytes::Bytes;
 use http::{Method, Request};
 use http_body_util::Full;
 use support::*;
-use wiremock::matchers::{any, body_string, method, path, query_param};
+use wiremock::matchers::{body_string, method, path, query_param};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
 #[tokio::test]
@@ -44,11 +44,7 @@ async fn forwards_method_path_query_and_body_and_returns_the_answer_unchanged() 
 
 #[tokio::test]
 async fn forwards_every_method() {
-    let upstream = MockServer::start().await;
-    Mock::given(any())
-        .respond_with(ResponseTemplate::new(200))
-        .mount(&upstream)
-        .await;
+    let upstream = upstream_answering(ResponseTemplate::new(200)).await;
     let gw = spawn_gateway(config(&upstream.uri())).await;
     let methods = [
         Method::GET,
@@ -119,13 +115,10 @@ async fn drops_hop_by_hop_headers_both_ways_and_sets_host_to_the_upstream() {
 
 #[tokio::test]
 async fn returns_redirects_without_following_them() {
-    let upstream = MockServer::start().await;
-    Mock::given(any())
-        .respond_with(
-            ResponseTemplate::new(302).insert_header("location", "http://127.0.0.1:9/elsewhere"),
-        )
-        .mount(&upstream)
-        .await;
+    let upstream = upstream_answering(
+        ResponseTemplate::new(302).insert_header("location", "http://127.0.0.1:9/elsewhere"),
+    )
+    .await;
     let gw = spawn_gateway(config(&upstream.uri())).await;
     let answer = get(&gw.url("/alibaba/order/pay/url")).await;
     assert_eq!(answer.status, 302);
@@ -136,11 +129,7 @@ async fn returns_redirects_without_following_them() {
 
 #[tokio::test]
 async fn refuses_connect_and_foreign_absolute_targets_without_forwarding() {
-    let upstream = MockServer::start().await;
-    Mock::given(any())
-        .respond_with(ResponseTemplate::new(200))
-        .mount(&upstream)
-        .await;
+    let upstream = upstream_answering(ResponseTemplate::new(200)).await;
     let gw = spawn_gateway(config(&upstream.uri())).await;
     let attempts = [
         "CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n\r\n",
@@ -181,11 +170,7 @@ async fn accepts_absolute_form_naming_the_upstream_itself() {
 
 #[tokio::test]
 async fn passes_the_callers_x_request_id_or_makes_one() {
-    let upstream = MockServer::start().await;
-    Mock::given(any())
-        .respond_with(ResponseTemplate::new(200))
-        .mount(&upstream)
-        .await;
+    let upstream = upstream_answering(ResponseTemplate::new(200)).await;
     let gw = spawn_gateway(config(&upstream.uri())).await;
     let req = Request::get(gw.url("/a"))
         .header("x-request-id", "caller-id-123")

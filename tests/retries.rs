@@ -40,17 +40,7 @@ async fn post(gw: &TestGateway, target: &str, body: &'static str) -> Answer {
 
 #[tokio::test]
 async fn retries_503_on_reads_then_succeeds_with_fresh_signatures() {
-    let upstream = MockServer::start().await;
-    Mock::given(any())
-        .respond_with(ResponseTemplate::new(503))
-        .up_to_n_times(2)
-        .with_priority(1)
-        .mount(&upstream)
-        .await;
-    Mock::given(any())
-        .respond_with(envelope(200))
-        .mount(&upstream)
-        .await;
+    let upstream = upstream_failing_first(2, ResponseTemplate::new(503), envelope(200)).await;
     let gw = spawn_gateway(fast(&upstream.uri())).await;
 
     let answer = post(
@@ -88,11 +78,7 @@ async fn retries_503_on_reads_then_succeeds_with_fresh_signatures() {
 
 #[tokio::test]
 async fn never_repeats_order_create_answered_503() {
-    let upstream = MockServer::start().await;
-    Mock::given(any())
-        .respond_with(ResponseTemplate::new(503))
-        .mount(&upstream)
-        .await;
+    let upstream = upstream_answering(ResponseTemplate::new(503)).await;
     let gw = spawn_gateway(fast(&upstream.uri())).await;
     for target in [
         "/alibaba/order/create",
@@ -117,11 +103,7 @@ async fn never_repeats_order_create_answered_503() {
 
 #[tokio::test]
 async fn state_changing_gets_and_unknown_posts_are_not_repeated() {
-    let upstream = MockServer::start().await;
-    Mock::given(any())
-        .respond_with(ResponseTemplate::new(503))
-        .mount(&upstream)
-        .await;
+    let upstream = upstream_answering(ResponseTemplate::new(503)).await;
     let gw = spawn_gateway(fast(&upstream.uri())).await;
     assert_eq!(
         get(&gw.url("/open/order/refund/cancel/R-1")).await.status,
@@ -254,17 +236,12 @@ async fn retries_reads_dropped_after_sending() {
 
 #[tokio::test]
 async fn retries_a_read_whose_attempt_timed_out() {
-    let upstream = MockServer::start().await;
-    Mock::given(any())
-        .respond_with(envelope(200).set_delay(Duration::from_secs(5)))
-        .up_to_n_times(1)
-        .with_priority(1)
-        .mount(&upstream)
-        .await;
-    Mock::given(any())
-        .respond_with(envelope(200))
-        .mount(&upstream)
-        .await;
+    let upstream = upstream_failing_first(
+        1,
+        envelope(200).set_delay(Duration::from_secs(5)),
+        envelope(200),
+    )
+    .await;
     let mut c = fast(&upstream.uri());
     c.retry.read_attempt_timeout_ms = 200;
     let gw = spawn_gateway(c).await;
@@ -282,17 +259,12 @@ async fn retries_a_read_whose_attempt_timed_out() {
 
 #[tokio::test]
 async fn honours_retry_after_on_429_for_reads() {
-    let upstream = MockServer::start().await;
-    Mock::given(any())
-        .respond_with(ResponseTemplate::new(429).insert_header("retry-after", "1"))
-        .up_to_n_times(1)
-        .with_priority(1)
-        .mount(&upstream)
-        .await;
-    Mock::given(any())
-        .respond_with(envelope(200))
-        .mount(&upstream)
-        .await;
+    let upstream = upstream_failing_first(
+        1,
+        ResponseTemplate::new(429).insert_header("retry-after", "1"),
+        envelope(200),
+    )
+    .await;
     let gw = spawn_gateway(fast(&upstream.uri())).await;
     let started = Instant::now();
     let answer = get(&gw.url("/open/product/get")).await;
@@ -307,11 +279,8 @@ async fn honours_retry_after_on_429_for_reads() {
 
 #[tokio::test]
 async fn returns_429_at_once_when_retry_after_passes_the_deadline() {
-    let upstream = MockServer::start().await;
-    Mock::given(any())
-        .respond_with(ResponseTemplate::new(429).insert_header("retry-after", "120"))
-        .mount(&upstream)
-        .await;
+    let upstream =
+        upstream_answering(ResponseTemplate::new(429).insert_header("retry-after", "120")).await;
     let gw = spawn_gateway(fast(&upstream.uri())).await;
     let started = Instant::now();
     let answer = get(&gw.url("/open/product/get")).await;
@@ -361,11 +330,7 @@ async fn retries_transient_business_codes_on_reads_only() {
 
 #[tokio::test]
 async fn streamed_bodies_are_not_repeated_and_the_log_says_why() {
-    let upstream = MockServer::start().await;
-    Mock::given(any())
-        .respond_with(ResponseTemplate::new(503))
-        .mount(&upstream)
-        .await;
+    let upstream = upstream_answering(ResponseTemplate::new(503)).await;
     let mut c = fast(&upstream.uri());
     c.server.buffer_body_bytes = 1024;
     let gw = spawn_gateway(c).await;
@@ -386,11 +351,7 @@ async fn streamed_bodies_are_not_repeated_and_the_log_says_why() {
 
 #[tokio::test]
 async fn total_outage_bounds_attempts_and_respects_the_budget() {
-    let upstream = MockServer::start().await;
-    Mock::given(any())
-        .respond_with(ResponseTemplate::new(503))
-        .mount(&upstream)
-        .await;
+    let upstream = upstream_answering(ResponseTemplate::new(503)).await;
     let mut c = fast(&upstream.uri());
     c.retry.budget_percent = 20;
     c.retry.budget_min_per_sec = 1;
@@ -415,11 +376,7 @@ async fn total_outage_bounds_attempts_and_respects_the_budget() {
 
 #[tokio::test]
 async fn circuit_opens_fails_fast_and_closes_when_the_provider_recovers() {
-    let upstream = MockServer::start().await;
-    Mock::given(any())
-        .respond_with(ResponseTemplate::new(503))
-        .mount(&upstream)
-        .await;
+    let upstream = upstream_answering(ResponseTemplate::new(503)).await;
     let mut c = fast(&upstream.uri());
     c.retry.max_attempts = 1;
     c.circuit_breaker.enabled = true;

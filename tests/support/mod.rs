@@ -306,3 +306,42 @@ pub async fn read_message(stream: &mut TcpStream) -> String {
     let _ = tokio::time::timeout(Duration::from_secs(5), read).await;
     String::from_utf8_lossy(&buf).into_owned()
 }
+
+/// A fake provider answering every request with `answer`.
+pub async fn upstream_answering(answer: wiremock::ResponseTemplate) -> wiremock::MockServer {
+    let upstream = wiremock::MockServer::start().await;
+    wiremock::Mock::given(wiremock::matchers::any())
+        .respond_with(answer)
+        .mount(&upstream)
+        .await;
+    upstream
+}
+
+/// A fake provider answering the first `n` requests with `first`, then `then`.
+pub async fn upstream_failing_first(
+    n: u64,
+    first: wiremock::ResponseTemplate,
+    then: wiremock::ResponseTemplate,
+) -> wiremock::MockServer {
+    let upstream = wiremock::MockServer::start().await;
+    wiremock::Mock::given(wiremock::matchers::any())
+        .respond_with(first)
+        .up_to_n_times(n)
+        .with_priority(1)
+        .mount(&upstream)
+        .await;
+    wiremock::Mock::given(wiremock::matchers::any())
+        .respond_with(then)
+        .mount(&upstream)
+        .await;
+    upstream
+}
+
+/// A chunked upload of two 600-byte chunks (1200 bytes, no Content-Length).
+pub fn chunked_upload_1200(path: &str) -> String {
+    let chunk = "x".repeat(600);
+    format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n\
+         258\r\n{chunk}\r\n258\r\n{chunk}\r\n0\r\n\r\n"
+    )
+}
