@@ -218,19 +218,7 @@ async fn serves_from_the_environment_alone_and_never_logs_the_secret() {
         .unwrap();
     let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
     let mut seen_stderr = String::new();
-    let addr = tokio::time::timeout(Duration::from_secs(20), async {
-        while let Some(line) = stderr.next_line().await.unwrap() {
-            seen_stderr.push_str(&line);
-            seen_stderr.push('\n');
-            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-            if v["message"] == "gateway listening" {
-                return v["addr"].as_str().unwrap().to_owned();
-            }
-        }
-        panic!("gateway exited before listening: {seen_stderr}");
-    })
-    .await
-    .expect("gateway listens within 20 s");
+    let addr = wait_for_listening(&mut stderr, "gateway listening", &mut seen_stderr).await;
 
     let ok = support::get(&format!("http://{addr}/open/product/get")).await;
     assert_eq!(ok.status, 200);
@@ -291,8 +279,15 @@ async fn serves_from_the_environment_alone_and_never_logs_the_secret() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sandbox_command_checks_signatures() {
     let mut child = Command::new(BIN)
-        .args(["sandbox", "--listen", "127.0.0.1:0"])
+        .args([
+            "sandbox",
+            "--listen",
+            "127.0.0.1:0",
+            "--access-key",
+            support::ACCESS_KEY,
+        ])
         .env_clear()
+        .env("PANDAPON_ACCESS_SECRET", support::SECRET)
         .env("PANDAGATE_LOG_FORMAT", "json")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -300,17 +295,7 @@ async fn sandbox_command_checks_signatures() {
         .spawn()
         .unwrap();
     let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = tokio::time::timeout(Duration::from_secs(20), async {
-        while let Some(line) = stderr.next_line().await.unwrap() {
-            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-            if v["message"] == "sandbox listening" {
-                return v["addr"].as_str().unwrap().to_owned();
-            }
-        }
-        panic!("sandbox exited before listening");
-    })
-    .await
-    .expect("sandbox listens within 20 s");
+    let addr = wait_for_listening(&mut stderr, "sandbox listening", &mut String::new()).await;
 
     // Unsigned: a business error naming the missing header.
     let unsigned = support::get(&format!("http://{addr}/open/product/get"))
@@ -319,36 +304,36 @@ async fn sandbox_command_checks_signatures() {
     assert_eq!(unsigned["code"], 401);
     assert!(unsigned["msg"].as_str().unwrap().contains("missing header"));
 
-    // Through a gateway holding the demo credentials: accepted.
-    let mut c = support::config(&format!("http://{addr}"));
-    c.profiles.truncate(1);
-    c.profiles[0].access_key = Some(pandagate::sandbox::DEMO_ACCESS_KEY.into());
-    c.profiles[0].secret_env = Some("DEMO".into());
-    let loaded = pandagate::config::resolve(c, &|name: &str| {
-        (name == "DEMO").then(|| pandagate::sandbox::DEMO_SECRET.to_owned())
-    })
-    .unwrap();
-    let (log, _w) = pandagate::access_log::AccessLog::spawn(
-        pandagate::config::LogFormat::Json,
-        Box::new(std::io::sink()),
-    );
-    let gateway = pandagate::proxy::build(&loaded, log).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let gw_addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(pandagate::server::serve(
-        listener,
-        move |req| {
-            let gateway = gateway.clone();
-            async move { gateway.handle(req).await }
-        },
-        pandagate::server::ServerOptions::from(&loaded.config.server),
-        std::future::pending(),
-    ));
-    let signed = support::get(&format!("http://{gw_addr}/open/product/get?itemId=1"))
+    // Through a gateway holding the same credentials: accepted.
+    let gw = support::spawn_gateway(support::config(&format!("http://{addr}"))).await;
+    let signed = support::get(&gw.url("/open/product/get?itemId=1"))
         .await
         .json();
     assert_eq!(signed["code"], 200, "{signed}");
     assert_eq!(signed["msg"], "成功");
-    server.abort();
+    gw.stop().await;
     child.kill().await.unwrap();
+}
+
+/// Reads JSON diagnostic lines until `message`, returning its `addr`;
+/// everything read is appended to `seen`.
+async fn wait_for_listening(
+    stderr: &mut tokio::io::Lines<BufReader<tokio::process::ChildStderr>>,
+    message: &str,
+    seen: &mut String,
+) -> String {
+    let wait = async {
+        while let Some(line) = stderr.next_line().await.unwrap() {
+            seen.push_str(&line);
+            seen.push('\n');
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+            if v["message"] == message {
+                return v["addr"].as_str().unwrap().to_owned();
+            }
+        }
+        panic!("exited before {message:?}: {seen}");
+    };
+    tokio::time::timeout(Duration::from_secs(20), wait)
+        .await
+        .expect("listening within 20 s")
 }
