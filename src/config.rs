@@ -18,6 +18,7 @@ use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
 
 use crate::breaker::BreakerConfig;
+use crate::limiter::RateLimitConfig;
 use crate::retry::RetryConfig;
 use crate::routes::RouteConfig;
 use crate::secret::Secret;
@@ -46,6 +47,9 @@ pub struct Config {
     pub log: LogConfig,
     pub retry: RetryConfig,
     pub circuit_breaker: BreakerConfig,
+    /// The provider's quota; absent: no per-key limit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimitConfig>,
     /// Per-path overrides of the endpoint catalogue and retry settings.
     pub routes: Vec<RouteConfig>,
     /// Credential profiles; `PANDAPON_*` variables fill the one named `default`.
@@ -161,6 +165,7 @@ impl Default for Config {
             log: LogConfig::default(),
             retry: RetryConfig::default(),
             circuit_breaker: BreakerConfig::default(),
+            rate_limit: None,
             routes: Vec::new(),
             profiles: Vec::new(),
         }
@@ -408,6 +413,9 @@ impl Config {
                 "retry.budget_window_ms",
                 "must be at least 1000",
             ));
+        }
+        if let Some(rate_limit) = &self.rate_limit {
+            rate_limit.validate()?;
         }
         for (i, route) in self.routes.iter().enumerate() {
             route.validate(&format!("routes[{i}]"))?;

@@ -38,6 +38,8 @@ pub enum GatewayError {
     UpstreamFailed,
     #[error("upstream circuit open after repeated failures; retry later")]
     CircuitOpen { retry_after: std::time::Duration },
+    #[error("{0}; retry later")]
+    RateLimited(#[from] crate::limiter::RateLimited),
 }
 
 impl GatewayError {
@@ -51,6 +53,7 @@ impl GatewayError {
             Self::UpstreamConnect | Self::UpstreamFailed => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::CircuitOpen { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -68,21 +71,43 @@ impl GatewayError {
             Self::UpstreamTimeout(_) => "upstream_timeout",
             Self::UpstreamFailed => "upstream_failed",
             Self::CircuitOpen { .. } => "circuit_open",
+            Self::RateLimited(_) => "rate_limited",
         }
     }
 
     /// The answer the caller gets: status and envelope body.
     pub fn to_response(&self, request_id: &str) -> Response<Bytes> {
         let mut response = envelope_response(self.status(), request_id, &self.to_string());
-        if let Self::CircuitOpen { retry_after } = self {
-            // Whole seconds, rounded up, and never 0 (which invites a hot loop).
-            let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        let headers = response.headers_mut();
+        match self {
+            Self::CircuitOpen { retry_after } => {
+                headers.insert(header::RETRY_AFTER, whole_seconds(*retry_after));
+            }
+            Self::RateLimited(limited) => {
+                let reset = whole_seconds(limited.retry_after);
+                headers.insert(header::RETRY_AFTER, reset.clone());
+                headers.insert(
+                    RATELIMIT_LIMIT,
+                    HeaderValue::from(limited.limit.ceil() as u64),
+                );
+                headers.insert(RATELIMIT_REMAINING, HeaderValue::from_static("0"));
+                headers.insert(RATELIMIT_RESET, reset);
+            }
+            _ => {}
         }
         response
     }
+}
+
+const RATELIMIT_LIMIT: header::HeaderName = header::HeaderName::from_static("ratelimit-limit");
+const RATELIMIT_REMAINING: header::HeaderName =
+    header::HeaderName::from_static("ratelimit-remaining");
+const RATELIMIT_RESET: header::HeaderName = header::HeaderName::from_static("ratelimit-reset");
+
+/// Whole seconds, rounded up, and never 0 (which invites a hot loop).
+fn whole_seconds(d: std::time::Duration) -> HeaderValue {
+    let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    HeaderValue::from(secs.max(1))
 }
 
 /// A gateway-made envelope response with the given status and message.
@@ -127,6 +152,20 @@ mod tests {
         .to_response("id");
         assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(r.headers()[header::RETRY_AFTER], "2");
+    }
+
+    #[test]
+    fn rate_limited_carries_retry_after_and_ratelimit_headers() {
+        let r = GatewayError::RateLimited(crate::limiter::RateLimited {
+            retry_after: std::time::Duration::from_millis(2100),
+            limit: 50.0,
+        })
+        .to_response("id");
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "3");
+        assert_eq!(r.headers()["ratelimit-limit"], "50");
+        assert_eq!(r.headers()["ratelimit-remaining"], "0");
+        assert_eq!(r.headers()["ratelimit-reset"], "3");
     }
 
     #[test]

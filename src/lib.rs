@@ -20,6 +20,7 @@ pub mod envelope;
 pub mod error;
 pub mod headers;
 pub mod ids;
+pub mod limiter;
 pub mod profiles;
 pub mod proxy;
 pub mod retry;

@@ -22,6 +22,9 @@ pub struct Profile {
     pub user_id: Option<HeaderValue>,
     pub allowed_user_ids: Option<Vec<HeaderValue>>,
     pub selectable: bool,
+    /// Index of this profile's AccessKey among the distinct keys: profiles
+    /// sharing a key share its quota.
+    pub quota_key: usize,
 }
 
 impl Profile {
@@ -79,6 +82,7 @@ impl Profile {
             user_id,
             allowed_user_ids,
             selectable: p.selectable,
+            quota_key: 0,
         })
     }
 
@@ -105,19 +109,38 @@ impl Profile {
 pub struct Profiles {
     list: Vec<Arc<Profile>>,
     default: usize,
+    /// The distinct AccessKeys, indexed by `Profile::quota_key`.
+    quota_keys: Vec<Arc<str>>,
 }
 
 impl Profiles {
     /// `default` must name one of `list` (config validation guarantees it).
-    pub fn new(list: Vec<Profile>, default: &str) -> Profiles {
+    pub fn new(mut list: Vec<Profile>, default: &str) -> Profiles {
         let default = list
             .iter()
             .position(|p| &*p.name == default)
             .expect("validated: default profile exists");
+        let mut quota_keys: Vec<Arc<str>> = Vec::new();
+        for p in &mut list {
+            let key = p.access_key.to_str().unwrap_or_default();
+            p.quota_key = match quota_keys.iter().position(|k| &**k == key) {
+                Some(i) => i,
+                None => {
+                    quota_keys.push(Arc::from(key));
+                    quota_keys.len() - 1
+                }
+            };
+        }
         Profiles {
             list: list.into_iter().map(Arc::new).collect(),
             default,
+            quota_keys,
         }
+    }
+
+    /// The distinct AccessKeys; a profile's `quota_key` indexes this.
+    pub fn quota_keys(&self) -> &[Arc<str>] {
+        &self.quota_keys
     }
 
     pub fn default_profile(&self) -> &Arc<Profile> {
@@ -162,6 +185,7 @@ mod tests {
                     .collect()
             }),
             selectable,
+            quota_key: 0,
         }
     }
 
@@ -190,6 +214,22 @@ mod tests {
             p.select(Some(&hv("nope"))),
             Err(GatewayError::ProfileNotSelectable)
         ));
+    }
+
+    #[test]
+    fn profiles_sharing_an_access_key_share_a_quota_key() {
+        let mut other = profile("other", true, None);
+        other.access_key = HeaderValue::from_static("ak-2");
+        let p = Profiles::new(
+            vec![profile("a", false, None), other, profile("b", true, None)],
+            "a",
+        );
+        assert_eq!(p.quota_keys().len(), 2);
+        assert_eq!(p.get("a").unwrap().quota_key, p.get("b").unwrap().quota_key);
+        assert_ne!(
+            p.get("a").unwrap().quota_key,
+            p.get("other").unwrap().quota_key
+        );
     }
 
     #[test]

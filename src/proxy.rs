@@ -26,6 +26,7 @@ use crate::envelope;
 use crate::error::GatewayError;
 use crate::headers::{self, X_PANDAGATE_PROFILE, X_REQUEST_ID};
 use crate::ids;
+use crate::limiter::Limiter;
 use crate::profiles::{Profile, Profiles};
 use crate::retry::{self, Attempt, Budget, Decision, Outcome, RetryConfig};
 use crate::routes::{Class, Routes};
@@ -46,6 +47,7 @@ pub struct Gateway {
     retry: RetryConfig,
     budget: Budget,
     breaker: Breaker,
+    limiter: Limiter,
     max_body: u64,
     buffer_body: u64,
     request_timeout: Duration,
@@ -59,10 +61,18 @@ type Answer = Result<Response<ResponseBody>, GatewayError>;
 impl Gateway {
     pub fn new(loaded: &Loaded, access_log: AccessLog) -> Result<Gateway, ConfigError> {
         let c = &loaded.config;
+        let profiles = Profiles::new(loaded.profiles.clone(), &c.default_profile);
+        let routes = Routes::new(&c.routes);
+        let limiter = Limiter::new(
+            c.rate_limit.as_ref(),
+            profiles.quota_keys(),
+            routes.buckets(),
+        )?;
         Ok(Gateway {
             upstream: Upstream::new(&c.upstream)?,
-            profiles: Profiles::new(loaded.profiles.clone(), &c.default_profile),
-            routes: Routes::new(&c.routes),
+            profiles,
+            routes,
+            limiter,
             signing: c.signing.clone(),
             retry: c.retry.clone(),
             budget: Budget::new(
@@ -89,6 +99,10 @@ impl Gateway {
 
     pub fn budget(&self) -> &Budget {
         &self.budget
+    }
+
+    pub fn limiter(&self) -> &Limiter {
+        &self.limiter
     }
 
     /// Answers one call. Never fails: errors become envelopes.
@@ -198,6 +212,14 @@ impl Gateway {
                     return Err(GatewayError::CircuitOpen { retry_after });
                 }
             };
+            // Quota: every attempt counts, the provider sees each one.
+            if let Err(limited) = self.limiter.acquire(profile.quota_key, route.bucket).await {
+                self.breaker.record(permit, None, Instant::now());
+                if number > 1 {
+                    record.retry_skipped = Some("rate_limited");
+                }
+                return Err(limited.into());
+            }
             let body = match first_body.take() {
                 Some(body) => body,
                 None => replay

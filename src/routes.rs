@@ -19,6 +19,8 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::limiter::Rate;
+
 /// Whether a call may be repeated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -229,6 +231,13 @@ pub struct RouteConfig {
     /// Replaces the per-attempt timeout for these paths, in milliseconds.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub attempt_timeout_ms: Option<u64>,
+    /// A bucket of its own for these paths, per AccessKey, in requests per
+    /// second; calls pass it and then the key's `[rate_limit]` bucket.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_limit_per_second: Option<f64>,
+    /// Burst of that bucket; default one second's worth.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_limit_burst: Option<u32>,
 }
 
 impl RouteConfig {
@@ -271,7 +280,27 @@ impl RouteConfig {
                 "must be greater than 0",
             ));
         }
+        if self.rate_limit_burst == Some(0) {
+            return Err(ConfigError::new(
+                format!("{key}.rate_limit_burst"),
+                "must be greater than 0",
+            ));
+        }
+        if self.rate_limit_burst.is_some() && self.rate_limit_per_second.is_none() {
+            return Err(ConfigError::new(
+                format!("{key}.rate_limit_burst"),
+                "needs rate_limit_per_second",
+            ));
+        }
+        self.rate()
+            .transpose()
+            .map_err(|m| ConfigError::new(format!("{key}.rate_limit_per_second"), m))?;
         Ok(())
+    }
+
+    fn rate(&self) -> Option<Result<Rate, String>> {
+        self.rate_limit_per_second
+            .map(|r| Rate::new(r, self.rate_limit_burst))
     }
 }
 
@@ -281,34 +310,59 @@ pub struct Route {
     pub class: Class,
     pub max_attempts: Option<u32>,
     pub attempt_timeout_ms: Option<u64>,
+    /// The route's own rate-limit bucket, an index into [`Routes::buckets`].
+    pub bucket: Option<usize>,
 }
 
 /// The catalogue plus config overrides.
 #[derive(Debug, Default)]
 pub struct Routes {
     catalogue: Catalogue,
-    /// Longest pattern first; for equal lengths, exact paths first.
-    overrides: Vec<RouteConfig>,
+    /// Longest pattern first; for equal lengths, exact paths first; each
+    /// with its rate-limit bucket index, if it has one.
+    overrides: Vec<(RouteConfig, Option<usize>)>,
+    buckets: Vec<(String, Rate)>,
 }
 
 impl Routes {
     pub fn new(overrides: &[RouteConfig]) -> Routes {
-        let mut overrides = overrides.to_vec();
-        overrides.sort_by_key(|r| (std::cmp::Reverse(r.pattern().len()), r.path.is_none()));
+        let mut sorted = overrides.to_vec();
+        sorted.sort_by_key(|r| (std::cmp::Reverse(r.pattern().len()), r.path.is_none()));
+        let mut buckets = Vec::new();
+        let overrides = sorted
+            .into_iter()
+            .map(|r| {
+                let bucket = r.rate().and_then(Result::ok).map(|rate| {
+                    buckets.push((r.pattern().to_owned(), rate));
+                    buckets.len() - 1
+                });
+                (r, bucket)
+            })
+            .collect();
         Routes {
             catalogue: Catalogue::default(),
             overrides,
+            buckets,
         }
     }
 
+    /// The route rate-limit buckets: pattern and rate.
+    pub fn buckets(&self) -> &[(String, Rate)] {
+        &self.buckets
+    }
+
+    /// The best-matching entry decides everything it sets, including the
+    /// bucket: a shorter prefix's bucket does not apply under a longer entry.
     pub fn route(&self, path: &str) -> Route {
-        let entry = self.overrides.iter().find(|r| r.matches(path));
+        let entry = self.overrides.iter().find(|(r, _)| r.matches(path));
+        let config = entry.map(|(r, _)| r);
         Route {
-            class: entry
+            class: config
                 .and_then(|r| r.class)
                 .unwrap_or_else(|| self.catalogue.classify(path)),
-            max_attempts: entry.and_then(|r| r.max_attempts),
-            attempt_timeout_ms: entry.and_then(|r| r.attempt_timeout_ms),
+            max_attempts: config.and_then(|r| r.max_attempts),
+            attempt_timeout_ms: config.and_then(|r| r.attempt_timeout_ms),
+            bucket: entry.and_then(|(_, b)| *b),
         }
     }
 }
@@ -349,6 +403,23 @@ mod override_tests {
         let more = routes.route("/open/order/listing");
         assert_eq!(more.max_attempts, Some(9));
         assert_eq!(more.class, Class::Unknown, "no class override: catalogue's");
+    }
+
+    #[test]
+    fn route_buckets_belong_to_their_entry() {
+        let routes = Routes::new(&[
+            RouteConfig {
+                path: Some("/alibaba/order/create".into()),
+                rate_limit_per_second: Some(2.0),
+                ..RouteConfig::default()
+            },
+            entry(None, Some("/alibaba/"), Class::Read),
+        ]);
+        assert_eq!(routes.buckets().len(), 1);
+        assert_eq!(routes.buckets()[0].0, "/alibaba/order/create");
+        assert_eq!(routes.buckets()[0].1.per_second, 2.0);
+        assert_eq!(routes.route("/alibaba/order/create").bucket, Some(0));
+        assert_eq!(routes.route("/alibaba/order/detail").bucket, None);
     }
 
     #[test]

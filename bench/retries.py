@@ -1,0 +1,409 @@
+#!/usr/bin/env python3
+"""Retry correctness under a flaky provider.
+
+A fake provider on 127.0.0.1 fails a share of requests at random (503, a
+connection dropped after the request was read, or an answer slower than the
+gateway's attempt timeouts); C workers send N calls (70 % reads, 30 % order
+creates) through pandagate. The script checks that every call is answered and
+that no order create reached the provider twice, and reports how reads fared,
+the extra load retries put on the provider, and the gateway's own account
+(access log: retry_reasons, retry_skipped, attempts).
+
+    python3 bench/retries.py [--calls 10000] [--concurrency 64] [--failure 0.30]
+
+Python 3.11 standard library only. Talks only to 127.0.0.1. Exit 1 when a
+call got no answer or an order create was received twice or more.
+"""
+
+import argparse
+import http.client
+import json
+import os
+import random
+import shlex
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from datetime import datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WRITE_PATH = "/alibaba/order/create"
+HOLD_S = 1.5  # "timeout" outcome: longer than both attempt timeouts below
+GATEWAY_TOML = """\
+[upstream]
+request_timeout_ms = 1000
+
+[retry]
+read_attempt_timeout_ms = 300
+"""
+
+
+# --------------------------------------------------------------------------
+# Fake provider
+# --------------------------------------------------------------------------
+
+class Provider(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 512
+
+    def __init__(self, failure, seed):
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.failure = failure
+        self.rng = random.Random(seed)
+        self.lock = threading.Lock()
+        self.received = Counter()   # path class -> requests received
+        self.drawn = Counter()      # (class, outcome) -> count
+        self.order_ids = Counter()  # clientOrderId -> times received
+
+    def draw(self, cls, order_id):
+        with self.lock:
+            self.received[cls] += 1
+            if order_id is not None:
+                self.order_ids[order_id] += 1
+            r = self.rng.random()
+            if r >= self.failure:
+                outcome = "ok"
+            else:
+                outcome = ("503", "reset", "timeout")[min(2, int(r / self.failure * 3))]
+            self.drawn[(cls, outcome)] += 1
+            return outcome
+
+    def handle_error(self, request, client_address):
+        pass  # the gateway dropping a held connection is expected
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        self.serve()
+
+    def do_POST(self):
+        self.serve()
+
+    def serve(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        path = self.path.split("?", 1)[0]
+        cls = "write" if path == WRITE_PATH else "read"
+        order_id = None
+        if cls == "write":
+            try:
+                order_id = json.loads(body).get("clientOrderId")
+            except ValueError:
+                order_id = "<unparseable body>"
+        outcome = self.server.draw(cls, order_id)
+        if outcome == "reset":
+            # Request read in full, then an RST with no response at all.
+            self.close_connection = True
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.rfile.close()
+            self.wfile.close()
+            self.connection.close()
+            return
+        if outcome == "timeout":
+            time.sleep(HOLD_S)
+        status = 503 if outcome == "503" else 200
+        envelope = {"requestId": uuid.uuid4().hex, "code": status,
+                    "msg": "ok" if status == 200 else "service unavailable", "data": {}}
+        payload = json.dumps(envelope).encode()
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+        except OSError:
+            self.close_connection = True  # the gateway gave up on this attempt
+
+
+# --------------------------------------------------------------------------
+# Gateway
+# --------------------------------------------------------------------------
+
+def start_gateway(binary, work, upstream_port):
+    config = work / "pandagate.toml"
+    config.write_text(GATEWAY_TOML)
+    env = dict(os.environ,
+               PANDAPON_ACCESS_KEY="bench-key",
+               PANDAPON_ACCESS_SECRET="bench-secret",
+               PANDAGATE_LISTEN="127.0.0.1:0",
+               PANDAGATE_UPSTREAM=f"http://127.0.0.1:{upstream_port}",
+               PANDAGATE_LOG_FORMAT="json")
+    env.pop("RUST_LOG", None)
+    out = open(work / "access.log", "wb")
+    err = open(work / "gateway.err", "wb")
+    proc = subprocess.Popen([str(binary), "--config", str(config), "run"],
+                            stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env)
+    out.close()
+    err.close()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        for line in (work / "gateway.err").read_text(errors="replace").splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if event.get("message") == "gateway listening":
+                host, port = event["addr"].rsplit(":", 1)
+                return proc, int(port)
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    raise RuntimeError("gateway did not start:\n" + (work / "gateway.err").read_text(errors="replace"))
+
+
+def stop(proc, grace=25):
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+# --------------------------------------------------------------------------
+# Callers
+# --------------------------------------------------------------------------
+
+def plan_calls(n, seed):
+    rng = random.Random(seed)
+    plan = []
+    for i in range(n):
+        r = rng.random()
+        if r < 0.35:
+            plan.append(("read", "GET", f"/open/product/get?itemId={rng.randrange(10**11, 10**12)}", None))
+        elif r < 0.70:
+            body = json.dumps({"keyword": rng.choice(["cup", "lamp", "desk", "pen"]), "page": 1, "pageSize": 20})
+            plan.append(("read", "POST", "/alibaba/product/keywords/query", body))
+        else:
+            body = json.dumps({"clientOrderId": str(uuid.uuid4()), "quantity": 1})
+            plan.append(("write", "POST", WRITE_PATH, body))
+    return plan
+
+
+def run_calls(port, plan, concurrency, max_seconds):
+    results = [None] * len(plan)
+    next_index = iter(range(len(plan)))
+    index_lock = threading.Lock()
+    give_up = time.monotonic() + max_seconds
+
+    def worker():
+        conn = None
+        while time.monotonic() < give_up:
+            with index_lock:
+                i = next(next_index, None)
+            if i is None:
+                break
+            kind, method, target, body = plan[i]
+            headers = {"Content-Type": "application/json"} if body is not None else {}
+            started = time.monotonic()
+            try:
+                if conn is None:
+                    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=40)
+                conn.request(method, target, body=body, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                try:
+                    code = json.loads(data).get("code")
+                except (ValueError, AttributeError):
+                    code = None
+                results[i] = (kind, resp.status, code, time.monotonic() - started, None)
+            except (OSError, http.client.HTTPException) as e:
+                results[i] = (kind, None, None, time.monotonic() - started, type(e).__name__)
+                if conn is not None:
+                    conn.close()
+                conn = None
+        if conn is not None:
+            conn.close()
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=max(1.0, give_up - time.monotonic() + 45))
+    return results
+
+
+# --------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------
+
+def git_version():
+    try:
+        r = subprocess.run(["git", "describe", "--always", "--dirty=+uncommitted changes"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=10)
+        return f"git {r.stdout.strip() or '?'}"
+    except (OSError, subprocess.SubprocessError):
+        return "git ?"
+
+
+def pct(part, whole):
+    return f"{100.0 * part / whole:.2f} %" if whole else "n/a"
+
+
+def hist(counter):
+    if not counter:
+        return "none"
+    return ", ".join(f"`{k}`: {v}" for k, v in sorted(counter.items(), key=lambda kv: (-kv[1], str(kv[0]))))
+
+
+def quantile(values, q):
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def report(args, plan, results, provider, log_lines, circuit_opens, wall):
+    out = []
+    p = out.append
+    answered = [r for r in results if r is not None and r[1] is not None]
+    unanswered = [r for r in results if r is None or r[1] is None]
+    reads = [r for r in answered if r[0] == "read"]
+    writes = [r for r in answered if r[0] == "write"]
+    n_reads = sum(1 for c in plan if c[0] == "read")
+    n_writes = len(plan) - n_reads
+    read_ok = sum(1 for r in reads if r[1] == 200 and r[2] == 200)
+    dupes = {k: v for k, v in provider.order_ids.items() if v >= 2}
+    sent_ids = {json.loads(c[3])["clientOrderId"] for c in plan if c[0] == "write"}
+    never = len(sent_ids - set(provider.order_ids))
+    total_rx = sum(provider.received.values())
+
+    p(f"## pandagate retries bench: {len(plan)} calls, concurrency {args.concurrency}, failure {args.failure:.2f}")
+    p("")
+    p(f"- command: `{' '.join(shlex.quote(a) for a in ['python3'] + sys.argv)}` (nproc {len(os.sched_getaffinity(0))})")
+    p(f"- gateway: {git_version()}, config: upstream.request_timeout_ms 1000, retry.read_attempt_timeout_ms 300, "
+      f"other retry/breaker keys at defaults; provider holds 'timeout' requests {HOLD_S} s")
+    p(f"- wall time: {wall:.1f} s, {len(plan) / wall:.0f} calls/s")
+    p(f"- calls sent: {len(plan)}; answered: {len(answered)}; **no answer: {len(unanswered)}**"
+      + (f" ({hist(Counter(r[4] if r else 'not sent' for r in unanswered))})" if unanswered else ""))
+    p(f"- reads: {n_reads}; succeeded (HTTP 200, code 200): {read_ok} = **{pct(read_ok, n_reads)}**; "
+      f"other answers: {hist(Counter(r[1] for r in reads if not (r[1] == 200 and r[2] == 200)))}")
+    p(f"- writes: {n_writes}; HTTP 200: {sum(1 for r in writes if r[1] == 200)}; "
+      f"other statuses: {hist(Counter(r[1] for r in writes if r[1] != 200))}")
+    p(f"- **writes received twice or more by the provider: {len(dupes)}**"
+      + (f" (e.g. {list(dupes.items())[:5]})" if dupes else "")
+      + f"; writes never received: {never}")
+    p(f"- provider received: {total_rx} requests (read {provider.received['read']}, "
+      f"write {provider.received['write']}); extra load from retries: "
+      f"**{pct(total_rx - len(plan), len(plan))}** of calls")
+    for kind in ("read", "write"):
+        lat = [r[3] * 1000 for r in answered if r[0] == kind]
+        p(f"- {kind} latency ms: p50 {quantile(lat, 0.5):.1f}, p90 {quantile(lat, 0.9):.1f}, "
+          f"p99 {quantile(lat, 0.99):.1f}, max {max(lat, default=float('nan')):.1f}")
+    p("")
+    p("Injected by the fake provider (per request received):")
+    p("")
+    p("| class | ok | 503 | reset | timeout | failed share |")
+    p("|---|---|---|---|---|---|")
+    for cls in ("read", "write", "all"):
+        c = Counter()
+        for (k, o), v in provider.drawn.items():
+            if cls in (k, "all"):
+                c[o] += v
+        total = sum(c.values())
+        p(f"| {cls} | {c['ok']} | {c['503']} | {c['reset']} | {c['timeout']} | {pct(total - c['ok'], total)} |")
+    p("")
+    opens = ", ".join(f"+{t:.1f} s" for t in circuit_opens) or "never"
+    p(f"Gateway access log ({len(log_lines)} lines for {len(plan)} calls). "
+      f"Circuit opened {len(circuit_opens)} times ({opens}; the calls ended at +{wall:.1f} s); "
+      f"calls refused by the open circuit: {sum(1 for e in log_lines if e.get('error') == 'circuit_open')}")
+    p("")
+    for cls in ("read", "write"):
+        lines = [e for e in log_lines if e.get("class") == cls]
+        reasons = Counter(r for e in lines for r in e.get("retry_reasons") or [])
+        p(f"- {cls} ({len(lines)}): attempts {hist(Counter(e.get('attempts') for e in lines))}")
+        p(f"  - retry_reasons: {hist(reasons)}")
+        p(f"  - retry_skipped: {hist(Counter(e.get('retry_skipped') for e in lines if e.get('retry_skipped')))}")
+        p(f"  - status: {hist(Counter(e.get('status') for e in lines))}; "
+          f"error: {hist(Counter(e.get('error') for e in lines if e.get('error')))}")
+    other = [e for e in log_lines if e.get("class") not in ("read", "write")]
+    if other:
+        p(f"- other classes: {hist(Counter(e.get('class') for e in other))}")
+    ok = not unanswered and not dupes
+    p("")
+    p(f"**Result: {'PASS' if ok else 'FAIL'}** (every call answered, no order create received twice)")
+    return "\n".join(out), ok
+
+
+# --------------------------------------------------------------------------
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--calls", type=int, default=10000)
+    ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--failure", type=float, default=0.30, help="share of provider requests that fail")
+    ap.add_argument("--seed", type=int, default=None, help="seed for the call plan and the fake (default: random)")
+    ap.add_argument("--max-seconds", type=float, default=600, help="stop sending calls after this long")
+    ap.add_argument("--no-build", action="store_true", help="use target/release/pandagate as it is")
+    ap.add_argument("--keep-logs", metavar="DIR", help="copy the access log and gateway stderr here")
+    args = ap.parse_args()
+    if not 0 <= args.failure <= 1 or args.calls < 1 or args.concurrency < 1:
+        ap.error("need 0 <= --failure <= 1, --calls >= 1, --concurrency >= 1")
+    seed = args.seed if args.seed is not None else random.randrange(2**32)
+
+    if not args.no_build:
+        subprocess.run(["cargo", "build", "--release", "-q"], cwd=ROOT, check=True, timeout=1800)
+    binary = ROOT / "target" / "release" / "pandagate"
+
+    work = Path(tempfile.mkdtemp(prefix="pandagate-retries-"))
+    provider = gateway = None
+    try:
+        provider = Provider(args.failure, seed + 1)
+        threading.Thread(target=provider.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True).start()
+        gateway, port = start_gateway(binary, work, provider.server_address[1])
+
+        plan = plan_calls(args.calls, seed)
+        t0, t0_wall = time.monotonic(), time.time()
+        results = run_calls(port, plan, args.concurrency, args.max_seconds)
+        wall = time.monotonic() - t0
+
+        stop(gateway)
+        time.sleep(0.2)  # let threads still holding a request finish counting (they already have)
+        log_lines = []
+        for line in (work / "access.log").read_text(errors="replace").splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if event.get("event") == "access":
+                log_lines.append(event)
+        circuit_opens = []  # seconds since the first call, for each open/re-open
+        for line in (work / "gateway.err").read_text(errors="replace").splitlines():
+            if '"circuit open' in line:
+                ts = datetime.fromisoformat(json.loads(line)["timestamp"].replace("Z", "+00:00"))
+                circuit_opens.append(ts.timestamp() - t0_wall)
+        if args.keep_logs:
+            os.makedirs(args.keep_logs, exist_ok=True)
+            for name in ("access.log", "gateway.err"):
+                shutil.copy(work / name, Path(args.keep_logs) / name)
+        text, ok = report(args, plan, results, provider, log_lines, circuit_opens, wall)
+        print(text)
+        print(f"\n(seed {seed})")
+        return 0 if ok else 1
+    finally:
+        stop(gateway)
+        if provider is not None:
+            provider.shutdown()
+            provider.server_close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,774 @@
+//! Quota enforcement: GCRA per AccessKey (and per route bucket), locally with
+//! `governor` or shared by every replica through Redis.
+//!
+//! The provider counts every request it receives against the AccessKey, so
+//! the limiter sits inside the retry loop: each attempt takes a slot. A call
+//! passes its route bucket (if its `[[routes]]` entry sets one) and then its
+//! key's bucket.
+//!
+//! Over the limit, a call either gets 429 at once (`max_wait_ms = 0`) or
+//! queues, first come first served, for a slot within `max_wait_ms`. The
+//! queue is bounded by what could be served in that time, so a call that
+//! would wait longer is refused at once; a caller that goes away leaves the
+//! queue (its future is dropped).
+//!
+//! With `backend = "redis"` each attempt makes one atomic GCRA decision in
+//! Redis (a Lua script loaded once, called by its SHA), on Redis's own clock
+//! (`TIME`), so replicas with skewed clocks still agree. A slot granted with a
+//! wait is reserved: the caller sleeps, then goes. When Redis is unreachable
+//! or slower than `redis_timeout_ms`, `fail_mode` decides, and Redis is tried
+//! again (one call a second) until it answers.
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use governor::clock::{Clock, Reference};
+use governor::middleware::NoOpMiddleware;
+use governor::state::{InMemoryState, NotKeyed};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+
+use crate::config::ConfigError;
+
+/// `[rate_limit]`. Absent: no per-key limit.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// The provider's quota for one AccessKey, in requests per second.
+    pub requests_per_second: f64,
+    /// Requests that may go at once after a quiet spell; default: one second's worth.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
+    /// 0: over the limit means 429 at once. Otherwise a call may wait this
+    /// many milliseconds for a slot.
+    #[serde(default)]
+    pub max_wait_ms: u64,
+    /// `local` (this process) or `redis` (shared by every replica).
+    #[serde(default)]
+    pub backend: BackendKind,
+    /// Redis for `backend = "redis"`.
+    #[serde(default = "default_redis_url")]
+    pub redis_url: String,
+    /// Longest a call waits for a Redis decision, in milliseconds.
+    #[serde(default = "default_redis_timeout_ms")]
+    pub redis_timeout_ms: u64,
+    /// When Redis cannot decide: `local` (a local limiter at `fallback_share`
+    /// of the quota), `open` (no limit) or `closed` (429).
+    #[serde(default)]
+    pub fail_mode: FailMode,
+    /// Share of the quota this replica allows on its own while Redis is
+    /// away; set it to 1 / the number of replicas.
+    #[serde(default = "default_fallback_share")]
+    pub fallback_share: f64,
+    /// Prefix of the Redis keys.
+    #[serde(default = "default_key_prefix")]
+    pub redis_key_prefix: String,
+}
+
+fn default_redis_url() -> String {
+    "redis://127.0.0.1:6379".into()
+}
+fn default_redis_timeout_ms() -> u64 {
+    50
+}
+fn default_fallback_share() -> f64 {
+    0.5
+}
+fn default_key_prefix() -> String {
+    "pandagate".into()
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendKind {
+    #[default]
+    Local,
+    Redis,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailMode {
+    #[default]
+    Local,
+    Open,
+    Closed,
+}
+
+impl RateLimitConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        Rate::new(self.requests_per_second, self.burst)
+            .map_err(|m| ConfigError::new("rate_limit.requests_per_second", m))?;
+        if self.burst == Some(0) {
+            return Err(ConfigError::new(
+                "rate_limit.burst",
+                "must be greater than 0",
+            ));
+        }
+        if !(self.fallback_share > 0.0 && self.fallback_share <= 1.0) {
+            return Err(ConfigError::new(
+                "rate_limit.fallback_share",
+                "must be greater than 0 and at most 1",
+            ));
+        }
+        if self.redis_timeout_ms == 0 {
+            return Err(ConfigError::new(
+                "rate_limit.redis_timeout_ms",
+                "must be greater than 0",
+            ));
+        }
+        if self.backend == BackendKind::Redis {
+            redis::Client::open(self.redis_url.as_str())
+                .map_err(|e| ConfigError::new("rate_limit.redis_url", e))?;
+        }
+        Ok(())
+    }
+}
+
+/// One bucket's rule.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Rate {
+    pub per_second: f64,
+    pub burst: u32,
+}
+
+impl Rate {
+    /// `burst` defaults to one second's worth (at least 1).
+    pub fn new(per_second: f64, burst: Option<u32>) -> Result<Rate, String> {
+        if !(per_second.is_finite() && per_second > 0.0 && per_second <= 1e9) {
+            return Err(format!("must be a number greater than 0, not {per_second}"));
+        }
+        let burst = burst.unwrap_or((per_second.ceil() as u32).max(1)).max(1);
+        Ok(Rate { per_second, burst })
+    }
+
+    /// Time between two slots.
+    pub fn interval(self) -> Duration {
+        Duration::from_secs_f64(1.0 / self.per_second)
+    }
+
+    fn scaled(self, share: f64) -> Rate {
+        Rate {
+            per_second: self.per_second * share,
+            burst: ((f64::from(self.burst) * share).floor() as u32).max(1),
+        }
+    }
+}
+
+/// Over the limit.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("rate limit of {limit} requests per second reached")]
+pub struct RateLimited {
+    /// When a slot will be free.
+    pub retry_after: Duration,
+    /// The rate of the bucket that refused, in requests per second.
+    pub limit: f64,
+}
+
+/// `governor`'s clock on tokio time, so paused-time tests drive it.
+#[derive(Clone, Debug)]
+struct TokioClock(Instant);
+
+impl Clock for TokioClock {
+    type Instant = Duration;
+    fn now(&self) -> Duration {
+        self.0.elapsed()
+    }
+}
+
+type Gcra = governor::RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMiddleware<Duration>>;
+
+/// A local bucket: GCRA state plus a fair queue of waiters.
+#[derive(Debug)]
+struct LocalBucket {
+    rate: Rate,
+    gcra: Gcra,
+    clock: TokioClock,
+    /// One permit: the head of the queue holds it while it waits for a slot.
+    turnstile: Semaphore,
+    waiting: AtomicUsize,
+}
+
+impl LocalBucket {
+    fn new(rate: Rate) -> LocalBucket {
+        let clock = TokioClock(Instant::now());
+        let quota = governor::Quota::with_period(rate.interval())
+            .expect("validated: a positive rate")
+            .allow_burst(NonZeroU32::new(rate.burst).expect("burst is at least 1"));
+        LocalBucket {
+            rate,
+            gcra: governor::RateLimiter::direct_with_clock(quota, clock.clone()),
+            clock,
+            turnstile: Semaphore::new(1),
+            waiting: AtomicUsize::new(0),
+        }
+    }
+
+    fn refused(&self, retry_after: Duration) -> RateLimited {
+        RateLimited {
+            retry_after,
+            limit: self.rate.per_second,
+        }
+    }
+
+    /// The wait for the next slot, or `None` if one is free now (and taken).
+    fn try_take(&self) -> Option<Duration> {
+        match self.gcra.check() {
+            Ok(()) => None,
+            Err(not_until) => Some(
+                not_until
+                    .earliest_possible()
+                    .duration_since(self.clock.now())
+                    .into(),
+            ),
+        }
+    }
+
+    /// Takes a slot, waiting in line until `deadline` at most.
+    async fn acquire(&self, deadline: Option<Instant>) -> Result<(), RateLimited> {
+        // Nobody queued: try the fast path. With a queue, newcomers line up
+        // behind it so that the order stays first come, first served.
+        let wait = if self.waiting.load(Ordering::Acquire) == 0 {
+            match self.try_take() {
+                None => return Ok(()),
+                Some(wait) => wait,
+            }
+        } else {
+            self.rate.interval()
+        };
+        let Some(deadline) = deadline else {
+            return Err(self.refused(wait));
+        };
+        // Who could be served before the deadline? Anyone beyond that
+        // is refused now rather than after waiting in vain.
+        let budget = deadline.saturating_duration_since(Instant::now());
+        let servable = (budget.as_secs_f64() * self.rate.per_second).floor() as usize + 1;
+        let _place = Place::take(&self.waiting, servable).ok_or_else(|| self.refused(wait))?;
+        let _turn = tokio::time::timeout_at(deadline, self.turnstile.acquire())
+            .await
+            .map_err(|_| self.refused(self.rate.interval()))?
+            .expect("the turnstile is never closed");
+        loop {
+            match self.try_take() {
+                None => return Ok(()),
+                Some(wait) if Instant::now() + wait > deadline => return Err(self.refused(wait)),
+                Some(wait) => tokio::time::sleep(wait).await,
+            }
+        }
+    }
+}
+
+/// A place in a bucket's queue, given back when dropped (also when the
+/// caller went away while waiting).
+struct Place<'a>(&'a AtomicUsize);
+
+impl<'a> Place<'a> {
+    fn take(waiting: &'a AtomicUsize, bound: usize) -> Option<Place<'a>> {
+        if waiting.fetch_add(1, Ordering::AcqRel) >= bound {
+            waiting.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Place(waiting))
+    }
+}
+
+impl Drop for Place<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The buckets of every quota key and route, built once from config.
+#[derive(Debug)]
+struct LocalBuckets {
+    /// Indexed by quota key (one per distinct AccessKey).
+    keys: Vec<Option<Arc<LocalBucket>>>,
+    /// Indexed by quota key, then by route bucket.
+    routes: Vec<Vec<Arc<LocalBucket>>>,
+}
+
+impl LocalBuckets {
+    fn new(keys: usize, key_rate: Option<Rate>, route_rates: &[Rate], share: f64) -> LocalBuckets {
+        LocalBuckets {
+            keys: (0..keys)
+                .map(|_| key_rate.map(|r| Arc::new(LocalBucket::new(r.scaled(share)))))
+                .collect(),
+            routes: (0..keys)
+                .map(|_| {
+                    route_rates
+                        .iter()
+                        .map(|r| Arc::new(LocalBucket::new(r.scaled(share))))
+                        .collect()
+                })
+                .collect(),
+        }
+    }
+
+    async fn acquire(
+        &self,
+        key: usize,
+        route: Option<usize>,
+        deadline: Option<Instant>,
+    ) -> Result<(), RateLimited> {
+        if let Some(r) = route {
+            self.routes[key][r].acquire(deadline).await?;
+        }
+        if let Some(bucket) = &self.keys[key] {
+            bucket.acquire(deadline).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Which backend is deciding, for logs, readiness and metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendState {
+    Local,
+    Redis,
+    /// Redis is away; `fail_mode` decides.
+    Fallback(FailMode),
+}
+
+/// The limiter shared by all connections.
+#[derive(Debug)]
+pub struct Limiter {
+    max_wait: Option<Duration>,
+    local: LocalBuckets,
+    redis: Option<RedisBackend>,
+    /// Calls that waited for a slot, and calls refused, since start.
+    waited: AtomicU64,
+    rejected: AtomicU64,
+}
+
+impl Limiter {
+    /// `keys`: names of the distinct AccessKeys (their index is the quota
+    /// key); `routes`: the route buckets' patterns and rates.
+    pub fn new(
+        config: Option<&RateLimitConfig>,
+        keys: &[Arc<str>],
+        routes: &[(String, Rate)],
+    ) -> Result<Limiter, ConfigError> {
+        let key_rate = config
+            .map(|c| Rate::new(c.requests_per_second, c.burst))
+            .transpose()
+            .map_err(|m| ConfigError::new("rate_limit.requests_per_second", m))?;
+        let route_rates: Vec<Rate> = routes.iter().map(|(_, r)| *r).collect();
+        let redis = match config {
+            Some(c) if c.backend == BackendKind::Redis => {
+                Some(RedisBackend::new(c, keys, routes, key_rate, &route_rates)?)
+            }
+            _ => None,
+        };
+        Ok(Limiter {
+            max_wait: config
+                .map(|c| c.max_wait_ms)
+                .filter(|ms| *ms > 0)
+                .map(Duration::from_millis),
+            local: LocalBuckets::new(keys.len(), key_rate, &route_rates, 1.0),
+            redis,
+            waited: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+        })
+    }
+
+    pub fn backend_state(&self) -> BackendState {
+        match &self.redis {
+            None => BackendState::Local,
+            Some(r) if r.healthy.load(Ordering::Acquire) => BackendState::Redis,
+            Some(r) => BackendState::Fallback(r.fail_mode),
+        }
+    }
+
+    /// Calls that waited for a slot since start.
+    pub fn waited(&self) -> u64 {
+        self.waited.load(Ordering::Relaxed)
+    }
+
+    /// Calls refused since start.
+    pub fn rejected(&self) -> u64 {
+        self.rejected.load(Ordering::Relaxed)
+    }
+
+    /// Takes a slot for one attempt of quota key `key` on route bucket `route`.
+    pub async fn acquire(&self, key: usize, route: Option<usize>) -> Result<(), RateLimited> {
+        let started = Instant::now();
+        let deadline = self.max_wait.map(|w| started + w);
+        let result = match &self.redis {
+            None => self.local.acquire(key, route, deadline).await,
+            Some(redis) => redis.acquire(key, route, self.max_wait, deadline).await,
+        };
+        match &result {
+            Err(_) => {
+                self.rejected.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(()) if started.elapsed() > Duration::from_millis(1) => {
+                self.waited.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(()) => {}
+        }
+        result
+    }
+}
+
+/// GCRA over any number of buckets at once, on Redis's clock. ARGV[1] is the
+/// longest acceptable wait (µs); then for each key its emission interval and
+/// burst tolerance (µs). Returns {1, wait} (slot reserved after `wait` µs)
+/// or {0, wait} (refused; a slot would be free in `wait` µs).
+const GCRA_LUA: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local max_wait = tonumber(ARGV[1])
+local wait = 0
+local tats = {}
+for i, key in ipairs(KEYS) do
+  local tau = tonumber(ARGV[2 * i + 1])
+  local tat = tonumber(redis.call('GET', key)) or now
+  if tat < now then tat = now end
+  tats[i] = tat
+  local w = tat - tau - now
+  if w > wait then wait = w end
+end
+if wait > max_wait then return {0, wait} end
+for i, key in ipairs(KEYS) do
+  local interval = tonumber(ARGV[2 * i])
+  local new_tat = math.max(tats[i], now + wait) + interval
+  redis.call('SET', key, string.format('%d', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1000)
+end
+return {1, wait}
+";
+
+#[derive(Debug)]
+struct RedisBackend {
+    conn: redis::aio::ConnectionManager,
+    script: redis::Script,
+    timeout: Duration,
+    fail_mode: FailMode,
+    fallback: LocalBuckets,
+    healthy: AtomicBool,
+    /// Milliseconds since `start` before which Redis is not tried again.
+    next_probe: AtomicU64,
+    start: Instant,
+    /// Redis key and rate of each key bucket, per quota key.
+    key_buckets: Vec<Option<(String, Rate)>>,
+    /// Redis key and rate of each route bucket, per quota key.
+    route_buckets: Vec<Vec<(String, Rate)>>,
+}
+
+impl RedisBackend {
+    fn new(
+        c: &RateLimitConfig,
+        keys: &[Arc<str>],
+        routes: &[(String, Rate)],
+        key_rate: Option<Rate>,
+        route_rates: &[Rate],
+    ) -> Result<RedisBackend, ConfigError> {
+        let client = redis::Client::open(c.redis_url.as_str())
+            .map_err(|e| ConfigError::new("rate_limit.redis_url", e))?;
+        let timeout = Duration::from_millis(c.redis_timeout_ms);
+        let manager_config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout))
+            .set_number_of_retries(1);
+        let conn = redis::aio::ConnectionManager::new_lazy_with_config(client, manager_config)
+            .map_err(|e| ConfigError::new("rate_limit.redis_url", e))?;
+        // `{key}` is a hash tag: a key's buckets share a Redis Cluster slot,
+        // as one script call must.
+        let name = |k: &str, suffix: &str| format!("{}:{{{k}}}:{suffix}", c.redis_key_prefix);
+        Ok(RedisBackend {
+            conn,
+            script: redis::Script::new(GCRA_LUA),
+            timeout,
+            fail_mode: c.fail_mode,
+            fallback: LocalBuckets::new(keys.len(), key_rate, route_rates, c.fallback_share),
+            healthy: AtomicBool::new(true),
+            next_probe: AtomicU64::new(0),
+            start: Instant::now(),
+            key_buckets: keys
+                .iter()
+                .map(|k| key_rate.map(|r| (name(k, "key"), r)))
+                .collect(),
+            route_buckets: keys
+                .iter()
+                .map(|k| {
+                    routes
+                        .iter()
+                        .map(|(pattern, r)| (name(k, &format!("route:{pattern}")), *r))
+                        .collect()
+                })
+                .collect(),
+        })
+    }
+
+    async fn acquire(
+        &self,
+        key: usize,
+        route: Option<usize>,
+        max_wait: Option<Duration>,
+        deadline: Option<Instant>,
+    ) -> Result<(), RateLimited> {
+        let buckets: Vec<&(String, Rate)> = route
+            .map(|r| &self.route_buckets[key][r])
+            .into_iter()
+            .chain(self.key_buckets[key].as_ref())
+            .collect();
+        if buckets.is_empty() {
+            return Ok(());
+        }
+        if !self.should_try() {
+            return self.fall_back(key, route, deadline).await;
+        }
+        let mut call = self.script.prepare_invoke();
+        call.arg(max_wait.unwrap_or_default().as_micros() as u64);
+        for (name, rate) in &buckets {
+            let interval = rate.interval().as_micros() as u64;
+            call.key(name.as_str())
+                .arg(interval)
+                .arg(interval * u64::from(rate.burst - 1));
+        }
+        let mut conn = self.conn.clone();
+        let decided =
+            tokio::time::timeout(self.timeout, call.invoke_async::<(u8, i64)>(&mut conn)).await;
+        match decided {
+            Ok(Ok((granted, wait_us))) => {
+                self.mark_healthy();
+                let wait = Duration::from_micros(wait_us.max(0) as u64);
+                if granted == 1 {
+                    if !wait.is_zero() {
+                        tokio::time::sleep(wait).await;
+                    }
+                    Ok(())
+                } else {
+                    let limit = buckets
+                        .iter()
+                        .map(|(_, r)| r.per_second)
+                        .fold(f64::INFINITY, f64::min);
+                    Err(RateLimited {
+                        retry_after: wait,
+                        limit,
+                    })
+                }
+            }
+            Ok(Err(e)) => {
+                self.mark_unhealthy(&e.to_string());
+                self.fall_back(key, route, deadline).await
+            }
+            Err(_) => {
+                self.mark_unhealthy("no answer within redis_timeout_ms");
+                self.fall_back(key, route, deadline).await
+            }
+        }
+    }
+
+    /// Healthy: always. Away: one call per second probes Redis again.
+    fn should_try(&self) -> bool {
+        if self.healthy.load(Ordering::Acquire) {
+            return true;
+        }
+        let now = self.start.elapsed().as_millis() as u64;
+        let due = self.next_probe.load(Ordering::Acquire);
+        now >= due
+            && self
+                .next_probe
+                .compare_exchange(due, now + 1000, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+    }
+
+    fn mark_healthy(&self) {
+        if !self.healthy.swap(true, Ordering::AcqRel) {
+            tracing::info!("redis rate-limit backend answers again: shared quota restored");
+        }
+    }
+
+    fn mark_unhealthy(&self, why: &str) {
+        let now = self.start.elapsed().as_millis() as u64;
+        self.next_probe.store(now + 1000, Ordering::Release);
+        if self.healthy.swap(false, Ordering::AcqRel) {
+            tracing::warn!(
+                reason = why,
+                fail_mode = ?self.fail_mode,
+                "redis rate-limit backend unavailable: falling back"
+            );
+        }
+    }
+
+    async fn fall_back(
+        &self,
+        key: usize,
+        route: Option<usize>,
+        deadline: Option<Instant>,
+    ) -> Result<(), RateLimited> {
+        match self.fail_mode {
+            FailMode::Open => Ok(()),
+            FailMode::Closed => Err(RateLimited {
+                retry_after: Duration::from_secs(1),
+                limit: self.key_buckets[key]
+                    .as_ref()
+                    .map_or(0.0, |(_, r)| r.per_second),
+            }),
+            FailMode::Local => self.fallback.acquire(key, route, deadline).await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rate(per_second: f64, burst: u32) -> Rate {
+        Rate::new(per_second, Some(burst)).unwrap()
+    }
+
+    fn limiter(per_second: f64, burst: u32, max_wait_ms: u64) -> Limiter {
+        let c = RateLimitConfig {
+            requests_per_second: per_second,
+            burst: Some(burst),
+            max_wait_ms,
+            backend: BackendKind::Local,
+            redis_url: default_redis_url(),
+            redis_timeout_ms: 50,
+            fail_mode: FailMode::Local,
+            fallback_share: 0.5,
+            redis_key_prefix: "t".into(),
+        };
+        Limiter::new(Some(&c), &["ak".into()], &[("/route".into(), rate(1.0, 1))]).unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn burst_then_steady_rate() {
+        let l = limiter(10.0, 5, 0);
+        for _ in 0..5 {
+            assert!(l.acquire(0, None).await.is_ok());
+        }
+        let refused = l.acquire(0, None).await.unwrap_err();
+        assert_eq!(refused.limit, 10.0);
+        assert!(
+            refused.retry_after <= Duration::from_millis(100),
+            "{refused:?}"
+        );
+        tokio::time::advance(Duration::from_millis(100)).await;
+        assert!(l.acquire(0, None).await.is_ok(), "one slot per 100 ms");
+        assert!(l.acquire(0, None).await.is_err());
+        // Over 10 s at most 10/s go through.
+        let mut passed = 0;
+        for _ in 0..1000 {
+            tokio::time::advance(Duration::from_millis(10)).await;
+            if l.acquire(0, None).await.is_ok() {
+                passed += 1;
+            }
+        }
+        assert!((99..=101).contains(&passed), "{passed}");
+        assert_eq!(l.rejected(), 2 + (1000 - passed));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waits_for_a_slot_in_arrival_order() {
+        let l = Arc::new(limiter(10.0, 1, 1_000));
+        assert!(l.acquire(0, None).await.is_ok());
+        let started = Instant::now();
+        let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for i in 0..5 {
+            let (l, order) = (l.clone(), order.clone());
+            tasks.push(tokio::spawn(async move {
+                l.acquire(0, None).await.unwrap();
+                order.lock().unwrap().push((i, started.elapsed()));
+            }));
+            tokio::task::yield_now().await;
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let order = order.lock().unwrap();
+        let ids: Vec<usize> = order.iter().map(|(i, _)| *i).collect();
+        assert_eq!(ids, [0, 1, 2, 3, 4], "first come, first served");
+        let last = order.last().unwrap().1;
+        assert!(
+            last >= Duration::from_millis(490) && last <= Duration::from_millis(510),
+            "{last:?}"
+        );
+        assert_eq!(l.waited(), 5);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refuses_at_once_what_could_not_be_served_in_time() {
+        // 10/s and 250 ms of patience: the queue holds 3.
+        let l = Arc::new(limiter(10.0, 1, 250));
+        assert!(l.acquire(0, None).await.is_ok());
+        let mut waiting = Vec::new();
+        for _ in 0..3 {
+            let l = l.clone();
+            waiting.push(tokio::spawn(async move { l.acquire(0, None).await }));
+            tokio::task::yield_now().await;
+        }
+        let before = Instant::now();
+        let refused = l.acquire(0, None).await;
+        assert!(refused.is_err(), "queue is full");
+        assert_eq!(before.elapsed(), Duration::ZERO, "refused without waiting");
+        let results: Vec<_> = futures_join(waiting).await;
+        assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 2);
+        assert_eq!(
+            results.iter().filter(|r| r.is_err()).count(),
+            1,
+            "the third would pass 250 ms"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_that_leaves_gives_its_place_up() {
+        let l = Arc::new(limiter(10.0, 1, 150));
+        assert!(l.acquire(0, None).await.is_ok());
+        // 150 ms of patience at 10/s: the queue holds 2.
+        let spawn = |l: &Arc<Limiter>| {
+            let l = l.clone();
+            tokio::spawn(async move { l.acquire(0, None).await })
+        };
+        let leaver = spawn(&l);
+        tokio::task::yield_now().await;
+        let stayer = spawn(&l);
+        tokio::task::yield_now().await;
+        assert!(
+            l.acquire(0, None).await.is_err(),
+            "queue full: refused at the door"
+        );
+
+        tokio::time::advance(Duration::from_millis(60)).await;
+        leaver.abort();
+        let _ = leaver.await;
+        let newcomer = spawn(&l);
+        assert!(stayer.await.unwrap().is_ok());
+        assert!(
+            newcomer.await.unwrap().is_ok(),
+            "the place given up let the newcomer in, and it was served in time"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_must_pass_its_route_and_its_key() {
+        let l = limiter(100.0, 100, 0);
+        assert!(l.acquire(0, Some(0)).await.is_ok());
+        let refused = l.acquire(0, Some(0)).await.unwrap_err();
+        assert_eq!(refused.limit, 1.0, "the route bucket refused");
+        assert!(l.acquire(0, None).await.is_ok(), "other routes still pass");
+    }
+
+    #[test]
+    fn rates_validate_and_default_burst_to_one_second() {
+        assert_eq!(Rate::new(50.0, None).unwrap().burst, 50);
+        assert_eq!(Rate::new(0.5, None).unwrap().burst, 1);
+        assert!(Rate::new(0.0, None).is_err());
+        assert!(Rate::new(-1.0, None).is_err());
+        assert!(Rate::new(f64::NAN, None).is_err());
+        assert_eq!(rate(10.0, 4).scaled(0.5), rate(5.0, 2));
+    }
+
+    async fn futures_join<T: Send + 'static>(handles: Vec<tokio::task::JoinHandle<T>>) -> Vec<T> {
+        let mut out = Vec::new();
+        for h in handles {
+            out.push(h.await.unwrap());
+        }
+        out
+    }
+}
