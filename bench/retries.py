@@ -17,6 +17,7 @@ call got no answer or an order create was received twice or more.
 
 import argparse
 import http.client
+import io
 import json
 import os
 import random
@@ -64,6 +65,7 @@ class Provider(ThreadingHTTPServer):
         self.received = Counter()   # path class -> requests received
         self.drawn = Counter()      # (class, outcome) -> count
         self.order_ids = Counter()  # clientOrderId -> times received
+        self.fake_errors = Counter()
 
     def draw(self, cls, order_id):
         with self.lock:
@@ -79,7 +81,11 @@ class Provider(ThreadingHTTPServer):
             return outcome
 
     def handle_error(self, request, client_address):
-        pass  # the gateway dropping a held connection is expected
+        # The gateway dropping a connection it gave up on is expected;
+        # anything else is a bug in this fake, counted in the report.
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            with self.lock:
+                self.fake_errors[type(sys.exc_info()[1]).__name__] += 1
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -112,6 +118,7 @@ class Handler(BaseHTTPRequestHandler):
             self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             self.rfile.close()
             self.wfile.close()
+            self.wfile = io.BytesIO()  # the server still flushes it after this returns
             self.connection.close()
             return
         if outcome == "timeout":
@@ -163,6 +170,7 @@ def start_gateway(binary, work, upstream_port):
         if proc.poll() is not None:
             break
         time.sleep(0.05)
+    stop(proc, grace=5)
     raise RuntimeError("gateway did not start:\n" + (work / "gateway.err").read_text(errors="replace"))
 
 
@@ -300,6 +308,8 @@ def report(args, plan, results, provider, log_lines, circuit_opens, wall):
     p(f"- **writes received twice or more by the provider: {len(dupes)}**"
       + (f" (e.g. {list(dupes.items())[:5]})" if dupes else "")
       + f"; writes never received: {never}")
+    if provider.fake_errors:
+        p(f"- unexpected errors in the fake provider: {hist(provider.fake_errors)}")
     p(f"- provider received: {total_rx} requests (read {provider.received['read']}, "
       f"write {provider.received['write']}); extra load from retries: "
       f"**{pct(total_rx - len(plan), len(plan))}** of calls")
@@ -363,10 +373,11 @@ def main():
     binary = ROOT / "target" / "release" / "pandagate"
 
     work = Path(tempfile.mkdtemp(prefix="pandagate-retries-"))
-    provider = gateway = None
+    provider = gateway = serving = None
     try:
         provider = Provider(args.failure, seed + 1)
-        threading.Thread(target=provider.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True).start()
+        serving = threading.Thread(target=provider.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
+        serving.start()
         gateway, port = start_gateway(binary, work, provider.server_address[1])
 
         plan = plan_calls(args.calls, seed)
@@ -374,8 +385,7 @@ def main():
         results = run_calls(port, plan, args.concurrency, args.max_seconds)
         wall = time.monotonic() - t0
 
-        stop(gateway)
-        time.sleep(0.2)  # let threads still holding a request finish counting (they already have)
+        stop(gateway)  # counts are final: the fake counts a request when it arrives
         log_lines = []
         for line in (work / "access.log").read_text(errors="replace").splitlines():
             try:
@@ -399,8 +409,10 @@ def main():
         return 0 if ok else 1
     finally:
         stop(gateway)
-        if provider is not None:
+        if serving is not None:
             provider.shutdown()
+            serving.join(timeout=5)
+        if provider is not None:
             provider.server_close()
         shutil.rmtree(work, ignore_errors=True)
 

@@ -87,6 +87,7 @@ impl Write for Captured {
 
 pub struct TestGateway {
     pub addr: SocketAddr,
+    pub gateway: Arc<pandagate::proxy::Gateway>,
     log: AccessLog,
     captured: Captured,
     stop: watch::Sender<bool>,
@@ -99,6 +100,7 @@ pub async fn spawn_gateway(config: Config) -> TestGateway {
     let captured = Captured::default();
     let (log, _writer) = AccessLog::spawn(LogFormat::Json, Box::new(captured.clone()));
     let gateway = pandagate::proxy::build(&loaded, log.clone()).expect("gateway builds");
+    let handle = gateway.clone();
     let listener = server::bind(loaded.config.server.listen, "test gateway")
         .await
         .unwrap();
@@ -117,6 +119,7 @@ pub async fn spawn_gateway(config: Config) -> TestGateway {
     ));
     TestGateway {
         addr,
+        gateway: handle,
         log,
         captured,
         stop,
@@ -344,4 +347,64 @@ pub fn chunked_upload_1200(path: &str) -> String {
         "POST {path} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n\
          258\r\n{chunk}\r\n258\r\n{chunk}\r\n0\r\n\r\n"
     )
+}
+
+/// A `redis-server` on a free loopback port, stopped when dropped. Needs the
+/// Debian package `redis-server` (`.ci/run` installs it).
+pub struct RedisServer {
+    pub port: u16,
+    child: std::process::Child,
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        Self::start_on(dead_address().port())
+    }
+
+    pub fn start_on(port: u16) -> RedisServer {
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server runs (install the Debian package redis-server)");
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return RedisServer { port, child };
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("redis-server did not listen on {port} within 2 s");
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Freezes the server (SIGSTOP): connections stay open, nothing answers.
+    pub fn freeze(&self) {
+        signal(self.child.id(), "-STOP");
+    }
+
+    pub fn thaw(&self) {
+        signal(self.child.id(), "-CONT");
+    }
+}
+
+fn signal(pid: u32, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig} {pid}");
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        signal(self.child.id(), "-CONT");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -1,0 +1,231 @@
+//! Holding the provider's quota: locally, and across replicas through Redis.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use pandagate::config::Config;
+use pandagate::limiter::{BackendKind, BackendState, FailMode, RateLimitConfig};
+use pandagate::routes::RouteConfig;
+use support::*;
+use wiremock::ResponseTemplate;
+
+fn envelope() -> ResponseTemplate {
+    ResponseTemplate::new(200).set_body_raw(provider_body("rid", 200, "ok"), "application/json")
+}
+
+fn limited(upstream: &str, per_second: f64, burst: u32, max_wait_ms: u64) -> Config {
+    let mut c = config(upstream);
+    c.circuit_breaker.enabled = false;
+    c.rate_limit = Some(RateLimitConfig {
+        requests_per_second: per_second,
+        burst: Some(burst),
+        max_wait_ms,
+        backend: BackendKind::Local,
+        redis_url: "redis://127.0.0.1:6379".into(),
+        redis_timeout_ms: 50,
+        fail_mode: FailMode::Local,
+        fallback_share: 0.5,
+        redis_key_prefix: format!("test-{}", pandagate::ids::request_id()),
+    });
+    c
+}
+
+fn with_redis(mut c: Config, redis: &RedisServer) -> Config {
+    let r = c.rate_limit.as_mut().unwrap();
+    r.backend = BackendKind::Redis;
+    r.redis_url = redis.url();
+    c
+}
+
+#[tokio::test]
+async fn rejects_with_429_and_retry_after_over_the_limit() {
+    let upstream = upstream_answering(envelope()).await;
+    let gw = spawn_gateway(limited(&upstream.uri(), 1.0, 2, 0)).await;
+    assert_eq!(get(&gw.url("/open/product/get")).await.status, 200);
+    assert_eq!(get(&gw.url("/open/product/get")).await.status, 200);
+    let refused = get(&gw.url("/open/product/get")).await;
+    let v = refused.assert_gateway_envelope(429);
+    assert!(v["msg"].as_str().unwrap().contains("rate limit"));
+    assert_eq!(refused.headers["retry-after"], "1");
+    assert_eq!(refused.headers["ratelimit-limit"], "1");
+    assert_eq!(refused.headers["ratelimit-remaining"], "0");
+    assert_eq!(refused.headers["ratelimit-reset"], "1");
+    assert_eq!(upstream.received_requests().await.unwrap().len(), 2);
+    let log = gw.access_log_of(3).await;
+    assert_eq!(log[2]["error"], "rate_limited");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn waits_for_a_slot_when_callers_prefer_to_wait() {
+    let upstream = upstream_answering(envelope()).await;
+    let gw = spawn_gateway(limited(&upstream.uri(), 10.0, 1, 1_000)).await;
+    let started = Instant::now();
+    for _ in 0..4 {
+        assert_eq!(get(&gw.url("/open/product/get")).await.status, 200);
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(280),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(gw.gateway.limiter().waited() >= 3);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn retries_draw_from_the_same_quota() {
+    let upstream = upstream_failing_first(1, ResponseTemplate::new(503), envelope()).await;
+    let mut c = limited(&upstream.uri(), 1.0, 1, 0);
+    c.retry.backoff_base_ms = 1;
+    c.retry.backoff_cap_ms = 1;
+    let gw = spawn_gateway(c).await;
+    let answer = get(&gw.url("/open/product/get")).await;
+    answer.assert_gateway_envelope(429);
+    assert_eq!(upstream.received_requests().await.unwrap().len(), 1);
+    let e = &gw.access_log_of(1).await[0];
+    assert_eq!(
+        e["attempts"], 1,
+        "the retry found no slot, so never went out"
+    );
+    assert_eq!(e["retry_reasons"], serde_json::json!(["503"]));
+    assert_eq!(e["retry_skipped"], "rate_limited");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_route_bucket_limits_its_paths_on_top_of_the_key() {
+    let upstream = upstream_answering(envelope()).await;
+    let mut c = limited(&upstream.uri(), 100.0, 100, 0);
+    c.routes = vec![RouteConfig {
+        path: Some("/alibaba/order/create".into()),
+        rate_limit_per_second: Some(1.0),
+        ..RouteConfig::default()
+    }];
+    let gw = spawn_gateway(c).await;
+    let order = || {
+        send(
+            http::Request::post(gw.url("/alibaba/order/create"))
+                .body(http_body_util::Full::default())
+                .unwrap(),
+        )
+    };
+    assert_eq!(order().await.status, 200);
+    order().await.assert_gateway_envelope(429);
+    assert_eq!(get(&gw.url("/open/product/get")).await.status, 200);
+    gw.stop().await;
+}
+
+/// Sends calls from `workers` tasks against each gateway until `run` passes;
+/// returns how many were answered 200.
+async fn hammer(gateways: &[&TestGateway], workers: usize, run: Duration) -> usize {
+    let until = Instant::now() + run;
+    let mut tasks = Vec::new();
+    for gw in gateways {
+        for _ in 0..workers {
+            let url = gw.url("/open/product/get");
+            tasks.push(tokio::spawn(async move {
+                let mut ok = 0;
+                while Instant::now() < until {
+                    if get(&url).await.status == 200 {
+                        ok += 1;
+                    }
+                }
+                ok
+            }));
+        }
+    }
+    let mut ok = 0;
+    for t in tasks {
+        ok += t.await.unwrap();
+    }
+    ok
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_sharing_redis_stay_under_quota_plus_burst() {
+    let redis = RedisServer::start();
+    let upstream = upstream_answering(envelope()).await;
+    let c = with_redis(limited(&upstream.uri(), 20.0, 5, 0), &redis);
+    let a = spawn_gateway(c.clone()).await;
+    let b = spawn_gateway(c).await;
+    let run = Duration::from_secs(2);
+    let started = Instant::now();
+    let ok = hammer(&[&a, &b], 4, run).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let received = upstream.received_requests().await.unwrap().len();
+    assert_eq!(ok, received, "every 200 is a call the provider saw");
+    let ceiling = (20.0 * elapsed + 5.0).ceil() as usize;
+    assert!(
+        received <= ceiling,
+        "{received} calls in {elapsed:.2} s, ceiling {ceiling}"
+    );
+    assert!(
+        received >= 30,
+        "the limiter let the quota through: {received}"
+    );
+    assert_eq!(a.gateway.limiter().backend_state(), BackendState::Redis);
+    assert!(a.gateway.limiter().rejected() + b.gateway.limiter().rejected() > 0);
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_redis_never_holds_a_call_past_the_timeout_and_recovery_is_picked_up() {
+    let redis = RedisServer::start();
+    let upstream = upstream_answering(envelope()).await;
+    let c = with_redis(limited(&upstream.uri(), 1000.0, 1000, 0), &redis);
+    let gw = spawn_gateway(c).await;
+    assert_eq!(get(&gw.url("/open/product/get")).await.status, 200);
+    assert_eq!(gw.gateway.limiter().backend_state(), BackendState::Redis);
+
+    redis.freeze();
+    let mut slowest = Duration::ZERO;
+    for _ in 0..20 {
+        let started = Instant::now();
+        assert_eq!(get(&gw.url("/open/product/get")).await.status, 200);
+        slowest = slowest.max(started.elapsed());
+    }
+    // 50 ms Redis timeout plus the call itself; generous for a busy CI box.
+    assert!(
+        slowest < Duration::from_millis(400),
+        "slowest call {slowest:?}"
+    );
+    assert_eq!(
+        gw.gateway.limiter().backend_state(),
+        BackendState::Fallback(FailMode::Local)
+    );
+
+    redis.thaw();
+    let mut recovered = false;
+    for _ in 0..60 {
+        get(&gw.url("/open/product/get")).await;
+        if gw.gateway.limiter().backend_state() == BackendState::Redis {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(recovered, "back on Redis within 3 s of it answering again");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_fail_mode_refuses_while_redis_is_away() {
+    let redis = RedisServer::start();
+    let upstream = upstream_answering(envelope()).await;
+    let mut c = with_redis(limited(&upstream.uri(), 1000.0, 1000, 0), &redis);
+    c.rate_limit.as_mut().unwrap().fail_mode = FailMode::Closed;
+    let gw = spawn_gateway(c).await;
+    assert_eq!(get(&gw.url("/open/product/get")).await.status, 200);
+    drop(redis);
+    get(&gw.url("/open/product/get"))
+        .await
+        .assert_gateway_envelope(429);
+    assert_eq!(
+        gw.gateway.limiter().backend_state(),
+        BackendState::Fallback(FailMode::Closed)
+    );
+    gw.stop().await;
+}
