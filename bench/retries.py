@@ -296,7 +296,8 @@ def report(args, plan, results, provider, log_lines, circuit_opens, wall):
     p(f"## pandagate retries bench: {len(plan)} calls, concurrency {args.concurrency}, failure {args.failure:.2f}")
     p("")
     p(f"- command: `{' '.join(shlex.quote(a) for a in ['python3'] + sys.argv)}` (nproc {len(os.sched_getaffinity(0))})")
-    p(f"- gateway: {git_version()}, config: upstream.request_timeout_ms 1000, retry.read_attempt_timeout_ms 300, "
+    built = " (binary not rebuilt: --no-build)" if args.no_build else ""
+    p(f"- gateway: {git_version()}{built}, config: upstream.request_timeout_ms 1000, retry.read_attempt_timeout_ms 300, "
       f"other retry/breaker keys at defaults; provider holds 'timeout' requests {HOLD_S} s")
     p(f"- wall time: {wall:.1f} s, {len(plan) / wall:.0f} calls/s")
     p(f"- calls sent: {len(plan)}; answered: {len(answered)}; **no answer: {len(unanswered)}**"
