@@ -19,9 +19,12 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
+use std::sync::Arc;
+
 use crate::access_log::{AccessLog, AccessRecord};
 use crate::envelope::{self, EnvelopeFields};
 use crate::error::GatewayError;
+use crate::metrics::Metrics;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -221,6 +224,7 @@ enum Inner {
 struct Watch {
     record: AccessRecord,
     log: AccessLog,
+    metrics: Arc<Metrics>,
     /// Zero when nothing is to be inspected (gateway-made answers).
     inspect: usize,
     first: Option<Bytes>,
@@ -247,12 +251,19 @@ impl ResponseBody {
         }
     }
 
-    /// Writes `record` to `log` when this body ends or is dropped, reading
+    /// Writes `record` to `log` and `metrics` when this body ends or is dropped, reading
     /// the envelope fields from its first `inspect` bytes.
-    pub fn log_on_finish(&mut self, record: AccessRecord, log: AccessLog, inspect: usize) {
+    pub fn log_on_finish(
+        &mut self,
+        record: AccessRecord,
+        log: AccessLog,
+        metrics: Arc<Metrics>,
+        inspect: usize,
+    ) {
         self.watch = Some(Box::new(Watch {
             record,
             log,
+            metrics,
             inspect,
             first: None,
             more: Vec::new(),
@@ -270,6 +281,7 @@ impl ResponseBody {
                 (None, true) => EnvelopeFields::default(),
             };
             w.log.emit(&w.record, &found);
+            w.metrics.call_finished(&w.record, &found);
         }
     }
 }

@@ -9,6 +9,7 @@ use std::time::SystemTime;
 use clap::{Parser, Subcommand};
 
 use crate::access_log::AccessLog;
+use crate::admin::{Admin, Drain};
 use crate::config::{self, ConfigError, Loaded, process_env};
 use crate::sandbox::{DEMO_ACCESS_KEY, DEMO_SECRET, Sandbox};
 use crate::secret::Secret;
@@ -152,33 +153,86 @@ async fn run(loaded: Loaded) -> ExitCode {
         Ok(g) => g,
         Err(e) => return config_failure(&e),
     };
-    let listener = match server::bind(loaded.config.server.listen, "gateway").await {
+    let server_config = &loaded.config.server;
+    let listener = match server::bind(server_config.listen, "gateway").await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("pandagate: cannot listen on {}: {e}", server_config.listen);
+            return ExitCode::FAILURE;
+        }
+    };
+    let admin_listener = match server::bind(server_config.admin_listen, "admin").await {
         Ok(l) => l,
         Err(e) => {
             eprintln!(
-                "pandagate: cannot listen on {}: {e}",
-                loaded.config.server.listen
+                "pandagate: cannot listen on {} (admin): {e}",
+                server_config.admin_listen
             );
             return ExitCode::FAILURE;
         }
     };
+
+    // The first SIGTERM/SIGINT (or POST /quitquitquit) drains; a second
+    // signal exits at once.
+    let drain = Drain::default();
+    let mut signals = match server::Signals::new() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("pandagate: cannot watch signals: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    tokio::spawn({
+        let (drain, log) = (drain.clone(), log.clone());
+        async move {
+            loop {
+                let name = signals.recv().await;
+                if !drain.start(name) {
+                    tracing::warn!(signal = name, "second signal: exiting without waiting");
+                    log.flush();
+                    std::process::exit(1);
+                }
+            }
+        }
+    });
+
+    let opts = ServerOptions::from(server_config);
+    let admin = Arc::new(Admin::new(gateway.clone(), drain.clone()));
+    let (traffic_done, admin_stop) = tokio::sync::oneshot::channel::<()>();
+    // The admin listener outlives the traffic listener, so that readiness
+    // reports the drain while calls finish.
+    let admin_task = tokio::spawn(server::serve(
+        admin_listener,
+        move |req| {
+            let admin = admin.clone();
+            async move { admin.handle(req).await }
+        },
+        opts.clone(),
+        async move {
+            let _ = admin_stop.await;
+        },
+    ));
     tracing::info!(
         upstream = %loaded.config.upstream.url,
         profiles = loaded.profiles.len(),
         default_profile = %loaded.config.default_profile,
         "gateway ready"
     );
+    let traffic = gateway.clone();
     server::serve(
         listener,
         move |req| {
-            let gateway = gateway.clone();
+            let gateway = traffic.clone();
             async move { gateway.handle(req).await }
         },
-        ServerOptions::from(&loaded.config.server),
-        server::shutdown_signal(),
+        opts,
+        drain.started(),
     )
     .await;
+    let _ = traffic_done.send(());
+    let _ = admin_task.await;
     log.flush();
+    tracing::info!("exiting");
     ExitCode::SUCCESS
 }
 

@@ -62,6 +62,8 @@ pub struct Config {
 pub struct ServerConfig {
     /// Address to listen on (env `PANDAGATE_LISTEN`). Port 0 picks a free port.
     pub listen: SocketAddr,
+    /// Admin endpoints: health, readiness, metrics, quit (env `PANDAGATE_ADMIN_LISTEN`).
+    pub admin_listen: SocketAddr,
     /// Time a client has to send the complete request head, in milliseconds.
     pub header_read_timeout_ms: u64,
     /// Largest request head (request line and headers), in bytes; at least 8192.
@@ -176,6 +178,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 9901)),
             header_read_timeout_ms: 10_000,
             max_header_bytes: 64 * 1024,
             max_headers: 100,
@@ -292,6 +295,14 @@ impl Config {
             self.server.listen = v.parse().map_err(|_| {
                 ConfigError::new(
                     "PANDAGATE_LISTEN",
+                    format_args!("not an address:port: {v:?}"),
+                )
+            })?;
+        }
+        if let Some(v) = env("PANDAGATE_ADMIN_LISTEN") {
+            self.server.admin_listen = v.parse().map_err(|_| {
+                ConfigError::new(
+                    "PANDAGATE_ADMIN_LISTEN",
                     format_args!("not an address:port: {v:?}"),
                 )
             })?;

@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 pub mod access_log;
+pub mod admin;
 pub mod body;
 pub mod breaker;
 pub mod cli;
@@ -21,6 +22,7 @@ pub mod error;
 pub mod headers;
 pub mod ids;
 pub mod limiter;
+pub mod metrics;
 pub mod profiles;
 pub mod proxy;
 pub mod retry;

@@ -27,6 +27,7 @@ use crate::error::GatewayError;
 use crate::headers::{self, X_PANDAGATE_PROFILE, X_REQUEST_ID};
 use crate::ids;
 use crate::limiter::Limiter;
+use crate::metrics::Metrics;
 use crate::profiles::{Profile, Profiles};
 use crate::retry::{self, Attempt, Budget, Decision, Outcome, RetryConfig};
 use crate::routes::{Class, Routes};
@@ -48,6 +49,7 @@ pub struct Gateway {
     budget: Budget,
     breaker: Breaker,
     limiter: Limiter,
+    metrics: Arc<Metrics>,
     max_body: u64,
     buffer_body: u64,
     request_timeout: Duration,
@@ -73,6 +75,7 @@ impl Gateway {
             profiles,
             routes,
             limiter,
+            metrics: Arc::new(Metrics::default()),
             signing: c.signing.clone(),
             retry: c.retry.clone(),
             budget: Budget::new(
@@ -105,8 +108,13 @@ impl Gateway {
         &self.limiter
     }
 
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
     /// Answers one call. Never fails: errors become envelopes.
     pub async fn handle(&self, req: Request<Incoming>) -> Response<ResponseBody> {
+        self.metrics.call_started();
         let gateway_id = ids::request_id();
         let x_request_id = caller_request_id(req.headers()).unwrap_or_else(|| {
             HeaderValue::from_str(&gateway_id).expect("hex is a valid header value")
@@ -140,9 +148,12 @@ impl Gateway {
         };
         record.status = response.status().as_u16();
         response.headers_mut().insert(X_REQUEST_ID, x_request_id);
-        response
-            .body_mut()
-            .log_on_finish(record, self.access_log.clone(), inspect);
+        response.body_mut().log_on_finish(
+            record,
+            self.access_log.clone(),
+            self.metrics.clone(),
+            inspect,
+        );
         response
     }
 
@@ -282,6 +293,18 @@ impl Gateway {
 
     /// Sends one attempt and says how it went.
     async fn attempt(
+        &self,
+        req: Request<UpstreamBody>,
+        timeout: Duration,
+        class: Class,
+    ) -> (Outcome, Answer) {
+        let sent = Instant::now();
+        let result = self.exchange(req, timeout, class).await;
+        self.metrics.attempt(class, sent.elapsed().as_secs_f64());
+        result
+    }
+
+    async fn exchange(
         &self,
         req: Request<UpstreamBody>,
         timeout: Duration,

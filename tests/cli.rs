@@ -208,6 +208,7 @@ async fn serves_from_the_environment_alone_and_never_logs_the_secret() {
         .env("PANDAPON_ACCESS_SECRET", SECRET)
         .env("PANDAPON_USER_ID", "42")
         .env("PANDAGATE_LISTEN", "127.0.0.1:0")
+        .env("PANDAGATE_ADMIN_LISTEN", "127.0.0.1:0")
         .env("PANDAGATE_UPSTREAM", upstream.uri())
         .env("PANDAGATE_LOG_FORMAT", "json")
         .env("RUST_LOG", "trace")

@@ -1,0 +1,256 @@
+//! Prometheus metrics, served by the admin listener at `/metrics`.
+//!
+//! Per-call series are recorded once, when a call's access-log line is
+//! written, from the same record; state that lives in other components (the
+//! retry budget, the limiter, the breaker) is read at scrape time by a
+//! collector, so those components keep plain atomics.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::access_log::AccessRecord;
+use crate::breaker::State;
+use crate::envelope::EnvelopeFields;
+use crate::limiter::BackendState;
+use crate::proxy::Gateway;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallLabels {
+    class: &'static str,
+    status: u16,
+    /// The provider's body `code`, or `none`.
+    code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClassLabels {
+    class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: String,
+}
+
+/// Counters and histograms the request path updates.
+#[derive(Debug)]
+pub struct Metrics {
+    calls: Family<CallLabels, Counter>,
+    duration: Family<ClassLabels, Histogram, fn() -> Histogram>,
+    upstream_duration: Family<ClassLabels, Histogram, fn() -> Histogram>,
+    attempts: Family<ClassLabels, Counter>,
+    retries: Family<ReasonLabels, Counter>,
+    in_flight: AtomicI64,
+    secret_reloads: AtomicU64,
+    secret_reload_failures: AtomicU64,
+}
+
+fn latency_histogram() -> Histogram {
+    // 100 µs to ~52 s.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 20))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            calls: Family::default(),
+            duration: Family::new_with_constructor(latency_histogram),
+            upstream_duration: Family::new_with_constructor(latency_histogram),
+            attempts: Family::default(),
+            retries: Family::default(),
+            in_flight: AtomicI64::new(0),
+            secret_reloads: AtomicU64::new(0),
+            secret_reload_failures: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Metrics {
+    /// A call was received.
+    pub fn call_started(&self) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A call finished: its access-log record and envelope fields.
+    pub fn call_finished(&self, r: &AccessRecord, found: &EnvelopeFields) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        let class = r.class.map_or("none", |c| c.as_str());
+        let code = match &found.code {
+            None => "none".to_owned(),
+            Some(serde_json::Value::String(s)) => s.clone(),
+            Some(other) => other.to_string(),
+        };
+        self.calls
+            .get_or_create(&CallLabels {
+                class,
+                status: r.status,
+                code,
+            })
+            .inc();
+        self.duration
+            .get_or_create(&ClassLabels { class })
+            .observe(r.started.elapsed().as_secs_f64());
+        for reason in &r.retry_reasons {
+            self.retries
+                .get_or_create(&ReasonLabels {
+                    reason: reason.clone(),
+                })
+                .inc();
+        }
+    }
+
+    /// One upstream attempt took `seconds` to its response head (or failure).
+    pub fn attempt(&self, class: crate::routes::Class, seconds: f64) {
+        let labels = ClassLabels {
+            class: class.as_str(),
+        };
+        self.attempts.get_or_create(&labels).inc();
+        self.upstream_duration
+            .get_or_create(&labels)
+            .observe(seconds);
+    }
+
+    pub fn secret_reloaded(&self, ok: bool) {
+        if ok {
+            self.secret_reloads.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.secret_reload_failures.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn in_flight(&self) -> i64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+}
+
+/// Reads component state at scrape time.
+#[derive(Debug)]
+struct StateCollector {
+    gateway: Arc<Gateway>,
+}
+
+fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> std::fmt::Result {
+    let c = ConstCounter::new(v);
+    c.encode(e.encode_descriptor(name, help, None, c.metric_type())?)
+}
+
+fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, v: i64) -> std::fmt::Result {
+    let g = ConstGauge::new(v);
+    g.encode(e.encode_descriptor(name, help, None, g.metric_type())?)
+}
+
+impl Collector for StateCollector {
+    fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+        let g = &self.gateway;
+        let m = g.metrics();
+        counter(
+            &mut e,
+            "retries_budget_refused",
+            "Retries not made because the retry budget was spent.",
+            g.budget().refused(),
+        )?;
+        counter(
+            &mut e,
+            "rate_limit_waits",
+            "Attempts that waited for a rate-limit slot.",
+            g.limiter().waited(),
+        )?;
+        counter(
+            &mut e,
+            "rate_limit_rejections",
+            "Attempts refused by the rate limiter (429).",
+            g.limiter().rejected(),
+        )?;
+        let fallback = matches!(g.limiter().backend_state(), BackendState::Fallback(_));
+        gauge(
+            &mut e,
+            "rate_limit_fallback",
+            "1 while the shared (Redis) rate limiter is away and fail_mode decides.",
+            i64::from(fallback),
+        )?;
+        let state = match g.breaker().state() {
+            State::Closed => 0,
+            State::Open => 1,
+            State::HalfOpen => 2,
+        };
+        gauge(
+            &mut e,
+            "circuit_state",
+            "Circuit breaker: 0 closed, 1 open, 2 half-open.",
+            state,
+        )?;
+        gauge(
+            &mut e,
+            "calls_in_flight",
+            "Calls being answered.",
+            m.in_flight(),
+        )?;
+        counter(
+            &mut e,
+            "secret_reloads",
+            "Secrets reloaded from their files.",
+            m.secret_reloads.load(Ordering::Relaxed),
+        )?;
+        counter(
+            &mut e,
+            "secret_reload_failures",
+            "Secret files that changed but could not be used.",
+            m.secret_reload_failures.load(Ordering::Relaxed),
+        )?;
+        Ok(())
+    }
+}
+
+/// The registry for one gateway.
+#[derive(Debug)]
+pub struct Exporter {
+    registry: Registry,
+}
+
+impl Exporter {
+    pub fn new(gateway: Arc<Gateway>) -> Exporter {
+        let mut registry = Registry::with_prefix("pandagate");
+        let m = gateway.metrics();
+        registry.register(
+            "calls",
+            "Calls answered, by route class, HTTP status and provider code.",
+            m.calls.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time from a call's arrival to the end of its response.",
+            m.duration.clone(),
+        );
+        registry.register(
+            "upstream_duration_seconds",
+            "Time from sending an upstream attempt to its response head.",
+            m.upstream_duration.clone(),
+        );
+        registry.register(
+            "upstream_attempts",
+            "Upstream attempts, first attempts and retries.",
+            m.attempts.clone(),
+        );
+        registry.register("retries", "Retries, by reason.", m.retries.clone());
+        registry.register_collector(Box::new(StateCollector { gateway }));
+        Exporter { registry }
+    }
+
+    /// The Prometheus text exposition (format 0.0.4).
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(8 * 1024);
+        if prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry).is_err() {
+            let _ = writeln!(out, "# encoding failed");
+        }
+        out
+    }
+}
