@@ -2,8 +2,6 @@
 //! `GET /metrics` (Prometheus text) and `POST /quitquitquit` (drain and exit,
 //! for Jobs whose main container has finished).
 
-use std::sync::Arc;
-
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
@@ -11,8 +9,7 @@ use hyper::body::Incoming;
 use tokio::sync::watch;
 
 use crate::limiter::BackendState;
-use crate::metrics::Exporter;
-use crate::proxy::Gateway;
+use crate::metrics::{Exporter, GatewaySource};
 
 /// Process-wide drain state: once draining, readiness fails and listeners
 /// stop accepting.
@@ -53,15 +50,20 @@ impl Drain {
 }
 
 /// What the admin endpoints read.
-#[derive(Debug)]
 pub struct Admin {
-    gateway: Arc<Gateway>,
+    gateway: GatewaySource,
     exporter: Exporter,
     drain: Drain,
 }
 
+impl std::fmt::Debug for Admin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admin").field("drain", &self.drain).finish()
+    }
+}
+
 impl Admin {
-    pub fn new(gateway: Arc<Gateway>, drain: Drain) -> Admin {
+    pub fn new(gateway: GatewaySource, drain: Drain) -> Admin {
         Admin {
             exporter: Exporter::new(gateway.clone()),
             gateway,
@@ -97,7 +99,7 @@ impl Admin {
     /// then), the rate-limit backend answering or in its declared fallback,
     /// and not draining.
     fn readiness(&self) -> Response<Full<Bytes>> {
-        let limiter = match self.gateway.limiter().backend_state() {
+        let limiter = match (self.gateway)().limiter().backend_state() {
             BackendState::Local => "local".to_owned(),
             BackendState::Redis => "redis".to_owned(),
             BackendState::Fallback(mode) => {

@@ -1,9 +1,10 @@
 //! The command line: `run` (default), `check`, `demo`, `sandbox`, `sign`.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 use std::time::SystemTime;
 
 use clap::{Parser, Subcommand};
@@ -11,11 +12,15 @@ use clap::{Parser, Subcommand};
 use crate::access_log::AccessLog;
 use crate::admin::{Admin, Drain};
 use crate::config::{self, ConfigError, Loaded, process_env};
+use crate::metrics::Metrics;
+use crate::proxy::Gateway;
 use crate::sandbox::{DEMO_ACCESS_KEY, DEMO_SECRET, Sandbox};
 use crate::secret::Secret;
 use crate::server::{self, ServerOptions};
 use crate::signer::{self, Recipe, TimestampUnit};
-use crate::{ids, proxy, telemetry};
+use crate::{ids, reload, telemetry};
+
+use arc_swap::ArcSwap;
 
 /// Exit status for an invalid configuration (EX_CONFIG... sysexits' EX_USAGE, 64).
 pub const EXIT_CONFIG: u8 = 64;
@@ -99,7 +104,9 @@ pub fn main() -> ExitCode {
     };
     let path = cli.config.as_deref();
     match cli.command.unwrap_or(Command::Run) {
-        Command::Run => with_config(path, |loaded| runtime.block_on(run(loaded))),
+        Command::Run => with_config(path, |loaded| {
+            runtime.block_on(run(loaded, path.map(Path::to_path_buf)))
+        }),
         Command::Check => with_config(path, |loaded| {
             check(&loaded);
             ExitCode::SUCCESS
@@ -145,14 +152,17 @@ fn config_failure(e: &ConfigError) -> ExitCode {
     ExitCode::from(EXIT_CONFIG)
 }
 
-async fn run(loaded: Loaded) -> ExitCode {
+async fn run(loaded: Loaded, config_path: Option<PathBuf>) -> ExitCode {
     let format = telemetry::resolve_format(loaded.config.log.format);
     telemetry::init(format);
     let (log, _writer) = AccessLog::spawn(format, Box::new(std::io::stdout()));
-    let gateway = match proxy::build(&loaded, log.clone()) {
+    // Metrics outlive config reloads; the gateway itself is swapped whole.
+    let metrics = Arc::new(Metrics::default());
+    let gateway = match Gateway::with_metrics(&loaded, log.clone(), metrics.clone()) {
         Ok(g) => g,
         Err(e) => return config_failure(&e),
     };
+    let current: reload::Current = Arc::new(ArcSwap::from_pointee(gateway));
     let server_config = &loaded.config.server;
     let listener = match server::bind(server_config.listen, "gateway").await {
         Ok(l) => l,
@@ -196,8 +206,37 @@ async fn run(loaded: Loaded) -> ExitCode {
         }
     });
 
+    // SIGHUP reloads the whole config; secret files are re-read on their own.
+    tokio::spawn(reload::watch_secret_files(
+        current.clone(),
+        metrics.clone(),
+        Duration::from_millis(server_config.secret_poll_ms),
+    ));
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(mut hangups) => {
+            let (current, log, metrics) = (current.clone(), log.clone(), metrics.clone());
+            tokio::spawn(async move {
+                while hangups.recv().await.is_some() {
+                    tracing::info!("SIGHUP: reloading the config");
+                    reload::reload(
+                        config_path.as_deref(),
+                        &process_env,
+                        &current,
+                        &log,
+                        &metrics,
+                    );
+                }
+            });
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot watch SIGHUP; config reload is off"),
+    }
+
     let opts = ServerOptions::from(server_config);
-    let admin = Arc::new(Admin::new(gateway.clone(), drain.clone()));
+    let source = {
+        let current = current.clone();
+        Arc::new(move || current.load_full())
+    };
+    let admin = Arc::new(Admin::new(source, drain.clone()));
     let (traffic_done, admin_stop) = tokio::sync::oneshot::channel::<()>();
     // The admin listener outlives the traffic listener, so that readiness
     // reports the drain while calls finish.
@@ -218,11 +257,11 @@ async fn run(loaded: Loaded) -> ExitCode {
         default_profile = %loaded.config.default_profile,
         "gateway ready"
     );
-    let traffic = gateway.clone();
     server::serve(
         listener,
         move |req| {
-            let gateway = traffic.clone();
+            // The gateway current when the call arrived serves it to the end.
+            let gateway = current.load_full();
             async move { gateway.handle(req).await }
         },
         opts,
@@ -242,7 +281,7 @@ fn check(loaded: &Loaded) {
         println!(
             "# profile {:?}: secret loaded ({} bytes, redacted)",
             &*p.name,
-            p.secret.len()
+            p.secret.current().len()
         );
     }
     print!("{}", loaded.config.to_toml());
@@ -272,7 +311,7 @@ fn sign(
         access_key,
         &timestamp,
         &nonce,
-        p.secret.expose(),
+        p.secret.current().expose(),
     );
     let signature = String::from_utf8_lossy(&signature);
     println!("profile:        {}", p.name);

@@ -78,6 +78,8 @@ pub struct ServerConfig {
     pub buffer_body_bytes: u64,
     /// On SIGTERM/SIGINT, how long calls in flight may take to finish, in milliseconds.
     pub shutdown_grace_ms: u64,
+    /// How often secret files are re-read for rotation, in milliseconds.
+    pub secret_poll_ms: u64,
 }
 
 /// The provider.
@@ -185,6 +187,7 @@ impl Default for ServerConfig {
             max_request_body_bytes: 8 * 1024 * 1024,
             buffer_body_bytes: 1024 * 1024,
             shutdown_grace_ms: 20_000,
+            secret_poll_ms: 1_000,
         }
     }
 }
@@ -374,6 +377,7 @@ impl Config {
             ("server.max_request_body_bytes", s.max_request_body_bytes),
             ("server.buffer_body_bytes", s.buffer_body_bytes),
             ("server.shutdown_grace_ms", s.shutdown_grace_ms),
+            ("server.secret_poll_ms", s.secret_poll_ms),
             ("upstream.connect_timeout_ms", u.connect_timeout_ms),
             ("upstream.request_timeout_ms", u.request_timeout_ms),
             ("upstream.pool_idle_timeout_ms", u.pool_idle_timeout_ms),
@@ -487,6 +491,17 @@ pub fn upstream_base(url: &str) -> Result<Uri, String> {
     Ok(uri)
 }
 
+/// Reads a secret file: its content less trailing whitespace, not empty.
+pub fn read_secret_file(path: &Path) -> Result<Secret, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let value = text.trim_end();
+    if value.is_empty() {
+        return Err(format!("{} is empty", path.display()));
+    }
+    Ok(Secret::new(value))
+}
+
 /// Reads a profile's secret from its environment variable or file.
 pub fn load_secret(p: &ProfileConfig, key: &str, env: Env<'_>) -> Result<Secret, ConfigError> {
     let value = match (&p.secret_env, &p.secret_file) {
@@ -502,12 +517,10 @@ pub fn load_secret(p: &ProfileConfig, key: &str, env: Env<'_>) -> Result<Secret,
                 format_args!("environment variable {var} is not set"),
             )
         })?,
-        (None, Some(file)) => std::fs::read_to_string(file).map_err(|e| {
-            ConfigError::new(
-                format!("{key}.secret_file"),
-                format_args!("cannot read {}: {e}", file.display()),
-            )
-        })?,
+        (None, Some(file)) => {
+            return read_secret_file(file)
+                .map_err(|m| ConfigError::new(format!("{key}.secret_file"), m));
+        }
         (None, None) => {
             return Err(ConfigError::new(
                 format!("{key}.secret_env"),
@@ -551,7 +564,7 @@ mod tests {
         assert_eq!(loaded.config.upstream.url, "https://api.pandapon.com");
         assert_eq!(loaded.profiles.len(), 1);
         assert_eq!(&*loaded.profiles[0].name, "default");
-        assert_eq!(loaded.profiles[0].secret.expose(), "s3cr3t-value");
+        assert_eq!(loaded.profiles[0].secret.current().expose(), "s3cr3t-value");
     }
 
     #[test]

@@ -25,6 +25,7 @@ pub mod limiter;
 pub mod metrics;
 pub mod profiles;
 pub mod proxy;
+pub mod reload;
 pub mod retry;
 pub mod routes;
 pub mod sandbox;

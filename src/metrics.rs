@@ -52,6 +52,7 @@ pub struct Metrics {
     in_flight: AtomicI64,
     secret_reloads: AtomicU64,
     secret_reload_failures: AtomicU64,
+    config_reloads: AtomicU64,
 }
 
 fn latency_histogram() -> Histogram {
@@ -70,6 +71,7 @@ impl Default for Metrics {
             in_flight: AtomicI64::new(0),
             secret_reloads: AtomicU64::new(0),
             secret_reload_failures: AtomicU64::new(0),
+            config_reloads: AtomicU64::new(0),
         }
     }
 }
@@ -127,15 +129,27 @@ impl Metrics {
         }
     }
 
+    pub fn config_reloaded(&self) {
+        self.config_reloads.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn in_flight(&self) -> i64 {
         self.in_flight.load(Ordering::Relaxed)
     }
 }
 
+/// Where the collector finds the gateway serving now (it changes on reload).
+pub type GatewaySource = Arc<dyn Fn() -> Arc<Gateway> + Send + Sync>;
+
 /// Reads component state at scrape time.
-#[derive(Debug)]
 struct StateCollector {
-    gateway: Arc<Gateway>,
+    gateway: GatewaySource,
+}
+
+impl std::fmt::Debug for StateCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StateCollector")
+    }
 }
 
 fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> std::fmt::Result {
@@ -150,7 +164,7 @@ fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, v: i64) -> std::fmt:
 
 impl Collector for StateCollector {
     fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
-        let g = &self.gateway;
+        let g = (self.gateway)();
         let m = g.metrics();
         counter(
             &mut e,
@@ -206,6 +220,12 @@ impl Collector for StateCollector {
             "Secret files that changed but could not be used.",
             m.secret_reload_failures.load(Ordering::Relaxed),
         )?;
+        counter(
+            &mut e,
+            "config_reloads",
+            "Configs reloaded on SIGHUP.",
+            m.config_reloads.load(Ordering::Relaxed),
+        )?;
         Ok(())
     }
 }
@@ -217,9 +237,10 @@ pub struct Exporter {
 }
 
 impl Exporter {
-    pub fn new(gateway: Arc<Gateway>) -> Exporter {
+    pub fn new(gateway: GatewaySource) -> Exporter {
         let mut registry = Registry::with_prefix("pandagate");
-        let m = gateway.metrics();
+        let current = gateway();
+        let m = current.metrics();
         registry.register(
             "calls",
             "Calls answered, by route class, HTTP status and provider code.",

@@ -11,14 +11,17 @@ use http::HeaderValue;
 
 use crate::config::{ConfigError, Env, ProfileConfig, load_secret};
 use crate::error::GatewayError;
-use crate::secret::Secret;
+use crate::secret::SecretCell;
 
 /// A loaded profile. `Debug` shows no secret.
 #[derive(Debug, Clone)]
 pub struct Profile {
     pub name: Arc<str>,
     pub access_key: HeaderValue,
-    pub secret: Secret,
+    /// Replaced in place when `secret_file` changes.
+    pub secret: SecretCell,
+    /// Where the secret is re-read from, if it came from a file.
+    pub secret_file: Option<std::path::PathBuf>,
     pub user_id: Option<HeaderValue>,
     pub allowed_user_ids: Option<Vec<HeaderValue>>,
     pub selectable: bool,
@@ -78,7 +81,8 @@ impl Profile {
         Ok(Profile {
             name: Arc::from(p.name.as_str()),
             access_key,
-            secret: load_secret(p, key, env)?,
+            secret: SecretCell::new(load_secret(p, key, env)?),
+            secret_file: p.secret_file.clone(),
             user_id,
             allowed_user_ids,
             selectable: p.selectable,
@@ -147,6 +151,10 @@ impl Profiles {
         &self.list[self.default]
     }
 
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Profile>> {
+        self.list.iter()
+    }
+
     pub fn get(&self, name: &str) -> Option<&Arc<Profile>> {
         self.list.iter().find(|p| &*p.name == name)
     }
@@ -177,7 +185,8 @@ mod tests {
         Profile {
             name: name.into(),
             access_key: HeaderValue::from_static("ak"),
-            secret: Secret::new("s"),
+            secret: SecretCell::new(crate::secret::Secret::new("s")),
+            secret_file: None,
             user_id: Some(HeaderValue::from_static("1000")),
             allowed_user_ids: allowed.map(|l| {
                 l.iter()

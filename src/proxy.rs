@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use crate::access_log::{AccessLog, AccessRecord};
 use crate::body::{self, BodyTooLarge, ResponseBody, UpstreamBody};
 use crate::breaker::{Breaker, State as BreakerState};
-use crate::config::{ConfigError, Loaded, SigningConfig};
+use crate::config::{ConfigError, Loaded, ServerConfig, SigningConfig};
 use crate::envelope;
 use crate::error::GatewayError;
 use crate::headers::{self, X_PANDAGATE_PROFILE, X_REQUEST_ID};
@@ -50,6 +50,7 @@ pub struct Gateway {
     breaker: Breaker,
     limiter: Limiter,
     metrics: Arc<Metrics>,
+    server: ServerConfig,
     max_body: u64,
     buffer_body: u64,
     request_timeout: Duration,
@@ -62,6 +63,15 @@ type Answer = Result<Response<ResponseBody>, GatewayError>;
 
 impl Gateway {
     pub fn new(loaded: &Loaded, access_log: AccessLog) -> Result<Gateway, ConfigError> {
+        Self::with_metrics(loaded, access_log, Arc::new(Metrics::default()))
+    }
+
+    /// A gateway recording into `metrics`, which outlive config reloads.
+    pub fn with_metrics(
+        loaded: &Loaded,
+        access_log: AccessLog,
+        metrics: Arc<Metrics>,
+    ) -> Result<Gateway, ConfigError> {
         let c = &loaded.config;
         let profiles = Profiles::new(loaded.profiles.clone(), &c.default_profile);
         let routes = Routes::new(&c.routes);
@@ -75,7 +85,8 @@ impl Gateway {
             profiles,
             routes,
             limiter,
-            metrics: Arc::new(Metrics::default()),
+            metrics,
+            server: c.server.clone(),
             signing: c.signing.clone(),
             retry: c.retry.clone(),
             budget: Budget::new(
@@ -110,6 +121,15 @@ impl Gateway {
 
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    pub fn profiles(&self) -> &Profiles {
+        &self.profiles
+    }
+
+    /// The listener settings this gateway was built with.
+    pub fn server_config(&self) -> &ServerConfig {
+        &self.server
     }
 
     /// Answers one call. Never fails: errors become envelopes.
@@ -404,7 +424,7 @@ impl Gateway {
             access_key,
             &ts,
             nonce_str,
-            profile.secret.expose(),
+            profile.secret.current().expose(),
         );
         let mut signature =
             HeaderValue::from_bytes(&signature).expect("hex is a valid header value");

@@ -39,9 +39,49 @@ impl fmt::Display for Secret {
     }
 }
 
+/// A secret that can be replaced while it is in use (rotation): readers get
+/// the current value without locking; `Debug` shows nothing.
+#[derive(Clone)]
+pub struct SecretCell(Arc<arc_swap::ArcSwap<Secret>>);
+
+impl SecretCell {
+    pub fn new(secret: Secret) -> Self {
+        Self(Arc::new(arc_swap::ArcSwap::from_pointee(secret)))
+    }
+
+    /// The current secret.
+    pub fn current(&self) -> arc_swap::Guard<Arc<Secret>> {
+        self.0.load()
+    }
+
+    /// Replaces the secret; returns `false` when it was already this value.
+    pub fn replace(&self, secret: Secret) -> bool {
+        if **self.0.load() == secret {
+            return false;
+        }
+        self.0.store(Arc::new(secret));
+        true
+    }
+}
+
+impl fmt::Debug for SecretCell {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cell_swaps_its_secret_and_hides_it() {
+        let cell = SecretCell::new(Secret::new("old-value"));
+        assert!(!cell.replace(Secret::new("old-value")));
+        assert!(cell.replace(Secret::new("new-value")));
+        assert_eq!(cell.current().expose(), "new-value");
+        assert_eq!(format!("{cell:?}"), "<redacted>");
+    }
 
     #[test]
     fn debug_and_display_never_show_the_value() {

@@ -35,7 +35,8 @@ async fn series_count_calls_attempts_retries_and_limits() {
     assert_eq!(get(&gw.url("/open/product/get")).await.status, 429); // quota of 3 spent
     gw.access_log_of(3).await;
 
-    let text = Exporter::new(gw.gateway.clone()).render();
+    let gateway = gw.gateway.clone();
+    let text = Exporter::new(std::sync::Arc::new(move || gateway.clone())).render();
     let has = |line: &str| assert!(text.contains(line), "missing {line:?} in:\n{text}");
     has(r#"pandagate_calls_total{class="read",status="200",code="200"} 1"#);
     has(r#"pandagate_calls_total{class="write",status="200",code="200"} 1"#);

@@ -2,62 +2,23 @@
 
 mod support;
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncBufReadExt, BufReader, Lines};
-use tokio::process::{Child, ChildStderr, Command};
+use support::Running;
+use tokio::process::Child;
 use wiremock::ResponseTemplate;
-
-const BIN: &str = env!("CARGO_BIN_EXE_pandagate");
-
-struct Running {
-    child: Child,
-    _stderr: Lines<BufReader<ChildStderr>>,
-    gateway: String,
-    admin: String,
-}
 
 /// Starts the binary against `upstream` and waits for both listeners.
 async fn start(upstream: &str) -> Running {
-    let mut child = Command::new(BIN)
-        .env_clear()
-        .env("PANDAPON_ACCESS_KEY", "ak")
-        .env("PANDAPON_ACCESS_SECRET", "sk-shutdown-test")
-        .env("PANDAGATE_LISTEN", "127.0.0.1:0")
-        .env("PANDAGATE_ADMIN_LISTEN", "127.0.0.1:0")
-        .env("PANDAGATE_UPSTREAM", upstream)
-        .env("PANDAGATE_LOG_FORMAT", "json")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
-    let (mut gateway, mut admin) = (None, None);
-    let found = tokio::time::timeout(Duration::from_secs(20), async {
-        while let Some(line) = stderr.next_line().await.unwrap() {
-            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-            let addr = v["addr"].as_str().map(str::to_owned);
-            match v["message"].as_str() {
-                Some("gateway listening") => gateway = addr,
-                Some("admin listening") => admin = addr,
-                _ => {}
-            }
-            if gateway.is_some() && admin.is_some() {
-                return;
-            }
-        }
-        panic!("exited before listening");
-    })
-    .await;
-    assert!(found.is_ok(), "listening within 20 s");
-    Running {
-        child,
-        _stderr: stderr,
-        gateway: gateway.unwrap(),
-        admin: admin.unwrap(),
-    }
+    support::launch(
+        &[],
+        &[
+            ("PANDAPON_ACCESS_KEY", "ak"),
+            ("PANDAPON_ACCESS_SECRET", "sk-shutdown-test"),
+            ("PANDAGATE_UPSTREAM", upstream),
+        ],
+    )
+    .await
 }
 
 fn signal(child: &Child, sig: &str) {

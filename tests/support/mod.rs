@@ -410,3 +410,55 @@ impl Drop for RedisServer {
         let _ = self.child.wait();
     }
 }
+
+/// The real binary, serving, with both listeners known.
+pub struct Running {
+    pub child: tokio::process::Child,
+    /// Diagnostics not yet read; kept so the pipe stays open.
+    pub stderr: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStderr>>,
+    pub gateway: String,
+    pub admin: String,
+}
+
+/// Starts `pandagate ARGS` with only `env` (plus free loopback ports and
+/// JSON logs) and waits until both listeners are up.
+pub async fn launch(args: &[&str], env: &[(&str, &str)]) -> Running {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pandagate"))
+        .args(args)
+        .env_clear()
+        .env("PANDAGATE_LISTEN", "127.0.0.1:0")
+        .env("PANDAGATE_ADMIN_LISTEN", "127.0.0.1:0")
+        .env("PANDAGATE_LOG_FORMAT", "json")
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stderr = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let (mut gateway, mut admin) = (None, None);
+    let found = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = stderr.next_line().await.unwrap() {
+            let v: Value = serde_json::from_str(&line).unwrap();
+            let addr = v["addr"].as_str().map(str::to_owned);
+            match v["message"].as_str() {
+                Some("gateway listening") => gateway = addr,
+                Some("admin listening") => admin = addr,
+                _ => {}
+            }
+            if gateway.is_some() && admin.is_some() {
+                return;
+            }
+        }
+        panic!("exited before listening");
+    })
+    .await;
+    assert!(found.is_ok(), "listening within 20 s");
+    Running {
+        child,
+        stderr,
+        gateway: gateway.unwrap(),
+        admin: admin.unwrap(),
+    }
+}

@@ -1,0 +1,99 @@
+//! Changes picked up without a restart.
+//!
+//! * Secret files are re-read every `server.secret_poll_ms`: a changed secret
+//!   is used from the next attempt on, so calls in flight are not failed.
+//!   Polling (rather than inotify) follows Kubernetes' atomic symlink swap of
+//!   a mounted Secret without special cases: each read resolves the link.
+//! * `SIGHUP` reloads the whole config: a valid one replaces the running
+//!   gateway atomically (calls in flight finish on the old one); an invalid
+//!   one is logged and the old one keeps serving. Listener addresses are
+//!   bound once: changing them needs a restart. Retry budget, breaker and
+//!   limiter state start afresh with the new config.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+
+use crate::access_log::AccessLog;
+use crate::config::{self, Env};
+use crate::metrics::Metrics;
+use crate::proxy::Gateway;
+use crate::secret::Secret;
+
+/// The gateway serving now; replaced whole on reload.
+pub type Current = Arc<ArcSwap<Gateway>>;
+
+/// Re-reads every profile's secret file each `interval`, forever.
+pub async fn watch_secret_files(current: Current, metrics: Arc<Metrics>, interval: Duration) {
+    // Profiles whose file is currently unusable: logged and counted once
+    // per failure, not once per poll.
+    let mut failing: HashSet<Arc<str>> = HashSet::new();
+    loop {
+        tokio::time::sleep(interval).await;
+        let gateway = current.load_full();
+        for profile in gateway.profiles().iter() {
+            let Some(path) = &profile.secret_file else {
+                continue;
+            };
+            match read(path.clone()).await {
+                Ok(secret) => {
+                    failing.remove(&profile.name);
+                    if profile.secret.replace(secret) {
+                        metrics.secret_reloaded(true);
+                        tracing::info!(profile = %profile.name, "secret reloaded from its file");
+                    }
+                }
+                Err(e) => {
+                    if failing.insert(profile.name.clone()) {
+                        metrics.secret_reloaded(false);
+                        tracing::warn!(
+                            profile = %profile.name,
+                            error = %e,
+                            "secret file unusable; keeping the current secret"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn read(path: PathBuf) -> Result<Secret, String> {
+    tokio::task::spawn_blocking(move || config::read_secret_file(&path))
+        .await
+        .map_err(|e| e.to_string())?
+}
+
+/// Loads the config again and, if it is valid, makes it the running one.
+pub fn reload(
+    path: Option<&std::path::Path>,
+    env: Env<'_>,
+    current: &Current,
+    log: &AccessLog,
+    metrics: &Arc<Metrics>,
+) {
+    let loaded = match config::load(path, env) {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            tracing::warn!(error = %e, "config reload rejected; the running config stays");
+            return;
+        }
+    };
+    let running = current.load();
+    let old = running.server_config();
+    let new = &loaded.config.server;
+    if new.listen != old.listen || new.admin_listen != old.admin_listen {
+        tracing::warn!("listener addresses changed: they take effect after a restart");
+    }
+    match Gateway::with_metrics(&loaded, log.clone(), metrics.clone()) {
+        Ok(gateway) => {
+            current.store(Arc::new(gateway));
+            metrics.config_reloaded();
+            tracing::info!(profiles = loaded.profiles.len(), "config reloaded");
+        }
+        Err(e) => tracing::warn!(error = %e, "config reload rejected; the running config stays"),
+    }
+}

@@ -1,0 +1,146 @@
+//! Secret rotation and SIGHUP, on the real binary.
+
+mod support;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use wiremock::ResponseTemplate;
+
+fn ok() -> ResponseTemplate {
+    ResponseTemplate::new(200)
+        .set_body_raw(support::provider_body("r", 200, "ok"), "application/json")
+}
+
+/// Writes `value` the way the kubelet updates a mounted Secret: a new
+/// timestamped directory, then an atomic rename of the `..data` link.
+fn kubelet_write(dir: &Path, version: &str, value: &str) {
+    let versioned = dir.join(format!("..{version}"));
+    std::fs::create_dir(&versioned).unwrap();
+    std::fs::write(versioned.join("secret"), value).unwrap();
+    let tmp = dir.join("..data_tmp");
+    std::os::unix::fs::symlink(format!("..{version}"), &tmp).unwrap();
+    std::fs::rename(&tmp, dir.join("..data")).unwrap();
+    if !dir.join("secret").exists() {
+        std::os::unix::fs::symlink("..data/secret", dir.join("secret")).unwrap();
+    }
+}
+
+fn signal(child: &tokio::process::Child, sig: &str) {
+    let pid = child.id().unwrap().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secret_swapped_the_kubernetes_way_is_used_without_failing_a_call() {
+    let upstream = support::upstream_answering(ok()).await;
+    let dir = tempfile::tempdir().unwrap();
+    kubelet_write(dir.path(), "v1", "secret-one\n");
+    let config = dir.path().join("pandagate.toml");
+    std::fs::write(&config, "[server]\nsecret_poll_ms = 100\n").unwrap();
+    let secret_path = dir.path().join("secret");
+    let gw = support::launch(
+        &["--config", config.to_str().unwrap()],
+        &[
+            ("PANDAPON_ACCESS_KEY", "ak-rot"),
+            ("PANDAPON_ACCESS_SECRET_FILE", secret_path.to_str().unwrap()),
+            ("PANDAGATE_UPSTREAM", &upstream.uri()),
+        ],
+    )
+    .await;
+
+    let url = format!("http://{}/open/product/get", gw.gateway);
+    let caller = tokio::spawn(async move {
+        let until = Instant::now() + Duration::from_millis(1500);
+        let (mut calls, mut failed) = (0, 0);
+        while Instant::now() < until {
+            calls += 1;
+            if support::get(&url).await.status != 200 {
+                failed += 1;
+            }
+        }
+        (calls, failed)
+    });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    kubelet_write(dir.path(), "v2", "secret-two\n");
+    let (calls, failed) = caller.await.unwrap();
+    assert_eq!(
+        failed, 0,
+        "no call failed because of the swap ({calls} calls)"
+    );
+
+    let received = upstream.received_requests().await.unwrap();
+    let secret_of = |r: &wiremock::Request| {
+        let h = |n: &str| r.headers[n].to_str().unwrap().to_owned();
+        let (ts, nonce, sig) = (h("timestamp"), h("nonce-str"), h("signature"));
+        ["secret-one", "secret-two"]
+            .into_iter()
+            .find(|s| support::expected_signature("ak-rot", &ts, &nonce, s) == sig)
+            .expect("every call is signed with the old or the new secret")
+    };
+    let used: Vec<&str> = received.iter().map(secret_of).collect();
+    assert_eq!(used.first(), Some(&"secret-one"));
+    assert_eq!(
+        used.last(),
+        Some(&"secret-two"),
+        "the provider sees the new secret"
+    );
+    let switch = used.iter().position(|s| *s == "secret-two").unwrap();
+    assert!(
+        used[switch..].iter().all(|s| *s == "secret-two"),
+        "no flip-flopping"
+    );
+
+    let metrics = support::get(&format!("http://{}/metrics", gw.admin)).await;
+    let text = String::from_utf8(metrics.body.to_vec()).unwrap();
+    assert!(text.contains("pandagate_secret_reloads_total 1"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_applies_a_valid_config_and_keeps_serving_on_a_broken_one() {
+    let first = support::upstream_answering(ok()).await;
+    let second = support::upstream_answering(ok()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("pandagate.toml");
+    let upstream_toml = |url: &str| format!("[upstream]\nurl = \"{url}\"\n");
+    std::fs::write(&config, upstream_toml(&first.uri())).unwrap();
+    let mut gw = support::launch(
+        &["--config", config.to_str().unwrap()],
+        &[
+            ("PANDAPON_ACCESS_KEY", "ak"),
+            ("PANDAPON_ACCESS_SECRET", "sk-hup"),
+        ],
+    )
+    .await;
+    let url = format!("http://{}/open/product/get", gw.gateway);
+    let call = || support::get(&url);
+    assert_eq!(call().await.status, 200);
+
+    std::fs::write(&config, "[upstream\nurl = broken").unwrap();
+    signal(&gw.child, "-HUP");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(call().await.status, 200, "the old config keeps serving");
+    assert_eq!(first.received_requests().await.unwrap().len(), 2);
+
+    std::fs::write(&config, upstream_toml(&second.uri())).unwrap();
+    signal(&gw.child, "-HUP");
+    let mut moved = false;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(call().await.status, 200);
+        if !second.received_requests().await.unwrap().is_empty() {
+            moved = true;
+            break;
+        }
+    }
+    assert!(moved, "the valid config took effect");
+    signal(&gw.child, "-TERM");
+    let status = tokio::time::timeout(Duration::from_secs(10), gw.child.wait()).await;
+    assert_eq!(status.unwrap().unwrap().code(), Some(0));
+}
