@@ -9,7 +9,7 @@
 //!
 //! JSON line fields: `ts`, `event` (`"access"`), `request_id` and `code` and
 //! `msg` (from the provider's envelope, or null), `status`, `upstream_status`,
-//! `method`, `path` (never the query string), `profile`, `class`, `attempts`,
+//! `method`, `path` (never the query string), `profile`, `client`, `class`, `attempts`,
 //! `retry_reasons`, `retry_skipped`, `latency_ms`, `x_request_id`, `error`
 //! (the gateway's error kind, or null).
 
@@ -35,6 +35,8 @@ pub struct AccessRecord {
     pub path: String,
     pub x_request_id: HeaderValue,
     pub profile: Option<Arc<str>>,
+    /// The authenticated caller, when `[[clients]]` are configured.
+    pub client: Option<Arc<str>>,
     pub status: u16,
     pub upstream_status: Option<u16>,
     pub attempts: u32,
@@ -64,6 +66,7 @@ struct Line<'a> {
     method: &'a str,
     path: &'a str,
     profile: Option<&'a str>,
+    client: Option<&'a str>,
     class: Option<&'static str>,
     attempts: u32,
     retry_reasons: &'a [String],
@@ -136,6 +139,7 @@ impl AccessLog {
             method: r.method.as_str(),
             path: &r.path,
             profile: r.profile.as_deref(),
+            client: r.client.as_deref(),
             class: r.class.map(Class::as_str),
             attempts: r.attempts,
             retry_reasons: &r.retry_reasons,
@@ -282,6 +286,7 @@ mod tests {
             path: "/alibaba/order/create".into(),
             x_request_id: HeaderValue::from_static("req-1"),
             profile: Some("default".into()),
+            client: None,
             status: 200,
             upstream_status: Some(200),
             attempts: 1,

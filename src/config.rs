@@ -17,6 +17,7 @@ use http::Uri;
 use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
 
+use crate::auth::{Client, ClientConfig};
 use crate::breaker::BreakerConfig;
 use crate::limiter::RateLimitConfig;
 use crate::retry::RetryConfig;
@@ -54,6 +55,11 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     /// Credential profiles; `PANDAPON_*` variables fill the one named `default`.
     pub profiles: Vec<ProfileConfig>,
+    /// Callers of a shared gateway, each with a bearer token; none: no
+    /// caller authentication.
+    pub clients: Vec<ClientConfig>,
+    /// Serve without `[[clients]]` on a non-loopback listener.
+    pub allow_unauthenticated: bool,
 }
 
 /// The listener that internal services call.
@@ -172,6 +178,8 @@ impl Default for Config {
             rate_limit: None,
             routes: Vec::new(),
             profiles: Vec::new(),
+            clients: Vec::new(),
+            allow_unauthenticated: false,
         }
     }
 }
@@ -243,6 +251,7 @@ impl std::error::Error for ConfigError {}
 pub struct Loaded {
     pub config: Config,
     pub profiles: Vec<crate::profiles::Profile>,
+    pub clients: Vec<Client>,
 }
 
 /// Reads `path` (if any), applies the environment, validates, loads secrets.
@@ -272,7 +281,17 @@ pub fn resolve(config: Config, env: Env<'_>) -> Result<Loaded, ConfigError> {
         .enumerate()
         .map(|(i, p)| crate::profiles::Profile::load(p, &format!("profiles[{i}]"), env))
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(Loaded { config, profiles })
+    let clients = config
+        .clients
+        .iter()
+        .enumerate()
+        .map(|(i, c)| Client::load(c, &format!("clients[{i}]"), env))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Loaded {
+        config,
+        profiles,
+        clients,
+    })
 }
 
 impl Config {
@@ -456,6 +475,35 @@ impl Config {
                     format_args!("duplicate profile name {:?}", p.name),
                 ));
             }
+        }
+        for (i, c) in self.clients.iter().enumerate() {
+            if self.clients[..i].iter().any(|d| d.name == c.name) {
+                return Err(ConfigError::new(
+                    format!("clients[{i}].name"),
+                    format_args!("duplicate client name {:?}", c.name),
+                ));
+            }
+            if let Some(unknown) = c
+                .profiles
+                .iter()
+                .find(|p| !self.profiles.iter().any(|q| &q.name == *p))
+            {
+                return Err(ConfigError::new(
+                    format!("clients[{i}].profiles"),
+                    format_args!("no profile named {unknown:?}"),
+                ));
+            }
+        }
+        if self.clients.is_empty() && !self.allow_unauthenticated && !s.listen.ip().is_loopback() {
+            return Err(ConfigError::new(
+                "server.listen",
+                format_args!(
+                    "{} is reachable from other hosts but no [[clients]] are configured: \
+                     add [[clients]] with bearer tokens, listen on loopback, or set \
+                     allow_unauthenticated = true",
+                    s.listen
+                ),
+            ));
         }
         if !self.profiles.iter().any(|p| p.name == self.default_profile) {
             return Err(ConfigError::new(

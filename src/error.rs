@@ -20,6 +20,8 @@ pub enum GatewayError {
     Connect,
     #[error("request target must be a path on the configured upstream")]
     ForeignTarget,
+    #[error("missing or invalid bearer token")]
+    Unauthenticated,
     #[error("x-pandagate-profile names no profile this caller may select")]
     ProfileNotSelectable,
     #[error("user-id is not allowed for this profile")]
@@ -48,6 +50,7 @@ impl GatewayError {
             Self::Connect | Self::ForeignTarget | Self::BadHeader(_) | Self::BodyRead => {
                 StatusCode::BAD_REQUEST
             }
+            Self::Unauthenticated => StatusCode::UNAUTHORIZED,
             Self::ProfileNotSelectable | Self::UserIdNotAllowed => StatusCode::FORBIDDEN,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UpstreamConnect | Self::UpstreamFailed => StatusCode::BAD_GATEWAY,
@@ -62,6 +65,7 @@ impl GatewayError {
         match self {
             Self::Connect => "connect_method",
             Self::ForeignTarget => "foreign_target",
+            Self::Unauthenticated => "unauthenticated",
             Self::ProfileNotSelectable => "profile_not_selectable",
             Self::UserIdNotAllowed => "user_id_not_allowed",
             Self::BadHeader(_) => "bad_header",
@@ -176,6 +180,7 @@ mod tests {
             (ForeignTarget, 400),
             (BadHeader("x-request-id"), 400),
             (BodyRead, 400),
+            (Unauthenticated, 401),
             (ProfileNotSelectable, 403),
             (UserIdNotAllowed, 403),
             (BodyTooLarge { limit: 1 }, 413),

@@ -50,12 +50,15 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Removes the headers the gateway owns on the way upstream: the provider's
-/// system headers and every `x-pandagate-*` control header.
+/// system headers, the caller's `Authorization` and every `x-pandagate-*`
+/// control header.
 pub fn strip_gateway_owned(headers: &mut HeaderMap) {
     for name in CREDENTIAL_HEADERS {
         headers.remove(name);
     }
     headers.remove(header::EXPECT);
+    // The caller's credentials for the gateway, never the provider's business.
+    headers.remove(header::AUTHORIZATION);
     if headers.keys().any(is_control_header) {
         let control: Vec<HeaderName> = headers
             .keys()
@@ -105,6 +108,10 @@ mod tests {
         }
         h.insert(X_PANDAGATE_PROFILE, HeaderValue::from_static("ops"));
         h.insert("x-pandagate-anything", HeaderValue::from_static("1"));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer caller-token"),
+        );
         h.insert("content-type", HeaderValue::from_static("application/json"));
         strip_gateway_owned(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");

@@ -19,6 +19,7 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::access_log::{AccessLog, AccessRecord};
+use crate::auth::Clients;
 use crate::body::{self, BodyTooLarge, ResponseBody, UpstreamBody};
 use crate::breaker::{Breaker, State as BreakerState};
 use crate::config::{ConfigError, Loaded, ServerConfig, SigningConfig};
@@ -43,6 +44,7 @@ const MAX_REQUEST_ID_LEN: usize = 128;
 pub struct Gateway {
     upstream: Upstream,
     profiles: Profiles,
+    clients: Clients,
     routes: Routes,
     signing: SigningConfig,
     retry: RetryConfig,
@@ -83,6 +85,7 @@ impl Gateway {
         Ok(Gateway {
             upstream: Upstream::new(&c.upstream)?,
             profiles,
+            clients: Clients::new(loaded.clients.clone()),
             routes,
             limiter,
             metrics,
@@ -145,6 +148,7 @@ impl Gateway {
             path: req.uri().path().to_owned(),
             x_request_id: x_request_id.clone(),
             profile: None,
+            client: None,
             status: 0,
             upstream_status: None,
             attempts: 0,
@@ -186,10 +190,16 @@ impl Gateway {
         // Request filter: refuse what must never be forwarded.
         self.upstream.check_target(&req)?;
 
-        // Credentials: which profile signs and which user-id is sent.
-        let profile = self
-            .profiles
-            .select(req.headers().get(X_PANDAGATE_PROFILE))?;
+        // Caller: who is calling (when clients are configured), which
+        // profile signs, and which user-id is sent.
+        let requested = req.headers().get(X_PANDAGATE_PROFILE);
+        let profile = match self.clients.authenticate(req.headers())? {
+            None => self.profiles.select(requested)?,
+            Some(client) => {
+                record.client = Some(client.name.clone());
+                client.select(&self.profiles, requested)?
+            }
+        };
         record.profile = Some(profile.name.clone());
         let user_id = profile
             .user_id(req.headers().get(headers::USER_ID))?

@@ -1,0 +1,293 @@
+//! Caller authentication for a shared gateway: `[[clients]]`, each with a
+//! bearer token and the profiles it may use.
+//!
+//! With any client configured, every proxied call must carry
+//! `Authorization: Bearer <token>`; a missing or wrong token gets 401. Tokens
+//! are kept only as SHA-256 digests and compared in constant time against
+//! every client (no early exit), and never logged. The caller's
+//! `Authorization` header is never forwarded upstream, with or without
+//! clients. With no client configured, the gateway refuses to start on a
+//! non-loopback listener unless `allow_unauthenticated = true`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use http::{HeaderMap, HeaderValue, header};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::config::{ConfigError, Env};
+use crate::error::GatewayError;
+use crate::profiles::{Profile, Profiles};
+
+/// A `[[clients]]` entry.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientConfig {
+    /// Shown in the access log as `client`.
+    pub name: String,
+    /// Environment variable holding the token...
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_env: Option<String>,
+    /// ...or a file holding it (trailing whitespace ignored)...
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+    /// ...or its SHA-256, 64 hex characters (the token itself nowhere on disk).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_sha256: Option<String>,
+    /// Profiles this client may use; the first is its default unless the
+    /// gateway's default profile is listed.
+    pub profiles: Vec<String>,
+}
+
+/// A loaded client. `Debug` shows no digest.
+#[derive(Clone)]
+pub struct Client {
+    pub name: Arc<str>,
+    digest: [u8; 32],
+    profiles: Vec<Arc<str>>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("name", &self.name)
+            .field("profiles", &self.profiles)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    pub fn load(c: &ClientConfig, key: &str, env: Env<'_>) -> Result<Client, ConfigError> {
+        if c.name.is_empty() {
+            return Err(ConfigError::new(format!("{key}.name"), "must not be empty"));
+        }
+        if c.profiles.is_empty() {
+            return Err(ConfigError::new(
+                format!("{key}.profiles"),
+                "list at least one profile this client may use",
+            ));
+        }
+        let sources = usize::from(c.token_env.is_some())
+            + usize::from(c.token_file.is_some())
+            + usize::from(c.token_sha256.is_some());
+        if sources != 1 {
+            return Err(ConfigError::new(
+                format!("{key}.token_env"),
+                "set exactly one of token_env, token_file and token_sha256",
+            ));
+        }
+        let digest = if let Some(var) = &c.token_env {
+            let token = env(var).ok_or_else(|| {
+                ConfigError::new(
+                    format!("{key}.token_env"),
+                    format_args!("environment variable {var} is not set"),
+                )
+            })?;
+            digest_of(token.trim_end(), &format!("{key}.token_env"))?
+        } else if let Some(path) = &c.token_file {
+            let token = std::fs::read_to_string(path).map_err(|e| {
+                ConfigError::new(
+                    format!("{key}.token_file"),
+                    format_args!("cannot read {}: {e}", path.display()),
+                )
+            })?;
+            digest_of(token.trim_end(), &format!("{key}.token_file"))?
+        } else {
+            let hex_digest = c.token_sha256.as_deref().unwrap_or_default();
+            let mut digest = [0u8; 32];
+            hex::decode_to_slice(hex_digest, &mut digest).map_err(|_| {
+                ConfigError::new(format!("{key}.token_sha256"), "must be 64 hex characters")
+            })?;
+            digest
+        };
+        Ok(Client {
+            name: Arc::from(c.name.as_str()),
+            digest,
+            profiles: c.profiles.iter().map(|p| Arc::from(p.as_str())).collect(),
+        })
+    }
+
+    /// The profile this client's call uses: the one it names (which must be
+    /// on its list), or its default.
+    pub fn select<'a>(
+        &self,
+        profiles: &'a Profiles,
+        requested: Option<&HeaderValue>,
+    ) -> Result<&'a Arc<Profile>, GatewayError> {
+        let allowed = |name: &str| self.profiles.iter().any(|p| &**p == name);
+        let name = match requested {
+            Some(r) => {
+                let r = r.to_str().map_err(|_| GatewayError::ProfileNotSelectable)?;
+                if !allowed(r) {
+                    return Err(GatewayError::ProfileNotSelectable);
+                }
+                r
+            }
+            None if allowed(&profiles.default_profile().name) => &profiles.default_profile().name,
+            None => &self.profiles[0],
+        };
+        profiles.get(name).ok_or(GatewayError::ProfileNotSelectable)
+    }
+}
+
+fn digest_of(token: &str, key: &str) -> Result<[u8; 32], ConfigError> {
+    if token.is_empty() {
+        return Err(ConfigError::new(key, "the token is empty"));
+    }
+    Ok(Sha256::digest(token.as_bytes()).into())
+}
+
+/// All configured clients.
+#[derive(Clone, Debug, Default)]
+pub struct Clients {
+    list: Vec<Client>,
+}
+
+impl Clients {
+    pub fn new(list: Vec<Client>) -> Clients {
+        Clients { list }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    /// `Ok(None)` when no client is configured (no authentication); the
+    /// caller's client when its bearer token matches one; 401 otherwise.
+    pub fn authenticate(&self, headers: &HeaderMap) -> Result<Option<&Client>, GatewayError> {
+        if self.list.is_empty() {
+            return Ok(None);
+        }
+        let token = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                let (scheme, token) = v.split_once(' ')?;
+                scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+            })
+            .ok_or(GatewayError::Unauthenticated)?;
+        let presented: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let mut found = None;
+        for client in &self.list {
+            // Every client is compared, whatever matched before.
+            if constant_time_eq(&client.digest, &presented) {
+                found = Some(client);
+            }
+        }
+        found.map(Some).ok_or(GatewayError::Unauthenticated)
+    }
+}
+
+fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(diff) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client(name: &str, token: &str, profiles: &[&str]) -> Client {
+        let env = |_: &str| Some(token.to_owned());
+        Client::load(
+            &ClientConfig {
+                name: name.into(),
+                token_env: Some("T".into()),
+                profiles: profiles.iter().map(|p| p.to_string()).collect(),
+                ..ClientConfig::default()
+            },
+            "clients[0]",
+            &env,
+        )
+        .unwrap()
+    }
+
+    fn bearer(token: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
+        );
+        h
+    }
+
+    #[test]
+    fn finds_the_client_whose_token_matches() {
+        let clients = Clients::new(vec![
+            client("a", "tok-a", &["p"]),
+            client("b", "tok-b", &["p"]),
+        ]);
+        assert_eq!(
+            &*clients
+                .authenticate(&bearer("tok-b"))
+                .unwrap()
+                .unwrap()
+                .name,
+            "b"
+        );
+        assert!(matches!(
+            clients.authenticate(&bearer("tok-c")),
+            Err(GatewayError::Unauthenticated)
+        ));
+        assert!(matches!(
+            clients.authenticate(&HeaderMap::new()),
+            Err(GatewayError::Unauthenticated)
+        ));
+        let mut basic = HeaderMap::new();
+        basic.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Basic dG9rLWE="),
+        );
+        assert!(clients.authenticate(&basic).is_err());
+    }
+
+    #[test]
+    fn no_clients_means_no_authentication() {
+        assert!(
+            Clients::default()
+                .authenticate(&HeaderMap::new())
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn sha256_tokens_and_redacted_debug() {
+        // sha256("tok-a"), computed with `printf tok-a | sha256sum`.
+        let c = Client::load(
+            &ClientConfig {
+                name: "a".into(),
+                token_sha256: Some(
+                    "4f66a4283f8bc9768c3cb97fd06d267b79315aee941c9c1727b9354509242ffe".into(),
+                ),
+                profiles: vec!["p".into()],
+                ..ClientConfig::default()
+            },
+            "clients[0]",
+            &|_| None,
+        );
+        let c = c.unwrap();
+        assert!(!format!("{c:?}").contains("4f66"));
+        let clients = Clients::new(vec![c]);
+        assert_eq!(
+            &*clients
+                .authenticate(&bearer("tok-a"))
+                .unwrap()
+                .unwrap()
+                .name,
+            "a"
+        );
+        let bad = Client::load(
+            &ClientConfig {
+                name: "a".into(),
+                token_sha256: Some("xyz".into()),
+                profiles: vec!["p".into()],
+                ..ClientConfig::default()
+            },
+            "clients[0]",
+            &|_| None,
+        );
+        assert_eq!(bad.unwrap_err().key, "clients[0].token_sha256");
+    }
+}
