@@ -26,17 +26,6 @@ fn kubelet_write(dir: &Path, version: &str, value: &str) {
     }
 }
 
-fn signal(child: &tokio::process::Child, sig: &str) {
-    let pid = child.id().unwrap().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args([sig, &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secret_swapped_the_kubernetes_way_is_used_without_failing_a_call() {
     let upstream = support::upstream_answering(ok()).await;
@@ -123,13 +112,13 @@ async fn sighup_applies_a_valid_config_and_keeps_serving_on_a_broken_one() {
     assert_eq!(call().await.status, 200);
 
     std::fs::write(&config, "[upstream\nurl = broken").unwrap();
-    signal(&gw.child, "-HUP");
+    gw.signal("-HUP");
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(call().await.status, 200, "the old config keeps serving");
     assert_eq!(first.received_requests().await.unwrap().len(), 2);
 
     std::fs::write(&config, upstream_toml(&second.uri())).unwrap();
-    signal(&gw.child, "-HUP");
+    gw.signal("-HUP");
     let mut moved = false;
     for _ in 0..50 {
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -140,7 +129,7 @@ async fn sighup_applies_a_valid_config_and_keeps_serving_on_a_broken_one() {
         }
     }
     assert!(moved, "the valid config took effect");
-    signal(&gw.child, "-TERM");
+    gw.signal("-TERM");
     let status = tokio::time::timeout(Duration::from_secs(10), gw.child.wait()).await;
     assert_eq!(status.unwrap().unwrap().code(), Some(0));
 }

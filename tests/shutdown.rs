@@ -21,17 +21,6 @@ async fn start(upstream: &str) -> Running {
     .await
 }
 
-fn signal(child: &Child, sig: &str) {
-    let pid = child.id().unwrap().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args([sig, &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-}
-
 async fn exit_code(child: &mut Child, within: Duration) -> Option<i32> {
     tokio::time::timeout(within, child.wait())
         .await
@@ -69,7 +58,7 @@ async fn sigterm_finishes_calls_in_flight_refuses_new_ones_and_exits_0() {
     let url = format!("http://{}/open/product/get", gw.gateway);
     let in_flight = tokio::spawn(async move { support::get(&url).await });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    signal(&gw.child, "-TERM");
+    gw.signal("-TERM");
     tokio::time::sleep(Duration::from_millis(200)).await;
 
     assert_eq!(
@@ -115,10 +104,10 @@ async fn a_second_signal_exits_at_once() {
     let url = format!("http://{}/open/product/get", gw.gateway);
     let _in_flight = tokio::spawn(async move { support::get(&url).await });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    signal(&gw.child, "-TERM");
+    gw.signal("-TERM");
     tokio::time::sleep(Duration::from_millis(200)).await;
     let started = Instant::now();
-    signal(&gw.child, "-INT");
+    gw.signal("-INT");
     assert_eq!(
         exit_code(&mut gw.child, Duration::from_secs(5)).await,
         Some(1)
@@ -155,7 +144,7 @@ async fn metrics_endpoint_serves_prometheus_text() {
         "{text}"
     );
     assert!(text.contains("pandagate_circuit_state 0"), "{text}");
-    signal(&gw.child, "-TERM");
+    gw.signal("-TERM");
     assert_eq!(
         exit_code(&mut gw.child, Duration::from_secs(10)).await,
         Some(0)

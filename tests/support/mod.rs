@@ -394,7 +394,8 @@ impl RedisServer {
     }
 }
 
-fn signal(pid: u32, sig: &str) {
+/// Sends `sig` (e.g. "-TERM") to process `pid`.
+pub fn signal(pid: u32, sig: &str) {
     let ok = std::process::Command::new("kill")
         .args([sig, &pid.to_string()])
         .status()
@@ -418,6 +419,13 @@ pub struct Running {
     pub stderr: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStderr>>,
     pub gateway: String,
     pub admin: String,
+}
+
+impl Running {
+    /// Sends `sig` (e.g. "-TERM") to the gateway process.
+    pub fn signal(&self, sig: &str) {
+        signal(self.child.id().expect("still running"), sig);
+    }
 }
 
 /// Starts `pandagate ARGS` with only `env` (plus free loopback ports and
