@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 
 use crate::access_log::AccessLog;
 use crate::admin::{Admin, Drain};
+use crate::callbacks::Callbacks;
 use crate::config::{self, ConfigError, Loaded, process_env};
 use crate::metrics::Metrics;
 use crate::proxy::Gateway;
@@ -162,6 +163,18 @@ async fn run(loaded: Loaded, config_path: Option<PathBuf>) -> ExitCode {
         Ok(g) => g,
         Err(e) => return config_failure(&e),
     };
+    // Pushed messages: opened once (the store is a file only one process
+    // may hold); its settings take effect at start, not on SIGHUP.
+    let callbacks = match &loaded.config.callbacks {
+        None => None,
+        Some(c) => match Callbacks::new(c.clone(), gateway.profiles()) {
+            Ok(cb) => {
+                tokio::spawn(cb.clone().run_deliveries());
+                Some(cb)
+            }
+            Err(e) => return config_failure(&e),
+        },
+    };
     let current: reload::Current = Arc::new(ArcSwap::from_pointee(gateway));
     let server_config = &loaded.config.server;
     let listener = match server::bind(server_config.listen, "gateway").await {
@@ -257,12 +270,49 @@ async fn run(loaded: Loaded, config_path: Option<PathBuf>) -> ExitCode {
         default_profile = %loaded.config.default_profile,
         "gateway ready"
     );
+    if let (Some(cb), Some(addr)) = (
+        &callbacks,
+        loaded.config.callbacks.as_ref().and_then(|c| c.listen),
+    ) {
+        match server::bind(addr, "callbacks").await {
+            Ok(l) => {
+                let (cb, drain, cb_opts) = (cb.clone(), drain.clone(), opts.clone());
+                tokio::spawn(async move {
+                    let stop = drain.clone();
+                    server::serve(
+                        l,
+                        move |req| {
+                            let cb = cb.clone();
+                            async move { cb.receive(req).await }
+                        },
+                        cb_opts,
+                        async move { stop.started().await },
+                    )
+                    .await;
+                });
+            }
+            Err(e) => {
+                eprintln!("pandagate: cannot listen on {addr} (callbacks): {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     server::serve(
         listener,
         move |req| {
+            // Pushes have their own authentication (the provider's HMAC).
+            let callback = callbacks
+                .as_ref()
+                .filter(|cb| req.uri().path() == cb.path())
+                .cloned();
             // The gateway current when the call arrived serves it to the end.
             let gateway = current.load_full();
-            async move { gateway.handle(req).await }
+            async move {
+                match callback {
+                    Some(cb) => cb.receive(req).await,
+                    None => gateway.handle(req).await,
+                }
+            }
         },
         opts,
         drain.started(),

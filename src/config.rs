@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::auth::{Client, ClientConfig};
 use crate::breaker::BreakerConfig;
+use crate::callbacks::CallbacksConfig;
 use crate::limiter::RateLimitConfig;
 use crate::retry::RetryConfig;
 use crate::routes::RouteConfig;
@@ -60,6 +61,9 @@ pub struct Config {
     pub clients: Vec<ClientConfig>,
     /// Serve without `[[clients]]` on a non-loopback listener.
     pub allow_unauthenticated: bool,
+    /// The provider's pushed messages; absent: no callback receiver.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub callbacks: Option<CallbacksConfig>,
 }
 
 /// The listener that internal services call.
@@ -180,6 +184,7 @@ impl Default for Config {
             profiles: Vec::new(),
             clients: Vec::new(),
             allow_unauthenticated: false,
+            callbacks: None,
         }
     }
 }
@@ -493,6 +498,10 @@ impl Config {
                     format_args!("no profile named {unknown:?}"),
                 ));
             }
+        }
+        if let Some(callbacks) = &self.callbacks {
+            let names: Vec<String> = self.profiles.iter().map(|p| p.name.clone()).collect();
+            callbacks.validate(&names)?;
         }
         if self.clients.is_empty() && !self.allow_unauthenticated && !s.listen.ip().is_loopback() {
             return Err(ConfigError::new(

@@ -1,0 +1,329 @@
+//! Pushed messages: receive the provider's callbacks, verify them, store
+//! them durably, acknowledge, and deliver them to internal subscribers.
+//!
+//! A push is acknowledged (HTTP 200) only after it is in the store (fsync'd);
+//! the same body pushed again is stored once. Each stored message goes to
+//! every matching subscriber as a JSON POST with a stable
+//! `x-pandagate-delivery-id`, retried with backoff until the subscriber
+//! answers 2xx or `max_age_ms` passes (then it is a dead letter, which an
+//! operator can replay). Pending deliveries survive restarts.
+
+mod deliver;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use hmac::{KeyInit, Mac};
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::sync::Notify;
+
+use crate::body::ResponseBody;
+use crate::config::ConfigError;
+use crate::error::envelope_response;
+use crate::ids;
+use crate::profiles::Profiles;
+use crate::secret::SecretCell;
+use store::{Delivery, Message, Store};
+
+/// `[callbacks]`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CallbacksConfig {
+    /// Path on the main listener (and on `listen`, if set) that takes pushes.
+    pub path: String,
+    /// An optional listener of its own, e.g. for exposure through an ingress.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+    /// Directory of the message store.
+    pub store: PathBuf,
+    /// Profile whose Access secret verifies the pushes.
+    pub profile: String,
+    /// Largest push body, in bytes.
+    pub max_body_bytes: usize,
+    /// How long a delivery is retried before it becomes a dead letter, in milliseconds.
+    pub max_age_ms: u64,
+    /// First retry delay, doubling per attempt up to the cap, in milliseconds.
+    pub backoff_base_ms: u64,
+    pub backoff_cap_ms: u64,
+    /// Time a subscriber has to answer one delivery, in milliseconds.
+    pub delivery_timeout_ms: u64,
+    pub subscribers: Vec<SubscriberConfig>,
+}
+
+impl Default for CallbacksConfig {
+    fn default() -> Self {
+        Self {
+            path: "/callbacks/pandapon".into(),
+            listen: None,
+            store: PathBuf::from("/var/lib/pandagate"),
+            profile: crate::config::ENV_PROFILE.into(),
+            max_body_bytes: 1024 * 1024,
+            max_age_ms: 24 * 3600 * 1000,
+            backoff_base_ms: 1_000,
+            backoff_cap_ms: 300_000,
+            delivery_timeout_ms: 10_000,
+            subscribers: Vec::new(),
+        }
+    }
+}
+
+/// A `[[callbacks.subscribers]]` entry.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubscriberConfig {
+    /// Where messages are POSTed (http:// or https://).
+    pub url: String,
+    /// Only these `messageType`s; absent: every type.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_types: Option<Vec<String>>,
+    /// Only these platforms (0 Taobao, 1 1688); absent: both.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platforms: Option<Vec<u8>>,
+}
+
+impl SubscriberConfig {
+    fn wants(&self, m: &Message) -> bool {
+        let platform = match &m.message_platform {
+            serde_json::Value::Number(n) => n.as_u64(),
+            serde_json::Value::String(s) => s.parse().ok(),
+            _ => None,
+        };
+        self.message_types
+            .as_ref()
+            .is_none_or(|types| types.contains(&m.message_type))
+            && self
+                .platforms
+                .as_ref()
+                .is_none_or(|ps| platform.is_some_and(|p| ps.iter().any(|q| u64::from(*q) == p)))
+    }
+}
+
+impl CallbacksConfig {
+    pub fn validate(&self, profiles: &[String]) -> Result<(), ConfigError> {
+        if !self.path.starts_with('/') {
+            return Err(ConfigError::new("callbacks.path", "must start with /"));
+        }
+        if !profiles.contains(&self.profile) {
+            return Err(ConfigError::new(
+                "callbacks.profile",
+                format_args!("no profile named {:?}", self.profile),
+            ));
+        }
+        for (key, v) in [
+            ("callbacks.max_body_bytes", self.max_body_bytes as u64),
+            ("callbacks.max_age_ms", self.max_age_ms),
+            ("callbacks.backoff_base_ms", self.backoff_base_ms),
+            ("callbacks.backoff_cap_ms", self.backoff_cap_ms),
+            ("callbacks.delivery_timeout_ms", self.delivery_timeout_ms),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::new(key, "must be greater than 0"));
+            }
+        }
+        for (i, s) in self.subscribers.iter().enumerate() {
+            crate::config::upstream_base(&s.url)
+                .map_err(|m| ConfigError::new(format!("callbacks.subscribers[{i}].url"), m))?;
+        }
+        Ok(())
+    }
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct CallbackCounts {
+    pub received: AtomicU64,
+    pub rejected: AtomicU64,
+    pub stored: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub delivered: AtomicU64,
+    pub retried: AtomicU64,
+    pub dead_lettered: AtomicU64,
+}
+
+/// The receiver and its deliveries.
+#[derive(Debug)]
+pub struct Callbacks {
+    config: CallbacksConfig,
+    secret: SecretCell,
+    store: Arc<Store>,
+    wake: Notify,
+    pub counts: CallbackCounts,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
+}
+
+#[derive(Deserialize)]
+struct Push {
+    #[serde(rename = "messageType")]
+    message_type: String,
+    #[serde(rename = "messageBody")]
+    message_body: String,
+    #[serde(rename = "messagePlatform")]
+    message_platform: serde_json::Value,
+    timestamp: serde_json::Value,
+}
+
+impl Callbacks {
+    /// Opens the store; the verifying secret is `config.profile`'s (and
+    /// follows its rotation).
+    pub fn new(
+        config: CallbacksConfig,
+        profiles: &Profiles,
+    ) -> Result<Arc<Callbacks>, ConfigError> {
+        let profile = profiles.get(&config.profile).ok_or_else(|| {
+            ConfigError::new(
+                "callbacks.profile",
+                format_args!("no profile named {:?}", config.profile),
+            )
+        })?;
+        let store = Store::open(&config.store).map_err(|e| {
+            ConfigError::new(
+                "callbacks.store",
+                format_args!("cannot open {}: {e}", config.store.display()),
+            )
+        })?;
+        Ok(Arc::new(Callbacks {
+            secret: profile.secret.clone(),
+            store: Arc::new(store),
+            wake: Notify::new(),
+            counts: CallbackCounts::default(),
+            config,
+        }))
+    }
+
+    pub fn path(&self) -> &str {
+        &self.config.path
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Answers one push.
+    pub async fn receive(&self, req: Request<Incoming>) -> Response<ResponseBody> {
+        let id = ids::request_id();
+        let answer = |status: StatusCode, msg: &str| {
+            envelope_response(status, &id, msg).map(ResponseBody::local)
+        };
+        if req.method() != Method::POST {
+            return answer(StatusCode::METHOD_NOT_ALLOWED, "pushes are POSTed");
+        }
+        self.counts.received.fetch_add(1, Ordering::Relaxed);
+        let reject = |status, msg| {
+            self.counts.rejected.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                status = u16::from(status),
+                reason = msg,
+                "callback rejected"
+            );
+            answer(status, msg)
+        };
+        let signature = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| hex::decode(v.trim()).ok());
+        let body = match Limited::new(req.into_body(), self.config.max_body_bytes)
+            .collect()
+            .await
+        {
+            Ok(b) => b.to_bytes(),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                return reject(StatusCode::PAYLOAD_TOO_LARGE, "push body too large");
+            }
+            Err(_) => return reject(StatusCode::BAD_REQUEST, "push body could not be read"),
+        };
+        if !self.verify(&body, signature.as_deref()) {
+            return reject(
+                StatusCode::UNAUTHORIZED,
+                "missing or invalid Authorization signature",
+            );
+        }
+        let push: Push = match serde_json::from_slice(&body) {
+            Ok(p) => p,
+            Err(_) => return reject(StatusCode::BAD_REQUEST, "push is not a message envelope"),
+        };
+        match self.store_push(&body, push).await {
+            Ok(stored) => {
+                let counter = if stored {
+                    &self.counts.stored
+                } else {
+                    &self.counts.duplicates
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                self.wake.notify_one();
+                let mut r = Response::new(ResponseBody::local(Bytes::from_static(
+                    br#"{"code":200,"msg":"success"}"#,
+                )));
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static("application/json"),
+                );
+                r
+            }
+            Err(e) => {
+                // Not acknowledged: the provider pushes it again later.
+                tracing::error!(error = %e, "callback store failed; push not acknowledged");
+                answer(StatusCode::SERVICE_UNAVAILABLE, "message store unavailable")
+            }
+        }
+    }
+
+    /// `Authorization` = hex HMAC-SHA256(key = Access secret, raw body),
+    /// either case; compared in constant time.
+    fn verify(&self, body: &[u8], signature: Option<&[u8]>) -> bool {
+        let Some(signature) = signature else {
+            return false;
+        };
+        let secret = self.secret.current();
+        let mut mac = <hmac::Hmac<Sha256> as KeyInit>::new_from_slice(secret.expose().as_bytes())
+            .expect("HMAC takes keys of any length");
+        mac.update(body);
+        mac.verify_slice(signature).is_ok()
+    }
+
+    async fn store_push(&self, body: &[u8], push: Push) -> Result<bool, String> {
+        let id = hex::encode(Sha256::digest(body));
+        let now = now_ms();
+        let message = Message {
+            received_at_ms: now,
+            message_type: push.message_type,
+            message_body: push.message_body,
+            message_platform: push.message_platform,
+            timestamp: push.timestamp,
+        };
+        let deliveries: Vec<Delivery> = self
+            .config
+            .subscribers
+            .iter()
+            .filter(|s| s.wants(&message))
+            .map(|s| Delivery {
+                message_id: id.clone(),
+                subscriber: s.url.clone(),
+                attempts: 0,
+                first_at_ms: now,
+                next_at_ms: now,
+                last_error: None,
+            })
+            .collect();
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.insert(&id, &message, &deliveries))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())
+    }
+}

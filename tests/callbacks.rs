@@ -1,0 +1,273 @@
+//! Pushed messages: verified, stored once, acknowledged, delivered.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use hmac::{KeyInit, Mac};
+use http::Request;
+use http_body_util::Full;
+use pandagate::callbacks::{Callbacks, CallbacksConfig, SubscriberConfig};
+use support::*;
+use wiremock::matchers::any;
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+fn push_body(order: &str) -> String {
+    serde_json::json!({
+        "messageType": "ORDER_PAY_SUCCESS",
+        "messageBody": format!(r#"{{"orderId":"{order}","payAmount":"19.90"}}"#),
+        "messagePlatform": 1,
+        "timestamp": "1715669977082",
+    })
+    .to_string()
+}
+
+/// hex HMAC-SHA256 with the default profile's secret, written out here.
+fn sign(body: &str, key: &str) -> String {
+    let mut mac = <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(key.as_bytes()).unwrap();
+    mac.update(body.as_bytes());
+    hex::encode(mac.finalize().into_bytes())
+}
+
+struct Receiver {
+    callbacks: Arc<Callbacks>,
+    addr: std::net::SocketAddr,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Receiver {
+    /// Stops serving and delivering, and releases the store.
+    async fn stop(mut self) {
+        for t in self.tasks.drain(..) {
+            t.abort();
+            let _ = t.await;
+        }
+        for _ in 0..200 {
+            if Arc::strong_count(&self.callbacks) == 1 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("deliveries still hold the store");
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.tasks.iter().for_each(|t| t.abort());
+    }
+}
+
+async fn receiver(store: &std::path::Path, subscriber: &str, max_age_ms: u64) -> Receiver {
+    let gw = spawn_gateway(config("http://127.0.0.1:9")).await;
+    let cfg = CallbacksConfig {
+        store: store.to_owned(),
+        backoff_base_ms: 20,
+        backoff_cap_ms: 50,
+        max_age_ms,
+        subscribers: vec![SubscriberConfig {
+            url: subscriber.to_owned(),
+            message_types: Some(vec!["ORDER_PAY_SUCCESS".into()]),
+            platforms: None,
+        }],
+        ..CallbacksConfig::default()
+    };
+    let callbacks = Callbacks::new(cfg, gw.gateway.profiles()).unwrap();
+    gw.stop().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let cb = callbacks.clone();
+    let server = tokio::spawn(pandagate::server::serve(
+        listener,
+        move |req| {
+            let cb = cb.clone();
+            async move { cb.receive(req).await }
+        },
+        pandagate::server::ServerOptions::from(&pandagate::config::ServerConfig::default()),
+        std::future::pending(),
+    ));
+    let deliveries = tokio::spawn(callbacks.clone().run_deliveries());
+    Receiver {
+        callbacks,
+        addr,
+        tasks: vec![server, deliveries],
+    }
+}
+
+async fn push(r: &Receiver, body: &str, authorization: Option<&str>) -> Answer {
+    let mut req = Request::post(format!("http://{}/callbacks/pandapon", r.addr));
+    if let Some(a) = authorization {
+        req = req.header("authorization", a);
+    }
+    send(req.body(Full::new(Bytes::from(body.to_owned()))).unwrap()).await
+}
+
+async fn wait_for(server: &MockServer, n: usize) -> Vec<wiremock::Request> {
+    for _ in 0..300 {
+        let got = server.received_requests().await.unwrap();
+        if got.len() >= n {
+            return got;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    server.received_requests().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_verified_push_is_acknowledged_stored_once_and_delivered_decoded() {
+    let subscriber = upstream_answering(ResponseTemplate::new(200)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let r = receiver(dir.path(), &format!("{}/events", subscriber.uri()), 60_000).await;
+    let body = push_body("A1");
+    // Either hex case is accepted.
+    assert_eq!(
+        push(&r, &body, Some(&sign(&body, SECRET))).await.status,
+        200
+    );
+    assert_eq!(
+        push(&r, &body, Some(&sign(&body, SECRET).to_uppercase()))
+            .await
+            .status,
+        200
+    );
+
+    let got = wait_for(&subscriber, 1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let got_after = subscriber.received_requests().await.unwrap();
+    assert_eq!(got_after.len(), 1, "the duplicate push was stored once");
+    let delivered: serde_json::Value = serde_json::from_slice(&got[0].body).unwrap();
+    assert_eq!(delivered["messageType"], "ORDER_PAY_SUCCESS");
+    assert_eq!(
+        delivered["messageBody"]["orderId"], "A1",
+        "messageBody decoded"
+    );
+    assert_eq!(delivered["messagePlatform"], 1);
+    assert_eq!(delivered["timestamp"], "1715669977082");
+    assert_eq!(got[0].headers["x-pandagate-delivery-id"].len(), 32);
+    assert!(r.callbacks.store().pending().unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_or_missing_signatures_get_401_and_are_never_delivered() {
+    let subscriber = upstream_answering(ResponseTemplate::new(200)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let r = receiver(dir.path(), &subscriber.uri(), 60_000).await;
+    let body = push_body("F1");
+    push(&r, &body, None).await.assert_gateway_envelope(401);
+    push(&r, &body, Some(&sign(&body, "not-the-secret")))
+        .await
+        .assert_gateway_envelope(401);
+    push(&r, &body, Some("zz-not-hex"))
+        .await
+        .assert_gateway_envelope(401);
+    let tampered = push_body("F2");
+    push(&r, &tampered, Some(&sign(&body, SECRET)))
+        .await
+        .assert_gateway_envelope(401);
+    push(&r, "not json", Some(&sign("not json", SECRET)))
+        .await
+        .assert_gateway_envelope(400);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(subscriber.received_requests().await.unwrap().is_empty());
+    assert!(r.callbacks.store().pending().unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_subscriber_gets_the_message_once_it_recovers_with_the_same_delivery_id() {
+    let subscriber = MockServer::start().await;
+    Mock::given(any())
+        .respond_with(ResponseTemplate::new(503))
+        .up_to_n_times(3)
+        .with_priority(1)
+        .mount(&subscriber)
+        .await;
+    Mock::given(any())
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&subscriber)
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let r = receiver(dir.path(), &subscriber.uri(), 60_000).await;
+    let body = push_body("R1");
+    assert_eq!(
+        push(&r, &body, Some(&sign(&body, SECRET))).await.status,
+        200
+    );
+    let got = wait_for(&subscriber, 4).await;
+    assert_eq!(got.len(), 4);
+    let ids: Vec<_> = got
+        .iter()
+        .map(|g| g.headers["x-pandagate-delivery-id"].clone())
+        .collect();
+    assert!(
+        ids.iter().all(|i| *i == ids[0]),
+        "stable across redeliveries"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        subscriber.received_requests().await.unwrap().len(),
+        4,
+        "no delivery after the 200"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_pending_at_a_stop_are_made_after_the_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let down = format!("http://{}", dead_address());
+    let r = receiver(dir.path(), &down, 60_000).await;
+    let body = push_body("S1");
+    assert_eq!(
+        push(&r, &body, Some(&sign(&body, SECRET))).await.status,
+        200
+    );
+    assert_eq!(r.callbacks.store().pending().unwrap().len(), 1);
+    r.stop().await; // stopped with the delivery pending
+    // Same store, subscriber now up at the same address.
+    let addr = down.trim_start_matches("http://").to_owned();
+    let listener = std::net::TcpListener::bind(&addr).unwrap();
+    let subscriber = MockServer::builder().listener(listener).start().await;
+    Mock::given(any())
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&subscriber)
+        .await;
+    let _r = receiver(dir.path(), &down, 60_000).await;
+    let got = wait_for(&subscriber, 1).await;
+    assert_eq!(got.len(), 1, "delivered after restart");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_deliveries_become_dead_letters_and_can_be_replayed() {
+    let subscriber = MockServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let r = receiver(dir.path(), &subscriber.uri(), 100).await;
+    Mock::given(any())
+        .respond_with(ResponseTemplate::new(500))
+        .mount(&subscriber)
+        .await;
+    let body = push_body("D1");
+    assert_eq!(
+        push(&r, &body, Some(&sign(&body, SECRET))).await.status,
+        200
+    );
+    let mut dead = Vec::new();
+    for _ in 0..200 {
+        dead = r.callbacks.store().dead().unwrap();
+        if !dead.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(dead.len(), 1, "dead-lettered after max_age_ms");
+    assert!(r.callbacks.store().pending().unwrap().is_empty());
+
+    subscriber.reset().await;
+    Mock::given(any())
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&subscriber)
+        .await;
+    assert_eq!(r.callbacks.store().replay(None, 0).unwrap(), 1);
+    let got = wait_for(&subscriber, 1).await;
+    assert_eq!(got.len(), 1, "replayed and delivered");
+}
