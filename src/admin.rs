@@ -1,6 +1,8 @@
 //! The admin listener, apart from traffic: `GET /healthz`, `GET /readyz`,
-//! `GET /metrics` (Prometheus text) and `POST /quitquitquit` (drain and exit,
-//! for Jobs whose main container has finished).
+//! `GET /metrics` (Prometheus text), `POST /quitquitquit` (drain and exit,
+//! for Jobs whose main container has finished), and with `[callbacks]`:
+//! `GET /callbacks[?dead=1]` (pending or dead deliveries, JSON) and
+//! `POST /callbacks/replay?id=ID|all-dead=1`.
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
@@ -9,6 +11,9 @@ use hyper::body::Incoming;
 use tokio::sync::watch;
 
 use crate::limiter::BackendState;
+use std::sync::Arc;
+
+use crate::callbacks::Callbacks;
 use crate::metrics::{Exporter, GatewaySource};
 
 /// Process-wide drain state: once draining, readiness fails and listeners
@@ -54,6 +59,7 @@ pub struct Admin {
     gateway: GatewaySource,
     exporter: Exporter,
     drain: Drain,
+    callbacks: Option<Arc<Callbacks>>,
 }
 
 impl std::fmt::Debug for Admin {
@@ -63,11 +69,12 @@ impl std::fmt::Debug for Admin {
 }
 
 impl Admin {
-    pub fn new(gateway: GatewaySource, drain: Drain) -> Admin {
+    pub fn new(gateway: GatewaySource, drain: Drain, callbacks: Option<Arc<Callbacks>>) -> Admin {
         Admin {
-            exporter: Exporter::new(gateway.clone()),
+            exporter: Exporter::with_callbacks(gateway.clone(), callbacks.clone()),
             gateway,
             drain,
+            callbacks,
         }
     }
 
@@ -87,11 +94,51 @@ impl Admin {
                 self.drain.start("POST /quitquitquit");
                 text(StatusCode::OK, "draining\n".into())
             }
+            (&Method::GET, "/callbacks") => {
+                let dead = has_flag(req.uri().query(), "dead=1");
+                self.with_callbacks(|cb| async move {
+                    cb.list(dead).await.map(|l| serde_json::json!(l))
+                })
+                .await
+            }
+            (&Method::POST, "/callbacks/replay") => {
+                let id = query_value(req.uri().query(), "id");
+                if id.is_none() && !has_flag(req.uri().query(), "all-dead=1") {
+                    return text(StatusCode::BAD_REQUEST, "give id=ID or all-dead=1\n".into());
+                }
+                self.with_callbacks(|cb| async move {
+                    cb.replay(id)
+                        .await
+                        .map(|n| serde_json::json!({ "replayed": n }))
+                })
+                .await
+            }
             (_, "/healthz" | "/readyz" | "/metrics" | "/quitquitquit") => text(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method not allowed\n".into(),
             ),
             _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
+        }
+    }
+
+    async fn with_callbacks<F, Fut>(&self, f: F) -> Response<Full<Bytes>>
+    where
+        F: FnOnce(Arc<Callbacks>) -> Fut,
+        Fut: std::future::Future<Output = Result<serde_json::Value, String>>,
+    {
+        let Some(cb) = self.callbacks.clone() else {
+            return text(StatusCode::NOT_FOUND, "no [callbacks] configured\n".into());
+        };
+        match f(cb).await {
+            Ok(v) => {
+                let mut r = text(StatusCode::OK, format!("{v}\n"));
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static("application/json"),
+                );
+                r
+            }
+            Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
         }
     }
 
@@ -111,6 +158,18 @@ impl Admin {
         }
         text(StatusCode::OK, format!("ready; rate limit: {limiter}\n"))
     }
+}
+
+fn has_flag(query: Option<&str>, flag: &str) -> bool {
+    query.is_some_and(|q| q.split('&').any(|p| p == flag))
+}
+
+fn query_value(query: Option<&str>, name: &str) -> Option<String> {
+    query?
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.replace("%7C", "|").replace("%7c", "|"))
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {

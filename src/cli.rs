@@ -61,6 +61,20 @@ pub enum Command {
         #[arg(long, value_enum, default_value = "ms")]
         timestamp_unit: UnitArg,
     },
+    /// Operate the pushed-message receiver of a running gateway (through its
+    /// admin listener).
+    Callbacks {
+        #[command(subcommand)]
+        action: CallbacksAction,
+        /// The running gateway's admin address.
+        #[arg(
+            long,
+            env = "PANDAGATE_ADMIN_LISTEN",
+            default_value = "127.0.0.1:9901",
+            global = true
+        )]
+        admin: SocketAddr,
+    },
     /// Print the headers for one request of a profile, to diagnose rejected signatures.
     Sign {
         /// Also print the string that is hashed (the secret shown as <secret>).
@@ -74,6 +88,21 @@ pub enum Command {
         /// Nonce to sign (default: a fresh random one).
         #[arg(long)]
         nonce: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CallbacksAction {
+    /// Deliveries still pending (or, with --dead, given up).
+    List {
+        #[arg(long)]
+        dead: bool,
+    },
+    /// Put dead letters back in line: one (by delivery id or key), or all.
+    Replay {
+        id: Option<String>,
+        #[arg(long, conflicts_with = "id")]
+        all_dead: bool,
     },
 }
 
@@ -132,6 +161,7 @@ pub fn main() -> ExitCode {
                 }
             }
         }
+        Command::Callbacks { action, admin } => runtime.block_on(callbacks_command(action, admin)),
         Command::Sandbox {
             listen,
             access_key,
@@ -249,7 +279,7 @@ async fn run(loaded: Loaded, config_path: Option<PathBuf>) -> ExitCode {
         let current = current.clone();
         Arc::new(move || current.load_full())
     };
-    let admin = Arc::new(Admin::new(source, drain.clone()));
+    let admin = Arc::new(Admin::new(source, drain.clone(), callbacks.clone()));
     let (traffic_done, admin_stop) = tokio::sync::oneshot::channel::<()>();
     // The admin listener outlives the traffic listener, so that readiness
     // reports the drain while calls finish.
@@ -381,6 +411,57 @@ fn sign(
     }
     println!("signature:      {signature}");
     ExitCode::SUCCESS
+}
+
+async fn callbacks_command(action: CallbacksAction, admin: SocketAddr) -> ExitCode {
+    use http_body_util::BodyExt;
+    let (method, target) = match &action {
+        CallbacksAction::List { dead } => (
+            http::Method::GET,
+            format!("/callbacks{}", if *dead { "?dead=1" } else { "" }),
+        ),
+        CallbacksAction::Replay { id: Some(id), .. } => (
+            http::Method::POST,
+            format!("/callbacks/replay?id={}", id.replace('|', "%7C")),
+        ),
+        CallbacksAction::Replay { all_dead: true, .. } => (
+            http::Method::POST,
+            "/callbacks/replay?all-dead=1".to_owned(),
+        ),
+        CallbacksAction::Replay { .. } => {
+            eprintln!("pandagate callbacks replay: give a delivery id or --all-dead");
+            return ExitCode::from(2);
+        }
+    };
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    let req = http::Request::builder()
+        .method(method)
+        .uri(format!("http://{admin}{target}"))
+        .body(http_body_util::Full::default())
+        .expect("a valid request");
+    match client.request(req).await {
+        Ok(resp) => {
+            let ok = resp.status().is_success();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            print!("{}", String::from_utf8_lossy(&body));
+            if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("pandagate callbacks: cannot reach the admin listener at {admin}: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 async fn sandbox(

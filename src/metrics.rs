@@ -19,6 +19,7 @@ use prometheus_client::registry::Registry;
 
 use crate::access_log::AccessRecord;
 use crate::breaker::State;
+use crate::callbacks::Callbacks;
 use crate::envelope::EnvelopeFields;
 use crate::limiter::BackendState;
 use crate::proxy::Gateway;
@@ -144,6 +145,7 @@ pub type GatewaySource = Arc<dyn Fn() -> Arc<Gateway> + Send + Sync>;
 /// Reads component state at scrape time.
 struct StateCollector {
     gateway: GatewaySource,
+    callbacks: Option<Arc<Callbacks>>,
 }
 
 impl std::fmt::Debug for StateCollector {
@@ -226,6 +228,44 @@ impl Collector for StateCollector {
             "Configs reloaded on SIGHUP.",
             m.config_reloads.load(Ordering::Relaxed),
         )?;
+        if let Some(cb) = &self.callbacks {
+            let c = &cb.counts;
+            for (name, help, v) in [
+                ("callbacks_received", "Pushes received.", &c.received),
+                (
+                    "callbacks_rejected",
+                    "Pushes refused (signature, size, format).",
+                    &c.rejected,
+                ),
+                (
+                    "callbacks_stored",
+                    "Pushes stored and acknowledged.",
+                    &c.stored,
+                ),
+                (
+                    "callbacks_duplicates",
+                    "Pushes acknowledged that were already stored.",
+                    &c.duplicates,
+                ),
+                (
+                    "callbacks_delivered",
+                    "Deliveries a subscriber acknowledged.",
+                    &c.delivered,
+                ),
+                (
+                    "callbacks_retried",
+                    "Delivery attempts that failed and will be retried.",
+                    &c.retried,
+                ),
+                (
+                    "callbacks_dead_lettered",
+                    "Deliveries given up after max_age_ms.",
+                    &c.dead_lettered,
+                ),
+            ] {
+                counter(&mut e, name, help, v.load(Ordering::Relaxed))?;
+            }
+        }
         Ok(())
     }
 }
@@ -238,6 +278,11 @@ pub struct Exporter {
 
 impl Exporter {
     pub fn new(gateway: GatewaySource) -> Exporter {
+        Self::with_callbacks(gateway, None)
+    }
+
+    /// Also exports the callback receiver's series.
+    pub fn with_callbacks(gateway: GatewaySource, callbacks: Option<Arc<Callbacks>>) -> Exporter {
         let mut registry = Registry::with_prefix("pandagate");
         let current = gateway();
         let m = current.metrics();
@@ -262,7 +307,14 @@ impl Exporter {
             m.attempts.clone(),
         );
         registry.register("retries", "Retries, by reason.", m.retries.clone());
-        registry.register_collector(Box::new(StateCollector { gateway }));
+        if let Some(cb) = &callbacks {
+            registry.register(
+                "callbacks_delivery_lag_seconds",
+                "Time from a push's acknowledgement to its delivery.",
+                cb.counts.lag.clone(),
+            );
+        }
+        registry.register_collector(Box::new(StateCollector { gateway, callbacks }));
         Exporter { registry }
     }
 

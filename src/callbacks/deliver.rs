@@ -76,12 +76,14 @@ impl Callbacks {
         let result = match outcome {
             Ok(()) => {
                 self.counts.delivered.fetch_add(1, Ordering::Relaxed);
+                let lag_ms = now.saturating_sub(message.received_at_ms);
+                self.counts.lag.observe(lag_ms as f64 / 1000.0);
                 tracing::info!(
                     delivery_id = %delivery_id(&d),
                     subscriber = %d.subscriber,
                     message_type = %message.message_type,
                     attempts = d.attempts + 1,
-                    lag_ms = now.saturating_sub(message.received_at_ms),
+                    lag_ms,
                     "callback delivered"
                 );
                 tokio::task::spawn_blocking(move || store.delivered(&d)).await

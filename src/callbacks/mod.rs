@@ -138,8 +138,10 @@ impl CallbacksConfig {
 }
 
 /// Counters for `/metrics`.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct CallbackCounts {
+    /// Seconds from a push's acknowledgement to its delivery.
+    pub lag: prometheus_client::metrics::histogram::Histogram,
     pub received: AtomicU64,
     pub rejected: AtomicU64,
     pub stored: AtomicU64,
@@ -147,6 +149,51 @@ pub struct CallbackCounts {
     pub delivered: AtomicU64,
     pub retried: AtomicU64,
     pub dead_lettered: AtomicU64,
+}
+
+impl Default for CallbackCounts {
+    fn default() -> Self {
+        Self {
+            lag: prometheus_client::metrics::histogram::Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.01, 2.0, 20),
+            ),
+            received: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+            stored: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
+            delivered: AtomicU64::new(0),
+            retried: AtomicU64::new(0),
+            dead_lettered: AtomicU64::new(0),
+        }
+    }
+}
+
+/// One delivery as operators see it (`GET /callbacks` on the admin listener).
+#[derive(Debug, Serialize)]
+pub struct DeliveryView {
+    pub delivery_id: String,
+    pub key: String,
+    pub message_id: String,
+    pub subscriber: String,
+    pub attempts: u32,
+    pub first_at_ms: u64,
+    pub next_at_ms: u64,
+    pub last_error: Option<String>,
+}
+
+impl From<Delivery> for DeliveryView {
+    fn from(d: Delivery) -> Self {
+        DeliveryView {
+            delivery_id: deliver::delivery_id(&d),
+            key: d.key(),
+            message_id: d.message_id,
+            subscriber: d.subscriber,
+            attempts: d.attempts,
+            first_at_ms: d.first_at_ms,
+            next_at_ms: d.next_at_ms,
+            last_error: d.last_error,
+        }
+    }
 }
 
 /// The receiver and its deliveries.
@@ -211,6 +258,47 @@ impl Callbacks {
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// Pending (or, with `dead`, dead-lettered) deliveries.
+    pub async fn list(&self, dead: bool) -> Result<Vec<DeliveryView>, String> {
+        let store = self.store.clone();
+        let list =
+            tokio::task::spawn_blocking(move || if dead { store.dead() } else { store.pending() })
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+        Ok(list.into_iter().map(DeliveryView::from).collect())
+    }
+
+    /// Puts dead letters back in line: the one whose key or delivery id is
+    /// `id`, or all of them. Returns how many.
+    pub async fn replay(&self, id: Option<String>) -> Result<usize, String> {
+        let store = self.store.clone();
+        let moved = tokio::task::spawn_blocking(move || {
+            let key = match id {
+                None => None,
+                Some(id) => {
+                    let dead = store.dead()?;
+                    match dead
+                        .iter()
+                        .find(|d| d.key() == id || deliver::delivery_id(d) == id)
+                    {
+                        Some(d) => Some(d.key()),
+                        None => return Ok(0),
+                    }
+                }
+            };
+            store.replay(key.as_deref(), now_ms())
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+        if moved > 0 {
+            tracing::info!(replayed = moved, "dead letters put back in line");
+            self.wake.notify_one();
+        }
+        Ok(moved)
     }
 
     /// Answers one push.
