@@ -271,3 +271,71 @@ async fn old_deliveries_become_dead_letters_and_can_be_replayed() {
     let got = wait_for(&subscriber, 1).await;
     assert_eq!(got.len(), 1, "replayed and delivered");
 }
+
+/// Fails every fifth request; counts the 200s each delivery id got.
+struct Flaky {
+    seen: std::sync::atomic::AtomicUsize,
+    acked: std::sync::Mutex<std::collections::HashMap<String, u32>>,
+}
+
+impl wiremock::Respond for Flaky {
+    fn respond(&self, request: &wiremock::Request) -> ResponseTemplate {
+        let n = self.seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let delay = Duration::from_millis(5 + (n % 7) as u64 * 5);
+        if n.is_multiple_of(5) {
+            return ResponseTemplate::new(503).set_delay(delay);
+        }
+        let id = request.headers["x-pandagate-delivery-id"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        *self.acked.lock().unwrap().entry(id).or_default() += 1;
+        ResponseTemplate::new(200).set_delay(delay)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_load_with_failures_no_delivery_is_made_again_after_its_200() {
+    let flaky = Arc::new(Flaky {
+        seen: Default::default(),
+        acked: Default::default(),
+    });
+    struct Shared(Arc<Flaky>);
+    impl wiremock::Respond for Shared {
+        fn respond(&self, request: &wiremock::Request) -> ResponseTemplate {
+            self.0.respond(request)
+        }
+    }
+    let subscriber = MockServer::start().await;
+    Mock::given(any())
+        .respond_with(Shared(flaky.clone()))
+        .mount(&subscriber)
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let r = receiver(dir.path(), &subscriber.uri(), 60_000).await;
+    const MESSAGES: usize = 150;
+    for i in 0..MESSAGES {
+        let body = push_body(&format!("L{i}"));
+        assert_eq!(
+            push(&r, &body, Some(&sign(&body, SECRET))).await.status,
+            200
+        );
+    }
+    for _ in 0..500 {
+        if flaky.acked.lock().unwrap().len() == MESSAGES {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Give any stray resend time to show itself.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let acked = flaky.acked.lock().unwrap().clone();
+    assert_eq!(acked.len(), MESSAGES, "every message delivered");
+    let twice: Vec<_> = acked.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "delivered again after a 200: {twice:?}");
+    assert!(
+        flaky.seen.load(std::sync::atomic::Ordering::SeqCst) > MESSAGES,
+        "some deliveries were retried"
+    );
+    r.stop().await;
+}

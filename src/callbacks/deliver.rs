@@ -44,14 +44,17 @@ impl Callbacks {
                 .unwrap_or_default();
             let now = now_ms();
             for d in pending.into_iter().filter(|d| d.next_at_ms <= now) {
-                if !in_flight.lock().expect("not poisoned").insert(d.key()) {
+                // The list is a snapshot: by the time a slot frees up, a copy
+                // in it may already be delivered. Take the slot first, then
+                // claim the key, and let the task re-read the row.
+                let permit = slots.clone().acquire_owned().await.expect("never closed");
+                let key = d.key();
+                if !in_flight.lock().expect("not poisoned").insert(key.clone()) {
                     continue;
                 }
-                let permit = slots.clone().acquire_owned().await.expect("never closed");
                 let (this, client, in_flight) = (self.clone(), client.clone(), in_flight.clone());
                 tokio::spawn(async move {
-                    let key = d.key();
-                    this.deliver_one(&client, d).await;
+                    this.deliver_due(&client, &key).await;
                     in_flight.lock().expect("not poisoned").remove(&key);
                     drop(permit);
                 });
@@ -60,6 +63,20 @@ impl Callbacks {
                 () = self.wake.notified() => {}
                 () = tokio::time::sleep(TICK) => {}
             }
+        }
+    }
+
+    /// Delivers `key` if it is still pending and due. Only one task holds a
+    /// key at a time, and the previous holder's store update has committed,
+    /// so the row read here is current.
+    async fn deliver_due(&self, client: &Client<HttpConnector, Full<Bytes>>, key: &str) {
+        let store = self.store.clone();
+        let owned = key.to_owned();
+        let current = tokio::task::spawn_blocking(move || store.pending_one(&owned)).await;
+        match current {
+            Ok(Ok(Some(d))) if d.next_at_ms <= now_ms() => self.deliver_one(client, d).await,
+            Ok(Err(e)) => tracing::error!(error = %e, "callback store read failed; will retry"),
+            _ => {}
         }
     }
 

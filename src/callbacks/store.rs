@@ -138,11 +138,25 @@ impl Store {
         Ok(())
     }
 
-    /// Another attempt failed: keep it pending with its new state.
+    /// The delivery with `key` as it stands now, if it is still pending.
+    pub fn pending_one(&self, key: &str) -> Result<Option<Delivery>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let pending = txn.open_table(PENDING)?;
+        pending.get(key)?.map(|v| from_json(v.value())).transpose()
+    }
+
+    /// Another attempt failed: keep it pending with its new state. A delivery
+    /// no longer pending (acknowledged meanwhile) is left alone, never revived.
     pub fn reschedule(&self, d: &Delivery) -> Result<(), StoreError> {
         let txn = self.db.begin_write()?;
-        txn.open_table(PENDING)?
-            .insert(d.key().as_str(), to_json(d).as_slice())?;
+        {
+            let mut pending = txn.open_table(PENDING)?;
+            let key = d.key();
+            if pending.get(key.as_str())?.is_none() {
+                return Ok(());
+            }
+            pending.insert(key.as_str(), to_json(d).as_slice())?;
+        }
         txn.commit()?;
         Ok(())
     }
@@ -234,5 +248,19 @@ mod tests {
         assert_eq!(back.len(), 1);
         assert_eq!(back[0].next_at_ms, 99);
         assert!(store.dead().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_late_failure_never_revives_an_acknowledged_delivery() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.insert("m1", &message(), &[delivery("a")]).unwrap();
+        let mut stale = delivery("a");
+        store.delivered(&stale).unwrap();
+        stale.attempts = 1;
+        stale.next_at_ms = 5;
+        store.reschedule(&stale).unwrap();
+        assert_eq!(store.pending_one(&stale.key()).unwrap(), None);
+        assert!(store.pending().unwrap().is_empty());
     }
 }
