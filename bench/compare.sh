@@ -1,0 +1,460 @@
+#!/usr/bin/env bash
+# pandagate next to nginx as a reverse proxy, and next to no proxy at all
+# (issue 7). On one box, in one run:
+#   direct     wrk -> upstream (nginx `return 200` with a provider envelope)
+#   nginx      wrk -> nginx proxy_pass (keepalive 64, credential headers, access log) -> upstream
+#   pandagate  wrk -> pandagate (signing, json access log, local rate limit) -> upstream
+# at several connection counts, several runs; medians of calls/s, p50, p99,
+# errors and peak RSS of the proxy, ratios, and a pass/fail against the
+# targets of the issue. The Markdown report goes to stdout and to
+# bench/results/YYYY-MM-DD-compare.md (progress goes to stderr).
+#
+#   bench/compare.sh [--seconds 10] [--warmup 3] [--conns "16 64 256"] [--runs 3]
+#                    [--threads 2] [--binary PATH] [--out FILE] [--strict]
+#                    [--nginx-log-buffer SIZE] [--keep]
+#
+#   --out FILE               write the report there instead of bench/results/
+#   --strict                 exit 1 when a target of issue 7 was missed
+#   --nginx-log-buffer SIZE  nginx access_log buffer=SIZE flush=1s (default: unbuffered)
+#   --keep                   keep the work directory (configs, logs, raw wrk output)
+#
+# The same settings can come from the environment: BENCH_SECONDS, BENCH_WARMUP,
+# BENCH_CONNS, BENCH_RUNS, BENCH_THREADS, BENCH_BINARY, UPSTREAM_WORKERS
+# (nginx workers of the upstream, default 1).
+# Without --binary, builds with `cargo build --release -q`.
+# Installs wrk and nginx from Debian when missing. Talks only to 127.0.0.1.
+# Exit status: 0 when the harness ran (targets met or not), 1 when --strict and
+# a target was missed, 2 on a usage error, other non-zero when the harness failed.
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+helper="$root/bench/compare_report.py"
+command_line="bench/compare.sh$(printf ' %q' "$@")"
+
+secs=${BENCH_SECONDS:-10}
+warmup=${BENCH_WARMUP:-3}
+conns=${BENCH_CONNS:-16 64 256}
+runs=${BENCH_RUNS:-3}
+threads=${BENCH_THREADS:-2}
+binary=${BENCH_BINARY:-}
+upstream_workers=${UPSTREAM_WORKERS:-1}
+out=""
+strict=0
+keep=0
+nginx_log_buffer=""
+call_path="/open/product/get?itemId=652874751412"
+
+usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e 's/^# \{0,1\}//'; }
+bad_usage() { echo "compare.sh: $* (see --help)" >&2; exit 2; }
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --seconds|--warmup|--conns|--runs|--threads|--binary|--out|--nginx-log-buffer)
+      [ $# -ge 2 ] || bad_usage "$1 needs a value" ;;
+  esac
+  case "$1" in
+    --seconds) secs=$2; shift 2 ;;
+    --warmup) warmup=$2; shift 2 ;;
+    --conns) conns=$2; shift 2 ;;
+    --runs) runs=$2; shift 2 ;;
+    --threads) threads=$2; shift 2 ;;
+    --binary) binary=$2; shift 2 ;;
+    --out) out=$2; shift 2 ;;
+    --nginx-log-buffer) nginx_log_buffer=$2; shift 2 ;;
+    --strict) strict=1; shift ;;
+    --keep) keep=1; shift ;;
+    -h|--help) usage; exit 0 ;;
+    *) bad_usage "unknown argument $1" ;;
+  esac
+done
+for v in "$secs" "$warmup" "$runs" "$threads"; do
+  [[ $v =~ ^[0-9]+$ ]] || bad_usage "not a whole number: $v"
+done
+[ "$secs" -gt 0 ] && [ "$runs" -gt 0 ] && [ "$threads" -gt 0 ] || bad_usage "--seconds, --runs and --threads must be > 0"
+[[ $upstream_workers =~ ^([1-9][0-9]*|auto)$ ]] || bad_usage "UPSTREAM_WORKERS: a number or auto, not $upstream_workers"
+[[ -z $nginx_log_buffer || $nginx_log_buffer =~ ^[0-9]+[kKmM]?$ ]] || bad_usage "--nginx-log-buffer: a size like 64k"
+read -r -a levels <<< "$conns"
+[ ${#levels[@]} -gt 0 ] || bad_usage "--conns is empty"
+for c in "${levels[@]}"; do
+  # wrk gives each thread conns/threads connections: fewer conns than threads is an error.
+  [[ $c =~ ^[0-9]+$ ]] && [ "$c" -ge "$threads" ] || bad_usage "bad connection count $c (a whole number >= --threads)"
+done
+# Relative paths are the caller's, taken before anything changes directory.
+if [ -n "$binary" ]; then binary=$(realpath "$binary"); fi
+if [ -n "$out" ]; then out=$(realpath -m "$out"); fi
+
+log() { echo "compare.sh: $*" >&2; }
+die() { log "$*"; exit 70; }
+
+need() {
+  command -v "$1" >/dev/null && return
+  log "installing $2"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null
+}
+need wrk wrk
+need nginx nginx
+need curl curl
+command -v python3 >/dev/null || die "python3 is needed"
+
+# Every process this script starts is recorded here and stopped on exit,
+# whatever the exit (error, Ctrl-C, kill).
+work=$(mktemp -d /tmp/pg-compare.XXXXXX)
+up_pid="" px_pid="" gw_pid="" sampler_pid="" wrk_pid=""
+cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM
+  # All are children of this shell (nginx runs with `daemon off`): TERM, then
+  # wait, so that none outlives the script, not even as a zombie. nginx's
+  # master stops its workers on TERM (fast shutdown); pandagate drains with
+  # nothing in flight.
+  local p
+  for p in $wrk_pid $sampler_pid $gw_pid $px_pid $up_pid; do kill "$p" 2>/dev/null || true; done
+  for p in $wrk_pid $sampler_pid $gw_pid $px_pid $up_pid; do
+    for _ in $(seq 1 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$p" 2>/dev/null || true
+    wait "$p" 2>/dev/null || true
+  done
+  if [ "$rc" -ne 0 ] && [ "$rc" -ne 1 ] && [ "$rc" -ne 130 ] && [ "$rc" -ne 143 ]; then
+    for f in "$work"/up/error.log "$work"/px/error.log "$work"/gateway.err; do
+      [ -s "$f" ] && { log "--- tail of $f"; tail -n 5 "$f" >&2; }
+    done
+  fi
+  if [ "$keep" = 1 ]; then log "work files kept in $work"; else rm -rf "$work"; fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+# 256 client connections plus as many upstream ones, per process: well within
+# any default, raised anyway where allowed. nginx is told the limit it really got.
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+nofile=$(ulimit -n)
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+up_port=$(free_port); nx_port=$(free_port); gw_port=$(free_port); admin_port=$(free_port)
+mkdir -p "$work/up" "$work/px" "$work/raw"
+
+load_start=$(cut -d' ' -f1-3 /proc/loadavg)
+started=$(date -u '+%Y-%m-%d %H:%M:%S UTC')
+day=$(date -u +%Y-%m-%d)
+if awk -v l="${load_start%% *}" -v n="$(nproc)" 'BEGIN { exit !(l > n / 2) }'; then
+  log "warning: load average $load_start on $(nproc) cores; the figures will be noisy"
+fi
+
+# ------------------------------------------------------------------ binary
+if [ -z "$binary" ]; then
+  log "building (cargo build --release -q)"
+  (cd "$root" && cargo build --release -q)
+  # Copied so that a rebuild during the run cannot swap the binary under test.
+  cp "${CARGO_TARGET_DIR:-$root/target}/release/pandagate" "$work/pandagate"
+  binary_shown="target/release/pandagate (cargo build --release of the work tree at the commit below)"
+else
+  [ -x "$binary" ] || die "not an executable: $binary"
+  cp "$binary" "$work/pandagate"
+  binary_shown="$binary (given with --binary: not necessarily built from the commit below)"
+fi
+gw_bin="$work/pandagate"
+
+# ------------------------------------------------------------------ upstream
+# The provider stand-in: the same fixed envelope for every call, as cheap as
+# nginx can make it, so that it is not what limits the proxies.
+envelope='{"requestId":"4cfda0b725184ab8a1e3ee3b9051ec35","code":200,"developId":"1014533973088404335","msg":"ok","data":{}}'
+temp_paths() { # nginx otherwise wants its compiled-in /var/lib/nginx paths
+  local d=$1
+  printf '  client_body_temp_path %s/tmp-body;\n  proxy_temp_path %s/tmp-proxy;\n' "$d" "$d"
+  printf '  fastcgi_temp_path %s/tmp-fcgi;\n  uwsgi_temp_path %s/tmp-uwsgi;\n  scgi_temp_path %s/tmp-scgi;\n' "$d" "$d" "$d"
+}
+cat > "$work/up/nginx.conf" <<CONF
+worker_processes $upstream_workers;
+worker_rlimit_nofile $nofile;
+pid $work/up/nginx.pid;
+error_log $work/up/error.log warn;
+events { worker_connections 8192; }
+http {
+  access_log off;
+$(temp_paths "$work/up")
+  server {
+    listen 127.0.0.1:$up_port backlog=4096;
+    keepalive_requests 1000000;
+    keepalive_timeout 300s;
+    location / {
+      default_type application/json;
+      return 200 '$envelope';
+    }
+    # Echoes the credential headers a proxy added: checked once before the load.
+    location = /open/bench/headers {
+      default_type text/plain;
+      return 200 'access-key=\$http_access_key user-id=\$http_user_id signature=\$http_signature timestamp=\$http_timestamp nonce-str=\$http_nonce_str\n';
+    }
+  }
+}
+CONF
+nginx -p "$work/up" -e "$work/up/error.log" -c "$work/up/nginx.conf" -g 'daemon off;' </dev/null >/dev/null 2>&1 &
+up_pid=$!
+
+# ------------------------------------------------------------------ nginx proxy
+# A plain, production-like nginx reverse proxy doing what the gateway does
+# minus the signature computation: fixed credential headers, per-request
+# timestamp/nonce from nginx variables, pooled upstream connections, an
+# access log line per call.
+if [ -n "$nginx_log_buffer" ]; then
+  nx_log_opts=" buffer=$nginx_log_buffer flush=1s"
+  nx_log_desc="access_log buffer=$nginx_log_buffer flush=1s"
+else
+  nx_log_opts=""
+  nx_log_desc="access_log unbuffered, nginx's default: one write() per call"
+fi
+cat > "$work/px/nginx.conf" <<CONF
+worker_processes auto;
+worker_rlimit_nofile $nofile;
+pid $work/px/nginx.pid;
+error_log $work/px/error.log warn;
+events { worker_connections 8192; }
+http {
+$(temp_paths "$work/px")
+  log_format benchjson escape=json '{"ts":"\$time_iso8601","nginx_request_id":"\$request_id","status":\$status,'
+    '"upstream_status":"\$upstream_status","method":"\$request_method","uri":"\$request_uri",'
+    '"request_time":\$request_time,"upstream_response_time":"\$upstream_response_time"}';
+  access_log $work/px/access.log benchjson$nx_log_opts;
+  upstream provider {
+    server 127.0.0.1:$up_port;
+    keepalive 64;
+    keepalive_requests 1000000;
+    keepalive_timeout 300s;
+  }
+  server {
+    listen 127.0.0.1:$nx_port backlog=4096;
+    keepalive_requests 1000000;
+    keepalive_timeout 300s;
+    location / {
+      proxy_pass http://provider;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header access-key bench-key;
+      proxy_set_header user-id bench-user;
+      proxy_set_header signature 0123456789abcdef0123456789abcdef;
+      proxy_set_header timestamp \$msec;
+      proxy_set_header nonce-str \$request_id;
+    }
+  }
+}
+CONF
+
+# ------------------------------------------------------------------ pandagate
+cat > "$work/pandagate.toml" <<'CONF'
+# Listen address, upstream, credentials and log format come from the environment.
+[server]
+# Nothing is in flight when the harness stops it: no need to wait.
+shutdown_grace_ms = 1000
+
+# Far above what wrk can send: present so its cost is paid, never binding.
+[rate_limit]
+requests_per_second = 1000000
+burst = 1000000
+backend = "local"
+CONF
+gw_env=(
+  PANDAPON_ACCESS_KEY=bench-key PANDAPON_ACCESS_SECRET=bench-secret PANDAPON_USER_ID=bench-user
+  PANDAGATE_LISTEN="127.0.0.1:$gw_port" PANDAGATE_ADMIN_LISTEN="127.0.0.1:$admin_port"
+  PANDAGATE_UPSTREAM="http://127.0.0.1:$up_port" PANDAGATE_LOG_FORMAT=json
+)
+env "${gw_env[@]}" "$gw_bin" check --config "$work/pandagate.toml" >/dev/null 2>"$work/check.err" \
+  || die "pandagate check rejected the config: $(cat "$work/check.err")"
+binary_version=$("$gw_bin" --version 2>/dev/null || echo "version unknown")
+binary_sha=$(sha256sum "$gw_bin" | cut -c1-12)
+
+# ------------------------------------------------------------------ checks
+declare -A url=(
+  [direct]="http://127.0.0.1:$up_port$call_path"
+  [nginx]="http://127.0.0.1:$nx_port$call_path"
+  [pandagate]="http://127.0.0.1:$gw_port$call_path"
+)
+pid_of() {
+  case "$1" in direct) echo "$up_pid" ;; nginx) echo "$px_pid" ;; pandagate) echo "$gw_pid" ;; esac
+}
+wait_ok() { # target: 200 within 10 s
+  for _ in $(seq 1 200); do
+    [ "$(curl -s -o /dev/null -w '%{http_code}' "${url[$1]}" || true)" = 200 ] && return 0
+    kill -0 "$(pid_of "$1")" 2>/dev/null || die "$1 exited at start"
+    sleep 0.05
+  done
+  die "$1 did not answer 200 at ${url[$1]}"
+}
+# Each proxy is started afresh for every measurement (and stopped after it), so
+# that its peak RSS is that of the level alone and nothing carries over from
+# one measurement to the next (pools, allocator arenas, log files).
+start_proxy() {
+  case "$1" in
+    nginx)
+      rm -f "$work/px/access.log"
+      nginx -p "$work/px" -e "$work/px/error.log" -c "$work/px/nginx.conf" -g 'daemon off;' </dev/null >/dev/null 2>&1 &
+      px_pid=$! ;;
+    pandagate)
+      env "${gw_env[@]}" "$gw_bin" --config "$work/pandagate.toml" run >"$work/access.log" 2>>"$work/gateway.err" &
+      gw_pid=$! ;;
+    *) return 0 ;;
+  esac
+  wait_ok "$1"
+}
+stop_proxy() {
+  local p
+  case "$1" in nginx) p=$px_pid; px_pid="" ;; pandagate) p=$gw_pid; gw_pid="" ;; *) return 0 ;; esac
+  kill "$p" 2>/dev/null || true
+  for _ in $(seq 1 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+  kill -9 "$p" 2>/dev/null || true
+  wait "$p" 2>/dev/null || true
+}
+
+wait_ok direct
+start_proxy nginx
+start_proxy pandagate
+for t in direct nginx pandagate; do
+  body=$(curl -s "${url[$t]}")
+  [[ $body == *4cfda0b725184ab8a1e3ee3b9051ec35* ]] || die "$t answered an unexpected body: $body"
+done
+# Both proxies must really add the credential headers, or the comparison is moot.
+headers_re='access-key=bench-key user-id=bench-user signature=[0-9a-fA-F]{32} timestamp=[0-9.]+ nonce-str=[^ ]+'
+for t in nginx pandagate; do
+  port=$nx_port; [ "$t" = pandagate ] && port=$gw_port
+  seen=$(curl -s "http://127.0.0.1:$port/open/bench/headers" || true)
+  if [[ $seen =~ $headers_re ]]; then
+    log "$t adds: $seen"
+  else
+    die "$t did not forward the credential headers: ${seen:-no answer}"
+  fi
+done
+# The access log line is written by a background thread: give it a moment.
+for _ in $(seq 1 50); do grep -q '"request_id"' "$work/access.log" && break; sleep 0.1; done
+grep -q '"request_id":"4cfda0b725184ab8a1e3ee3b9051ec35"' "$work/access.log" \
+  || die "pandagate wrote no json access line with the provider's request_id: $(head -c 300 "$work/access.log")"
+[ -n "$nginx_log_buffer" ] || grep -q '"upstream_status":"200"' "$work/px/access.log" \
+  || die "nginx proxy wrote no access line with upstream_status 200"
+stop_proxy nginx
+stop_proxy pandagate
+
+# ------------------------------------------------------------------ measuring
+pids_of() { # the processes whose memory counts for a target
+  case "$1" in
+    direct) python3 "$helper" pids "$up_pid" ;;
+    nginx) python3 "$helper" pids "$px_pid" ;;
+    pandagate) echo "$gw_pid" ;;
+  esac
+}
+upstream_hwm_reset=1
+
+measure() { # run target conns
+  local run=$1 t=$2 c=$3 base pids reset=ok
+  base="$work/raw/r${run}_${t}_c${c}"
+  start_proxy "$t"
+  mapfile -t pids < <(pids_of "$t")
+  if [ "$t" = direct ]; then
+    # The upstream runs throughout, and VmHWM is a high-water mark since the
+    # process started: reset it (clear_refs 5) so that it is this level's peak.
+    # Where the reset is not allowed, the 100 ms samples stand in.
+    reset=$(python3 "$helper" reset-hwm "${pids[@]}")
+    [ "$reset" = ok ] || upstream_hwm_reset=0
+  fi
+  if [ "$t" = pandagate ]; then
+    python3 "$helper" sample "$base.sample" "$gw_pid" &
+  else
+    python3 "$helper" sample "$base.sample" --tree "$(pid_of "$t")" &
+  fi
+  sampler_pid=$!
+  if [ "$warmup" -gt 0 ]; then
+    wrk -t"$threads" -c"$c" -d"${warmup}s" "${url[$t]}" >"$base.warmup" 2>&1 &
+    wrk_pid=$!; wait "$wrk_pid" || true; wrk_pid=""
+  fi
+  # Listed again: every nginx worker is surely forked by now.
+  mapfile -t pids < <(pids_of "$t")
+  local cpu_before; cpu_before=$(python3 "$helper" cpu "${pids[@]}")
+  # In the background and waited for, so that a signal to the script is acted on at once.
+  wrk -t"$threads" -c"$c" -d"${secs}s" --latency "${url[$t]}" >"$base.wrk" 2>&1 &
+  wrk_pid=$!; wait "$wrk_pid" || true; wrk_pid=""
+  awk -v a="$cpu_before" -v b="$(python3 "$helper" cpu "${pids[@]}")" 'BEGIN { printf "%.2f\n", b - a }' > "$base.cpu"
+  local hwm; hwm=$(python3 "$helper" hwm "${pids[@]}")
+  kill "$sampler_pid" 2>/dev/null || true; wait "$sampler_pid" 2>/dev/null || true; sampler_pid=""
+  local sampled="0 0 0"; [ -s "$base.sample" ] && sampled=$(cat "$base.sample")
+  if [ "$reset" != ok ]; then
+    # A high-water mark since start says nothing about this level: use the samples.
+    hwm=${sampled%% *}
+  fi
+  echo "$hwm $sampled" > "$base.rss"
+  kill -0 "$(pid_of "$t")" 2>/dev/null || die "$t died during run $run at $c connections"
+  stop_proxy "$t"
+  local line
+  line=$(python3 "$helper" line "$base.wrk") || die "wrk failed against $t at $c connections: $(tail -n 3 "$base.wrk")"
+  printf 'run %s/%s  %4s conns  %-9s %s  rss %s MiB\n' "$run" "$runs" "$c" "$t" "$line" \
+    "$(awk -v k="$hwm" 'BEGIN { printf "%.1f", k / 1024 }')" >&2
+}
+
+targets=(direct nginx pandagate)
+log "$(nproc) cores, load $load_start; ${#levels[@]} levels x ${#targets[@]} targets x $runs runs, ${warmup}+${secs} s each"
+for run in $(seq 1 "$runs"); do
+  for c in "${levels[@]}"; do
+    # The order rotates from run to run (and level to level), so that a slow
+    # drift of the box's load does not always hit the same target.
+    shift_by=$(( (run - 1 + c) % ${#targets[@]} ))
+    for i in 0 1 2; do
+      measure "$run" "${targets[$(( (i + shift_by) % ${#targets[@]} ))]}" "$c"
+    done
+  done
+done
+load_end=$(cut -d' ' -f1-3 /proc/loadavg)
+
+# ------------------------------------------------------------------ report
+commit=$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)
+if [ "$commit" != unknown ] && [ -n "$(git -C "$root" status --porcelain 2>/dev/null)" ]; then commit="$commit+dirty"; fi
+rss_method="each proxy is a fresh process for every measurement (started before the warm-up, stopped after the level); its peak RSS is VmHWM from /proc/PID/status read at the end of the level, summed over the processes (nginx: master + workers; pandagate: its one process). RSS and PSS sums sampled every 100 ms are in the last table as a cross-check"
+if [ "$upstream_hwm_reset" = 1 ]; then
+  rss_method+="; the upstream (direct row) runs throughout: its VmHWM is reset (clear_refs 5) before each level"
+else
+  rss_method+="; the upstream (direct row) runs throughout and the VmHWM reset was refused here: its figure is the largest sampled sum of VmRSS"
+fi
+notes=()
+[ "$threads" = 2 ] || notes+=("wrk threads: $threads (issue 7 asks for -t2)")
+awk -v l="${load_start%% *}" -v n="$(nproc)" 'BEGIN { exit !(l > n / 2) }' \
+  && notes+=("load average at start ($load_start) above half the cores: other work was running")
+{
+  printf 'date\t%s\n' "$started"
+  printf 'commit\t%s\n' "$commit"
+  printf 'binary\t%s\n' "$binary_shown"
+  printf 'binary_version\t%s\n' "$binary_version"
+  printf 'binary_sha\t%s\n' "$binary_sha"
+  printf 'nproc\t%s\n' "$(nproc)"
+  printf 'cpu\t%s\n' "$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)"
+  printf 'kernel\t%s\n' "$(uname -sr)"
+  printf 'load_start\t%s\n' "$load_start"
+  printf 'load_end\t%s\n' "$load_end"
+  printf 'wrk_version\t%s\n' "$(wrk -v 2>&1 | head -n 1 | sed 's/ Copyright.*//')"
+  printf 'nginx_version\t%s\n' "$(nginx -v 2>&1)"
+  printf 'command\t%s\n' "$command_line"
+  printf 'path\t%s\n' "$call_path"
+  printf 'threads\t%s\n' "$threads"
+  printf 'conns\t%s\n' "${levels[*]}"
+  printf 'warmup\t%s\n' "$warmup"
+  printf 'seconds\t%s\n' "$secs"
+  printf 'runs\t%s\n' "$runs"
+  printf 'upstream_workers\t%s\n' "$upstream_workers"
+  printf 'nginx_log_buffer\t%s\n' "$nx_log_desc"
+  printf 'rss_method\t%s\n' "$rss_method"
+  printf 'notes\t%s\n' "$(IFS='|'; echo "${notes[*]}")"
+} > "$work/meta.tsv"
+
+report_rc=0
+python3 "$helper" report "$work/raw" "$work/meta.tsv" > "$work/report.md" || report_rc=$?
+[ "$report_rc" = 0 ] || [ "$report_rc" = 3 ] || die "the report failed (status $report_rc)"
+
+if [ -z "$out" ]; then
+  mkdir -p "$root/bench/results"
+  out="$root/bench/results/$day-compare.md"
+  n=2
+  while [ -e "$out" ]; do out="$root/bench/results/$day-compare-$n.md"; n=$((n + 1)); done
+fi
+mkdir -p "$(dirname "$out")"
+cp "$work/report.md" "$out"
+cat "$work/report.md"
+log "report written to $out"
+if [ "$report_rc" = 3 ]; then
+  log "a target was missed (see Targets)"
+  [ "$strict" = 0 ] || exit 1
+fi
+exit 0

@@ -1,0 +1,426 @@
+#!/usr/bin/env python3
+"""Helper of bench/compare.sh: process lists, RSS sampling, wrk parsing and
+the Markdown report. Not meant to be run by hand.
+
+    compare_report.py pids MASTER_PID          master + its children, one a line
+    compare_report.py reset-hwm PID...         VmHWM := VmRSS (clear_refs 5); prints ok|no
+    compare_report.py hwm PID...               sum of VmHWM, KiB
+    compare_report.py sample OUT [--tree] PID...
+                                               every 100 ms: max of sum(VmRSS) and sum(Pss)
+                                               so far, written to OUT, until SIGTERM;
+                                               --tree: PID and its children, listed anew
+                                               at every sample
+    compare_report.py cpu PID...               CPU time (user + system) used so far, summed, s
+    compare_report.py line WRK_FILE            one-line summary for progress output
+    compare_report.py report RAW_DIR META      Markdown report on stdout; exit 3 when a
+                                               target was missed
+
+Python 3 standard library only.
+"""
+
+import os
+import re
+import signal
+import statistics
+import sys
+import time
+
+TARGETS = ("direct", "nginx", "pandagate")
+UNIT_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
+
+
+# ---------------------------------------------------------------- processes
+
+
+def children(pid):
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # The command name may hold spaces and parentheses: split after the last ')'.
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == pid:
+            out.append(int(d))
+    return out
+
+
+def status_kib(pid, field):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def pss_kib(pid):
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def cpu_seconds(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    # utime and stime are fields 14 and 15 of stat(5); fields[0] here is field 3.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cmd_sample(out, pids, tree):
+    stop = False
+
+    def on_term(*_):
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    peak_rss = peak_pss = samples = 0
+    while not stop:
+        if tree:
+            # nginx's master may still be forking workers when sampling starts.
+            pids = [pids[0]] + children(pids[0])
+        peak_rss = max(peak_rss, sum(status_kib(p, "VmRSS") for p in pids))
+        peak_pss = max(peak_pss, sum(pss_kib(p) for p in pids))
+        samples += 1
+        # Written every time so that a kill -9 still leaves the figure so far.
+        tmp = out + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(f"{peak_rss} {peak_pss} {samples}\n")
+        os.replace(tmp, out)
+        time.sleep(0.1)
+
+
+# ---------------------------------------------------------------- wrk output
+
+
+def to_ms(text):
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m|h)", text)
+    if not m:
+        raise ValueError(f"unknown wrk time {text!r}")
+    return float(m.group(1)) * UNIT_MS[m.group(2)]
+
+
+def parse_wrk(path):
+    with open(path) as f:
+        text = f.read()
+    r = {"rps": None, "p50": None, "p99": None, "requests": 0, "non2xx": 0,
+         "connect": 0, "read": 0, "write": 0, "timeout": 0}
+    m = re.search(r"^Requests/sec:\s+([\d.]+)", text, re.M)
+    if m:
+        r["rps"] = float(m.group(1))
+    for pct, key in (("50", "p50"), ("99", "p99")):
+        m = re.search(rf"^\s+{pct}%\s+(\S+)", text, re.M)
+        if m:
+            r[key] = to_ms(m.group(1))
+    m = re.search(r"^\s+(\d+) requests in", text, re.M)
+    if m:
+        r["requests"] = int(m.group(1))
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    if m:
+        r["connect"], r["read"], r["write"], r["timeout"] = map(int, m.groups())
+    m = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    if m:
+        r["non2xx"] = int(m.group(1))
+    r["errors"] = r["non2xx"] + r["connect"] + r["read"] + r["write"] + r["timeout"]
+    return r
+
+
+def cmd_line(path):
+    r = parse_wrk(path)
+    if r["rps"] is None or r["p99"] is None:
+        print("wrk printed no result")
+        return 1
+    print(f"{r['rps']:10.0f} calls/s  p50 {r['p50']:7.3f} ms  p99 {r['p99']:7.3f} ms  "
+          f"errors {r['errors']}")
+    return 0
+
+
+# ---------------------------------------------------------------- report
+
+
+def read_meta(path):
+    meta = {}
+    with open(path) as f:
+        for line in f:
+            key, _, value = line.rstrip("\n").partition("\t")
+            meta[key] = value
+    return meta
+
+
+def load(raw):
+    """{(run, target, conns): figures} from r<run>_<target>_c<conns>.wrk/.rss."""
+    data = {}
+    for name in sorted(os.listdir(raw)):
+        m = re.fullmatch(r"r(\d+)_(\w+)_c(\d+)\.wrk", name)
+        if not m:
+            continue
+        run, target, conns = int(m.group(1)), m.group(2), int(m.group(3))
+        fig = parse_wrk(os.path.join(raw, name))
+        with open(os.path.join(raw, name[:-4] + ".rss")) as f:
+            hwm, sampled_rss, sampled_pss, _samples = (int(x) for x in f.read().split())
+        with open(os.path.join(raw, name[:-4] + ".cpu")) as f:
+            cpu = float(f.read())
+        fig.update(hwm=hwm, sampled_rss=sampled_rss, sampled_pss=sampled_pss,
+                   cpu_us=cpu * 1e6 / fig["requests"] if fig["requests"] else None)
+        data[(run, target, conns)] = fig
+    return data
+
+
+def med(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def fmt(v, digits=2):
+    return "—" if v is None else f"{v:.{digits}f}"
+
+
+def mib(kib):
+    return None if not kib else kib / 1024
+
+
+def ratio(a, b):
+    return None if a is None or not b else a / b
+
+
+def report(raw, meta_path):
+    meta = read_meta(meta_path)
+    data = load(raw)
+    runs = sorted({k[0] for k in data})
+    levels = sorted({k[2] for k in data})
+    targets = [t for t in TARGETS if any(k[1] == t for k in data)]
+
+    def series(target, conns, key):
+        return [data[(r, target, conns)][key] for r in runs if (r, target, conns) in data]
+
+    summary = {}
+    for c in levels:
+        for t in targets:
+            errs = series(t, c, "errors")
+            summary[(t, c)] = {
+                "rps": med(series(t, c, "rps")),
+                "p50": med(series(t, c, "p50")),
+                "p99": med(series(t, c, "p99")),
+                "errors": med(errs),
+                "errors_total": sum(errs),
+                "rss": mib(med(series(t, c, "hwm"))),
+                "cpu_us": med(series(t, c, "cpu_us")),
+                "per_run": series(t, c, "rps"),
+            }
+
+    o = []
+    w = o.append
+    w(f"# pandagate vs nginx vs direct — {meta['date']}")
+    w("")
+    w("## Machine and build")
+    w("")
+    w(f"- date (UTC): {meta['date']}")
+    w(f"- git commit: `{meta['commit']}`")
+    w(f"- binary: `{meta['binary']}` ({meta['binary_version']}, sha256 {meta['binary_sha']})")
+    w(f"- cores (nproc): {meta['nproc']}; CPU: {meta['cpu']}")
+    w(f"- load average at start: {meta['load_start']}; at end: {meta.get('load_end', '?')} "
+      f"(the end figure includes this benchmark's own processes)")
+    w(f"- kernel: {meta['kernel']}")
+    w(f"- {meta['wrk_version']}; {meta['nginx_version']}")
+    w("")
+    w("## Settings")
+    w("")
+    w(f"- command: `{meta['command']}`")
+    w(f"- call: `GET {meta['path']}` on 127.0.0.1; wrk `-t{meta['threads']} --latency`, "
+      f"default timeout 2 s (a slower answer counts as a timeout error)")
+    w(f"- connections: {meta['conns']}; {meta['warmup']} s warm-up (discarded) then "
+      f"{meta['seconds']} s measured, per target and level")
+    w(f"- runs: {meta['runs']}; within a run each level measures all three targets back to "
+      f"back, in an order rotated from run to run; figures below are medians over runs")
+    w(f"- upstream (direct): nginx `return 200` with the provider envelope, "
+      f"`worker_processes {meta['upstream_workers']}`, access_log off, keepalive_requests 1000000")
+    w(f"- nginx proxy: `worker_processes auto`, `upstream {{ keepalive 64; }}`, "
+      f"`proxy_http_version 1.1`, `Connection \"\"`, static access-key / user-id / signature "
+      f"headers plus timestamp=`$msec` and nonce-str=`$request_id`, JSON access log to a file "
+      f"({meta['nginx_log_buffer']})")
+    w(f"- pandagate: signing on (MD5, recipe concat), `PANDAGATE_LOG_FORMAT=json` with stdout "
+      f"to a file, `[rate_limit] requests_per_second = 1000000` (local, does not bind), "
+      f"admin listener on a free loopback port, other settings at their defaults")
+    w(f"- peak RSS: {meta['rss_method']}")
+    w("")
+    w("## Results (medians)")
+    w("")
+    w("| conns | target | calls/s | p50 ms | p99 ms | errors | peak RSS MiB | CPU µs/call "
+      "| calls/s per run |")
+    w("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    for c in levels:
+        for t in targets:
+            s = summary[(t, c)]
+            errors = fmt(s["errors"], 0)
+            if s["errors_total"] and len(runs) > 1:
+                errors += f" (all runs: {s['errors_total']})"
+            rss = fmt(s["rss"], 1)
+            if t == "direct" and s["rss"] is not None:
+                rss += " (upstream)"
+            per_run = ", ".join(f"{v:.0f}" for v in s["per_run"] if v is not None)
+            w(f"| {c} | {t} | {fmt(s['rps'], 0)} | {fmt(s['p50'], 3)} | {fmt(s['p99'], 3)} "
+              f"| {errors} | {rss} | {fmt(s['cpu_us'], 1)} | {per_run} |")
+    w("")
+
+    w("## Ratios")
+    w("")
+    w("Ratios of the medians above; in brackets the same ratio run by run (both targets "
+      "measured within the same minute), which shows how much of a difference is noise.")
+    w("")
+    w("| conns | pandagate/nginx calls/s | pandagate/nginx p99 | pandagate/direct calls/s "
+      "| pandagate/nginx CPU per call |")
+    w("| ---: | ---: | ---: | ---: | ---: |")
+
+    def per_run_ratio(c, key, a, b):
+        vals = []
+        for r in runs:
+            if (r, a, c) in data and (r, b, c) in data:
+                vals.append(ratio(data[(r, a, c)][key], data[(r, b, c)][key]))
+        return ", ".join(fmt(v) for v in vals)
+
+    for c in levels:
+        dr, nx, pg = (summary.get((t, c), {}) for t in ("direct", "nginx", "pandagate"))
+        cells = []
+        pairs = (("rps", "nginx"), ("p99", "nginx"), ("rps", "direct"), ("cpu_us", "nginx"))
+        for key, other in pairs:
+            b = nx if other == "nginx" else dr
+            cells.append(fmt(ratio(pg.get(key), b.get(key))))
+        if len(runs) > 1:
+            for i, (key, other) in enumerate(pairs):
+                cells[i] += f" [{per_run_ratio(c, key, 'pandagate', other)}]"
+        w(f"| {c} | " + " | ".join(cells) + " |")
+    w("")
+
+    # Targets of issue 7, judged on the medians.
+    w("## Targets")
+    w("")
+    missed = 0
+    checks = []
+    rps_bad = [c for c in levels
+               if ratio(summary[("pandagate", c)]["rps"], summary[("nginx", c)]["rps"]) is None
+               or summary[("pandagate", c)]["rps"] < summary[("nginx", c)]["rps"]]
+    checks.append(("pandagate calls/s ≥ nginx calls/s", rps_bad, lambda c: (
+        f"{fmt(summary[('pandagate', c)]['rps'], 0)} vs {fmt(summary[('nginx', c)]['rps'], 0)}")))
+    p99_bad = [c for c in levels
+               if summary[("pandagate", c)]["p99"] is None or summary[("nginx", c)]["p99"] is None
+               or summary[("pandagate", c)]["p99"] > 1.1 * summary[("nginx", c)]["p99"]]
+    checks.append(("pandagate p99 ≤ 1.1 × nginx p99", p99_bad, lambda c: (
+        f"{fmt(summary[('pandagate', c)]['p99'], 3)} ms vs 1.1 × "
+        f"{fmt(summary[('nginx', c)]['p99'], 3)} ms")))
+    for name, bad, detail in checks:
+        if bad:
+            missed += 1
+            w(f"- **MISSED** {name} — at " + "; ".join(f"{c} conns: {detail(c)}" for c in bad)
+              + f" (held at {len(levels) - len(bad)} of {len(levels)} levels)")
+        else:
+            w(f"- **HELD** {name} — at every level ({', '.join(map(str, levels))} conns)")
+    rss_level = 256 if 256 in levels else max(levels)
+    rss = summary[("pandagate", rss_level)]["rss"]
+    note = "" if rss_level == 256 else f" (256 not measured: judged at {rss_level})"
+    if rss is not None and rss <= 30:
+        w(f"- **HELD** pandagate peak RSS ≤ 30 MiB at {rss_level} conns — {rss:.1f} MiB{note}")
+    else:
+        missed += 1
+        w(f"- **MISSED** pandagate peak RSS ≤ 30 MiB at {rss_level} conns — {fmt(rss, 1)} MiB{note}")
+    w("")
+    w(f"{3 - missed} of 3 targets held.")
+    w("")
+
+    w("## How to read")
+    w("")
+    w("All three targets answer the same call from the same upstream on the same box, in the "
+      "same minute, so the differences between rows are what the proxy adds; the absolute "
+      "figures are those of this machine and depend on its load. **direct** is the ceiling: "
+      "wrk against the upstream alone. **nginx** and **pandagate** add one hop each, with "
+      "credential headers and an access log line per call; pandagate also computes the MD5 "
+      "signature, reads the response envelope for the log, and passes every call through its "
+      "rate limiter, retry and circuit-breaker logic. calls/s is wrk's Requests/sec, which counts "
+      "every answer including errors, so read it together with the errors column (non-2xx "
+      "answers + socket errors + timeouts over 2 s). p50/p99 are wrk's latency percentiles in "
+      "milliseconds. wrk, both proxies and the upstream share the same cores, so a proxy that "
+      "spends less CPU leaves more for the others and the closed loop of wrk; at high "
+      "connection counts latency mostly reflects queueing (connections / throughput). Compare "
+      "per-run ratios rather than single figures: a difference smaller than their spread is "
+      "noise. peak RSS is resident memory of the proxy under test during the level (for "
+      "direct: of the upstream nginx). CPU µs/call is the CPU time (user + system) the proxy "
+      "processes used during the measured seconds divided by the calls answered (for direct: "
+      "the upstream's): the figure least disturbed by other work on the box, since it counts "
+      "only the proxy's own cycles; it leaves out the upstream's and wrk's share.")
+    w("")
+
+    w("## Every measurement")
+    w("")
+    w("| run | conns | target | calls/s | p50 ms | p99 ms | requests | non-2xx | "
+      "connect/read/write/timeout errors | peak RSS (VmHWM) MiB | sampled RSS MiB | "
+      "sampled PSS MiB | CPU µs/call |")
+    w("| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |")
+    for r in runs:
+        for c in levels:
+            for t in targets:
+                d = data.get((r, t, c))
+                if not d:
+                    continue
+                w(f"| {r} | {c} | {t} | {fmt(d['rps'], 0)} | {fmt(d['p50'], 3)} | "
+                  f"{fmt(d['p99'], 3)} | {d['requests']} | {d['non2xx']} | "
+                  f"{d['connect']}/{d['read']}/{d['write']}/{d['timeout']} | "
+                  f"{fmt(mib(d['hwm']), 1)} | {fmt(mib(d['sampled_rss']), 1)} | "
+                  f"{fmt(mib(d['sampled_pss']), 1)} | {fmt(d['cpu_us'], 1)} |")
+    if meta.get("notes"):
+        w("")
+        w("## Notes")
+        w("")
+        for n in meta["notes"].split("|"):
+            w(f"- {n}")
+    print("\n".join(o))
+    return 3 if missed else 0
+
+
+def main(argv):
+    cmd, args = argv[1], argv[2:]
+    if cmd == "pids":
+        master = int(args[0])
+        print("\n".join(map(str, [master] + children(master))))
+    elif cmd == "reset-hwm":
+        ok = True
+        for p in args:
+            try:
+                with open(f"/proc/{p}/clear_refs", "w") as f:
+                    f.write("5")
+            except OSError:
+                ok = False
+        print("ok" if ok else "no")
+    elif cmd == "cpu":
+        print(f"{sum(cpu_seconds(int(p)) for p in args):.2f}")
+    elif cmd == "hwm":
+        print(sum(status_kib(int(p), "VmHWM") for p in args))
+    elif cmd == "sample":
+        tree = args[1:2] == ["--tree"]
+        cmd_sample(args[0], [int(p) for p in args[1 + tree:]], tree)
+    elif cmd == "line":
+        return cmd_line(args[0])
+    elif cmd == "report":
+        return report(args[0], args[1])
+    else:
+        print(f"unknown command {cmd}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
