@@ -29,7 +29,7 @@ set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 helper="$root/bench/compare_report.py"
-command_line="bench/compare.sh$(printf ' %q' "$@")"
+command_line="bench/compare.sh${*:+$(printf ' %q' "$@")}"
 
 secs=${BENCH_SECONDS:-10}
 warmup=${BENCH_WARMUP:-3}
