@@ -26,7 +26,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,9 @@ from collections import Counter, defaultdict
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import git_version, hist, pct, quantile, stop  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "bench-callback-secret"
@@ -184,17 +186,6 @@ def start_gateway(binary, work, subscriber_port):
     raise RuntimeError("gateway did not start:\n" + (work / "gateway.err").read_text(errors="replace"))
 
 
-def stop(proc, grace=25):
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
-
-
 def admin_get(port, path, timeout=5):
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
@@ -300,32 +291,6 @@ def send_pushes(port, pushes, concurrency, max_seconds):
 # --------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------
-
-def git_version():
-    try:
-        r = subprocess.run(["git", "describe", "--always", "--dirty=+uncommitted changes"], cwd=ROOT,
-                           capture_output=True, text=True, timeout=10)
-        return f"git {r.stdout.strip() or '?'}"
-    except (OSError, subprocess.SubprocessError):
-        return "git ?"
-
-
-def quantile(values, q):
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
-
-
-def pct(part, whole):
-    return f"{100.0 * part / whole:.2f} %" if whole else "n/a"
-
-
-def hist(counter):
-    if not counter:
-        return "none"
-    return ", ".join(f"`{k}`: {v}" for k, v in sorted(counter.items(), key=lambda kv: (-kv[1], str(kv[0]))))
-
 
 def counters(metrics):
     shown = [f"{k.removeprefix('pandagate_callbacks_')}={v}" for k, v in metrics.items()]

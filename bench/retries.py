@@ -23,7 +23,6 @@ import os
 import random
 import shlex
 import shutil
-import signal
 import socket
 import struct
 import subprocess
@@ -36,6 +35,9 @@ from collections import Counter
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import git_version, hist, pct, quantile, stop  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 WRITE_PATH = "/alibaba/order/create"
@@ -174,17 +176,6 @@ def start_gateway(binary, work, upstream_port):
     raise RuntimeError("gateway did not start:\n" + (work / "gateway.err").read_text(errors="replace"))
 
 
-def stop(proc, grace=25):
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
-
-
 # --------------------------------------------------------------------------
 # Callers
 # --------------------------------------------------------------------------
@@ -251,32 +242,6 @@ def run_calls(port, plan, concurrency, max_seconds):
 # --------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------
-
-def git_version():
-    try:
-        r = subprocess.run(["git", "describe", "--always", "--dirty=+uncommitted changes"], cwd=ROOT,
-                           capture_output=True, text=True, timeout=10)
-        return f"git {r.stdout.strip() or '?'}"
-    except (OSError, subprocess.SubprocessError):
-        return "git ?"
-
-
-def pct(part, whole):
-    return f"{100.0 * part / whole:.2f} %" if whole else "n/a"
-
-
-def hist(counter):
-    if not counter:
-        return "none"
-    return ", ".join(f"`{k}`: {v}" for k, v in sorted(counter.items(), key=lambda kv: (-kv[1], str(kv[0]))))
-
-
-def quantile(values, q):
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
-
 
 def report(args, plan, results, provider, log_lines, circuit_opens, wall):
     out = []
