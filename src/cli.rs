@@ -122,20 +122,11 @@ pub enum UnitArg {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("pandagate: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
     let path = cli.config.as_deref();
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => with_config(path, |loaded| {
-            runtime.block_on(run(loaded, path.map(Path::to_path_buf)))
+            let threads = loaded.config.server.worker_threads;
+            on_runtime(threads, run(loaded, path.map(Path::to_path_buf)))
         }),
         Command::Check => with_config(path, |loaded| {
             check(&loaded);
@@ -152,22 +143,43 @@ pub fn main() -> ExitCode {
         Command::Demo => {
             let format = telemetry::resolve_format(None);
             telemetry::init(format);
-            match runtime.block_on(crate::demo::run(format)) {
-                Ok(true) => ExitCode::SUCCESS,
-                Ok(false) => ExitCode::FAILURE,
-                Err(e) => {
-                    eprintln!("pandagate demo: {e}");
-                    ExitCode::FAILURE
+            on_runtime(0, async move {
+                match crate::demo::run(format).await {
+                    Ok(true) => ExitCode::SUCCESS,
+                    Ok(false) => ExitCode::FAILURE,
+                    Err(e) => {
+                        eprintln!("pandagate demo: {e}");
+                        ExitCode::FAILURE
+                    }
                 }
-            }
+            })
         }
-        Command::Callbacks { action, admin } => runtime.block_on(callbacks_command(action, admin)),
+        Command::Callbacks { action, admin } => on_runtime(0, callbacks_command(action, admin)),
         Command::Sandbox {
             listen,
             access_key,
             recipe,
             timestamp_unit,
-        } => runtime.block_on(sandbox(listen, access_key, recipe, timestamp_unit)),
+        } => on_runtime(0, sandbox(listen, access_key, recipe, timestamp_unit)),
+    }
+}
+
+/// Runs `task` on a runtime with `threads` worker threads: 0 = one per CPU
+/// (tokio's default), 1 = the current-thread runtime.
+fn on_runtime(threads: usize, task: impl std::future::Future<Output = ExitCode>) -> ExitCode {
+    let mut builder = match threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    if threads > 1 {
+        builder.worker_threads(threads);
+    }
+    match builder.enable_all().build() {
+        Ok(runtime) => runtime.block_on(task),
+        Err(e) => {
+            eprintln!("pandagate: cannot start the runtime: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -90,6 +90,11 @@ pub struct ServerConfig {
     pub shutdown_grace_ms: u64,
     /// How often secret files are re-read for rotation, in milliseconds.
     pub secret_poll_ms: u64,
+    /// Threads serving calls (env `PANDAGATE_WORKER_THREADS`): 0 = one per
+    /// CPU the process may use (a cgroup CPU quota counts); 1 = a
+    /// single-threaded runtime, like nginx's `worker_processes 1`. Read at
+    /// start; a reload does not change it.
+    pub worker_threads: usize,
 }
 
 /// The provider.
@@ -201,6 +206,7 @@ impl Default for ServerConfig {
             buffer_body_bytes: 1024 * 1024,
             shutdown_grace_ms: 20_000,
             secret_poll_ms: 1_000,
+            worker_threads: 0,
         }
     }
 }
@@ -331,6 +337,14 @@ impl Config {
                 ConfigError::new(
                     "PANDAGATE_ADMIN_LISTEN",
                     format_args!("not an address:port: {v:?}"),
+                )
+            })?;
+        }
+        if let Some(v) = env("PANDAGATE_WORKER_THREADS") {
+            self.server.worker_threads = v.parse().map_err(|_| {
+                ConfigError::new(
+                    "PANDAGATE_WORKER_THREADS",
+                    format_args!("not a whole number: {v:?}"),
                 )
             })?;
         }

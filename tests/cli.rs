@@ -87,6 +87,47 @@ fn serving_with_an_invalid_config_also_exits_64() {
     let out = output(&[], &[("PANDAGATE_LISTEN", "nowhere"), CREDS[0], CREDS[1]]);
     assert_eq!(out.status.code(), Some(64));
     assert!(text(&out.stderr).contains("PANDAGATE_LISTEN"));
+    let out = output(
+        &[],
+        &[("PANDAGATE_WORKER_THREADS", "two"), CREDS[0], CREDS[1]],
+    );
+    assert_eq!(out.status.code(), Some(64));
+    assert!(text(&out.stderr).contains("PANDAGATE_WORKER_THREADS"));
+}
+
+/// Names of the threads of process `pid` that run tokio's workers.
+fn worker_threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter(|t| {
+            let comm = t.as_ref().unwrap().path().join("comm");
+            std::fs::read_to_string(comm).is_ok_and(|c| c.starts_with("tokio-rt-worker"))
+        })
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_threads_sets_the_runtime_and_one_thread_still_serves() {
+    let upstream = support::upstream_answering(ResponseTemplate::new(200).set_body_raw(
+        support::provider_body("rid-threads", 200, "ok"),
+        "application/json",
+    ))
+    .await;
+    let uri = upstream.uri();
+    for (threads, expected) in [("1", 0), ("3", 3)] {
+        let env = [
+            CREDS[0],
+            CREDS[1],
+            ("PANDAGATE_UPSTREAM", uri.as_str()),
+            ("PANDAGATE_WORKER_THREADS", threads),
+        ];
+        let running = support::launch(&[], &env).await;
+        let ok = support::get(&format!("http://{}/open/product/get", running.gateway)).await;
+        assert_eq!(ok.status, 200, "served with worker_threads = {threads}");
+        let pid = running.child.id().expect("running");
+        // 1: the current-thread runtime, no worker threads at all.
+        assert_eq!(worker_threads(pid), expected, "worker_threads = {threads}");
+    }
 }
 
 #[test]
