@@ -20,7 +20,8 @@
 #
 # The same settings can come from the environment: BENCH_SECONDS, BENCH_WARMUP,
 # BENCH_CONNS, BENCH_RUNS, BENCH_THREADS, BENCH_BINARY, UPSTREAM_WORKERS
-# (nginx workers of the upstream, default 1).
+# (nginx workers of the upstream, default 1). PANDAGATE_WORKER_THREADS, when
+# set, reaches pandagate and is recorded in the report.
 # Without --binary, builds with `cargo build --release -q`.
 # Installs wrk and nginx from Debian when missing. Talks only to 127.0.0.1.
 # Exit status: 0 when the harness ran (targets met or not), 1 when --strict and

@@ -256,7 +256,10 @@ def report(raw, meta_path):
       f"({meta['nginx_log_buffer']})")
     w(f"- pandagate: signing on (MD5, recipe concat), `PANDAGATE_LOG_FORMAT=json` with stdout "
       f"to a file, `[rate_limit] requests_per_second = 1000000` (local, does not bind), "
-      f"admin listener on a free loopback port, other settings at their defaults")
+      f"admin listener on a free loopback port, "
+      + (f"`PANDAGATE_WORKER_THREADS={os.environ['PANDAGATE_WORKER_THREADS']}`, "
+         if os.environ.get("PANDAGATE_WORKER_THREADS") else "")
+      + "other settings at their defaults")
     w(f"- peak RSS: {meta['rss_method']}")
     w("")
     w("## Results (medians)")

@@ -5,6 +5,7 @@
 #   bare-ct    the same on a current-thread runtime
 #   nginx      nginx proxy_pass, keepalive pool, credential headers, access log
 #   pandagate  signing, json access log to a file
+#   pandagate-1t  the same with worker_threads = 1 (a current-thread runtime)
 # each in front of the same nginx `return 200` upstream, wrk -t2 at one
 # connection count. CPU per call = the proxy's user+system CPU time during
 # the measured seconds / calls answered (from /proc/PID/stat, 10 ms ticks).
@@ -53,8 +54,9 @@ start() { # target port -> sets pid
   case $1 in
     bare-mt) LISTEN=127.0.0.1:$2 UPSTREAM=http://127.0.0.1:$up target/release/examples/bare_proxy & pid=$! ;;
     bare-ct) FLAVOR=current_thread LISTEN=127.0.0.1:$2 UPSTREAM=http://127.0.0.1:$up target/release/examples/bare_proxy & pid=$! ;;
-    pandagate)
-      PANDAPON_ACCESS_KEY=bench-key PANDAPON_ACCESS_SECRET=bench-secret PANDAPON_USER_ID=bench-user \
+    pandagate|pandagate-1t)
+      threads=0; [ "$1" = pandagate-1t ] && threads=1
+      PANDAGATE_WORKER_THREADS=$threads PANDAPON_ACCESS_KEY=bench-key PANDAPON_ACCESS_SECRET=bench-secret PANDAPON_USER_ID=bench-user \
       PANDAGATE_LISTEN=127.0.0.1:$2 PANDAGATE_ADMIN_LISTEN=127.0.0.1:0 PANDAGATE_UPSTREAM=http://127.0.0.1:$up \
       PANDAGATE_LOG_FORMAT=json target/release/pandagate >"$work/access.log" 2>"$work/gw.err" & pid=$! ;;
     nginx)
@@ -82,7 +84,7 @@ results="$work/results"
 : > "$results"
 echo "$(nproc) cores, wrk -t2 -c$conns, ${secs}s per measurement, $runs runs"
 for run in $(seq 1 "$runs"); do
-  for t in bare-mt bare-ct nginx pandagate; do
+  for t in bare-mt bare-ct nginx pandagate pandagate-1t; do
     port=$(free_port)
     start "$t" "$port"
     url="http://127.0.0.1:$port/open/product/get?itemId=1"
@@ -96,7 +98,7 @@ for run in $(seq 1 "$runs"); do
     n=$(awk '/requests in/ {print $1}' "$work/wrk.txt")
     rps=$(awk '/Requests\/sec/ {print $2}' "$work/wrk.txt")
     cpu=$(awk -v d=$((c1 - c0)) -v n="$n" 'BEGIN { printf "%.1f", d * 10000 / n }')
-    printf 'run %d  %-10s %9.0f calls/s  %6s us CPU/call\n' "$run" "$t" "$rps" "$cpu"
+    printf 'run %d  %-12s %9.0f calls/s  %6s us CPU/call\n' "$run" "$t" "$rps" "$cpu"
     echo "$t $rps $cpu" >> "$results"
   done
 done
@@ -104,6 +106,6 @@ median() { # target column
   awk -v t="$1" -v c="$2" '$1 == t { print $c }' "$results" | sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'
 }
 echo "median:"
-for t in bare-mt bare-ct nginx pandagate; do
-  printf '  %-10s %9.0f calls/s  %6s us CPU/call\n' "$t" "$(median "$t" 2)" "$(median "$t" 3)"
+for t in bare-mt bare-ct nginx pandagate pandagate-1t; do
+  printf '  %-12s %9.0f calls/s  %6s us CPU/call\n' "$t" "$(median "$t" 2)" "$(median "$t" 3)"
 done
