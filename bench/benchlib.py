@@ -1,10 +1,29 @@
 """Small helpers shared by the Python benchmark scripts in bench/."""
 
+import json
+import os
+import random
 import signal
 import subprocess
+import threading
+import time
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+class LoopbackServer(ThreadingHTTPServer):
+    """A threaded HTTP server on a free 127.0.0.1 port, with a seeded random
+    generator and a lock for the subclass's records."""
+
+    daemon_threads = True
+    request_queue_size = 512
+
+    def __init__(self, handler, seed):
+        super().__init__(("127.0.0.1", 0), handler)
+        self.rng = random.Random(seed)
+        self.lock = threading.Lock()
 
 
 def stop(proc, grace=25):
@@ -43,3 +62,45 @@ def hist(counter):
     if not counter:
         return "none"
     return ", ".join(f"`{k}`: {v}" for k, v in sorted(counter.items(), key=lambda kv: (-kv[1], str(kv[0]))))
+
+
+def start_gateway(binary, work, config_text, **env_extra):
+    """Starts `binary run` with `config_text` as its config, JSON logs, the
+    access log in work/access.log and diagnostics in work/gateway.err, both
+    listeners on free loopback ports. Waits for "gateway ready"; returns the
+    process and {"gateway": port, "admin": port}."""
+    config = work / "pandagate.toml"
+    config.write_text(config_text)
+    env = dict(os.environ,
+               PANDAPON_ACCESS_KEY="bench-key",
+               PANDAPON_ACCESS_SECRET="bench-secret",
+               PANDAGATE_LISTEN="127.0.0.1:0",
+               PANDAGATE_ADMIN_LISTEN="127.0.0.1:0",
+               PANDAGATE_LOG_FORMAT="json")
+    env.pop("RUST_LOG", None)
+    env.pop("PANDAPON_ACCESS_SECRET_FILE", None)
+    env.update(env_extra)
+    errors = work / "gateway.err"
+    with open(work / "access.log", "wb") as out, open(errors, "wb") as err:
+        proc = subprocess.Popen([str(binary), "--config", str(config), "run"],
+                                stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        ports, ready = {}, False
+        for line in errors.read_text(errors="replace").splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            msg = event.get("message")
+            if msg in ("gateway listening", "admin listening"):
+                ports[msg.split()[0]] = int(str(event.get("addr")).rsplit(":", 1)[1])
+            elif msg == "gateway ready":
+                ready = True
+        if ready and "gateway" in ports and "admin" in ports:
+            return proc, ports
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    stop(proc, grace=5)
+    raise RuntimeError("gateway did not start:\n" + errors.read_text(errors="replace"))

@@ -34,11 +34,12 @@ import time
 import uuid
 from collections import Counter, defaultdict
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import git_version, hist, pct, quantile, stop  # noqa: E402
+from benchlib import LoopbackServer, start_gateway as benchlib_start_gateway  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "bench-callback-secret"
@@ -50,17 +51,12 @@ ACK_LIMIT_MS = 1000.0
 # Subscriber
 # --------------------------------------------------------------------------
 
-class Subscriber(ThreadingHTTPServer):
+class Subscriber(LoopbackServer):
     """Records every delivery: (monotonic time, delivery id, orderId, status)."""
 
-    daemon_threads = True
-    request_queue_size = 512
-
     def __init__(self, fail, seed):
-        super().__init__(("127.0.0.1", 0), SubscriberHandler)
+        super().__init__(SubscriberHandler, seed)
         self.fail = fail
-        self.rng = random.Random(seed)
-        self.lock = threading.Lock()
         self.deliveries = []  # (t, delivery_id, order_id, status)
         self.ok_orders = set()
         self.bad_requests = 0
@@ -151,39 +147,11 @@ def read_events(path):
 
 
 def start_gateway(binary, work, subscriber_port):
-    config = work / "pandagate.toml"
-    config.write_text(gateway_toml(work / "store", subscriber_port))
-    env = dict(os.environ,
-               PANDAPON_ACCESS_KEY="bench-key",
-               PANDAPON_ACCESS_SECRET=SECRET,
-               PANDAGATE_LISTEN="127.0.0.1:0",
-               PANDAGATE_ADMIN_LISTEN="127.0.0.1:0",
-               PANDAGATE_UPSTREAM="http://127.0.0.1:9",  # never called
-               PANDAGATE_LOG_FORMAT="json")
-    env.pop("RUST_LOG", None)
-    env.pop("PANDAPON_ACCESS_SECRET_FILE", None)
-    out = open(work / "access.log", "wb")
-    err = open(work / "gateway.err", "wb")
-    proc = subprocess.Popen([str(binary), "--config", str(config), "run"],
-                            stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env)
-    out.close()
-    err.close()
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        ports, ready = {}, False
-        for event in read_events(work / "gateway.err"):
-            msg = event.get("message")
-            if msg in ("gateway listening", "admin listening"):
-                ports[msg.split()[0]] = int(str(event.get("addr")).rsplit(":", 1)[1])
-            elif msg == "gateway ready":
-                ready = True
-        if ready and "gateway" in ports and "admin" in ports:
-            return proc, ports["gateway"], ports["admin"]
-        if proc.poll() is not None:
-            break
-        time.sleep(0.05)
-    stop(proc, grace=5)
-    raise RuntimeError("gateway did not start:\n" + (work / "gateway.err").read_text(errors="replace"))
+    proc, ports = benchlib_start_gateway(
+        binary, work, gateway_toml(work / "store", subscriber_port),
+        PANDAPON_ACCESS_SECRET=SECRET,
+        PANDAGATE_UPSTREAM="http://127.0.0.1:9")  # never called
+    return proc, ports["gateway"], ports["admin"]
 
 
 def admin_get(port, path, timeout=5):

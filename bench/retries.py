@@ -33,11 +33,12 @@ import time
 import uuid
 from collections import Counter
 from datetime import datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import git_version, hist, pct, quantile, stop  # noqa: E402
+from benchlib import LoopbackServer, start_gateway as benchlib_start_gateway  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 WRITE_PATH = "/alibaba/order/create"
@@ -55,15 +56,10 @@ read_attempt_timeout_ms = 300
 # Fake provider
 # --------------------------------------------------------------------------
 
-class Provider(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 512
-
+class Provider(LoopbackServer):
     def __init__(self, failure, seed):
-        super().__init__(("127.0.0.1", 0), Handler)
+        super().__init__(Handler, seed)
         self.failure = failure
-        self.rng = random.Random(seed)
-        self.lock = threading.Lock()
         self.received = Counter()   # path class -> requests received
         self.drawn = Counter()      # (class, outcome) -> count
         self.order_ids = Counter()  # clientOrderId -> times received
@@ -144,36 +140,9 @@ class Handler(BaseHTTPRequestHandler):
 # --------------------------------------------------------------------------
 
 def start_gateway(binary, work, upstream_port):
-    config = work / "pandagate.toml"
-    config.write_text(GATEWAY_TOML)
-    env = dict(os.environ,
-               PANDAPON_ACCESS_KEY="bench-key",
-               PANDAPON_ACCESS_SECRET="bench-secret",
-               PANDAGATE_LISTEN="127.0.0.1:0",
-               PANDAGATE_UPSTREAM=f"http://127.0.0.1:{upstream_port}",
-               PANDAGATE_LOG_FORMAT="json")
-    env.pop("RUST_LOG", None)
-    out = open(work / "access.log", "wb")
-    err = open(work / "gateway.err", "wb")
-    proc = subprocess.Popen([str(binary), "--config", str(config), "run"],
-                            stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env)
-    out.close()
-    err.close()
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        for line in (work / "gateway.err").read_text(errors="replace").splitlines():
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if event.get("message") == "gateway listening":
-                host, port = event["addr"].rsplit(":", 1)
-                return proc, int(port)
-        if proc.poll() is not None:
-            break
-        time.sleep(0.05)
-    stop(proc, grace=5)
-    raise RuntimeError("gateway did not start:\n" + (work / "gateway.err").read_text(errors="replace"))
+    proc, ports = benchlib_start_gateway(
+        binary, work, GATEWAY_TOML, PANDAGATE_UPSTREAM=f"http://127.0.0.1:{upstream_port}")
+    return proc, ports["gateway"]
 
 
 # --------------------------------------------------------------------------
