@@ -104,3 +104,44 @@ def start_gateway(binary, work, config_text, **env_extra):
         time.sleep(0.05)
     stop(proc, grace=5)
     raise RuntimeError("gateway did not start:\n" + errors.read_text(errors="replace"))
+
+
+def run_pool(port, items, concurrency, max_seconds, timeout, send, failed):
+    """Sends `items` to 127.0.0.1:`port` from `concurrency` threads, each with
+    one keep-alive connection, until done or `max_seconds` passed.
+    `send(conn, item)` makes one call and returns (result, close_connection);
+    a call that raises gets `failed(item, seconds, error_name)` instead.
+    Returns the results in item order; None for items never sent."""
+    import http.client
+
+    results = [None] * len(items)
+    next_index = iter(range(len(items)))
+    index_lock = threading.Lock()
+    deadline = time.monotonic() + max_seconds
+
+    def worker():
+        conn = None
+        while time.monotonic() < deadline:
+            with index_lock:
+                i = next(next_index, None)
+            if i is None:
+                break
+            if conn is None:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+            started = time.perf_counter()
+            try:
+                results[i], close = send(conn, items[i])
+            except (OSError, http.client.HTTPException) as e:
+                results[i], close = failed(items[i], time.perf_counter() - started, type(e).__name__), True
+            if close:
+                conn.close()
+                conn = None
+        if conn is not None:
+            conn.close()
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=max(0.0, deadline - time.monotonic()) + timeout + 5)
+    return results

@@ -39,7 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import git_version, hist, pct, quantile, stop  # noqa: E402
-from benchlib import LoopbackServer, start_gateway as benchlib_start_gateway  # noqa: E402
+from benchlib import LoopbackServer, run_pool, start_gateway as benchlib_start_gateway  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "bench-callback-secret"
@@ -211,47 +211,21 @@ def make_push(run_id, i):
 def send_pushes(port, pushes, concurrency, max_seconds):
     """One attempt per push (the client never retries). Returns a list of
     (order_id, status or None, latency ms, error)."""
-    results = [None] * len(pushes)
-    next_index = iter(range(len(pushes)))
-    index_lock = threading.Lock()
-    deadline = time.monotonic() + max_seconds
+    def send(conn, push):
+        order_id, body, signature = push
+        t0 = time.perf_counter()
+        conn.request("POST", PUSH_PATH, body=body, headers={
+            "Content-Type": "application/json",
+            "Authorization": signature,
+        })
+        r = conn.getresponse()
+        r.read()
+        return (order_id, r.status, (time.perf_counter() - t0) * 1000, None), r.will_close
 
-    def worker():
-        conn = None
-        while time.monotonic() < deadline:
-            with index_lock:
-                i = next(next_index, None)
-            if i is None:
-                break
-            order_id, body, signature = pushes[i]
-            if conn is None:
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-            t0 = time.perf_counter()
-            try:
-                conn.request("POST", PUSH_PATH, body=body, headers={
-                    "Content-Type": "application/json",
-                    "Authorization": signature,
-                })
-                r = conn.getresponse()
-                r.read()
-                ms = (time.perf_counter() - t0) * 1000
-                results[i] = (order_id, r.status, ms, None)
-                if r.will_close:
-                    conn.close()
-                    conn = None
-            except (OSError, http.client.HTTPException) as e:
-                ms = (time.perf_counter() - t0) * 1000
-                results[i] = (order_id, None, ms, type(e).__name__)
-                conn.close()
-                conn = None
-        if conn is not None:
-            conn.close()
+    def failed(push, seconds, error):
+        return (push[0], None, seconds * 1000, error)
 
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=max(0.0, deadline - time.monotonic()) + 35)
+    results = run_pool(port, pushes, concurrency, max_seconds, 30, send, failed)
     return [r if r is not None else (pushes[i][0], None, float("nan"), "not sent")
             for i, r in enumerate(results)]
 

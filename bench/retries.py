@@ -38,7 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import git_version, hist, pct, quantile, stop  # noqa: E402
-from benchlib import LoopbackServer, start_gateway as benchlib_start_gateway  # noqa: E402
+from benchlib import LoopbackServer, run_pool, start_gateway as benchlib_start_gateway  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 WRITE_PATH = "/alibaba/order/create"
@@ -166,46 +166,23 @@ def plan_calls(n, seed):
 
 
 def run_calls(port, plan, concurrency, max_seconds):
-    results = [None] * len(plan)
-    next_index = iter(range(len(plan)))
-    index_lock = threading.Lock()
-    give_up = time.monotonic() + max_seconds
+    def send(conn, call):
+        kind, method, target, body = call
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        started = time.monotonic()
+        conn.request(method, target, body=body, headers=headers)
+        resp = conn.getresponse()
+        data = resp.read()
+        try:
+            code = json.loads(data).get("code")
+        except (ValueError, AttributeError):
+            code = None
+        return (kind, resp.status, code, time.monotonic() - started, None), False
 
-    def worker():
-        conn = None
-        while time.monotonic() < give_up:
-            with index_lock:
-                i = next(next_index, None)
-            if i is None:
-                break
-            kind, method, target, body = plan[i]
-            headers = {"Content-Type": "application/json"} if body is not None else {}
-            started = time.monotonic()
-            try:
-                if conn is None:
-                    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=40)
-                conn.request(method, target, body=body, headers=headers)
-                resp = conn.getresponse()
-                data = resp.read()
-                try:
-                    code = json.loads(data).get("code")
-                except (ValueError, AttributeError):
-                    code = None
-                results[i] = (kind, resp.status, code, time.monotonic() - started, None)
-            except (OSError, http.client.HTTPException) as e:
-                results[i] = (kind, None, None, time.monotonic() - started, type(e).__name__)
-                if conn is not None:
-                    conn.close()
-                conn = None
-        if conn is not None:
-            conn.close()
+    def failed(call, seconds, error):
+        return (call[0], None, None, seconds, error)
 
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=max(1.0, give_up - time.monotonic() + 45))
-    return results
+    return run_pool(port, plan, concurrency, max_seconds, 40, send, failed)
 
 
 # --------------------------------------------------------------------------
