@@ -54,6 +54,28 @@ pub struct AccessRecord {
     pub gateway_msg: Option<String>,
 }
 
+impl AccessRecord {
+    /// A call just received: nothing known yet but its request line.
+    pub fn start(method: Method, path: &str, x_request_id: &HeaderValue) -> AccessRecord {
+        AccessRecord {
+            started: Instant::now(),
+            method,
+            path: path.to_owned(),
+            x_request_id: x_request_id.clone(),
+            profile: None,
+            client: None,
+            status: 0,
+            upstream_status: None,
+            attempts: 0,
+            class: None,
+            retry_reasons: Vec::new(),
+            retry_skipped: None,
+            error: None,
+            gateway_msg: None,
+        }
+    }
+}
+
 #[derive(Serialize)]
 struct Line<'a> {
     ts: &'a str,

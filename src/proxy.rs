@@ -31,7 +31,7 @@ use crate::limiter::Limiter;
 use crate::metrics::Metrics;
 use crate::profiles::{Profile, Profiles};
 use crate::retry::{self, Attempt, Budget, Decision, Outcome, RetryConfig};
-use crate::routes::{Class, Routes};
+use crate::routes::{Class, Route, Routes};
 use crate::signer;
 use crate::upstream::Upstream;
 
@@ -62,6 +62,19 @@ pub struct Gateway {
 
 /// One upstream attempt's result: the answer the caller would get.
 type Answer = Result<Response<ResponseBody>, GatewayError>;
+
+/// A call as it will be sent upstream, before its body is read and before
+/// any attempt is signed.
+#[derive(Debug)]
+pub struct Prepared<'a> {
+    pub profile: &'a Profile,
+    pub route: Route,
+    /// The caller's `Content-Length`, when it sent one.
+    pub declared: Option<u64>,
+    pub method: http::Method,
+    pub uri: http::Uri,
+    pub headers: HeaderMap,
+}
 
 impl Gateway {
     pub fn new(loaded: &Loaded, access_log: AccessLog) -> Result<Gateway, ConfigError> {
@@ -142,22 +155,7 @@ impl Gateway {
         let x_request_id = caller_request_id(req.headers()).unwrap_or_else(|| {
             HeaderValue::from_str(&gateway_id).expect("hex is a valid header value")
         });
-        let mut record = AccessRecord {
-            started: std::time::Instant::now(),
-            method: req.method().clone(),
-            path: req.uri().path().to_owned(),
-            x_request_id: x_request_id.clone(),
-            profile: None,
-            client: None,
-            status: 0,
-            upstream_status: None,
-            attempts: 0,
-            class: None,
-            retry_reasons: Vec::new(),
-            retry_skipped: None,
-            error: None,
-            gateway_msg: None,
-        };
+        let mut record = AccessRecord::start(req.method().clone(), req.uri().path(), &x_request_id);
 
         let (mut response, inspect) = match self.forward(req, &x_request_id, &mut record).await {
             Ok(response) => {
@@ -187,44 +185,19 @@ impl Gateway {
         x_request_id: &HeaderValue,
         record: &mut AccessRecord,
     ) -> Answer {
-        // Request filter: refuse what must never be forwarded.
-        self.upstream.check_target(&req)?;
-
-        // Caller: who is calling (when clients are configured), which
-        // profile signs, and which user-id is sent.
-        let requested = req.headers().get(X_PANDAGATE_PROFILE);
-        let profile = match self.clients.authenticate(req.headers())? {
-            None => self.profiles.select(requested)?,
-            Some(client) => {
-                record.client = Some(client.name.clone());
-                client.select(&self.profiles, requested)?
-            }
-        };
-        record.profile = Some(profile.name.clone());
-        let user_id = profile
-            .user_id(req.headers().get(headers::USER_ID))?
-            .cloned();
-
-        // Route: may this call be sent twice?
-        let route = self.routes.route(req.uri().path());
-        record.class = Some(route.class);
+        let (parts, incoming) = req.into_parts();
+        let Prepared {
+            profile,
+            route,
+            declared,
+            method,
+            uri,
+            headers,
+        } = self.prepare(parts, x_request_id, record)?;
 
         // Body: small bodies are read whole, so an over-limit body is refused
         // before anything is sent, and the bytes can be sent again.
-        let (parts, incoming) = req.into_parts();
-        let declared = content_length(&parts.headers)?;
         let body = body::read_request(incoming, declared, self.buffer_body, self.max_body).await?;
-
-        // Upstream request: the caller's message with the gateway's headers.
-        let mut headers = parts.headers;
-        headers::strip_hop_by_hop(&mut headers);
-        headers::strip_gateway_owned(&mut headers);
-        headers.insert(header::HOST, self.upstream.host.clone());
-        headers.insert(X_REQUEST_ID, x_request_id.clone());
-        if let Some(user_id) = user_id {
-            headers.insert(headers::USER_ID, user_id);
-        }
-        let uri = self.upstream.uri_for(&parts.uri)?;
 
         // Attempts: each one admitted by the breaker and signed afresh; the
         // retry policy decides whether another follows.
@@ -269,7 +242,7 @@ impl Gateway {
                     .expect("the retry policy repeats only calls whose body can be replayed"),
             };
             let mut upstream_req = Request::new(body);
-            *upstream_req.method_mut() = parts.method.clone();
+            *upstream_req.method_mut() = method.clone();
             *upstream_req.uri_mut() = uri.clone();
             *upstream_req.headers_mut() = headers.clone();
             self.sign(profile, upstream_req.headers_mut());
@@ -281,7 +254,7 @@ impl Gateway {
                 .await;
             self.breaker
                 .record(permit, health(&outcome), Instant::now());
-            tracing::debug!(attempt = number, ?outcome, path = %parts.uri.path(), "upstream attempt");
+            tracing::debug!(attempt = number, ?outcome, path = %uri.path(), "upstream attempt");
 
             let attempt = Attempt {
                 class: route.class,
@@ -319,6 +292,61 @@ impl Gateway {
             }
         }
         unreachable!("the retry policy stops at max_attempts")
+    }
+
+    /// Everything decided before the body is read: refuses what must never
+    /// be forwarded, authenticates the caller, picks the profile and
+    /// user-id, classifies the route and builds the upstream target and
+    /// headers (the caller's, minus hop-by-hop and gateway-owned ones).
+    /// Synchronous and side-effect free but for `record`.
+    pub fn prepare(
+        &self,
+        parts: http::request::Parts,
+        x_request_id: &HeaderValue,
+        record: &mut AccessRecord,
+    ) -> Result<Prepared<'_>, GatewayError> {
+        // Request filter: refuse what must never be forwarded.
+        self.upstream.check_target_parts(&parts)?;
+
+        // Caller: who is calling (when clients are configured), which
+        // profile signs, and which user-id is sent.
+        let requested = parts.headers.get(X_PANDAGATE_PROFILE);
+        let profile = match self.clients.authenticate(&parts.headers)? {
+            None => self.profiles.select(requested)?,
+            Some(client) => {
+                record.client = Some(client.name.clone());
+                client.select(&self.profiles, requested)?
+            }
+        };
+        record.profile = Some(profile.name.clone());
+        let user_id = profile
+            .user_id(parts.headers.get(headers::USER_ID))?
+            .cloned();
+
+        // Route: may this call be sent twice?
+        let route = self.routes.route(parts.uri.path());
+        record.class = Some(route.class);
+
+        let declared = content_length(&parts.headers)?;
+        let uri = self.upstream.uri_for(&parts.uri)?;
+
+        // Upstream request: the caller's message with the gateway's headers.
+        let mut headers = parts.headers;
+        headers::strip_hop_by_hop(&mut headers);
+        headers::strip_gateway_owned(&mut headers);
+        headers.insert(header::HOST, self.upstream.host.clone());
+        headers.insert(X_REQUEST_ID, x_request_id.clone());
+        if let Some(user_id) = user_id {
+            headers.insert(headers::USER_ID, user_id);
+        }
+        Ok(Prepared {
+            profile,
+            route,
+            declared,
+            method: parts.method,
+            uri,
+            headers,
+        })
     }
 
     /// Sends one attempt and says how it went.

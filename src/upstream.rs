@@ -98,14 +98,22 @@ impl Upstream {
     /// naming a host other than the upstream's. (HTTP/2 always carries an
     /// `:authority`, the equivalent of `Host`, so it is not a target choice.)
     pub fn check_target<B>(&self, req: &Request<B>) -> Result<(), GatewayError> {
-        if req.method() == Method::CONNECT {
+        self.check(req.method(), req.uri(), req.version())
+    }
+
+    /// [`Upstream::check_target`] on a request's head.
+    pub fn check_target_parts(&self, parts: &http::request::Parts) -> Result<(), GatewayError> {
+        self.check(&parts.method, &parts.uri, parts.version)
+    }
+
+    fn check(&self, method: &Method, uri: &Uri, version: Version) -> Result<(), GatewayError> {
+        if method == Method::CONNECT {
             return Err(GatewayError::Connect);
         }
-        let uri = req.uri();
         if uri.path() == "*" || !uri.path().starts_with('/') {
             return Err(GatewayError::ForeignTarget);
         }
-        if req.version() < Version::HTTP_2
+        if version < Version::HTTP_2
             && let Some(authority) = uri.authority()
             && !authority.host().eq_ignore_ascii_case(self.authority.host())
         {
