@@ -304,6 +304,26 @@ impl RouteConfig {
     }
 }
 
+/// Whether a server could resolve `path` to another path: it has a `.` or
+/// `..` segment, or a percent-encoded `.`, `/` or `\`.
+pub fn is_ambiguous(path: &str) -> bool {
+    let bytes = path.as_bytes();
+    if !bytes.iter().any(|&b| b == b'.' || b == b'%') {
+        return false;
+    }
+    let encoded = bytes.windows(3).any(|w| {
+        w[0] == b'%'
+            && matches!(
+                (w[1], w[2].to_ascii_lowercase()),
+                (b'2', b'e' | b'f') | (b'5', b'c')
+            )
+    });
+    encoded
+        || path
+            .split('/')
+            .any(|segment| segment == "." || segment == "..")
+}
+
 /// What the gateway knows about a path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Route {
@@ -353,7 +373,19 @@ impl Routes {
 
     /// The best-matching entry decides everything it sets, including the
     /// bucket: a shorter prefix's bucket does not apply under a longer entry.
+    ///
+    /// An ambiguous path ([`is_ambiguous`]) matches no entry and is
+    /// `unknown`: a `prefix` entry could otherwise cover a path the provider
+    /// resolves to somewhere outside it (`/open/product/../order`).
     pub fn route(&self, path: &str) -> Route {
+        if is_ambiguous(path) {
+            return Route {
+                class: Class::Unknown,
+                max_attempts: None,
+                attempt_timeout_ms: None,
+                bucket: None,
+            };
+        }
         let entry = self.overrides.iter().find(|(r, _)| r.matches(path));
         let config = entry.map(|(r, _)| r);
         Route {
@@ -377,6 +409,32 @@ mod override_tests {
             prefix: prefix.map(Into::into),
             class: Some(class),
             ..RouteConfig::default()
+        }
+    }
+
+    #[test]
+    fn ambiguous_paths_match_no_entry_and_are_unknown() {
+        let routes = Routes::new(&[entry(None, Some("/open/product/"), Class::Read)]);
+        assert_eq!(routes.route("/open/product/x").class, Class::Read);
+        for path in [
+            "/open/product/../order",
+            "/open/product/./x",
+            "/open/product/..",
+            "/open/product/%2e%2e/order",
+            "/open/product/%2E%2e/order",
+            "/open/product/x%2Forder",
+            "/open/product/x%5corder",
+        ] {
+            assert!(is_ambiguous(path), "{path}");
+            assert_eq!(routes.route(path).class, Class::Unknown, "{path}");
+        }
+        for path in [
+            "/open/product/get",
+            "/open/product/a.b",
+            "/open/product/%20",
+            "/..x",
+        ] {
+            assert!(!is_ambiguous(path), "{path}");
         }
     }
 
