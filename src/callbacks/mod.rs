@@ -31,7 +31,7 @@ use crate::config::ConfigError;
 use crate::error::envelope_response;
 use crate::ids;
 use crate::profiles::Profiles;
-use crate::secret::SecretCell;
+use crate::secret::{Secret, SecretCell};
 use store::{Delivery, Message, Store};
 
 /// `[callbacks]`.
@@ -213,15 +213,45 @@ fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
-#[derive(Deserialize)]
-struct Push {
+/// A pushed message's envelope.
+#[derive(Debug, Deserialize)]
+pub struct Push {
     #[serde(rename = "messageType")]
-    message_type: String,
+    pub message_type: String,
     #[serde(rename = "messageBody")]
-    message_body: String,
+    pub message_body: String,
     #[serde(rename = "messagePlatform")]
-    message_platform: serde_json::Value,
-    timestamp: serde_json::Value,
+    pub message_platform: serde_json::Value,
+    pub timestamp: serde_json::Value,
+}
+
+/// Why a push was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushRejected {
+    /// No `Authorization`, or not the body's signature.
+    BadSignature,
+    /// Signed, but not a message envelope.
+    NotEnvelope,
+}
+
+/// Checks one push: `Authorization` = hex HMAC-SHA256(key = Access secret,
+/// raw body), either case, compared in constant time; then reads the
+/// envelope. Nothing unsigned is ever parsed.
+pub fn verify_push(
+    secret: &Secret,
+    authorization: Option<&header::HeaderValue>,
+    body: &[u8],
+) -> Result<Push, PushRejected> {
+    let signature = authorization
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| hex::decode(v.trim()).ok())
+        .ok_or(PushRejected::BadSignature)?;
+    let mut mac = <hmac::Hmac<Sha256> as KeyInit>::new_from_slice(secret.expose().as_bytes())
+        .expect("HMAC takes keys of any length");
+    mac.update(body);
+    mac.verify_slice(&signature)
+        .map_err(|_| PushRejected::BadSignature)?;
+    serde_json::from_slice(body).map_err(|_| PushRejected::NotEnvelope)
 }
 
 impl Callbacks {
@@ -320,12 +350,8 @@ impl Callbacks {
             );
             answer(status, msg)
         };
-        let signature = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| hex::decode(v.trim()).ok());
-        let body = match Limited::new(req.into_body(), self.config.max_body_bytes)
+        let (parts, body) = req.into_parts();
+        let body = match Limited::new(body, self.config.max_body_bytes)
             .collect()
             .await
         {
@@ -335,15 +361,22 @@ impl Callbacks {
             }
             Err(_) => return reject(StatusCode::BAD_REQUEST, "push body could not be read"),
         };
-        if !self.verify(&body, signature.as_deref()) {
-            return reject(
-                StatusCode::UNAUTHORIZED,
-                "missing or invalid Authorization signature",
-            );
-        }
-        let push: Push = match serde_json::from_slice(&body) {
-            Ok(p) => p,
-            Err(_) => return reject(StatusCode::BAD_REQUEST, "push is not a message envelope"),
+        let verified = verify_push(
+            &self.secret.current(),
+            parts.headers.get(header::AUTHORIZATION),
+            &body,
+        );
+        let push = match verified {
+            Ok(push) => push,
+            Err(PushRejected::BadSignature) => {
+                return reject(
+                    StatusCode::UNAUTHORIZED,
+                    "missing or invalid Authorization signature",
+                );
+            }
+            Err(PushRejected::NotEnvelope) => {
+                return reject(StatusCode::BAD_REQUEST, "push is not a message envelope");
+            }
         };
         match self.store_push(&body, push).await {
             Ok(stored) => {
@@ -369,19 +402,6 @@ impl Callbacks {
                 answer(StatusCode::SERVICE_UNAVAILABLE, "message store unavailable")
             }
         }
-    }
-
-    /// `Authorization` = hex HMAC-SHA256(key = Access secret, raw body),
-    /// either case; compared in constant time.
-    fn verify(&self, body: &[u8], signature: Option<&[u8]>) -> bool {
-        let Some(signature) = signature else {
-            return false;
-        };
-        let secret = self.secret.current();
-        let mut mac = <hmac::Hmac<Sha256> as KeyInit>::new_from_slice(secret.expose().as_bytes())
-            .expect("HMAC takes keys of any length");
-        mac.update(body);
-        mac.verify_slice(signature).is_ok()
     }
 
     async fn store_push(&self, body: &[u8], push: Push) -> Result<bool, String> {
