@@ -30,10 +30,12 @@ pub fn inspect(prefix: &[u8]) -> EnvelopeFields {
     // read before it is kept in `found`.
     let ended_early = Reader(&mut found, &mut code_was_last)
         .deserialize(&mut de)
-        .is_err();
+        .is_err_and(|e| e.is_eof());
     // A number is the one JSON value that can be cut and still parse ("20"
     // of "200"): when the prefix ends right after a numeric `code`, the code
-    // may be incomplete, so it is not reported.
+    // may be incomplete, so it is not reported. Only when the prefix ran out
+    // there: a syntax error elsewhere says nothing about the code (found by
+    // fuzzing, `fuzz/regressions/envelope_prefix/`).
     let may_be_cut = prefix
         .last()
         .is_some_and(|b| b.is_ascii_digit() || matches!(b, b'.' | b'e' | b'E' | b'+' | b'-'));
@@ -184,5 +186,15 @@ mod tests {
         );
         assert_eq!(inspect(b"[1,2]"), EnvelopeFields::default());
         assert_eq!(inspect(b""), EnvelopeFields::default());
+    }
+
+    #[test]
+    fn a_syntax_error_after_the_code_keeps_it_whatever_the_last_byte() {
+        let f = inspect(br#"{"code":1:1e3"msg":null}e"#);
+        assert_eq!(f.code, Some(json!(1)));
+        let f = inspect(br#"{"code":1:"#);
+        assert_eq!(f.code, Some(json!(1)));
+        // Ran out right after the digits: may be cut, not reported.
+        assert_eq!(inspect(br#"{"code":20"#).code, None);
     }
 }

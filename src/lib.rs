@@ -21,6 +21,8 @@ pub mod config;
 pub mod demo;
 pub mod envelope;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod headers;
 pub mod ids;
 pub mod limiter;
