@@ -76,6 +76,10 @@ pub struct ServerConfig {
     pub admin_listen: SocketAddr,
     /// Time a client has to send the complete request head, in milliseconds.
     pub header_read_timeout_ms: u64,
+    /// A connection with no call in progress and no byte read or written
+    /// for this long is closed (a client that connects and never sends
+    /// anything included), in milliseconds.
+    pub idle_timeout_ms: u64,
     /// Largest request head (request line and headers), in bytes; at least 8192.
     pub max_header_bytes: usize,
     /// Most request headers accepted in one request.
@@ -200,6 +204,7 @@ impl Default for ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 9901)),
             header_read_timeout_ms: 10_000,
+            idle_timeout_ms: 75_000,
             max_header_bytes: 64 * 1024,
             max_headers: 100,
             max_request_body_bytes: 8 * 1024 * 1024,
@@ -410,6 +415,7 @@ impl Config {
         let u = &self.upstream;
         let positive = [
             ("server.header_read_timeout_ms", s.header_read_timeout_ms),
+            ("server.idle_timeout_ms", s.idle_timeout_ms),
             ("server.max_header_bytes", s.max_header_bytes as u64),
             ("server.max_headers", s.max_headers as u64),
             ("server.max_request_body_bytes", s.max_request_body_bytes),

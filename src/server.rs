@@ -1,19 +1,29 @@
 //! The accept loop: HTTP/1.1 and h2c from callers, per-connection tasks, and
 //! a graceful drain when the shutdown future completes (after
 //! `hyper-util/examples/server_graceful.rs`).
+//!
+//! hyper bounds the time to read a request head once it has begun, but not
+//! the time a connection may sit without one: each connection task also
+//! closes its connection after `idle_timeout` with no call in progress and
+//! no byte moved ([`Activity`]).
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use http::{Request, Response};
-use http_body::Body;
+use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 
 use crate::body::BoxError;
@@ -23,6 +33,7 @@ use crate::config::ServerConfig;
 #[derive(Clone, Debug)]
 pub struct ServerOptions {
     pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
     pub max_header_bytes: usize,
     pub max_headers: usize,
     pub shutdown_grace: Duration,
@@ -32,6 +43,7 @@ impl From<&ServerConfig> for ServerOptions {
     fn from(c: &ServerConfig) -> Self {
         Self {
             header_read_timeout: Duration::from_millis(c.header_read_timeout_ms),
+            idle_timeout: Duration::from_millis(c.idle_timeout_ms),
             max_header_bytes: c.max_header_bytes,
             max_headers: c.max_headers,
             shutdown_grace: Duration::from_millis(c.shutdown_grace_ms),
@@ -49,7 +61,7 @@ pub async fn serve<H, F, B>(
 ) where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<B>> + Send + 'static,
-    B: Body + Send + 'static,
+    B: Body + Send + Unpin + 'static,
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
@@ -80,16 +92,37 @@ pub async fn serve<H, F, B>(
                     }
                 };
                 let _ = stream.set_nodelay(true);
+                let activity = Arc::new(Activity::new());
                 let handler = handler.clone();
+                let calls = activity.clone();
                 let service = service_fn(move |req| {
+                    let call = InFlight::enter(calls.clone());
                     let response = handler(req);
-                    async move { Ok::<_, Infallible>(response.await) }
+                    async move { Ok::<_, Infallible>(response.await.map(|body| Tracked { body, _call: call })) }
                 });
-                let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                let io = TokioIo::new(Watched { io: stream, activity: activity.clone() });
+                let conn = builder.serve_connection(io, service).into_owned();
                 let conn = graceful.watch(conn);
+                let idle = opts.idle_timeout;
                 tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(error = %e, "connection ended with an error");
+                    let mut conn = std::pin::pin!(conn);
+                    loop {
+                        tokio::select! {
+                            result = conn.as_mut() => {
+                                if let Err(e) = result {
+                                    tracing::debug!(error = %e, "connection ended with an error");
+                                }
+                                break;
+                            }
+                            () = tokio::time::sleep_until(activity.idle_at(idle)) => {
+                                if activity.idle_for(idle) {
+                                    // Nothing in progress: dropping the
+                                    // connection loses nothing.
+                                    tracing::debug!("closing an idle connection");
+                                    break;
+                                }
+                            }
+                        }
                     }
                 });
             }
@@ -103,6 +136,144 @@ pub async fn serve<H, F, B>(
         () = tokio::time::sleep(opts.shutdown_grace) => {
             tracing::warn!(grace_ms = opts.shutdown_grace.as_millis() as u64, "grace period over, closing remaining connections");
         }
+    }
+}
+
+/// What a connection did last: calls in progress, and when a byte last
+/// moved either way.
+struct Activity {
+    started: Instant,
+    calls: AtomicUsize,
+    /// Nanoseconds after `started`.
+    last_io: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            started: Instant::now(),
+            calls: AtomicUsize::new(0),
+            last_io: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let now = self.started.elapsed().as_nanos() as u64;
+        self.last_io.store(now, Ordering::Relaxed);
+    }
+
+    /// When the connection becomes idle if nothing happens before then.
+    fn idle_at(&self, idle: Duration) -> tokio::time::Instant {
+        let last = Duration::from_nanos(self.last_io.load(Ordering::Relaxed));
+        (self.started + last + idle).into()
+    }
+
+    fn idle_for(&self, idle: Duration) -> bool {
+        self.calls.load(Ordering::Acquire) == 0
+            && self.started.elapsed()
+                >= Duration::from_nanos(self.last_io.load(Ordering::Relaxed)) + idle
+    }
+}
+
+/// One call in progress, from the request to the end of its response body.
+struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    fn enter(activity: Arc<Activity>) -> InFlight {
+        activity.calls.fetch_add(1, Ordering::AcqRel);
+        InFlight(activity)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.calls.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A response body that keeps its call counted until hyper drops it.
+struct Tracked<B> {
+    body: B,
+    _call: InFlight,
+}
+
+impl<B: Body + Unpin> Body for Tracked<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// The caller's socket, noting each byte read or written in [`Activity`].
+struct Watched<T> {
+    io: T,
+    activity: Arc<Activity>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.touch();
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        polled
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 

@@ -222,3 +222,88 @@ async fn crlf_reaches_the_provider_only_as_data() {
     );
     gw.stop().await;
 }
+
+/// A head trickled a byte at a time is cut off when the header read timeout
+/// runs out, however steadily the bytes come.
+#[tokio::test]
+async fn a_trickled_head_is_cut_off_at_the_header_read_timeout() {
+    let upstream = RawUpstream::start(OK).await;
+    let mut c = config(&format!("http://{}", upstream.addr));
+    c.server.header_read_timeout_ms = 300;
+    let gw = spawn_gateway(c).await;
+
+    let mut trickle = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let started = std::time::Instant::now();
+    let head =
+        b"GET /open/product/get HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    let mut cut_after = None;
+    for &byte in head.iter() {
+        if trickle.write_all(&[byte]).await.is_err() {
+            cut_after = Some(started.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut probe = [0u8; 512];
+        // An answer or the close: either way it was cut off.
+        if let Ok(Ok(_)) =
+            tokio::time::timeout(Duration::from_millis(1), trickle.read(&mut probe)).await
+        {
+            cut_after = Some(started.elapsed());
+            break;
+        }
+    }
+    let cut_after = cut_after.expect("the trickled head was never cut off");
+    assert!(cut_after >= Duration::from_millis(250), "{cut_after:?}");
+    assert!(cut_after < Duration::from_secs(3), "{cut_after:?}");
+    assert!(upstream.requests().is_empty());
+    gw.stop().await;
+}
+
+/// `server.idle_timeout_ms` closes a connection that never sends a byte and
+/// a keep-alive connection left unused, but never one with a call in
+/// progress, however long the provider takes.
+#[tokio::test]
+async fn idle_connections_are_closed_and_busy_ones_are_not() {
+    let upstream = upstream_answering(
+        wiremock::ResponseTemplate::new(200)
+            .set_body_string("{}")
+            .set_delay(Duration::from_millis(1_200)),
+    )
+    .await;
+    let mut c = config(&upstream.uri());
+    c.server.idle_timeout_ms = 400;
+    let gw = spawn_gateway(c).await;
+
+    let closed_after = |mut stream: tokio::net::TcpStream| async move {
+        let started = std::time::Instant::now();
+        let mut buf = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut buf)).await;
+        assert!(read.is_ok(), "still open after 5 s");
+        (
+            started.elapsed(),
+            String::from_utf8_lossy(&buf).into_owned(),
+        )
+    };
+
+    let silent = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let (after, said) = closed_after(silent).await;
+    assert!(after >= Duration::from_millis(350), "{after:?}");
+    assert!(said.is_empty(), "{said}");
+
+    // One slow call (1.2 s, three idle timeouts), then nothing.
+    let mut busy = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    busy.write_all(b"GET /open/product/get HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let (after, said) = closed_after(busy).await;
+    assert!(
+        said.starts_with("HTTP/1.1 200"),
+        "the slow call was cut: {said:?}"
+    );
+    assert!(said.ends_with("{}"), "{said:?}");
+    assert!(
+        after >= Duration::from_millis(1_500),
+        "closed {after:?} after the call began"
+    );
+    gw.stop().await;
+}
