@@ -307,3 +307,24 @@ async fn idle_connections_are_closed_and_busy_ones_are_not() {
     );
     gw.stop().await;
 }
+
+/// No tunnel by `Upgrade` either: the headers asking for one are hop-by-hop
+/// and dropped, so the provider sees a plain request and the caller a plain
+/// answer, never a 101.
+#[tokio::test]
+async fn upgrade_requests_are_not_tunnelled() {
+    let upstream = RawUpstream::start(OK).await;
+    let gw = spawn_gateway(config(&format!("http://{}", upstream.addr))).await;
+    let answer = raw_exchange(
+        gw.addr,
+        b"GET /open/product/get HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status_of(&answer), 200, "{answer}");
+    let sent = upstream.requests();
+    assert_eq!(sent.len(), 1);
+    let head = sent[0].to_ascii_lowercase();
+    assert!(!head.contains("upgrade"), "{head}");
+    gw.stop().await;
+}
