@@ -36,8 +36,7 @@ for t in "${targets[@]}"; do
   mkdir -p "corpus/$t" "artifacts/$t" "regressions/$t"
   cp -n seeds/"$t"/* "corpus/$t/" 2>/dev/null || true
   find "regressions/$t" -type f ! -name '.*' -exec cp -n {} "corpus/$t/" \;
-  before=$(find "artifacts/$t" -type f | wc -l)
-  log=$(mktemp)
+  log=$(mktemp); marker=$(mktemp)
   set +e
   cargo +nightly fuzz run -O "$t" "corpus/$t" -- \
     -max_total_time="$secs" -print_final_stats=1 -rss_limit_mb=2048 -timeout=10 \
@@ -50,11 +49,10 @@ for t in "${targets[@]}"; do
   cov=$(grep -o 'cov: [0-9]*' "$log" | tail -1 | awk '{print $2}')
   corpus=$(find "corpus/$t" -type f | wc -l)
   found=0
-  for a in $(find "artifacts/$t" -type f -newer "$log"); do
+  for a in $(find "artifacts/$t" -type f -newer "$marker"); do
     cp "$a" "regressions/$t/"; found=$((found + 1))
   done
-  after=$(find "artifacts/$t" -type f | wc -l)
-  [ "$after" -gt "$before" ] && found=$((after - before))
+  rm -f "$marker"
   if [ "$rc" -ne 0 ] || [ "$found" -gt 0 ]; then
     failed=1
     echo "== $t: rc=$rc, $found new finding(s); log: $log" >&2

@@ -68,20 +68,27 @@ impl<'de> Visitor<'de> for Reader<'_> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         let found = self.0;
         let code_was_last = self.1;
+        // The first occurrence of a key counts; a repeated one is skipped, so
+        // a longer prefix never changes what a shorter one read.
+        let mut seen = [false; 3];
         while let Some(key) = map.next_key::<Key>()? {
             *code_was_last = matches!(key, Key::Code);
+            let first = match key {
+                Key::Other => false,
+                known => !std::mem::replace(&mut seen[known as usize], true),
+            };
             match key {
-                Key::RequestId => found.request_id = string(map.next_value()?),
-                Key::Msg => found.msg = string(map.next_value()?),
-                Key::Code => {
+                Key::RequestId if first => found.request_id = string(map.next_value()?),
+                Key::Msg if first => found.msg = string(map.next_value()?),
+                Key::Code if first => {
                     let v: Value = map.next_value()?;
                     found.code = (v.is_number() || v.is_string()).then_some(v);
                 }
-                Key::Other => {
+                _ => {
                     map.next_value::<IgnoredAny>()?;
                 }
             }
-            if found.request_id.is_some() && found.code.is_some() && found.msg.is_some() {
+            if seen.iter().all(|s| *s) {
                 break;
             }
         }
@@ -96,10 +103,11 @@ fn string(v: Value) -> Option<String> {
     }
 }
 
+#[derive(Clone, Copy)]
 enum Key {
-    RequestId,
-    Code,
-    Msg,
+    RequestId = 0,
+    Code = 1,
+    Msg = 2,
     Other,
 }
 
@@ -186,6 +194,14 @@ mod tests {
         );
         assert_eq!(inspect(b"[1,2]"), EnvelopeFields::default());
         assert_eq!(inspect(b""), EnvelopeFields::default());
+    }
+
+    #[test]
+    fn the_first_of_repeated_keys_counts() {
+        let f = inspect(br#"{"code":"A1","code":200,"msg":null,"msg":"late","requestId":"r"}"#);
+        assert_eq!(f.code, Some(json!("A1")));
+        assert_eq!(f.msg, None);
+        assert_eq!(f.request_id.as_deref(), Some("r"));
     }
 
     #[test]
