@@ -61,6 +61,35 @@ pub enum Permit {
     Probe,
 }
 
+/// One admitted attempt; see [`Breaker::admit`].
+#[must_use = "an admission records its attempt's result"]
+#[derive(Debug)]
+pub struct Admission<'a> {
+    breaker: &'a Breaker,
+    permit: Permit,
+    recorded: bool,
+}
+
+impl Admission<'_> {
+    pub fn permit(&self) -> Permit {
+        self.permit
+    }
+
+    /// Records how the attempt went (see [`Breaker::record`]).
+    pub fn record(mut self, healthy: Option<bool>, now: Instant) {
+        self.recorded = true;
+        self.breaker.record(self.permit, healthy, now);
+    }
+}
+
+impl Drop for Admission<'_> {
+    fn drop(&mut self) {
+        if !self.recorded {
+            self.breaker.record(self.permit, None, Instant::now());
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Breaker {
     config: BreakerConfig,
@@ -97,7 +126,18 @@ impl Breaker {
     }
 
     /// May an attempt go out now? `Err` carries how long until it may.
-    pub fn admit(&self, now: Instant) -> Result<Permit, Duration> {
+    /// The admission records the attempt's result when told, and "no
+    /// verdict" when dropped untold (the caller left mid-attempt), so a
+    /// half-open probe slot is never lost.
+    pub fn admit(&self, now: Instant) -> Result<Admission<'_>, Duration> {
+        self.permit(now).map(|permit| Admission {
+            breaker: self,
+            permit,
+            recorded: false,
+        })
+    }
+
+    fn permit(&self, now: Instant) -> Result<Permit, Duration> {
         if !self.config.enabled {
             return Ok(Permit::Normal);
         }
@@ -208,14 +248,20 @@ mod tests {
         let b = breaker();
         for _ in 0..2 {
             let p = b.admit(Instant::now()).unwrap();
-            b.record(p, Some(false), Instant::now());
+            p.record(Some(false), Instant::now());
         }
         assert_eq!(b.state(), State::Closed);
         b.record(Permit::Normal, Some(false), Instant::now());
         assert_eq!(b.state(), State::Open);
-        assert_eq!(b.admit(Instant::now()), Err(Duration::from_millis(1_000)));
+        assert_eq!(
+            b.admit(Instant::now()).err(),
+            Some(Duration::from_millis(1_000))
+        );
         tokio::time::advance(Duration::from_millis(400)).await;
-        assert_eq!(b.admit(Instant::now()), Err(Duration::from_millis(600)));
+        assert_eq!(
+            b.admit(Instant::now()).err(),
+            Some(Duration::from_millis(600))
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -237,17 +283,36 @@ mod tests {
         }
         tokio::time::advance(Duration::from_millis(1_000)).await;
         let probe = b.admit(Instant::now()).unwrap();
-        assert_eq!(probe, Permit::Probe);
+        assert_eq!(probe.permit(), Permit::Probe);
         assert_eq!(b.state(), State::HalfOpen);
         assert!(b.admit(Instant::now()).is_err(), "one probe at a time");
-        b.record(probe, Some(false), Instant::now());
+        probe.record(Some(false), Instant::now());
         assert_eq!(b.state(), State::Open);
 
         tokio::time::advance(Duration::from_millis(1_000)).await;
         let probe = b.admit(Instant::now()).unwrap();
-        b.record(probe, Some(true), Instant::now());
+        probe.record(Some(true), Instant::now());
         assert_eq!(b.state(), State::Closed);
-        assert_eq!(b.admit(Instant::now()), Ok(Permit::Normal));
+        assert_eq!(b.admit(Instant::now()).unwrap().permit(), Permit::Normal);
+    }
+
+    /// Found by bench/soak.py's author: a caller that left during the probe
+    /// used to leave the circuit half-open, refusing every call, for good.
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_abandoned_mid_attempt_frees_its_slot() {
+        let b = breaker();
+        for _ in 0..3 {
+            b.record(Permit::Normal, Some(false), Instant::now());
+        }
+        tokio::time::advance(Duration::from_millis(1_000)).await;
+        let probe = b.admit(Instant::now()).unwrap();
+        assert_eq!(probe.permit(), Permit::Probe);
+        drop(probe);
+        assert_eq!(b.state(), State::HalfOpen);
+        let next = b.admit(Instant::now()).expect("the next call probes");
+        assert_eq!(next.permit(), Permit::Probe);
+        next.record(Some(true), Instant::now());
+        assert_eq!(b.state(), State::Closed);
     }
 
     #[tokio::test(start_paused = true)]
@@ -259,6 +324,6 @@ mod tests {
         for _ in 0..100 {
             b.record(Permit::Normal, Some(false), Instant::now());
         }
-        assert_eq!(b.admit(Instant::now()), Ok(Permit::Normal));
+        assert_eq!(b.admit(Instant::now()).unwrap().permit(), Permit::Normal);
     }
 }

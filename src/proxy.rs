@@ -155,9 +155,17 @@ impl Gateway {
         let x_request_id = caller_request_id(req.headers()).unwrap_or_else(|| {
             HeaderValue::from_str(&gateway_id).expect("hex is a valid header value")
         });
-        let mut record = AccessRecord::start(req.method().clone(), req.uri().path(), &x_request_id);
+        let mut pending = Unanswered {
+            record: Some(AccessRecord::start(
+                req.method().clone(),
+                req.uri().path(),
+                &x_request_id,
+            )),
+            gateway: self,
+        };
+        let record = pending.record.as_mut().expect("just set");
 
-        let (mut response, inspect) = match self.forward(req, &x_request_id, &mut record).await {
+        let (mut response, inspect) = match self.forward(req, &x_request_id, record).await {
             Ok(response) => {
                 record.upstream_status = Some(response.status().as_u16());
                 (response, self.inspect_bytes)
@@ -170,6 +178,7 @@ impl Gateway {
         };
         record.status = response.status().as_u16();
         response.headers_mut().insert(X_REQUEST_ID, x_request_id);
+        let record = pending.record.take().expect("taken once");
         response.body_mut().log_on_finish(
             record,
             self.access_log.clone(),
@@ -216,6 +225,7 @@ impl Gateway {
         let mut first_body = Some(body);
         self.budget.record_first(Instant::now());
 
+        let mut retrying: Option<String> = None;
         for number in 1..=max_attempts {
             let permit = match self.breaker.admit(Instant::now()) {
                 Ok(permit) => permit,
@@ -228,11 +238,16 @@ impl Gateway {
             };
             // Quota: every attempt counts, the provider sees each one.
             if let Err(limited) = self.limiter.acquire(profile.quota_key, route.bucket).await {
-                self.breaker.record(permit, None, Instant::now());
+                permit.record(None, Instant::now());
                 if number > 1 {
                     record.retry_skipped = Some("rate_limited");
                 }
                 return Err(limited.into());
+            }
+            // This attempt is a retry that is really going out: its reason
+            // is logged now, not when it was decided.
+            if let Some(reason) = retrying.take() {
+                record.retry_reasons.push(reason);
             }
             let body = match first_body.take() {
                 Some(body) => body,
@@ -252,8 +267,7 @@ impl Gateway {
             let (outcome, answer) = self
                 .attempt(upstream_req, attempt_timeout.min(remaining), route.class)
                 .await;
-            self.breaker
-                .record(permit, health(&outcome), Instant::now());
+            permit.record(health(&outcome), Instant::now());
             tracing::debug!(attempt = number, ?outcome, path = %uri.path(), "upstream attempt");
 
             let attempt = Attempt {
@@ -279,7 +293,7 @@ impl Gateway {
                         record.retry_skipped = Some("budget");
                         return answer;
                     }
-                    record.retry_reasons.push(reason);
+                    retrying = Some(reason);
                     // Dropping an unread answer closes its connection; the
                     // pool opens another if needed.
                     drop(answer);
@@ -474,6 +488,27 @@ impl Gateway {
             HeaderValue::from_bytes(&nonce).expect("alphanumeric"),
         );
         headers.insert(headers::SIGNATURE, signature);
+    }
+}
+
+/// A call's record until its answer is handed to hyper. If the caller
+/// leaves first, hyper drops the call mid-way; the record is then logged
+/// as `499 caller_gone` (nginx's code for it) instead of being lost, and
+/// the in-flight gauge comes down.
+struct Unanswered<'a> {
+    record: Option<AccessRecord>,
+    gateway: &'a Gateway,
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if let Some(mut record) = self.record.take() {
+            record.status = 499;
+            record.error = Some("caller_gone");
+            let found = envelope::EnvelopeFields::default();
+            self.gateway.access_log.emit(&record, &found);
+            self.gateway.metrics.call_finished(&record, &found);
+        }
     }
 }
 

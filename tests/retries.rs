@@ -410,3 +410,55 @@ async fn circuit_opens_fails_fast_and_closes_when_the_provider_recovers() {
     assert_eq!(log[3]["attempts"], 0);
     gw.stop().await;
 }
+
+/// A caller that leaves while its call is the half-open probe: the probe
+/// slot comes back (the next call probes and closes the circuit) and the
+/// abandoned call is still logged, as 499 `caller_gone`. Before the fix the
+/// circuit stayed half-open, refusing every call until a reload.
+#[tokio::test]
+async fn a_caller_leaving_during_the_probe_does_not_wedge_the_circuit() {
+    let upstream = upstream_answering(ResponseTemplate::new(503)).await;
+    let mut c = fast(&upstream.uri());
+    c.retry.max_attempts = 1;
+    c.circuit_breaker.enabled = true;
+    c.circuit_breaker.failure_threshold = 3;
+    c.circuit_breaker.open_ms = 300;
+    let gw = spawn_gateway(c).await;
+    for _ in 0..3 {
+        assert_eq!(get(&gw.url("/open/product/get")).await.status, 503);
+    }
+    // Recovered, but slow: the probe takes 1 s and its caller gives up.
+    upstream.reset().await;
+    Mock::given(any())
+        .respond_with(envelope(200).set_delay(Duration::from_millis(1_000)))
+        .mount(&upstream)
+        .await;
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(200),
+        get(&gw.url("/open/product/get")),
+    )
+    .await;
+    assert!(
+        gave_up.is_err(),
+        "the probe answered before the caller left"
+    );
+    // Give the gateway a moment to see the caller go.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let next = get(&gw.url("/open/product/get")).await;
+    assert_eq!(next.status, 200, "circuit wedged: {:?}", next.json());
+    assert_eq!(get(&gw.url("/open/product/get")).await.status, 200);
+
+    let log = gw.access_log_of(6).await;
+    let gone: Vec<_> = log.iter().filter(|l| l["error"] == "caller_gone").collect();
+    assert_eq!(gone.len(), 1, "{log:?}");
+    assert_eq!(gone[0]["status"], 499);
+    assert_eq!(gone[0]["path"], "/open/product/get");
+    assert_eq!(
+        log.len(),
+        6,
+        "one line per call, the abandoned one included"
+    );
+    gw.stop().await;
+}
