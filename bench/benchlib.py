@@ -68,7 +68,8 @@ def start_gateway(binary, work, config_text, **env_extra):
     """Starts `binary run` with `config_text` as its config, JSON logs, the
     access log in work/access.log and diagnostics in work/gateway.err, both
     listeners on free loopback ports. Waits for "gateway ready"; returns the
-    process and {"gateway": port, "admin": port}."""
+    process and {"gateway": port, "admin": port}. An `env_extra` value of
+    None removes that variable from the gateway's environment."""
     config = work / "pandagate.toml"
     config.write_text(config_text)
     env = dict(os.environ,
@@ -80,6 +81,8 @@ def start_gateway(binary, work, config_text, **env_extra):
     env.pop("RUST_LOG", None)
     env.pop("PANDAPON_ACCESS_SECRET_FILE", None)
     env.update(env_extra)
+    for name in [k for k, v in env.items() if v is None]:
+        del env[name]
     errors = work / "gateway.err"
     with open(work / "access.log", "wb") as out, open(errors, "wb") as err:
         proc = subprocess.Popen([str(binary), "--config", str(config), "run"],
