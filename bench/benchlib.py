@@ -5,9 +5,11 @@ import os
 import random
 import signal
 import subprocess
+import sys
 import threading
 import time
-from http.server import ThreadingHTTPServer
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,6 +26,30 @@ class LoopbackServer(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), handler)
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
+        self.fake_errors = Counter()  # exception name -> count, for the report
+
+    def handle_error(self, request, client_address):
+        # The gateway dropping a connection it gave up on is expected;
+        # anything else is a bug in the fake, counted in the report.
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            with self.lock:
+                self.fake_errors[type(sys.exc_info()[1]).__name__] += 1
+
+
+class QuietHandler(BaseHTTPRequestHandler):
+    """HTTP/1.1 keep-alive, no request log; GET and POST both go to
+    `self.serve()`."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        self.serve()
+
+    def do_POST(self):
+        self.serve()
 
 
 def stop(proc, grace=25):

@@ -33,12 +33,11 @@ import time
 import uuid
 from collections import Counter
 from datetime import datetime
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import git_version, hist, pct, quantile, stop  # noqa: E402
-from benchlib import LoopbackServer, run_pool, start_gateway as benchlib_start_gateway  # noqa: E402
+from benchlib import LoopbackServer, QuietHandler, run_pool, start_gateway as benchlib_start_gateway  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 WRITE_PATH = "/alibaba/order/create"
@@ -63,7 +62,6 @@ class Provider(LoopbackServer):
         self.received = Counter()   # path class -> requests received
         self.drawn = Counter()      # (class, outcome) -> count
         self.order_ids = Counter()  # clientOrderId -> times received
-        self.fake_errors = Counter()
 
     def draw(self, cls, order_id):
         with self.lock:
@@ -78,26 +76,8 @@ class Provider(LoopbackServer):
             self.drawn[(cls, outcome)] += 1
             return outcome
 
-    def handle_error(self, request, client_address):
-        # The gateway dropping a connection it gave up on is expected;
-        # anything else is a bug in this fake, counted in the report.
-        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
-            with self.lock:
-                self.fake_errors[type(sys.exc_info()[1]).__name__] += 1
 
-
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args):
-        pass
-
-    def do_GET(self):
-        self.serve()
-
-    def do_POST(self):
-        self.serve()
-
+class Handler(QuietHandler):
     def serve(self):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""

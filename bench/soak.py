@@ -55,12 +55,11 @@ import time
 import uuid
 from collections import Counter, defaultdict
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import git_version, hist, pct, quantile, stop  # noqa: E402
-from benchlib import LoopbackServer, run_pool, start_gateway as benchlib_start_gateway  # noqa: E402
+from benchlib import LoopbackServer, QuietHandler, run_pool, start_gateway as benchlib_start_gateway  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 ACCESS_KEY = "bench-key"  # benchlib.start_gateway sets PANDAPON_ACCESS_KEY to this
@@ -137,7 +136,6 @@ class Provider(LoopbackServer):
         self.order_ids = Counter()        # clientOrderId -> times received
         self.nonces = set()
         self.sigs = Counter()             # signature verdict -> count
-        self.fake_errors = Counter()
         self.serving = None
 
     # listener: closed during "refuse" outages so that connects are refused
@@ -223,25 +221,8 @@ class Provider(LoopbackServer):
             self.sigs[sig] += 1
             return fault, sig
 
-    def handle_error(self, request, client_address):
-        # The gateway dropping a connection it gave up on is expected.
-        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
-            with self.lock:
-                self.fake_errors[type(sys.exc_info()[1]).__name__] += 1
 
-
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args):
-        pass
-
-    def do_GET(self):
-        self.serve()
-
-    def do_POST(self):
-        self.serve()
-
+class Handler(QuietHandler):
     def serve(self):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""

@@ -38,12 +38,13 @@ for t in "${targets[@]}"; do
   find "regressions/$t" -type f ! -name '.*' -exec cp -n {} "corpus/$t/" \;
   log=$(mktemp); marker=$(mktemp)
   set +e
+  parallel=(); [ "$jobs" -gt 1 ] && parallel=(-jobs="$jobs" -workers="$jobs")
   cargo +nightly fuzz run -O "$t" "corpus/$t" -- \
     -max_total_time="$secs" -print_final_stats=1 -rss_limit_mb=2048 -timeout=10 \
-    -jobs="$jobs" -workers="$jobs" >"$log" 2>&1
+    "${parallel[@]}" >"$log" 2>&1
   rc=$?
   set -e
-  [ "$jobs" -gt 1 ] && cat fuzz-*.log >>"$log" 2>/dev/null && rm -f fuzz-*.log
+  if [ "$jobs" -gt 1 ]; then cat fuzz-*.log >>"$log" 2>/dev/null; rm -f fuzz-*.log; fi
   execs=$(awk -F: '/stat::number_of_executed_units/{s+=$2} END{print s+0}' "$log")
   rate=$(awk -F: '/stat::average_exec_per_sec/{s+=$2} END{print s+0}' "$log")
   cov=$(grep -o 'cov: [0-9]*' "$log" | tail -1 | awk '{print $2}')

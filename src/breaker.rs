@@ -243,6 +243,16 @@ mod tests {
         })
     }
 
+    /// A breaker opened by three failures, its open period just over.
+    async fn opened_and_cooled_down() -> Breaker {
+        let b = breaker();
+        for _ in 0..3 {
+            b.record(Permit::Normal, Some(false), Instant::now());
+        }
+        tokio::time::advance(Duration::from_millis(1_000)).await;
+        b
+    }
+
     #[tokio::test(start_paused = true)]
     async fn opens_after_consecutive_failures_and_fails_fast() {
         let b = breaker();
@@ -277,11 +287,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn probes_after_the_cool_down_then_closes_or_reopens() {
-        let b = breaker();
-        for _ in 0..3 {
-            b.record(Permit::Normal, Some(false), Instant::now());
-        }
-        tokio::time::advance(Duration::from_millis(1_000)).await;
+        let b = opened_and_cooled_down().await;
         let probe = b.admit(Instant::now()).unwrap();
         assert_eq!(probe.permit(), Permit::Probe);
         assert_eq!(b.state(), State::HalfOpen);
@@ -300,11 +306,7 @@ mod tests {
     /// used to leave the circuit half-open, refusing every call, for good.
     #[tokio::test(start_paused = true)]
     async fn a_probe_abandoned_mid_attempt_frees_its_slot() {
-        let b = breaker();
-        for _ in 0..3 {
-            b.record(Permit::Normal, Some(false), Instant::now());
-        }
-        tokio::time::advance(Duration::from_millis(1_000)).await;
+        let b = opened_and_cooled_down().await;
         let probe = b.admit(Instant::now()).unwrap();
         assert_eq!(probe.permit(), Permit::Probe);
         drop(probe);

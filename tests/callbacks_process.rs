@@ -6,9 +6,6 @@ mod support;
 use std::path::Path;
 use std::time::Duration;
 
-use bytes::Bytes;
-use hmac::{KeyInit, Mac};
-use http_body_util::Full;
 use wiremock::matchers::any;
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
@@ -41,20 +38,7 @@ async fn launch(config: &Path) -> support::Running {
 }
 
 async fn push(gw: &support::Running, order: &str) -> u16 {
-    let body = serde_json::json!({
-        "messageType": "ORDER_CANCEL",
-        "messageBody": format!(r#"{{"orderId":"{order}"}}"#),
-        "messagePlatform": 0,
-        "timestamp": "1715669977082",
-    })
-    .to_string();
-    let mut mac = <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(SECRET.as_bytes()).unwrap();
-    mac.update(body.as_bytes());
-    let req = http::Request::post(format!("http://{}/callbacks/pandapon", gw.gateway))
-        .header("authorization", hex::encode(mac.finalize().into_bytes()))
-        .body(Full::new(Bytes::from(body)))
-        .unwrap();
-    support::send(req).await.status.as_u16()
+    support::push_signed(&gw.gateway, SECRET, order).await
 }
 
 async fn wait_for(server: &MockServer, n: usize) -> usize {

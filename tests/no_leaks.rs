@@ -11,7 +11,6 @@ use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
-use hmac::{KeyInit, Mac};
 use http::Request;
 use http_body_util::Full;
 use wiremock::matchers::{any, method, path};
@@ -98,23 +97,6 @@ async fn call(gateway: &str, target: &str, token: Option<&str>) -> (u16, String)
         answer.status.as_u16(),
         String::from_utf8_lossy(&answer.body).into_owned(),
     )
-}
-
-async fn push(gateway: &str, key: &str, order: &str) -> u16 {
-    let body = serde_json::json!({
-        "messageType": "ORDER_CANCEL",
-        "messageBody": format!(r#"{{"orderId":"{order}"}}"#),
-        "messagePlatform": 0,
-        "timestamp": "1715669977082",
-    })
-    .to_string();
-    let mut mac = <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(key.as_bytes()).unwrap();
-    mac.update(body.as_bytes());
-    let req = Request::post(format!("http://{gateway}/callbacks/pandapon"))
-        .header("authorization", hex::encode(mac.finalize().into_bytes()))
-        .body(Full::new(Bytes::from(body)))
-        .unwrap();
-    support::send(req).await.status.as_u16()
 }
 
 /// The forms a value could take on its way into a log line.
@@ -215,8 +197,8 @@ async fn nothing_secret_reaches_any_output_at_trace_level() {
     }
     assert!(limited > 0, "the limiter never refused");
     // Pushed messages: one signed, one forged.
-    assert_eq!(push(&gw, SECRET, "L1").await, 200);
-    assert_eq!(push(&gw, "not-the-secret", "L2").await, 401);
+    assert_eq!(support::push_signed(&gw, SECRET, "L1").await, 200);
+    assert_eq!(support::push_signed(&gw, "not-the-secret", "L2").await, 401);
     // Secret rotation, then a config reload; then everything once more.
     std::fs::write(dir.path().join("secret"), ROTATED).unwrap();
     wait_in_file(&stderr, "secret reloaded from its file").await;
@@ -225,7 +207,7 @@ async fn nothing_secret_reaches_any_output_at_trace_level() {
     wait_in_file(&stderr, "config reloaded").await;
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(call(&gw, "/open/order", Some(TOKEN)).await.0, 200);
-    assert_eq!(push(&gw, ROTATED, "L3").await, 200);
+    assert_eq!(support::push_signed(&gw, ROTATED, "L3").await, 200);
     // Admin endpoints.
     let mut admin_answers = String::new();
     for target in ["/metrics", "/readyz", "/callbacks", "/callbacks?dead=true"] {

@@ -374,8 +374,9 @@ async fn total_outage_bounds_attempts_and_respects_the_budget() {
     gw.stop().await;
 }
 
-#[tokio::test]
-async fn circuit_opens_fails_fast_and_closes_when_the_provider_recovers() {
+/// A provider answering 503 and a gateway whose circuit (3 failures, 300 ms
+/// open) those answers have just opened.
+async fn circuit_opened_by_three_503s() -> (MockServer, TestGateway) {
     let upstream = upstream_answering(ResponseTemplate::new(503)).await;
     let mut c = fast(&upstream.uri());
     c.retry.max_attempts = 1;
@@ -386,6 +387,12 @@ async fn circuit_opens_fails_fast_and_closes_when_the_provider_recovers() {
     for _ in 0..3 {
         assert_eq!(get(&gw.url("/open/product/get")).await.status, 503);
     }
+    (upstream, gw)
+}
+
+#[tokio::test]
+async fn circuit_opens_fails_fast_and_closes_when_the_provider_recovers() {
+    let (upstream, gw) = circuit_opened_by_three_503s().await;
     assert_eq!(upstream.received_requests().await.unwrap().len(), 3);
 
     // Open: answered by the gateway at once, the provider is left alone.
@@ -417,16 +424,7 @@ async fn circuit_opens_fails_fast_and_closes_when_the_provider_recovers() {
 /// circuit stayed half-open, refusing every call until a reload.
 #[tokio::test]
 async fn a_caller_leaving_during_the_probe_does_not_wedge_the_circuit() {
-    let upstream = upstream_answering(ResponseTemplate::new(503)).await;
-    let mut c = fast(&upstream.uri());
-    c.retry.max_attempts = 1;
-    c.circuit_breaker.enabled = true;
-    c.circuit_breaker.failure_threshold = 3;
-    c.circuit_breaker.open_ms = 300;
-    let gw = spawn_gateway(c).await;
-    for _ in 0..3 {
-        assert_eq!(get(&gw.url("/open/product/get")).await.status, 503);
-    }
+    let (upstream, gw) = circuit_opened_by_three_503s().await;
     // Recovered, but slow: the probe takes 1 s and its caller gives up.
     upstream.reset().await;
     Mock::given(any())

@@ -470,3 +470,23 @@ pub async fn launch(args: &[&str], env: &[(&str, &str)]) -> Running {
         admin: admin.unwrap(),
     }
 }
+
+/// POSTs a provider-shaped push for `order` to the gateway's callback path,
+/// signed with `key` (hex HMAC-SHA256 of the body); returns the status.
+pub async fn push_signed(gateway: &str, key: &str, order: &str) -> u16 {
+    use hmac::{KeyInit, Mac};
+    let body = serde_json::json!({
+        "messageType": "ORDER_CANCEL",
+        "messageBody": format!(r#"{{"orderId":"{order}"}}"#),
+        "messagePlatform": 0,
+        "timestamp": "1715669977082",
+    })
+    .to_string();
+    let mut mac = <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(key.as_bytes()).unwrap();
+    mac.update(body.as_bytes());
+    let req = Request::post(format!("http://{gateway}/callbacks/pandapon"))
+        .header("authorization", hex::encode(mac.finalize().into_bytes()))
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    send(req).await.status.as_u16()
+}
