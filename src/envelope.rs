@@ -32,21 +32,35 @@ pub fn inspect(prefix: &[u8]) -> EnvelopeFields {
         .deserialize(&mut de)
         .is_err_and(|e| e.is_eof());
     // A number is the one JSON value that can be cut and still parse ("20"
-    // of "200"): when the prefix ends right after a numeric `code`, the code
-    // may be incomplete, so it is not reported. Only when the prefix ran out
-    // there: a syntax error elsewhere says nothing about the code (found by
-    // fuzzing, `fuzz/regressions/envelope_prefix/`).
-    let may_be_cut = prefix
-        .last()
-        .is_some_and(|b| b.is_ascii_digit() || matches!(b, b'.' | b'e' | b'E' | b'+' | b'-'));
+    // of "200"): when the prefix ends inside a numeric `code`, the code may
+    // be incomplete, so it is not reported. "Inside" means the prefix ran
+    // out (EOF) with a run of number characters that is a map value (after
+    // a `:`); a syntax error elsewhere, or a later key that happens to end
+    // in a digit, says nothing about the code (both found by fuzzing,
+    // `fuzz/regressions/envelope_prefix/`).
     if ended_early
         && code_was_last
-        && may_be_cut
+        && ends_in_a_value_number(prefix)
         && found.code.as_ref().is_some_and(Value::is_number)
     {
         found.code = None;
     }
     found
+}
+
+/// Whether `prefix` ends with number characters right after a `:`.
+fn ends_in_a_value_number(prefix: &[u8]) -> bool {
+    let is_number_char =
+        |b: &u8| b.is_ascii_digit() || matches!(b, b'.' | b'e' | b'E' | b'+' | b'-');
+    let digits = prefix
+        .iter()
+        .rev()
+        .take_while(|b| is_number_char(b))
+        .count();
+    digits > 0
+        && prefix[..prefix.len() - digits]
+            .trim_ascii_end()
+            .ends_with(b":")
 }
 
 struct Reader<'a>(&'a mut EnvelopeFields, &'a mut bool);
@@ -212,5 +226,8 @@ mod tests {
         assert_eq!(f.code, Some(json!(1)));
         // Ran out right after the digits: may be cut, not reported.
         assert_eq!(inspect(br#"{"code":20"#).code, None);
+        assert_eq!(inspect(br#"{"code": 2e"#).code, None);
+        // Ran out in a later key that ends in a digit: the code was whole.
+        assert_eq!(inspect(br#"{"code":1e3,"Y1"#).code, Some(json!(1000.0)));
     }
 }
