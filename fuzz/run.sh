@@ -45,8 +45,8 @@ for t in "${targets[@]}"; do
   rc=$?
   set -e
   if [ "$jobs" -gt 1 ]; then cat fuzz-*.log >>"$log" 2>/dev/null; rm -f fuzz-*.log; fi
-  execs=$(awk -F: '/stat::number_of_executed_units/{s+=$2} END{print s+0}' "$log")
-  rate=$(awk -F: '/stat::average_exec_per_sec/{s+=$2} END{print s+0}' "$log")
+  execs=$(awk '/stat::number_of_executed_units/{s+=$NF} END{print s+0}' "$log")
+  rate=$(awk '/stat::average_exec_per_sec/{s+=$NF} END{print s+0}' "$log")
   cov=$(grep -o 'cov: [0-9]*' "$log" | tail -1 | awk '{print $2}')
   corpus=$(find "corpus/$t" -type f | wc -l)
   found=0
