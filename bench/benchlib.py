@@ -1,9 +1,12 @@
 """Small helpers shared by the Python benchmark scripts in bench/."""
 
+import io
 import json
 import os
 import random
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -50,6 +53,16 @@ class QuietHandler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         self.serve()
+
+    def reset(self):
+        """Drops the connection with an RST and no response, the request
+        having been read in full."""
+        self.close_connection = True
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.rfile.close()
+        self.wfile.close()
+        self.wfile = io.BytesIO()  # the server still flushes it after this returns
+        self.connection.close()
 
 
 def stop(proc, grace=25):

@@ -17,14 +17,11 @@ call got no answer or an order create was received twice or more.
 
 import argparse
 import http.client
-import io
 import json
 import os
 import random
 import shlex
 import shutil
-import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -91,13 +88,7 @@ class Handler(QuietHandler):
                 order_id = "<unparseable body>"
         outcome = self.server.draw(cls, order_id)
         if outcome == "reset":
-            # Request read in full, then an RST with no response at all.
-            self.close_connection = True
-            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            self.rfile.close()
-            self.wfile.close()
-            self.wfile = io.BytesIO()  # the server still flushes it after this returns
-            self.connection.close()
+            self.reset()
             return
         if outcome == "timeout":
             time.sleep(HOLD_S)

@@ -36,7 +36,6 @@ A Markdown section with the figures is appended to bench/soak.md (--output;
 import argparse
 import hashlib
 import http.client
-import io
 import json
 import os
 import random
@@ -46,7 +45,6 @@ import shutil
 import signal
 import socket
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -235,13 +233,7 @@ class Handler(QuietHandler):
                 order_id = "<unparseable body>"
         fault, sig = self.server.admit(self.headers, path, order_id)
         if fault in RESET_FAULTS:
-            # Request read in full, then an RST with no response at all.
-            self.close_connection = True
-            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            self.rfile.close()
-            self.wfile.close()
-            self.wfile = io.BytesIO()  # the server still flushes it after this returns
-            self.connection.close()
+            self.reset()
             return
         if fault == "slow":
             time.sleep(SLOW_HOLD_S)
