@@ -34,33 +34,21 @@ pub fn inspect(prefix: &[u8]) -> EnvelopeFields {
     // A number is the one JSON value that can be cut and still parse ("20"
     // of "200"): when the prefix ends inside a numeric `code`, the code may
     // be incomplete, so it is not reported. "Inside" means the prefix ran
-    // out (EOF) with a run of number characters that is a map value (after
-    // a `:`); a syntax error elsewhere, or a later key that happens to end
-    // in a digit, says nothing about the code (both found by fuzzing,
+    // out (EOF) after the code's value and before the next key began, on a
+    // number character. A syntax error elsewhere, or a cut inside a later
+    // key, says nothing about the code (found by fuzzing,
     // `fuzz/regressions/envelope_prefix/`).
+    let ends_on_a_number_char = prefix
+        .last()
+        .is_some_and(|b| b.is_ascii_digit() || matches!(b, b'.' | b'e' | b'E' | b'+' | b'-'));
     if ended_early
         && code_was_last
-        && ends_in_a_value_number(prefix)
+        && ends_on_a_number_char
         && found.code.as_ref().is_some_and(Value::is_number)
     {
         found.code = None;
     }
     found
-}
-
-/// Whether `prefix` ends with number characters right after a `:`.
-fn ends_in_a_value_number(prefix: &[u8]) -> bool {
-    let is_number_char =
-        |b: &u8| b.is_ascii_digit() || matches!(b, b'.' | b'e' | b'E' | b'+' | b'-');
-    let digits = prefix
-        .iter()
-        .rev()
-        .take_while(|b| is_number_char(b))
-        .count();
-    digits > 0
-        && prefix[..prefix.len() - digits]
-            .trim_ascii_end()
-            .ends_with(b":")
 }
 
 struct Reader<'a>(&'a mut EnvelopeFields, &'a mut bool);
@@ -85,7 +73,7 @@ impl<'de> Visitor<'de> for Reader<'_> {
         // The first occurrence of a key counts; a repeated one is skipped, so
         // a longer prefix never changes what a shorter one read.
         let mut seen = [false; 3];
-        while let Some(key) = map.next_key::<Key>()? {
+        while let Some(key) = map.next_key_seed(KeySeed(code_was_last))? {
             *code_was_last = matches!(key, Key::Code);
             let first = match key {
                 Key::Other => false,
@@ -114,6 +102,18 @@ fn string(v: Value) -> Option<String> {
     match v {
         Value::String(s) => Some(s),
         _ => None,
+    }
+}
+
+/// Reads a key; that a key begins at all means the value before it ended
+/// (serde_json calls the seed only after the `,` and the opening quote).
+struct KeySeed<'a>(&'a mut bool);
+
+impl<'de> DeserializeSeed<'de> for KeySeed<'_> {
+    type Value = Key;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Key, D::Error> {
+        *self.0 = false;
+        Key::deserialize(d)
     }
 }
 
@@ -227,7 +227,12 @@ mod tests {
         // Ran out right after the digits: may be cut, not reported.
         assert_eq!(inspect(br#"{"code":20"#).code, None);
         assert_eq!(inspect(br#"{"code": 2e"#).code, None);
-        // Ran out in a later key that ends in a digit: the code was whole.
+        // Ran out in a later key that ends in a digit or a colon and a
+        // digit: the code was whole.
         assert_eq!(inspect(br#"{"code":1e3,"Y1"#).code, Some(json!(1000.0)));
+        assert_eq!(
+            inspect(b"{\n\n\"code\":1e3,\n\"cod:1").code,
+            Some(json!(1000.0))
+        );
     }
 }
