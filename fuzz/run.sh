@@ -65,6 +65,7 @@ for t in "${targets[@]}"; do
 done
 
 {
+  [ -s "$out" ] && echo
   echo "# Fuzzing run, $(date -u '+%F %H:%M UTC')"
   echo
   echo "\`fuzz/run.sh --seconds $secs --jobs $jobs\` at $(git rev-parse --short HEAD), $(nproc) cores, $(cargo +nightly --version)."

@@ -74,11 +74,12 @@ impl<'de> Visitor<'de> for Reader<'_> {
         // a longer prefix never changes what a shorter one read.
         let mut seen = [false; 3];
         while let Some(key) = map.next_key_seed(KeySeed(code_was_last))? {
-            *code_was_last = matches!(key, Key::Code);
             let first = match key {
                 Key::Other => false,
                 known => !std::mem::replace(&mut seen[known as usize], true),
             };
+            // Only the value that is reported can be the one cut.
+            *code_was_last = first && matches!(key, Key::Code);
             match key {
                 Key::RequestId if first => found.request_id = string(map.next_value()?),
                 Key::Msg if first => found.msg = string(map.next_value()?),
