@@ -54,6 +54,18 @@ class QuietHandler(BaseHTTPRequestHandler):
     def do_POST(self):
         self.serve()
 
+    def answer_json(self, status, payload):
+        """Sends `payload` (bytes) as a JSON answer; a caller that has gone
+        (the gateway gave up on the attempt) just closes the connection."""
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+        except OSError:
+            self.close_connection = True
+
     def reset(self):
         """Drops the connection with an RST and no response, the request
         having been read in full."""

@@ -96,14 +96,7 @@ class Handler(QuietHandler):
         envelope = {"requestId": uuid.uuid4().hex, "code": status,
                     "msg": "ok" if status == 200 else "service unavailable", "data": {}}
         payload = json.dumps(envelope).encode()
-        try:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-        except OSError:
-            self.close_connection = True  # the gateway gave up on this attempt
+        self.answer_json(status, payload)
 
 
 # --------------------------------------------------------------------------

@@ -245,14 +245,7 @@ class Handler(QuietHandler):
             status, code, msg = 200, 200, "成功"
         payload = json.dumps({"requestId": uuid.uuid4().hex, "code": code, "msg": msg,
                               "data": {"path": path}}).encode()
-        try:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-        except OSError:
-            self.close_connection = True  # the gateway gave up on this attempt
+        self.answer_json(status, payload)
 
 
 # --------------------------------------------------------------------------
