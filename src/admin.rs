@@ -14,6 +14,7 @@ use crate::limiter::BackendState;
 use std::sync::Arc;
 
 use crate::callbacks::Callbacks;
+use crate::connections::Connections;
 use crate::metrics::{Exporter, GatewaySource};
 
 /// Process-wide drain state: once draining, readiness fails and listeners
@@ -69,9 +70,15 @@ impl std::fmt::Debug for Admin {
 }
 
 impl Admin {
-    pub fn new(gateway: GatewaySource, drain: Drain, callbacks: Option<Arc<Callbacks>>) -> Admin {
+    /// `listeners`: the connection counts `/metrics` reports.
+    pub fn new(
+        gateway: GatewaySource,
+        drain: Drain,
+        callbacks: Option<Arc<Callbacks>>,
+        listeners: Vec<Arc<Connections>>,
+    ) -> Admin {
         Admin {
-            exporter: Exporter::with_callbacks(gateway.clone(), callbacks.clone()),
+            exporter: Exporter::with_callbacks(gateway.clone(), callbacks.clone(), listeners),
             gateway,
             drain,
             callbacks,

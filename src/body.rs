@@ -4,13 +4,17 @@
 //!   `server.buffer_body_bytes`), so an over-limit body is refused before a
 //!   byte is sent upstream and the bytes can be sent again; a larger body
 //!   streams through [`UpstreamBody::Stream`], which fails the upload the
-//!   moment it passes `server.max_request_body_bytes`.
+//!   moment it passes `server.max_request_body_bytes`. Either way the body
+//!   must be in by its deadline (`server.body_read_timeout_ms`): a streamed
+//!   one that is not is cut off mid-upload, so the provider never receives
+//!   a complete request.
 //! * [`ResponseBody`] passes the response through unchanged while keeping
 //!   the first `log.inspect_bytes` for the envelope reader, and writes the
 //!   call's access-log line exactly once: at end of stream, or when dropped
 //!   early (caller gone, upstream reset).
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
@@ -34,6 +38,12 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 #[error("request body exceeds {0} bytes")]
 pub struct BodyTooLarge(pub u64);
 
+/// Raised inside a streaming upload still incomplete at its deadline; the
+/// proxy finds it in the client error's source chain and answers 408.
+#[derive(Debug, thiserror::Error)]
+#[error("request body not received in time")]
+pub struct BodyTimedOut;
+
 /// The body sent upstream.
 #[derive(Debug)]
 pub enum UpstreamBody {
@@ -45,6 +55,7 @@ pub enum UpstreamBody {
         rest: Incoming,
         seen: u64,
         max: u64,
+        deadline: Pin<Box<tokio::time::Sleep>>,
     },
 }
 
@@ -58,16 +69,39 @@ impl UpstreamBody {
     }
 }
 
-/// Reads `body` whole if it ends within `buffer` bytes; refuses it past `max`.
+/// Limits on reading one request body.
+#[derive(Clone, Copy, Debug)]
+pub struct BodyLimits {
+    /// Read whole up to this many bytes; stream beyond.
+    pub buffer: u64,
+    /// Refused past this many bytes.
+    pub max: u64,
+    /// The whole body must be in by then.
+    pub deadline: tokio::time::Instant,
+    /// `server.body_read_timeout_ms`, for the error message.
+    pub timeout_ms: u64,
+}
+
+/// Reads `body` whole if it ends within `limits.buffer` bytes; refuses it
+/// past `limits.max` or when it is not in by `limits.deadline`.
 pub async fn read_request(
-    mut body: Incoming,
+    body: Incoming,
     declared: Option<u64>,
-    buffer: u64,
-    max: u64,
+    limits: BodyLimits,
 ) -> Result<UpstreamBody, GatewayError> {
-    if declared.is_some_and(|len| len > max) {
-        return Err(GatewayError::BodyTooLarge { limit: max });
+    if declared.is_some_and(|len| len > limits.max) {
+        return Err(GatewayError::BodyTooLarge { limit: limits.max });
     }
+    tokio::time::timeout_at(limits.deadline, read_or_stream(body, limits))
+        .await
+        .unwrap_or(Err(GatewayError::BodyTimeout(limits.timeout_ms)))
+}
+
+async fn read_or_stream(
+    mut body: Incoming,
+    limits: BodyLimits,
+) -> Result<UpstreamBody, GatewayError> {
+    let BodyLimits { buffer, max, .. } = limits;
     let mut chunks: VecDeque<Bytes> = VecDeque::new();
     let mut seen: u64 = 0;
     while !body.is_end_stream() {
@@ -92,6 +126,7 @@ pub async fn read_request(
                 rest: body,
                 seen,
                 max,
+                deadline: Box::pin(tokio::time::sleep_until(limits.deadline)),
             });
         }
     }
@@ -114,12 +149,20 @@ impl Body for UpstreamBody {
                 rest,
                 seen,
                 max,
+                deadline,
             } => {
                 if let Some(chunk) = pending.pop_front() {
                     return Poll::Ready(Some(Ok(Frame::data(chunk))));
                 }
                 loop {
-                    match ready!(Pin::new(&mut *rest).poll_frame(cx)) {
+                    let Poll::Ready(frame) = Pin::new(&mut *rest).poll_frame(cx) else {
+                        // Waiting on the caller: only as long as its deadline.
+                        return match deadline.as_mut().poll(cx) {
+                            Poll::Ready(()) => Poll::Ready(Some(Err(BodyTimedOut.into()))),
+                            Poll::Pending => Poll::Pending,
+                        };
+                    };
+                    match frame {
                         None => return Poll::Ready(None),
                         Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
                         Some(Ok(frame)) => {
@@ -129,6 +172,11 @@ impl Body for UpstreamBody {
                             *seen += data.len() as u64;
                             if *seen > *max {
                                 return Poll::Ready(Some(Err(BodyTooLarge(*max).into())));
+                            }
+                            // A body that keeps trickling is held to the
+                            // same deadline as one that stalls.
+                            if deadline.is_elapsed() {
+                                return Poll::Ready(Some(Err(BodyTimedOut.into())));
                             }
                             return Poll::Ready(Some(Ok(Frame::data(data))));
                         }

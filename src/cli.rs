@@ -13,6 +13,7 @@ use crate::access_log::AccessLog;
 use crate::admin::{Admin, Drain};
 use crate::callbacks::Callbacks;
 use crate::config::{self, ConfigError, Loaded, process_env};
+use crate::connections::Connections;
 use crate::metrics::Metrics;
 use crate::proxy::Gateway;
 use crate::sandbox::{DEMO_ACCESS_KEY, DEMO_SECRET, Sandbox};
@@ -205,11 +206,18 @@ async fn run(loaded: Loaded, config_path: Option<PathBuf>) -> ExitCode {
         Ok(g) => g,
         Err(e) => return config_failure(&e),
     };
+    let current: reload::Current = Arc::new(ArcSwap::from_pointee(gateway));
     // Pushed messages: opened once (the store is a file only one process
-    // may hold); its settings take effect at start, not on SIGHUP.
+    // may hold); its settings take effect at start, not on SIGHUP. The
+    // secret that verifies a push is looked up in the running config at
+    // each push, so reloads and rotations apply at once.
     let callbacks = match &loaded.config.callbacks {
         None => None,
-        Some(c) => match Callbacks::new(c.clone(), gateway.profiles()) {
+        Some(c) => match Callbacks::with_secret_source(
+            c.clone(),
+            reload::profile_secret(current.clone(), &c.profile),
+            Duration::from_millis(loaded.config.server.body_read_timeout_ms),
+        ) {
             Ok(cb) => {
                 tokio::spawn(cb.clone().run_deliveries());
                 Some(cb)
@@ -217,7 +225,6 @@ async fn run(loaded: Loaded, config_path: Option<PathBuf>) -> ExitCode {
             Err(e) => return config_failure(&e),
         },
     };
-    let current: reload::Current = Arc::new(ArcSwap::from_pointee(gateway));
     let server_config = &loaded.config.server;
     let listener = match server::bind(server_config.listen, "gateway").await {
         Ok(l) => l,
@@ -270,6 +277,7 @@ async fn run(loaded: Loaded, config_path: Option<PathBuf>) -> ExitCode {
     match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(mut hangups) => {
             let (current, log, metrics) = (current.clone(), log.clone(), metrics.clone());
+            let receiver_profile = callbacks.as_ref().map(|cb| cb.profile().to_owned());
             tokio::spawn(async move {
                 while hangups.recv().await.is_some() {
                     tracing::info!("SIGHUP: reloading the config");
@@ -279,6 +287,7 @@ async fn run(loaded: Loaded, config_path: Option<PathBuf>) -> ExitCode {
                         &current,
                         &log,
                         &metrics,
+                        receiver_profile.as_deref(),
                     );
                 }
             });
@@ -287,21 +296,50 @@ async fn run(loaded: Loaded, config_path: Option<PathBuf>) -> ExitCode {
     }
 
     let opts = ServerOptions::from(server_config);
+    // Each listener has its own connection cap, so that a flood on one
+    // (the internet-facing callback listener, say) leaves the others, and
+    // the health checks on the admin listener, answering.
+    let cap = server_config.max_connections;
+    let (gateway_conns, admin_conns) = (
+        Connections::new("gateway", cap),
+        Connections::new("admin", cap),
+    );
+    let callback_listener = match (
+        &callbacks,
+        loaded.config.callbacks.as_ref().and_then(|c| c.listen),
+    ) {
+        (Some(cb), Some(addr)) => match server::bind(addr, "callbacks").await {
+            Ok(l) => Some((l, cb.clone(), Connections::new("callbacks", cap))),
+            Err(e) => {
+                eprintln!("pandagate: cannot listen on {addr} (callbacks): {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        _ => None,
+    };
+    let mut listeners = vec![gateway_conns.clone(), admin_conns.clone()];
+    listeners.extend(callback_listener.as_ref().map(|(_, _, c)| c.clone()));
     let source = {
         let current = current.clone();
         Arc::new(move || current.load_full())
     };
-    let admin = Arc::new(Admin::new(source, drain.clone(), callbacks.clone()));
+    let admin = Arc::new(Admin::new(
+        source,
+        drain.clone(),
+        callbacks.clone(),
+        listeners,
+    ));
     let (traffic_done, admin_stop) = tokio::sync::oneshot::channel::<()>();
     // The admin listener outlives the traffic listener, so that readiness
     // reports the drain while calls finish.
-    let admin_task = tokio::spawn(server::serve(
+    let admin_task = tokio::spawn(server::serve_counted(
         admin_listener,
         move |req| {
             let admin = admin.clone();
             async move { admin.handle(req).await }
         },
         opts.clone(),
+        admin_conns,
         async move {
             let _ = admin_stop.await;
         },
@@ -312,34 +350,24 @@ async fn run(loaded: Loaded, config_path: Option<PathBuf>) -> ExitCode {
         default_profile = %loaded.config.default_profile,
         "gateway ready"
     );
-    if let (Some(cb), Some(addr)) = (
-        &callbacks,
-        loaded.config.callbacks.as_ref().and_then(|c| c.listen),
-    ) {
-        match server::bind(addr, "callbacks").await {
-            Ok(l) => {
-                let (cb, drain, cb_opts) = (cb.clone(), drain.clone(), opts.clone());
-                tokio::spawn(async move {
-                    let stop = drain.clone();
-                    server::serve(
-                        l,
-                        move |req| {
-                            let cb = cb.clone();
-                            async move { cb.receive(req).await }
-                        },
-                        cb_opts,
-                        async move { stop.started().await },
-                    )
-                    .await;
-                });
-            }
-            Err(e) => {
-                eprintln!("pandagate: cannot listen on {addr} (callbacks): {e}");
-                return ExitCode::FAILURE;
-            }
-        }
+    if let Some((l, cb, conns)) = callback_listener {
+        let (drain, cb_opts) = (drain.clone(), opts.clone());
+        tokio::spawn(async move {
+            let stop = drain.clone();
+            server::serve_counted(
+                l,
+                move |req| {
+                    let cb = cb.clone();
+                    async move { cb.receive(req).await }
+                },
+                cb_opts,
+                conns,
+                async move { stop.started().await },
+            )
+            .await;
+        });
     }
-    server::serve(
+    server::serve_counted(
         listener,
         move |req| {
             // Pushes have their own authentication (the provider's HMAC).
@@ -357,6 +385,7 @@ async fn run(loaded: Loaded, config_path: Option<PathBuf>) -> ExitCode {
             }
         },
         opts,
+        gateway_conns,
         drain.started(),
     )
     .await;

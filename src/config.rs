@@ -76,6 +76,10 @@ pub struct ServerConfig {
     pub admin_listen: SocketAddr,
     /// Time a client has to send the complete request head, in milliseconds.
     pub header_read_timeout_ms: u64,
+    /// Time a client has to send the complete request body, from the end of
+    /// its head, in milliseconds; a body not in by then gets 408 and nothing
+    /// of the call is forwarded or stored. Also on the callback listener.
+    pub body_read_timeout_ms: u64,
     /// A connection with no call in progress and no byte read or written
     /// for this long is closed (a client that connects and never sends
     /// anything included), in milliseconds.
@@ -84,6 +88,15 @@ pub struct ServerConfig {
     pub max_header_bytes: usize,
     /// Most request headers accepted in one request.
     pub max_headers: usize,
+    /// Most open connections per listener (traffic, callbacks and admin
+    /// each have their own); one over the cap is accepted and closed at once.
+    pub max_connections: usize,
+    /// Most concurrent HTTP/2 streams (calls) on one connection.
+    pub http2_max_concurrent_streams: u32,
+    /// A path a server could resolve to another one (see the README's route
+    /// section): `refuse` (400, nothing sent) or `forward` (sent byte for
+    /// byte, classified `unknown`, matching no `[[routes]]` entry).
+    pub ambiguous_paths: AmbiguousPaths,
     /// Largest request body, in bytes; larger bodies get 413.
     pub max_request_body_bytes: u64,
     /// Bodies up to this many bytes are read whole before anything is sent
@@ -99,6 +112,15 @@ pub struct ServerConfig {
     /// single-threaded runtime, like nginx's `worker_processes 1`. Read at
     /// start; a reload does not change it.
     pub worker_threads: usize,
+}
+
+/// What happens to a call whose path is ambiguous.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AmbiguousPaths {
+    #[default]
+    Refuse,
+    Forward,
 }
 
 /// The provider.
@@ -204,9 +226,13 @@ impl Default for ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 9901)),
             header_read_timeout_ms: 10_000,
+            body_read_timeout_ms: 30_000,
             idle_timeout_ms: 75_000,
             max_header_bytes: 64 * 1024,
             max_headers: 100,
+            max_connections: 10_000,
+            http2_max_concurrent_streams: 100,
+            ambiguous_paths: AmbiguousPaths::Refuse,
             max_request_body_bytes: 8 * 1024 * 1024,
             buffer_body_bytes: 1024 * 1024,
             shutdown_grace_ms: 20_000,
@@ -415,9 +441,15 @@ impl Config {
         let u = &self.upstream;
         let positive = [
             ("server.header_read_timeout_ms", s.header_read_timeout_ms),
+            ("server.body_read_timeout_ms", s.body_read_timeout_ms),
             ("server.idle_timeout_ms", s.idle_timeout_ms),
             ("server.max_header_bytes", s.max_header_bytes as u64),
             ("server.max_headers", s.max_headers as u64),
+            ("server.max_connections", s.max_connections as u64),
+            (
+                "server.http2_max_concurrent_streams",
+                u64::from(s.http2_max_concurrent_streams),
+            ),
             ("server.max_request_body_bytes", s.max_request_body_bytes),
             ("server.buffer_body_bytes", s.buffer_body_bytes),
             ("server.shutdown_grace_ms", s.shutdown_grace_ms),
@@ -479,6 +511,7 @@ impl Config {
         for (i, route) in self.routes.iter().enumerate() {
             route.validate(&format!("routes[{i}]"))?;
         }
+        crate::routes::check_overlaps(&self.routes)?;
 
         if self.profiles.is_empty() {
             return Err(ConfigError::new(

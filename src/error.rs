@@ -4,11 +4,11 @@
 //! callers parse one format whoever answered:
 //!
 //! ```json
-//! {"requestId":"<gateway id>","code":502,"msg":"upstream unreachable","data":null,"source":"pandagate"}
+//! {"requestId":"<gateway id>","code":502,"msg":"upstream unreachable","data":null,"source":"pandagate","error":"upstream_connect"}
 //! ```
 //!
 //! `code` equals the HTTP status; `source` tells a gateway answer from a
-//! provider answer. Messages never carry secrets, tokens or header values.
+//! provider answer; `error` is the stable kind, the access log's `error`. Messages never carry secrets, tokens or header values.
 
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
@@ -18,6 +18,13 @@ use http::{HeaderValue, Response, StatusCode, header};
 pub enum GatewayError {
     #[error("CONNECT is not supported: this gateway is not a tunnel")]
     Connect,
+    #[error("method {0} is not forwarded; allowed: {ALLOWED_METHODS}")]
+    MethodNotAllowed(http::Method),
+    #[error(
+        "path is ambiguous: each segment must be letters, digits, '-', '.', '_' or '~', \
+         not empty and not '.' or '..' (server.ambiguous_paths)"
+    )]
+    AmbiguousPath,
     #[error("request target must be a path on the configured upstream")]
     ForeignTarget,
     #[error("missing or invalid bearer token")]
@@ -32,6 +39,8 @@ pub enum GatewayError {
     BodyTooLarge { limit: u64 },
     #[error("request body could not be read")]
     BodyRead,
+    #[error("request body not received within {0} ms")]
+    BodyTimeout(u64),
     #[error("upstream unreachable")]
     UpstreamConnect,
     #[error("upstream did not answer within {0} ms")]
@@ -47,12 +56,16 @@ pub enum GatewayError {
 impl GatewayError {
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::Connect | Self::ForeignTarget | Self::BadHeader(_) | Self::BodyRead => {
-                StatusCode::BAD_REQUEST
-            }
+            Self::Connect
+            | Self::ForeignTarget
+            | Self::AmbiguousPath
+            | Self::BadHeader(_)
+            | Self::BodyRead => StatusCode::BAD_REQUEST,
+            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::Unauthenticated => StatusCode::UNAUTHORIZED,
             Self::ProfileNotSelectable | Self::UserIdNotAllowed => StatusCode::FORBIDDEN,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::UpstreamConnect | Self::UpstreamFailed => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::CircuitOpen { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -64,6 +77,8 @@ impl GatewayError {
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Connect => "connect_method",
+            Self::MethodNotAllowed(_) => "method_not_allowed",
+            Self::AmbiguousPath => "ambiguous_path",
             Self::ForeignTarget => "foreign_target",
             Self::Unauthenticated => "unauthenticated",
             Self::ProfileNotSelectable => "profile_not_selectable",
@@ -71,6 +86,7 @@ impl GatewayError {
             Self::BadHeader(_) => "bad_header",
             Self::BodyTooLarge { .. } => "body_too_large",
             Self::BodyRead => "body_read",
+            Self::BodyTimeout(_) => "body_timeout",
             Self::UpstreamConnect => "upstream_connect",
             Self::UpstreamTimeout(_) => "upstream_timeout",
             Self::UpstreamFailed => "upstream_failed",
@@ -81,9 +97,13 @@ impl GatewayError {
 
     /// The answer the caller gets: status and envelope body.
     pub fn to_response(&self, request_id: &str) -> Response<Bytes> {
-        let mut response = envelope_response(self.status(), request_id, &self.to_string());
+        let mut response =
+            envelope_response(self.status(), request_id, self.kind(), &self.to_string());
         let headers = response.headers_mut();
         match self {
+            Self::MethodNotAllowed(_) => {
+                headers.insert(header::ALLOW, HeaderValue::from_static(ALLOWED_METHODS));
+            }
             Self::CircuitOpen { retry_after } => {
                 headers.insert(header::RETRY_AFTER, whole_seconds(*retry_after));
             }
@@ -114,14 +134,27 @@ fn whole_seconds(d: std::time::Duration) -> HeaderValue {
     HeaderValue::from(secs.max(1))
 }
 
-/// A gateway-made envelope response with the given status and message.
-pub fn envelope_response(status: StatusCode, request_id: &str, msg: &str) -> Response<Bytes> {
+/// The methods forwarded upstream. The provider's API uses GET and POST;
+/// the other standard methods pass through for it to answer. `TRACE`,
+/// `TRACK` (which echo a request, freshly signed headers included, back to
+/// whoever sent it), `CONNECT` and extension methods never do.
+pub const ALLOWED_METHODS: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
+
+/// A gateway-made envelope response with the given status, error kind and
+/// message.
+pub fn envelope_response(
+    status: StatusCode,
+    request_id: &str,
+    error: &str,
+    msg: &str,
+) -> Response<Bytes> {
     let body = serde_json::json!({
         "requestId": request_id,
         "code": status.as_u16(),
         "msg": msg,
         "data": null,
         "source": "pandagate",
+        "error": error,
     });
     let mut response = Response::new(Bytes::from(body.to_string()));
     *response.status_mut() = status;
@@ -146,6 +179,7 @@ mod tests {
         assert_eq!(v["msg"], "request body exceeds the limit of 10 bytes");
         assert!(v["data"].is_null());
         assert_eq!(v["source"], "pandagate");
+        assert_eq!(v["error"], "body_too_large");
     }
 
     #[test]
@@ -177,6 +211,8 @@ mod tests {
         use GatewayError::*;
         let cases = [
             (Connect, 400),
+            (MethodNotAllowed(http::Method::TRACE), 405),
+            (AmbiguousPath, 400),
             (ForeignTarget, 400),
             (BadHeader("x-request-id"), 400),
             (BodyRead, 400),
@@ -184,6 +220,7 @@ mod tests {
             (ProfileNotSelectable, 403),
             (UserIdNotAllowed, 403),
             (BodyTooLarge { limit: 1 }, 413),
+            (BodyTimeout(1), 408),
             (UpstreamConnect, 502),
             (UpstreamFailed, 502),
             (UpstreamTimeout(5), 504),

@@ -10,8 +10,9 @@
 //!   the upstream's host, carries the caller's path and query byte for byte
 //!   behind the base path, and none of the caller's credential, hop-by-hop or
 //!   `x-pandagate-*` headers; every other header it carries is one the caller
-//!   sent, unchanged (data stays data). A path a server could resolve
-//!   elsewhere is never a `read`.
+//!   sent, unchanged (data stays data), and none is another spelling of a
+//!   gateway header (`user_id`). A path a server could resolve elsewhere
+//!   is refused, and never a `read`.
 //! * [`envelope_prefix`]: on a complete JSON object the prefix reader agrees
 //!   with serde_json; on any prefix of it, it reports nothing it would not
 //!   report on the whole.
@@ -54,7 +55,8 @@ const HOP: [&str; 9] = [
     "upgrade",
 ];
 
-/// Two gateways: open (no `[[clients]]`), and one that wants a bearer token.
+/// Two gateways: open (no `[[clients]]`) and refusing ambiguous paths, and
+/// one that wants a bearer token and forwards ambiguous paths.
 fn gateways() -> &'static [Gateway; 2] {
     static GATEWAYS: OnceLock<[Gateway; 2]> = OnceLock::new();
     GATEWAYS.get_or_init(|| {
@@ -86,6 +88,7 @@ fn gateways() -> &'static [Gateway; 2] {
                 },
             ];
             if with_clients {
+                c.server.ambiguous_paths = config::AmbiguousPaths::Forward;
                 c.clients = vec![crate::auth::ClientConfig {
                     name: "svc".into(),
                     token_env: Some("FUZZ_TOKEN".into()),
@@ -194,6 +197,10 @@ pub fn request_edge(data: &[u8]) {
             "control header {n} passed on"
         );
         assert!(!HOP.contains(&n), "hop-by-hop {n} passed on");
+        assert!(
+            !crate::headers::reads_as_owned(name),
+            "{n}, another spelling of a gateway header, passed on"
+        );
         // The gateway's own headers, whatever the caller's Connection named.
         if name == header::HOST || name == X_REQUEST_ID || name == USER_ID {
             continue;
@@ -209,8 +216,11 @@ pub fn request_edge(data: &[u8]) {
     }
 
     if is_ambiguous(inbound.uri.path()) {
+        assert_eq!(which, 1, "an ambiguous path was not refused: {inbound_pq}");
         assert_eq!(prepared.route.class, Class::Unknown, "{inbound_pq}");
+        assert_eq!(prepared.route.bucket, None, "{inbound_pq}");
     }
+
 }
 
 /// Reading `requestId`/`code`/`msg` from an arbitrary response prefix.

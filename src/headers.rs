@@ -51,7 +51,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Removes the headers the gateway owns on the way upstream: the provider's
 /// system headers, the caller's `Authorization` and every `x-pandagate-*`
-/// control header.
+/// control header, and any other spelling of those and of the hop-by-hop
+/// headers ([`reads_as_owned`]).
 pub fn strip_gateway_owned(headers: &mut HeaderMap) {
     for name in CREDENTIAL_HEADERS {
         headers.remove(name);
@@ -59,20 +60,63 @@ pub fn strip_gateway_owned(headers: &mut HeaderMap) {
     headers.remove(header::EXPECT);
     // The caller's credentials for the gateway, never the provider's business.
     headers.remove(header::AUTHORIZATION);
-    if headers.keys().any(is_control_header) {
-        let control: Vec<HeaderName> = headers
+    if headers.keys().any(reads_as_owned) {
+        let owned: Vec<HeaderName> = headers
             .keys()
-            .filter(|k| is_control_header(k))
+            .filter(|k| reads_as_owned(k))
             .cloned()
             .collect();
-        for name in control {
+        for name in owned {
             headers.remove(name);
         }
     }
 }
 
-fn is_control_header(name: &HeaderName) -> bool {
-    name.as_str().starts_with("x-pandagate-")
+/// Names (with `-` as the separator) that only the gateway may send
+/// upstream, besides every `x-pandagate-*`.
+const OWNED: [&str; 11] = [
+    "access-key",
+    "timestamp",
+    "nonce-str",
+    "user-id",
+    "signature",
+    "x-request-id",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "transfer-encoding",
+];
+
+/// Whether a caller's header reads as one the gateway owns. CGI, PHP, WSGI
+/// and Rack turn `user_id` and `user-id` into the same variable, and other
+/// stacks fold other punctuation, so names are compared with every run of
+/// characters other than letters and digits read as one `-`, and none at
+/// either end: `user_id`, `USER.ID`, `user__id`, `_user-id` and
+/// `x_pandagate_profile` are all owned names. Header names are already
+/// lower-case (`http` normalises them).
+pub fn reads_as_owned(name: &HeaderName) -> bool {
+    let n = name.as_str();
+    if n.starts_with("x-pandagate-") {
+        return true;
+    }
+    // A name already in canonical form is removed, or overwritten, by name
+    // when it is an owned one; only other spellings need folding.
+    let canonical = n
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !n.starts_with('-')
+        && !n.ends_with('-')
+        && !n.contains("--");
+    if canonical {
+        return false;
+    }
+    let folded = n
+        .split(|c: char| !c.is_ascii_alphanumeric())
+        .filter(|part| !part.is_empty())
+        .collect::<Vec<_>>()
+        .join("-");
+    folded.starts_with("x-pandagate-") || OWNED.contains(&folded.as_str())
 }
 
 #[cfg(test)]
@@ -116,5 +160,60 @@ mod tests {
         strip_gateway_owned(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("content-type"));
+    }
+
+    #[test]
+    fn other_spellings_of_owned_headers_are_stripped() {
+        let twins = [
+            "user_id",
+            "USER_ID",
+            "user.id",
+            "user~id",
+            "access_key",
+            "Access_Key",
+            "nonce_str",
+            "x_request_id",
+            "x_pandagate_profile",
+            "X-PANDAGATE_profile",
+            "x.pandagate.anything",
+            "transfer_encoding",
+            "keep_alive",
+            "proxy_authorization",
+            "proxy_connection",
+            "user__id",
+            "_user_id",
+            "user-id-",
+            "-user-id",
+            "user--id",
+            "signature_",
+            "x__pandagate__profile",
+        ];
+        let mut h = HeaderMap::new();
+        for name in twins {
+            h.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_static("forged"),
+            );
+        }
+        let kept = [
+            "user_ids",
+            "xuser-id",
+            "user-identity",
+            "content_type",
+            "x_custom",
+            "timestamp_ms",
+        ];
+        for name in kept {
+            h.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_static("data"),
+            );
+        }
+        strip_gateway_owned(&mut h);
+        let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        let mut want = kept.to_vec();
+        want.sort_unstable();
+        assert_eq!(left, want, "only headers of their own kept");
     }
 }

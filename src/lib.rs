@@ -18,6 +18,7 @@ pub mod breaker;
 pub mod callbacks;
 pub mod cli;
 pub mod config;
+pub mod connections;
 pub mod demo;
 pub mod envelope;
 pub mod error;

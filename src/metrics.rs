@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
@@ -20,6 +21,7 @@ use prometheus_client::registry::Registry;
 use crate::access_log::AccessRecord;
 use crate::breaker::State;
 use crate::callbacks::Callbacks;
+use crate::connections::Connections;
 use crate::envelope::EnvelopeFields;
 use crate::limiter::BackendState;
 use crate::proxy::Gateway;
@@ -35,6 +37,11 @@ struct CallLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ClassLabels {
     class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabels {
+    listener: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -146,6 +153,7 @@ pub type GatewaySource = Arc<dyn Fn() -> Arc<Gateway> + Send + Sync>;
 struct StateCollector {
     gateway: GatewaySource,
     callbacks: Option<Arc<Callbacks>>,
+    listeners: Vec<Arc<Connections>>,
 }
 
 impl std::fmt::Debug for StateCollector {
@@ -164,8 +172,49 @@ fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, v: i64) -> std::fmt:
     g.encode(e.encode_descriptor(name, help, None, g.metric_type())?)
 }
 
+/// One series per listener, from `value`.
+fn per_listener(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    listeners: &[Arc<Connections>],
+    kind: MetricType,
+    value: impl Fn(&Connections) -> u64,
+) -> std::fmt::Result {
+    let mut family = e.encode_descriptor(name, help, None, kind)?;
+    for c in listeners {
+        let labels = ListenerLabels {
+            listener: c.listener,
+        };
+        let series = family.encode_family(&labels)?;
+        match kind {
+            MetricType::Counter => ConstCounter::new(value(c)).encode(series)?,
+            _ => ConstGauge::new(value(c) as i64).encode(series)?,
+        }
+    }
+    Ok(())
+}
+
 impl Collector for StateCollector {
     fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+        if !self.listeners.is_empty() {
+            per_listener(
+                &mut e,
+                "connections_open",
+                "Open connections, per listener.",
+                &self.listeners,
+                MetricType::Gauge,
+                |c| c.open() as u64,
+            )?;
+            per_listener(
+                &mut e,
+                "connections_rejected",
+                "Connections closed at once because the listener had max_connections open.",
+                &self.listeners,
+                MetricType::Counter,
+                Connections::rejected,
+            )?;
+        }
         let g = (self.gateway)();
         let m = g.metrics();
         counter(
@@ -278,11 +327,16 @@ pub struct Exporter {
 
 impl Exporter {
     pub fn new(gateway: GatewaySource) -> Exporter {
-        Self::with_callbacks(gateway, None)
+        Self::with_callbacks(gateway, None, Vec::new())
     }
 
-    /// Also exports the callback receiver's series.
-    pub fn with_callbacks(gateway: GatewaySource, callbacks: Option<Arc<Callbacks>>) -> Exporter {
+    /// Also exports the callback receiver's series, and the connection
+    /// counts of `listeners`.
+    pub fn with_callbacks(
+        gateway: GatewaySource,
+        callbacks: Option<Arc<Callbacks>>,
+        listeners: Vec<Arc<Connections>>,
+    ) -> Exporter {
         let mut registry = Registry::with_prefix("pandagate");
         let current = gateway();
         let m = current.metrics();
@@ -314,7 +368,11 @@ impl Exporter {
                 cb.counts.lag.clone(),
             );
         }
-        registry.register_collector(Box::new(StateCollector { gateway, callbacks }));
+        registry.register_collector(Box::new(StateCollector {
+            gateway,
+            callbacks,
+            listeners,
+        }));
         Exporter { registry }
     }
 

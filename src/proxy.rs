@@ -20,9 +20,9 @@ use tokio::time::Instant;
 
 use crate::access_log::{AccessLog, AccessRecord};
 use crate::auth::Clients;
-use crate::body::{self, BodyTooLarge, ResponseBody, UpstreamBody};
+use crate::body::{self, BodyTimedOut, BodyTooLarge, ResponseBody, UpstreamBody};
 use crate::breaker::{Breaker, State as BreakerState};
-use crate::config::{ConfigError, Loaded, ServerConfig, SigningConfig};
+use crate::config::{AmbiguousPaths, ConfigError, Loaded, ServerConfig, SigningConfig};
 use crate::envelope;
 use crate::error::GatewayError;
 use crate::headers::{self, X_PANDAGATE_PROFILE, X_REQUEST_ID};
@@ -31,7 +31,7 @@ use crate::limiter::Limiter;
 use crate::metrics::Metrics;
 use crate::profiles::{Profile, Profiles};
 use crate::retry::{self, Attempt, Budget, Decision, Outcome, RetryConfig};
-use crate::routes::{Class, Route, Routes};
+use crate::routes::{Class, Route, Routes, is_ambiguous};
 use crate::signer;
 use crate::upstream::Upstream;
 
@@ -194,6 +194,14 @@ impl Gateway {
         x_request_id: &HeaderValue,
         record: &mut AccessRecord,
     ) -> Answer {
+        // The body's deadline runs from the end of the head, before anything
+        // else can make the caller wait.
+        let body_limits = body::BodyLimits {
+            buffer: self.buffer_body,
+            max: self.max_body,
+            deadline: Instant::now() + Duration::from_millis(self.server.body_read_timeout_ms),
+            timeout_ms: self.server.body_read_timeout_ms,
+        };
         let (parts, incoming) = req.into_parts();
         let Prepared {
             profile,
@@ -206,7 +214,7 @@ impl Gateway {
 
         // Body: small bodies are read whole, so an over-limit body is refused
         // before anything is sent, and the bytes can be sent again.
-        let body = body::read_request(incoming, declared, self.buffer_body, self.max_body).await?;
+        let body = body::read_request(incoming, declared, body_limits).await?;
 
         // Attempts: each one admitted by the breaker and signed afresh; the
         // retry policy decides whether another follows.
@@ -337,7 +345,11 @@ impl Gateway {
             .user_id(parts.headers.get(headers::USER_ID))?
             .cloned();
 
-        // Route: may this call be sent twice?
+        // Route: may this call be sent twice? A path some server would read
+        // as another one is not guessed at.
+        if self.server.ambiguous_paths == AmbiguousPaths::Refuse && is_ambiguous(parts.uri.path()) {
+            return Err(GatewayError::AmbiguousPath);
+        }
         let route = self.routes.route(parts.uri.path());
         record.class = Some(route.class);
 
@@ -386,10 +398,12 @@ impl Gateway {
             let mut response = match self.upstream.client.request(req).await {
                 Ok(response) => response,
                 Err(e) => {
-                    let error = classify(&e, self.max_body);
+                    let error = classify(&e, self.max_body, self.server.body_read_timeout_ms);
                     let outcome = match error {
                         GatewayError::UpstreamConnect => Outcome::ConnectFailed,
-                        GatewayError::BodyTooLarge { .. } => Outcome::Refused,
+                        GatewayError::BodyTooLarge { .. } | GatewayError::BodyTimeout(_) => {
+                            Outcome::Refused
+                        }
                         _ => Outcome::Dropped,
                     };
                     return (outcome, Err(error));
@@ -523,7 +537,11 @@ fn health(outcome: &Outcome) -> Option<bool> {
 }
 
 /// Maps a client error to the gateway's answer.
-fn classify(e: &hyper_util::client::legacy::Error, max_body: u64) -> GatewayError {
+fn classify(
+    e: &hyper_util::client::legacy::Error,
+    max_body: u64,
+    body_timeout_ms: u64,
+) -> GatewayError {
     if e.is_connect() {
         return GatewayError::UpstreamConnect;
     }
@@ -531,6 +549,9 @@ fn classify(e: &hyper_util::client::legacy::Error, max_body: u64) -> GatewayErro
     while let Some(err) = source {
         if err.downcast_ref::<BodyTooLarge>().is_some() {
             return GatewayError::BodyTooLarge { limit: max_body };
+        }
+        if err.downcast_ref::<BodyTimedOut>().is_some() {
+            return GatewayError::BodyTimeout(body_timeout_ms);
         }
         source = err.source();
     }

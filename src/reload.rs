@@ -8,7 +8,9 @@
 //!   gateway atomically (calls in flight finish on the old one); an invalid
 //!   one is logged and the old one keeps serving. Listener addresses are
 //!   bound once: changing them needs a restart. Retry budget, breaker and
-//!   limiter state start afresh with the new config.
+//!   limiter state start afresh with the new config. The push receiver's
+//!   store and settings stay as started, but it verifies each push with the
+//!   running config's secret ([`profile_secret`]).
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -67,13 +69,33 @@ async fn read(path: PathBuf) -> Result<Secret, String> {
         .map_err(|e| e.to_string())?
 }
 
+/// The current secret of the running config's profile `name`, looked up
+/// at each call: it follows both secret-file rotation and reloads.
+pub fn profile_secret(
+    current: Current,
+    name: &str,
+) -> Arc<dyn Fn() -> Option<Arc<Secret>> + Send + Sync> {
+    let name: Arc<str> = Arc::from(name);
+    Arc::new(move || {
+        current
+            .load()
+            .profiles()
+            .get(&name)
+            .map(|p| Arc::clone(&p.secret.current()))
+    })
+}
+
 /// Loads the config again and, if it is valid, makes it the running one.
+/// `receiver_profile`: the profile the running push receiver verifies
+/// with; a config without it is rejected, since the receiver cannot be
+/// restarted by a reload.
 pub fn reload(
     path: Option<&std::path::Path>,
     env: Env<'_>,
     current: &Current,
     log: &AccessLog,
     metrics: &Arc<Metrics>,
+    receiver_profile: Option<&str>,
 ) {
     let loaded = match config::load(path, env) {
         Ok(loaded) => loaded,
@@ -82,6 +104,15 @@ pub fn reload(
             return;
         }
     };
+    if let Some(name) = receiver_profile
+        && !loaded.profiles.iter().any(|p| &*p.name == name)
+    {
+        tracing::warn!(
+            profile = name,
+            "config reload rejected: the push receiver's profile is missing; the running config stays"
+        );
+        return;
+    }
     let running = current.load();
     let old = running.server_config();
     let new = &loaded.config.server;

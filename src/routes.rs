@@ -248,10 +248,10 @@ impl RouteConfig {
             .unwrap_or("")
     }
 
-    fn matches(&self, path: &str) -> bool {
+    fn matches(&self, path: Spelling<'_>) -> bool {
         match (&self.path, &self.prefix) {
-            (Some(exact), _) => exact == path,
-            (None, Some(prefix)) => path.starts_with(prefix.as_str()),
+            (Some(exact), _) => path.equals(exact),
+            (None, Some(prefix)) => path.starts_with(prefix),
             (None, None) => false,
         }
     }
@@ -304,24 +304,97 @@ impl RouteConfig {
     }
 }
 
-/// Whether a server could resolve `path` to another path: it has a `.` or
-/// `..` segment, or a percent-encoded `.`, `/` or `\`.
+/// Whether a server could read `path` as another path.
+///
+/// The provider's paths are plain: segments of letters, digits, `-`, `_`
+/// and `.`. A path is unambiguous only when every segment is a non-empty
+/// run of RFC 3986 unreserved characters (`ALPHA / DIGIT / "-" / "." / "_"
+/// / "~"`) and is neither `.` nor `..`. Anything else is a spelling some
+/// server decodes, splits or resolves its own way: percent-encoding
+/// (`%2e%2e`, `%2f`), `;` path parameters (`/..;/` is `/../` to Tomcat),
+/// `\` (a separator to Windows and IIS), `//` and a trailing `/`. Deciding
+/// by what is allowed rather than by a list of known tricks means a new
+/// trick can only make a path ambiguous, never let it through.
 pub fn is_ambiguous(path: &str) -> bool {
-    let bytes = path.as_bytes();
-    if !bytes.iter().any(|&b| b == b'.' || b == b'%') {
-        return false;
+    let Some(rest) = path.strip_prefix('/') else {
+        return true;
+    };
+    rest.split('/').any(|segment| {
+        segment.is_empty()
+            || segment == "."
+            || segment == ".."
+            || !segment.bytes().all(is_unreserved)
+    })
+}
+
+fn is_unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+}
+
+/// The other spelling of a path, as a prefix and the rest: the v1 and v2
+/// names of one endpoint (`/open/x` ↔ `/v2/taobao/x`, `/alibaba/x` ↔
+/// `/v2/alibaba/x`).
+fn twin(path: &str) -> Option<(&'static str, &str)> {
+    const PAIRS: [(&str, &str); 4] = [
+        ("/v2/taobao/", "/open/"),
+        ("/v2/alibaba/", "/alibaba/"),
+        ("/open/", "/v2/taobao/"),
+        ("/alibaba/", "/v2/alibaba/"),
+    ];
+    PAIRS
+        .iter()
+        .find_map(|&(from, to)| path.strip_prefix(from).map(|rest| (to, rest)))
+}
+
+/// A path spelled as `head` followed by `tail`, compared without joining them.
+#[derive(Clone, Copy)]
+struct Spelling<'a> {
+    head: &'a str,
+    tail: &'a str,
+}
+
+impl Spelling<'_> {
+    fn equals(self, other: &str) -> bool {
+        other.len() == self.head.len() + self.tail.len()
+            && other.starts_with(self.head)
+            && &other[self.head.len()..] == self.tail
     }
-    let encoded = bytes.windows(3).any(|w| {
-        w[0] == b'%'
-            && matches!(
-                (w[1], w[2].to_ascii_lowercase()),
-                (b'2', b'e' | b'f') | (b'5', b'c')
-            )
-    });
-    encoded
-        || path
-            .split('/')
-            .any(|segment| segment == "." || segment == "..")
+
+    fn starts_with(self, prefix: &str) -> bool {
+        if prefix.len() <= self.head.len() {
+            self.head.starts_with(prefix)
+        } else {
+            prefix.starts_with(self.head) && self.tail.starts_with(&prefix[self.head.len()..])
+        }
+    }
+}
+
+/// The pattern in its v1 spelling, to compare entries' specificity.
+fn v1_len(pattern: &str) -> usize {
+    let (prefix, rest) = v1_form(pattern);
+    prefix.len() + rest.len()
+}
+
+/// Refuses two entries for the same paths: the same pattern, or the v1
+/// and v2 spellings of one (which would give one endpoint two buckets).
+pub fn check_overlaps(routes: &[RouteConfig]) -> Result<(), crate::config::ConfigError> {
+    let canonical = |r: &RouteConfig| {
+        let (prefix, rest) = v1_form(r.pattern());
+        (r.path.is_some(), format!("{prefix}{rest}"))
+    };
+    for (i, r) in routes.iter().enumerate() {
+        let mine = canonical(r);
+        if let Some(j) = routes[..i].iter().position(|q| canonical(q) == mine) {
+            return Err(crate::config::ConfigError::new(
+                format!("routes[{i}]"),
+                format_args!(
+                    "covers the same paths as routes[{j}] (the v1 and v2 spellings of a \
+                     path are one endpoint)"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// What the gateway knows about a path.
@@ -347,7 +420,7 @@ pub struct Routes {
 impl Routes {
     pub fn new(overrides: &[RouteConfig]) -> Routes {
         let mut sorted = overrides.to_vec();
-        sorted.sort_by_key(|r| (std::cmp::Reverse(r.pattern().len()), r.path.is_none()));
+        sorted.sort_by_key(|r| (std::cmp::Reverse(v1_len(r.pattern())), r.path.is_none()));
         let mut buckets = Vec::new();
         let overrides = sorted
             .into_iter()
@@ -373,6 +446,9 @@ impl Routes {
 
     /// The best-matching entry decides everything it sets, including the
     /// bucket: a shorter prefix's bucket does not apply under a longer entry.
+    /// An entry covers both spellings of its paths (v1 and v2), so that
+    /// neither its class nor its bucket depends on the spelling a caller
+    /// picks.
     ///
     /// An ambiguous path ([`is_ambiguous`]) matches no entry and is
     /// `unknown`: a `prefix` entry could otherwise cover a path the provider
@@ -386,7 +462,15 @@ impl Routes {
                 bucket: None,
             };
         }
-        let entry = self.overrides.iter().find(|(r, _)| r.matches(path));
+        let as_sent = Spelling {
+            head: "",
+            tail: path,
+        };
+        let other = twin(path).map(|(head, tail)| Spelling { head, tail });
+        let entry = self
+            .overrides
+            .iter()
+            .find(|(r, _)| r.matches(as_sent) || other.is_some_and(|o| r.matches(o)));
         let config = entry.map(|(r, _)| r);
         Route {
             class: config
@@ -412,30 +496,163 @@ mod override_tests {
         }
     }
 
+    /// Spellings that some server resolves, decodes or splits differently
+    /// from the gateway. None may be read as the plain path it resembles.
+    const AMBIGUOUS: &[&str] = &[
+        // dot segments, plain and encoded, any case
+        "/open/product/../order",
+        "/open/product/./x",
+        "/open/product/..",
+        "/open/product/.",
+        "/open/product/%2e%2e/order",
+        "/open/product/%2E%2e/order",
+        "/open/product/.%2e/order",
+        "/open/product/%252e%252e/order",
+        // encoded and foreign separators
+        "/open/product/x%2Forder",
+        "/open/product/x%2forder",
+        "/open/product/x%5corder",
+        "/open/product/x\\..\\..\\order",
+        "/open/product/..\\order",
+        // path parameters (Tomcat, Spring, Jetty)
+        "/open/product/..;/order",
+        "/open/product/x;jsessionid=1",
+        "/open/product;/../order",
+        // empty segments
+        "/open//product/get",
+        "//open/product/get",
+        "/open/product/get/",
+        "/",
+        // other encodings and characters outside the unreserved set
+        "/open/product/%20",
+        "/open/product/%00",
+        "/open/product/%u002e%u002e/order",
+        "/open/product/x:y",
+        "/open/product/x@y",
+        "/open/product/x!y",
+        "/open/product/x$y",
+        "/open/product/x&y",
+        "/open/product/x'y",
+        "/open/product/x(y)",
+        "/open/product/x*y",
+        "/open/product/x+y",
+        "/open/product/x,y",
+        "/open/product/x=y",
+        "/open/product/\u{e9}",
+        // not a path at all
+        "",
+        "open/product/get",
+        "*",
+    ];
+
+    #[test]
+    fn only_segments_of_unreserved_characters_are_unambiguous() {
+        for path in AMBIGUOUS {
+            assert!(is_ambiguous(path), "{path:?} was read as plain");
+        }
+        for path in [
+            "/open/product/get",
+            "/v2/taobao/order/refund/render",
+            "/open/order/refund/cancel/R-123_4.5~6",
+            "/open/product/a.b",
+            "/open/product/...",
+            "/..x",
+            "/x..",
+            "/a",
+        ] {
+            assert!(!is_ambiguous(path), "{path:?} is plain");
+        }
+    }
+
     #[test]
     fn ambiguous_paths_match_no_entry_and_are_unknown() {
         let routes = Routes::new(&[entry(None, Some("/open/product/"), Class::Read)]);
         assert_eq!(routes.route("/open/product/x").class, Class::Read);
-        for path in [
-            "/open/product/../order",
-            "/open/product/./x",
-            "/open/product/..",
-            "/open/product/%2e%2e/order",
-            "/open/product/%2E%2e/order",
-            "/open/product/x%2Forder",
-            "/open/product/x%5corder",
-        ] {
-            assert!(is_ambiguous(path), "{path}");
-            assert_eq!(routes.route(path).class, Class::Unknown, "{path}");
+        for path in AMBIGUOUS {
+            assert_eq!(routes.route(path).class, Class::Unknown, "{path:?}");
+            assert_eq!(routes.route(path).bucket, None, "{path:?}");
         }
-        for path in [
-            "/open/product/get",
-            "/open/product/a.b",
-            "/open/product/%20",
-            "/..x",
-        ] {
-            assert!(!is_ambiguous(path), "{path}");
+    }
+
+    #[test]
+    fn an_entry_covers_both_spellings_of_its_paths() {
+        let routes = Routes::new(&[
+            RouteConfig {
+                path: Some("/alibaba/order/create".into()),
+                rate_limit_per_second: Some(2.0),
+                ..RouteConfig::default()
+            },
+            RouteConfig {
+                path: Some("/v2/taobao/order".into()),
+                rate_limit_per_second: Some(1.0),
+                ..RouteConfig::default()
+            },
+            RouteConfig {
+                prefix: Some("/open/product/".into()),
+                class: Some(Class::Read),
+                max_attempts: Some(4),
+                ..RouteConfig::default()
+            },
+            RouteConfig {
+                prefix: Some("/v2/alibaba/cart/".into()),
+                rate_limit_per_second: Some(3.0),
+                ..RouteConfig::default()
+            },
+        ]);
+        let bucket = |p: &str| routes.route(p).bucket;
+        let create = bucket("/alibaba/order/create");
+        assert!(create.is_some());
+        assert_eq!(bucket("/v2/alibaba/order/create"), create, "v2 twin");
+        let order = bucket("/v2/taobao/order");
+        assert!(order.is_some() && order != create);
+        assert_eq!(bucket("/open/order"), order, "v1 twin");
+        let cart = bucket("/v2/alibaba/cart/list");
+        assert!(cart.is_some());
+        assert_eq!(bucket("/alibaba/cart/list"), cart, "prefix twin");
+        for p in ["/open/product/x", "/v2/taobao/product/x"] {
+            assert_eq!(routes.route(p).class, Class::Read, "{p}");
+            assert_eq!(routes.route(p).max_attempts, Some(4), "{p}");
         }
+        // Twins only across the two generations' roots: nothing else.
+        assert_eq!(bucket("/v2/alibaba/order/create/x"), None);
+        assert_eq!(bucket("/v3/alibaba/order/create"), None);
+        assert_eq!(bucket("/alibaba/order/createx"), None);
+        assert_eq!(bucket("/x/alibaba/order/create"), None);
+    }
+
+    #[test]
+    fn the_more_specific_entry_wins_whatever_its_spelling() {
+        let routes = Routes::new(&[
+            entry(None, Some("/v2/alibaba/"), Class::Read),
+            entry(Some("/alibaba/order/create"), None, Class::Write),
+            entry(None, Some("/alibaba/order/"), Class::Unknown),
+        ]);
+        assert_eq!(routes.route("/v2/alibaba/order/create").class, Class::Write);
+        assert_eq!(routes.route("/v2/alibaba/order/x").class, Class::Unknown);
+        assert_eq!(routes.route("/alibaba/product/x").class, Class::Read);
+    }
+
+    #[test]
+    fn two_entries_for_one_endpoint_are_refused() {
+        let twins = [
+            entry(Some("/alibaba/order/create"), None, Class::Write),
+            entry(Some("/v2/alibaba/order/create"), None, Class::Write),
+        ];
+        let e = check_overlaps(&twins).unwrap_err();
+        assert_eq!(e.key, "routes[1]", "{e}");
+        let same = [
+            entry(None, Some("/open/"), Class::Read),
+            entry(None, Some("/v2/taobao/"), Class::Read),
+        ];
+        assert!(check_overlaps(&same).is_err());
+        let distinct = [
+            entry(Some("/open/order"), None, Class::Write),
+            entry(None, Some("/open/order"), Class::Write),
+        ];
+        assert!(
+            check_overlaps(&distinct).is_ok(),
+            "a path and a prefix differ"
+        );
     }
 
     #[test]

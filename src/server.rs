@@ -2,10 +2,22 @@
 //! a graceful drain when the shutdown future completes (after
 //! `hyper-util/examples/server_graceful.rs`).
 //!
-//! hyper bounds the time to read a request head once it has begun, but not
-//! the time a connection may sit without one: each connection task also
-//! closes its connection after `idle_timeout` with no call in progress and
-//! no byte moved ([`Activity`]).
+//! What bounds a connection, whatever its peer does:
+//!
+//! * a head must arrive within `header_read_timeout` once begun (hyper);
+//! * a request body must arrive within `body_read_timeout` (the handlers,
+//!   which answer 408);
+//! * with no request being handled, a connection on which no byte moved
+//!   for `idle_timeout` is closed ([`Activity`]): one that never sends a
+//!   byte, a kept-alive one left unused, and one whose peer stopped reading
+//!   its answer;
+//! * a listener holds at most `max_connections` ([`Connections`]); HTTP/2
+//!   allows `http2_max_concurrent_streams` streams per connection.
+//!
+//! A request being handled (its body read, or the provider's answer awaited)
+//! is never cut by the idle timer: the handlers bound their own time. The
+//! watcher then sleeps until the last request's handler finishes, so no
+//! state of a connection wakes it more than once per event.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -25,9 +37,12 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
+use tokio::sync::Notify;
 
-use crate::body::BoxError;
 use crate::config::ServerConfig;
+use crate::connections::Connections;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Connection-level limits.
 #[derive(Clone, Debug)]
@@ -36,6 +51,8 @@ pub struct ServerOptions {
     pub idle_timeout: Duration,
     pub max_header_bytes: usize,
     pub max_headers: usize,
+    pub max_connections: usize,
+    pub http2_max_concurrent_streams: u32,
     pub shutdown_grace: Duration,
 }
 
@@ -46,10 +63,17 @@ impl From<&ServerConfig> for ServerOptions {
             idle_timeout: Duration::from_millis(c.idle_timeout_ms),
             max_header_bytes: c.max_header_bytes,
             max_headers: c.max_headers,
+            max_connections: c.max_connections,
+            http2_max_concurrent_streams: c.http2_max_concurrent_streams,
             shutdown_grace: Duration::from_millis(c.shutdown_grace_ms),
         }
     }
 }
+
+/// HTTP/2 flow-control windows: what one stream, and one connection, may
+/// have sent that the gateway has not read yet (Envoy's edge settings).
+const H2_STREAM_WINDOW: u32 = 64 * 1024;
+const H2_CONNECTION_WINDOW: u32 = 1024 * 1024;
 
 /// Serves `handler` on `listener` until `shutdown` completes, then stops
 /// accepting and gives open connections `shutdown_grace` to finish.
@@ -57,6 +81,24 @@ pub async fn serve<H, F, B>(
     listener: TcpListener,
     handler: H,
     opts: ServerOptions,
+    shutdown: impl Future<Output = ()>,
+) where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let connections = Connections::new("unnamed", opts.max_connections);
+    serve_counted(listener, handler, opts, connections, shutdown).await;
+}
+
+/// [`serve`], counting connections in `connections` (whose cap applies).
+pub async fn serve_counted<H, F, B>(
+    listener: TcpListener,
+    handler: H,
+    opts: ServerOptions,
+    connections: Arc<Connections>,
     shutdown: impl Future<Output = ()>,
 ) where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
@@ -75,7 +117,10 @@ pub async fn serve<H, F, B>(
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(opts.max_header_bytes as u32);
+        .max_header_list_size(opts.max_header_bytes as u32)
+        .max_concurrent_streams(opts.http2_max_concurrent_streams)
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_CONNECTION_WINDOW);
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
 
@@ -91,37 +136,45 @@ pub async fn serve<H, F, B>(
                         continue;
                     }
                 };
+                // Over the cap: accepted only to be closed, so the peer
+                // learns at once instead of waiting in the backlog.
+                let Some(slot) = connections.admit() else {
+                    tracing::debug!(listener = connections.listener, "connection over max_connections closed");
+                    drop(stream);
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
                 let activity = Arc::new(Activity::new());
                 let handler = handler.clone();
                 let calls = activity.clone();
                 let service = service_fn(move |req| {
-                    let call = InFlight::enter(calls.clone());
+                    let handling = Handling::enter(calls.clone());
                     let response = handler(req);
-                    async move { Ok::<_, Infallible>(response.await.map(|body| Tracked { body, _call: call })) }
+                    let calls = calls.clone();
+                    async move {
+                        let response = response.await;
+                        drop(handling);
+                        Ok::<_, Infallible>(response.map(|body| Tracked { body, activity: calls }))
+                    }
                 });
                 let io = TokioIo::new(Watched { io: stream, activity: activity.clone() });
                 let conn = builder.serve_connection(io, service).into_owned();
                 let conn = graceful.watch(conn);
                 let idle = opts.idle_timeout;
                 tokio::spawn(async move {
-                    let mut conn = std::pin::pin!(conn);
-                    loop {
-                        tokio::select! {
-                            result = conn.as_mut() => {
-                                if let Err(e) = result {
-                                    tracing::debug!(error = %e, "connection ended with an error");
-                                }
-                                break;
+                    let _slot = slot;
+                    let conn = std::pin::pin!(conn);
+                    tokio::select! {
+                        result = conn => {
+                            if let Err(e) = result {
+                                tracing::debug!(error = %e, "connection ended with an error");
                             }
-                            () = tokio::time::sleep_until(activity.idle_at(idle)) => {
-                                if activity.idle_for(idle) {
-                                    // Nothing in progress: dropping the
-                                    // connection loses nothing.
-                                    tracing::debug!("closing an idle connection");
-                                    break;
-                                }
-                            }
+                        }
+                        () = activity.quiet_for(idle) => {
+                            // Nothing being handled and no byte moved:
+                            // dropping the connection loses nothing the
+                            // peer was still taking part in.
+                            tracing::debug!("closing an idle connection");
                         }
                     }
                 });
@@ -139,21 +192,25 @@ pub async fn serve<H, F, B>(
     }
 }
 
-/// What a connection did last: calls in progress, and when a byte last
-/// moved either way.
+/// What a connection did last: requests being handled, and when a byte
+/// last moved either way.
 struct Activity {
     started: Instant,
-    calls: AtomicUsize,
+    /// Requests whose handler has not answered yet.
+    handling: AtomicUsize,
     /// Nanoseconds after `started`.
     last_io: AtomicU64,
+    /// Signalled when the last handler answers.
+    settled: Notify,
 }
 
 impl Activity {
     fn new() -> Activity {
         Activity {
             started: Instant::now(),
-            calls: AtomicUsize::new(0),
+            handling: AtomicUsize::new(0),
             last_io: AtomicU64::new(0),
+            settled: Notify::new(),
         }
     }
 
@@ -169,33 +226,61 @@ impl Activity {
     }
 
     fn idle_for(&self, idle: Duration) -> bool {
-        self.calls.load(Ordering::Acquire) == 0
+        self.handling.load(Ordering::Acquire) == 0
             && self.started.elapsed()
                 >= Duration::from_nanos(self.last_io.load(Ordering::Relaxed)) + idle
     }
-}
 
-/// One call in progress, from the request to the end of its response body.
-struct InFlight(Arc<Activity>);
-
-impl InFlight {
-    fn enter(activity: Arc<Activity>) -> InFlight {
-        activity.calls.fetch_add(1, Ordering::AcqRel);
-        InFlight(activity)
+    /// Completes once no request is being handled and no byte has moved
+    /// for `idle`. Each pass waits for an event that changes the answer (a
+    /// handler finishing, or the idle deadline after the last byte), never
+    /// on a deadline already past.
+    async fn quiet_for(&self, idle: Duration) {
+        loop {
+            if self.handling.load(Ordering::Acquire) > 0 {
+                // A permit stored by a handler that finished before this
+                // wait began completes it at once: nothing is missed.
+                self.settled.notified().await;
+                continue;
+            }
+            if self.idle_for(idle) {
+                return;
+            }
+            tokio::time::sleep_until(self.idle_at(idle)).await;
+        }
     }
 }
 
-impl Drop for InFlight {
+/// One request being handled, from its head to its handler's answer.
+struct Handling(Arc<Activity>);
+
+impl Handling {
+    fn enter(activity: Arc<Activity>) -> Handling {
+        activity.handling.fetch_add(1, Ordering::AcqRel);
+        Handling(activity)
+    }
+}
+
+impl Drop for Handling {
     fn drop(&mut self) {
         self.0.touch();
-        self.0.calls.fetch_sub(1, Ordering::AcqRel);
+        if self.0.handling.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.settled.notify_one();
+        }
     }
 }
 
-/// A response body that keeps its call counted until hyper drops it.
+/// A response body that marks the connection active when hyper is done
+/// with it, so the idle timer runs from the end of the answer.
 struct Tracked<B> {
     body: B,
-    _call: InFlight,
+    activity: Arc<Activity>,
+}
+
+impl<B> Drop for Tracked<B> {
+    fn drop(&mut self) {
+        self.activity.touch();
+    }
 }
 
 impl<B: Body + Unpin> Body for Tracked<B> {

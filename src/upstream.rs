@@ -110,6 +110,9 @@ impl Upstream {
         if method == Method::CONNECT {
             return Err(GatewayError::Connect);
         }
+        if !forwarded(method) {
+            return Err(GatewayError::MethodNotAllowed(method.clone()));
+        }
         if uri.path() == "*" || !uri.path().starts_with('/') {
             return Err(GatewayError::ForeignTarget);
         }
@@ -121,6 +124,20 @@ impl Upstream {
         }
         Ok(())
     }
+}
+
+/// Whether `method` is one of [`crate::error::ALLOWED_METHODS`].
+fn forwarded(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET
+            | Method::HEAD
+            | Method::POST
+            | Method::PUT
+            | Method::PATCH
+            | Method::DELETE
+            | Method::OPTIONS
+    )
 }
 
 #[cfg(test)]
@@ -171,5 +188,31 @@ mod tests {
                 .is_ok()
         );
         assert!(u.check_target(&req(Method::GET, "/x")).is_ok());
+    }
+
+    #[test]
+    fn refuses_methods_that_echo_or_that_the_provider_never_uses() {
+        let u = upstream("https://api.example.test");
+        let req = |m: &str| {
+            Request::builder()
+                .method(Method::from_bytes(m.as_bytes()).unwrap())
+                .uri("/open/product/get")
+                .body(())
+                .unwrap()
+        };
+        for m in [
+            "TRACE", "TRACK", "DEBUG", "PROPFIND", "MOVE", "trace", "FOO",
+        ] {
+            assert!(
+                matches!(
+                    u.check_target(&req(m)),
+                    Err(GatewayError::MethodNotAllowed(_))
+                ),
+                "{m}"
+            );
+        }
+        for m in ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"] {
+            assert!(u.check_target(&req(m)).is_ok(), "{m}");
+        }
     }
 }

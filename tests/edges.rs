@@ -1,7 +1,8 @@
 //! The listener's edge: what a hostile or broken client can send, and what
 //! of it may reach the provider. Slow heads, oversized heads and CONNECT are
-//! in `errors.rs`; this file has the rest of issue 8's list: header count,
-//! request smuggling, path traversal and CR/LF injection.
+//! in `errors.rs`; this file has the rest: header count, request smuggling,
+//! ambiguous paths, CR/LF injection, idle connections. Stalled bodies,
+//! connection caps and HTTP/2 streams are in `stalls.rs`.
 
 mod support;
 
@@ -133,18 +134,108 @@ async fn a_request_smuggled_behind_content_length_and_chunked_never_reaches_the_
     gw.stop().await;
 }
 
-/// Dot segments and encoded separators reach the provider exactly as sent
-/// (the provider decides what they mean), are never resolved by the
-/// gateway, and never count as a repeatable read.
-#[tokio::test]
-async fn traversal_paths_pass_as_data_and_are_never_reads() {
-    let upstream = RawUpstream::start(OK).await;
-    let mut c = config(&format!("http://{}", upstream.addr));
+/// Spellings of "somewhere under /open/product/" that Tomcat, Spring, IIS,
+/// nginx or a CGI stack could resolve to another endpoint. The gateway
+/// classifies by what it sees; none of these may be treated as a read.
+const AMBIGUOUS_TARGETS: [&str; 12] = [
+    "/open/product/../order",
+    "/open/product/..;/order",
+    "/open/product/x;a=b/../../order",
+    "/open/product/x\\..\\..\\order",
+    "/open/product/%2e%2e/order",
+    "/open/product/%2E./order",
+    "/open/product/..%2forder",
+    "/open/product/..%5Corder",
+    "/open/product/%252e%252e/order",
+    "/open/product//..//order",
+    "/open/product/get/",
+    "/open/product/x%00/../../order",
+];
+
+fn product_prefix_is_read(c: &mut pandagate::config::Config) {
     c.routes = vec![pandagate::routes::RouteConfig {
         prefix: Some("/open/product/".into()),
         class: Some(pandagate::routes::Class::Read),
         ..Default::default()
     }];
+}
+
+/// By default an ambiguous path gets 400 `ambiguous_path` in the envelope
+/// and nothing is sent, whatever the method and however it is spelled.
+#[tokio::test]
+async fn ambiguous_paths_are_refused_and_nothing_is_sent() {
+    let upstream = RawUpstream::start(OK).await;
+    let mut c = config(&format!("http://{}", upstream.addr));
+    product_prefix_is_read(&mut c);
+    let gw = spawn_gateway(c).await;
+    for target in AMBIGUOUS_TARGETS {
+        for method in ["GET", "POST"] {
+            let (answer, _) = exchange_until_closed(
+                gw.addr,
+                format!("{method} {target} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await;
+            assert_eq!(status_of(&answer), 400, "{method} {target}: {answer}");
+            assert!(answer.contains(r#""error":"ambiguous_path""#), "{answer}");
+            assert!(answer.contains(r#""source":"pandagate""#), "{answer}");
+        }
+    }
+    assert!(upstream.requests().is_empty(), "{:?}", upstream.requests());
+    let log = gw.access_log_of(2 * AMBIGUOUS_TARGETS.len()).await;
+    assert_eq!(log.len(), 2 * AMBIGUOUS_TARGETS.len());
+    for line in &log {
+        assert_eq!(line["error"], "ambiguous_path", "{line}");
+        assert_eq!(line["attempts"], 0, "{line}");
+    }
+    gw.stop().await;
+}
+
+/// With `ambiguous_paths = "forward"`, such a path goes out once, as
+/// `unknown`: a provider that drops the connection does not get it again.
+#[tokio::test]
+async fn a_forwarded_ambiguous_path_is_never_repeated() {
+    let dropping = RawUpstream::start(b"").await;
+    let mut c = config(&format!("http://{}", dropping.addr));
+    product_prefix_is_read(&mut c);
+    c.server.ambiguous_paths = pandagate::config::AmbiguousPaths::Forward;
+    c.circuit_breaker.enabled = false;
+    let gw = spawn_gateway(c).await;
+    // The plain read is repeated: the provider sees it three times.
+    let answer = raw_exchange(
+        gw.addr,
+        b"POST /open/product/x HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status_of(&answer), 502, "{answer}");
+    assert_eq!(dropping.requests().len(), 3, "the control call is a read");
+    for target in AMBIGUOUS_TARGETS {
+        let before = dropping.requests().len();
+        let answer = raw_exchange(
+            gw.addr,
+            format!("POST {target} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n").as_bytes(),
+        )
+        .await;
+        assert_eq!(status_of(&answer), 502, "{target}: {answer}");
+        assert_eq!(
+            dropping.requests().len(),
+            before + 1,
+            "{target} was repeated"
+        );
+    }
+    gw.stop().await;
+}
+
+/// With `ambiguous_paths = "forward"`, dot segments and encoded separators
+/// reach the provider exactly as sent (the provider decides what they
+/// mean), are never resolved by the gateway, and never count as a
+/// repeatable read.
+#[tokio::test]
+async fn forwarded_traversal_paths_pass_as_data_and_are_never_reads() {
+    let upstream = RawUpstream::start(OK).await;
+    let mut c = config(&format!("http://{}", upstream.addr));
+    product_prefix_is_read(&mut c);
+    c.server.ambiguous_paths = pandagate::config::AmbiguousPaths::Forward;
     let gw = spawn_gateway(c).await;
     let targets = [
         "/open/product/../order",
@@ -172,12 +263,15 @@ async fn traversal_paths_pass_as_data_and_are_never_reads() {
     gw.stop().await;
 }
 
-/// Percent-encoded CR/LF stays encoded in the target; raw CR/LF in a target
-/// or a header value is refused; nothing becomes a header upstream.
+/// Percent-encoded CR/LF stays encoded in the target (when ambiguous paths
+/// are forwarded at all); raw CR/LF in a target or a header value is
+/// refused; nothing becomes a header upstream.
 #[tokio::test]
 async fn crlf_reaches_the_provider_only_as_data() {
     let upstream = RawUpstream::start(OK).await;
-    let gw = spawn_gateway(config(&format!("http://{}", upstream.addr))).await;
+    let mut c = config(&format!("http://{}", upstream.addr));
+    c.server.ambiguous_paths = pandagate::config::AmbiguousPaths::Forward;
+    let gw = spawn_gateway(c).await;
     let encoded = "/open/product/get%0d%0aX-Injected:%20yes?q=%0D%0AX-Injected:%20yes";
     let answer = raw_exchange(
         gw.addr,

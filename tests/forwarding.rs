@@ -76,6 +76,102 @@ async fn forwards_every_method() {
     gw.stop().await;
 }
 
+/// `TRACE` and `TRACK` would have the provider (or anything between) echo
+/// the request, freshly signed headers included, back to the caller. They
+/// and every method outside the standard set get 405 in the envelope, with
+/// `Allow`, and are never sent.
+#[tokio::test]
+async fn echoing_and_unknown_methods_get_405_and_are_never_forwarded() {
+    let upstream = RawUpstream::start(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}").await;
+    let gw = spawn_gateway(config(&format!("http://{}", upstream.addr))).await;
+    for method in [
+        "TRACE", "TRACK", "trace", "DEBUG", "PROPFIND", "LINK", "X-ECHO",
+    ] {
+        let answer = raw_exchange(
+            gw.addr,
+            format!("{method} /open/product/get HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+                .as_bytes(),
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 405 "), "{method}: {answer}");
+        let head = answer.to_ascii_lowercase();
+        assert!(
+            head.contains("\r\nallow: get, head, post, put, patch, delete, options\r\n"),
+            "{method}: {answer}"
+        );
+        assert!(
+            answer.contains(r#""error":"method_not_allowed""#),
+            "{method}: {answer}"
+        );
+        assert!(
+            answer.contains(r#""source":"pandagate""#),
+            "{method}: {answer}"
+        );
+    }
+    assert!(upstream.requests().is_empty(), "{:?}", upstream.requests());
+    let log = gw.access_log_of(7).await;
+    assert!(
+        log.iter().all(|l| l["status"] == 405 && l["attempts"] == 0),
+        "{log:?}"
+    );
+    gw.stop().await;
+}
+
+/// CGI, PHP, WSGI and Rack read `user_id` as `user-id`: no other spelling
+/// of a header the gateway owns reaches the provider, so a caller cannot
+/// slip a `user-id` past the profile's allow-list, or a key, nonce,
+/// signature or control header past the gateway.
+#[tokio::test]
+async fn other_spellings_of_the_gateways_headers_never_reach_the_provider() {
+    let upstream = upstream_answering(ResponseTemplate::new(200)).await;
+    let gw = spawn_gateway(config(&upstream.uri())).await;
+    let forged = [
+        ("user_id", "99999"),
+        ("USER_ID", "99998"),
+        ("user.id", "99997"),
+        ("access_key", "ak-forged"),
+        ("nonce_str", "forged-nonce"),
+        ("signature_", "x"),
+        ("x_pandagate_profile", "hidden"),
+        ("x_request_id", "forged-id"),
+        ("transfer_encoding", "chunked"),
+        ("proxy_authorization", "Basic Zm9vOmJhcg=="),
+    ];
+    let mut req = Request::post(gw.url("/alibaba/order/create"))
+        .header("x-pandagate-profile", "ops")
+        .header("user-id", "22")
+        .header("x-custom_header", "kept");
+    for (name, value) in forged {
+        req = req.header(name, value);
+    }
+    let answer = send(req.body(Full::default()).unwrap()).await;
+    assert_eq!(answer.status, 200);
+    let received = upstream.received_requests().await.unwrap();
+    assert_eq!(received.len(), 1);
+    let h = &received[0].headers;
+    assert_eq!(h.get_all("user-id").iter().collect::<Vec<_>>(), ["22"]);
+    assert_eq!(h["access-key"], OPS_ACCESS_KEY);
+    for (name, _) in forged {
+        let folded = name.to_ascii_lowercase();
+        assert!(
+            !h.contains_key(folded.as_str()),
+            "{name} reached the provider"
+        );
+    }
+    for value in h.values() {
+        let v = value.to_str().unwrap_or_default();
+        assert!(
+            !forged.iter().any(|(_, forged)| v == *forged),
+            "a forged value reached the provider: {v}"
+        );
+    }
+    assert_eq!(
+        h["x-custom_header"], "kept",
+        "headers of the caller's own pass"
+    );
+    gw.stop().await;
+}
+
 #[tokio::test]
 async fn drops_hop_by_hop_headers_both_ways_and_sets_host_to_the_upstream() {
     let upstream = RawUpstream::start(

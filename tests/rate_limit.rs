@@ -118,6 +118,44 @@ async fn a_route_bucket_limits_its_paths_on_top_of_the_key() {
     gw.stop().await;
 }
 
+/// A route's bucket holds for both spellings of its path: the v2 twin does
+/// not get a bucket of its own, and neither does the v1 twin of a v2 entry.
+#[tokio::test]
+async fn the_other_spelling_of_a_path_shares_its_route_bucket() {
+    let upstream = upstream_answering(envelope()).await;
+    let mut c = limited(&upstream.uri(), 100.0, 100, 0);
+    c.routes = vec![
+        RouteConfig {
+            path: Some("/alibaba/order/create".into()),
+            rate_limit_per_second: Some(1.0),
+            ..RouteConfig::default()
+        },
+        RouteConfig {
+            prefix: Some("/v2/taobao/order/refund/".into()),
+            rate_limit_per_second: Some(1.0),
+            ..RouteConfig::default()
+        },
+    ];
+    let gw = spawn_gateway(c).await;
+    let post = |path: &str| {
+        send(
+            http::Request::post(gw.url(path))
+                .body(http_body_util::Full::default())
+                .unwrap(),
+        )
+    };
+    assert_eq!(post("/alibaba/order/create").await.status, 200);
+    post("/v2/alibaba/order/create")
+        .await
+        .assert_gateway_envelope(429);
+    assert_eq!(post("/open/order/refund/submit/message").await.status, 200);
+    post("/v2/taobao/order/refund/submit/message")
+        .await
+        .assert_gateway_envelope(429);
+    assert_eq!(upstream.received_requests().await.unwrap().len(), 2);
+    gw.stop().await;
+}
+
 /// Sends calls from `workers` tasks against each gateway until `run` passes;
 /// returns how many were answered 200.
 async fn hammer(gateways: &[&TestGateway], workers: usize, run: Duration) -> usize {

@@ -133,3 +133,86 @@ async fn sighup_applies_a_valid_config_and_keeps_serving_on_a_broken_one() {
     let status = tokio::time::timeout(Duration::from_secs(10), gw.child.wait()).await;
     assert_eq!(status.unwrap().unwrap().code(), Some(0));
 }
+
+/// Reads diagnostics until one has `message` (bounded), skipping others.
+async fn wait_for_message(gw: &mut support::Running, message: &str) {
+    let found = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(line) = gw.stderr.next_line().await.unwrap() {
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+            if v["message"] == message {
+                return;
+            }
+        }
+        panic!("exited before logging {message:?}");
+    })
+    .await;
+    assert!(found.is_ok(), "no {message:?} within 10 s");
+}
+
+/// The push receiver verifies with the running config's secret: after a
+/// SIGHUP and a rotation of the secret file, the rotated-out secret no
+/// longer signs a push, and the new one does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_reload_pushes_are_verified_with_the_rotated_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    kubelet_write(dir.path(), "v1", "push-secret-one\n");
+    let config = dir.path().join("pandagate.toml");
+    let secret_path = dir.path().join("secret");
+    let text = format!(
+        "[server]\nsecret_poll_ms = 50\n\n[[profiles]]\nname = \"default\"\n\
+         access_key = \"ak-rot\"\nsecret_file = \"{}\"\n\n[callbacks]\nstore = \"{}\"\n",
+        secret_path.display(),
+        dir.path().join("store").display()
+    );
+    std::fs::write(&config, &text).unwrap();
+    let mut gw = support::launch(&["--config", config.to_str().unwrap()], &[]).await;
+    let gateway = gw.gateway.clone();
+    let push = |key: &'static str, order: &'static str| {
+        let gateway = gateway.clone();
+        async move { support::push_signed(&gateway, key, order).await }
+    };
+    assert_eq!(push("push-secret-one", "A1").await, 200);
+
+    gw.signal("-HUP");
+    wait_for_message(&mut gw, "config reloaded").await;
+    assert_eq!(
+        push("push-secret-one", "A2").await,
+        200,
+        "same secret after the reload"
+    );
+
+    kubelet_write(dir.path(), "v2", "push-secret-two\n");
+    wait_for_message(&mut gw, "secret reloaded from its file").await;
+    assert_eq!(
+        push("push-secret-one", "A3").await,
+        401,
+        "the rotated-out secret still signs pushes"
+    );
+    assert_eq!(
+        push("push-secret-two", "A4").await,
+        200,
+        "the new secret is refused"
+    );
+
+    // A config that drops the receiver's profile is not taken: the
+    // receiver could not verify anything with it.
+    let renamed = format!(
+        "default_profile = \"other\"\n[server]\nsecret_poll_ms = 50\n\n[[profiles]]\n\
+         name = \"other\"\naccess_key = \"ak-rot\"\nsecret_file = \"{}\"\n\n\
+         [callbacks]\nprofile = \"other\"\nstore = \"{}\"\n",
+        secret_path.display(),
+        dir.path().join("store").display()
+    );
+    std::fs::write(&config, renamed).unwrap();
+    gw.signal("-HUP");
+    wait_for_message(
+        &mut gw,
+        "config reload rejected: the push receiver's profile is missing; the running config stays",
+    )
+    .await;
+    assert_eq!(
+        push("push-secret-two", "A5").await,
+        200,
+        "the running config stays"
+    );
+}

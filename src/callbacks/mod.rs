@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use hmac::{KeyInit, Mac};
@@ -31,7 +31,7 @@ use crate::config::ConfigError;
 use crate::error::envelope_response;
 use crate::ids;
 use crate::profiles::Profiles;
-use crate::secret::{Secret, SecretCell};
+use crate::secret::Secret;
 use store::{Delivery, Message, Store};
 
 /// `[callbacks]`.
@@ -196,14 +196,35 @@ impl From<Delivery> for DeliveryView {
     }
 }
 
+/// Where the secret that verifies pushes comes from. It is asked on every
+/// push, so that a config reload or a rotated secret file takes effect at
+/// the next push; `None`: the profile is gone (the push is not accepted).
+pub type SecretSource = Arc<dyn Fn() -> Option<Arc<Secret>> + Send + Sync>;
+
 /// The receiver and its deliveries.
-#[derive(Debug)]
 pub struct Callbacks {
     config: CallbacksConfig,
-    secret: SecretCell,
+    secret: SecretSource,
+    body_read_timeout: Duration,
     store: Arc<Store>,
     wake: Notify,
     pub counts: CallbackCounts,
+}
+
+impl std::fmt::Debug for Callbacks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Callbacks")
+            .field("config", &self.config)
+            .field("secret", &"<redacted>")
+            .finish_non_exhaustive()
+    }
+}
+
+fn no_profile(name: &str) -> ConfigError {
+    ConfigError::new(
+        "callbacks.profile",
+        format_args!("no profile named {name:?}"),
+    )
 }
 
 fn now_ms() -> u64 {
@@ -255,18 +276,33 @@ pub fn verify_push(
 }
 
 impl Callbacks {
-    /// Opens the store; the verifying secret is `config.profile`'s (and
-    /// follows its rotation).
+    /// Opens the store; the verifying secret is that of `config.profile` in
+    /// `profiles` (following its rotation, not a reload: see
+    /// [`Callbacks::with_secret_source`]), bodies must arrive within 30 s.
     pub fn new(
         config: CallbacksConfig,
         profiles: &Profiles,
     ) -> Result<Arc<Callbacks>, ConfigError> {
-        let profile = profiles.get(&config.profile).ok_or_else(|| {
-            ConfigError::new(
-                "callbacks.profile",
-                format_args!("no profile named {:?}", config.profile),
-            )
-        })?;
+        let cell = profiles
+            .get(&config.profile)
+            .map(|p| p.secret.clone())
+            .ok_or_else(|| no_profile(&config.profile))?;
+        let source: SecretSource = Arc::new(move || Some(Arc::clone(&cell.current())));
+        let timeout =
+            Duration::from_millis(crate::config::ServerConfig::default().body_read_timeout_ms);
+        Self::with_secret_source(config, source, timeout)
+    }
+
+    /// Opens the store; pushes are verified with whatever `secret` gives at
+    /// the time, and their bodies must arrive within `body_read_timeout`.
+    pub fn with_secret_source(
+        config: CallbacksConfig,
+        secret: SecretSource,
+        body_read_timeout: Duration,
+    ) -> Result<Arc<Callbacks>, ConfigError> {
+        if secret().is_none() {
+            return Err(no_profile(&config.profile));
+        }
         let store = Store::open(&config.store).map_err(|e| {
             ConfigError::new(
                 "callbacks.store",
@@ -274,7 +310,8 @@ impl Callbacks {
             )
         })?;
         Ok(Arc::new(Callbacks {
-            secret: profile.secret.clone(),
+            secret,
+            body_read_timeout,
             store: Arc::new(store),
             wake: Notify::new(),
             counts: CallbackCounts::default(),
@@ -284,6 +321,11 @@ impl Callbacks {
 
     pub fn path(&self) -> &str {
         &self.config.path
+    }
+
+    /// The profile whose secret verifies pushes.
+    pub fn profile(&self) -> &str {
+        &self.config.profile
     }
 
     pub fn store(&self) -> &Store {
@@ -334,48 +376,78 @@ impl Callbacks {
     /// Answers one push.
     pub async fn receive(&self, req: Request<Incoming>) -> Response<ResponseBody> {
         let id = ids::request_id();
-        let answer = |status: StatusCode, msg: &str| {
-            envelope_response(status, &id, msg).map(ResponseBody::local)
+        let answer = |status: StatusCode, error: &str, msg: &str| {
+            envelope_response(status, &id, error, msg).map(ResponseBody::local)
         };
         if req.method() != Method::POST {
-            return answer(StatusCode::METHOD_NOT_ALLOWED, "pushes are POSTed");
+            return answer(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "pushes are POSTed",
+            );
         }
         self.counts.received.fetch_add(1, Ordering::Relaxed);
-        let reject = |status, msg| {
+        let reject = |status, error, msg| {
             self.counts.rejected.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
                 status = u16::from(status),
                 reason = msg,
                 "callback rejected"
             );
-            answer(status, msg)
+            answer(status, error, msg)
         };
         let (parts, body) = req.into_parts();
-        let body = match Limited::new(body, self.config.max_body_bytes)
-            .collect()
-            .await
-        {
-            Ok(b) => b.to_bytes(),
-            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-                return reject(StatusCode::PAYLOAD_TOO_LARGE, "push body too large");
+        let read = Limited::new(body, self.config.max_body_bytes).collect();
+        let body = match tokio::time::timeout(self.body_read_timeout, read).await {
+            Ok(Ok(b)) => b.to_bytes(),
+            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+                return reject(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body_too_large",
+                    "push body too large",
+                );
             }
-            Err(_) => return reject(StatusCode::BAD_REQUEST, "push body could not be read"),
+            Ok(Err(_)) => {
+                return reject(
+                    StatusCode::BAD_REQUEST,
+                    "body_read",
+                    "push body could not be read",
+                );
+            }
+            Err(_) => {
+                return reject(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "body_timeout",
+                    "push body not received within server.body_read_timeout_ms",
+                );
+            }
         };
-        let verified = verify_push(
-            &self.secret.current(),
-            parts.headers.get(header::AUTHORIZATION),
-            &body,
-        );
+        let Some(secret) = (self.secret)() else {
+            // Not acknowledged: once the profile is back, the provider's
+            // next try is verified.
+            tracing::error!(profile = %self.config.profile, "the profile verifying pushes is not in the running config");
+            return answer(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "verification_unavailable",
+                "push verification unavailable",
+            );
+        };
+        let verified = verify_push(&secret, parts.headers.get(header::AUTHORIZATION), &body);
         let push = match verified {
             Ok(push) => push,
             Err(PushRejected::BadSignature) => {
                 return reject(
                     StatusCode::UNAUTHORIZED,
+                    "bad_signature",
                     "missing or invalid Authorization signature",
                 );
             }
             Err(PushRejected::NotEnvelope) => {
-                return reject(StatusCode::BAD_REQUEST, "push is not a message envelope");
+                return reject(
+                    StatusCode::BAD_REQUEST,
+                    "not_envelope",
+                    "push is not a message envelope",
+                );
             }
         };
         match self.store_push(&body, push).await {
@@ -399,7 +471,11 @@ impl Callbacks {
             Err(e) => {
                 // Not acknowledged: the provider pushes it again later.
                 tracing::error!(error = %e, "callback store failed; push not acknowledged");
-                answer(StatusCode::SERVICE_UNAVAILABLE, "message store unavailable")
+                answer(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_unavailable",
+                    "message store unavailable",
+                )
             }
         }
     }
