@@ -720,6 +720,16 @@ mod tests {
     }
 
     #[test]
+    fn callbacks_retain_ms_defaults_to_seven_days_and_zero_is_named() {
+        let c = Config::from_toml("[callbacks]\n").unwrap();
+        assert_eq!(c.callbacks.unwrap().retain_ms, 604_800_000);
+        let c = Config::from_toml("[callbacks]\nretain_ms = 5000\n").unwrap();
+        assert_eq!(c.callbacks.unwrap().retain_ms, 5000);
+        let e = err("[callbacks]\nretain_ms = 0\n");
+        assert_eq!(e.key, "callbacks.retain_ms", "{e}");
+    }
+
+    #[test]
     fn malformed_url_is_named() {
         for url in ["not a url", "ftp://x", "https://", "https://h/?q=1"] {
             let e = err(&format!("[upstream]\nurl = \"{url}\"\n"));

@@ -3,7 +3,8 @@
 mod support;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hmac::{KeyInit, Mac};
@@ -15,8 +16,12 @@ use wiremock::matchers::any;
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
 fn push_body(order: &str) -> String {
+    push_body_of("ORDER_PAY_SUCCESS", order)
+}
+
+fn push_body_of(message_type: &str, order: &str) -> String {
     serde_json::json!({
-        "messageType": "ORDER_PAY_SUCCESS",
+        "messageType": message_type,
         "messageBody": format!(r#"{{"orderId":"{order}","payAmount":"19.90"}}"#),
         "messagePlatform": 1,
         "timestamp": "1715669977082",
@@ -60,9 +65,8 @@ impl Drop for Receiver {
     }
 }
 
-async fn receiver(store: &std::path::Path, subscriber: &str, max_age_ms: u64) -> Receiver {
-    let gw = spawn_gateway(config("http://127.0.0.1:9")).await;
-    let cfg = CallbacksConfig {
+fn callbacks_config(store: &std::path::Path, subscriber: &str, max_age_ms: u64) -> CallbacksConfig {
+    CallbacksConfig {
         store: store.to_owned(),
         backoff_base_ms: 20,
         backoff_cap_ms: 50,
@@ -73,7 +77,15 @@ async fn receiver(store: &std::path::Path, subscriber: &str, max_age_ms: u64) ->
             platforms: None,
         }],
         ..CallbacksConfig::default()
-    };
+    }
+}
+
+async fn receiver(store: &std::path::Path, subscriber: &str, max_age_ms: u64) -> Receiver {
+    start(callbacks_config(store, subscriber, max_age_ms)).await
+}
+
+async fn start(cfg: CallbacksConfig) -> Receiver {
+    let gw = spawn_gateway(config("http://127.0.0.1:9")).await;
     let callbacks = Callbacks::new(cfg, gw.gateway.profiles()).unwrap();
     gw.stop().await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -337,5 +349,257 @@ async fn under_load_with_failures_no_delivery_is_made_again_after_its_200() {
         flaky.seen.load(std::sync::atomic::Ordering::SeqCst) > MESSAGES,
         "some deliveries were retried"
     );
+    r.stop().await;
+}
+
+/// The store's id of a pushed body.
+fn message_id(body: &str) -> String {
+    hex::encode(<sha2::Sha256 as sha2::Digest>::digest(body.as_bytes()))
+}
+
+/// Polls `done` every 20 ms for up to `limit`; true once it holds.
+async fn eventually(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if done() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    done()
+}
+
+/// Answers the first request with a 503 after a second, later ones with a
+/// 200 at once; notes when each came.
+struct Clocked(Arc<std::sync::Mutex<Vec<Instant>>>);
+
+impl wiremock::Respond for Clocked {
+    fn respond(&self, _: &wiremock::Request) -> ResponseTemplate {
+        let mut times = self.0.lock().unwrap();
+        times.push(Instant::now());
+        if times.len() == 1 {
+            ResponseTemplate::new(503).set_delay(Duration::from_secs(1))
+        } else {
+            ResponseTemplate::new(200)
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_delivery_loop_sleeps_while_an_attempt_runs_and_until_the_retry_is_due_then_retries_on_time()
+ {
+    let times: Arc<std::sync::Mutex<Vec<Instant>>> = Arc::default();
+    let subscriber = MockServer::start().await;
+    Mock::given(any())
+        .respond_with(Clocked(times.clone()))
+        .mount(&subscriber)
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = callbacks_config(dir.path(), &subscriber.uri(), 60_000);
+    cfg.backoff_base_ms = 3_000;
+    cfg.backoff_cap_ms = 3_000;
+    let r = start(cfg).await;
+    let body = push_body("T1");
+    assert_eq!(
+        push(&r, &body, Some(&sign(&body, SECRET))).await.status,
+        200
+    );
+    let key = pandagate::callbacks::store::key(&message_id(&body), &subscriber.uri());
+    let store = r.callbacks.store();
+    // A delivery in flight is still due in the store until its attempt
+    // ends: the loop waits for the attempt, it does not spin on the row.
+    let sent = eventually(Duration::from_secs(5), || !times.lock().unwrap().is_empty()).await;
+    assert!(sent, "the first attempt went out");
+    let before = store.scans();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let scans = store.scans() - before;
+    assert!(
+        scans <= 2,
+        "{scans} reads of the store in 0.7 s of one delivery in flight"
+    );
+    let rescheduled = eventually(Duration::from_secs(5), || {
+        store
+            .pending_one(&key)
+            .unwrap()
+            .is_some_and(|d| d.attempts == 1)
+    })
+    .await;
+    assert!(rescheduled, "the first attempt failed and was rescheduled");
+
+    // Nothing is due for 3 s and nothing else happens: the loop sleeps.
+    let before = store.scans();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let scans = store.scans() - before;
+    assert!(
+        scans <= 2,
+        "{scans} reads of the store in 1.5 s of nothing due"
+    );
+
+    // And wakes up for the retry on time: the first attempt's second, then
+    // the 3 s backoff.
+    let retried = eventually(Duration::from_secs(5), || times.lock().unwrap().len() >= 2).await;
+    assert!(retried, "the rescheduled delivery went out");
+    let times = times.lock().unwrap().clone();
+    let gap = times[1] - times[0];
+    assert!(
+        gap >= Duration::from_millis(3_900) && gap <= Duration::from_millis(4_800),
+        "retried {gap:?} after the first attempt began, 4 s wanted"
+    );
+    r.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivered_message_is_pruned_after_retain_ms_and_a_repeat_within_it_is_delivered_once() {
+    let subscriber = upstream_answering(ResponseTemplate::new(200)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = callbacks_config(dir.path(), &subscriber.uri(), 60_000);
+    cfg.retain_ms = 1_000;
+    let r = start(cfg).await;
+    // Pruning passes come every retain_ms here, the first at the start:
+    // pushed half-way between two, the message meets one pass inside its
+    // window and must outlive it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let body = push_body("P1");
+    let id = message_id(&body);
+    let pushed = Instant::now();
+    assert_eq!(
+        push(&r, &body, Some(&sign(&body, SECRET))).await.status,
+        200
+    );
+    assert_eq!(wait_for(&subscriber, 1).await.len(), 1);
+    // Within retain_ms: acknowledged, a duplicate, not delivered again.
+    assert_eq!(
+        push(&r, &body, Some(&sign(&body, SECRET))).await.status,
+        200
+    );
+    let counts = &r.callbacks.counts;
+    assert_eq!(counts.stored.load(Ordering::Relaxed), 1);
+    assert_eq!(counts.duplicates.load(Ordering::Relaxed), 1);
+    let store = r.callbacks.store();
+    assert!(store.message(&id).unwrap().is_some());
+
+    let pruned = eventually(Duration::from_secs(6), || {
+        store.message(&id).unwrap().is_none()
+    })
+    .await;
+    assert!(pruned, "the delivered message is pruned");
+    assert!(
+        pushed.elapsed() >= Duration::from_millis(1_000),
+        "not before retain_ms"
+    );
+    assert_eq!(subscriber.received_requests().await.unwrap().len(), 1);
+
+    // Pruned, the same body is a new message: stored and delivered again.
+    assert_eq!(
+        push(&r, &body, Some(&sign(&body, SECRET))).await.status,
+        200
+    );
+    assert_eq!(counts.stored.load(Ordering::Relaxed), 2);
+    assert_eq!(wait_for(&subscriber, 2).await.len(), 2);
+    r.stop().await;
+}
+
+/// `ok` gets ORDER_PAY_SUCCESS, `down` ORDER_CANCEL; messages are kept 300 ms.
+fn two_subscribers(
+    dir: &std::path::Path,
+    ok: &str,
+    down: &str,
+    max_age_ms: u64,
+) -> CallbacksConfig {
+    let mut cfg = callbacks_config(dir, ok, max_age_ms);
+    cfg.retain_ms = 300;
+    cfg.subscribers.push(SubscriberConfig {
+        url: down.to_owned(),
+        message_types: Some(vec!["ORDER_CANCEL".into()]),
+        platforms: None,
+    });
+    cfg
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_with_a_dead_delivery_is_kept_past_retain_ms_and_can_be_replayed() {
+    let ok = upstream_answering(ResponseTemplate::new(200)).await;
+    let down = upstream_answering(ResponseTemplate::new(500)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let r = start(two_subscribers(dir.path(), &ok.uri(), &down.uri(), 100)).await;
+    let store = r.callbacks.store();
+    let kept = push_body_of("ORDER_CANCEL", "K1");
+    assert_eq!(
+        push(&r, &kept, Some(&sign(&kept, SECRET))).await.status,
+        200
+    );
+    let dead = eventually(Duration::from_secs(5), || store.dead().unwrap().len() == 1).await;
+    assert!(dead, "dead-lettered after max_age_ms");
+    // A later, delivered message: once it is pruned, the dead letter's
+    // message was past retain_ms too.
+    let gone = push_body("G1");
+    assert_eq!(
+        push(&r, &gone, Some(&sign(&gone, SECRET))).await.status,
+        200
+    );
+    let pruned = eventually(Duration::from_secs(6), || {
+        store.message(&message_id(&gone)).unwrap().is_none()
+    })
+    .await;
+    assert!(pruned, "the delivered message is pruned");
+    assert!(
+        store.message(&message_id(&kept)).unwrap().is_some(),
+        "the dead letter's message is kept"
+    );
+
+    down.reset().await;
+    Mock::given(any())
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&down)
+        .await;
+    assert_eq!(r.callbacks.replay(None).await.unwrap(), 1);
+    assert_eq!(wait_for(&down, 1).await.len(), 1, "replayed and delivered");
+    let pruned = eventually(Duration::from_secs(6), || {
+        store.message(&message_id(&kept)).unwrap().is_none()
+    })
+    .await;
+    assert!(pruned, "delivered at last, the message is pruned");
+    r.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_with_a_pending_delivery_is_kept_past_retain_ms() {
+    let ok = upstream_answering(ResponseTemplate::new(200)).await;
+    let down = upstream_answering(ResponseTemplate::new(500)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = two_subscribers(dir.path(), &ok.uri(), &down.uri(), 60_000);
+    cfg.backoff_base_ms = 60_000;
+    cfg.backoff_cap_ms = 60_000;
+    let r = start(cfg).await;
+    let store = r.callbacks.store();
+    let kept = push_body_of("ORDER_CANCEL", "K2");
+    assert_eq!(
+        push(&r, &kept, Some(&sign(&kept, SECRET))).await.status,
+        200
+    );
+    let key = pandagate::callbacks::store::key(&message_id(&kept), &down.uri());
+    let failed = eventually(Duration::from_secs(5), || {
+        store
+            .pending_one(&key)
+            .unwrap()
+            .is_some_and(|d| d.attempts == 1)
+    })
+    .await;
+    assert!(failed, "first attempt failed, next one a minute away");
+    let gone = push_body("G2");
+    assert_eq!(
+        push(&r, &gone, Some(&sign(&gone, SECRET))).await.status,
+        200
+    );
+    let pruned = eventually(Duration::from_secs(6), || {
+        store.message(&message_id(&gone)).unwrap().is_none()
+    })
+    .await;
+    assert!(pruned, "the delivered message is pruned");
+    assert!(
+        store.message(&message_id(&kept)).unwrap().is_some(),
+        "the pending delivery's message is kept"
+    );
+    assert!(store.pending_one(&key).unwrap().is_some());
     r.stop().await;
 }

@@ -13,85 +13,180 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
+use tokio::time::Instant;
 
 use super::store::{Delivery, Message};
 use super::{Callbacks, now_ms};
 
 /// Deliveries in flight at once.
 const PARALLEL: usize = 16;
-/// How often due deliveries are looked for when nothing wakes the loop.
-const TICK: Duration = Duration::from_millis(200);
+/// Most due deliveries taken from the store per look.
+const BATCH: usize = 256;
+/// Most messages looked at per pruning transaction.
+const PRUNE_BATCH: usize = 1000;
+/// Pruning runs every `retain_ms`, within these bounds.
+const PRUNE_EVERY_MIN: Duration = Duration::from_secs(1);
+const PRUNE_EVERY_MAX: Duration = Duration::from_secs(60);
+/// Wait after the store failed before the same work is tried again.
+const STORE_RETRY: Duration = Duration::from_secs(1);
 
 /// Stable per (message, subscriber): receivers deduplicate on it.
 pub fn delivery_id(d: &Delivery) -> String {
     hex::encode(&Sha256::digest(d.key().as_bytes())[..16])
 }
 
+/// The instant `at_ms` (Unix milliseconds) falls on, by the monotonic clock.
+fn instant_of(at_ms: u64) -> Instant {
+    Instant::now() + Duration::from_millis(at_ms.saturating_sub(now_ms()))
+}
+
 impl Callbacks {
     /// Delivers pending messages, forever (pending deliveries left by an
-    /// earlier run included).
+    /// earlier run included), and prunes old delivered messages.
+    ///
+    /// Each round reads the front of the due index (at most `BATCH` due
+    /// deliveries not in flight, and when the next one falls due), starts
+    /// the due ones, then sleeps until that next one, the next pruning, or
+    /// a wake-up: new work in the store, a replay, or a delivery task
+    /// finishing (its row leaves the due set only when its task updates it,
+    /// so the round that follows finds out where it went).
     pub async fn run_deliveries(self: Arc<Self>) {
         let client: Client<HttpConnector, Full<Bytes>> =
             Client::builder(TokioExecutor::new()).build_http();
         let in_flight: Arc<Mutex<HashSet<String>>> = Arc::default();
         let slots = Arc::new(Semaphore::new(PARALLEL));
+        let prune_every =
+            Duration::from_millis(self.config.retain_ms).clamp(PRUNE_EVERY_MIN, PRUNE_EVERY_MAX);
+        let mut next_prune = Instant::now();
+        let mut prune_from = None;
         loop {
-            let store = self.store.clone();
-            let pending = tokio::task::spawn_blocking(move || store.pending())
-                .await
-                .ok()
-                .and_then(Result::ok)
-                .unwrap_or_default();
-            let now = now_ms();
-            for d in pending.into_iter().filter(|d| d.next_at_ms <= now) {
-                // The list is a snapshot: by the time a slot frees up, a copy
-                // in it may already be delivered. Take the slot first, then
-                // claim the key, and let the task re-read the row.
-                let permit = slots.clone().acquire_owned().await.expect("never closed");
-                let key = d.key();
-                if !in_flight.lock().expect("not poisoned").insert(key.clone()) {
-                    continue;
-                }
-                let (this, client, in_flight) = (self.clone(), client.clone(), in_flight.clone());
-                tokio::spawn(async move {
-                    this.deliver_due(&client, &key).await;
-                    in_flight.lock().expect("not poisoned").remove(&key);
-                    drop(permit);
-                });
+            if Instant::now() >= next_prune {
+                prune_from = self.prune(prune_from).await;
+                // A pruning pass that stopped at its limit goes on next round.
+                next_prune = Instant::now()
+                    + if prune_from.is_some() {
+                        Duration::ZERO
+                    } else {
+                        prune_every
+                    };
             }
+            let store = self.store.clone();
+            let skip = in_flight.lock().expect("not poisoned").clone();
+            let now = now_ms();
+            let found = tokio::task::spawn_blocking(move || store.due(now, BATCH, &skip)).await;
+            let next_due = match found {
+                Ok(Ok(due)) => {
+                    for d in due.deliveries {
+                        // The list is a snapshot: by the time a slot frees
+                        // up, a delivery in it may be done. Take the slot
+                        // first, then claim the key, and let the task re-read
+                        // the row.
+                        let permit = slots.clone().acquire_owned().await.expect("never closed");
+                        let key = d.key();
+                        if !in_flight.lock().expect("not poisoned").insert(key.clone()) {
+                            continue;
+                        }
+                        let (this, client, in_flight) =
+                            (self.clone(), client.clone(), in_flight.clone());
+                        tokio::spawn(async move {
+                            this.deliver_due(&client, &key).await;
+                            in_flight.lock().expect("not poisoned").remove(&key);
+                            drop(permit);
+                            this.wake.notify_one();
+                        });
+                    }
+                    due.next_at_ms.map(instant_of)
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "callback store read failed; will retry");
+                    Some(Instant::now() + STORE_RETRY)
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "callback store read failed; will retry");
+                    Some(Instant::now() + STORE_RETRY)
+                }
+            };
+            let until = next_due.map_or(next_prune, |at| at.min(next_prune));
             tokio::select! {
                 () = self.wake.notified() => {}
-                () = tokio::time::sleep(TICK) => {}
+                () = self.store.changed() => {}
+                () = tokio::time::sleep_until(until) => {}
+            }
+        }
+    }
+
+    /// One bounded pruning transaction; returns where the next should go on
+    /// from (`None`: this pass is over).
+    async fn prune(&self, from: Option<(u64, String)>) -> Option<(u64, String)> {
+        let store = self.store.clone();
+        let before = now_ms().saturating_sub(self.config.retain_ms);
+        let pruned =
+            tokio::task::spawn_blocking(move || store.prune(before, from.as_ref(), PRUNE_BATCH))
+                .await;
+        match pruned {
+            Ok(Ok(pruned)) => {
+                if pruned.removed > 0 {
+                    tracing::debug!(
+                        removed = pruned.removed,
+                        "callback store: old messages pruned"
+                    );
+                }
+                pruned.resume
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "callback store pruning failed; will retry");
+                None
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "callback store pruning failed; will retry");
+                None
             }
         }
     }
 
     /// Delivers `key` if it is still pending and due. Only one task holds a
     /// key at a time, and the previous holder's store update has committed,
-    /// so the row read here is current.
+    /// so the row read here is current. When the store fails, the task
+    /// waits before giving the key back, so a failing store is not hammered.
     async fn deliver_due(&self, client: &Client<HttpConnector, Full<Bytes>>, key: &str) {
         let store = self.store.clone();
         let owned = key.to_owned();
         let current = tokio::task::spawn_blocking(move || store.pending_one(&owned)).await;
-        match current {
+        let delivered = match current {
             Ok(Ok(Some(d))) if d.next_at_ms <= now_ms() => self.deliver_one(client, d).await,
-            Ok(Err(e)) => tracing::error!(error = %e, "callback store read failed; will retry"),
-            _ => {}
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = delivered {
+            tracing::error!(error = %e, "callback store failed; the delivery will be retried");
+            tokio::time::sleep(STORE_RETRY).await;
         }
     }
 
-    async fn deliver_one(&self, client: &Client<HttpConnector, Full<Bytes>>, mut d: Delivery) {
+    /// One attempt and its store update. `Err`: the store failed.
+    async fn deliver_one(
+        &self,
+        client: &Client<HttpConnector, Full<Bytes>>,
+        mut d: Delivery,
+    ) -> Result<(), String> {
         let store = self.store.clone();
         let id = d.message_id.clone();
-        let message = match tokio::task::spawn_blocking(move || store.message(&id)).await {
-            Ok(Ok(Some(m))) => m,
-            _ => return,
+        let message = tokio::task::spawn_blocking(move || store.message(&id))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        let outcome = match &message {
+            Some(message) => self.post(client, &d, message).await.map(|()| message),
+            // Cannot happen (a message is pruned only with no delivery
+            // pending); if it does, the delivery ages out like a failing one
+            // instead of being picked up again and again.
+            None => Err("message missing from the store".to_owned()),
         };
-        let outcome = self.post(client, &d, &message).await;
         let store = self.store.clone();
         let now = now_ms();
         let result = match outcome {
-            Ok(()) => {
+            Ok(message) => {
                 self.counts.delivered.fetch_add(1, Ordering::Relaxed);
                 let lag_ms = now.saturating_sub(message.received_at_ms);
                 self.counts.lag.observe(lag_ms as f64 / 1000.0);
@@ -130,8 +225,10 @@ impl Callbacks {
                 }
             }
         };
-        if let Ok(Err(e)) = result {
-            tracing::error!(error = %e, "callback store update failed; the delivery will be retried");
+        match result {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(e.to_string()),
         }
     }
 

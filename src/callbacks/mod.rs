@@ -2,7 +2,7 @@
 //! them durably, acknowledge, and deliver them to internal subscribers.
 //!
 //! A push is acknowledged (HTTP 200) only after it is in the store (fsync'd);
-//! the same body pushed again is stored once. Each stored message goes to
+//! the same body pushed again within `retain_ms` is stored once. Each stored message goes to
 //! every matching subscriber as a JSON POST with a stable
 //! `x-pandagate-delivery-id`, retried with backoff until the subscriber
 //! answers 2xx or `max_age_ms` passes (then it is a dead letter, which an
@@ -56,6 +56,10 @@ pub struct CallbacksConfig {
     pub backoff_cap_ms: u64,
     /// Time a subscriber has to answer one delivery, in milliseconds.
     pub delivery_timeout_ms: u64,
+    /// How long a message is kept once all its deliveries are done, in
+    /// milliseconds from its receipt; within it, the same body pushed again
+    /// is a duplicate. Messages with pending or dead deliveries are kept.
+    pub retain_ms: u64,
     pub subscribers: Vec<SubscriberConfig>,
 }
 
@@ -71,6 +75,7 @@ impl Default for CallbacksConfig {
             backoff_base_ms: 1_000,
             backoff_cap_ms: 300_000,
             delivery_timeout_ms: 10_000,
+            retain_ms: 7 * 24 * 3600 * 1000,
             subscribers: Vec::new(),
         }
     }
@@ -124,6 +129,7 @@ impl CallbacksConfig {
             ("callbacks.backoff_base_ms", self.backoff_base_ms),
             ("callbacks.backoff_cap_ms", self.backoff_cap_ms),
             ("callbacks.delivery_timeout_ms", self.delivery_timeout_ms),
+            ("callbacks.retain_ms", self.retain_ms),
         ] {
             if v == 0 {
                 return Err(ConfigError::new(key, "must be greater than 0"));

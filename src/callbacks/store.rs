@@ -2,20 +2,32 @@
 //!
 //! * `messages`: message id (SHA-256 of the raw push body) → the message;
 //! * `pending`: delivery key (`message id|subscriber url`) → delivery state;
-//! * `dead`: delivery key → the state it died in.
+//! * `dead`: delivery key → the state it died in;
+//! * `due`: (`next_at_ms`, delivery key) → (), one row per pending delivery,
+//!   so the deliveries due next are read without reading all of `pending`;
+//! * `received`: (`received_at_ms`, message id) → (), one row per message,
+//!   so the oldest messages are found without reading all of `messages`.
 //!
 //! A push is acknowledged only after the transaction that stores it and its
 //! deliveries has committed; a delivery leaves `pending` only when its
-//! subscriber acknowledged it (or it died of old age).
+//! subscriber acknowledged it (or it died of old age). Every write keeps the
+//! two index tables in step with their base tables in the same transaction.
 
+use std::collections::HashSet;
+use std::ops::Bound;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+use tokio::sync::futures::Notified;
 
 const MESSAGES: TableDefinition<&str, &[u8]> = TableDefinition::new("messages");
 const PENDING: TableDefinition<&str, &[u8]> = TableDefinition::new("pending");
 const DEAD: TableDefinition<&str, &[u8]> = TableDefinition::new("dead");
+const DUE: TableDefinition<(u64, &str), ()> = TableDefinition::new("due");
+const RECEIVED: TableDefinition<(u64, &str), ()> = TableDefinition::new("received");
 
 /// A verified push, as stored.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -53,9 +65,35 @@ pub fn key(message_id: &str, subscriber: &str) -> String {
     format!("{message_id}|{subscriber}")
 }
 
+/// What [`Store::due`] found.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Due {
+    /// Deliveries due now, earliest first.
+    pub deliveries: Vec<Delivery>,
+    /// When the first pending delivery not returned (and not skipped) falls
+    /// due, in Unix milliseconds; at or before `now_ms` when more were due
+    /// than the limit. `None`: nothing else is pending.
+    pub next_at_ms: Option<u64>,
+}
+
+/// What one [`Store::prune`] call did.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Pruned {
+    /// Messages removed.
+    pub removed: usize,
+    /// Where the next call should go on from, when this one stopped at its
+    /// limit with older messages left to look at.
+    pub resume: Option<(u64, String)>,
+}
+
 #[derive(Debug)]
 pub struct Store {
     db: Database,
+    /// Reads of the pending deliveries (`due` queries and full listings).
+    scans: AtomicU64,
+    /// Signalled when new work is written: a message stored, dead letters
+    /// replayed. One waiter: the delivery loop.
+    changed: Notify,
 }
 
 pub type StoreError = redb::Error;
@@ -68,21 +106,75 @@ fn from_json<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, StoreError
     serde_json::from_slice(bytes).map_err(|e| redb::Error::Corrupted(e.to_string()))
 }
 
+/// Whether `table` (`pending` or `dead`) holds a delivery of message `id`:
+/// its keys are `id|subscriber`, and `}` sorts right after `|`.
+fn has_deliveries(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+    id: &str,
+) -> Result<bool, StoreError> {
+    let (from, to) = (format!("{id}|"), format!("{id}}}"));
+    Ok(table.range(from.as_str()..to.as_str())?.next().is_some())
+}
+
 impl Store {
-    /// Opens (or creates) `dir/callbacks.redb`.
+    /// Opens (or creates) `dir/callbacks.redb`. An index whose length differs
+    /// from its base table's (a store written before the index existed) is
+    /// rebuilt from the base table.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
         std::fs::create_dir_all(dir).map_err(redb::Error::Io)?;
         let db = Database::create(dir.join("callbacks.redb"))?;
         let txn = db.begin_write()?;
-        txn.open_table(MESSAGES)?;
-        txn.open_table(PENDING)?;
-        txn.open_table(DEAD)?;
+        {
+            let messages = txn.open_table(MESSAGES)?;
+            let pending = txn.open_table(PENDING)?;
+            txn.open_table(DEAD)?;
+            let mut due = txn.open_table(DUE)?;
+            let mut received = txn.open_table(RECEIVED)?;
+            if due.len()? != pending.len()? {
+                due.retain(|_, _| false)?;
+                for item in pending.iter()? {
+                    let (k, v) = item?;
+                    let d: Delivery = from_json(v.value())?;
+                    due.insert((d.next_at_ms, k.value()), ())?;
+                }
+                tracing::info!(deliveries = due.len()?, "callback store: due index rebuilt");
+            }
+            if received.len()? != messages.len()? {
+                received.retain(|_, _| false)?;
+                for item in messages.iter()? {
+                    let (k, v) = item?;
+                    let m: Message = from_json(v.value())?;
+                    received.insert((m.received_at_ms, k.value()), ())?;
+                }
+                tracing::info!(
+                    messages = received.len()?,
+                    "callback store: received index rebuilt"
+                );
+            }
+        }
         txn.commit()?;
-        Ok(Store { db })
+        Ok(Store {
+            db,
+            scans: AtomicU64::new(0),
+            changed: Notify::new(),
+        })
+    }
+
+    /// How many times the pending deliveries were read: [`Store::due`]
+    /// queries and [`Store::pending`] listings.
+    pub fn scans(&self) -> u64 {
+        self.scans.load(Ordering::Relaxed)
+    }
+
+    /// Completes when new work was written since the last completion (or
+    /// since opening).
+    pub fn changed(&self) -> Notified<'_> {
+        self.changed.notified()
     }
 
     /// Stores a message and its deliveries, durably. `false`: this message
-    /// was already stored (the provider pushed it again); nothing changes.
+    /// is already stored (the provider pushed it again within the retention
+    /// window; a pruned message is stored afresh); nothing changes.
     pub fn insert(
         &self,
         id: &str,
@@ -96,12 +188,22 @@ impl Store {
                 return Ok(false);
             }
             messages.insert(id, to_json(message).as_slice())?;
+            txn.open_table(RECEIVED)?
+                .insert((message.received_at_ms, id), ())?;
             let mut pending = txn.open_table(PENDING)?;
+            let mut due = txn.open_table(DUE)?;
             for d in deliveries {
-                pending.insert(d.key().as_str(), to_json(d).as_slice())?;
+                let key = d.key();
+                // The same subscriber listed twice: one delivery, one index row.
+                if let Some(old) = pending.insert(key.as_str(), to_json(d).as_slice())? {
+                    let old: Delivery = from_json(old.value())?;
+                    due.remove((old.next_at_ms, key.as_str()))?;
+                }
+                due.insert((d.next_at_ms, key.as_str()), ())?;
             }
         }
         txn.commit()?;
+        self.changed.notify_one();
         Ok(true)
     }
 
@@ -122,7 +224,9 @@ impl Store {
         Ok(out)
     }
 
+    /// Every pending delivery (for operators; the delivery loop uses `due`).
     pub fn pending(&self) -> Result<Vec<Delivery>, StoreError> {
+        self.scans.fetch_add(1, Ordering::Relaxed);
         self.list(PENDING)
     }
 
@@ -130,10 +234,56 @@ impl Store {
         self.list(DEAD)
     }
 
+    /// Up to `limit` pending deliveries due at `now_ms`, earliest first,
+    /// leaving out the keys in `skip` (deliveries in flight), and when the
+    /// next one falls due. Reads only the front of the `due` index.
+    pub fn due(
+        &self,
+        now_ms: u64,
+        limit: usize,
+        skip: &HashSet<String>,
+    ) -> Result<Due, StoreError> {
+        self.scans.fetch_add(1, Ordering::Relaxed);
+        let txn = self.db.begin_read()?;
+        let index = txn.open_table(DUE)?;
+        let pending = txn.open_table(PENDING)?;
+        let mut found = Due::default();
+        for item in index.iter()? {
+            let (k, _) = item?;
+            let (at, key) = k.value();
+            if skip.contains(key) {
+                continue;
+            }
+            // The index row must match the delivery; one that does not is
+            // passed over rather than handed out again and again.
+            let Some(row) = pending.get(key)? else {
+                continue;
+            };
+            let d: Delivery = from_json(row.value())?;
+            if d.next_at_ms != at {
+                continue;
+            }
+            if at > now_ms || found.deliveries.len() == limit {
+                found.next_at_ms = Some(at);
+                break;
+            }
+            found.deliveries.push(d);
+        }
+        Ok(found)
+    }
+
     /// The subscriber acknowledged: the delivery is done.
     pub fn delivered(&self, d: &Delivery) -> Result<(), StoreError> {
         let txn = self.db.begin_write()?;
-        txn.open_table(PENDING)?.remove(d.key().as_str())?;
+        {
+            let key = d.key();
+            let mut pending = txn.open_table(PENDING)?;
+            if let Some(old) = pending.remove(key.as_str())? {
+                let old: Delivery = from_json(old.value())?;
+                txn.open_table(DUE)?
+                    .remove((old.next_at_ms, key.as_str()))?;
+            }
+        }
         txn.commit()?;
         Ok(())
     }
@@ -152,21 +302,35 @@ impl Store {
         {
             let mut pending = txn.open_table(PENDING)?;
             let key = d.key();
-            if pending.get(key.as_str())?.is_none() {
+            let Some(old) = pending.insert(key.as_str(), to_json(d).as_slice())? else {
+                // Dropping the transaction undoes the insert.
                 return Ok(());
-            }
-            pending.insert(key.as_str(), to_json(d).as_slice())?;
+            };
+            let old: Delivery = from_json(old.value())?;
+            let mut due = txn.open_table(DUE)?;
+            due.remove((old.next_at_ms, key.as_str()))?;
+            due.insert((d.next_at_ms, key.as_str()), ())?;
         }
         txn.commit()?;
         Ok(())
     }
 
-    /// Too old to keep trying: move it to the dead letters.
+    /// Too old to keep trying: move it to the dead letters. A delivery no
+    /// longer pending is left alone.
     pub fn bury(&self, d: &Delivery) -> Result<(), StoreError> {
         let txn = self.db.begin_write()?;
-        txn.open_table(PENDING)?.remove(d.key().as_str())?;
-        txn.open_table(DEAD)?
-            .insert(d.key().as_str(), to_json(d).as_slice())?;
+        {
+            let key = d.key();
+            let mut pending = txn.open_table(PENDING)?;
+            let Some(old) = pending.remove(key.as_str())? else {
+                return Ok(());
+            };
+            let old: Delivery = from_json(old.value())?;
+            txn.open_table(DUE)?
+                .remove((old.next_at_ms, key.as_str()))?;
+            txn.open_table(DEAD)?
+                .insert(key.as_str(), to_json(d).as_slice())?;
+        }
         txn.commit()?;
         Ok(())
     }
@@ -174,25 +338,91 @@ impl Store {
     /// Moves dead deliveries (all, or the one with `key`) back to pending,
     /// due now, with a fresh age. Returns how many.
     pub fn replay(&self, key: Option<&str>, now_ms: u64) -> Result<usize, StoreError> {
-        let dead = self.dead()?;
         let txn = self.db.begin_write()?;
         let mut moved = 0;
         {
-            let mut dead_table = txn.open_table(DEAD)?;
+            let mut dead = txn.open_table(DEAD)?;
             let mut pending = txn.open_table(PENDING)?;
-            for mut d in dead
-                .into_iter()
-                .filter(|d| key.is_none_or(|k| d.key() == k))
-            {
-                dead_table.remove(d.key().as_str())?;
+            let mut due = txn.open_table(DUE)?;
+            let keys: Vec<String> = match key {
+                Some(k) => vec![k.to_owned()],
+                None => dead
+                    .iter()?
+                    .map(|item| item.map(|(k, _)| k.value().to_owned()))
+                    .collect::<Result<_, _>>()?,
+            };
+            for k in keys {
+                let Some(v) = dead.remove(k.as_str())? else {
+                    continue;
+                };
+                let mut d: Delivery = from_json(v.value())?;
+                drop(v);
                 d.first_at_ms = now_ms;
                 d.next_at_ms = now_ms;
-                pending.insert(d.key().as_str(), to_json(&d).as_slice())?;
+                pending.insert(k.as_str(), to_json(&d).as_slice())?;
+                due.insert((now_ms, k.as_str()), ())?;
                 moved += 1;
             }
         }
         txn.commit()?;
+        if moved > 0 {
+            self.changed.notify_one();
+        }
         Ok(moved)
+    }
+
+    /// Removes messages received before `before_ms` whose deliveries are all
+    /// done (none pending, none dead: dead letters can still be replayed),
+    /// with their index rows. Looks at no more than `limit` messages, oldest
+    /// first, starting after `resume` (from the previous call) if given.
+    pub fn prune(
+        &self,
+        before_ms: u64,
+        resume: Option<&(u64, String)>,
+        limit: usize,
+    ) -> Result<Pruned, StoreError> {
+        let txn = self.db.begin_write()?;
+        let mut pruned = Pruned::default();
+        {
+            let mut received = txn.open_table(RECEIVED)?;
+            let mut messages = txn.open_table(MESSAGES)?;
+            let pending = txn.open_table(PENDING)?;
+            let dead = txn.open_table(DEAD)?;
+            let mut done = Vec::new();
+            let mut last: Option<(u64, String)> = None;
+            let rows = match resume {
+                Some((at, id)) => {
+                    received.range((Bound::Excluded((*at, id.as_str())), Bound::Unbounded))?
+                }
+                None => received.iter()?,
+            };
+            for (looked, item) in rows.enumerate() {
+                let (k, _) = item?;
+                let (at, id) = k.value();
+                if at >= before_ms {
+                    break;
+                }
+                if looked == limit {
+                    pruned.resume = last;
+                    break;
+                }
+                last = Some((at, id.to_owned()));
+                if !has_deliveries(&pending, id)? && !has_deliveries(&dead, id)? {
+                    done.push((at, id.to_owned()));
+                }
+            }
+            for (at, id) in &done {
+                received.remove((*at, id.as_str()))?;
+                messages.remove(id.as_str())?;
+            }
+            pruned.removed = done.len();
+        }
+        if pruned.removed > 0 {
+            txn.commit()?;
+        } else {
+            txn.abort()?;
+        }
+        Ok(pruned)
     }
 }
 
@@ -219,6 +449,284 @@ mod tests {
             next_at_ms: 1,
             last_error: None,
         }
+    }
+
+    fn message_at(received_at_ms: u64) -> Message {
+        Message {
+            received_at_ms,
+            ..message()
+        }
+    }
+
+    fn delivery_of(id: &str, sub: &str, next_at_ms: u64) -> Delivery {
+        Delivery {
+            message_id: id.into(),
+            subscriber: sub.into(),
+            next_at_ms,
+            ..delivery(sub)
+        }
+    }
+
+    fn none() -> HashSet<String> {
+        HashSet::new()
+    }
+
+    impl Store {
+        fn index(&self, table: TableDefinition<(u64, &str), ()>) -> Vec<(u64, String)> {
+            let txn = self.db.begin_read().unwrap();
+            let t = txn.open_table(table).unwrap();
+            t.iter()
+                .unwrap()
+                .map(|item| {
+                    let (k, _) = item.unwrap();
+                    let (at, key) = k.value();
+                    (at, key.to_owned())
+                })
+                .collect()
+        }
+    }
+
+    /// One `due` row per pending delivery, at its `next_at_ms`, and no other.
+    fn assert_due_index_matches_pending(store: &Store) {
+        let mut want: Vec<_> = store
+            .pending()
+            .unwrap()
+            .iter()
+            .map(|d| (d.next_at_ms, d.key()))
+            .collect();
+        want.sort();
+        assert_eq!(store.index(DUE), want);
+    }
+
+    fn keys(due: &Due) -> Vec<String> {
+        due.deliveries.iter().map(Delivery::key).collect()
+    }
+
+    #[test]
+    fn the_due_index_follows_every_change_to_pending() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let [a, b, c] = [("a", 10), ("b", 20), ("c", 30)].map(|(s, at)| delivery_of("m1", s, at));
+        store
+            .insert("m1", &message(), &[a.clone(), b.clone(), c.clone()])
+            .unwrap();
+        assert_due_index_matches_pending(&store);
+        assert!(
+            !store
+                .insert("m1", &message(), std::slice::from_ref(&a))
+                .unwrap()
+        );
+        assert_due_index_matches_pending(&store);
+        let due = store.due(15, 256, &none()).unwrap();
+        assert_eq!((keys(&due), due.next_at_ms), (vec![a.key()], Some(20)));
+
+        let mut later = a.clone();
+        later.attempts = 1;
+        later.next_at_ms = 40;
+        store.reschedule(&later).unwrap();
+        assert_due_index_matches_pending(&store);
+        let due = store.due(15, 256, &none()).unwrap();
+        assert_eq!((keys(&due), due.next_at_ms), (vec![], Some(20)));
+
+        store.delivered(&b).unwrap();
+        assert_due_index_matches_pending(&store);
+        store.bury(&c).unwrap();
+        assert_due_index_matches_pending(&store);
+        assert_eq!(store.dead().unwrap(), vec![c.clone()]);
+
+        // Late updates to a delivery no longer pending change nothing.
+        store.reschedule(&b).unwrap();
+        store.bury(&b).unwrap();
+        store.delivered(&c).unwrap();
+        assert_due_index_matches_pending(&store);
+        assert_eq!(store.pending_one(&b.key()).unwrap(), None);
+        assert_eq!(store.dead().unwrap(), vec![c.clone()]);
+
+        assert_eq!(store.replay(Some(&b.key()), 50).unwrap(), 0);
+        assert_eq!(store.replay(Some(&c.key()), 50).unwrap(), 1);
+        assert_due_index_matches_pending(&store);
+        let due = store.due(45, 256, &none()).unwrap();
+        assert_eq!((keys(&due), due.next_at_ms), (vec![later.key()], Some(50)));
+        store.delivered(&later).unwrap();
+        store.delivered(&c).unwrap();
+        assert_due_index_matches_pending(&store);
+        assert!(store.index(DUE).is_empty());
+        assert_eq!(store.due(u64::MAX, 256, &none()).unwrap(), Due::default());
+    }
+
+    #[test]
+    fn due_leaves_out_deliveries_in_flight_and_stops_at_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let ds =
+            [("a", 10), ("b", 10), ("c", 20), ("d", 100)].map(|(s, at)| delivery_of("m1", s, at));
+        store.insert("m1", &message(), &ds).unwrap();
+        let [a, b, c, d] = ds.map(|d| d.key());
+
+        let due = store.due(50, 256, &none()).unwrap();
+        assert_eq!(
+            (keys(&due), due.next_at_ms),
+            (vec![a.clone(), b.clone(), c.clone()], Some(100))
+        );
+        let due = store.due(50, 2, &none()).unwrap();
+        assert_eq!(
+            (keys(&due), due.next_at_ms),
+            (vec![a.clone(), b.clone()], Some(20)),
+            "more due than the limit"
+        );
+        let skip = HashSet::from([a.clone()]);
+        let due = store.due(50, 256, &skip).unwrap();
+        assert_eq!(
+            (keys(&due), due.next_at_ms),
+            (vec![b.clone(), c.clone()], Some(100))
+        );
+        let skip = HashSet::from([d]);
+        let due = store.due(150, 256, &skip).unwrap();
+        assert_eq!(
+            (keys(&due), due.next_at_ms),
+            (vec![a, b, c], None),
+            "nothing else pending"
+        );
+        let due = store.due(5, 256, &none()).unwrap();
+        assert_eq!((keys(&due), due.next_at_ms), (vec![], Some(10)));
+    }
+
+    #[test]
+    fn pruning_removes_only_old_messages_whose_deliveries_are_all_done() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let old = message_at(100);
+        // m1: delivered; m2: pending; m3: dead; m4: no subscriber; m5: recent.
+        for id in ["m1", "m2", "m3"] {
+            store.insert(id, &old, &[delivery_of(id, "a", 1)]).unwrap();
+        }
+        store.insert("m4", &old, &[]).unwrap();
+        store
+            .insert("m5", &message_at(1_000), &[delivery_of("m5", "a", 1)])
+            .unwrap();
+        store.delivered(&delivery_of("m1", "a", 1)).unwrap();
+        store.bury(&delivery_of("m3", "a", 1)).unwrap();
+        store.delivered(&delivery_of("m5", "a", 1)).unwrap();
+        // An id that has the others as a prefix must not shield them.
+        store
+            .insert("m10", &message_at(1_000), &[delivery_of("m10", "a", 1)])
+            .unwrap();
+
+        let pruned = store.prune(500, None, 1000).unwrap();
+        assert_eq!(
+            pruned,
+            Pruned {
+                removed: 2,
+                resume: None
+            }
+        );
+        for (id, kept) in [
+            ("m1", false),
+            ("m2", true),
+            ("m3", true),
+            ("m4", false),
+            ("m5", true),
+        ] {
+            assert_eq!(store.message(id).unwrap().is_some(), kept, "{id}");
+        }
+        let ids = |v: Vec<(u64, String)>| v.into_iter().map(|(_, id)| id).collect::<Vec<_>>();
+        assert_eq!(ids(store.index(RECEIVED)), ["m2", "m3", "m10", "m5"]);
+        assert_eq!(store.pending().unwrap().len(), 2, "m2's and m10's");
+        assert_eq!(store.dead().unwrap().len(), 1, "m3's");
+
+        // Pruned, the same message is a new one again.
+        assert!(store.insert("m1", &message_at(900), &[]).unwrap());
+
+        // A replayed dead letter, once delivered, lets its message go.
+        store.replay(None, 200).unwrap();
+        store.delivered(&delivery_of("m3", "a", 200)).unwrap();
+        assert_eq!(store.prune(500, None, 1000).unwrap().removed, 1);
+        assert_eq!(store.message("m3").unwrap(), None);
+        assert_eq!(ids(store.index(RECEIVED)), ["m2", "m1", "m10", "m5"]);
+    }
+
+    #[test]
+    fn pruning_looks_at_no_more_than_limit_messages_per_call() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store
+            .insert("kept", &message_at(0), &[delivery_of("kept", "a", 1)])
+            .unwrap();
+        for at in 1..=5 {
+            store
+                .insert(&format!("m{at}"), &message_at(at), &[])
+                .unwrap();
+        }
+        let first = store.prune(100, None, 2).unwrap();
+        assert_eq!(
+            first,
+            Pruned {
+                removed: 1,
+                resume: Some((1, "m1".into()))
+            }
+        );
+        let second = store.prune(100, first.resume.as_ref(), 2).unwrap();
+        assert_eq!(
+            second,
+            Pruned {
+                removed: 2,
+                resume: Some((3, "m3".into()))
+            }
+        );
+        let third = store.prune(100, second.resume.as_ref(), 2).unwrap();
+        assert_eq!(
+            third,
+            Pruned {
+                removed: 2,
+                resume: None
+            }
+        );
+        assert_eq!(store.prune(100, None, 2).unwrap(), Pruned::default());
+        assert_eq!(store.index(RECEIVED), [(0, "kept".to_owned())]);
+    }
+
+    #[test]
+    fn a_store_written_without_the_indexes_gets_them_on_opening() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // The layout before `due` and `received` existed.
+            let db = Database::create(dir.path().join("callbacks.redb")).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut messages = txn.open_table(MESSAGES).unwrap();
+                let mut pending = txn.open_table(PENDING).unwrap();
+                let mut dead = txn.open_table(DEAD).unwrap();
+                for id in ["m1", "m2", "m3"] {
+                    messages
+                        .insert(id, to_json(&message_at(100)).as_slice())
+                        .unwrap();
+                }
+                let d = delivery_of("m1", "a", 10);
+                pending
+                    .insert(d.key().as_str(), to_json(&d).as_slice())
+                    .unwrap();
+                let d = delivery_of("m2", "a", 10);
+                dead.insert(d.key().as_str(), to_json(&d).as_slice())
+                    .unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_due_index_matches_pending(&store);
+        assert_eq!(store.index(RECEIVED).len(), 3);
+        let due = store.due(50, 256, &none()).unwrap();
+        assert_eq!(keys(&due), [key("m1", "a")]);
+        assert_eq!(store.prune(500, None, 1000).unwrap().removed, 1, "m3");
+        store.delivered(&delivery_of("m1", "a", 10)).unwrap();
+        assert_eq!(store.prune(500, None, 1000).unwrap().removed, 1, "m1");
+        assert_eq!(
+            store.message("m2").unwrap().map(|m| m.received_at_ms),
+            Some(100)
+        );
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_due_index_matches_pending(&store);
+        assert_eq!(store.index(RECEIVED), [(100, "m2".to_owned())]);
     }
 
     #[test]
