@@ -220,7 +220,6 @@ pub fn request_edge(data: &[u8]) {
         assert_eq!(prepared.route.class, Class::Unknown, "{inbound_pq}");
         assert_eq!(prepared.route.bucket, None, "{inbound_pq}");
     }
-
 }
 
 /// Reading `requestId`/`code`/`msg` from an arbitrary response prefix.

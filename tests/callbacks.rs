@@ -86,7 +86,17 @@ async fn receiver(store: &std::path::Path, subscriber: &str, max_age_ms: u64) ->
 
 async fn start(cfg: CallbacksConfig) -> Receiver {
     let gw = spawn_gateway(config("http://127.0.0.1:9")).await;
-    let callbacks = Callbacks::new(cfg, gw.gateway.profiles()).unwrap();
+    // A receiver stopped just before may still hold the store for a moment
+    // (a store call it started runs on a blocking thread): wait for it.
+    let mut opened = Callbacks::new(cfg.clone(), gw.gateway.profiles());
+    for _ in 0..200 {
+        if opened.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        opened = Callbacks::new(cfg.clone(), gw.gateway.profiles());
+    }
+    let callbacks = opened.expect("the store opens within 2 s");
     gw.stop().await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
