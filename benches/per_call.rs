@@ -96,7 +96,7 @@ fn benches(c: &mut Criterion) {
         .expect("runtime");
     let config: RateLimitConfig =
         toml::from_str("requests_per_second = 1000000000.0").expect("config");
-    let limiter = Limiter::new(Some(&config), &[Arc::from("key")], &[]).expect("limiter");
+    let limiter = Limiter::new(Some(&config), None, &[Arc::from("key")], &[]).expect("limiter");
     c.bench_function("limiter_check_local", |b| {
         b.iter(|| {
             runtime

@@ -13,6 +13,7 @@ use crate::access_log::AccessLog;
 use crate::admin::{Admin, Drain};
 use crate::callbacks::Callbacks;
 use crate::config::{self, ConfigError, Loaded, process_env};
+use crate::limiter::BackendKind;
 use crate::metrics::Metrics;
 use crate::proxy::Gateway;
 use crate::sandbox::{DEMO_ACCESS_KEY, DEMO_SECRET, Sandbox};
@@ -307,7 +308,7 @@ async fn run(loaded: Loaded, config_path: Option<PathBuf>) -> ExitCode {
         },
     ));
     tracing::info!(
-        upstream = %loaded.config.upstream.url,
+        upstream = %crate::redact::url(&loaded.config.upstream.url),
         profiles = loaded.profiles.len(),
         default_profile = %loaded.config.default_profile,
         "gateway ready"
@@ -368,13 +369,22 @@ async fn run(loaded: Loaded, config_path: Option<PathBuf>) -> ExitCode {
 }
 
 fn check(loaded: &Loaded) {
-    println!("# pandagate: config is valid; effective settings follow (secrets are never shown)");
+    println!(
+        "# pandagate: config is valid; effective settings follow (secrets are never shown; \
+         URLs are shown with passwords and tokens redacted)"
+    );
     for p in &loaded.profiles {
         println!(
             "# profile {:?}: secret loaded ({} bytes, redacted)",
             &*p.name,
             p.secret.current().len()
         );
+    }
+    if let Some(r) = &loaded.config.rate_limit
+        && r.backend == BackendKind::Redis
+        && let Ok(source) = r.redis_url_source()
+    {
+        println!("# rate_limit: Redis URL {source}");
     }
     print!("{}", loaded.config.to_toml());
 }

@@ -19,7 +19,9 @@
 //! or slower than `redis_timeout_ms`, `fail_mode` decides, and Redis is tried
 //! again (one call a second) until it answers.
 
+use std::fmt;
 use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -31,10 +33,14 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
-use crate::config::ConfigError;
+use crate::config::{self, ConfigError, Env};
+use crate::redact;
 
-/// `[rate_limit]`. Absent: no per-key limit.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// The Redis URL used when `[rate_limit]` names none.
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
+
+/// `[rate_limit]`. Absent: no per-key limit. `Debug` shows URLs redacted.
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimitConfig {
     /// The provider's quota for one AccessKey, in requests per second.
@@ -49,9 +55,17 @@ pub struct RateLimitConfig {
     /// `local` (this process) or `redis` (shared by every replica).
     #[serde(default)]
     pub backend: BackendKind,
-    /// Redis for `backend = "redis"`.
-    #[serde(default = "default_redis_url")]
-    pub redis_url: String,
+    /// Redis for `backend = "redis"`: the URL itself, or (at most one of
+    /// the three) `redis_url_env` or `redis_url_file`; none:
+    /// [`DEFAULT_REDIS_URL`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis_url: Option<String>,
+    /// Environment variable holding the Redis URL (which may hold a password).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis_url_env: Option<String>,
+    /// File holding the Redis URL (trailing whitespace ignored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis_url_file: Option<PathBuf>,
     /// Longest a call waits for a Redis decision, in milliseconds.
     #[serde(default = "default_redis_timeout_ms")]
     pub redis_timeout_ms: u64,
@@ -68,9 +82,6 @@ pub struct RateLimitConfig {
     pub redis_key_prefix: String,
 }
 
-fn default_redis_url() -> String {
-    "redis://127.0.0.1:6379".into()
-}
 fn default_redis_timeout_ms() -> u64 {
     50
 }
@@ -98,7 +109,64 @@ pub enum FailMode {
     Closed,
 }
 
+impl fmt::Debug for RateLimitConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        redact::debug("RateLimitConfig", self, f)
+    }
+}
+
+/// Where the Redis URL comes from. `Debug` and `Display` show an inline
+/// URL redacted.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum RedisUrlSource<'a> {
+    /// `redis_url`, written in the config.
+    Inline(&'a str),
+    /// `redis_url_env`: this environment variable.
+    Env(&'a str),
+    /// `redis_url_file`: this file.
+    File(&'a Path),
+    /// None of the three: [`DEFAULT_REDIS_URL`].
+    Default,
+}
+
+impl fmt::Display for RedisUrlSource<'_> {
+    /// Where the URL comes from, never the URL itself (`Inline` shows it redacted).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RedisUrlSource::Inline(url) => write!(f, "{}", redact::url(url)),
+            RedisUrlSource::Env(var) => write!(f, "from environment variable {var}"),
+            RedisUrlSource::File(path) => write!(f, "from file {}", path.display()),
+            RedisUrlSource::Default => write!(f, "{DEFAULT_REDIS_URL} (the default)"),
+        }
+    }
+}
+
+impl fmt::Debug for RedisUrlSource<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RedisUrlSource({self})")
+    }
+}
+
 impl RateLimitConfig {
+    /// A config with these two values and every other key at its default.
+    pub fn new(requests_per_second: f64, burst: Option<u32>) -> RateLimitConfig {
+        RateLimitConfig {
+            requests_per_second,
+            burst,
+            max_wait_ms: 0,
+            backend: BackendKind::Local,
+            redis_url: None,
+            redis_url_env: None,
+            redis_url_file: None,
+            redis_timeout_ms: default_redis_timeout_ms(),
+            fail_mode: FailMode::Local,
+            fallback_share: default_fallback_share(),
+            redis_key_prefix: default_key_prefix(),
+        }
+    }
+
+    /// Checks every key without reading the environment or any file,
+    /// the Redis URL's source included (at most one).
     pub fn validate(&self) -> Result<(), ConfigError> {
         Rate::new(self.requests_per_second, self.burst)
             .map_err(|m| ConfigError::new("rate_limit.requests_per_second", m))?;
@@ -120,11 +188,86 @@ impl RateLimitConfig {
                 "must be greater than 0",
             ));
         }
-        if self.backend == BackendKind::Redis {
-            redis::Client::open(self.redis_url.as_str())
-                .map_err(|e| ConfigError::new("rate_limit.redis_url", e))?;
+        let source = self.redis_url_source()?;
+        if let (BackendKind::Redis, RedisUrlSource::Inline(url)) = (self.backend, source) {
+            RedisUrl::parse(url, "rate_limit.redis_url")?;
         }
         Ok(())
+    }
+
+    /// Where the Redis URL comes from; more than one source is an error.
+    pub fn redis_url_source(&self) -> Result<RedisUrlSource<'_>, ConfigError> {
+        match (&self.redis_url, &self.redis_url_env, &self.redis_url_file) {
+            (None, None, None) => Ok(RedisUrlSource::Default),
+            (Some(url), None, None) => Ok(RedisUrlSource::Inline(url)),
+            (None, Some(var), None) => Ok(RedisUrlSource::Env(var)),
+            (None, None, Some(path)) => Ok(RedisUrlSource::File(path)),
+            _ => Err(ConfigError::new(
+                "rate_limit.redis_url",
+                "set at most one of redis_url, redis_url_env and redis_url_file",
+            )),
+        }
+    }
+
+    /// Reads and checks the Redis URL from its source (`env` for
+    /// `redis_url_env`); errors name the source's key, never the URL's
+    /// password.
+    pub fn resolve_redis_url(&self, env: Env<'_>) -> Result<RedisUrl, ConfigError> {
+        match self.redis_url_source()? {
+            RedisUrlSource::Default => RedisUrl::parse(DEFAULT_REDIS_URL, "rate_limit.redis_url"),
+            RedisUrlSource::Inline(url) => RedisUrl::parse(url, "rate_limit.redis_url"),
+            RedisUrlSource::Env(var) => {
+                let key = "rate_limit.redis_url_env";
+                let value = env(var).ok_or_else(|| {
+                    ConfigError::new(key, format_args!("environment variable {var} is not set"))
+                })?;
+                let value = value.trim();
+                if value.is_empty() {
+                    return Err(ConfigError::new(
+                        key,
+                        format_args!("environment variable {var} is empty"),
+                    ));
+                }
+                RedisUrl::parse(value, key)
+            }
+            RedisUrlSource::File(path) => {
+                let key = "rate_limit.redis_url_file";
+                let text = config::read_secret_file(path).map_err(|m| ConfigError::new(key, m))?;
+                RedisUrl::parse(text.expose().trim(), key)
+            }
+        }
+    }
+}
+
+/// A Redis URL the backend connects with. It may hold a password, so
+/// `Debug` shows it redacted; [`RedisUrl::expose`] is the only way to it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisUrl(String);
+
+impl RedisUrl {
+    /// Checks `url` the way the Redis client will read it. The error names
+    /// `key` and quotes neither the URL nor its password.
+    pub fn parse(url: &str, key: &str) -> Result<RedisUrl, ConfigError> {
+        match redis::Client::open(url) {
+            Ok(_) => Ok(RedisUrl(url.to_owned())),
+            Err(e) => Err(ConfigError::new(
+                key,
+                format_args!(
+                    "not a usable Redis URL ({})",
+                    redact::scrub(&e.to_string(), url)
+                ),
+            )),
+        }
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RedisUrl({})", redact::url(&self.0))
     }
 }
 
@@ -345,9 +488,13 @@ pub struct Limiter {
 
 impl Limiter {
     /// `keys`: names of the distinct AccessKeys (their index is the quota
-    /// key); `routes`: the route buckets' patterns and rates.
+    /// key); `routes`: the route buckets' patterns and rates; `redis_url`:
+    /// the URL `config::resolve` read for `backend = "redis"` (`None`: the
+    /// config's `redis_url`, or the default). Needs a tokio runtime for
+    /// `backend = "redis"`.
     pub fn new(
         config: Option<&RateLimitConfig>,
+        redis_url: Option<&RedisUrl>,
         keys: &[Arc<str>],
         routes: &[(String, Rate)],
     ) -> Result<Limiter, ConfigError> {
@@ -358,7 +505,34 @@ impl Limiter {
         let route_rates: Vec<Rate> = routes.iter().map(|(_, r)| *r).collect();
         let redis = match config {
             Some(c) if c.backend == BackendKind::Redis => {
-                Some(RedisBackend::new(c, keys, routes, key_rate, &route_rates)?)
+                let url = match redis_url {
+                    Some(url) => url.clone(),
+                    None => match c.redis_url_source()? {
+                        RedisUrlSource::Inline(_) | RedisUrlSource::Default => {
+                            c.resolve_redis_url(&|_| None)?
+                        }
+                        RedisUrlSource::Env(_) => {
+                            return Err(ConfigError::new(
+                                "rate_limit.redis_url_env",
+                                "not read: config::resolve reads it",
+                            ));
+                        }
+                        RedisUrlSource::File(_) => {
+                            return Err(ConfigError::new(
+                                "rate_limit.redis_url_file",
+                                "not read: config::resolve reads it",
+                            ));
+                        }
+                    },
+                };
+                Some(RedisBackend::new(
+                    c,
+                    &url,
+                    keys,
+                    routes,
+                    key_rate,
+                    &route_rates,
+                )?)
             }
             _ => None,
         };
@@ -442,6 +616,8 @@ return {1, wait}
 
 #[derive(Debug)]
 struct RedisBackend {
+    /// For scrubbing error texts before they are logged.
+    url: RedisUrl,
     conn: redis::aio::ConnectionManager,
     script: redis::Script,
     timeout: Duration,
@@ -460,24 +636,35 @@ struct RedisBackend {
 impl RedisBackend {
     fn new(
         c: &RateLimitConfig,
+        url: &RedisUrl,
         keys: &[Arc<str>],
         routes: &[(String, Rate)],
         key_rate: Option<Rate>,
         route_rates: &[Rate],
     ) -> Result<RedisBackend, ConfigError> {
-        let client = redis::Client::open(c.redis_url.as_str())
-            .map_err(|e| ConfigError::new("rate_limit.redis_url", e))?;
+        let client = redis::Client::open(url.expose()).map_err(|e| {
+            ConfigError::new(
+                "rate_limit.redis_url",
+                redact::scrub(&e.to_string(), url.expose()),
+            )
+        })?;
         let timeout = Duration::from_millis(c.redis_timeout_ms);
         let manager_config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout))
             .set_response_timeout(Some(timeout))
             .set_number_of_retries(1);
         let conn = redis::aio::ConnectionManager::new_lazy_with_config(client, manager_config)
-            .map_err(|e| ConfigError::new("rate_limit.redis_url", e))?;
+            .map_err(|e| {
+                ConfigError::new(
+                    "rate_limit.redis_url",
+                    redact::scrub(&e.to_string(), url.expose()),
+                )
+            })?;
         // `{key}` is a hash tag: a key's buckets share a Redis Cluster slot,
         // as one script call must.
         let name = |k: &str, suffix: &str| format!("{}:{{{k}}}:{suffix}", c.redis_key_prefix);
         Ok(RedisBackend {
+            url: url.clone(),
             conn,
             script: redis::Script::new(GCRA_LUA),
             timeout,
@@ -587,7 +774,7 @@ impl RedisBackend {
         self.next_probe.store(now + 1000, Ordering::Release);
         if self.healthy.swap(false, Ordering::AcqRel) {
             tracing::warn!(
-                reason = why,
+                reason = redact::scrub(why, self.url.expose()),
                 fail_mode = ?self.fail_mode,
                 "redis rate-limit backend unavailable: falling back"
             );
@@ -623,17 +810,17 @@ mod tests {
 
     fn limiter(per_second: f64, burst: u32, max_wait_ms: u64) -> Limiter {
         let c = RateLimitConfig {
-            requests_per_second: per_second,
-            burst: Some(burst),
             max_wait_ms,
-            backend: BackendKind::Local,
-            redis_url: default_redis_url(),
-            redis_timeout_ms: 50,
-            fail_mode: FailMode::Local,
-            fallback_share: 0.5,
             redis_key_prefix: "t".into(),
+            ..RateLimitConfig::new(per_second, Some(burst))
         };
-        Limiter::new(Some(&c), &["ak".into()], &[("/route".into(), rate(1.0, 1))]).unwrap()
+        Limiter::new(
+            Some(&c),
+            None,
+            &["ak".into()],
+            &[("/route".into(), rate(1.0, 1))],
+        )
+        .unwrap()
     }
 
     #[tokio::test(start_paused = true)]

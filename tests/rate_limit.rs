@@ -18,15 +18,9 @@ fn limited(upstream: &str, per_second: f64, burst: u32, max_wait_ms: u64) -> Con
     let mut c = config(upstream);
     c.circuit_breaker.enabled = false;
     c.rate_limit = Some(RateLimitConfig {
-        requests_per_second: per_second,
-        burst: Some(burst),
         max_wait_ms,
-        backend: BackendKind::Local,
-        redis_url: "redis://127.0.0.1:6379".into(),
-        redis_timeout_ms: 50,
-        fail_mode: FailMode::Local,
-        fallback_share: 0.5,
         redis_key_prefix: format!("test-{}", pandagate::ids::request_id()),
+        ..RateLimitConfig::new(per_second, Some(burst))
     });
     c
 }
@@ -34,7 +28,7 @@ fn limited(upstream: &str, per_second: f64, burst: u32, max_wait_ms: u64) -> Con
 fn with_redis(mut c: Config, redis: &RedisServer) -> Config {
     let r = c.rate_limit.as_mut().unwrap();
     r.backend = BackendKind::Redis;
-    r.redis_url = redis.url();
+    r.redis_url = Some(redis.url());
     c
 }
 
