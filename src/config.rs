@@ -42,6 +42,29 @@ pub fn process_env(name: &str) -> Option<String> {
     std::env::var(name).ok()
 }
 
+/// Longest duration any `*_ms` key may hold: 365 days. Longer is a typo,
+/// not a setting, and the bound keeps every `Instant + Duration` and every
+/// sum of milliseconds far from overflowing.
+pub const MAX_DURATION_MS: u64 = 365 * 24 * 3600 * 1000;
+
+/// `*_ms` keys with a tighter bound than [`MAX_DURATION_MS`], and why.
+const DURATION_BOUNDS: [(&str, u64, &str); 1] = [(
+    "retry.budget_window_ms",
+    3_600_000,
+    "(1 hour): the budget keeps a counter per second of the window",
+)];
+
+/// Checks one `*_ms` value against [`MAX_DURATION_MS`].
+pub fn check_duration_ms(key: &str, ms: u64) -> Result<(), ConfigError> {
+    if ms > MAX_DURATION_MS {
+        return Err(ConfigError::new(
+            key,
+            format_args!("must be at most {MAX_DURATION_MS} (365 days), not {ms}"),
+        ));
+    }
+    Ok(())
+}
+
 /// The effective config. `Debug` shows it as TOML with URLs redacted.
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -501,6 +524,7 @@ impl Config {
                 "must be at least 1000",
             ));
         }
+        self.check_durations()?;
         if let Some(rate_limit) = &self.rate_limit {
             rate_limit.validate()?;
         }
@@ -569,6 +593,49 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// Every `*_ms` key, in any section (those added later included), is
+    /// at most [`MAX_DURATION_MS`] or its tighter bound in `DURATION_BOUNDS`.
+    fn check_durations(&self) -> Result<(), ConfigError> {
+        fn walk(v: &toml::Value, key: &str) -> Result<(), ConfigError> {
+            match v {
+                toml::Value::Table(table) => {
+                    for (name, v) in table {
+                        let key = if key.is_empty() {
+                            name.clone()
+                        } else {
+                            format!("{key}.{name}")
+                        };
+                        if let (true, toml::Value::Integer(ms)) = (name.ends_with("_ms"), v) {
+                            let ms = u64::try_from(*ms).unwrap_or(0);
+                            check_duration_ms(&key, ms)?;
+                            if let Some((_, max, why)) =
+                                DURATION_BOUNDS.iter().find(|(k, _, _)| *k == key)
+                                && ms > *max
+                            {
+                                return Err(ConfigError::new(
+                                    key,
+                                    format_args!("must be at most {max} {why}"),
+                                ));
+                            }
+                        }
+                        walk(v, &key)?;
+                    }
+                }
+                toml::Value::Array(items) => {
+                    for (i, v) in items.iter().enumerate() {
+                        walk(v, &format!("{key}[{i}]"))?;
+                    }
+                }
+                _ => {}
+            }
+            Ok(())
+        }
+        // A u64 beyond i64 (only a config built in code can hold one) does
+        // not serialise: it is out of every bound anyway.
+        let value = toml::Value::try_from(self).map_err(|e| ConfigError::new("config", e))?;
+        walk(&value, "")
     }
 
     /// The effective config as TOML, for `pandagate check`: URLs are shown
@@ -954,6 +1021,56 @@ mod tests {
             assert_eq!(e.key, key, "{e}");
             assert!(!e.message.contains("secret-in"), "{e}");
         }
+    }
+
+    #[test]
+    fn every_duration_is_bounded_wherever_it_is() {
+        let max = MAX_DURATION_MS;
+        for (toml, key) in [
+            (
+                "[server]\nidle_timeout_ms = 31536000001",
+                "server.idle_timeout_ms",
+            ),
+            (
+                "[upstream]\nrequest_timeout_ms = 9223372036854775807",
+                "upstream.request_timeout_ms",
+            ),
+            ("[retry]\ndeadline_ms = 31536000001", "retry.deadline_ms"),
+            (
+                "[retry]\nbudget_window_ms = 3600001",
+                "retry.budget_window_ms",
+            ),
+            (
+                "[circuit_breaker]\nopen_ms = 31536000001",
+                "circuit_breaker.open_ms",
+            ),
+            (
+                "[rate_limit]\nrequests_per_second = 1\nmax_wait_ms = 31536000001",
+                "rate_limit.max_wait_ms",
+            ),
+            (
+                "[[routes]]\npath = \"/a\"\n[[routes]]\npath = \"/b\"\nattempt_timeout_ms = 31536000001",
+                "routes[1].attempt_timeout_ms",
+            ),
+            (
+                "[callbacks]\nmax_age_ms = 31536000001",
+                "callbacks.max_age_ms",
+            ),
+        ] {
+            let e = err(toml);
+            assert_eq!(e.key, key, "{toml}: {e}");
+        }
+        // At the bound: valid.
+        let mut c = Config::from_toml(&format!(
+            "[server]\nidle_timeout_ms = {max}\n[circuit_breaker]\nopen_ms = {max}\n\
+             [retry]\nbudget_window_ms = 3600000\n"
+        ))
+        .unwrap();
+        c.apply_env(&env_of(CREDS)).unwrap();
+        c.validate().unwrap();
+        // A u64 beyond what TOML holds, set in code.
+        c.upstream.connect_timeout_ms = u64::MAX;
+        assert!(c.validate().is_err());
     }
 
     #[test]

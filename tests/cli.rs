@@ -387,6 +387,98 @@ fn config_file(dir: &tempfile::TempDir, name: &str, toml: &str) -> String {
     path.to_str().unwrap().to_owned()
 }
 
+#[test]
+fn check_and_run_refuse_alike_what_would_overflow_or_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let rate = |rest: &str| format!("[rate_limit]\n{rest}\n");
+    let cases: [(String, &str); 14] = [
+        (
+            rate("requests_per_second = 1e-20"),
+            "rate_limit.requests_per_second",
+        ),
+        (
+            rate("requests_per_second = 5e-10\nburst = 10"),
+            "rate_limit.requests_per_second",
+        ),
+        (
+            rate("requests_per_second = 2e6"),
+            "rate_limit.requests_per_second",
+        ),
+        (
+            rate("requests_per_second = inf"),
+            "rate_limit.requests_per_second",
+        ),
+        (
+            rate("requests_per_second = 0.001\nburst = 4294967295"),
+            "rate_limit.burst",
+        ),
+        (
+            rate("requests_per_second = 1\nbackend = \"redis\"\nfallback_share = 1e-300"),
+            "rate_limit.fallback_share",
+        ),
+        (
+            rate("requests_per_second = 1\nmax_wait_ms = 9223372036854775807"),
+            "rate_limit.max_wait_ms",
+        ),
+        (
+            "[[routes]]\npath = \"/x\"\nrate_limit_per_second = 1e-20\n".into(),
+            "routes[0].rate_limit_per_second",
+        ),
+        (
+            "[[routes]]\npath = \"/x\"\nrate_limit_per_second = 0.001\nrate_limit_burst = 4294967295\n"
+                .into(),
+            "routes[0].rate_limit_burst",
+        ),
+        (
+            "[retry]\nbudget_window_ms = 9223372036854775807\n".into(),
+            "retry.budget_window_ms",
+        ),
+        (
+            "[circuit_breaker]\nopen_ms = 9223372036854775807\n".into(),
+            "circuit_breaker.open_ms",
+        ),
+        (
+            "[upstream]\nrequest_timeout_ms = 31536000001\n".into(),
+            "upstream.request_timeout_ms",
+        ),
+        (
+            "[server]\nshutdown_grace_ms = 9223372036854775807\n".into(),
+            "server.shutdown_grace_ms",
+        ),
+        (
+            "[callbacks]\nstore = \"/nonexistent\"\nmax_age_ms = 9223372036854775807\n".into(),
+            "callbacks.max_age_ms",
+        ),
+    ];
+    for (i, (toml, key)) in cases.iter().enumerate() {
+        let path = config_file(&dir, &format!("case{i}.toml"), toml);
+        let checked = output(&["check", "--config", &path], CREDS);
+        let stderr = text(&checked.stderr);
+        assert_eq!(checked.status.code(), Some(64), "check {toml}: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
+        assert!(
+            stderr.starts_with(&format!("pandagate: invalid config: {key}: ")),
+            "{key} named in: {stderr}"
+        );
+        assert!(checked.stdout.is_empty());
+        // `run` refuses it the same way, before binding anything.
+        let env = [
+            CREDS[0],
+            CREDS[1],
+            ("PANDAGATE_LISTEN", "127.0.0.1:0"),
+            ("PANDAGATE_ADMIN_LISTEN", "127.0.0.1:0"),
+        ];
+        let ran = output(&["run", "--config", &path], &env);
+        assert_eq!(
+            ran.status.code(),
+            Some(64),
+            "run {toml}: {}",
+            text(&ran.stderr)
+        );
+        assert_eq!(text(&ran.stderr), stderr, "run and check agree");
+    }
+}
+
 const URL_PASSWORDS: [&str; 5] = [
     "redis-pw-in-toml",
     "upstream-pw-in-toml",
