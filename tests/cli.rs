@@ -479,6 +479,59 @@ fn check_and_run_refuse_alike_what_would_overflow_or_panic() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_at_every_bound_that_check_accepts_serves() {
+    let upstream = support::upstream_answering(ResponseTemplate::new(200).set_body_raw(
+        support::provider_body("rid-bounds", 200, "ok"),
+        "application/json",
+    ))
+    .await;
+    let redis = support::RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let year = 31_536_000_000u64;
+    let toml = format!(
+        "[server]\nheader_read_timeout_ms = {year}\nidle_timeout_ms = {year}\n\
+         shutdown_grace_ms = {year}\nsecret_poll_ms = {year}\n\
+         [upstream]\nurl = \"{upstream}\"\nconnect_timeout_ms = {year}\n\
+         request_timeout_ms = {year}\npool_idle_timeout_ms = {year}\n\
+         [retry]\ndeadline_ms = {year}\nread_attempt_timeout_ms = {year}\n\
+         backoff_base_ms = {year}\nbackoff_cap_ms = {year}\nbudget_window_ms = 3600000\n\
+         [circuit_breaker]\nopen_ms = {year}\n\
+         [rate_limit]\nrequests_per_second = 0.001\nburst = 1000000\nmax_wait_ms = {year}\n\
+         backend = \"redis\"\nredis_url = \"{redis}\"\nredis_timeout_ms = {year}\n\
+         fallback_share = 0.001\nredis_key_prefix = \"bounds-{id}\"\n\
+         [[routes]]\nprefix = \"/open/\"\nattempt_timeout_ms = {year}\n\
+         rate_limit_per_second = 1000000\nrate_limit_burst = 1\n\
+         [[routes]]\nprefix = \"/alibaba/\"\nrate_limit_per_second = 0.001\n\
+         rate_limit_burst = 1000000\n\
+         [callbacks]\nstore = {store:?}\nmax_age_ms = {year}\nbackoff_base_ms = {year}\n\
+         backoff_cap_ms = {year}\ndelivery_timeout_ms = {year}\n",
+        upstream = upstream.uri(),
+        redis = redis.url(),
+        id = pandagate::ids::request_id(),
+        store = dir.path().join("store").display().to_string(),
+    );
+    let path = config_file(&dir, "bounds.toml", &toml);
+    let checked = output(&["check", "--config", &path], CREDS);
+    assert_eq!(checked.status.code(), Some(0), "{}", text(&checked.stderr));
+
+    let running = support::launch(&["run", "--config", &path], CREDS).await;
+    for target in ["/open/product/get", "/alibaba/product/detail/get"] {
+        let answer = support::get(&format!("http://{}{target}", running.gateway)).await;
+        assert_eq!(answer.status, 200, "{target}: {:?}", answer.body);
+    }
+    // The route bucket at 10^6/s with a burst of 1: the next call in the
+    // same microsecond may be refused, never fail otherwise.
+    let again = support::get(&format!("http://{}/open/product/get", running.gateway)).await;
+    assert!(
+        matches!(again.status.as_u16(), 200 | 429),
+        "{:?}",
+        again.body
+    );
+    let health = support::get(&format!("http://{}/readyz", running.admin)).await;
+    assert_eq!(health.status, 200, "{:?}", health.body);
+}
+
 const URL_PASSWORDS: [&str; 5] = [
     "redis-pw-in-toml",
     "upstream-pw-in-toml",
