@@ -145,7 +145,10 @@ impl Breaker {
             match self.state.load(Ordering::Acquire) {
                 CLOSED => return Ok(Permit::Normal),
                 OPEN => {
-                    let until = self.opened_at.load(Ordering::Acquire) + self.config.open_ms;
+                    let until = self
+                        .opened_at
+                        .load(Ordering::Acquire)
+                        .saturating_add(self.config.open_ms);
                     let now_ms = self.millis(now);
                     if now_ms < until {
                         return Err(Duration::from_millis(until - now_ms));

@@ -14,6 +14,7 @@ use crate::admin::{Admin, Drain};
 use crate::callbacks::Callbacks;
 use crate::config::{self, ConfigError, Loaded, process_env};
 use crate::connections::Connections;
+use crate::limiter::BackendKind;
 use crate::metrics::Metrics;
 use crate::proxy::Gateway;
 use crate::sandbox::{DEMO_ACCESS_KEY, DEMO_SECRET, Sandbox};
@@ -129,10 +130,7 @@ pub fn main() -> ExitCode {
             let threads = loaded.config.server.worker_threads;
             on_runtime(threads, run(loaded, path.map(Path::to_path_buf)))
         }),
-        Command::Check => with_config(path, |loaded| {
-            check(&loaded);
-            ExitCode::SUCCESS
-        }),
+        Command::Check => with_config(path, |loaded| check(&loaded)),
         Command::Sign {
             explain,
             profile,
@@ -345,7 +343,7 @@ async fn run(loaded: Loaded, config_path: Option<PathBuf>) -> ExitCode {
         },
     ));
     tracing::info!(
-        upstream = %loaded.config.upstream.url,
+        upstream = %crate::redact::url(&loaded.config.upstream.url),
         profiles = loaded.profiles.len(),
         default_profile = %loaded.config.default_profile,
         "gateway ready"
@@ -396,8 +394,15 @@ async fn run(loaded: Loaded, config_path: Option<PathBuf>) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn check(loaded: &Loaded) {
-    println!("# pandagate: config is valid; effective settings follow (secrets are never shown)");
+/// Validates as `run` does, then prints the effective config.
+fn check(loaded: &Loaded) -> ExitCode {
+    if let Err(e) = build_as_run_does(loaded) {
+        return config_failure(&e);
+    }
+    println!(
+        "# pandagate: config is valid; effective settings follow (secrets are never shown; \
+         URLs are shown with passwords and tokens redacted)"
+    );
     for p in &loaded.profiles {
         println!(
             "# profile {:?}: secret loaded ({} bytes, redacted)",
@@ -405,7 +410,33 @@ fn check(loaded: &Loaded) {
             p.secret.current().len()
         );
     }
+    if let Some(r) = &loaded.config.rate_limit
+        && r.backend == BackendKind::Redis
+        && let Ok(source) = r.redis_url_source()
+    {
+        println!("# rate_limit: Redis URL {source}");
+    }
     print!("{}", loaded.config.to_toml());
+    ExitCode::SUCCESS
+}
+
+/// Builds what `run` builds from the config before it binds a listener:
+/// the gateway (upstream client, routes, breaker, retry budget, and the
+/// limiter with its lazy Redis connection manager, which needs a runtime)
+/// and the listener options. So a config `check` accepts fails in none of
+/// `run`'s constructors. Binding listeners and opening the callback store
+/// stay with `run`; nothing here connects anywhere.
+fn build_as_run_does(loaded: &Loaded) -> Result<(), ConfigError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| ConfigError::new("runtime", e))?;
+    let _entered = runtime.enter();
+    let (log, _writer) =
+        AccessLog::spawn(crate::config::LogFormat::Json, Box::new(std::io::sink()));
+    let gateway = Gateway::with_metrics(loaded, log, Arc::new(Metrics::default()))?;
+    let _ = ServerOptions::from(gateway.server_config());
+    Ok(())
 }
 
 fn sign(

@@ -8,6 +8,10 @@
 //! Secrets are never read from the TOML: a profile names the environment
 //! variable or the file that holds its secret. Any invalid setting becomes a
 //! [`ConfigError`] whose one-line message starts with the key it is about.
+//!
+//! URLs may carry credentials (`redis://:password@host`): whatever prints
+//! the config ([`Config::to_toml`], `Debug`, [`ConfigError`]) shows them
+//! through [`crate::redact`].
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -20,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use crate::auth::{Client, ClientConfig};
 use crate::breaker::BreakerConfig;
 use crate::callbacks::CallbacksConfig;
-use crate::limiter::RateLimitConfig;
+use crate::limiter::{BackendKind, RateLimitConfig, RedisUrl};
 use crate::retry::RetryConfig;
 use crate::routes::RouteConfig;
 use crate::secret::Secret;
@@ -38,7 +42,31 @@ pub fn process_env(name: &str) -> Option<String> {
     std::env::var(name).ok()
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// Longest duration any `*_ms` key may hold: 365 days. Longer is a typo,
+/// not a setting, and the bound keeps every `Instant + Duration` and every
+/// sum of milliseconds far from overflowing.
+pub const MAX_DURATION_MS: u64 = 365 * 24 * 3600 * 1000;
+
+/// `*_ms` keys with a tighter bound than [`MAX_DURATION_MS`], and why.
+const DURATION_BOUNDS: [(&str, u64, &str); 1] = [(
+    "retry.budget_window_ms",
+    3_600_000,
+    "(1 hour): the budget keeps a counter per second of the window",
+)];
+
+/// Checks one `*_ms` value against [`MAX_DURATION_MS`].
+pub fn check_duration_ms(key: &str, ms: u64) -> Result<(), ConfigError> {
+    if ms > MAX_DURATION_MS {
+        return Err(ConfigError::new(
+            key,
+            format_args!("must be at most {MAX_DURATION_MS} (365 days), not {ms}"),
+        ));
+    }
+    Ok(())
+}
+
+/// The effective config. `Debug` shows it as TOML with URLs redacted.
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Profile used when the caller sends no `x-pandagate-profile` header.
@@ -123,8 +151,8 @@ pub enum AmbiguousPaths {
     Forward,
 }
 
-/// The provider.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// The provider. `Debug` shows the URL redacted.
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UpstreamConfig {
     /// Base URL (env `PANDAGATE_UPSTREAM`): `https://` in production, `http://`
@@ -200,6 +228,18 @@ pub struct ProfileConfig {
     pub secret: Option<IgnoredAny>,
 }
 
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        crate::redact::debug("Config", self, f)
+    }
+}
+
+impl fmt::Debug for UpstreamConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        crate::redact::debug("UpstreamConfig", self, f)
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -271,8 +311,11 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
+    /// The message is made one line, and any URL in it redacted (a serde
+    /// error may quote the value it refused).
     pub fn new(key: impl Into<String>, message: impl fmt::Display) -> Self {
-        let message = message.to_string().replace('\n', " ");
+        let message = message.to_string();
+        let message = crate::redact::urls_in(&message).replace('\n', " ");
         Self {
             key: key.into(),
             message: message.trim().to_owned(),
@@ -294,6 +337,9 @@ pub struct Loaded {
     pub config: Config,
     pub profiles: Vec<crate::profiles::Profile>,
     pub clients: Vec<Client>,
+    /// The Redis URL of `[rate_limit]` with `backend = "redis"`, read from
+    /// its source (`redis_url`, `redis_url_env` or `redis_url_file`).
+    pub redis_url: Option<RedisUrl>,
 }
 
 /// Reads `path` (if any), applies the environment, validates, loads secrets.
@@ -329,10 +375,15 @@ pub fn resolve(config: Config, env: Env<'_>) -> Result<Loaded, ConfigError> {
         .enumerate()
         .map(|(i, c)| Client::load(c, &format!("clients[{i}]"), env))
         .collect::<Result<Vec<_>, _>>()?;
+    let redis_url = match &config.rate_limit {
+        Some(r) if r.backend == BackendKind::Redis => Some(r.resolve_redis_url(env)?),
+        _ => None,
+    };
     Ok(Loaded {
         config,
         profiles,
         clients,
+        redis_url,
     })
 }
 
@@ -505,6 +556,7 @@ impl Config {
                 "must be at least 1000",
             ));
         }
+        self.check_durations()?;
         if let Some(rate_limit) = &self.rate_limit {
             rate_limit.validate()?;
         }
@@ -576,27 +628,86 @@ impl Config {
         Ok(())
     }
 
-    /// The effective config as TOML, for `pandagate check`. Holds no secret:
-    /// profiles only name where their secret comes from.
+    /// Every `*_ms` key, in any section (those added later included), is
+    /// at most [`MAX_DURATION_MS`] or its tighter bound in `DURATION_BOUNDS`.
+    fn check_durations(&self) -> Result<(), ConfigError> {
+        fn walk(v: &toml::Value, key: &str) -> Result<(), ConfigError> {
+            match v {
+                toml::Value::Table(table) => {
+                    for (name, v) in table {
+                        let key = if key.is_empty() {
+                            name.clone()
+                        } else {
+                            format!("{key}.{name}")
+                        };
+                        if let (true, toml::Value::Integer(ms)) = (name.ends_with("_ms"), v) {
+                            let ms = u64::try_from(*ms).unwrap_or(0);
+                            check_duration_ms(&key, ms)?;
+                            if let Some((_, max, why)) =
+                                DURATION_BOUNDS.iter().find(|(k, _, _)| *k == key)
+                                && ms > *max
+                            {
+                                return Err(ConfigError::new(
+                                    key,
+                                    format_args!("must be at most {max} {why}"),
+                                ));
+                            }
+                        }
+                        walk(v, &key)?;
+                    }
+                }
+                toml::Value::Array(items) => {
+                    for (i, v) in items.iter().enumerate() {
+                        walk(v, &format!("{key}[{i}]"))?;
+                    }
+                }
+                _ => {}
+            }
+            Ok(())
+        }
+        // A u64 beyond i64 (only a config built in code can hold one) does
+        // not serialise: it is out of every bound anyway.
+        let value = toml::Value::try_from(self).map_err(|e| ConfigError::new("config", e))?;
+        walk(&value, "")
+    }
+
+    /// The effective config as TOML, for `pandagate check`: URLs are shown
+    /// with their credentials redacted ([`crate::redact`]), and profiles only
+    /// name where their secret comes from.
     pub fn to_toml(&self) -> String {
+        let rendered = toml::Value::try_from(self).and_then(|mut v| {
+            crate::redact::value(&mut v);
+            toml::to_string_pretty(&v)
+        });
+        rendered.unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+
+    /// The config as TOML exactly, credentials in URLs included: for round
+    /// trips through [`Config::from_toml`], never for display.
+    pub fn to_toml_unredacted(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
 }
 
 /// Splits and checks an upstream base URL: `http(s)://authority[/path]`.
+/// Errors quote the URL with its credentials redacted.
 pub fn upstream_base(url: &str) -> Result<Uri, String> {
-    let uri: Uri = url
-        .parse()
-        .map_err(|e| format!("not a URL: {url:?} ({e})"))?;
+    let shown = crate::redact::url(url);
+    let uri: Uri = url.parse().map_err(|e| {
+        format!(
+            "not a URL: {shown:?} ({})",
+            crate::redact::scrub(&format!("{e}"), url)
+        )
+    })?;
     match uri.scheme_str() {
         Some("http" | "https") => {}
-        _ => return Err(format!("must start with http:// or https://: {url:?}")),
+        _ => return Err(format!("must start with http:// or https://: {shown:?}")),
     }
     if uri.authority().is_none_or(|a| a.host().is_empty()) {
-        return Err(format!("has no host: {url:?}"));
+        return Err(format!("has no host: {shown:?}"));
     }
     if uri.query().is_some() {
-        return Err(format!("must not have a query string: {url:?}"));
+        return Err(format!("must not have a query string: {shown:?}"));
     }
     Ok(uri)
 }
@@ -770,6 +881,239 @@ mod tests {
     fn errors_are_one_line() {
         let e = err("[server\nlisten = 1");
         assert!(!e.to_string().contains('\n'), "{e}");
+    }
+
+    const URL_PASSWORDS: [&str; 3] = ["up-pw-1", "redis-pw-2", "sub-pw-3"];
+
+    /// A config with a password in each URL-valued key.
+    fn with_url_passwords() -> Loaded {
+        let toml = "[upstream]\nurl = \"https://gw:up-pw-1@api.example.test\"\n\
+                    [rate_limit]\nrequests_per_second = 5\nbackend = \"redis\"\n\
+                    redis_url = \"redis://:redis-pw-2@127.0.0.1:6379\"\n\
+                    [callbacks]\n[[callbacks.subscribers]]\nurl = \"http://svc:sub-pw-3@svc.internal/e\"\n";
+        let mut c = Config::from_toml(toml).unwrap();
+        c.apply_env(&env_of(CREDS)).unwrap();
+        resolve(c, &env_of(CREDS)).unwrap()
+    }
+
+    #[test]
+    fn printing_the_config_never_shows_a_url_password() {
+        let loaded = with_url_passwords();
+        let shown = [
+            loaded.config.to_toml(),
+            format!("{loaded:?}"),
+            format!("{:?}", loaded.config),
+            format!("{:#?}", loaded.config.upstream),
+            format!("{:?}", loaded.config.rate_limit),
+            format!("{:?}", loaded.config.callbacks),
+            format!("{:?}", loaded.redis_url),
+            format!(
+                "{:?}",
+                loaded
+                    .config
+                    .rate_limit
+                    .as_ref()
+                    .unwrap()
+                    .redis_url_source()
+            ),
+        ];
+        for text in &shown {
+            for pw in URL_PASSWORDS {
+                assert!(!text.contains(pw), "{pw} in {text}");
+            }
+            assert!(text.contains("<redacted>"), "{text}");
+        }
+        assert!(shown[0].contains("url = \"https://gw:<redacted>@api.example.test\""));
+        // The exact serialisation keeps them, for round trips.
+        let exact = loaded.config.to_toml_unredacted();
+        assert!(URL_PASSWORDS.iter().all(|pw| exact.contains(pw)), "{exact}");
+    }
+
+    #[test]
+    fn config_errors_never_quote_a_url_password() {
+        for (toml, key) in [
+            // Rejected by the Redis client, each for its own reason.
+            (
+                "redis_url = \"redis://:pw-a@0.0.0.0:6379\"",
+                "rate_limit.redis_url",
+            ),
+            (
+                "redis_url = \"redis://:pw-b@h/notadb\"",
+                "rate_limit.redis_url",
+            ),
+            (
+                "redis_url = \"redis://:pw-c@h:1/?protocol=pw-c\"",
+                "rate_limit.redis_url",
+            ),
+            ("redis_url = \"redis://:pw-d@\"", "rate_limit.redis_url"),
+            ("redis_url = \"redis://:p?w-e@h\"", "rate_limit.redis_url"),
+            ("redis_url = \"rediss://:pw-f@h\"", "rate_limit.redis_url"),
+            // A URL where no URL belongs: serde quotes the value it refused.
+            ("redis_url = [\"redis://:pw-g@h\"]", "rate_limit.redis_url"),
+            ("fail_mode = \"redis://:pw-h@h\"", "rate_limit.fail_mode"),
+        ] {
+            let text =
+                format!("[rate_limit]\nrequests_per_second = 1\nbackend = \"redis\"\n{toml}\n");
+            let e = err(&text);
+            assert_eq!(e.key, key, "{toml}: {e}");
+            let pw = toml.split(":").nth(2).unwrap().split('@').next().unwrap();
+            assert!(!e.to_string().contains(pw), "{pw} in {e}");
+            assert!(!e.to_string().contains("w-"), "{e}");
+        }
+        for url in [
+            "https://u:pw-i@h/?q=1",
+            "ftp://u:pw-j@h",
+            "https://u:pw-k@",
+            "https://u:pw-l@h h",
+        ] {
+            let e = err(&format!("[upstream]\nurl = \"{url}\"\n"));
+            assert_eq!(e.key, "upstream.url", "{url}: {e}");
+            assert!(!e.to_string().contains("pw-"), "{e}");
+        }
+    }
+
+    fn redis_config(source: &str) -> Config {
+        let mut c = Config::from_toml(&format!(
+            "[rate_limit]\nrequests_per_second = 5\nbackend = \"redis\"\n{source}\n"
+        ))
+        .unwrap();
+        c.apply_env(&env_of(CREDS)).unwrap();
+        c
+    }
+
+    #[test]
+    fn the_redis_url_comes_from_one_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("redis-url");
+        std::fs::write(&file, "redis://:from-file@127.0.0.1:7001\n").unwrap();
+        let mut pairs = CREDS.to_vec();
+        pairs.push(("REDIS_URL", " redis://app:from-env@127.0.0.1:7002 "));
+        let env = env_of(&pairs);
+        let file_line = format!("redis_url_file = {:?}", file.display().to_string());
+        for (source, url) in [
+            ("", "redis://127.0.0.1:6379"),
+            (
+                "redis_url = \"redis://:inline@127.0.0.1:7000\"",
+                "redis://:inline@127.0.0.1:7000",
+            ),
+            (
+                "redis_url_env = \"REDIS_URL\"",
+                "redis://app:from-env@127.0.0.1:7002",
+            ),
+            (&file_line, "redis://:from-file@127.0.0.1:7001"),
+        ] {
+            let loaded = resolve(redis_config(source), &env).unwrap();
+            assert_eq!(loaded.redis_url.as_ref().unwrap().expose(), url, "{source}");
+            let shown = format!("{}{loaded:?}", loaded.config.to_toml());
+            for pw in ["from-env", "from-file", "inline"] {
+                assert!(!shown.contains(pw), "{pw} in {shown}");
+            }
+        }
+        // A local backend reads no URL.
+        let mut c = redis_config("redis_url_env = \"UNSET\"");
+        c.rate_limit.as_mut().unwrap().backend = BackendKind::Local;
+        assert!(resolve(c, &env).unwrap().redis_url.is_none());
+        // A reload reads it the same way.
+        let path = dir.path().join("pandagate.toml");
+        std::fs::write(
+            &path,
+            "[rate_limit]\nrequests_per_second = 5\nbackend = \"redis\"\nredis_url_env = \"REDIS_URL\"\n",
+        )
+        .unwrap();
+        let loaded = load(Some(&path), &env).unwrap();
+        assert_eq!(
+            loaded.redis_url.unwrap().expose(),
+            "redis://app:from-env@127.0.0.1:7002"
+        );
+
+        for (source, key, says) in [
+            (
+                "redis_url = \"redis://h\"\nredis_url_env = \"REDIS_URL\"",
+                "rate_limit.redis_url",
+                "at most one",
+            ),
+            (
+                "redis_url_env = \"REDIS_URL\"\nredis_url_file = \"/x\"",
+                "rate_limit.redis_url",
+                "at most one",
+            ),
+            (
+                "redis_url_env = \"UNSET\"",
+                "rate_limit.redis_url_env",
+                "UNSET is not set",
+            ),
+            (
+                "redis_url_file = \"/nonexistent/x\"",
+                "rate_limit.redis_url_file",
+                "cannot read",
+            ),
+        ] {
+            let e = resolve(redis_config(source), &env).unwrap_err();
+            assert_eq!(e.key, key, "{source}: {e}");
+            assert!(e.message.contains(says), "{source}: {e}");
+        }
+        // A bad URL from the environment or a file: the key, never the URL.
+        std::fs::write(&file, "redis://:secret-in-file@0.0.0.0:1").unwrap();
+        let mut pairs = CREDS.to_vec();
+        pairs.push(("REDIS_URL", "redis://:secret-in-env@h/x"));
+        for (source, key) in [
+            ("redis_url_env = \"REDIS_URL\"", "rate_limit.redis_url_env"),
+            (file_line.as_str(), "rate_limit.redis_url_file"),
+        ] {
+            let e = resolve(redis_config(source), &env_of(&pairs)).unwrap_err();
+            assert_eq!(e.key, key, "{e}");
+            assert!(!e.message.contains("secret-in"), "{e}");
+        }
+    }
+
+    #[test]
+    fn every_duration_is_bounded_wherever_it_is() {
+        let max = MAX_DURATION_MS;
+        for (toml, key) in [
+            (
+                "[server]\nidle_timeout_ms = 31536000001",
+                "server.idle_timeout_ms",
+            ),
+            (
+                "[upstream]\nrequest_timeout_ms = 9223372036854775807",
+                "upstream.request_timeout_ms",
+            ),
+            ("[retry]\ndeadline_ms = 31536000001", "retry.deadline_ms"),
+            (
+                "[retry]\nbudget_window_ms = 3600001",
+                "retry.budget_window_ms",
+            ),
+            (
+                "[circuit_breaker]\nopen_ms = 31536000001",
+                "circuit_breaker.open_ms",
+            ),
+            (
+                "[rate_limit]\nrequests_per_second = 1\nmax_wait_ms = 31536000001",
+                "rate_limit.max_wait_ms",
+            ),
+            (
+                "[[routes]]\npath = \"/a\"\n[[routes]]\npath = \"/b\"\nattempt_timeout_ms = 31536000001",
+                "routes[1].attempt_timeout_ms",
+            ),
+            (
+                "[callbacks]\nmax_age_ms = 31536000001",
+                "callbacks.max_age_ms",
+            ),
+        ] {
+            let e = err(toml);
+            assert_eq!(e.key, key, "{toml}: {e}");
+        }
+        // At the bound: valid.
+        let mut c = Config::from_toml(&format!(
+            "[server]\nidle_timeout_ms = {max}\n[circuit_breaker]\nopen_ms = {max}\n\
+             [retry]\nbudget_window_ms = 3600000\n"
+        ))
+        .unwrap();
+        c.apply_env(&env_of(CREDS)).unwrap();
+        c.validate().unwrap();
+        // A u64 beyond what TOML holds, set in code.
+        c.upstream.connect_timeout_ms = u64::MAX;
+        assert!(c.validate().is_err());
     }
 
     #[test]

@@ -130,7 +130,7 @@ const RATELIMIT_RESET: header::HeaderName = header::HeaderName::from_static("rat
 
 /// Whole seconds, rounded up, and never 0 (which invites a hot loop).
 fn whole_seconds(d: std::time::Duration) -> HeaderValue {
-    let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    let secs = d.as_secs().saturating_add(u64::from(d.subsec_nanos() > 0));
     HeaderValue::from(secs.max(1))
 }
 

@@ -17,7 +17,8 @@
 //!   with serde_json; on any prefix of it, it reports nothing it would not
 //!   report on the whole.
 //! * [`config_text`]: parsing never panics; a valid config serialises to
-//!   TOML that parses back to the same config, still valid.
+//!   TOML that parses back to the same config, still valid; what `check`
+//!   shows of it parses too, with no credential left in any URL.
 //! * [`callback`]: a push is accepted only with the body's own HMAC; a
 //!   correctly signed body is never refused for its signature.
 
@@ -281,17 +282,44 @@ pub fn config_text(data: &[u8]) {
     if config.validate().is_err() {
         return;
     }
-    let written = config.to_toml();
+    let written = config.to_toml_unredacted();
     let again = Config::from_toml(&written)
         .unwrap_or_else(|e| panic!("a valid config's TOML does not parse: {e}\n{written}"));
     again
         .validate()
         .unwrap_or_else(|e| panic!("a valid config's TOML does not validate: {e}\n{written}"));
     assert_eq!(
-        again.to_toml(),
+        again.to_toml_unredacted(),
         written,
         "TOML round trip changed the config"
     );
+    // What `check` shows: the same keys, only credentials in URLs replaced,
+    // and nothing left to redact.
+    let shown = config.to_toml();
+    let shown_config = Config::from_toml(&shown)
+        .unwrap_or_else(|e| panic!("the redacted TOML does not parse: {e}\n{shown}"));
+    assert_eq!(shown_config.to_toml(), shown, "redaction is not stable");
+    let left = credentials_in(&shown);
+    assert!(left.is_empty(), "{left:?} shown in:\n{shown}");
+}
+
+/// The credentials (other than `<redacted>`) of every URL-shaped string
+/// value in `toml`.
+fn credentials_in(toml: &str) -> Vec<String> {
+    fn walk(v: &toml::Value, out: &mut Vec<String>) {
+        match v {
+            toml::Value::String(s) => out.extend(crate::redact::credentials(s)),
+            toml::Value::Array(items) => items.iter().for_each(|v| walk(v, out)),
+            toml::Value::Table(t) => t.iter().for_each(|(_, v)| walk(v, out)),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    if let Ok(v) = toml::from_str::<toml::Value>(toml) {
+        walk(&v, &mut out);
+    }
+    out.retain(|c| c != crate::redact::REDACTED);
+    out
 }
 
 /// Verifying a pushed message. Byte 0 is the length of the `Authorization`

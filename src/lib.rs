@@ -30,6 +30,7 @@ pub mod limiter;
 pub mod metrics;
 pub mod profiles;
 pub mod proxy;
+pub mod redact;
 pub mod reload;
 pub mod retry;
 pub mod routes;

@@ -19,7 +19,9 @@
 //! or slower than `redis_timeout_ms`, `fail_mode` decides, and Redis is tried
 //! again (one call a second) until it answers.
 
+use std::fmt;
 use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -31,15 +33,30 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
-use crate::config::ConfigError;
+use crate::config::{self, ConfigError, Env};
+use crate::redact;
 
-/// `[rate_limit]`. Absent: no per-key limit.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// Slowest rate a bucket may have: one request every 1000 seconds.
+pub const MIN_PER_SECOND: f64 = 0.001;
+/// Fastest rate a bucket may have: one request per microsecond, the
+/// resolution of the Redis backend's clock.
+pub const MAX_PER_SECOND: f64 = 1_000_000.0;
+/// Largest burst a bucket may have.
+pub const MAX_BURST: u32 = 1_000_000;
+/// Smallest `fallback_share`: one replica in a thousand.
+pub const MIN_FALLBACK_SHARE: f64 = 0.001;
+/// The Redis URL used when `[rate_limit]` names none.
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
+
+/// `[rate_limit]`. Absent: no per-key limit. `Debug` shows URLs redacted.
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimitConfig {
-    /// The provider's quota for one AccessKey, in requests per second.
+    /// The provider's quota for one AccessKey, in requests per second
+    /// (`MIN_PER_SECOND..=MAX_PER_SECOND`).
     pub requests_per_second: f64,
-    /// Requests that may go at once after a quiet spell; default: one second's worth.
+    /// Requests that may go at once after a quiet spell (`1..=MAX_BURST`);
+    /// default: one second's worth.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub burst: Option<u32>,
     /// 0: over the limit means 429 at once. Otherwise a call may wait this
@@ -49,9 +66,17 @@ pub struct RateLimitConfig {
     /// `local` (this process) or `redis` (shared by every replica).
     #[serde(default)]
     pub backend: BackendKind,
-    /// Redis for `backend = "redis"`.
-    #[serde(default = "default_redis_url")]
-    pub redis_url: String,
+    /// Redis for `backend = "redis"`: the URL itself, or (at most one of
+    /// the three) `redis_url_env` or `redis_url_file`; none:
+    /// [`DEFAULT_REDIS_URL`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis_url: Option<String>,
+    /// Environment variable holding the Redis URL (which may hold a password).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis_url_env: Option<String>,
+    /// File holding the Redis URL (trailing whitespace ignored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis_url_file: Option<PathBuf>,
     /// Longest a call waits for a Redis decision, in milliseconds.
     #[serde(default = "default_redis_timeout_ms")]
     pub redis_timeout_ms: u64,
@@ -68,9 +93,6 @@ pub struct RateLimitConfig {
     pub redis_key_prefix: String,
 }
 
-fn default_redis_url() -> String {
-    "redis://127.0.0.1:6379".into()
-}
 fn default_redis_timeout_ms() -> u64 {
     50
 }
@@ -98,20 +120,72 @@ pub enum FailMode {
     Closed,
 }
 
+impl fmt::Debug for RateLimitConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        redact::debug("RateLimitConfig", self, f)
+    }
+}
+
+/// Where the Redis URL comes from. `Debug` and `Display` show an inline
+/// URL redacted.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum RedisUrlSource<'a> {
+    /// `redis_url`, written in the config.
+    Inline(&'a str),
+    /// `redis_url_env`: this environment variable.
+    Env(&'a str),
+    /// `redis_url_file`: this file.
+    File(&'a Path),
+    /// None of the three: [`DEFAULT_REDIS_URL`].
+    Default,
+}
+
+impl fmt::Display for RedisUrlSource<'_> {
+    /// Where the URL comes from, never the URL itself (`Inline` shows it redacted).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RedisUrlSource::Inline(url) => write!(f, "{}", redact::url(url)),
+            RedisUrlSource::Env(var) => write!(f, "from environment variable {var}"),
+            RedisUrlSource::File(path) => write!(f, "from file {}", path.display()),
+            RedisUrlSource::Default => write!(f, "{DEFAULT_REDIS_URL} (the default)"),
+        }
+    }
+}
+
+impl fmt::Debug for RedisUrlSource<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RedisUrlSource({self})")
+    }
+}
+
 impl RateLimitConfig {
+    /// A config with these two values and every other key at its default.
+    pub fn new(requests_per_second: f64, burst: Option<u32>) -> RateLimitConfig {
+        RateLimitConfig {
+            requests_per_second,
+            burst,
+            max_wait_ms: 0,
+            backend: BackendKind::Local,
+            redis_url: None,
+            redis_url_env: None,
+            redis_url_file: None,
+            redis_timeout_ms: default_redis_timeout_ms(),
+            fail_mode: FailMode::Local,
+            fallback_share: default_fallback_share(),
+            redis_key_prefix: default_key_prefix(),
+        }
+    }
+
+    /// Checks every key without reading the environment or any file: the
+    /// bounds in which the limiter's arithmetic holds, and one source at
+    /// most for the Redis URL.
     pub fn validate(&self) -> Result<(), ConfigError> {
         Rate::new(self.requests_per_second, self.burst)
-            .map_err(|m| ConfigError::new("rate_limit.requests_per_second", m))?;
-        if self.burst == Some(0) {
-            return Err(ConfigError::new(
-                "rate_limit.burst",
-                "must be greater than 0",
-            ));
-        }
-        if !(self.fallback_share > 0.0 && self.fallback_share <= 1.0) {
+            .map_err(|e| e.named("rate_limit.requests_per_second", "rate_limit.burst"))?;
+        if !(MIN_FALLBACK_SHARE..=1.0).contains(&self.fallback_share) {
             return Err(ConfigError::new(
                 "rate_limit.fallback_share",
-                "must be greater than 0 and at most 1",
+                format_args!("must be between {MIN_FALLBACK_SHARE} and 1"),
             ));
         }
         if self.redis_timeout_ms == 0 {
@@ -120,37 +194,175 @@ impl RateLimitConfig {
                 "must be greater than 0",
             ));
         }
-        if self.backend == BackendKind::Redis {
-            redis::Client::open(self.redis_url.as_str())
-                .map_err(|e| ConfigError::new("rate_limit.redis_url", e))?;
+        for (key, ms) in [
+            ("rate_limit.max_wait_ms", self.max_wait_ms),
+            ("rate_limit.redis_timeout_ms", self.redis_timeout_ms),
+        ] {
+            config::check_duration_ms(key, ms)?;
+        }
+        let source = self.redis_url_source()?;
+        if let (BackendKind::Redis, RedisUrlSource::Inline(url)) = (self.backend, source) {
+            RedisUrl::parse(url, "rate_limit.redis_url")?;
         }
         Ok(())
     }
+
+    /// Where the Redis URL comes from; more than one source is an error.
+    pub fn redis_url_source(&self) -> Result<RedisUrlSource<'_>, ConfigError> {
+        match (&self.redis_url, &self.redis_url_env, &self.redis_url_file) {
+            (None, None, None) => Ok(RedisUrlSource::Default),
+            (Some(url), None, None) => Ok(RedisUrlSource::Inline(url)),
+            (None, Some(var), None) => Ok(RedisUrlSource::Env(var)),
+            (None, None, Some(path)) => Ok(RedisUrlSource::File(path)),
+            _ => Err(ConfigError::new(
+                "rate_limit.redis_url",
+                "set at most one of redis_url, redis_url_env and redis_url_file",
+            )),
+        }
+    }
+
+    /// Reads and checks the Redis URL from its source (`env` for
+    /// `redis_url_env`); errors name the source's key, never the URL's
+    /// password.
+    pub fn resolve_redis_url(&self, env: Env<'_>) -> Result<RedisUrl, ConfigError> {
+        match self.redis_url_source()? {
+            RedisUrlSource::Default => RedisUrl::parse(DEFAULT_REDIS_URL, "rate_limit.redis_url"),
+            RedisUrlSource::Inline(url) => RedisUrl::parse(url, "rate_limit.redis_url"),
+            RedisUrlSource::Env(var) => {
+                let key = "rate_limit.redis_url_env";
+                let value = env(var).ok_or_else(|| {
+                    ConfigError::new(key, format_args!("environment variable {var} is not set"))
+                })?;
+                let value = value.trim();
+                if value.is_empty() {
+                    return Err(ConfigError::new(
+                        key,
+                        format_args!("environment variable {var} is empty"),
+                    ));
+                }
+                RedisUrl::parse(value, key)
+            }
+            RedisUrlSource::File(path) => {
+                let key = "rate_limit.redis_url_file";
+                let text = config::read_secret_file(path).map_err(|m| ConfigError::new(key, m))?;
+                RedisUrl::parse(text.expose().trim(), key)
+            }
+        }
+    }
 }
 
-/// One bucket's rule.
+/// A Redis URL the backend connects with. It may hold a password, so
+/// `Debug` shows it redacted; [`RedisUrl::expose`] is the only way to it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisUrl(String);
+
+impl RedisUrl {
+    /// Checks `url` the way the Redis client will read it. The error names
+    /// `key` and quotes neither the URL nor its password.
+    pub fn parse(url: &str, key: &str) -> Result<RedisUrl, ConfigError> {
+        match redis::Client::open(url) {
+            Ok(_) => Ok(RedisUrl(url.to_owned())),
+            Err(e) => Err(ConfigError::new(
+                key,
+                format_args!(
+                    "not a usable Redis URL ({})",
+                    redact::scrub(&e.to_string(), url)
+                ),
+            )),
+        }
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RedisUrl({})", redact::url(&self.0))
+    }
+}
+
+/// One bucket's rule: a rate and a burst within the bounds above, so that
+/// no interval, burst tolerance or deadline computed from it overflows.
+/// Only [`Rate::new`] makes one.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Rate {
-    pub per_second: f64,
-    pub burst: u32,
+    per_second: f64,
+    burst: u32,
+}
+
+/// A rate or burst out of bounds: which of the two, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RateError {
+    PerSecond(String),
+    Burst(String),
+}
+
+impl RateError {
+    /// The error as a config error naming the key it is about.
+    pub fn named(self, per_second_key: &str, burst_key: &str) -> ConfigError {
+        match self {
+            RateError::PerSecond(m) => ConfigError::new(per_second_key, m),
+            RateError::Burst(m) => ConfigError::new(burst_key, m),
+        }
+    }
 }
 
 impl Rate {
-    /// `burst` defaults to one second's worth (at least 1).
-    pub fn new(per_second: f64, burst: Option<u32>) -> Result<Rate, String> {
-        if !(per_second.is_finite() && per_second > 0.0 && per_second <= 1e9) {
-            return Err(format!("must be a number greater than 0, not {per_second}"));
+    /// `per_second` within `MIN_PER_SECOND..=MAX_PER_SECOND`; `burst`
+    /// within `1..=MAX_BURST`, by default one second's worth (at least 1).
+    pub fn new(per_second: f64, burst: Option<u32>) -> Result<Rate, RateError> {
+        if !(MIN_PER_SECOND..=MAX_PER_SECOND).contains(&per_second) {
+            return Err(RateError::PerSecond(format!(
+                "must be between {MIN_PER_SECOND} and {MAX_PER_SECOND} requests per second, \
+                 not {per_second:?}"
+            )));
         }
-        let burst = burst.unwrap_or((per_second.ceil() as u32).max(1)).max(1);
+        let burst = match burst {
+            Some(b) if !(1..=MAX_BURST).contains(&b) => {
+                return Err(RateError::Burst(format!(
+                    "must be between 1 and {MAX_BURST}, not {b}"
+                )));
+            }
+            Some(b) => b,
+            None => (per_second.ceil() as u32).clamp(1, MAX_BURST),
+        };
         Ok(Rate { per_second, burst })
+    }
+
+    /// Requests per second.
+    pub fn per_second(self) -> f64 {
+        self.per_second
+    }
+
+    /// Requests that may go at once.
+    pub fn burst(self) -> u32 {
+        self.burst
+    }
+
+    /// Time between two slots, in whole nanoseconds: at least 1, and small
+    /// enough that it times the burst, plus any instant of the next 292
+    /// years, fits in the u64 nanoseconds `governor` computes in.
+    fn interval_nanos(self) -> u64 {
+        let ceiling = (u64::MAX / 2) / u64::from(self.burst.max(1));
+        // A NaN or infinite quotient cannot come from `new`; it would cast to 0 or u64::MAX.
+        ((1e9 / self.per_second).round() as u64).clamp(1, ceiling)
     }
 
     /// Time between two slots.
     pub fn interval(self) -> Duration {
-        Duration::from_secs_f64(1.0 / self.per_second)
+        Duration::from_nanos(self.interval_nanos())
     }
 
+    /// This rate and burst times `share` (a `fallback_share`, clamped to
+    /// `MIN_FALLBACK_SHARE..=1`); the burst stays at least 1.
     fn scaled(self, share: f64) -> Rate {
+        let share = if share.is_nan() {
+            1.0
+        } else {
+            share.clamp(MIN_FALLBACK_SHARE, 1.0)
+        };
         Rate {
             per_second: self.per_second * share,
             burst: ((f64::from(self.burst) * share).floor() as u32).max(1),
@@ -196,8 +408,8 @@ impl LocalBucket {
     fn new(rate: Rate) -> LocalBucket {
         let clock = TokioClock(Instant::now());
         let quota = governor::Quota::with_period(rate.interval())
-            .expect("validated: a positive rate")
-            .allow_burst(NonZeroU32::new(rate.burst).expect("burst is at least 1"));
+            .expect("an interval is at least 1 ns")
+            .allow_burst(NonZeroU32::new(rate.burst.max(1)).expect("at least 1"));
         LocalBucket {
             rate,
             gcra: governor::RateLimiter::direct_with_clock(quota, clock.clone()),
@@ -245,7 +457,8 @@ impl LocalBucket {
         // Who could be served before the deadline? Anyone beyond that
         // is refused now rather than after waiting in vain.
         let budget = deadline.saturating_duration_since(Instant::now());
-        let servable = (budget.as_secs_f64() * self.rate.per_second).floor() as usize + 1;
+        let servable =
+            ((budget.as_secs_f64() * self.rate.per_second).floor() as usize).saturating_add(1);
         let _place = Place::take(&self.waiting, servable).ok_or_else(|| self.refused(wait))?;
         let _turn = tokio::time::timeout_at(deadline, self.turnstile.acquire())
             .await
@@ -254,7 +467,13 @@ impl LocalBucket {
         loop {
             match self.try_take() {
                 None => return Ok(()),
-                Some(wait) if Instant::now() + wait > deadline => return Err(self.refused(wait)),
+                Some(wait)
+                    if Instant::now()
+                        .checked_add(wait)
+                        .is_none_or(|t| t > deadline) =>
+                {
+                    return Err(self.refused(wait));
+                }
                 Some(wait) => tokio::time::sleep(wait).await,
             }
         }
@@ -345,20 +564,55 @@ pub struct Limiter {
 
 impl Limiter {
     /// `keys`: names of the distinct AccessKeys (their index is the quota
-    /// key); `routes`: the route buckets' patterns and rates.
+    /// key); `routes`: the route buckets' patterns and rates; `redis_url`:
+    /// the URL `config::resolve` read for `backend = "redis"` (`None`: the
+    /// config's `redis_url`, or the default). The config is validated here
+    /// too, so that no config, however it was made, builds a limiter that
+    /// fails at its first use. Needs a tokio runtime for `backend = "redis"`.
     pub fn new(
         config: Option<&RateLimitConfig>,
+        redis_url: Option<&RedisUrl>,
         keys: &[Arc<str>],
         routes: &[(String, Rate)],
     ) -> Result<Limiter, ConfigError> {
+        if let Some(c) = config {
+            c.validate()?;
+        }
         let key_rate = config
             .map(|c| Rate::new(c.requests_per_second, c.burst))
             .transpose()
-            .map_err(|m| ConfigError::new("rate_limit.requests_per_second", m))?;
+            .map_err(|e| e.named("rate_limit.requests_per_second", "rate_limit.burst"))?;
         let route_rates: Vec<Rate> = routes.iter().map(|(_, r)| *r).collect();
         let redis = match config {
             Some(c) if c.backend == BackendKind::Redis => {
-                Some(RedisBackend::new(c, keys, routes, key_rate, &route_rates)?)
+                let url = match redis_url {
+                    Some(url) => url.clone(),
+                    None => match c.redis_url_source()? {
+                        RedisUrlSource::Inline(_) | RedisUrlSource::Default => {
+                            c.resolve_redis_url(&|_| None)?
+                        }
+                        RedisUrlSource::Env(_) => {
+                            return Err(ConfigError::new(
+                                "rate_limit.redis_url_env",
+                                "not read: config::resolve reads it",
+                            ));
+                        }
+                        RedisUrlSource::File(_) => {
+                            return Err(ConfigError::new(
+                                "rate_limit.redis_url_file",
+                                "not read: config::resolve reads it",
+                            ));
+                        }
+                    },
+                };
+                Some(RedisBackend::new(
+                    c,
+                    &url,
+                    keys,
+                    routes,
+                    key_rate,
+                    &route_rates,
+                )?)
             }
             _ => None,
         };
@@ -442,6 +696,8 @@ return {1, wait}
 
 #[derive(Debug)]
 struct RedisBackend {
+    /// For scrubbing error texts before they are logged.
+    url: RedisUrl,
     conn: redis::aio::ConnectionManager,
     script: redis::Script,
     timeout: Duration,
@@ -460,24 +716,35 @@ struct RedisBackend {
 impl RedisBackend {
     fn new(
         c: &RateLimitConfig,
+        url: &RedisUrl,
         keys: &[Arc<str>],
         routes: &[(String, Rate)],
         key_rate: Option<Rate>,
         route_rates: &[Rate],
     ) -> Result<RedisBackend, ConfigError> {
-        let client = redis::Client::open(c.redis_url.as_str())
-            .map_err(|e| ConfigError::new("rate_limit.redis_url", e))?;
+        let client = redis::Client::open(url.expose()).map_err(|e| {
+            ConfigError::new(
+                "rate_limit.redis_url",
+                redact::scrub(&e.to_string(), url.expose()),
+            )
+        })?;
         let timeout = Duration::from_millis(c.redis_timeout_ms);
         let manager_config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout))
             .set_response_timeout(Some(timeout))
             .set_number_of_retries(1);
         let conn = redis::aio::ConnectionManager::new_lazy_with_config(client, manager_config)
-            .map_err(|e| ConfigError::new("rate_limit.redis_url", e))?;
+            .map_err(|e| {
+                ConfigError::new(
+                    "rate_limit.redis_url",
+                    redact::scrub(&e.to_string(), url.expose()),
+                )
+            })?;
         // `{key}` is a hash tag: a key's buckets share a Redis Cluster slot,
         // as one script call must.
         let name = |k: &str, suffix: &str| format!("{}:{{{k}}}:{suffix}", c.redis_key_prefix);
         Ok(RedisBackend {
+            url: url.clone(),
             conn,
             script: redis::Script::new(GCRA_LUA),
             timeout,
@@ -520,13 +787,14 @@ impl RedisBackend {
         if !self.should_try() {
             return self.fall_back(key, route, deadline).await;
         }
+        let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
         let mut call = self.script.prepare_invoke();
-        call.arg(max_wait.unwrap_or_default().as_micros() as u64);
+        call.arg(micros(max_wait.unwrap_or_default()));
         for (name, rate) in &buckets {
-            let interval = rate.interval().as_micros() as u64;
+            let interval = micros(rate.interval()).max(1);
             call.key(name.as_str())
                 .arg(interval)
-                .arg(interval * u64::from(rate.burst - 1));
+                .arg(interval.saturating_mul(u64::from(rate.burst.saturating_sub(1))));
         }
         let mut conn = self.conn.clone();
         let decided =
@@ -587,7 +855,7 @@ impl RedisBackend {
         self.next_probe.store(now + 1000, Ordering::Release);
         if self.healthy.swap(false, Ordering::AcqRel) {
             tracing::warn!(
-                reason = why,
+                reason = redact::scrub(why, self.url.expose()),
                 fail_mode = ?self.fail_mode,
                 "redis rate-limit backend unavailable: falling back"
             );
@@ -623,17 +891,17 @@ mod tests {
 
     fn limiter(per_second: f64, burst: u32, max_wait_ms: u64) -> Limiter {
         let c = RateLimitConfig {
-            requests_per_second: per_second,
-            burst: Some(burst),
             max_wait_ms,
-            backend: BackendKind::Local,
-            redis_url: default_redis_url(),
-            redis_timeout_ms: 50,
-            fail_mode: FailMode::Local,
-            fallback_share: 0.5,
             redis_key_prefix: "t".into(),
+            ..RateLimitConfig::new(per_second, Some(burst))
         };
-        Limiter::new(Some(&c), &["ak".into()], &[("/route".into(), rate(1.0, 1))]).unwrap()
+        Limiter::new(
+            Some(&c),
+            None,
+            &["ak".into()],
+            &[("/route".into(), rate(1.0, 1))],
+        )
+        .unwrap()
     }
 
     #[tokio::test(start_paused = true)]
@@ -758,10 +1026,225 @@ mod tests {
     fn rates_validate_and_default_burst_to_one_second() {
         assert_eq!(Rate::new(50.0, None).unwrap().burst, 50);
         assert_eq!(Rate::new(0.5, None).unwrap().burst, 1);
+        assert_eq!(Rate::new(1e6, None).unwrap().burst, MAX_BURST);
         assert!(Rate::new(0.0, None).is_err());
         assert!(Rate::new(-1.0, None).is_err());
         assert!(Rate::new(f64::NAN, None).is_err());
         assert_eq!(rate(10.0, 4).scaled(0.5), rate(5.0, 2));
+    }
+
+    const PER_SECOND: [f64; 19] = [
+        f64::NAN,
+        f64::NEG_INFINITY,
+        -1.0,
+        -0.0,
+        0.0,
+        5e-324,
+        1e-20,
+        5e-10,
+        0.000_999_9,
+        MIN_PER_SECOND,
+        0.5,
+        1.0,
+        333_333.0,
+        MAX_PER_SECOND,
+        1_000_000.000_1,
+        1e9,
+        1e300,
+        f64::MAX,
+        f64::INFINITY,
+    ];
+    const BURST: [Option<u32>; 7] = [
+        None,
+        Some(0),
+        Some(1),
+        Some(2),
+        Some(MAX_BURST),
+        Some(MAX_BURST + 1),
+        Some(u32::MAX),
+    ];
+    const SHARE: [f64; 10] = [
+        f64::NAN,
+        f64::NEG_INFINITY,
+        -1.0,
+        0.0,
+        1e-300,
+        0.000_999,
+        MIN_FALLBACK_SHARE,
+        0.5,
+        1.0,
+        1.5,
+    ];
+
+    fn rate_in_bounds(r: f64) -> bool {
+        (MIN_PER_SECOND..=MAX_PER_SECOND).contains(&r)
+    }
+
+    fn burst_in_bounds(b: Option<u32>) -> bool {
+        b.is_none_or(|b| (1..=MAX_BURST).contains(&b))
+    }
+
+    /// `Rate::new` and `scaled` over extreme values: out of bounds is an
+    /// error about the right one of the two; in bounds builds a local bucket
+    /// at every fallback share, whose intervals fit governor's u64
+    /// nanoseconds and whose first slot is taken without a panic.
+    #[tokio::test(start_paused = true)]
+    async fn rates_over_extreme_values_fail_cleanly_or_work() {
+        for r in PER_SECOND {
+            for b in BURST {
+                let rate = match Rate::new(r, b) {
+                    Err(RateError::PerSecond(m)) => {
+                        assert!(!rate_in_bounds(r), "{r} {b:?}: {m}");
+                        continue;
+                    }
+                    Err(RateError::Burst(m)) => {
+                        assert!(rate_in_bounds(r) && !burst_in_bounds(b), "{r} {b:?}: {m}");
+                        continue;
+                    }
+                    Ok(rate) => rate,
+                };
+                assert!(
+                    rate_in_bounds(r) && burst_in_bounds(b),
+                    "{r} {b:?} accepted"
+                );
+                for share in SHARE {
+                    let scaled = rate.scaled(share);
+                    assert!(scaled.per_second() > 0.0 && scaled.burst() >= 1);
+                    let nanos = scaled.interval_nanos();
+                    assert!(
+                        nanos.checked_mul(u64::from(scaled.burst())).is_some(),
+                        "{r} {b:?} {share}: {nanos} ns x {}",
+                        scaled.burst()
+                    );
+                    let bucket = LocalBucket::new(scaled);
+                    assert!(bucket.acquire(None).await.is_ok(), "the burst's first slot");
+                    let soon = Instant::now() + Duration::from_millis(1);
+                    let _ = bucket.acquire(Some(soon)).await;
+                }
+            }
+        }
+    }
+
+    fn dead_redis_url() -> RedisUrl {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        RedisUrl::parse(&format!("redis://:pw@127.0.0.1:{port}"), "t").unwrap()
+    }
+
+    /// The keys of `c` out of bounds, by an oracle independent of `validate`.
+    fn out_of_bounds(c: &RateLimitConfig) -> Vec<&'static str> {
+        let mut bad = Vec::new();
+        if !rate_in_bounds(c.requests_per_second) {
+            bad.push("rate_limit.requests_per_second");
+        }
+        if !burst_in_bounds(c.burst) {
+            bad.push("rate_limit.burst");
+        }
+        if !(MIN_FALLBACK_SHARE..=1.0).contains(&c.fallback_share) {
+            bad.push("rate_limit.fallback_share");
+        }
+        if !(1..=crate::config::MAX_DURATION_MS).contains(&c.redis_timeout_ms) {
+            bad.push("rate_limit.redis_timeout_ms");
+        }
+        if c.max_wait_ms > crate::config::MAX_DURATION_MS {
+            bad.push("rate_limit.max_wait_ms");
+        }
+        bad
+    }
+
+    /// `Limiter::new` over extreme configs, with the local backend and with
+    /// Redis (unreachable: each fail mode's path runs, the local fallback
+    /// at `fallback_share`): either a config error naming a key that is out
+    /// of bounds, or a limiter whose acquires answer without a panic.
+    #[tokio::test(start_paused = true)]
+    async fn limiter_new_over_extreme_values_fails_cleanly_or_works() {
+        let max_ms = crate::config::MAX_DURATION_MS;
+        let mut configs = Vec::new();
+        for r in PER_SECOND {
+            for b in BURST {
+                configs.push(RateLimitConfig::new(r, b));
+            }
+        }
+        for backend in [BackendKind::Local, BackendKind::Redis] {
+            for fail_mode in [FailMode::Local, FailMode::Open, FailMode::Closed] {
+                for (r, b) in [
+                    (MIN_PER_SECOND, Some(MAX_BURST)),
+                    (MIN_PER_SECOND, Some(1)),
+                    (MAX_PER_SECOND, None),
+                    (MAX_PER_SECOND, Some(1)),
+                ] {
+                    for fallback_share in SHARE {
+                        configs.push(RateLimitConfig {
+                            backend,
+                            fail_mode,
+                            fallback_share,
+                            ..RateLimitConfig::new(r, b)
+                        });
+                    }
+                    for (max_wait_ms, redis_timeout_ms) in [
+                        (max_ms, 1),
+                        (max_ms + 1, 50),
+                        (u64::MAX, 50),
+                        (1, max_ms),
+                        (0, max_ms + 1),
+                        (0, u64::MAX),
+                        (0, 0),
+                    ] {
+                        configs.push(RateLimitConfig {
+                            backend,
+                            fail_mode,
+                            max_wait_ms,
+                            redis_timeout_ms,
+                            fallback_share: MIN_FALLBACK_SHARE,
+                            ..RateLimitConfig::new(r, b)
+                        });
+                    }
+                }
+            }
+        }
+        let routes = [
+            (
+                "/slow".to_owned(),
+                Rate::new(MIN_PER_SECOND, Some(MAX_BURST)).unwrap(),
+            ),
+            (
+                "/fast".to_owned(),
+                Rate::new(MAX_PER_SECOND, Some(1)).unwrap(),
+            ),
+        ];
+        let redis = dead_redis_url();
+        let (mut built, mut refused) = (0, 0);
+        for c in &configs {
+            let bad = out_of_bounds(c);
+            match Limiter::new(Some(c), Some(&redis), &["ak".into(), "ak2".into()], &routes) {
+                Err(e) => {
+                    assert!(
+                        bad.contains(&e.key.as_str()),
+                        "{c:?}: {e} (out of bounds: {bad:?})"
+                    );
+                    refused += 1;
+                }
+                Ok(l) => {
+                    assert!(bad.is_empty(), "{c:?} built with {bad:?} out of bounds");
+                    let first = l.acquire(0, None).await;
+                    if c.backend == BackendKind::Local {
+                        assert!(first.is_ok(), "{c:?}: {first:?}");
+                    }
+                    for route in [None, Some(0), Some(1)] {
+                        let _ = l.acquire(0, route).await;
+                        let _ = l.acquire(1, route).await;
+                    }
+                    built += 1;
+                }
+            }
+        }
+        assert!(
+            built > 50 && refused > 50,
+            "{built} built, {refused} refused"
+        );
     }
 
     async fn futures_join<T: Send + 'static>(handles: Vec<tokio::task::JoinHandle<T>>) -> Vec<T> {

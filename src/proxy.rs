@@ -92,6 +92,7 @@ impl Gateway {
         let routes = Routes::new(&c.routes);
         let limiter = Limiter::new(
             c.rate_limit.as_ref(),
+            loaded.redis_url.as_ref(),
             profiles.quota_keys(),
             routes.buckets(),
         )?;

@@ -19,7 +19,7 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::limiter::Rate;
+use crate::limiter::{Rate, RateError};
 
 /// Whether a call may be repeated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -280,25 +280,22 @@ impl RouteConfig {
                 "must be greater than 0",
             ));
         }
-        if self.rate_limit_burst == Some(0) {
-            return Err(ConfigError::new(
-                format!("{key}.rate_limit_burst"),
-                "must be greater than 0",
-            ));
-        }
         if self.rate_limit_burst.is_some() && self.rate_limit_per_second.is_none() {
             return Err(ConfigError::new(
                 format!("{key}.rate_limit_burst"),
                 "needs rate_limit_per_second",
             ));
         }
-        self.rate()
-            .transpose()
-            .map_err(|m| ConfigError::new(format!("{key}.rate_limit_per_second"), m))?;
+        self.rate().transpose().map_err(|e| {
+            e.named(
+                &format!("{key}.rate_limit_per_second"),
+                &format!("{key}.rate_limit_burst"),
+            )
+        })?;
         Ok(())
     }
 
-    fn rate(&self) -> Option<Result<Rate, String>> {
+    fn rate(&self) -> Option<Result<Rate, RateError>> {
         self.rate_limit_per_second
             .map(|r| Rate::new(r, self.rate_limit_burst))
     }
@@ -692,7 +689,7 @@ mod override_tests {
         ]);
         assert_eq!(routes.buckets().len(), 1);
         assert_eq!(routes.buckets()[0].0, "/alibaba/order/create");
-        assert_eq!(routes.buckets()[0].1.per_second, 2.0);
+        assert_eq!(routes.buckets()[0].1.per_second(), 2.0);
         assert_eq!(routes.route("/alibaba/order/create").bucket, Some(0));
         assert_eq!(routes.route("/alibaba/order/detail").bucket, None);
     }

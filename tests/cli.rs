@@ -379,3 +379,327 @@ async fn wait_for_listening(
         .await
         .expect("listening within 20 s")
 }
+
+/// Writes `toml` to a file in `dir` and returns its path.
+fn config_file(dir: &tempfile::TempDir, name: &str, toml: &str) -> String {
+    let path = dir.path().join(name);
+    std::fs::write(&path, toml).unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
+#[test]
+fn check_and_run_refuse_alike_what_would_overflow_or_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let rate = |rest: &str| format!("[rate_limit]\n{rest}\n");
+    let cases: [(String, &str); 14] = [
+        (
+            rate("requests_per_second = 1e-20"),
+            "rate_limit.requests_per_second",
+        ),
+        (
+            rate("requests_per_second = 5e-10\nburst = 10"),
+            "rate_limit.requests_per_second",
+        ),
+        (
+            rate("requests_per_second = 2e6"),
+            "rate_limit.requests_per_second",
+        ),
+        (
+            rate("requests_per_second = inf"),
+            "rate_limit.requests_per_second",
+        ),
+        (
+            rate("requests_per_second = 0.001\nburst = 4294967295"),
+            "rate_limit.burst",
+        ),
+        (
+            rate("requests_per_second = 1\nbackend = \"redis\"\nfallback_share = 1e-300"),
+            "rate_limit.fallback_share",
+        ),
+        (
+            rate("requests_per_second = 1\nmax_wait_ms = 9223372036854775807"),
+            "rate_limit.max_wait_ms",
+        ),
+        (
+            "[[routes]]\npath = \"/x\"\nrate_limit_per_second = 1e-20\n".into(),
+            "routes[0].rate_limit_per_second",
+        ),
+        (
+            "[[routes]]\npath = \"/x\"\nrate_limit_per_second = 0.001\nrate_limit_burst = 4294967295\n"
+                .into(),
+            "routes[0].rate_limit_burst",
+        ),
+        (
+            "[retry]\nbudget_window_ms = 9223372036854775807\n".into(),
+            "retry.budget_window_ms",
+        ),
+        (
+            "[circuit_breaker]\nopen_ms = 9223372036854775807\n".into(),
+            "circuit_breaker.open_ms",
+        ),
+        (
+            "[upstream]\nrequest_timeout_ms = 31536000001\n".into(),
+            "upstream.request_timeout_ms",
+        ),
+        (
+            "[server]\nshutdown_grace_ms = 9223372036854775807\n".into(),
+            "server.shutdown_grace_ms",
+        ),
+        (
+            "[callbacks]\nstore = \"/nonexistent\"\nmax_age_ms = 9223372036854775807\n".into(),
+            "callbacks.max_age_ms",
+        ),
+    ];
+    for (i, (toml, key)) in cases.iter().enumerate() {
+        let path = config_file(&dir, &format!("case{i}.toml"), toml);
+        let checked = output(&["check", "--config", &path], CREDS);
+        let stderr = text(&checked.stderr);
+        assert_eq!(checked.status.code(), Some(64), "check {toml}: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
+        assert!(
+            stderr.starts_with(&format!("pandagate: invalid config: {key}: ")),
+            "{key} named in: {stderr}"
+        );
+        assert!(checked.stdout.is_empty());
+        // `run` refuses it the same way, before binding anything.
+        let env = [
+            CREDS[0],
+            CREDS[1],
+            ("PANDAGATE_LISTEN", "127.0.0.1:0"),
+            ("PANDAGATE_ADMIN_LISTEN", "127.0.0.1:0"),
+        ];
+        let ran = output(&["run", "--config", &path], &env);
+        assert_eq!(
+            ran.status.code(),
+            Some(64),
+            "run {toml}: {}",
+            text(&ran.stderr)
+        );
+        assert_eq!(text(&ran.stderr), stderr, "run and check agree");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_at_every_bound_that_check_accepts_serves() {
+    let upstream = support::upstream_answering(ResponseTemplate::new(200).set_body_raw(
+        support::provider_body("rid-bounds", 200, "ok"),
+        "application/json",
+    ))
+    .await;
+    let redis = support::RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let year = 31_536_000_000u64;
+    let toml = format!(
+        "[server]\nheader_read_timeout_ms = {year}\nidle_timeout_ms = {year}\n\
+         shutdown_grace_ms = {year}\nsecret_poll_ms = {year}\n\
+         [upstream]\nurl = \"{upstream}\"\nconnect_timeout_ms = {year}\n\
+         request_timeout_ms = {year}\npool_idle_timeout_ms = {year}\n\
+         [retry]\ndeadline_ms = {year}\nread_attempt_timeout_ms = {year}\n\
+         backoff_base_ms = {year}\nbackoff_cap_ms = {year}\nbudget_window_ms = 3600000\n\
+         [circuit_breaker]\nopen_ms = {year}\n\
+         [rate_limit]\nrequests_per_second = 0.001\nburst = 1000000\nmax_wait_ms = {year}\n\
+         backend = \"redis\"\nredis_url = \"{redis}\"\nredis_timeout_ms = {year}\n\
+         fallback_share = 0.001\nredis_key_prefix = \"bounds-{id}\"\n\
+         [[routes]]\nprefix = \"/open/\"\nattempt_timeout_ms = {year}\n\
+         rate_limit_per_second = 1000000\nrate_limit_burst = 1\n\
+         [[routes]]\nprefix = \"/alibaba/\"\nrate_limit_per_second = 0.001\n\
+         rate_limit_burst = 1000000\n\
+         [callbacks]\nstore = {store:?}\nmax_age_ms = {year}\nbackoff_base_ms = {year}\n\
+         backoff_cap_ms = {year}\ndelivery_timeout_ms = {year}\n",
+        upstream = upstream.uri(),
+        redis = redis.url(),
+        id = pandagate::ids::request_id(),
+        store = dir.path().join("store").display().to_string(),
+    );
+    let path = config_file(&dir, "bounds.toml", &toml);
+    let checked = output(&["check", "--config", &path], CREDS);
+    assert_eq!(checked.status.code(), Some(0), "{}", text(&checked.stderr));
+
+    let running = support::launch(&["run", "--config", &path], CREDS).await;
+    for target in ["/open/product/get", "/alibaba/product/detail/get"] {
+        let answer = support::get(&format!("http://{}{target}", running.gateway)).await;
+        assert_eq!(answer.status, 200, "{target}: {:?}", answer.body);
+    }
+    // The route bucket at 10^6/s with a burst of 1: the next call in the
+    // same microsecond may be refused, never fail otherwise.
+    let again = support::get(&format!("http://{}/open/product/get", running.gateway)).await;
+    assert!(
+        matches!(again.status.as_u16(), 200 | 429),
+        "{:?}",
+        again.body
+    );
+    let health = support::get(&format!("http://{}/readyz", running.admin)).await;
+    assert_eq!(health.status, 200, "{:?}", health.body);
+}
+
+const URL_PASSWORDS: [&str; 5] = [
+    "redis-pw-in-toml",
+    "upstream-pw-in-toml",
+    "subscriber-pw-in-toml",
+    "upstream-pw-in-env",
+    "redis-pw-in-env",
+];
+
+#[test]
+fn check_shows_no_password_of_any_url() {
+    let dir = tempfile::tempdir().unwrap();
+    let inline = config_file(
+        &dir,
+        "inline.toml",
+        "[upstream]\nurl = \"https://gw:upstream-pw-in-toml@api.example.test/base\"\n\
+         [rate_limit]\nrequests_per_second = 5\nbackend = \"redis\"\n\
+         redis_url = \"redis://:redis-pw-in-toml@redis.internal:6379/2\"\n\
+         [callbacks]\nstore = \"/nonexistent\"\n\
+         [[callbacks.subscribers]]\nurl = \"http://hook:subscriber-pw-in-toml@orders.internal/events\"\n\
+         [[callbacks.subscribers]]\nurl = \"http://subscriber-pw-in-toml@audit.internal/events\"\n",
+    );
+    let out = output(&["check", "--config", &inline], CREDS);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    for shown in [
+        "url = \"https://gw:<redacted>@api.example.test/base\"",
+        "redis_url = \"redis://:<redacted>@redis.internal:6379/2\"",
+        "url = \"http://hook:<redacted>@orders.internal/events\"",
+        "url = \"http://<redacted>@audit.internal/events\"",
+        "# rate_limit: Redis URL redis://:<redacted>@redis.internal:6379/2",
+    ] {
+        assert!(stdout.contains(shown), "{shown:?} not in:\n{stdout}");
+    }
+
+    // The upstream from the environment, the Redis URL from an environment
+    // variable: check says where it comes from, nothing of the URL.
+    let from_env = config_file(
+        &dir,
+        "from-env.toml",
+        "[rate_limit]\nrequests_per_second = 5\nbackend = \"redis\"\n\
+         redis_url_env = \"PANDAGATE_TEST_REDIS_URL\"\n",
+    );
+    let env = [
+        CREDS[0],
+        CREDS[1],
+        (
+            "PANDAGATE_UPSTREAM",
+            "https://gw:upstream-pw-in-env@api.example.test",
+        ),
+        (
+            "PANDAGATE_TEST_REDIS_URL",
+            "redis://app:redis-pw-in-env@redis.internal:6379",
+        ),
+    ];
+    let out_env = output(&["check", "--config", &from_env], &env);
+    let stdout_env = text(&out_env.stdout);
+    assert_eq!(out_env.status.code(), Some(0), "{}", text(&out_env.stderr));
+    assert!(
+        stdout_env.contains("redis_url_env = \"PANDAGATE_TEST_REDIS_URL\""),
+        "{stdout_env}"
+    );
+    assert!(
+        stdout_env
+            .contains("# rate_limit: Redis URL from environment variable PANDAGATE_TEST_REDIS_URL"),
+        "{stdout_env}"
+    );
+    assert!(!stdout_env.contains("redis.internal"), "{stdout_env}");
+    assert!(
+        stdout_env.contains("url = \"https://gw:<redacted>@api.example.test\""),
+        "{stdout_env}"
+    );
+
+    for out in [&out, &out_env] {
+        let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
+        for pw in URL_PASSWORDS {
+            assert!(!all.contains(pw), "{pw} shown in:\n{all}");
+        }
+    }
+}
+
+/// Starts the gateway on `toml` and makes two calls at a quota of one call
+/// per 1000 s; returns the second call's `Retry-After`: large when Redis
+/// decided, 1 when Redis refused the gateway and `fail_mode = "closed"`
+/// answered in its place.
+async fn second_call_retry_after(toml: &str, env: &[(&str, &str)], upstream: &str) -> u64 {
+    let dir = tempfile::tempdir().unwrap();
+    let path = config_file(&dir, "redis.toml", toml);
+    let mut env = env.to_vec();
+    env.extend([CREDS[0], CREDS[1], ("PANDAGATE_UPSTREAM", upstream)]);
+    let checked = output(&["check", "--config", &path], &env);
+    assert_eq!(checked.status.code(), Some(0), "{}", text(&checked.stderr));
+    let mut running = support::launch(&["run", "--config", &path], &env).await;
+    let url = format!("http://{}/open/product/get", running.gateway);
+    let first = support::get(&url).await;
+    let second = support::get(&url).await;
+    assert_eq!(second.status, 429, "{:?}", second.body);
+    let retry_after: u64 = second.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    if retry_after > 1 {
+        assert_eq!(first.status, 200, "{:?}", first.body);
+    }
+    running.signal("-TERM");
+    let _ = tokio::time::timeout(Duration::from_secs(20), running.child.wait()).await;
+    let mut logs = String::new();
+    while let Ok(Ok(Some(line))) =
+        tokio::time::timeout(Duration::from_secs(5), running.stderr.next_line()).await
+    {
+        logs.push_str(&line);
+    }
+    for (_, value) in &env {
+        if let Some(pw) = value.strip_prefix("redis://:") {
+            let pw = pw.split('@').next().unwrap();
+            assert!(!logs.contains(pw), "the Redis password in the logs: {logs}");
+        }
+    }
+    retry_after
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_redis_url_from_env_or_file_is_the_one_connected_with() {
+    let password = "s3cret-redis-requirepass";
+    let redis = support::RedisServer::start_with_password(password);
+    let upstream = support::upstream_answering(ResponseTemplate::new(200).set_body_raw(
+        support::provider_body("rid-redis", 200, "ok"),
+        "application/json",
+    ))
+    .await;
+    let good = format!("redis://:{password}@127.0.0.1:{}", redis.port);
+    let wrong = format!("redis://:not-the-password@127.0.0.1:{}", redis.port);
+    let section = |source: &str| {
+        format!(
+            "[rate_limit]\nrequests_per_second = 0.001\nburst = 1\nbackend = \"redis\"\n\
+             fail_mode = \"closed\"\nredis_timeout_ms = 2000\n\
+             redis_key_prefix = \"cli-{}\"\n{source}\n",
+            pandagate::ids::request_id()
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let url_file = dir.path().join("redis-url");
+
+    // From the environment.
+    let from_env = section("redis_url_env = \"PANDAGATE_TEST_REDIS_URL\"");
+    let env = [("PANDAGATE_TEST_REDIS_URL", good.as_str())];
+    let waited = second_call_retry_after(&from_env, &env, &upstream.uri()).await;
+    assert!(waited > 900, "Redis decided: Retry-After {waited}");
+    // From a file.
+    std::fs::write(&url_file, format!("{good}\n")).unwrap();
+    let from_file = section(&format!(
+        "redis_url_file = {:?}",
+        url_file.display().to_string()
+    ));
+    let waited = second_call_retry_after(&from_file, &[], &upstream.uri()).await;
+    assert!(waited > 900, "Redis decided: Retry-After {waited}");
+    // The keys are in this Redis, reached with the password.
+    let client = redis::Client::open(good.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("cli-*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(keys.len(), 2, "one key bucket per run: {keys:?}");
+
+    // The wrong password: Redis refuses the gateway, the closed fail mode answers.
+    let env = [("PANDAGATE_TEST_REDIS_URL", wrong.as_str())];
+    let waited = second_call_retry_after(&from_env, &env, &upstream.uri()).await;
+    assert_eq!(waited, 1, "refused by the fail mode, not by Redis");
+}

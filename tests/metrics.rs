@@ -2,7 +2,7 @@
 
 mod support;
 
-use pandagate::limiter::{BackendKind, FailMode, RateLimitConfig};
+use pandagate::limiter::RateLimitConfig;
 use pandagate::metrics::Exporter;
 use support::*;
 use wiremock::ResponseTemplate;
@@ -19,15 +19,9 @@ async fn series_count_calls_attempts_retries_and_limits() {
     c.retry.backoff_base_ms = 1;
     c.retry.backoff_cap_ms = 1;
     c.rate_limit = Some(RateLimitConfig {
-        requests_per_second: 1.0,
-        burst: Some(3),
-        max_wait_ms: 0,
-        backend: BackendKind::Local,
-        redis_url: "redis://127.0.0.1:1".into(),
-        redis_timeout_ms: 50,
-        fail_mode: FailMode::Local,
-        fallback_share: 0.5,
+        redis_url: Some("redis://127.0.0.1:1".into()),
         redis_key_prefix: "m".into(),
+        ..RateLimitConfig::new(1.0, Some(3))
     });
     let gw = spawn_gateway(c).await;
     assert_eq!(get(&gw.url("/open/product/get")).await.status, 200); // 503, then 200

@@ -18,15 +18,9 @@ fn limited(upstream: &str, per_second: f64, burst: u32, max_wait_ms: u64) -> Con
     let mut c = config(upstream);
     c.circuit_breaker.enabled = false;
     c.rate_limit = Some(RateLimitConfig {
-        requests_per_second: per_second,
-        burst: Some(burst),
         max_wait_ms,
-        backend: BackendKind::Local,
-        redis_url: "redis://127.0.0.1:6379".into(),
-        redis_timeout_ms: 50,
-        fail_mode: FailMode::Local,
-        fallback_share: 0.5,
         redis_key_prefix: format!("test-{}", pandagate::ids::request_id()),
+        ..RateLimitConfig::new(per_second, Some(burst))
     });
     c
 }
@@ -34,7 +28,7 @@ fn limited(upstream: &str, per_second: f64, burst: u32, max_wait_ms: u64) -> Con
 fn with_redis(mut c: Config, redis: &RedisServer) -> Config {
     let r = c.rate_limit.as_mut().unwrap();
     r.backend = BackendKind::Redis;
-    r.redis_url = redis.url();
+    r.redis_url = Some(redis.url());
     c
 }
 
@@ -270,4 +264,100 @@ async fn closed_fail_mode_refuses_while_redis_is_away() {
         BackendState::Fallback(FailMode::Closed)
     );
     gw.stop().await;
+}
+
+/// `Limiter::new` with a live Redis over the bounds of every key: a config
+/// error naming a key, or a limiter whose calls Redis decides (no fallback:
+/// the Lua script's arithmetic holds at the extremes) without a panic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_redis_decides_at_every_bound() {
+    use pandagate::config::MAX_DURATION_MS;
+    use pandagate::limiter::{
+        Limiter, MAX_BURST, MAX_PER_SECOND, MIN_FALLBACK_SHARE, MIN_PER_SECOND, Rate, RedisUrl,
+    };
+    let redis = RedisServer::start();
+    let url = RedisUrl::parse(&redis.url(), "test").unwrap();
+    let routes = [
+        (
+            "/slow".to_owned(),
+            Rate::new(MIN_PER_SECOND, Some(MAX_BURST)).unwrap(),
+        ),
+        (
+            "/fast".to_owned(),
+            Rate::new(MAX_PER_SECOND, Some(1)).unwrap(),
+        ),
+    ];
+    let mut cases: Vec<(RateLimitConfig, Option<&str>)> = Vec::new();
+    for (per_second, burst) in [
+        (MIN_PER_SECOND, Some(1)),
+        (MIN_PER_SECOND, Some(MAX_BURST)),
+        (MAX_PER_SECOND, Some(1)),
+        (MAX_PER_SECOND, None),
+    ] {
+        for max_wait_ms in [0, MAX_DURATION_MS] {
+            cases.push((
+                RateLimitConfig {
+                    max_wait_ms,
+                    fallback_share: MIN_FALLBACK_SHARE,
+                    redis_timeout_ms: 2_000,
+                    ..RateLimitConfig::new(per_second, burst)
+                },
+                None,
+            ));
+        }
+    }
+    for (c, key) in [
+        (
+            RateLimitConfig::new(1e-20, None),
+            "rate_limit.requests_per_second",
+        ),
+        (
+            RateLimitConfig::new(f64::NAN, None),
+            "rate_limit.requests_per_second",
+        ),
+        (
+            RateLimitConfig::new(1e7, None),
+            "rate_limit.requests_per_second",
+        ),
+        (
+            RateLimitConfig::new(1.0, Some(MAX_BURST + 1)),
+            "rate_limit.burst",
+        ),
+        (
+            RateLimitConfig {
+                fallback_share: 1e-9,
+                ..RateLimitConfig::new(1.0, None)
+            },
+            "rate_limit.fallback_share",
+        ),
+        (
+            RateLimitConfig {
+                max_wait_ms: u64::MAX,
+                ..RateLimitConfig::new(1.0, None)
+            },
+            "rate_limit.max_wait_ms",
+        ),
+    ] {
+        cases.push((c, Some(key)));
+    }
+    for (mut c, refused) in cases {
+        c.backend = BackendKind::Redis;
+        c.redis_key_prefix = format!("bounds-{}", pandagate::ids::request_id());
+        let built = Limiter::new(Some(&c), Some(&url), &["ak".into()], &routes);
+        match (built, refused) {
+            (Err(e), Some(key)) => assert_eq!(e.key, key, "{c:?}: {e}"),
+            (Err(e), None) => panic!("{c:?} refused: {e}"),
+            (Ok(_), Some(key)) => panic!("{c:?} built with {key} out of bounds"),
+            (Ok(limiter), None) => {
+                assert!(limiter.acquire(0, None).await.is_ok(), "{c:?}");
+                for route in [Some(0), Some(1), None] {
+                    // A granted wait may be long: the answer, not the wait, is the point.
+                    let _ =
+                        tokio::time::timeout(Duration::from_millis(100), limiter.acquire(0, route))
+                            .await;
+                }
+                assert_eq!(limiter.backend_state(), BackendState::Redis, "{c:?}");
+            }
+        }
+    }
 }

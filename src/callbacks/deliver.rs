@@ -192,7 +192,7 @@ impl Callbacks {
                 self.counts.lag.observe(lag_ms as f64 / 1000.0);
                 tracing::info!(
                     delivery_id = %delivery_id(&d),
-                    subscriber = %d.subscriber,
+                    subscriber = %crate::redact::url(&d.subscriber),
                     message_type = %message.message_type,
                     attempts = d.attempts + 1,
                     lag_ms,
@@ -207,7 +207,7 @@ impl Callbacks {
                     self.counts.dead_lettered.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(
                         delivery_id = %delivery_id(&d),
-                        subscriber = %d.subscriber,
+                        subscriber = %crate::redact::url(&d.subscriber),
                         attempts = d.attempts,
                         "callback delivery gave up: dead letter"
                     );

@@ -34,8 +34,8 @@ use crate::profiles::Profiles;
 use crate::secret::Secret;
 use store::{Delivery, Message, Store};
 
-/// `[callbacks]`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// `[callbacks]`. `Debug` shows subscriber URLs redacted.
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CallbacksConfig {
     /// Path on the main listener (and on `listen`, if set) that takes pushes.
@@ -81,8 +81,8 @@ impl Default for CallbacksConfig {
     }
 }
 
-/// A `[[callbacks.subscribers]]` entry.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// A `[[callbacks.subscribers]]` entry. `Debug` shows the URL redacted.
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SubscriberConfig {
     /// Where messages are POSTed (http:// or https://).
@@ -93,6 +93,18 @@ pub struct SubscriberConfig {
     /// Only these platforms (0 Taobao, 1 1688); absent: both.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub platforms: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for CallbacksConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        crate::redact::debug("CallbacksConfig", self, f)
+    }
+}
+
+impl std::fmt::Debug for SubscriberConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        crate::redact::debug("SubscriberConfig", self, f)
+    }
 }
 
 impl SubscriberConfig {

@@ -362,9 +362,19 @@ impl RedisServer {
     }
 
     pub fn start_on(port: u16) -> RedisServer {
+        Self::start_with(port, &[])
+    }
+
+    /// A server that answers only clients that `AUTH` with `password`.
+    pub fn start_with_password(password: &str) -> RedisServer {
+        Self::start_with(dead_address().port(), &["--requirepass", password])
+    }
+
+    fn start_with(port: u16, extra: &[&str]) -> RedisServer {
         let mut child = std::process::Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
+            .args(extra)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
