@@ -23,7 +23,7 @@ use http::{HeaderValue, Method};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::config::LogFormat;
+use crate::config::{LogConfig, LogFormat};
 use crate::envelope::EnvelopeFields;
 use crate::routes::Class;
 
@@ -118,14 +118,22 @@ impl std::fmt::Debug for AccessLog {
     }
 }
 
-/// Lines that may wait for the writer before callers feel back-pressure.
-const QUEUE: usize = 16 * 1024;
-
 impl AccessLog {
-    /// Starts the writer thread. It ends, after writing everything queued,
-    /// when the last `AccessLog` handle is dropped.
+    /// Starts the writer thread with the default queue (`log.queue_lines`).
+    /// It ends, after writing everything queued, when the last `AccessLog`
+    /// handle is dropped.
     pub fn spawn(format: LogFormat, out: Box<dyn Write + Send>) -> (AccessLog, JoinHandle<()>) {
-        let (tx, rx) = mpsc::sync_channel(QUEUE);
+        Self::spawn_with_queue(format, out, LogConfig::default().queue_lines)
+    }
+
+    /// Starts the writer thread; `queue_lines` lines may wait for it before
+    /// callers feel back-pressure.
+    pub fn spawn_with_queue(
+        format: LogFormat,
+        out: Box<dyn Write + Send>,
+        queue_lines: usize,
+    ) -> (AccessLog, JoinHandle<()>) {
+        let (tx, rx) = mpsc::sync_channel(queue_lines);
         let handle = std::thread::Builder::new()
             .name("access-log".into())
             .spawn(move || write_loop(rx, out))

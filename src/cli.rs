@@ -198,7 +198,11 @@ fn config_failure(e: &ConfigError) -> ExitCode {
 async fn run(loaded: Loaded, config_path: Option<PathBuf>) -> ExitCode {
     let format = telemetry::resolve_format(loaded.config.log.format);
     telemetry::init(format);
-    let (log, _writer) = AccessLog::spawn(format, Box::new(std::io::stdout()));
+    let (log, _writer) = AccessLog::spawn_with_queue(
+        format,
+        Box::new(std::io::stdout()),
+        loaded.config.log.queue_lines,
+    );
     // Metrics outlive config reloads; the gateway itself is swapped whole.
     let metrics = Arc::new(Metrics::default());
     let gateway = match Gateway::with_metrics(&loaded, log.clone(), metrics.clone()) {
