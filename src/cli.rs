@@ -23,6 +23,9 @@ use crate::{ids, reload, telemetry};
 
 use arc_swap::ArcSwap;
 
+/// How long exiting waits for a log's reader to take what is queued.
+const EXIT_FLUSH: Duration = Duration::from_secs(2);
+
 /// Exit status for an invalid configuration (EX_CONFIG... sysexits' EX_USAGE, 64).
 pub const EXIT_CONFIG: u8 = 64;
 
@@ -258,7 +261,7 @@ async fn run(loaded: Loaded, config_path: Option<PathBuf>) -> ExitCode {
                 let name = signals.recv().await;
                 if !drain.start(name) {
                     tracing::warn!(signal = name, "second signal: exiting without waiting");
-                    log.flush();
+                    log.flush_within(EXIT_FLUSH);
                     std::process::exit(1);
                 }
             }
@@ -366,7 +369,7 @@ async fn run(loaded: Loaded, config_path: Option<PathBuf>) -> ExitCode {
     .await;
     let _ = traffic_done.send(());
     let _ = admin_task.await;
-    log.flush();
+    log.flush_within(EXIT_FLUSH);
     tracing::info!("exiting");
     ExitCode::SUCCESS
 }

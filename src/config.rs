@@ -147,8 +147,9 @@ pub struct LogConfig {
     /// How many bytes at the start of each response are read for `requestId`,
     /// `code` and `msg`; the body streams on regardless.
     pub inspect_bytes: usize,
-    /// Access-log lines that may wait for stdout's reader, in lines.
-    /// Read at start, not on SIGHUP.
+    /// Access-log lines that may wait for stdout's reader, in lines; when
+    /// it is this far behind, new lines are dropped and counted. Read at
+    /// start, not on SIGHUP.
     pub queue_lines: usize,
 }
 

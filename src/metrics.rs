@@ -228,6 +228,12 @@ impl Collector for StateCollector {
             "Configs reloaded on SIGHUP.",
             m.config_reloads.load(Ordering::Relaxed),
         )?;
+        counter(
+            &mut e,
+            "access_log_dropped",
+            "Access-log lines dropped because stdout's reader was behind by log.queue_lines.",
+            g.access_log().dropped(),
+        )?;
         if let Some(cb) = &self.callbacks {
             let c = &cb.counts;
             for (name, help, v) in [
