@@ -147,9 +147,10 @@ pub struct LogConfig {
     /// How many bytes at the start of each response are read for `requestId`,
     /// `code` and `msg`; the body streams on regardless.
     pub inspect_bytes: usize,
-    /// Access-log lines that may wait for stdout's reader, in lines; when
-    /// it is this far behind, new lines are dropped and counted. Read at
-    /// start, not on SIGHUP.
+    /// Lines that may wait for a log's reader, in lines: the access log
+    /// (stdout) and diagnostics (stderr) each have a queue this long; when
+    /// a reader is this far behind, new lines are dropped and counted. Read
+    /// at start, not on SIGHUP.
     pub queue_lines: usize,
 }
 

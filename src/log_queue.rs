@@ -14,9 +14,11 @@
 //! writer has caught up, so a reader hovering at the limit cannot produce a
 //! warning per line.
 //!
-//! Written here rather than taken from `tracing-appender`: the access log
-//! needs this queue anyway (batched writes, `flush`), and `non_blocking` has
-//! no hook to report a dropping episode.
+//! The access log (stdout) and the diagnostics (stderr, through
+//! [`crate::telemetry`]) each have one. Written here rather than taken from
+//! `tracing-appender`: the access log needs this queue anyway (batched
+//! writes, `flush`), and `non_blocking` would add a second queue
+//! implementation with no hook to report a dropping episode.
 
 use std::io::Write;
 use std::sync::Arc;
@@ -184,7 +186,11 @@ fn write_loop(rx: Receiver<Msg>, mut out: Box<dyn Write + Send>, shared: &Shared
                 }
                 Ok(Msg::Flush(done)) => waiting.push(done),
                 Err(TryRecvError::Empty) => {
-                    reported = report_caught_up(shared, reported);
+                    // The report may have gone into this very queue: take
+                    // it along, ahead of any flush waiting for this round.
+                    if report_caught_up(shared, &mut reported) {
+                        continue;
+                    }
                     break;
                 }
                 Err(TryRecvError::Disconnected) => {
@@ -210,20 +216,22 @@ fn write_loop(rx: Receiver<Msg>, mut out: Box<dyn Write + Send>, shared: &Shared
 }
 
 /// The queue is empty: if lines were being dropped, that has ended; says
-/// how many were lost. Returns the drop count reported so far.
-fn report_caught_up(shared: &Shared, reported: u64) -> u64 {
+/// how many were lost since the last report (`reported` counts those
+/// already told). True if it said so.
+fn report_caught_up(shared: &Shared, reported: &mut u64) -> bool {
     if !shared.dropping.swap(false, Ordering::Relaxed) {
-        return reported;
+        return false;
     }
     let total = shared.dropped.load(Ordering::Relaxed);
+    let lost = total - *reported;
+    *reported = total;
     tracing::warn!(
-        dropped = total - reported,
-        "{}: {} lines were dropped while {} was not read; writing again",
+        dropped = lost,
+        "{}: {lost} lines were dropped while {} was not read; writing again",
         shared.stream.name,
-        total - reported,
         shared.stream.output,
     );
-    total
+    true
 }
 
 fn write_batch(out: &mut Box<dyn Write + Send>, batch: &mut Vec<u8>) {

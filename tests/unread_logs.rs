@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use support::Running;
 use tokio::io::{BufReader, Lines};
 use tokio::process::ChildStderr;
+use tokio::sync::mpsc::UnboundedReceiver;
 use wiremock::ResponseTemplate;
 
 /// Big enough that the writer, polling every 1 to 20 ms, never falls this
@@ -67,23 +68,51 @@ async fn answered_in_time(
     slowest
 }
 
-/// Collects every diagnostic line until stderr closes.
-fn read_all(mut stderr: Lines<BufReader<ChildStderr>>) -> tokio::task::JoinHandle<Vec<String>> {
+/// From now on, reads every diagnostic line, until stderr closes.
+fn keep_reading(mut stderr: Lines<BufReader<ChildStderr>>) -> UnboundedReceiver<String> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
-        let mut lines = Vec::new();
         while let Ok(Some(line)) = stderr.next_line().await {
-            lines.push(line);
+            if tx.send(line).is_err() {
+                break;
+            }
         }
-        lines
-    })
+    });
+    rx
 }
 
-fn messages(lines: &[String]) -> Vec<String> {
-    lines
-        .iter()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(|v| v["message"].as_str().map(str::to_owned))
-        .collect()
+/// Collects lines from `rx` into `seen` until one's message satisfies
+/// `until`, or for at most 10 s; stderr closing ends it too.
+async fn read_until(
+    rx: &mut UnboundedReceiver<String>,
+    seen: &mut Vec<String>,
+    until: impl Fn(&str) -> bool,
+) {
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(line) = rx.recv().await {
+            let done = message(&line).is_some_and(|m| until(&m));
+            seen.push(line);
+            if done {
+                return;
+            }
+        }
+    })
+    .await;
+}
+
+fn message(line: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    v["message"].as_str().map(str::to_owned)
+}
+
+/// Sends SIGTERM and expects exit status 0 within 20 s.
+async fn terminate(child: &mut tokio::process::Child) {
+    support::signal(child.id().unwrap(), "-TERM");
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("exits within 20 s of SIGTERM")
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -110,7 +139,7 @@ async fn calls_never_wait_for_an_access_log_nobody_reads() {
     )
     .await;
     // stderr is read: the warning goes there.
-    let diagnostics = read_all(stderr);
+    let mut diagnostics = keep_reading(stderr);
 
     let url = format!("http://{gateway}/open/product/get");
     let call = async || support::get(&url).await.status.as_u16();
@@ -141,17 +170,10 @@ async fn calls_never_wait_for_an_access_log_nobody_reads() {
     );
 
     // SIGTERM: it exits although stdout still takes nothing.
-    support::signal(child.id().unwrap(), "-TERM");
-    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
-        .await
-        .expect("exits within 20 s of SIGTERM")
-        .unwrap();
-    assert_eq!(status.code(), Some(0));
-    let lines = tokio::time::timeout(Duration::from_secs(5), diagnostics)
-        .await
-        .expect("stderr closes at exit")
-        .unwrap();
-    let messages = messages(&lines);
+    terminate(&mut child).await;
+    let mut lines = Vec::new();
+    read_until(&mut diagnostics, &mut lines, |_| false).await;
+    let messages: Vec<String> = lines.iter().filter_map(|l| message(l)).collect();
     let warnings = messages
         .iter()
         .filter(|m| m.starts_with("access log queue full: dropping lines"))
@@ -159,6 +181,87 @@ async fn calls_never_wait_for_an_access_log_nobody_reads() {
     assert_eq!(warnings, 1, "one warning when dropping starts: {lines:#?}");
     assert!(
         messages.iter().any(|m| m == "exiting"),
+        "the last diagnostic is written: {lines:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_never_wait_for_diagnostics_nobody_reads() {
+    const SECRET: &str = "sk-unread-diagnostics";
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "[callbacks]\nstore = \"{}\"\n[[callbacks.subscribers]]\nurl = \"http://{}/events\"\n",
+            dir.path().join("store").display(),
+            support::dead_address(),
+        ),
+    );
+    let Running {
+        mut child,
+        stderr,
+        gateway,
+        admin,
+    } = support::launch(
+        &["--config", config.to_str().unwrap()],
+        &[
+            ("PANDAPON_ACCESS_KEY", "ak"),
+            ("PANDAPON_ACCESS_SECRET", SECRET),
+            ("PANDAGATE_UPSTREAM", "http://127.0.0.1:9"),
+        ],
+    )
+    .await;
+    // stderr was read up to "listening" and now is not: each forged push
+    // below logs a "callback rejected" warning.
+    let forged = async || support::push_signed(&gateway, "not-the-secret", "F1").await;
+    let (mut calls, mut slowest, mut dropped) = (0, Duration::ZERO, 0);
+    while dropped == 0 {
+        assert!(
+            calls < MAX_CALLS,
+            "no diagnostic dropped after {calls} pushes"
+        );
+        slowest = slowest.max(answered_in_time(&mut calls, 50, forged, 401).await);
+        dropped = metric(&admin, "pandagate_diagnostics_dropped_total").await;
+    }
+    let calls_until_dropping = calls;
+    slowest = slowest.max(answered_in_time(&mut calls, 100, forged, 401).await);
+    let now_dropped = metric(&admin, "pandagate_diagnostics_dropped_total").await;
+    assert!(
+        now_dropped >= dropped + 100,
+        "{now_dropped} < {dropped} + 100"
+    );
+    eprintln!(
+        "{calls_until_dropping} pushes until a diagnostic was dropped, {calls} in all; slowest {slowest:?}"
+    );
+
+    // Read again, stderr gets the queued lines and then how many were lost.
+    let mut diagnostics = keep_reading(stderr);
+    let mut lines = Vec::new();
+    let report = |m: &str| m.starts_with("diagnostics: ") && m.contains(" lines were dropped");
+    read_until(&mut diagnostics, &mut lines, report).await;
+    let reported: Vec<u64> = lines
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["message"].as_str().is_some_and(report))
+        .filter_map(|v| v["dropped"].as_u64())
+        .collect();
+    assert_eq!(
+        reported,
+        [now_dropped],
+        "one report with the count: {lines:#?}"
+    );
+    let rejected = lines
+        .iter()
+        .filter(|l| message(l).as_deref() == Some("callback rejected"))
+        .count();
+    assert!(rejected > 0, "lines queued before the drops are written");
+
+    terminate(&mut child).await;
+    read_until(&mut diagnostics, &mut lines, |_| false).await;
+    assert!(
+        lines
+            .iter()
+            .any(|l| message(l).as_deref() == Some("exiting")),
         "the last diagnostic is written: {lines:#?}"
     );
 }
