@@ -2,10 +2,12 @@
 //! response has finished.
 //!
 //! Lines are formatted on the request's own thread and handed to one writer
-//! thread over a bounded channel, so no request waits on a lock around stdout
-//! and a slow log reader slows the gateway down (back-pressure) rather than
-//! losing lines. The writer batches whatever is queued into one write, at
-//! most 20 ms after the call finished.
+//! thread over a bounded queue ([`crate::log_queue`]), so no request waits
+//! on a lock around stdout, nor on stdout's reader: when the reader falls
+//! behind by more than `log.queue_lines` lines, further lines are dropped
+//! and counted (`pandagate_access_log_dropped_total`), with one warning on
+//! stderr when dropping starts. The writer batches whatever is queued into
+//! one write, at most 20 ms after the call finished.
 //!
 //! JSON line fields: `ts`, `event` (`"access"`), `request_id` and `code` and
 //! `msg` (from the provider's envelope, or null), `status`, `upstream_status`,
@@ -15,7 +17,6 @@
 
 use std::io::Write;
 use std::sync::Arc;
-use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -23,8 +24,9 @@ use http::{HeaderValue, Method};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::config::LogFormat;
+use crate::config::{LogConfig, LogFormat};
 use crate::envelope::EnvelopeFields;
+use crate::log_queue::{LogQueue, Stream};
 use crate::routes::Class;
 
 /// What the gateway knows about one call, filled in as it goes.
@@ -98,15 +100,10 @@ struct Line<'a> {
     error: Option<&'a str>,
 }
 
-enum Msg {
-    Line(Vec<u8>),
-    Flush(SyncSender<()>),
-}
-
 /// Handle to the access log; cheap to clone.
 #[derive(Clone)]
 pub struct AccessLog {
-    tx: SyncSender<Msg>,
+    queue: LogQueue,
     format: LogFormat,
 }
 
@@ -114,38 +111,57 @@ impl std::fmt::Debug for AccessLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AccessLog")
             .field("format", &self.format)
+            .field("queue", &self.queue)
             .finish()
     }
 }
 
-/// Lines that may wait for the writer before callers feel back-pressure.
-const QUEUE: usize = 16 * 1024;
+const STREAM: Stream = Stream {
+    name: "access log",
+    output: "stdout",
+    warn_when_dropping: true,
+};
 
 impl AccessLog {
-    /// Starts the writer thread. It ends, after writing everything queued,
-    /// when the last `AccessLog` handle is dropped.
+    /// Starts the writer thread with the default queue (`log.queue_lines`).
+    /// It ends, after writing everything queued, when the last `AccessLog`
+    /// handle is dropped.
     pub fn spawn(format: LogFormat, out: Box<dyn Write + Send>) -> (AccessLog, JoinHandle<()>) {
-        let (tx, rx) = mpsc::sync_channel(QUEUE);
-        let handle = std::thread::Builder::new()
-            .name("access-log".into())
-            .spawn(move || write_loop(rx, out))
-            .expect("spawn access-log thread");
-        (AccessLog { tx, format }, handle)
+        Self::spawn_with_queue(format, out, LogConfig::default().queue_lines)
     }
 
-    /// Formats and queues one line.
+    /// Starts the writer thread; up to `queue_lines` lines may wait for it,
+    /// further ones are dropped.
+    pub fn spawn_with_queue(
+        format: LogFormat,
+        out: Box<dyn Write + Send>,
+        queue_lines: usize,
+    ) -> (AccessLog, JoinHandle<()>) {
+        let (queue, handle) = LogQueue::spawn(STREAM, queue_lines, out);
+        (AccessLog { queue, format }, handle)
+    }
+
+    /// Formats and queues one line; never waits (a full queue drops it).
     pub fn emit(&self, record: &AccessRecord, found: &EnvelopeFields) {
         let line = format_line(self.format, record, found, SystemTime::now());
-        // The writer only goes away at process exit; a line lost then is moot.
-        let _ = self.tx.send(Msg::Line(line));
+        self.queue.push(line);
     }
 
-    /// Waits until every line queued so far has been written.
+    /// Lines dropped because the queue was full.
+    pub fn dropped(&self) -> u64 {
+        self.queue.dropped()
+    }
+
+    /// Waits until every line queued so far has been written, however long
+    /// stdout's reader takes (see [`LogQueue::flush`]).
     pub fn flush(&self) {
-        let (done, wait) = mpsc::sync_channel(1);
-        if self.tx.send(Msg::Flush(done)).is_ok() {
-            let _ = wait.recv();
-        }
+        self.queue.flush();
+    }
+
+    /// Like [`flush`](Self::flush), for at most `within`; true if everything
+    /// was written.
+    pub fn flush_within(&self, within: Duration) -> bool {
+        self.queue.flush_within(within)
     }
 }
 
@@ -242,61 +258,6 @@ fn quoted(s: &str) -> String {
     }
 }
 
-/// The writer polls instead of blocking on the channel, so that sending a
-/// line never has to wake a sleeping thread (a futex call and, on a busy
-/// 2-core box, a context switch per request). A line reaches the output at
-/// most `MAX_IDLE` after its call finished.
-fn write_loop(rx: Receiver<Msg>, mut out: Box<dyn Write + Send>) {
-    const MIN_IDLE: Duration = Duration::from_millis(1);
-    const MAX_IDLE: Duration = Duration::from_millis(20);
-    let mut batch = Vec::with_capacity(64 * 1024);
-    let mut waiting = Vec::new();
-    let mut idle = MIN_IDLE;
-    loop {
-        let mut open = true;
-        let mut received = false;
-        loop {
-            match rx.try_recv() {
-                Ok(Msg::Line(line)) => {
-                    batch.extend_from_slice(&line);
-                    received = true;
-                    if batch.len() >= 256 * 1024 {
-                        write_batch(&mut out, &mut batch);
-                    }
-                }
-                Ok(Msg::Flush(done)) => waiting.push(done),
-                Err(TryRecvError::Empty) => break,
-                Err(TryRecvError::Disconnected) => {
-                    open = false;
-                    break;
-                }
-            }
-        }
-        write_batch(&mut out, &mut batch);
-        for done in waiting.drain(..) {
-            let _ = done.send(());
-        }
-        if !open {
-            return;
-        }
-        idle = if received {
-            MIN_IDLE
-        } else {
-            (idle * 2).min(MAX_IDLE)
-        };
-        std::thread::sleep(idle);
-    }
-}
-
-fn write_batch(out: &mut Box<dyn Write + Send>, batch: &mut Vec<u8>) {
-    if batch.is_empty() {
-        return;
-    }
-    // A failing stdout cannot be reported anywhere better; keep serving.
-    let _ = out.write_all(batch).and_then(|_| out.flush());
-    batch.clear();
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -380,5 +341,53 @@ mod tests {
         assert!(text.contains(" access status=200 upstream_status=200 method=POST path=/alibaba/order/create profile=default class=write attempts=1 "), "{text}");
         assert!(text.contains("request_id=- code=\"BUSY\""), "{text}");
         assert!(text.contains("msg=\"系统 繁忙\""), "{text}");
+    }
+
+    /// stdout with a reader that never reads: the first write announces
+    /// itself and never returns.
+    struct NeverRead(Option<std::sync::mpsc::SyncSender<()>>);
+    impl Write for NeverRead {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            if let Some(entered) = self.0.take() {
+                let _ = entered.send(());
+            }
+            loop {
+                std::thread::park();
+            }
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn emit_never_waits_for_a_stuck_stdout_and_counts_what_it_drops() {
+        use std::sync::mpsc;
+        let (entered, stuck) = mpsc::sync_channel(1);
+        let out = Box::new(NeverRead(Some(entered)));
+        let (log, _h) = AccessLog::spawn_with_queue(LogFormat::Json, out, 8);
+        let found = EnvelopeFields::default();
+        log.emit(&record(), &found);
+        stuck
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the writer reaches stdout");
+
+        // On another thread, so that a blocking emit fails the test instead
+        // of hanging it.
+        let (done, took) = mpsc::channel();
+        let emitter = log.clone();
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            for _ in 0..1000 {
+                emitter.emit(&record(), &found);
+            }
+            let _ = done.send(start.elapsed());
+        });
+        let took = took
+            .recv_timeout(Duration::from_secs(5))
+            .expect("1000 lines emitted within 5 s although stdout is stuck");
+        assert!(took < Duration::from_secs(1), "{took:?}");
+        assert_eq!(log.dropped(), 1000 - 8, "8 queued, the rest dropped");
+        assert!(!log.flush_within(Duration::from_millis(50)));
     }
 }

@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand};
 use crate::access_log::AccessLog;
 use crate::admin::{Admin, Drain};
 use crate::callbacks::Callbacks;
-use crate::config::{self, ConfigError, Loaded, process_env};
+use crate::config::{self, ConfigError, Loaded, LogConfig, process_env};
 use crate::connections::Connections;
 use crate::limiter::BackendKind;
 use crate::metrics::Metrics;
@@ -24,6 +24,9 @@ use crate::signer::{self, Recipe, TimestampUnit};
 use crate::{ids, reload, telemetry};
 
 use arc_swap::ArcSwap;
+
+/// How long exiting waits for a log's reader to take what is queued.
+const EXIT_FLUSH: Duration = Duration::from_secs(2);
 
 /// Exit status for an invalid configuration (EX_CONFIG... sysexits' EX_USAGE, 64).
 pub const EXIT_CONFIG: u8 = 64;
@@ -125,7 +128,7 @@ pub enum UnitArg {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let path = cli.config.as_deref();
-    match cli.command.unwrap_or(Command::Run) {
+    let code = match cli.command.unwrap_or(Command::Run) {
         Command::Run => with_config(path, |loaded| {
             let threads = loaded.config.server.worker_threads;
             on_runtime(threads, run(loaded, path.map(Path::to_path_buf)))
@@ -141,13 +144,13 @@ pub fn main() -> ExitCode {
         }),
         Command::Demo => {
             let format = telemetry::resolve_format(None);
-            telemetry::init(format);
+            telemetry::init(format, LogConfig::default().queue_lines);
             on_runtime(0, async move {
                 match crate::demo::run(format).await {
                     Ok(true) => ExitCode::SUCCESS,
                     Ok(false) => ExitCode::FAILURE,
                     Err(e) => {
-                        eprintln!("pandagate demo: {e}");
+                        exit_message(format_args!("pandagate demo: {e}"));
                         ExitCode::FAILURE
                     }
                 }
@@ -160,7 +163,17 @@ pub fn main() -> ExitCode {
             recipe,
             timestamp_unit,
         } => on_runtime(0, sandbox(listen, access_key, recipe, timestamp_unit)),
-    }
+    };
+    // Diagnostics still queued ("exiting" among them) are lost otherwise.
+    telemetry::flush_within(EXIT_FLUSH);
+    code
+}
+
+/// Prints a message on the way out, after the diagnostics queued before it
+/// (waiting at most `EXIT_FLUSH` for stderr's reader).
+fn exit_message(msg: std::fmt::Arguments<'_>) {
+    telemetry::flush_within(EXIT_FLUSH);
+    eprintln!("{msg}");
 }
 
 /// Runs `task` on a runtime with `threads` worker threads: 0 = one per CPU
@@ -190,14 +203,18 @@ fn with_config(path: Option<&std::path::Path>, f: impl FnOnce(Loaded) -> ExitCod
 }
 
 fn config_failure(e: &ConfigError) -> ExitCode {
-    eprintln!("pandagate: {e}");
+    exit_message(format_args!("pandagate: {e}"));
     ExitCode::from(EXIT_CONFIG)
 }
 
 async fn run(loaded: Loaded, config_path: Option<PathBuf>) -> ExitCode {
     let format = telemetry::resolve_format(loaded.config.log.format);
-    telemetry::init(format);
-    let (log, _writer) = AccessLog::spawn(format, Box::new(std::io::stdout()));
+    telemetry::init(format, loaded.config.log.queue_lines);
+    let (log, _writer) = AccessLog::spawn_with_queue(
+        format,
+        Box::new(std::io::stdout()),
+        loaded.config.log.queue_lines,
+    );
     // Metrics outlive config reloads; the gateway itself is swapped whole.
     let metrics = Arc::new(Metrics::default());
     let gateway = match Gateway::with_metrics(&loaded, log.clone(), metrics.clone()) {
@@ -227,17 +244,20 @@ async fn run(loaded: Loaded, config_path: Option<PathBuf>) -> ExitCode {
     let listener = match server::bind(server_config.listen, "gateway").await {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("pandagate: cannot listen on {}: {e}", server_config.listen);
+            exit_message(format_args!(
+                "pandagate: cannot listen on {}: {e}",
+                server_config.listen
+            ));
             return ExitCode::FAILURE;
         }
     };
     let admin_listener = match server::bind(server_config.admin_listen, "admin").await {
         Ok(l) => l,
         Err(e) => {
-            eprintln!(
+            exit_message(format_args!(
                 "pandagate: cannot listen on {} (admin): {e}",
                 server_config.admin_listen
-            );
+            ));
             return ExitCode::FAILURE;
         }
     };
@@ -248,7 +268,7 @@ async fn run(loaded: Loaded, config_path: Option<PathBuf>) -> ExitCode {
     let mut signals = match server::Signals::new() {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("pandagate: cannot watch signals: {e}");
+            exit_message(format_args!("pandagate: cannot watch signals: {e}"));
             return ExitCode::FAILURE;
         }
     };
@@ -259,7 +279,8 @@ async fn run(loaded: Loaded, config_path: Option<PathBuf>) -> ExitCode {
                 let name = signals.recv().await;
                 if !drain.start(name) {
                     tracing::warn!(signal = name, "second signal: exiting without waiting");
-                    log.flush();
+                    log.flush_within(EXIT_FLUSH);
+                    telemetry::flush_within(EXIT_FLUSH);
                     std::process::exit(1);
                 }
             }
@@ -309,7 +330,9 @@ async fn run(loaded: Loaded, config_path: Option<PathBuf>) -> ExitCode {
         (Some(cb), Some(addr)) => match server::bind(addr, "callbacks").await {
             Ok(l) => Some((l, cb.clone(), Connections::new("callbacks", cap))),
             Err(e) => {
-                eprintln!("pandagate: cannot listen on {addr} (callbacks): {e}");
+                exit_message(format_args!(
+                    "pandagate: cannot listen on {addr} (callbacks): {e}"
+                ));
                 return ExitCode::FAILURE;
             }
         },
@@ -389,7 +412,7 @@ async fn run(loaded: Loaded, config_path: Option<PathBuf>) -> ExitCode {
     .await;
     let _ = traffic_done.send(());
     let _ = admin_task.await;
-    log.flush();
+    log.flush_within(EXIT_FLUSH);
     tracing::info!("exiting");
     ExitCode::SUCCESS
 }
@@ -542,7 +565,10 @@ async fn sandbox(
     recipe: RecipeArg,
     unit: UnitArg,
 ) -> ExitCode {
-    telemetry::init(telemetry::resolve_format(None));
+    telemetry::init(
+        telemetry::resolve_format(None),
+        LogConfig::default().queue_lines,
+    );
     let secret = process_env("PANDAPON_ACCESS_SECRET").unwrap_or_else(|| DEMO_SECRET.to_owned());
     let recipe = match recipe {
         RecipeArg::Concat => Recipe::Concat,
@@ -558,7 +584,9 @@ async fn sandbox(
     let listener = match server::bind(listen, "sandbox").await {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("pandagate sandbox: cannot listen on {listen}: {e}");
+            exit_message(format_args!(
+                "pandagate sandbox: cannot listen on {listen}: {e}"
+            ));
             return ExitCode::FAILURE;
         }
     };

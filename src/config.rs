@@ -197,6 +197,11 @@ pub struct LogConfig {
     /// How many bytes at the start of each response are read for `requestId`,
     /// `code` and `msg`; the body streams on regardless.
     pub inspect_bytes: usize,
+    /// Lines that may wait for a log's reader, in lines: the access log
+    /// (stdout) and diagnostics (stderr) each have a queue this long; when
+    /// a reader is this far behind, new lines are dropped and counted. Read
+    /// at start, not on SIGHUP.
+    pub queue_lines: usize,
 }
 
 /// One AccessKey with its secret and user-id policy.
@@ -299,6 +304,7 @@ impl Default for LogConfig {
         Self {
             format: None,
             inspect_bytes: 64 * 1024,
+            queue_lines: 16 * 1024,
         }
     }
 }
@@ -509,6 +515,7 @@ impl Config {
             ("upstream.request_timeout_ms", u.request_timeout_ms),
             ("upstream.pool_idle_timeout_ms", u.pool_idle_timeout_ms),
             ("log.inspect_bytes", self.log.inspect_bytes as u64),
+            ("log.queue_lines", self.log.queue_lines as u64),
             ("retry.max_attempts", u64::from(self.retry.max_attempts)),
             ("retry.deadline_ms", self.retry.deadline_ms),
             (

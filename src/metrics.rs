@@ -277,6 +277,18 @@ impl Collector for StateCollector {
             "Configs reloaded on SIGHUP.",
             m.config_reloads.load(Ordering::Relaxed),
         )?;
+        counter(
+            &mut e,
+            "access_log_dropped",
+            "Access-log lines dropped because stdout's reader was behind by log.queue_lines.",
+            g.access_log().dropped(),
+        )?;
+        counter(
+            &mut e,
+            "diagnostics_dropped",
+            "Diagnostic log events dropped because stderr's reader was behind by log.queue_lines.",
+            crate::telemetry::dropped(),
+        )?;
         if let Some(cb) = &self.callbacks {
             let c = &cb.counts;
             for (name, help, v) in [

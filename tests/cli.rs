@@ -40,7 +40,7 @@ const CREDS: Env<'static> = &[
 #[test]
 fn invalid_config_exits_64_with_one_line_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
-    let cases: [(&str, &str, Env); 6] = [
+    let cases: [(&str, &str, Env); 7] = [
         (
             "[server]\nlisten_adress = \"127.0.0.1:1\"\n",
             "listen_adress",
@@ -67,6 +67,7 @@ fn invalid_config_exits_64_with_one_line_naming_the_key() {
             "upstream.connect_timeout_ms",
             CREDS,
         ),
+        ("[log]\nqueue_lines = 0\n", "log.queue_lines", CREDS),
     ];
     for (i, (toml, key, env)) in cases.iter().enumerate() {
         let path = dir.path().join(format!("case{i}.toml"));

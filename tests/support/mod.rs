@@ -441,6 +441,20 @@ impl Running {
 /// Starts `pandagate ARGS` with only `env` (plus free loopback ports and
 /// JSON logs) and waits until both listeners are up.
 pub async fn launch(args: &[&str], env: &[(&str, &str)]) -> Running {
+    launch_with_stdout(args, env, std::process::Stdio::null()).await
+}
+
+/// Like [`launch`], with stdout (the access log) a pipe that is never read:
+/// it stays open in `Running::child`.
+pub async fn launch_stdout_unread(args: &[&str], env: &[(&str, &str)]) -> Running {
+    launch_with_stdout(args, env, std::process::Stdio::piped()).await
+}
+
+async fn launch_with_stdout(
+    args: &[&str],
+    env: &[(&str, &str)],
+    stdout: std::process::Stdio,
+) -> Running {
     use tokio::io::AsyncBufReadExt;
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pandagate"))
         .args(args)
@@ -449,7 +463,7 @@ pub async fn launch(args: &[&str], env: &[(&str, &str)]) -> Running {
         .env("PANDAGATE_ADMIN_LISTEN", "127.0.0.1:0")
         .env("PANDAGATE_LOG_FORMAT", "json")
         .envs(env.iter().copied())
-        .stdout(std::process::Stdio::null())
+        .stdout(stdout)
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
