@@ -538,6 +538,29 @@ impl Config {
                 return Err(ConfigError::new(key, "must be greater than 0"));
             }
         }
+        // Upper bounds for what is allocated or spawned per value: past
+        // them a setting would exhaust memory or threads, not serve better.
+        let at_most = [
+            ("server.max_header_bytes", s.max_header_bytes as u64, 1 << 20),
+            ("server.max_headers", s.max_headers as u64, 1_000),
+            ("server.max_connections", s.max_connections as u64, 1_000_000),
+            (
+                "server.http2_max_concurrent_streams",
+                u64::from(s.http2_max_concurrent_streams),
+                10_000,
+            ),
+            ("server.worker_threads", s.worker_threads as u64, 1_024),
+            ("log.queue_lines", self.log.queue_lines as u64, 1_000_000),
+            ("log.inspect_bytes", self.log.inspect_bytes as u64, 16 << 20),
+        ];
+        for (key, value, max) in at_most {
+            if value > max {
+                return Err(ConfigError::new(
+                    key,
+                    format_args!("must be at most {max}"),
+                ));
+            }
+        }
         if s.max_header_bytes < 8192 {
             return Err(ConfigError::new(
                 "server.max_header_bytes",

@@ -392,7 +392,7 @@ fn config_file(dir: &tempfile::TempDir, name: &str, toml: &str) -> String {
 fn check_and_run_refuse_alike_what_would_overflow_or_panic() {
     let dir = tempfile::tempdir().unwrap();
     let rate = |rest: &str| format!("[rate_limit]\n{rest}\n");
-    let cases: [(String, &str); 14] = [
+    let cases: [(String, &str); 21] = [
         (
             rate("requests_per_second = 1e-20"),
             "rate_limit.requests_per_second",
@@ -450,6 +450,34 @@ fn check_and_run_refuse_alike_what_would_overflow_or_panic() {
             "[callbacks]\nstore = \"/nonexistent\"\nmax_age_ms = 9223372036854775807\n".into(),
             "callbacks.max_age_ms",
         ),
+        (
+            "[server]\nmax_headers = 18446744073709551615\n".into(),
+            "server.max_headers",
+        ),
+        (
+            "[server]\nmax_header_bytes = 4294967296\n".into(),
+            "server.max_header_bytes",
+        ),
+        (
+            "[server]\nmax_connections = 1000001\n".into(),
+            "server.max_connections",
+        ),
+        (
+            "[server]\nhttp2_max_concurrent_streams = 4294967295\n".into(),
+            "server.http2_max_concurrent_streams",
+        ),
+        (
+            "[server]\nworker_threads = 100000\n".into(),
+            "server.worker_threads",
+        ),
+        (
+            "[log]\nqueue_lines = 9223372036854775807\n".into(),
+            "log.queue_lines",
+        ),
+        (
+            "[server]\nbody_read_timeout_ms = 9223372036854775807\n".into(),
+            "server.body_read_timeout_ms",
+        ),
     ];
     for (i, (toml, key)) in cases.iter().enumerate() {
         let path = config_file(&dir, &format!("case{i}.toml"), toml);
@@ -492,7 +520,10 @@ async fn a_config_at_every_bound_that_check_accepts_serves() {
     let year = 31_536_000_000u64;
     let toml = format!(
         "[server]\nheader_read_timeout_ms = {year}\nidle_timeout_ms = {year}\n\
-         shutdown_grace_ms = {year}\nsecret_poll_ms = {year}\n\
+         shutdown_grace_ms = {year}\nsecret_poll_ms = {year}\nbody_read_timeout_ms = {year}\n\
+         max_header_bytes = 1048576\nmax_headers = 1000\nmax_connections = 1000000\n\
+         http2_max_concurrent_streams = 10000\n\
+         [log]\nqueue_lines = 1000000\ninspect_bytes = 16777216\n\
          [upstream]\nurl = \"{upstream}\"\nconnect_timeout_ms = {year}\n\
          request_timeout_ms = {year}\npool_idle_timeout_ms = {year}\n\
          [retry]\ndeadline_ms = {year}\nread_attempt_timeout_ms = {year}\n\
