@@ -541,9 +541,17 @@ impl Config {
         // Upper bounds for what is allocated or spawned per value: past
         // them a setting would exhaust memory or threads, not serve better.
         let at_most = [
-            ("server.max_header_bytes", s.max_header_bytes as u64, 1 << 20),
+            (
+                "server.max_header_bytes",
+                s.max_header_bytes as u64,
+                1 << 20,
+            ),
             ("server.max_headers", s.max_headers as u64, 1_000),
-            ("server.max_connections", s.max_connections as u64, 1_000_000),
+            (
+                "server.max_connections",
+                s.max_connections as u64,
+                1_000_000,
+            ),
             (
                 "server.http2_max_concurrent_streams",
                 u64::from(s.http2_max_concurrent_streams),
@@ -555,10 +563,7 @@ impl Config {
         ];
         for (key, value, max) in at_most {
             if value > max {
-                return Err(ConfigError::new(
-                    key,
-                    format_args!("must be at most {max}"),
-                ));
+                return Err(ConfigError::new(key, format_args!("must be at most {max}")));
             }
         }
         if s.max_header_bytes < 8192 {
@@ -573,7 +578,19 @@ impl Config {
                 "must not exceed server.max_request_body_bytes",
             ));
         }
-        upstream_base(&u.url).map_err(|m| ConfigError::new("upstream.url", m))?;
+        let base = upstream_base(&u.url).map_err(|m| ConfigError::new("upstream.url", m))?;
+        if base.authority().is_some_and(|a| a.as_str().contains('@')) {
+            // The authority becomes `Host` (and HTTP/2's `:authority`):
+            // credentials in it would be sent to the provider in the clear.
+            return Err(ConfigError::new(
+                "upstream.url",
+                format_args!(
+                    "must not carry credentials (user:password@): calls are authenticated \
+                     by their signature; {}",
+                    crate::redact::url(&u.url)
+                ),
+            ));
+        }
         if self.retry.backoff_cap_ms < self.retry.backoff_base_ms {
             return Err(ConfigError::new(
                 "retry.backoff_cap_ms",
@@ -913,12 +930,12 @@ mod tests {
         assert!(!e.to_string().contains('\n'), "{e}");
     }
 
-    const URL_PASSWORDS: [&str; 3] = ["up-pw-1", "redis-pw-2", "sub-pw-3"];
+    const URL_PASSWORDS: [&str; 2] = ["redis-pw-2", "sub-pw-3"];
 
-    /// A config with a password in each URL-valued key.
+    /// A config with a password in each URL-valued key that may hold one
+    /// (`upstream.url` may not: see the test below).
     fn with_url_passwords() -> Loaded {
-        let toml = "[upstream]\nurl = \"https://gw:up-pw-1@api.example.test\"\n\
-                    [rate_limit]\nrequests_per_second = 5\nbackend = \"redis\"\n\
+        let toml = "[rate_limit]\nrequests_per_second = 5\nbackend = \"redis\"\n\
                     redis_url = \"redis://:redis-pw-2@127.0.0.1:6379\"\n\
                     [callbacks]\n[[callbacks.subscribers]]\nurl = \"http://svc:sub-pw-3@svc.internal/e\"\n";
         let mut c = Config::from_toml(toml).unwrap();
@@ -933,7 +950,6 @@ mod tests {
             loaded.config.to_toml(),
             format!("{loaded:?}"),
             format!("{:?}", loaded.config),
-            format!("{:#?}", loaded.config.upstream),
             format!("{:?}", loaded.config.rate_limit),
             format!("{:?}", loaded.config.callbacks),
             format!("{:?}", loaded.redis_url),
@@ -953,10 +969,23 @@ mod tests {
             }
             assert!(text.contains("<redacted>"), "{text}");
         }
-        assert!(shown[0].contains("url = \"https://gw:<redacted>@api.example.test\""));
+        assert!(shown[0].contains("url = \"http://svc:<redacted>@svc.internal/e\""));
         // The exact serialisation keeps them, for round trips.
         let exact = loaded.config.to_toml_unredacted();
         assert!(URL_PASSWORDS.iter().all(|pw| exact.contains(pw)), "{exact}");
+    }
+
+    #[test]
+    fn credentials_in_the_upstream_url_are_refused_and_never_shown() {
+        let upstream = UpstreamConfig {
+            url: "https://gw:up-pw-1@api.example.test".into(),
+            ..UpstreamConfig::default()
+        };
+        assert!(!format!("{upstream:?}").contains("up-pw-1"));
+        let e = err("[upstream]\nurl = \"https://gw:up-pw-1@api.example.test\"\n");
+        assert_eq!(e.key, "upstream.url", "{e}");
+        assert!(e.message.contains("must not carry credentials"), "{e}");
+        assert!(!e.to_string().contains("up-pw-1"), "{e}");
     }
 
     #[test]
