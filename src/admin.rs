@@ -14,8 +14,7 @@ use crate::limiter::BackendState;
 use std::sync::Arc;
 
 use crate::callbacks::Callbacks;
-use crate::connections::Connections;
-use crate::metrics::{Exporter, GatewaySource};
+use crate::metrics::{Exporter, GatewaySource, Process};
 
 /// Process-wide drain state: once draining, readiness fails and listeners
 /// stop accepting.
@@ -70,18 +69,14 @@ impl std::fmt::Debug for Admin {
 }
 
 impl Admin {
-    /// `listeners`: the connection counts `/metrics` reports.
-    pub fn new(
-        gateway: GatewaySource,
-        drain: Drain,
-        callbacks: Option<Arc<Callbacks>>,
-        listeners: Vec<Arc<Connections>>,
-    ) -> Admin {
+    /// `process`: what `/metrics` reports besides the gateway, and the
+    /// push receiver the `/callbacks` endpoints operate.
+    pub fn new(gateway: GatewaySource, drain: Drain, process: Process) -> Admin {
         Admin {
-            exporter: Exporter::with_callbacks(gateway.clone(), callbacks.clone(), listeners),
+            callbacks: process.callbacks.clone(),
+            exporter: Exporter::with_process(gateway.clone(), process),
             gateway,
             drain,
-            callbacks,
         }
     }
 

@@ -15,7 +15,7 @@ use crate::callbacks::Callbacks;
 use crate::config::{self, ConfigError, Loaded, LogConfig, process_env};
 use crate::connections::Connections;
 use crate::limiter::BackendKind;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Process};
 use crate::proxy::Gateway;
 use crate::sandbox::{DEMO_ACCESS_KEY, DEMO_SECRET, Sandbox};
 use crate::secret::Secret;
@@ -347,8 +347,11 @@ async fn run(loaded: Loaded, config_path: Option<PathBuf>) -> ExitCode {
     let admin = Arc::new(Admin::new(
         source,
         drain.clone(),
-        callbacks.clone(),
-        listeners,
+        Process {
+            callbacks: callbacks.clone(),
+            listeners,
+            diagnostics_dropped: Some(telemetry::dropped),
+        },
     ));
     let (traffic_done, admin_stop) = tokio::sync::oneshot::channel::<()>();
     // The admin listener outlives the traffic listener, so that readiness

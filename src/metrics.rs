@@ -152,8 +152,17 @@ pub type GatewaySource = Arc<dyn Fn() -> Arc<Gateway> + Send + Sync>;
 /// Reads component state at scrape time.
 struct StateCollector {
     gateway: GatewaySource,
-    callbacks: Option<Arc<Callbacks>>,
-    listeners: Vec<Arc<Connections>>,
+    process: Process,
+}
+
+/// The parts of the process `/metrics` reports besides the gateway.
+#[derive(Clone, Default)]
+pub struct Process {
+    pub callbacks: Option<Arc<Callbacks>>,
+    /// The listeners' connection counts.
+    pub listeners: Vec<Arc<Connections>>,
+    /// Diagnostic events dropped so far (read at scrape time).
+    pub diagnostics_dropped: Option<fn() -> u64>,
 }
 
 impl std::fmt::Debug for StateCollector {
@@ -197,12 +206,12 @@ fn per_listener(
 
 impl Collector for StateCollector {
     fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
-        if !self.listeners.is_empty() {
+        if !self.process.listeners.is_empty() {
             per_listener(
                 &mut e,
                 "connections_open",
                 "Open connections, per listener.",
-                &self.listeners,
+                &self.process.listeners,
                 MetricType::Gauge,
                 |c| c.open() as u64,
             )?;
@@ -210,7 +219,7 @@ impl Collector for StateCollector {
                 &mut e,
                 "connections_rejected",
                 "Connections closed at once because the listener had max_connections open.",
-                &self.listeners,
+                &self.process.listeners,
                 MetricType::Counter,
                 Connections::rejected,
             )?;
@@ -287,9 +296,9 @@ impl Collector for StateCollector {
             &mut e,
             "diagnostics_dropped",
             "Diagnostic log events dropped because stderr's reader was behind by log.queue_lines.",
-            crate::telemetry::dropped(),
+            self.process.diagnostics_dropped.map_or(0, |read| read()),
         )?;
-        if let Some(cb) = &self.callbacks {
+        if let Some(cb) = &self.process.callbacks {
             let c = &cb.counts;
             for (name, help, v) in [
                 ("callbacks_received", "Pushes received.", &c.received),
@@ -339,16 +348,11 @@ pub struct Exporter {
 
 impl Exporter {
     pub fn new(gateway: GatewaySource) -> Exporter {
-        Self::with_callbacks(gateway, None, Vec::new())
+        Self::with_process(gateway, Process::default())
     }
 
-    /// Also exports the callback receiver's series, and the connection
-    /// counts of `listeners`.
-    pub fn with_callbacks(
-        gateway: GatewaySource,
-        callbacks: Option<Arc<Callbacks>>,
-        listeners: Vec<Arc<Connections>>,
-    ) -> Exporter {
+    /// Also exports the series of the rest of the `process`.
+    pub fn with_process(gateway: GatewaySource, process: Process) -> Exporter {
         let mut registry = Registry::with_prefix("pandagate");
         let current = gateway();
         let m = current.metrics();
@@ -373,18 +377,14 @@ impl Exporter {
             m.attempts.clone(),
         );
         registry.register("retries", "Retries, by reason.", m.retries.clone());
-        if let Some(cb) = &callbacks {
+        if let Some(cb) = &process.callbacks {
             registry.register(
                 "callbacks_delivery_lag_seconds",
                 "Time from a push's acknowledgement to its delivery.",
                 cb.counts.lag.clone(),
             );
         }
-        registry.register_collector(Box::new(StateCollector {
-            gateway,
-            callbacks,
-            listeners,
-        }));
+        registry.register_collector(Box::new(StateCollector { gateway, process }));
         Exporter { registry }
     }
 
