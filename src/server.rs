@@ -16,8 +16,9 @@
 //!
 //! A request being handled (its body read, or the provider's answer awaited)
 //! is never cut by the idle timer: the handlers bound their own time. The
-//! watcher then sleeps until the last request's handler finishes, so no
-//! state of a connection wakes it more than once per event.
+//! watcher looks again one `idle_timeout` later, never at a deadline already
+//! past, so no state of a connection wakes it more than once per
+//! `idle_timeout`, and requests cost it nothing.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -37,7 +38,6 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
-use tokio::sync::Notify;
 
 use crate::config::ServerConfig;
 use crate::connections::Connections;
@@ -150,11 +150,10 @@ pub async fn serve_counted<H, F, B>(
                 let service = service_fn(move |req| {
                     let handling = Handling::enter(calls.clone());
                     let response = handler(req);
-                    let calls = calls.clone();
                     async move {
                         let response = response.await;
-                        drop(handling);
-                        Ok::<_, Infallible>(response.map(|body| Tracked { body, activity: calls }))
+                        let activity = handling.answered();
+                        Ok::<_, Infallible>(response.map(|body| Tracked { body, activity }))
                     }
                 });
                 let io = TokioIo::new(Watched { io: stream, activity: activity.clone() });
@@ -200,8 +199,6 @@ struct Activity {
     handling: AtomicUsize,
     /// Nanoseconds after `started`.
     last_io: AtomicU64,
-    /// Signalled when the last handler answers.
-    settled: Notify,
 }
 
 impl Activity {
@@ -210,7 +207,6 @@ impl Activity {
             started: Instant::now(),
             handling: AtomicUsize::new(0),
             last_io: AtomicU64::new(0),
-            settled: Notify::new(),
         }
     }
 
@@ -232,40 +228,52 @@ impl Activity {
     }
 
     /// Completes once no request is being handled and no byte has moved
-    /// for `idle`. Each pass waits for an event that changes the answer (a
-    /// handler finishing, or the idle deadline after the last byte), never
-    /// on a deadline already past.
+    /// for `idle`. While a request is being handled the next look is a
+    /// whole `idle` away, never at a deadline already past; so the watcher
+    /// wakes at most once per `idle`, and a request costs it nothing.
     async fn quiet_for(&self, idle: Duration) {
         loop {
-            if self.handling.load(Ordering::Acquire) > 0 {
-                // A permit stored by a handler that finished before this
-                // wait began completes it at once: nothing is missed.
-                self.settled.notified().await;
-                continue;
-            }
+            let next = if self.handling.load(Ordering::Acquire) > 0 {
+                tokio::time::Instant::now() + idle
+            } else {
+                self.idle_at(idle)
+            };
+            tokio::time::sleep_until(next).await;
             if self.idle_for(idle) {
                 return;
             }
-            tokio::time::sleep_until(self.idle_at(idle)).await;
         }
     }
 }
 
-/// One request being handled, from its head to its handler's answer.
-struct Handling(Arc<Activity>);
+/// One request being handled, from its head to its handler's answer (or
+/// to the caller leaving first).
+struct Handling(Option<Arc<Activity>>);
 
 impl Handling {
     fn enter(activity: Arc<Activity>) -> Handling {
         activity.handling.fetch_add(1, Ordering::AcqRel);
-        Handling(activity)
+        Handling(Some(activity))
     }
+
+    /// The handler answered: the request no longer holds the connection
+    /// open; its answer's body takes the activity along.
+    fn answered(mut self) -> Arc<Activity> {
+        let activity = self.0.take().expect("answered once");
+        leave(&activity);
+        activity
+    }
+}
+
+fn leave(activity: &Activity) {
+    activity.touch();
+    activity.handling.fetch_sub(1, Ordering::AcqRel);
 }
 
 impl Drop for Handling {
     fn drop(&mut self) {
-        self.0.touch();
-        if self.0.handling.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.settled.notify_one();
+        if let Some(activity) = self.0.take() {
+            leave(&activity);
         }
     }
 }
