@@ -15,9 +15,10 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use http::{HeaderValue, Method};
 use pandagate::access_log::{AccessLog, AccessRecord, format_line};
 use pandagate::config::LogFormat;
+use pandagate::config::RateLimitConfig;
 use pandagate::envelope;
 use pandagate::ids;
-use pandagate::limiter::{Limiter, RateLimitConfig};
+use pandagate::limiter::Limiter;
 use pandagate::routes::Routes;
 use pandagate::signer::{self, Recipe, TimestampUnit};
 

@@ -24,10 +24,10 @@ use http::{HeaderValue, Method};
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::config::Class;
 use crate::config::{LogConfig, LogFormat};
 use crate::envelope::EnvelopeFields;
 use crate::log_queue::{LogQueue, Stream};
-use crate::routes::Class;
 
 /// What the gateway knows about one call, filled in as it goes.
 #[derive(Debug)]

@@ -9,36 +9,14 @@
 //! clients. With no client configured, the gateway refuses to start on a
 //! non-loopback listener unless `allow_unauthenticated = true`.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use http::{HeaderMap, HeaderValue, header};
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::config::{ConfigError, Env};
+use crate::config::{ClientConfig, ConfigError, Env, TokenSource};
 use crate::error::GatewayError;
 use crate::profiles::{Profile, Profiles};
-
-/// A `[[clients]]` entry.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ClientConfig {
-    /// Shown in the access log as `client`.
-    pub name: String,
-    /// Environment variable holding the token...
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub token_env: Option<String>,
-    /// ...or a file holding it (trailing whitespace ignored)...
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub token_file: Option<PathBuf>,
-    /// ...or its SHA-256, 64 hex characters (the token itself nowhere on disk).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub token_sha256: Option<String>,
-    /// Profiles this client may use; the first is its default unless the
-    /// gateway's default profile is listed.
-    pub profiles: Vec<String>,
-}
 
 /// A loaded client. `Debug` shows no digest.
 #[derive(Clone)]
@@ -68,38 +46,18 @@ impl Client {
                 "list at least one profile this client may use",
             ));
         }
-        let sources = usize::from(c.token_env.is_some())
-            + usize::from(c.token_file.is_some())
-            + usize::from(c.token_sha256.is_some());
-        if sources != 1 {
-            return Err(ConfigError::new(
-                format!("{key}.token_env"),
-                "set exactly one of token_env, token_file and token_sha256",
-            ));
-        }
-        let digest = if let Some(var) = &c.token_env {
-            let token = env(var).ok_or_else(|| {
-                ConfigError::new(
-                    format!("{key}.token_env"),
-                    format_args!("environment variable {var} is not set"),
-                )
-            })?;
-            digest_of(token.trim_end(), &format!("{key}.token_env"))?
-        } else if let Some(path) = &c.token_file {
-            let token = std::fs::read_to_string(path).map_err(|e| {
-                ConfigError::new(
-                    format!("{key}.token_file"),
-                    format_args!("cannot read {}: {e}", path.display()),
-                )
-            })?;
-            digest_of(token.trim_end(), &format!("{key}.token_file"))?
-        } else {
-            let hex_digest = c.token_sha256.as_deref().unwrap_or_default();
-            let mut digest = [0u8; 32];
-            hex::decode_to_slice(hex_digest, &mut digest).map_err(|_| {
-                ConfigError::new(format!("{key}.token_sha256"), "must be 64 hex characters")
-            })?;
-            digest
+        let digest = match c.token_source(key)? {
+            TokenSource::Secret(source) => {
+                let token = source.read(env, &format!("{key}.token"))?;
+                Sha256::digest(token.expose().as_bytes()).into()
+            }
+            TokenSource::Sha256(hex_digest) => {
+                let mut digest = [0u8; 32];
+                hex::decode_to_slice(hex_digest, &mut digest).map_err(|_| {
+                    ConfigError::new(format!("{key}.token_sha256"), "must be 64 hex characters")
+                })?;
+                digest
+            }
         };
         Ok(Client {
             name: Arc::from(c.name.as_str()),
@@ -129,13 +87,6 @@ impl Client {
         };
         profiles.get(name).ok_or(GatewayError::ProfileNotSelectable)
     }
-}
-
-fn digest_of(token: &str, key: &str) -> Result<[u8; 32], ConfigError> {
-    if token.is_empty() {
-        return Err(ConfigError::new(key, "the token is empty"));
-    }
-    Ok(Sha256::digest(token.as_bytes()).into())
 }
 
 /// All configured clients.

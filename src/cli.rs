@@ -12,9 +12,9 @@ use clap::{Parser, Subcommand};
 use crate::access_log::AccessLog;
 use crate::admin::{Admin, Drain};
 use crate::callbacks::Callbacks;
-use crate::config::{self, ConfigError, Loaded, LogConfig, process_env};
+use crate::config::{self, BackendKind, ConfigError, LogConfig, process_env};
 use crate::connections::Connections;
-use crate::limiter::BackendKind;
+use crate::loaded::{self, Loaded};
 use crate::metrics::{Metrics, Process};
 use crate::proxy::Gateway;
 use crate::sandbox::{DEMO_ACCESS_KEY, DEMO_SECRET, Sandbox};
@@ -196,7 +196,7 @@ fn on_runtime(threads: usize, task: impl std::future::Future<Output = ExitCode>)
 }
 
 fn with_config(path: Option<&std::path::Path>, f: impl FnOnce(Loaded) -> ExitCode) -> ExitCode {
-    match config::load(path, &process_env) {
+    match loaded::load(path, &process_env) {
         Ok(loaded) => f(loaded),
         Err(e) => config_failure(&e),
     }

@@ -73,7 +73,7 @@ pub async fn run(format: LogFormat) -> Result<bool, DemoError> {
         ..ProfileConfig::default()
     }];
     let demo_env = |name: &str| (name == "PANDAGATE_DEMO_SECRET").then(|| DEMO_SECRET.to_owned());
-    let loaded = config::resolve(config, &demo_env)?;
+    let loaded = crate::loaded::resolve(config, &demo_env)?;
     let (log, _writer) = AccessLog::spawn(format, Box::new(std::io::stdout()));
     let gateway = proxy::build(&loaded, log.clone())?;
     let gateway_listener = server::bind(loaded.config.server.listen, "gateway").await?;

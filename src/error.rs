@@ -49,8 +49,13 @@ pub enum GatewayError {
     UpstreamFailed,
     #[error("upstream circuit open after repeated failures; retry later")]
     CircuitOpen { retry_after: std::time::Duration },
-    #[error("{0}; retry later")]
-    RateLimited(#[from] crate::limiter::RateLimited),
+    #[error("rate limit of {limit} requests per second reached; retry later")]
+    RateLimited {
+        /// When a slot will be free.
+        retry_after: std::time::Duration,
+        /// The rate of the bucket that refused, in requests per second.
+        limit: f64,
+    },
 }
 
 impl GatewayError {
@@ -69,7 +74,7 @@ impl GatewayError {
             Self::UpstreamConnect | Self::UpstreamFailed => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::CircuitOpen { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -91,7 +96,7 @@ impl GatewayError {
             Self::UpstreamTimeout(_) => "upstream_timeout",
             Self::UpstreamFailed => "upstream_failed",
             Self::CircuitOpen { .. } => "circuit_open",
-            Self::RateLimited(_) => "rate_limited",
+            Self::RateLimited { .. } => "rate_limited",
         }
     }
 
@@ -107,13 +112,10 @@ impl GatewayError {
             Self::CircuitOpen { retry_after } => {
                 headers.insert(header::RETRY_AFTER, whole_seconds(*retry_after));
             }
-            Self::RateLimited(limited) => {
-                let reset = whole_seconds(limited.retry_after);
+            Self::RateLimited { retry_after, limit } => {
+                let reset = whole_seconds(*retry_after);
                 headers.insert(header::RETRY_AFTER, reset.clone());
-                headers.insert(
-                    RATELIMIT_LIMIT,
-                    HeaderValue::from(limited.limit.ceil() as u64),
-                );
+                headers.insert(RATELIMIT_LIMIT, HeaderValue::from(limit.ceil() as u64));
                 headers.insert(RATELIMIT_REMAINING, HeaderValue::from_static("0"));
                 headers.insert(RATELIMIT_RESET, reset);
             }
@@ -194,10 +196,10 @@ mod tests {
 
     #[test]
     fn rate_limited_carries_retry_after_and_ratelimit_headers() {
-        let r = GatewayError::RateLimited(crate::limiter::RateLimited {
+        let r = GatewayError::RateLimited {
             retry_after: std::time::Duration::from_millis(2100),
             limit: 50.0,
-        })
+        }
         .to_response("id");
         assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(r.headers()[header::RETRY_AFTER], "3");

@@ -31,11 +31,12 @@ use sha2::Sha256;
 
 use crate::access_log::{AccessLog, AccessRecord};
 use crate::callbacks::{PushRejected, verify_push};
+use crate::config::Class;
 use crate::config::{self, Config, LogFormat, ProfileConfig};
 use crate::envelope;
 use crate::headers::{CREDENTIAL_HEADERS, USER_ID, X_REQUEST_ID};
 use crate::proxy::Gateway;
-use crate::routes::{Class, is_ambiguous};
+use crate::routes::is_ambiguous;
 use crate::secret::Secret;
 
 const UPSTREAM: &str = "https://api.example.test/base";
@@ -90,14 +91,14 @@ fn gateways() -> &'static [Gateway; 2] {
             ];
             if with_clients {
                 c.server.ambiguous_paths = config::AmbiguousPaths::Forward;
-                c.clients = vec![crate::auth::ClientConfig {
+                c.clients = vec![crate::config::ClientConfig {
                     name: "svc".into(),
                     token_env: Some("FUZZ_TOKEN".into()),
                     profiles: vec!["default".into(), "ops".into()],
                     ..Default::default()
                 }];
             }
-            let loaded = config::resolve(c, &env).expect("the fuzz config is valid");
+            let loaded = crate::loaded::resolve(c, &env).expect("the fuzz config is valid");
             Gateway::new(&loaded, log.clone()).expect("the fuzz gateway builds")
         };
         [build(false), build(true)]

@@ -27,6 +27,7 @@ pub mod fuzzing;
 pub mod headers;
 pub mod ids;
 pub mod limiter;
+pub mod loaded;
 pub mod log_queue;
 pub mod metrics;
 pub mod profiles;

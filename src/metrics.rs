@@ -119,7 +119,7 @@ impl Metrics {
     }
 
     /// One upstream attempt took `seconds` to its response head (or failure).
-    pub fn attempt(&self, class: crate::routes::Class, seconds: f64) {
+    pub fn attempt(&self, class: crate::config::Class, seconds: f64) {
         let labels = ClassLabels {
             class: class.as_str(),
         };

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use http::HeaderValue;
 
-use crate::config::{ConfigError, Env, ProfileConfig, load_secret};
+use crate::config::{ConfigError, Env, ProfileConfig, SecretSource};
 use crate::error::GatewayError;
 use crate::secret::SecretCell;
 
@@ -18,10 +18,10 @@ use crate::secret::SecretCell;
 pub struct Profile {
     pub name: Arc<str>,
     pub access_key: HeaderValue,
-    /// Replaced in place when `secret_file` changes.
+    /// Replaced in place when its file changes.
     pub secret: SecretCell,
     /// Where the secret is re-read from, if it came from a file.
-    pub secret_file: Option<std::path::PathBuf>,
+    pub secret_source: SecretSource,
     pub user_id: Option<HeaderValue>,
     pub allowed_user_ids: Option<Vec<HeaderValue>>,
     pub selectable: bool,
@@ -55,6 +55,7 @@ impl Profile {
             v.set_sensitive(true);
             Ok(v)
         };
+        let secret_source = p.secret_source(key)?;
         let access_key = match &p.access_key {
             Some(k) => header("access_key", k)?,
             None => {
@@ -81,8 +82,8 @@ impl Profile {
         Ok(Profile {
             name: Arc::from(p.name.as_str()),
             access_key,
-            secret: SecretCell::new(load_secret(p, key, env)?),
-            secret_file: p.secret_file.clone(),
+            secret: SecretCell::new(secret_source.read(env, &format!("{key}.secret"))?),
+            secret_source,
             user_id,
             allowed_user_ids,
             selectable: p.selectable,
@@ -186,7 +187,7 @@ mod tests {
             name: name.into(),
             access_key: HeaderValue::from_static("ak"),
             secret: SecretCell::new(crate::secret::Secret::new("s")),
-            secret_file: None,
+            secret_source: SecretSource::Env("TEST_SECRET".into()),
             user_id: Some(HeaderValue::from_static("1000")),
             allowed_user_ids: allowed.map(|l| {
                 l.iter()

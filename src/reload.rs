@@ -37,10 +37,10 @@ pub async fn watch_secret_files(current: Current, metrics: Arc<Metrics>, interva
         tokio::time::sleep(interval).await;
         let gateway = current.load_full();
         for profile in gateway.profiles().iter() {
-            let Some(path) = &profile.secret_file else {
+            let Some(path) = profile.secret_source.file() else {
                 continue;
             };
-            match read(path.clone()).await {
+            match read(path.to_owned()).await {
                 Ok(secret) => {
                     failing.remove(&profile.name);
                     if profile.secret.replace(secret) {
@@ -97,7 +97,7 @@ pub fn reload(
     metrics: &Arc<Metrics>,
     receiver_profile: Option<&str>,
 ) {
-    let loaded = match config::load(path, env) {
+    let loaded = match crate::loaded::load(path, env) {
         Ok(loaded) => loaded,
         Err(e) => {
             tracing::warn!(error = %e, "config reload rejected; the running config stays");

@@ -17,33 +17,7 @@
 
 use std::collections::HashMap;
 
-use serde::{Deserialize, Serialize};
-
-use crate::limiter::{Rate, RateError};
-
-/// Whether a call may be repeated.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Class {
-    Read,
-    Write,
-    Unknown,
-}
-
-impl Class {
-    /// Only reads are ever sent twice once a byte may have reached the provider.
-    pub fn repeatable(self) -> bool {
-        self == Class::Read
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Class::Read => "read",
-            Class::Write => "write",
-            Class::Unknown => "unknown",
-        }
-    }
-}
+use crate::config::{Class, Rate, RouteConfig, v1_form};
 
 use Class::{Read, Write};
 
@@ -84,17 +58,6 @@ const CATALOGUE: &[(&str, Class)] = &[
     // 1688 after-sales
     ("/alibaba/refund/goods/return", Write),
 ];
-
-/// The v1 spelling of a path, borrowing when it already is one.
-fn v1_form(path: &str) -> (&'static str, &str) {
-    if let Some(rest) = path.strip_prefix("/v2/taobao/") {
-        ("/open/", rest)
-    } else if let Some(rest) = path.strip_prefix("/v2/alibaba/") {
-        ("/alibaba/", rest)
-    } else {
-        ("", path)
-    }
-}
 
 /// The built-in catalogue: exact paths in a map, parameterised ones in a list.
 #[derive(Debug)]
@@ -212,95 +175,6 @@ mod tests {
     }
 }
 
-/// A `[[routes]]` entry: overrides for one path or a family of paths.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RouteConfig {
-    /// The exact path (no query) this entry applies to...
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub path: Option<String>,
-    /// ...or every path that starts with this. The longest match wins.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub prefix: Option<String>,
-    /// `read`, `write` or `unknown` (treated as write), replacing the catalogue's.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub class: Option<Class>,
-    /// Replaces `retry.max_attempts` for these paths.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub max_attempts: Option<u32>,
-    /// Replaces the per-attempt timeout for these paths, in milliseconds.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub attempt_timeout_ms: Option<u64>,
-    /// A bucket of its own for these paths, per AccessKey, in requests per
-    /// second; calls pass it and then the key's `[rate_limit]` bucket.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub rate_limit_per_second: Option<f64>,
-    /// Burst of that bucket; default one second's worth.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub rate_limit_burst: Option<u32>,
-}
-
-impl RouteConfig {
-    fn pattern(&self) -> &str {
-        self.path
-            .as_deref()
-            .or(self.prefix.as_deref())
-            .unwrap_or("")
-    }
-
-    fn matches(&self, path: Spelling<'_>) -> bool {
-        match (&self.path, &self.prefix) {
-            (Some(exact), _) => path.equals(exact),
-            (None, Some(prefix)) => path.starts_with(prefix),
-            (None, None) => false,
-        }
-    }
-
-    /// Checks one entry; `key` names it in errors.
-    pub fn validate(&self, key: &str) -> Result<(), crate::config::ConfigError> {
-        use crate::config::ConfigError;
-        match (&self.path, &self.prefix) {
-            (Some(_), Some(_)) | (None, None) => {
-                return Err(ConfigError::new(key, "set exactly one of path and prefix"));
-            }
-            _ => {}
-        }
-        if !self.pattern().starts_with('/') {
-            return Err(ConfigError::new(key, "path and prefix must start with /"));
-        }
-        if self.max_attempts == Some(0) {
-            return Err(ConfigError::new(
-                format!("{key}.max_attempts"),
-                "must be greater than 0",
-            ));
-        }
-        if self.attempt_timeout_ms == Some(0) {
-            return Err(ConfigError::new(
-                format!("{key}.attempt_timeout_ms"),
-                "must be greater than 0",
-            ));
-        }
-        if self.rate_limit_burst.is_some() && self.rate_limit_per_second.is_none() {
-            return Err(ConfigError::new(
-                format!("{key}.rate_limit_burst"),
-                "needs rate_limit_per_second",
-            ));
-        }
-        self.rate().transpose().map_err(|e| {
-            e.named(
-                &format!("{key}.rate_limit_per_second"),
-                &format!("{key}.rate_limit_burst"),
-            )
-        })?;
-        Ok(())
-    }
-
-    fn rate(&self) -> Option<Result<Rate, RateError>> {
-        self.rate_limit_per_second
-            .map(|r| Rate::new(r, self.rate_limit_burst))
-    }
-}
-
 /// Whether a server could read `path` as another path.
 ///
 /// The provider's paths are plain: segments of letters, digits, `-`, `_`
@@ -366,32 +240,19 @@ impl Spelling<'_> {
     }
 }
 
+/// Whether `entry` covers `path`.
+fn matches(entry: &RouteConfig, path: Spelling<'_>) -> bool {
+    match (&entry.path, &entry.prefix) {
+        (Some(exact), _) => path.equals(exact),
+        (None, Some(prefix)) => path.starts_with(prefix),
+        (None, None) => false,
+    }
+}
+
 /// The pattern in its v1 spelling, to compare entries' specificity.
 fn v1_len(pattern: &str) -> usize {
     let (prefix, rest) = v1_form(pattern);
     prefix.len() + rest.len()
-}
-
-/// Refuses two entries for the same paths: the same pattern, or the v1
-/// and v2 spellings of one (which would give one endpoint two buckets).
-pub fn check_overlaps(routes: &[RouteConfig]) -> Result<(), crate::config::ConfigError> {
-    let canonical = |r: &RouteConfig| {
-        let (prefix, rest) = v1_form(r.pattern());
-        (r.path.is_some(), format!("{prefix}{rest}"))
-    };
-    for (i, r) in routes.iter().enumerate() {
-        let mine = canonical(r);
-        if let Some(j) = routes[..i].iter().position(|q| canonical(q) == mine) {
-            return Err(crate::config::ConfigError::new(
-                format!("routes[{i}]"),
-                format_args!(
-                    "covers the same paths as routes[{j}] (the v1 and v2 spellings of a \
-                     path are one endpoint)"
-                ),
-            ));
-        }
-    }
-    Ok(())
 }
 
 /// What the gateway knows about a path.
@@ -467,7 +328,7 @@ impl Routes {
         let entry = self
             .overrides
             .iter()
-            .find(|(r, _)| r.matches(as_sent) || other.is_some_and(|o| r.matches(o)));
+            .find(|(r, _)| matches(r, as_sent) || other.is_some_and(|o| matches(r, o)));
         let config = entry.map(|(r, _)| r);
         Route {
             class: config
@@ -483,6 +344,7 @@ impl Routes {
 #[cfg(test)]
 mod override_tests {
     use super::*;
+    use crate::config::check_overlaps;
 
     fn entry(path: Option<&str>, prefix: Option<&str>, class: Class) -> RouteConfig {
         RouteConfig {

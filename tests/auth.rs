@@ -4,7 +4,7 @@ mod support;
 
 use http::Request;
 use http_body_util::Full;
-use pandagate::auth::ClientConfig;
+use pandagate::config::ClientConfig;
 use support::*;
 use wiremock::ResponseTemplate;
 

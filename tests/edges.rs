@@ -153,9 +153,9 @@ const AMBIGUOUS_TARGETS: [&str; 12] = [
 ];
 
 fn product_prefix_is_read(c: &mut pandagate::config::Config) {
-    c.routes = vec![pandagate::routes::RouteConfig {
+    c.routes = vec![pandagate::config::RouteConfig {
         prefix: Some("/open/product/".into()),
-        class: Some(pandagate::routes::Class::Read),
+        class: Some(pandagate::config::Class::Read),
         ..Default::default()
     }];
 }

@@ -2,7 +2,7 @@
 
 mod support;
 
-use pandagate::limiter::RateLimitConfig;
+use pandagate::config::RateLimitConfig;
 use pandagate::metrics::Exporter;
 use support::*;
 use wiremock::ResponseTemplate;

@@ -5,8 +5,8 @@ mod support;
 use std::time::{Duration, Instant};
 
 use pandagate::config::Config;
-use pandagate::limiter::{BackendKind, BackendState, FailMode, RateLimitConfig};
-use pandagate::routes::RouteConfig;
+use pandagate::config::{BackendKind, FailMode, RateLimitConfig, RouteConfig};
+use pandagate::limiter::BackendState;
 use support::*;
 use wiremock::ResponseTemplate;
 
@@ -271,10 +271,11 @@ async fn closed_fail_mode_refuses_while_redis_is_away() {
 /// the Lua script's arithmetic holds at the extremes) without a panic.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_live_redis_decides_at_every_bound() {
-    use pandagate::config::MAX_DURATION_MS;
-    use pandagate::limiter::{
-        Limiter, MAX_BURST, MAX_PER_SECOND, MIN_FALLBACK_SHARE, MIN_PER_SECOND, Rate, RedisUrl,
+    use pandagate::config::{
+        MAX_BURST, MAX_DURATION_MS, MAX_PER_SECOND, MIN_FALLBACK_SHARE, MIN_PER_SECOND, Rate,
+        RedisUrl,
     };
+    use pandagate::limiter::Limiter;
     let redis = RedisServer::start();
     let url = RedisUrl::parse(&redis.url(), "test").unwrap();
     let routes = [

@@ -310,7 +310,7 @@ async fn retries_transient_business_codes_on_reads_only() {
         .mount(&upstream)
         .await;
     let mut c = fast(&upstream.uri());
-    c.retry.transient_codes = vec![pandagate::retry::CodeValue::Int(5001)];
+    c.retry.transient_codes = vec![pandagate::config::CodeValue::Int(5001)];
     let gw = spawn_gateway(c).await;
     let answer = get(&gw.url("/open/product/get")).await;
     assert_eq!(answer.json()["code"], 200);

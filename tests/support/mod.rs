@@ -15,7 +15,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use md5::{Digest, Md5};
 use pandagate::access_log::AccessLog;
-use pandagate::config::{self, Config, LogFormat, ProfileConfig};
+use pandagate::config::{Config, LogFormat, ProfileConfig};
 use pandagate::server::{self, ServerOptions};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -96,7 +96,7 @@ pub struct TestGateway {
 
 /// Starts a gateway for `config` on a free loopback port.
 pub async fn spawn_gateway(config: Config) -> TestGateway {
-    let loaded = config::resolve(config, &test_env).expect("test config is valid");
+    let loaded = pandagate::loaded::resolve(config, &test_env).expect("test config is valid");
     let captured = Captured::default();
     let (log, _writer) = AccessLog::spawn(LogFormat::Json, Box::new(captured.clone()));
     let gateway = pandagate::proxy::build(&loaded, log.clone()).expect("gateway builds");

@@ -1,0 +1,502 @@
+//! The configuration: one typed tree read from TOML, overridden by the
+//! environment, then checked by [`Config::validate`].
+//!
+//! Every field has a default, so no file is needed at all:
+//! `PANDAPON_ACCESS_KEY=... PANDAPON_ACCESS_SECRET=... pandagate` serves.
+//! `config/pandagate.toml` is the commented reference with units.
+//!
+//! Secrets are never read from the TOML: a profile names the environment
+//! variable or the file that holds its secret. Any invalid setting becomes a
+//! [`ConfigError`] whose one-line message starts with the key it is about.
+//!
+//! URLs may carry credentials (`redis://:password@host`): whatever prints
+//! the config ([`Config::to_toml`], `Debug`, [`ConfigError`]) shows them
+//! through [`crate::redact`].
+
+mod breaker;
+mod callbacks;
+mod clients;
+mod error;
+mod log;
+mod profiles;
+mod rate_limit;
+mod retry;
+mod routes;
+mod secrets;
+mod server;
+mod signing;
+mod upstream;
+
+use std::fmt;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+pub use breaker::BreakerConfig;
+pub use callbacks::{CallbacksConfig, SubscriberConfig};
+pub use clients::{ClientConfig, TokenSource};
+pub use error::{ConfigError, Env, MAX_DURATION_MS, check_duration_ms, process_env};
+pub use log::{LogConfig, LogFormat};
+pub use profiles::{ENV_PROFILE, ProfileConfig};
+pub use rate_limit::{
+    BackendKind, DEFAULT_REDIS_URL, FailMode, MAX_BURST, MAX_PER_SECOND, MIN_FALLBACK_SHARE,
+    MIN_PER_SECOND, Rate, RateError, RateLimitConfig, RedisUrl, RedisUrlSource,
+};
+pub use retry::{CodeValue, RetryConfig};
+pub use routes::{Class, RouteConfig, check_overlaps, v1_form};
+pub use secrets::{SecretSource, read_secret_file};
+pub use server::{AmbiguousPaths, ServerConfig};
+pub use signing::SigningConfig;
+pub use upstream::{UpstreamConfig, upstream_base};
+
+/// `*_ms` keys with a tighter bound than [`MAX_DURATION_MS`], and why.
+const DURATION_BOUNDS: [(&str, u64, &str); 1] = [(
+    "retry.budget_window_ms",
+    3_600_000,
+    "(1 hour): the budget keeps a counter per second of the window",
+)];
+
+/// The effective config. `Debug` shows it as TOML with URLs redacted.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Profile used when the caller sends no `x-pandagate-profile` header.
+    pub default_profile: String,
+    pub server: ServerConfig,
+    pub upstream: UpstreamConfig,
+    pub signing: SigningConfig,
+    pub log: LogConfig,
+    pub retry: RetryConfig,
+    pub circuit_breaker: BreakerConfig,
+    /// The provider's quota; absent: no per-key limit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimitConfig>,
+    /// Per-path overrides of the endpoint catalogue and retry settings.
+    pub routes: Vec<RouteConfig>,
+    /// Credential profiles; `PANDAPON_*` variables fill the one named `default`.
+    pub profiles: Vec<ProfileConfig>,
+    /// Callers of a shared gateway, each with a bearer token; none: no
+    /// caller authentication.
+    pub clients: Vec<ClientConfig>,
+    /// Serve without `[[clients]]` on a non-loopback listener.
+    pub allow_unauthenticated: bool,
+    /// The provider's pushed messages; absent: no callback receiver.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub callbacks: Option<CallbacksConfig>,
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        crate::redact::debug("Config", self, f)
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            default_profile: ENV_PROFILE.to_owned(),
+            server: ServerConfig::default(),
+            upstream: UpstreamConfig::default(),
+            signing: SigningConfig::default(),
+            log: LogConfig::default(),
+            retry: RetryConfig::default(),
+            circuit_breaker: BreakerConfig::default(),
+            rate_limit: None,
+            routes: Vec::new(),
+            profiles: Vec::new(),
+            clients: Vec::new(),
+            allow_unauthenticated: false,
+            callbacks: None,
+        }
+    }
+}
+
+impl Config {
+    /// Parses TOML; unknown keys and wrong types are errors naming their key.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let line_of = |span: Option<std::ops::Range<usize>>| {
+            span.map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1)
+        };
+        let de = toml::Deserializer::parse(text).map_err(|e| {
+            let at = line_of(e.span()).map_or(String::new(), |l| format!(" (line {l})"));
+            ConfigError::new("toml", format_args!("{}{at}", e.message()))
+        })?;
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let at = line_of(e.inner().span()).map_or(String::new(), |l| format!(" (line {l})"));
+            ConfigError::new(key, format_args!("{}{at}", e.inner().message()))
+        })
+    }
+
+    /// Applies `PANDAGATE_*` and `PANDAPON_*` variables; they win over the file.
+    pub fn apply_env(&mut self, env: Env<'_>) -> Result<(), ConfigError> {
+        if let Some(v) = env("PANDAGATE_LISTEN") {
+            self.server.listen = v.parse().map_err(|_| {
+                ConfigError::new(
+                    "PANDAGATE_LISTEN",
+                    format_args!("not an address:port: {v:?}"),
+                )
+            })?;
+        }
+        if let Some(v) = env("PANDAGATE_ADMIN_LISTEN") {
+            self.server.admin_listen = v.parse().map_err(|_| {
+                ConfigError::new(
+                    "PANDAGATE_ADMIN_LISTEN",
+                    format_args!("not an address:port: {v:?}"),
+                )
+            })?;
+        }
+        if let Some(v) = env("PANDAGATE_WORKER_THREADS") {
+            self.server.worker_threads = v.parse().map_err(|_| {
+                ConfigError::new(
+                    "PANDAGATE_WORKER_THREADS",
+                    format_args!("not a whole number: {v:?}"),
+                )
+            })?;
+        }
+        if let Some(v) = env("PANDAGATE_UPSTREAM") {
+            self.upstream.url = v;
+        }
+        if let Some(v) = env("PANDAGATE_LOG_FORMAT") {
+            self.log.format = Some(match v.as_str() {
+                "json" => LogFormat::Json,
+                "text" => LogFormat::Text,
+                _ => {
+                    return Err(ConfigError::new(
+                        "PANDAGATE_LOG_FORMAT",
+                        format_args!("must be \"json\" or \"text\", not {v:?}"),
+                    ));
+                }
+            });
+        }
+
+        let key = env("PANDAPON_ACCESS_KEY");
+        let secret = env("PANDAPON_ACCESS_SECRET");
+        let secret_file = env("PANDAPON_ACCESS_SECRET_FILE");
+        let user_id = env("PANDAPON_USER_ID");
+        if secret.is_some() && secret_file.is_some() {
+            return Err(ConfigError::new(
+                "PANDAPON_ACCESS_SECRET_FILE",
+                "set either PANDAPON_ACCESS_SECRET or PANDAPON_ACCESS_SECRET_FILE, not both",
+            ));
+        }
+        if key.is_none() && secret.is_none() && secret_file.is_none() && user_id.is_none() {
+            return Ok(());
+        }
+        let profile = match self.profiles.iter().position(|p| p.name == ENV_PROFILE) {
+            Some(i) => &mut self.profiles[i],
+            None => {
+                self.profiles.push(ProfileConfig {
+                    name: ENV_PROFILE.to_owned(),
+                    ..ProfileConfig::default()
+                });
+                self.profiles.last_mut().expect("just pushed")
+            }
+        };
+        if key.is_some() {
+            profile.access_key = key;
+        }
+        if secret.is_some() {
+            profile.secret_env = Some("PANDAPON_ACCESS_SECRET".to_owned());
+            profile.secret_file = None;
+        }
+        if let Some(file) = secret_file {
+            profile.secret_file = Some(PathBuf::from(file));
+            profile.secret_env = None;
+        }
+        if user_id.is_some() {
+            profile.user_id = user_id;
+        }
+        Ok(())
+    }
+
+    /// Checks everything that can be checked without reading secrets:
+    /// each section by its own `validate`, then what spans sections.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.server.validate()?;
+        self.upstream.validate()?;
+        self.log.validate()?;
+        self.retry.validate()?;
+        self.circuit_breaker.validate()?;
+        self.check_durations()?;
+        if let Some(rate_limit) = &self.rate_limit {
+            rate_limit.validate()?;
+        }
+        routes::validate_all(&self.routes)?;
+        profiles::validate_all(&self.profiles)?;
+        clients::validate_all(&self.clients, &self.profiles)?;
+        if let Some(callbacks) = &self.callbacks {
+            let names: Vec<String> = self.profiles.iter().map(|p| p.name.clone()).collect();
+            callbacks.validate(&names)?;
+        }
+        let listen = self.server.listen;
+        if self.clients.is_empty() && !self.allow_unauthenticated && !listen.ip().is_loopback() {
+            return Err(ConfigError::new(
+                "server.listen",
+                format_args!(
+                    "{listen} is reachable from other hosts but no [[clients]] are configured: \
+                     add [[clients]] with bearer tokens, listen on loopback, or set \
+                     allow_unauthenticated = true"
+                ),
+            ));
+        }
+        if !self.profiles.iter().any(|p| p.name == self.default_profile) {
+            return Err(ConfigError::new(
+                "default_profile",
+                format_args!("no profile named {:?}", self.default_profile),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Every `*_ms` key, in any section (those added later included), is
+    /// at most [`MAX_DURATION_MS`] or its tighter bound in `DURATION_BOUNDS`.
+    fn check_durations(&self) -> Result<(), ConfigError> {
+        fn walk(v: &toml::Value, key: &str) -> Result<(), ConfigError> {
+            match v {
+                toml::Value::Table(table) => {
+                    for (name, v) in table {
+                        let key = if key.is_empty() {
+                            name.clone()
+                        } else {
+                            format!("{key}.{name}")
+                        };
+                        if let (true, toml::Value::Integer(ms)) = (name.ends_with("_ms"), v) {
+                            let ms = u64::try_from(*ms).unwrap_or(0);
+                            check_duration_ms(&key, ms)?;
+                            if let Some((_, max, why)) =
+                                DURATION_BOUNDS.iter().find(|(k, _, _)| *k == key)
+                                && ms > *max
+                            {
+                                return Err(ConfigError::new(
+                                    key,
+                                    format_args!("must be at most {max} {why}"),
+                                ));
+                            }
+                        }
+                        walk(v, &key)?;
+                    }
+                }
+                toml::Value::Array(items) => {
+                    for (i, v) in items.iter().enumerate() {
+                        walk(v, &format!("{key}[{i}]"))?;
+                    }
+                }
+                _ => {}
+            }
+            Ok(())
+        }
+        // A u64 beyond i64 (only a config built in code can hold one) does
+        // not serialise: it is out of every bound anyway.
+        let value = toml::Value::try_from(self).map_err(|e| ConfigError::new("config", e))?;
+        walk(&value, "")
+    }
+
+    /// The effective config as TOML, for `pandagate check`: URLs are shown
+    /// with their credentials redacted ([`crate::redact`]), and profiles only
+    /// name where their secret comes from.
+    pub fn to_toml(&self) -> String {
+        let rendered = toml::Value::try_from(self).and_then(|mut v| {
+            crate::redact::value(&mut v);
+            toml::to_string_pretty(&v)
+        });
+        rendered.unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+
+    /// The config as TOML exactly, credentials in URLs included: for round
+    /// trips through [`Config::from_toml`], never for display.
+    pub fn to_toml_unredacted(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    const CREDS: &[(&str, &str)] = &[
+        ("PANDAPON_ACCESS_KEY", "ak-1"),
+        ("PANDAPON_ACCESS_SECRET", "s3cr3t-value"),
+    ];
+
+    #[test]
+    fn environment_wins_over_the_file() {
+        let mut c = Config::from_toml(
+            "[server]\nlisten = \"127.0.0.1:1\"\n[[profiles]]\nname = \"default\"\naccess_key = \"from-file\"\nsecret_env = \"OTHER\"\n",
+        )
+        .unwrap();
+        let mut pairs = CREDS.to_vec();
+        pairs.push(("PANDAGATE_LISTEN", "127.0.0.1:2"));
+        c.apply_env(&env_of(&pairs)).unwrap();
+        assert_eq!(c.server.listen.port(), 2);
+        assert_eq!(c.profiles[0].access_key.as_deref(), Some("ak-1"));
+        assert_eq!(
+            c.profiles[0].secret_env.as_deref(),
+            Some("PANDAPON_ACCESS_SECRET")
+        );
+    }
+
+    fn err(toml: &str) -> ConfigError {
+        let mut c = match Config::from_toml(toml) {
+            Ok(c) => c,
+            Err(e) => return e,
+        };
+        c.apply_env(&env_of(CREDS)).unwrap();
+        c.validate().unwrap_err()
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = err("[server]\nlisten_adress = \"127.0.0.1:1\"\n");
+        assert!(e.to_string().contains("listen_adress"), "{e}");
+        assert!(e.key.starts_with("server"), "{e}");
+    }
+
+    #[test]
+    fn negative_and_zero_limits_are_named() {
+        let e = err("[server]\nmax_request_body_bytes = -1\n");
+        assert_eq!(e.key, "server.max_request_body_bytes", "{e}");
+        let e = err("[upstream]\nrequest_timeout_ms = 0\n");
+        assert_eq!(e.key, "upstream.request_timeout_ms", "{e}");
+        assert!(e.message.contains("greater than 0"));
+    }
+
+    #[test]
+    fn callbacks_retain_ms_defaults_to_seven_days_and_zero_is_named() {
+        let c = Config::from_toml("[callbacks]\n").unwrap();
+        assert_eq!(c.callbacks.unwrap().retain_ms, 604_800_000);
+        let c = Config::from_toml("[callbacks]\nretain_ms = 5000\n").unwrap();
+        assert_eq!(c.callbacks.unwrap().retain_ms, 5000);
+        let e = err("[callbacks]\nretain_ms = 0\n");
+        assert_eq!(e.key, "callbacks.retain_ms", "{e}");
+    }
+
+    #[test]
+    fn malformed_url_is_named() {
+        for url in ["not a url", "ftp://x", "https://", "https://h/?q=1"] {
+            let e = err(&format!("[upstream]\nurl = \"{url}\"\n"));
+            assert_eq!(e.key, "upstream.url", "{url}: {e}");
+        }
+    }
+
+    #[test]
+    fn errors_are_one_line() {
+        let e = err("[server\nlisten = 1");
+        assert!(!e.to_string().contains('\n'), "{e}");
+    }
+
+    #[test]
+    fn credentials_in_the_upstream_url_are_refused_and_never_shown() {
+        let upstream = UpstreamConfig {
+            url: "https://gw:up-pw-1@api.example.test".into(),
+            ..UpstreamConfig::default()
+        };
+        assert!(!format!("{upstream:?}").contains("up-pw-1"));
+        let e = err("[upstream]\nurl = \"https://gw:up-pw-1@api.example.test\"\n");
+        assert_eq!(e.key, "upstream.url", "{e}");
+        assert!(e.message.contains("must not carry credentials"), "{e}");
+        assert!(!e.to_string().contains("up-pw-1"), "{e}");
+    }
+
+    #[test]
+    fn config_errors_never_quote_a_url_password() {
+        for (toml, key) in [
+            // Rejected by the Redis client, each for its own reason.
+            (
+                "redis_url = \"redis://:pw-a@0.0.0.0:6379\"",
+                "rate_limit.redis_url",
+            ),
+            (
+                "redis_url = \"redis://:pw-b@h/notadb\"",
+                "rate_limit.redis_url",
+            ),
+            (
+                "redis_url = \"redis://:pw-c@h:1/?protocol=pw-c\"",
+                "rate_limit.redis_url",
+            ),
+            ("redis_url = \"redis://:pw-d@\"", "rate_limit.redis_url"),
+            ("redis_url = \"redis://:p?w-e@h\"", "rate_limit.redis_url"),
+            ("redis_url = \"rediss://:pw-f@h\"", "rate_limit.redis_url"),
+            // A URL where no URL belongs: serde quotes the value it refused.
+            ("redis_url = [\"redis://:pw-g@h\"]", "rate_limit.redis_url"),
+            ("fail_mode = \"redis://:pw-h@h\"", "rate_limit.fail_mode"),
+        ] {
+            let text =
+                format!("[rate_limit]\nrequests_per_second = 1\nbackend = \"redis\"\n{toml}\n");
+            let e = err(&text);
+            assert_eq!(e.key, key, "{toml}: {e}");
+            let pw = toml.split(":").nth(2).unwrap().split('@').next().unwrap();
+            assert!(!e.to_string().contains(pw), "{pw} in {e}");
+            assert!(!e.to_string().contains("w-"), "{e}");
+        }
+        for url in [
+            "https://u:pw-i@h/?q=1",
+            "ftp://u:pw-j@h",
+            "https://u:pw-k@",
+            "https://u:pw-l@h h",
+        ] {
+            let e = err(&format!("[upstream]\nurl = \"{url}\"\n"));
+            assert_eq!(e.key, "upstream.url", "{url}: {e}");
+            assert!(!e.to_string().contains("pw-"), "{e}");
+        }
+    }
+
+    #[test]
+    fn every_duration_is_bounded_wherever_it_is() {
+        let max = MAX_DURATION_MS;
+        for (toml, key) in [
+            (
+                "[server]\nidle_timeout_ms = 31536000001",
+                "server.idle_timeout_ms",
+            ),
+            (
+                "[upstream]\nrequest_timeout_ms = 9223372036854775807",
+                "upstream.request_timeout_ms",
+            ),
+            ("[retry]\ndeadline_ms = 31536000001", "retry.deadline_ms"),
+            (
+                "[retry]\nbudget_window_ms = 3600001",
+                "retry.budget_window_ms",
+            ),
+            (
+                "[circuit_breaker]\nopen_ms = 31536000001",
+                "circuit_breaker.open_ms",
+            ),
+            (
+                "[rate_limit]\nrequests_per_second = 1\nmax_wait_ms = 31536000001",
+                "rate_limit.max_wait_ms",
+            ),
+            (
+                "[[routes]]\npath = \"/a\"\n[[routes]]\npath = \"/b\"\nattempt_timeout_ms = 31536000001",
+                "routes[1].attempt_timeout_ms",
+            ),
+            (
+                "[callbacks]\nmax_age_ms = 31536000001",
+                "callbacks.max_age_ms",
+            ),
+        ] {
+            let e = err(toml);
+            assert_eq!(e.key, key, "{toml}: {e}");
+        }
+        // At the bound: valid.
+        let mut c = Config::from_toml(&format!(
+            "[server]\nidle_timeout_ms = {max}\n[circuit_breaker]\nopen_ms = {max}\n\
+             [retry]\nbudget_window_ms = 3600000\n"
+        ))
+        .unwrap();
+        c.apply_env(&env_of(CREDS)).unwrap();
+        c.validate().unwrap();
+        // A u64 beyond what TOML holds, set in code.
+        c.upstream.connect_timeout_ms = u64::MAX;
+        assert!(c.validate().is_err());
+    }
+}

@@ -1,0 +1,337 @@
+//! `[rate_limit]`: the provider's quota per AccessKey, where it is kept
+//! (this process or Redis), and the bounds within which a rate is one.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::error::{self, ConfigError, Env};
+use super::secrets::SecretSource;
+use crate::redact;
+
+/// Slowest rate a bucket may have: one request every 1000 seconds.
+pub const MIN_PER_SECOND: f64 = 0.001;
+/// Fastest rate a bucket may have: one request per microsecond, the
+/// resolution of the Redis backend's clock.
+pub const MAX_PER_SECOND: f64 = 1_000_000.0;
+/// Largest burst a bucket may have.
+pub const MAX_BURST: u32 = 1_000_000;
+/// Smallest `fallback_share`: one replica in a thousand.
+pub const MIN_FALLBACK_SHARE: f64 = 0.001;
+/// The Redis URL used when `[rate_limit]` names none.
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
+
+/// `[rate_limit]`. Absent: no per-key limit. `Debug` shows URLs redacted.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// The provider's quota for one AccessKey, in requests per second
+    /// (`MIN_PER_SECOND..=MAX_PER_SECOND`).
+    pub requests_per_second: f64,
+    /// Requests that may go at once after a quiet spell (`1..=MAX_BURST`);
+    /// default: one second's worth.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
+    /// 0: over the limit means 429 at once. Otherwise a call may wait this
+    /// many milliseconds for a slot.
+    #[serde(default)]
+    pub max_wait_ms: u64,
+    /// `local` (this process) or `redis` (shared by every replica).
+    #[serde(default)]
+    pub backend: BackendKind,
+    /// Redis for `backend = "redis"`: the URL itself, or (at most one of
+    /// the three) `redis_url_env` or `redis_url_file`; none:
+    /// [`DEFAULT_REDIS_URL`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis_url: Option<String>,
+    /// Environment variable holding the Redis URL (which may hold a password).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis_url_env: Option<String>,
+    /// File holding the Redis URL (trailing whitespace ignored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis_url_file: Option<PathBuf>,
+    /// Longest a call waits for a Redis decision, in milliseconds.
+    #[serde(default = "default_redis_timeout_ms")]
+    pub redis_timeout_ms: u64,
+    /// When Redis cannot decide: `local` (a local limiter at `fallback_share`
+    /// of the quota), `open` (no limit) or `closed` (429).
+    #[serde(default)]
+    pub fail_mode: FailMode,
+    /// Share of the quota this replica allows on its own while Redis is
+    /// away; set it to 1 / the number of replicas.
+    #[serde(default = "default_fallback_share")]
+    pub fallback_share: f64,
+    /// Prefix of the Redis keys.
+    #[serde(default = "default_key_prefix")]
+    pub redis_key_prefix: String,
+}
+
+fn default_redis_timeout_ms() -> u64 {
+    50
+}
+fn default_fallback_share() -> f64 {
+    0.5
+}
+fn default_key_prefix() -> String {
+    "pandagate".into()
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendKind {
+    #[default]
+    Local,
+    Redis,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailMode {
+    #[default]
+    Local,
+    Open,
+    Closed,
+}
+
+impl fmt::Debug for RateLimitConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        redact::debug("RateLimitConfig", self, f)
+    }
+}
+
+/// Where the Redis URL comes from. `Debug` and `Display` show an inline
+/// URL redacted.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum RedisUrlSource<'a> {
+    /// `redis_url`, written in the config.
+    Inline(&'a str),
+    /// `redis_url_env`: this environment variable.
+    Env(&'a str),
+    /// `redis_url_file`: this file.
+    File(&'a Path),
+    /// None of the three: [`DEFAULT_REDIS_URL`].
+    Default,
+}
+
+impl fmt::Display for RedisUrlSource<'_> {
+    /// Where the URL comes from, never the URL itself (`Inline` shows it redacted).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RedisUrlSource::Inline(url) => write!(f, "{}", redact::url(url)),
+            RedisUrlSource::Env(var) => write!(f, "from environment variable {var}"),
+            RedisUrlSource::File(path) => write!(f, "from file {}", path.display()),
+            RedisUrlSource::Default => write!(f, "{DEFAULT_REDIS_URL} (the default)"),
+        }
+    }
+}
+
+impl fmt::Debug for RedisUrlSource<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RedisUrlSource({self})")
+    }
+}
+
+impl RateLimitConfig {
+    /// A config with these two values and every other key at its default.
+    pub fn new(requests_per_second: f64, burst: Option<u32>) -> RateLimitConfig {
+        RateLimitConfig {
+            requests_per_second,
+            burst,
+            max_wait_ms: 0,
+            backend: BackendKind::Local,
+            redis_url: None,
+            redis_url_env: None,
+            redis_url_file: None,
+            redis_timeout_ms: default_redis_timeout_ms(),
+            fail_mode: FailMode::Local,
+            fallback_share: default_fallback_share(),
+            redis_key_prefix: default_key_prefix(),
+        }
+    }
+
+    /// Checks every key without reading the environment or any file: the
+    /// bounds in which the limiter's arithmetic holds, and one source at
+    /// most for the Redis URL.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        Rate::new(self.requests_per_second, self.burst)
+            .map_err(|e| e.named("rate_limit.requests_per_second", "rate_limit.burst"))?;
+        if !(MIN_FALLBACK_SHARE..=1.0).contains(&self.fallback_share) {
+            return Err(ConfigError::new(
+                "rate_limit.fallback_share",
+                format_args!("must be between {MIN_FALLBACK_SHARE} and 1"),
+            ));
+        }
+        if self.redis_timeout_ms == 0 {
+            return Err(ConfigError::new(
+                "rate_limit.redis_timeout_ms",
+                "must be greater than 0",
+            ));
+        }
+        for (key, ms) in [
+            ("rate_limit.max_wait_ms", self.max_wait_ms),
+            ("rate_limit.redis_timeout_ms", self.redis_timeout_ms),
+        ] {
+            error::check_duration_ms(key, ms)?;
+        }
+        let source = self.redis_url_source()?;
+        if let (BackendKind::Redis, RedisUrlSource::Inline(url)) = (self.backend, source) {
+            RedisUrl::parse(url, "rate_limit.redis_url")?;
+        }
+        Ok(())
+    }
+
+    /// Where the Redis URL comes from; more than one source is an error.
+    pub fn redis_url_source(&self) -> Result<RedisUrlSource<'_>, ConfigError> {
+        match (&self.redis_url, &self.redis_url_env, &self.redis_url_file) {
+            (None, None, None) => Ok(RedisUrlSource::Default),
+            (Some(url), None, None) => Ok(RedisUrlSource::Inline(url)),
+            (None, Some(var), None) => Ok(RedisUrlSource::Env(var)),
+            (None, None, Some(path)) => Ok(RedisUrlSource::File(path)),
+            _ => Err(ConfigError::new(
+                "rate_limit.redis_url",
+                "set at most one of redis_url, redis_url_env and redis_url_file",
+            )),
+        }
+    }
+
+    /// Reads and checks the Redis URL from its source (`env` for
+    /// `redis_url_env`); errors name the source's key, never the URL's
+    /// password.
+    pub fn resolve_redis_url(&self, env: Env<'_>) -> Result<RedisUrl, ConfigError> {
+        match self.redis_url_source()? {
+            RedisUrlSource::Default => RedisUrl::parse(DEFAULT_REDIS_URL, "rate_limit.redis_url"),
+            RedisUrlSource::Inline(url) => RedisUrl::parse(url, "rate_limit.redis_url"),
+            RedisUrlSource::Env(var) => {
+                let source = SecretSource::Env(var.to_owned());
+                let url = source.read(env, "rate_limit.redis_url")?;
+                RedisUrl::parse(url.expose().trim(), &source.key("rate_limit.redis_url"))
+            }
+            RedisUrlSource::File(path) => {
+                let source = SecretSource::File(path.to_owned());
+                let url = source.read(env, "rate_limit.redis_url")?;
+                RedisUrl::parse(url.expose().trim(), &source.key("rate_limit.redis_url"))
+            }
+        }
+    }
+}
+
+/// A Redis URL the backend connects with. It may hold a password, so
+/// `Debug` shows it redacted; [`RedisUrl::expose`] is the only way to it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisUrl(String);
+
+impl RedisUrl {
+    /// Checks `url` the way the Redis client will read it. The error names
+    /// `key` and quotes neither the URL nor its password.
+    pub fn parse(url: &str, key: &str) -> Result<RedisUrl, ConfigError> {
+        match redis::Client::open(url) {
+            Ok(_) => Ok(RedisUrl(url.to_owned())),
+            Err(e) => Err(ConfigError::new(
+                key,
+                format_args!(
+                    "not a usable Redis URL ({})",
+                    redact::scrub(&e.to_string(), url)
+                ),
+            )),
+        }
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RedisUrl({})", redact::url(&self.0))
+    }
+}
+
+/// One bucket's rule: a rate and a burst within the bounds above, so that
+/// no interval, burst tolerance or deadline computed from it overflows.
+/// Only [`Rate::new`] makes one.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Rate {
+    per_second: f64,
+    burst: u32,
+}
+
+/// A rate or burst out of bounds: which of the two, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RateError {
+    PerSecond(String),
+    Burst(String),
+}
+
+impl RateError {
+    /// The error as a config error naming the key it is about.
+    pub fn named(self, per_second_key: &str, burst_key: &str) -> ConfigError {
+        match self {
+            RateError::PerSecond(m) => ConfigError::new(per_second_key, m),
+            RateError::Burst(m) => ConfigError::new(burst_key, m),
+        }
+    }
+}
+
+impl Rate {
+    /// `per_second` within `MIN_PER_SECOND..=MAX_PER_SECOND`; `burst`
+    /// within `1..=MAX_BURST`, by default one second's worth (at least 1).
+    pub fn new(per_second: f64, burst: Option<u32>) -> Result<Rate, RateError> {
+        if !(MIN_PER_SECOND..=MAX_PER_SECOND).contains(&per_second) {
+            return Err(RateError::PerSecond(format!(
+                "must be between {MIN_PER_SECOND} and {MAX_PER_SECOND} requests per second, \
+                 not {per_second:?}"
+            )));
+        }
+        let burst = match burst {
+            Some(b) if !(1..=MAX_BURST).contains(&b) => {
+                return Err(RateError::Burst(format!(
+                    "must be between 1 and {MAX_BURST}, not {b}"
+                )));
+            }
+            Some(b) => b,
+            None => (per_second.ceil() as u32).clamp(1, MAX_BURST),
+        };
+        Ok(Rate { per_second, burst })
+    }
+
+    /// Requests per second.
+    pub fn per_second(self) -> f64 {
+        self.per_second
+    }
+
+    /// Requests that may go at once.
+    pub fn burst(self) -> u32 {
+        self.burst
+    }
+
+    /// Time between two slots, in whole nanoseconds: at least 1, and small
+    /// enough that it times the burst, plus any instant of the next 292
+    /// years, fits in the u64 nanoseconds `governor` computes in.
+    pub(crate) fn interval_nanos(self) -> u64 {
+        let ceiling = (u64::MAX / 2) / u64::from(self.burst.max(1));
+        // A NaN or infinite quotient cannot come from `new`; it would cast to 0 or u64::MAX.
+        ((1e9 / self.per_second).round() as u64).clamp(1, ceiling)
+    }
+
+    /// Time between two slots.
+    pub fn interval(self) -> Duration {
+        Duration::from_nanos(self.interval_nanos())
+    }
+
+    /// This rate and burst times `share` (a `fallback_share`, clamped to
+    /// `MIN_FALLBACK_SHARE..=1`); the burst stays at least 1.
+    pub(crate) fn scaled(self, share: f64) -> Rate {
+        let share = if share.is_nan() {
+            1.0
+        } else {
+            share.clamp(MIN_FALLBACK_SHARE, 1.0)
+        };
+        Rate {
+            per_second: self.per_second * share,
+            burst: ((f64::from(self.burst) * share).floor() as u32).max(1),
+        }
+    }
+}

@@ -1,0 +1,144 @@
+//! `[server]`: the listeners and the limits every caller's connection is held to.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use super::error::{ConfigError, at_most, positive};
+
+/// The listener that internal services call.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address to listen on (env `PANDAGATE_LISTEN`). Port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// Admin endpoints: health, readiness, metrics, quit (env `PANDAGATE_ADMIN_LISTEN`).
+    pub admin_listen: SocketAddr,
+    /// Time a client has to send the complete request head, in milliseconds.
+    pub header_read_timeout_ms: u64,
+    /// Time a client has to send the complete request body, from the end of
+    /// its head, in milliseconds; a body not in by then gets 408 and nothing
+    /// of the call is forwarded or stored. Also on the callback listener.
+    pub body_read_timeout_ms: u64,
+    /// A connection with no call in progress and no byte read or written
+    /// for this long is closed (a client that connects and never sends
+    /// anything included), in milliseconds.
+    pub idle_timeout_ms: u64,
+    /// Largest request head (request line and headers), in bytes; at least 8192.
+    pub max_header_bytes: usize,
+    /// Most request headers accepted in one request.
+    pub max_headers: usize,
+    /// Most open connections per listener (traffic, callbacks and admin
+    /// each have their own); one over the cap is accepted and closed at once.
+    pub max_connections: usize,
+    /// Most concurrent HTTP/2 streams (calls) on one connection.
+    pub http2_max_concurrent_streams: u32,
+    /// A path a server could resolve to another one (see the README's route
+    /// section): `refuse` (400, nothing sent) or `forward` (sent byte for
+    /// byte, classified `unknown`, matching no `[[routes]]` entry).
+    pub ambiguous_paths: AmbiguousPaths,
+    /// Largest request body, in bytes; larger bodies get 413.
+    pub max_request_body_bytes: u64,
+    /// Bodies up to this many bytes are read whole before anything is sent
+    /// upstream, so an over-limit body is refused before a byte is forwarded
+    /// and the body can be re-sent. Larger bodies stream.
+    pub buffer_body_bytes: u64,
+    /// On SIGTERM/SIGINT, how long calls in flight may take to finish, in milliseconds.
+    pub shutdown_grace_ms: u64,
+    /// How often secret files are re-read for rotation, in milliseconds.
+    pub secret_poll_ms: u64,
+    /// Threads serving calls (env `PANDAGATE_WORKER_THREADS`): 0 = one per
+    /// CPU the process may use (a cgroup CPU quota counts); 1 = a
+    /// single-threaded runtime, like nginx's `worker_processes 1`. Read at
+    /// start; a reload does not change it.
+    pub worker_threads: usize,
+}
+
+/// What happens to a call whose path is ambiguous.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AmbiguousPaths {
+    #[default]
+    Refuse,
+    Forward,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 9901)),
+            header_read_timeout_ms: 10_000,
+            body_read_timeout_ms: 30_000,
+            idle_timeout_ms: 75_000,
+            max_header_bytes: 64 * 1024,
+            max_headers: 100,
+            max_connections: 10_000,
+            http2_max_concurrent_streams: 100,
+            ambiguous_paths: AmbiguousPaths::Refuse,
+            max_request_body_bytes: 8 * 1024 * 1024,
+            buffer_body_bytes: 1024 * 1024,
+            shutdown_grace_ms: 20_000,
+            secret_poll_ms: 1_000,
+            worker_threads: 0,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Every limit positive, and within what can be allocated or spawned.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (key, value) in [
+            ("server.header_read_timeout_ms", self.header_read_timeout_ms),
+            ("server.body_read_timeout_ms", self.body_read_timeout_ms),
+            ("server.idle_timeout_ms", self.idle_timeout_ms),
+            ("server.max_header_bytes", self.max_header_bytes as u64),
+            ("server.max_headers", self.max_headers as u64),
+            ("server.max_connections", self.max_connections as u64),
+            (
+                "server.http2_max_concurrent_streams",
+                u64::from(self.http2_max_concurrent_streams),
+            ),
+            ("server.max_request_body_bytes", self.max_request_body_bytes),
+            ("server.buffer_body_bytes", self.buffer_body_bytes),
+            ("server.shutdown_grace_ms", self.shutdown_grace_ms),
+            ("server.secret_poll_ms", self.secret_poll_ms),
+        ] {
+            positive(key, value)?;
+        }
+        for (key, value, max) in [
+            (
+                "server.max_header_bytes",
+                self.max_header_bytes as u64,
+                1 << 20,
+            ),
+            ("server.max_headers", self.max_headers as u64, 1_000),
+            (
+                "server.max_connections",
+                self.max_connections as u64,
+                1_000_000,
+            ),
+            (
+                "server.http2_max_concurrent_streams",
+                u64::from(self.http2_max_concurrent_streams),
+                10_000,
+            ),
+            ("server.worker_threads", self.worker_threads as u64, 1_024),
+        ] {
+            at_most(key, value, max)?;
+        }
+        if self.max_header_bytes < 8192 {
+            return Err(ConfigError::new(
+                "server.max_header_bytes",
+                "must be at least 8192",
+            ));
+        }
+        if self.buffer_body_bytes > self.max_request_body_bytes {
+            return Err(ConfigError::new(
+                "server.buffer_body_bytes",
+                "must not exceed server.max_request_body_bytes",
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,95 @@
+//! `[upstream]`: the provider, and how it is reached.
+
+use std::fmt;
+
+use http::Uri;
+use serde::{Deserialize, Serialize};
+
+use super::error::{ConfigError, positive};
+
+/// The provider. `Debug` shows the URL redacted.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// Base URL (env `PANDAGATE_UPSTREAM`): `https://` in production, `http://`
+    /// for local sandboxes. A path here is prefixed to every forwarded path.
+    pub url: String,
+    /// Time to establish a TCP (and TLS) connection, in milliseconds.
+    pub connect_timeout_ms: u64,
+    /// Time from sending a request to receiving the response head, in
+    /// milliseconds: the one attempt of a call that cannot be repeated, and
+    /// the upper bound for attempts of one that can (see `retry`).
+    pub request_timeout_ms: u64,
+    /// How long an idle pooled connection is kept, in milliseconds.
+    pub pool_idle_timeout_ms: u64,
+    /// Most idle connections kept to the provider.
+    pub pool_max_idle: usize,
+}
+
+impl fmt::Debug for UpstreamConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        crate::redact::debug("UpstreamConfig", self, f)
+    }
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            url: "https://api.pandapon.com".to_owned(),
+            connect_timeout_ms: 3_000,
+            request_timeout_ms: 30_000,
+            pool_idle_timeout_ms: 60_000,
+            pool_max_idle: 256,
+        }
+    }
+}
+
+impl UpstreamConfig {
+    /// Timeouts positive; the URL an `http(s)` base without credentials.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (key, value) in [
+            ("upstream.connect_timeout_ms", self.connect_timeout_ms),
+            ("upstream.request_timeout_ms", self.request_timeout_ms),
+            ("upstream.pool_idle_timeout_ms", self.pool_idle_timeout_ms),
+        ] {
+            positive(key, value)?;
+        }
+        let base = upstream_base(&self.url).map_err(|m| ConfigError::new("upstream.url", m))?;
+        if base.authority().is_some_and(|a| a.as_str().contains('@')) {
+            // The authority becomes `Host` (and HTTP/2's `:authority`):
+            // credentials in it would be sent to the provider in the clear.
+            return Err(ConfigError::new(
+                "upstream.url",
+                format_args!(
+                    "must not carry credentials (user:password@): calls are authenticated \
+                     by their signature; {}",
+                    crate::redact::url(&self.url)
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Splits and checks an upstream base URL: `http(s)://authority[/path]`.
+/// Errors quote the URL with its credentials redacted.
+pub fn upstream_base(url: &str) -> Result<Uri, String> {
+    let shown = crate::redact::url(url);
+    let uri: Uri = url.parse().map_err(|e| {
+        format!(
+            "not a URL: {shown:?} ({})",
+            crate::redact::scrub(&format!("{e}"), url)
+        )
+    })?;
+    match uri.scheme_str() {
+        Some("http" | "https") => {}
+        _ => return Err(format!("must start with http:// or https://: {shown:?}")),
+    }
+    if uri.authority().is_none_or(|a| a.host().is_empty()) {
+        return Err(format!("has no host: {shown:?}"));
+    }
+    if uri.query().is_some() {
+        return Err(format!("must not have a query string: {shown:?}"));
+    }
+    Ok(uri)
+}
