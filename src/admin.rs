@@ -14,7 +14,7 @@ use crate::limiter::BackendState;
 use std::sync::Arc;
 
 use crate::callbacks::Callbacks;
-use crate::metrics::{Exporter, GatewaySource, Process};
+use crate::exporter::{Exporter, GatewaySource, Process};
 
 /// Process-wide drain state: once draining, readiness fails and listeners
 /// stop accepting.

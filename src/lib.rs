@@ -22,6 +22,7 @@ pub mod connections;
 pub mod demo;
 pub mod envelope;
 pub mod error;
+pub mod exporter;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod headers;

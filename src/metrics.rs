@@ -1,30 +1,17 @@
-//! Prometheus metrics, served by the admin listener at `/metrics`.
-//!
-//! Per-call series are recorded once, when a call's access-log line is
-//! written, from the same record; state that lives in other components (the
-//! retry budget, the limiter, the breaker) is read at scrape time by a
-//! collector, so those components keep plain atomics.
+//! The per-call Prometheus series: recorded once, when a call's access-log
+//! line is written, from the same record. `crate::exporter` adds the state
+//! of the other components at scrape time and renders them all.
 
-use std::fmt::Write as _;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
-use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
-use prometheus_client::metrics::MetricType;
-use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::access_log::AccessRecord;
-use crate::breaker::State;
-use crate::callbacks::Callbacks;
-use crate::connections::Connections;
 use crate::envelope::EnvelopeFields;
-use crate::limiter::BackendState;
-use crate::proxy::Gateway;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CallLabels {
@@ -37,11 +24,6 @@ struct CallLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ClassLabels {
     class: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ListenerLabels {
-    listener: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -144,256 +126,42 @@ impl Metrics {
     pub fn in_flight(&self) -> i64 {
         self.in_flight.load(Ordering::Relaxed)
     }
-}
 
-/// Where the collector finds the gateway serving now (it changes on reload).
-pub type GatewaySource = Arc<dyn Fn() -> Arc<Gateway> + Send + Sync>;
-
-/// Reads component state at scrape time.
-struct StateCollector {
-    gateway: GatewaySource,
-    process: Process,
-}
-
-/// The parts of the process `/metrics` reports besides the gateway.
-#[derive(Clone, Default)]
-pub struct Process {
-    pub callbacks: Option<Arc<Callbacks>>,
-    /// The listeners' connection counts.
-    pub listeners: Vec<Arc<Connections>>,
-    /// Diagnostic events dropped so far (read at scrape time).
-    pub diagnostics_dropped: Option<fn() -> u64>,
-}
-
-impl std::fmt::Debug for StateCollector {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("StateCollector")
-    }
-}
-
-fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> std::fmt::Result {
-    let c = ConstCounter::new(v);
-    c.encode(e.encode_descriptor(name, help, None, c.metric_type())?)
-}
-
-fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, v: i64) -> std::fmt::Result {
-    let g = ConstGauge::new(v);
-    g.encode(e.encode_descriptor(name, help, None, g.metric_type())?)
-}
-
-/// One series per listener, from `value`.
-fn per_listener(
-    e: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    listeners: &[Arc<Connections>],
-    kind: MetricType,
-    value: impl Fn(&Connections) -> u64,
-) -> std::fmt::Result {
-    let mut family = e.encode_descriptor(name, help, None, kind)?;
-    for c in listeners {
-        let labels = ListenerLabels {
-            listener: c.listener,
-        };
-        let series = family.encode_family(&labels)?;
-        match kind {
-            MetricType::Counter => ConstCounter::new(value(c)).encode(series)?,
-            _ => ConstGauge::new(value(c) as i64).encode(series)?,
-        }
-    }
-    Ok(())
-}
-
-impl Collector for StateCollector {
-    fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
-        if !self.process.listeners.is_empty() {
-            per_listener(
-                &mut e,
-                "connections_open",
-                "Open connections, per listener.",
-                &self.process.listeners,
-                MetricType::Gauge,
-                |c| c.open() as u64,
-            )?;
-            per_listener(
-                &mut e,
-                "connections_rejected",
-                "Connections closed at once because the listener had max_connections open.",
-                &self.process.listeners,
-                MetricType::Counter,
-                Connections::rejected,
-            )?;
-        }
-        let g = (self.gateway)();
-        let m = g.metrics();
-        counter(
-            &mut e,
-            "retries_budget_refused",
-            "Retries not made because the retry budget was spent.",
-            g.budget().refused(),
-        )?;
-        counter(
-            &mut e,
-            "rate_limit_waits",
-            "Attempts that waited for a rate-limit slot.",
-            g.limiter().waited(),
-        )?;
-        counter(
-            &mut e,
-            "rate_limit_rejections",
-            "Attempts refused by the rate limiter (429).",
-            g.limiter().rejected(),
-        )?;
-        let fallback = matches!(g.limiter().backend_state(), BackendState::Fallback(_));
-        gauge(
-            &mut e,
-            "rate_limit_fallback",
-            "1 while the shared (Redis) rate limiter is away and fail_mode decides.",
-            i64::from(fallback),
-        )?;
-        let state = match g.breaker().state() {
-            State::Closed => 0,
-            State::Open => 1,
-            State::HalfOpen => 2,
-        };
-        gauge(
-            &mut e,
-            "circuit_state",
-            "Circuit breaker: 0 closed, 1 open, 2 half-open.",
-            state,
-        )?;
-        gauge(
-            &mut e,
-            "calls_in_flight",
-            "Calls being answered.",
-            m.in_flight(),
-        )?;
-        counter(
-            &mut e,
-            "secret_reloads",
-            "Secrets reloaded from their files.",
-            m.secret_reloads.load(Ordering::Relaxed),
-        )?;
-        counter(
-            &mut e,
-            "secret_reload_failures",
-            "Secret files that changed but could not be used.",
-            m.secret_reload_failures.load(Ordering::Relaxed),
-        )?;
-        counter(
-            &mut e,
-            "config_reloads",
-            "Configs reloaded on SIGHUP.",
-            m.config_reloads.load(Ordering::Relaxed),
-        )?;
-        counter(
-            &mut e,
-            "access_log_dropped",
-            "Access-log lines dropped because stdout's reader was behind by log.queue_lines.",
-            g.access_log().dropped(),
-        )?;
-        counter(
-            &mut e,
-            "diagnostics_dropped",
-            "Diagnostic log events dropped because stderr's reader was behind by log.queue_lines.",
-            self.process.diagnostics_dropped.map_or(0, |read| read()),
-        )?;
-        if let Some(cb) = &self.process.callbacks {
-            let c = &cb.counts;
-            for (name, help, v) in [
-                ("callbacks_received", "Pushes received.", &c.received),
-                (
-                    "callbacks_rejected",
-                    "Pushes refused (signature, size, format).",
-                    &c.rejected,
-                ),
-                (
-                    "callbacks_stored",
-                    "Pushes stored and acknowledged.",
-                    &c.stored,
-                ),
-                (
-                    "callbacks_duplicates",
-                    "Pushes acknowledged that were already stored.",
-                    &c.duplicates,
-                ),
-                (
-                    "callbacks_delivered",
-                    "Deliveries a subscriber acknowledged.",
-                    &c.delivered,
-                ),
-                (
-                    "callbacks_retried",
-                    "Delivery attempts that failed and will be retried.",
-                    &c.retried,
-                ),
-                (
-                    "callbacks_dead_lettered",
-                    "Deliveries given up after max_age_ms.",
-                    &c.dead_lettered,
-                ),
-            ] {
-                counter(&mut e, name, help, v.load(Ordering::Relaxed))?;
-            }
-        }
-        Ok(())
-    }
-}
-
-/// The registry for one gateway.
-#[derive(Debug)]
-pub struct Exporter {
-    registry: Registry,
-}
-
-impl Exporter {
-    pub fn new(gateway: GatewaySource) -> Exporter {
-        Self::with_process(gateway, Process::default())
+    /// Secrets reloaded from their files, and files that changed but could
+    /// not be used.
+    pub fn secret_reloads(&self) -> (u64, u64) {
+        (
+            self.secret_reloads.load(Ordering::Relaxed),
+            self.secret_reload_failures.load(Ordering::Relaxed),
+        )
     }
 
-    /// Also exports the series of the rest of the `process`.
-    pub fn with_process(gateway: GatewaySource, process: Process) -> Exporter {
-        let mut registry = Registry::with_prefix("pandagate");
-        let current = gateway();
-        let m = current.metrics();
+    pub fn config_reloads(&self) -> u64 {
+        self.config_reloads.load(Ordering::Relaxed)
+    }
+
+    /// Adds the per-call series to `registry`.
+    pub fn register(&self, registry: &mut Registry) {
         registry.register(
             "calls",
             "Calls answered, by route class, HTTP status and provider code.",
-            m.calls.clone(),
+            self.calls.clone(),
         );
         registry.register(
             "request_duration_seconds",
             "Time from a call's arrival to the end of its response.",
-            m.duration.clone(),
+            self.duration.clone(),
         );
         registry.register(
             "upstream_duration_seconds",
             "Time from sending an upstream attempt to its response head.",
-            m.upstream_duration.clone(),
+            self.upstream_duration.clone(),
         );
         registry.register(
             "upstream_attempts",
             "Upstream attempts, first attempts and retries.",
-            m.attempts.clone(),
+            self.attempts.clone(),
         );
-        registry.register("retries", "Retries, by reason.", m.retries.clone());
-        if let Some(cb) = &process.callbacks {
-            registry.register(
-                "callbacks_delivery_lag_seconds",
-                "Time from a push's acknowledgement to its delivery.",
-                cb.counts.lag.clone(),
-            );
-        }
-        registry.register_collector(Box::new(StateCollector { gateway, process }));
-        Exporter { registry }
-    }
-
-    /// The Prometheus text exposition (format 0.0.4).
-    pub fn render(&self) -> String {
-        let mut out = String::with_capacity(8 * 1024);
-        if prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry).is_err() {
-            let _ = writeln!(out, "# encoding failed");
-        }
-        out
+        registry.register("retries", "Retries, by reason.", self.retries.clone());
     }
 }
