@@ -28,6 +28,7 @@ use crate::config::Class;
 use crate::config::{LogConfig, LogFormat};
 use crate::envelope::EnvelopeFields;
 use crate::log_queue::{LogQueue, Stream};
+use crate::retry::{RetryReason, Skipped};
 
 /// What the gateway knows about one call, filled in as it goes.
 #[derive(Debug)]
@@ -45,10 +46,10 @@ pub struct AccessRecord {
     /// The endpoint class (`read`, `write`, `unknown`), once known.
     pub class: Option<Class>,
     /// Why each retry was made, e.g. `["503", "timeout"]`.
-    pub retry_reasons: Vec<String>,
+    pub retry_reasons: Vec<RetryReason>,
     /// Why a retry the outcome called for was not made (`not_repeatable`,
     /// `budget`, `body_not_replayable`, ...).
-    pub retry_skipped: Option<&'static str>,
+    pub retry_skipped: Option<Skipped>,
     /// The gateway's error kind when it answered itself, or why the response
     /// did not complete.
     pub error: Option<&'static str>,
@@ -93,7 +94,7 @@ struct Line<'a> {
     client: Option<&'a str>,
     class: Option<&'static str>,
     attempts: u32,
-    retry_reasons: &'a [String],
+    retry_reasons: &'a [RetryReason],
     retry_skipped: Option<&'static str>,
     latency_ms: f64,
     x_request_id: &'a str,
@@ -195,7 +196,7 @@ pub fn format_line(
         class: r.class.map(Class::as_str),
         attempts: r.attempts,
         retry_reasons: &r.retry_reasons,
-        retry_skipped: r.retry_skipped,
+        retry_skipped: r.retry_skipped.map(Skipped::as_str),
         latency_ms: (r.started.elapsed().as_micros() as f64) / 1000.0,
         x_request_id: r.x_request_id.to_str().unwrap_or("-"),
         error: r.error,
@@ -233,7 +234,8 @@ fn text_line(out: &mut Vec<u8>, l: &Line<'_>) {
         let _ = write!(out, " msg={}", quoted(msg));
     }
     if !l.retry_reasons.is_empty() {
-        let _ = write!(out, " retry_reasons={}", l.retry_reasons.join(","));
+        let reasons: Vec<String> = l.retry_reasons.iter().map(ToString::to_string).collect();
+        let _ = write!(out, " retry_reasons={}", reasons.join(","));
     }
     if let Some(skipped) = l.retry_skipped {
         let _ = write!(out, " retry_skipped={skipped}");

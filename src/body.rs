@@ -8,10 +8,9 @@
 //!   must be in by its deadline (`server.body_read_timeout_ms`): a streamed
 //!   one that is not is cut off mid-upload, so the provider never receives
 //!   a complete request.
-//! * [`ResponseBody`] passes the response through unchanged while keeping
-//!   the first `log.inspect_bytes` for the envelope reader, and writes the
-//!   call's access-log line exactly once: at end of stream, or when dropped
-//!   early (caller gone, upstream reset).
+//! * [`ResponseBody`] passes the response through unchanged, showing each
+//!   chunk and then how the body ended to a [`BodyWatch`] (the call's log
+//!   line rides along that way, see `crate::call_log`).
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -23,12 +22,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use std::sync::Arc;
-
-use crate::access_log::{AccessLog, AccessRecord};
-use crate::envelope::{self, EnvelopeFields};
 use crate::error::GatewayError;
-use crate::metrics::Metrics;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -251,10 +245,28 @@ pub fn join(mut chunks: VecDeque<Bytes>) -> Bytes {
     }
 }
 
+/// How a response body ended, for whoever watches it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BodyEnd {
+    /// Sent to its end.
+    Complete,
+    /// The upstream failed mid-body.
+    UpstreamFailed,
+    /// Dropped before its end: the caller left, or the connection broke.
+    Incomplete,
+}
+
+/// Watches a response body go by: each data chunk, then how it ended
+/// (exactly once), then it is dropped.
+pub trait BodyWatch: Send {
+    fn chunk(&mut self, data: &Bytes);
+    fn end(&mut self, how: BodyEnd);
+}
+
 /// The body returned to the caller.
 pub struct ResponseBody {
     inner: Inner,
-    watch: Option<Box<Watch>>,
+    watch: Option<Box<dyn BodyWatch>>,
 }
 
 enum Inner {
@@ -266,17 +278,6 @@ enum Inner {
     },
     /// A body held whole: gateway-made, or a provider body read to its end.
     Local(Option<Bytes>),
-}
-
-/// Access-log state riding along with the response.
-struct Watch {
-    record: AccessRecord,
-    log: AccessLog,
-    metrics: Arc<Metrics>,
-    /// Zero when nothing is to be inspected (gateway-made answers).
-    inspect: usize,
-    first: Option<Bytes>,
-    more: Vec<u8>,
 }
 
 impl ResponseBody {
@@ -299,57 +300,14 @@ impl ResponseBody {
         }
     }
 
-    /// Writes `record` to `log` and `metrics` when this body ends or is dropped, reading
-    /// the envelope fields from its first `inspect` bytes.
-    pub fn log_on_finish(
-        &mut self,
-        record: AccessRecord,
-        log: AccessLog,
-        metrics: Arc<Metrics>,
-        inspect: usize,
-    ) {
-        self.watch = Some(Box::new(Watch {
-            record,
-            log,
-            metrics,
-            inspect,
-            first: None,
-            more: Vec::new(),
-        }));
+    /// Has `watch` see this body's chunks and its end.
+    pub fn watch(&mut self, watch: Box<dyn BodyWatch>) {
+        self.watch = Some(watch);
     }
 
-    fn finish(&mut self, error: Option<&'static str>) {
+    fn end(&mut self, how: BodyEnd) {
         if let Some(mut w) = self.watch.take() {
-            if w.record.error.is_none() {
-                w.record.error = error;
-            }
-            let found = match (&w.first, w.more.is_empty()) {
-                (_, false) => envelope::inspect(&w.more),
-                (Some(first), true) => envelope::inspect(first),
-                (None, true) => EnvelopeFields::default(),
-            };
-            w.log.emit(&w.record, &found);
-            w.metrics.call_finished(&w.record, &found);
-        }
-    }
-}
-
-impl Watch {
-    fn observe(&mut self, chunk: &Bytes) {
-        let seen = self.first.as_ref().map_or(0, Bytes::len) + self.more.len();
-        if seen >= self.inspect || chunk.is_empty() {
-            return;
-        }
-        let take = chunk.len().min(self.inspect - seen);
-        match &self.first {
-            // The common case, a body in one chunk, is inspected in place.
-            None => self.first = Some(chunk.slice(..take)),
-            Some(first) => {
-                if self.more.is_empty() {
-                    self.more.extend_from_slice(first);
-                }
-                self.more.extend_from_slice(&chunk[..take]);
-            }
+            w.end(how);
         }
     }
 }
@@ -372,17 +330,15 @@ impl Body for ResponseBody {
         };
         match &polled {
             Some(Ok(frame)) => {
-                if let (Some(w), Some(data)) = (this.watch.as_deref_mut(), frame.data_ref())
-                    && w.inspect > 0
-                {
-                    w.observe(data);
+                if let (Some(w), Some(data)) = (this.watch.as_deref_mut(), frame.data_ref()) {
+                    w.chunk(data);
                 }
                 if this.is_end_stream() {
-                    this.finish(None);
+                    this.end(BodyEnd::Complete);
                 }
             }
-            Some(Err(_)) => this.finish(Some("upstream_body")),
-            None => this.finish(None),
+            Some(Err(_)) => this.end(BodyEnd::UpstreamFailed),
+            None => this.end(BodyEnd::Complete),
         }
         Poll::Ready(polled)
     }
@@ -404,10 +360,13 @@ impl Body for ResponseBody {
 
 impl Drop for ResponseBody {
     fn drop(&mut self) {
-        // Still watching: either the body was empty and never polled, or the
-        // caller went away or the connection broke before it ended. The call
-        // is logged all the same.
-        let error = (!self.is_end_stream()).then_some("response_incomplete");
-        self.finish(error);
+        // Still watched: either the body was empty and never polled, or the
+        // caller went away or the connection broke before it ended.
+        let how = if self.is_end_stream() {
+            BodyEnd::Complete
+        } else {
+            BodyEnd::Incomplete
+        };
+        self.end(how);
     }
 }

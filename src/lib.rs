@@ -15,6 +15,7 @@ pub mod admin;
 pub mod auth;
 pub mod body;
 pub mod breaker;
+pub mod call_log;
 pub mod callbacks;
 pub mod cli;
 pub mod config;

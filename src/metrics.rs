@@ -94,7 +94,7 @@ impl Metrics {
         for reason in &r.retry_reasons {
             self.retries
                 .get_or_create(&ReasonLabels {
-                    reason: reason.clone(),
+                    reason: reason.to_string(),
                 })
                 .inc();
         }

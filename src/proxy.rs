@@ -1,11 +1,28 @@
 //! The gateway's request path, phase by phase.
 //!
 //! ```text
-//! caller ──► request filter ──► credentials ──► body ──► upstream request ──► provider
-//!            (open proxy,        (profile,       (cap,     (rewrite, strip,
-//!             CONNECT)            user-id)        buffer)   sign, send)
-//! caller ◄── response filter (hop-by-hop, x-request-id) ◄── access log when the body ends
+//!            ┌─ prepare (synchronous) ──────────────────────────────┐
+//! caller ──► │ request filter ─► credentials ─► route ─► target and │
+//!            │ (method, target,  (client,       (class,  headers    │
+//!            │  ambiguous path)   profile,       bucket)  (strip)    │
+//!            │                    user-id)                          │
+//!            └──────────────────────────────────────────────────────┘
+//!        ──► body (cap, deadline, buffer) ──► attempts:
+//!            ┌────────────────────────────────────────────────────────────┐
+//!            │ breaker admits ─► limiter slot ─► sign ─► send ─► provider │
+//!            │        ▲                                    │              │
+//!            │        └─ retry: policy (class, attempts,   │              │
+//!            │           deadline, body), open circuit,    │              │
+//!            │           budget ◄── outcome ◄──────────────┘              │
+//!            └────────────────────────────────────────────────────────────┘
+//! caller ◄── response filter (hop-by-hop, x-request-id) ◄── answer
+//!            the call's log line is written when the answer's body ends
 //! ```
+//!
+//! The limiter sits inside the retry loop, after the breaker: the provider
+//! counts every attempt against the quota, and an attempt the breaker turns
+//! away must not spend a slot. Signing is the last step before sending, so
+//! every attempt carries its own timestamp and nonce.
 //!
 //! Every path through [`Gateway::handle`] ends in a response: the provider's,
 //! or the gateway's own envelope built from a [`GatewayError`].
@@ -21,7 +38,8 @@ use tokio::time::Instant;
 use crate::access_log::{AccessLog, AccessRecord};
 use crate::auth::Clients;
 use crate::body::{self, BodyTimedOut, BodyTooLarge, ResponseBody, UpstreamBody};
-use crate::breaker::{Breaker, State as BreakerState};
+use crate::breaker::{Admission, Breaker, State as BreakerState};
+use crate::call_log::CallLog;
 use crate::config::{AmbiguousPaths, Class, ConfigError, RetryConfig, ServerConfig, SigningConfig};
 use crate::envelope;
 use crate::error::GatewayError;
@@ -31,7 +49,7 @@ use crate::limiter::Limiter;
 use crate::loaded::Loaded;
 use crate::metrics::Metrics;
 use crate::profiles::{Profile, Profiles};
-use crate::retry::{self, Attempt, Budget, Decision, Outcome};
+use crate::retry::{self, Attempt, Budget, Decision, Outcome, RetryReason, Skipped};
 use crate::routes::{Route, Routes, is_ambiguous};
 use crate::signer;
 use crate::upstream::Upstream;
@@ -150,23 +168,19 @@ impl Gateway {
         &self.server
     }
 
-    /// Answers one call. Never fails: errors become envelopes.
+    /// Answers one call. Never fails: errors become envelopes. The call's
+    /// log line is its [`CallLog`]'s to write, whatever happens.
     pub async fn handle(&self, req: Request<Incoming>) -> Response<ResponseBody> {
-        self.metrics.call_started();
         let gateway_id = ids::request_id();
         let x_request_id = caller_request_id(req.headers()).unwrap_or_else(|| {
             HeaderValue::from_str(&gateway_id).expect("hex is a valid header value")
         });
-        let mut pending = Unanswered {
-            record: Some(AccessRecord::start(
-                req.method().clone(),
-                req.uri().path(),
-                &x_request_id,
-            )),
-            gateway: self,
-        };
-        let record = pending.record.as_mut().expect("just set");
-
+        let mut call = CallLog::start(
+            AccessRecord::start(req.method().clone(), req.uri().path(), &x_request_id),
+            self.access_log.clone(),
+            self.metrics.clone(),
+        );
+        let record = call.record();
         let (mut response, inspect) = match self.forward(req, &x_request_id, record).await {
             Ok(response) => {
                 record.upstream_status = Some(response.status().as_u16());
@@ -180,16 +194,12 @@ impl Gateway {
         };
         record.status = response.status().as_u16();
         response.headers_mut().insert(X_REQUEST_ID, x_request_id);
-        let record = pending.record.take().expect("taken once");
-        response.body_mut().log_on_finish(
-            record,
-            self.access_log.clone(),
-            self.metrics.clone(),
-            inspect,
-        );
+        response.body_mut().watch(call.answering(inspect));
         response
     }
 
+    /// The call's phases: prepare (synchronous), read the body, then the
+    /// attempts.
     async fn forward(
         &self,
         req: Request<Incoming>,
@@ -205,80 +215,45 @@ impl Gateway {
             timeout_ms: self.server.body_read_timeout_ms,
         };
         let (parts, incoming) = req.into_parts();
-        let Prepared {
-            profile,
-            route,
-            declared,
-            method,
-            uri,
-            headers,
-        } = self.prepare(parts, x_request_id, record)?;
-
-        // Body: small bodies are read whole, so an over-limit body is refused
+        let call = self.prepare(parts, x_request_id, record)?;
+        // Small bodies are read whole, so an over-limit body is refused
         // before anything is sent, and the bytes can be sent again.
-        let body = body::read_request(incoming, declared, body_limits).await?;
+        let body = body::read_request(incoming, call.declared, body_limits).await?;
+        self.attempts(&call, body, record).await
+    }
 
-        // Attempts: each one admitted by the breaker and signed afresh; the
-        // retry policy decides whether another follows.
+    /// The retry loop. Each attempt is admitted by the breaker, takes a
+    /// quota slot, is signed afresh and sent; then the retry policy, the
+    /// breaker and the retry budget decide whether another follows.
+    async fn attempts(
+        &self,
+        call: &Prepared<'_>,
+        body: UpstreamBody,
+        record: &mut AccessRecord,
+    ) -> Answer {
+        let route = &call.route;
         let deadline = Instant::now() + Duration::from_millis(self.retry.deadline_ms);
         let max_attempts = route.max_attempts.unwrap_or(self.retry.max_attempts);
-        let attempt_timeout = Duration::from_millis(route.attempt_timeout_ms.unwrap_or(
-            if route.class.repeatable() && max_attempts > 1 {
-                self.retry
-                    .read_attempt_timeout_ms
-                    .min(self.request_timeout.as_millis() as u64)
-            } else {
-                self.request_timeout.as_millis() as u64
-            },
-        ));
+        let attempt_timeout = self.attempt_timeout(route, max_attempts);
         let replay = body.replay();
-        let mut first_body = Some(body);
+        let mut next_body = Some(body);
         self.budget.record_first(Instant::now());
 
-        let mut retrying: Option<String> = None;
+        let mut retrying: Option<RetryReason> = None;
         for number in 1..=max_attempts {
-            let permit = match self.breaker.admit(Instant::now()) {
-                Ok(permit) => permit,
-                Err(retry_after) => {
-                    if number > 1 {
-                        record.retry_skipped = Some("circuit_open");
-                    }
-                    return Err(GatewayError::CircuitOpen { retry_after });
-                }
-            };
-            // Quota: every attempt counts, the provider sees each one.
-            if let Err(limited) = self.limiter.acquire(profile.quota_key, route.bucket).await {
-                permit.record(None, Instant::now());
-                if number > 1 {
-                    record.retry_skipped = Some("rate_limited");
-                }
-                return Err(limited.into());
-            }
+            let permit = self.admit(call, number, record).await?;
             // This attempt is a retry that is really going out: its reason
             // is logged now, not when it was decided.
-            if let Some(reason) = retrying.take() {
-                record.retry_reasons.push(reason);
-            }
-            let body = match first_body.take() {
-                Some(body) => body,
-                None => replay
-                    .as_ref()
-                    .and_then(UpstreamBody::replay)
-                    .expect("the retry policy repeats only calls whose body can be replayed"),
-            };
-            let mut upstream_req = Request::new(body);
-            *upstream_req.method_mut() = method.clone();
-            *upstream_req.uri_mut() = uri.clone();
-            *upstream_req.headers_mut() = headers.clone();
-            self.sign(profile, upstream_req.headers_mut());
+            record.retry_reasons.extend(retrying.take());
+            let body = next_body
+                .take()
+                .or_else(|| replay.as_ref().and_then(UpstreamBody::replay))
+                .expect("the retry policy repeats only calls whose body can be replayed");
             record.attempts = number;
-
             let remaining = deadline.saturating_duration_since(Instant::now());
-            let (outcome, answer) = self
-                .attempt(upstream_req, attempt_timeout.min(remaining), route.class)
-                .await;
-            permit.record(health(&outcome), Instant::now());
-            tracing::debug!(attempt = number, ?outcome, path = %uri.path(), "upstream attempt");
+            let (outcome, answer) = self.send(call, body, attempt_timeout.min(remaining)).await;
+            permit.record(outcome.health(), Instant::now());
+            tracing::debug!(attempt = number, ?outcome, path = %call.uri.path(), "upstream attempt");
 
             let attempt = Attempt {
                 class: route.class,
@@ -287,22 +262,8 @@ impl Gateway {
                 replayable: replay.is_some(),
                 remaining: deadline.saturating_duration_since(Instant::now()),
             };
-            let backoff = retry::backoff(
-                number,
-                Duration::from_millis(self.retry.backoff_base_ms),
-                Duration::from_millis(self.retry.backoff_cap_ms),
-                &mut rand::rng(),
-            );
-            match retry::decide(&outcome, attempt, backoff) {
+            match self.decide(&outcome, attempt) {
                 Decision::Retry { reason, wait } => {
-                    if self.breaker.state() == BreakerState::Open {
-                        record.retry_skipped = Some("circuit_open");
-                        return answer;
-                    }
-                    if !self.budget.try_retry(Instant::now()) {
-                        record.retry_skipped = Some("budget");
-                        return answer;
-                    }
                     retrying = Some(reason);
                     // Dropping an unread answer closes its connection; the
                     // pool opens another if needed.
@@ -316,6 +277,87 @@ impl Gateway {
             }
         }
         unreachable!("the retry policy stops at max_attempts")
+    }
+
+    /// An attempt of a call that may be repeated gets
+    /// `read_attempt_timeout_ms`, so a hung one leaves time for another;
+    /// one that cannot gets the whole `request_timeout_ms`.
+    fn attempt_timeout(&self, route: &Route, max_attempts: u32) -> Duration {
+        let request = self.request_timeout.as_millis() as u64;
+        Duration::from_millis(route.attempt_timeout_ms.unwrap_or(
+            if route.class.repeatable() && max_attempts > 1 {
+                self.retry.read_attempt_timeout_ms.min(request)
+            } else {
+                request
+            },
+        ))
+    }
+
+    /// May attempt `number` go? The breaker must admit it, then the quota
+    /// give it a slot: the provider counts every attempt. A refusal ends the
+    /// call; for a retry, it is also why the retry was skipped.
+    async fn admit(
+        &self,
+        call: &Prepared<'_>,
+        number: u32,
+        record: &mut AccessRecord,
+    ) -> Result<Admission<'_>, GatewayError> {
+        let mut skipped = |why| {
+            if number > 1 {
+                record.retry_skipped = Some(why);
+            }
+        };
+        let permit = self.breaker.admit(Instant::now()).map_err(|retry_after| {
+            skipped(Skipped::CircuitOpen);
+            GatewayError::CircuitOpen { retry_after }
+        })?;
+        let slot = self
+            .limiter
+            .acquire(call.profile.quota_key, call.route.bucket)
+            .await;
+        if let Err(limited) = slot {
+            permit.record(None, Instant::now());
+            skipped(Skipped::RateLimited);
+            return Err(limited.into());
+        }
+        Ok(permit)
+    }
+
+    /// The retry policy's decision, then the gateway's own limits on
+    /// retrying: not into an open circuit, not past the retry budget.
+    fn decide(&self, outcome: &Outcome, attempt: Attempt) -> Decision {
+        let backoff = retry::backoff(
+            attempt.number,
+            Duration::from_millis(self.retry.backoff_base_ms),
+            Duration::from_millis(self.retry.backoff_cap_ms),
+            &mut rand::rng(),
+        );
+        let skip = |why| Decision::Done { skipped: Some(why) };
+        match retry::decide(outcome, attempt, backoff) {
+            Decision::Retry { .. } if self.breaker.state() == BreakerState::Open => {
+                skip(Skipped::CircuitOpen)
+            }
+            Decision::Retry { .. } if !self.budget.try_retry(Instant::now()) => {
+                skip(Skipped::Budget)
+            }
+            decision => decision,
+        }
+    }
+
+    /// Builds one attempt's request (the call's target and headers, signed
+    /// afresh) and sends it.
+    async fn send(
+        &self,
+        call: &Prepared<'_>,
+        body: UpstreamBody,
+        timeout: Duration,
+    ) -> (Outcome, Answer) {
+        let mut upstream_req = Request::new(body);
+        *upstream_req.method_mut() = call.method.clone();
+        *upstream_req.uri_mut() = call.uri.clone();
+        *upstream_req.headers_mut() = call.headers.clone();
+        self.sign(call.profile, upstream_req.headers_mut());
+        self.attempt(upstream_req, timeout, call.route.class).await
     }
 
     /// Everything decided before the body is read: refuses what must never
@@ -504,37 +546,6 @@ impl Gateway {
             HeaderValue::from_bytes(&nonce).expect("alphanumeric"),
         );
         headers.insert(headers::SIGNATURE, signature);
-    }
-}
-
-/// A call's record until its answer is handed to hyper. If the caller
-/// leaves first, hyper drops the call mid-way; the record is then logged
-/// as `499 caller_gone` (nginx's code for it) instead of being lost, and
-/// the in-flight gauge comes down.
-struct Unanswered<'a> {
-    record: Option<AccessRecord>,
-    gateway: &'a Gateway,
-}
-
-impl Drop for Unanswered<'_> {
-    fn drop(&mut self) {
-        if let Some(mut record) = self.record.take() {
-            record.status = 499;
-            record.error = Some("caller_gone");
-            let found = envelope::EnvelopeFields::default();
-            self.gateway.access_log.emit(&record, &found);
-            self.gateway.metrics.call_finished(&record, &found);
-        }
-    }
-}
-
-/// What an outcome says about the provider's health, for the breaker.
-fn health(outcome: &Outcome) -> Option<bool> {
-    match outcome {
-        Outcome::Response { status: 429, .. } | Outcome::TransientCode(_) | Outcome::Refused => {
-            None
-        }
-        other => Some(!other.is_failure()),
     }
 }
 

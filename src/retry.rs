@@ -7,6 +7,7 @@
 //! timed out or lost its connection may have bought something: the caller
 //! gets the provider's answer, or the gateway's 502/504, never a second try.
 
+use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
@@ -37,27 +38,98 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    /// The short reason logged in `retry_reasons`, if this outcome calls for a
-    /// retry at all.
-    fn retry_reason(&self) -> Option<String> {
+    /// Why this outcome calls for a retry, if it does at all.
+    fn retry_reason(&self) -> Option<RetryReason> {
         match self {
-            Outcome::ConnectFailed => Some("connect".into()),
-            Outcome::Dropped => Some("reset".into()),
-            Outcome::TimedOut => Some("timeout".into()),
+            Outcome::ConnectFailed => Some(RetryReason::Connect),
+            Outcome::Dropped => Some(RetryReason::Reset),
+            Outcome::TimedOut => Some(RetryReason::Timeout),
             Outcome::Response { status, .. } => {
-                matches!(status, 429 | 502 | 503 | 504).then(|| status.to_string())
+                matches!(status, 429 | 502 | 503 | 504).then_some(RetryReason::Status(*status))
             }
-            Outcome::TransientCode(code) => Some(format!("code:{code}")),
+            Outcome::TransientCode(code) => Some(RetryReason::TransientCode(code.clone())),
             Outcome::Refused => None,
         }
     }
 
-    /// Does this outcome count against the provider's health?
-    pub fn is_failure(&self) -> bool {
+    /// What this outcome says about the provider's health, for the circuit
+    /// breaker: `Some(false)` a failure (no connection, a dropped one, a
+    /// timeout, a 5xx), `Some(true)` a sign of health, `None` nothing either
+    /// way (a 429, which is the quota, not an outage; a transient `code`,
+    /// which is the provider answering; the gateway refusing an upload).
+    pub fn health(&self) -> Option<bool> {
         match self {
-            Outcome::ConnectFailed | Outcome::Dropped | Outcome::TimedOut => true,
-            Outcome::Response { status, .. } => *status >= 500,
-            Outcome::TransientCode(_) | Outcome::Refused => false,
+            Outcome::ConnectFailed | Outcome::Dropped | Outcome::TimedOut => Some(false),
+            Outcome::Response { status: 429, .. } => None,
+            Outcome::Response { status, .. } => Some(*status < 500),
+            Outcome::TransientCode(_) | Outcome::Refused => None,
+        }
+    }
+}
+
+/// Why a retry was made; shown in `retry_reasons` and as the `reason`
+/// label of `pandagate_retries_total`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RetryReason {
+    Connect,
+    Reset,
+    Timeout,
+    /// A 429, 502, 503 or 504.
+    Status(u16),
+    /// A `code` listed in `retry.transient_codes`.
+    TransientCode(String),
+}
+
+impl fmt::Display for RetryReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RetryReason::Connect => f.write_str("connect"),
+            RetryReason::Reset => f.write_str("reset"),
+            RetryReason::Timeout => f.write_str("timeout"),
+            RetryReason::Status(status) => write!(f, "{status}"),
+            RetryReason::TransientCode(code) => write!(f, "code:{code}"),
+        }
+    }
+}
+
+impl serde::Serialize for RetryReason {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// Why a retry that the outcome called for was not made; shown as
+/// `retry_skipped`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Skipped {
+    /// A write or unknown path, and the request may have reached the provider.
+    NotRepeatable,
+    MaxAttempts,
+    /// The body streamed: it cannot be sent again.
+    BodyNotReplayable,
+    /// The provider's `Retry-After` reaches past the call's deadline.
+    RetryAfterBeyondDeadline,
+    /// The backoff reaches past the call's deadline.
+    Deadline,
+    /// The circuit opened meanwhile.
+    CircuitOpen,
+    /// The quota refused the retry's slot.
+    RateLimited,
+    /// The retry budget is spent.
+    Budget,
+}
+
+impl Skipped {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Skipped::NotRepeatable => "not_repeatable",
+            Skipped::MaxAttempts => "max_attempts",
+            Skipped::BodyNotReplayable => "body_not_replayable",
+            Skipped::RetryAfterBeyondDeadline => "retry_after_beyond_deadline",
+            Skipped::Deadline => "deadline",
+            Skipped::CircuitOpen => "circuit_open",
+            Skipped::RateLimited => "rate_limited",
+            Skipped::Budget => "budget",
         }
     }
 }
@@ -66,10 +138,10 @@ impl Outcome {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Decision {
     /// Wait, then try again; `reason` goes to the access log.
-    Retry { reason: String, wait: Duration },
+    Retry { reason: RetryReason, wait: Duration },
     /// Return this attempt's answer. `skipped` says why a retry that the
     /// outcome called for was not made.
-    Done { skipped: Option<&'static str> },
+    Done { skipped: Option<Skipped> },
 }
 
 /// Everything besides the outcome that a decision depends on.
@@ -94,13 +166,13 @@ pub fn decide(outcome: &Outcome, a: Attempt, backoff: Duration) -> Decision {
     };
     let skip = |why| Decision::Done { skipped: Some(why) };
     if *outcome != Outcome::ConnectFailed && !a.class.repeatable() {
-        return skip("not_repeatable");
+        return skip(Skipped::NotRepeatable);
     }
     if a.number >= a.max_attempts {
-        return skip("max_attempts");
+        return skip(Skipped::MaxAttempts);
     }
     if !a.replayable {
-        return skip("body_not_replayable");
+        return skip(Skipped::BodyNotReplayable);
     }
     let wait = match outcome {
         Outcome::Response {
@@ -108,14 +180,14 @@ pub fn decide(outcome: &Outcome, a: Attempt, backoff: Duration) -> Decision {
             ..
         } => {
             if *after >= a.remaining {
-                return skip("retry_after_beyond_deadline");
+                return skip(Skipped::RetryAfterBeyondDeadline);
             }
             *after
         }
         _ => backoff,
     };
     if wait >= a.remaining {
-        return skip("deadline");
+        return skip(Skipped::Deadline);
     }
     Decision::Retry { reason, wait }
 }
@@ -256,6 +328,14 @@ mod tests {
 
     const B: Duration = Duration::from_millis(10);
 
+    /// A retry's reason as logged, and its wait.
+    fn retried(d: Decision) -> Option<(String, Duration)> {
+        match d {
+            Decision::Retry { reason, wait } => Some((reason.to_string(), wait)),
+            Decision::Done { .. } => None,
+        }
+    }
+
     #[test]
     fn reads_retry_on_5xx_429_reset_timeout_and_transient_codes() {
         for (outcome, reason) in [
@@ -269,11 +349,8 @@ mod tests {
             (Outcome::TransientCode("BUSY".into()), "code:BUSY"),
         ] {
             assert_eq!(
-                decide(&outcome, attempt(Class::Read, 1), B),
-                Decision::Retry {
-                    reason: reason.into(),
-                    wait: B
-                },
+                retried(decide(&outcome, attempt(Class::Read, 1), B)),
+                Some((reason.to_owned(), B)),
                 "{outcome:?}"
             );
         }
@@ -305,7 +382,7 @@ mod tests {
                 assert_eq!(
                     decide(&outcome, attempt(class, 1), B),
                     Decision::Done {
-                        skipped: Some("not_repeatable")
+                        skipped: Some(Skipped::NotRepeatable)
                     },
                     "{class:?} {outcome:?}"
                 );
@@ -319,7 +396,7 @@ mod tests {
         assert_eq!(
             decide(&status(503), a, B),
             Decision::Done {
-                skipped: Some("max_attempts")
+                skipped: Some(Skipped::MaxAttempts)
             }
         );
         a = attempt(Class::Read, 1);
@@ -327,7 +404,7 @@ mod tests {
         assert_eq!(
             decide(&status(503), a, B),
             Decision::Done {
-                skipped: Some("body_not_replayable")
+                skipped: Some(Skipped::BodyNotReplayable)
             }
         );
         a = attempt(Class::Read, 1);
@@ -335,7 +412,7 @@ mod tests {
         assert_eq!(
             decide(&status(503), a, B),
             Decision::Done {
-                skipped: Some("deadline")
+                skipped: Some(Skipped::Deadline)
             }
         );
     }
@@ -347,16 +424,13 @@ mod tests {
             retry_after: Some(Duration::from_secs(secs)),
         };
         assert_eq!(
-            decide(&limited(1), attempt(Class::Read, 1), B),
-            Decision::Retry {
-                reason: "429".into(),
-                wait: Duration::from_secs(1)
-            }
+            retried(decide(&limited(1), attempt(Class::Read, 1), B)),
+            Some(("429".to_owned(), Duration::from_secs(1)))
         );
         assert_eq!(
             decide(&limited(60), attempt(Class::Read, 1), B),
             Decision::Done {
-                skipped: Some("retry_after_beyond_deadline")
+                skipped: Some(Skipped::RetryAfterBeyondDeadline)
             }
         );
     }
