@@ -4,17 +4,13 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
 use std::time::SystemTime;
 
 use clap::{Parser, Subcommand};
 
 use crate::access_log::AccessLog;
-use crate::admin::{Admin, Drain};
-use crate::callbacks::Callbacks;
+use crate::app::{App, EXIT_FLUSH, StartError};
 use crate::config::{self, BackendKind, ConfigError, LogConfig, process_env};
-use crate::connections::Connections;
-use crate::exporter::Process;
 use crate::loaded::{self, Loaded};
 use crate::metrics::Metrics;
 use crate::proxy::Gateway;
@@ -22,12 +18,7 @@ use crate::sandbox::{DEMO_ACCESS_KEY, DEMO_SECRET, Sandbox};
 use crate::secret::Secret;
 use crate::server::{self, ServerOptions};
 use crate::signer::{self, Recipe, TimestampUnit};
-use crate::{ids, reload, telemetry};
-
-use arc_swap::ArcSwap;
-
-/// How long exiting waits for a log's reader to take what is queued.
-const EXIT_FLUSH: Duration = Duration::from_secs(2);
+use crate::{ids, telemetry};
 
 /// Exit status for an invalid configuration (EX_CONFIG... sysexits' EX_USAGE, 64).
 pub const EXIT_CONFIG: u8 = 64;
@@ -209,216 +200,23 @@ fn config_failure(e: &ConfigError) -> ExitCode {
 }
 
 async fn run(loaded: Loaded, config_path: Option<PathBuf>) -> ExitCode {
-    let format = telemetry::resolve_format(loaded.config.log.format);
-    telemetry::init(format, loaded.config.log.queue_lines);
-    let (log, _writer) = AccessLog::spawn_with_queue(
-        format,
-        Box::new(std::io::stdout()),
-        loaded.config.log.queue_lines,
-    );
-    // Metrics outlive config reloads; the gateway itself is swapped whole.
-    let metrics = Arc::new(Metrics::default());
-    let gateway = match Gateway::with_metrics(&loaded, log.clone(), metrics.clone()) {
-        Ok(g) => g,
-        Err(e) => return config_failure(&e),
+    let log = &loaded.config.log;
+    telemetry::init(telemetry::resolve_format(log.format), log.queue_lines);
+    let served = match App::build(loaded, config_path) {
+        Ok(app) => app.serve().await,
+        Err(e) => Err(e),
     };
-    let current: reload::Current = Arc::new(ArcSwap::from_pointee(gateway));
-    // Pushed messages: opened once (the store is a file only one process
-    // may hold); its settings take effect at start, not on SIGHUP. The
-    // secret that verifies a push is looked up in the running config at
-    // each push, so reloads and rotations apply at once.
-    let callbacks = match &loaded.config.callbacks {
-        None => None,
-        Some(c) => match Callbacks::with_secret_source(
-            c.clone(),
-            reload::profile_secret(current.clone(), &c.profile),
-            Duration::from_millis(loaded.config.server.body_read_timeout_ms),
-        ) {
-            Ok(cb) => {
-                tokio::spawn(cb.clone().run_deliveries());
-                Some(cb)
-            }
-            Err(e) => return config_failure(&e),
-        },
-    };
-    let server_config = &loaded.config.server;
-    let listener = match server::bind(server_config.listen, "gateway").await {
-        Ok(l) => l,
+    match served {
+        Ok(()) => {
+            tracing::info!("exiting");
+            ExitCode::SUCCESS
+        }
+        Err(StartError::Config(e)) => config_failure(&e),
         Err(e) => {
-            exit_message(format_args!(
-                "pandagate: cannot listen on {}: {e}",
-                server_config.listen
-            ));
-            return ExitCode::FAILURE;
+            exit_message(format_args!("pandagate: {e}"));
+            ExitCode::FAILURE
         }
-    };
-    let admin_listener = match server::bind(server_config.admin_listen, "admin").await {
-        Ok(l) => l,
-        Err(e) => {
-            exit_message(format_args!(
-                "pandagate: cannot listen on {} (admin): {e}",
-                server_config.admin_listen
-            ));
-            return ExitCode::FAILURE;
-        }
-    };
-
-    // The first SIGTERM/SIGINT (or POST /quitquitquit) drains; a second
-    // signal exits at once.
-    let drain = Drain::default();
-    let mut signals = match server::Signals::new() {
-        Ok(s) => s,
-        Err(e) => {
-            exit_message(format_args!("pandagate: cannot watch signals: {e}"));
-            return ExitCode::FAILURE;
-        }
-    };
-    tokio::spawn({
-        let (drain, log) = (drain.clone(), log.clone());
-        async move {
-            loop {
-                let name = signals.recv().await;
-                if !drain.start(name) {
-                    tracing::warn!(signal = name, "second signal: exiting without waiting");
-                    log.flush_within(EXIT_FLUSH);
-                    telemetry::flush_within(EXIT_FLUSH);
-                    std::process::exit(1);
-                }
-            }
-        }
-    });
-
-    // SIGHUP reloads the whole config; secret files are re-read on their own.
-    tokio::spawn(reload::watch_secret_files(
-        current.clone(),
-        metrics.clone(),
-        Duration::from_millis(server_config.secret_poll_ms),
-    ));
-    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-        Ok(mut hangups) => {
-            let (current, log, metrics) = (current.clone(), log.clone(), metrics.clone());
-            let receiver_profile = callbacks.as_ref().map(|cb| cb.profile().to_owned());
-            tokio::spawn(async move {
-                while hangups.recv().await.is_some() {
-                    tracing::info!("SIGHUP: reloading the config");
-                    reload::reload(
-                        config_path.as_deref(),
-                        &process_env,
-                        &current,
-                        &log,
-                        &metrics,
-                        receiver_profile.as_deref(),
-                    );
-                }
-            });
-        }
-        Err(e) => tracing::warn!(error = %e, "cannot watch SIGHUP; config reload is off"),
     }
-
-    let opts = ServerOptions::from(server_config);
-    // Each listener has its own connection cap, so that a flood on one
-    // (the internet-facing callback listener, say) leaves the others, and
-    // the health checks on the admin listener, answering.
-    let cap = server_config.max_connections;
-    let (gateway_conns, admin_conns) = (
-        Connections::new("gateway", cap),
-        Connections::new("admin", cap),
-    );
-    let callback_listener = match (
-        &callbacks,
-        loaded.config.callbacks.as_ref().and_then(|c| c.listen),
-    ) {
-        (Some(cb), Some(addr)) => match server::bind(addr, "callbacks").await {
-            Ok(l) => Some((l, cb.clone(), Connections::new("callbacks", cap))),
-            Err(e) => {
-                exit_message(format_args!(
-                    "pandagate: cannot listen on {addr} (callbacks): {e}"
-                ));
-                return ExitCode::FAILURE;
-            }
-        },
-        _ => None,
-    };
-    let mut listeners = vec![gateway_conns.clone(), admin_conns.clone()];
-    listeners.extend(callback_listener.as_ref().map(|(_, _, c)| c.clone()));
-    let source = {
-        let current = current.clone();
-        Arc::new(move || current.load_full())
-    };
-    let admin = Arc::new(Admin::new(
-        source,
-        drain.clone(),
-        Process {
-            callbacks: callbacks.clone(),
-            listeners,
-            diagnostics_dropped: Some(telemetry::dropped),
-        },
-    ));
-    let (traffic_done, admin_stop) = tokio::sync::oneshot::channel::<()>();
-    // The admin listener outlives the traffic listener, so that readiness
-    // reports the drain while calls finish.
-    let admin_task = tokio::spawn(server::serve_counted(
-        admin_listener,
-        move |req| {
-            let admin = admin.clone();
-            async move { admin.handle(req).await }
-        },
-        opts.clone(),
-        admin_conns,
-        async move {
-            let _ = admin_stop.await;
-        },
-    ));
-    tracing::info!(
-        upstream = %crate::redact::url(&loaded.config.upstream.url),
-        profiles = loaded.profiles.len(),
-        default_profile = %loaded.config.default_profile,
-        "gateway ready"
-    );
-    if let Some((l, cb, conns)) = callback_listener {
-        let (drain, cb_opts) = (drain.clone(), opts.clone());
-        tokio::spawn(async move {
-            let stop = drain.clone();
-            server::serve_counted(
-                l,
-                move |req| {
-                    let cb = cb.clone();
-                    async move { cb.receive(req).await }
-                },
-                cb_opts,
-                conns,
-                async move { stop.started().await },
-            )
-            .await;
-        });
-    }
-    server::serve_counted(
-        listener,
-        move |req| {
-            // Pushes have their own authentication (the provider's HMAC).
-            let callback = callbacks
-                .as_ref()
-                .filter(|cb| req.uri().path() == cb.path())
-                .cloned();
-            // The gateway current when the call arrived serves it to the end.
-            let gateway = current.load_full();
-            async move {
-                match callback {
-                    Some(cb) => cb.receive(req).await,
-                    None => gateway.handle(req).await,
-                }
-            }
-        },
-        opts,
-        gateway_conns,
-        drain.started(),
-    )
-    .await;
-    let _ = traffic_done.send(());
-    let _ = admin_task.await;
-    log.flush_within(EXIT_FLUSH);
-    tracing::info!("exiting");
-    ExitCode::SUCCESS
 }
 
 /// Validates as `run` does, then prints the effective config.

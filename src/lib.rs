@@ -12,6 +12,7 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod app;
 pub mod auth;
 pub mod body;
 pub mod breaker;

@@ -1,0 +1,304 @@
+//! The serving process, assembled in one place: the gateway (swapped whole
+//! on reload), the push receiver and its delivery loop, three listeners,
+//! the signals, SIGHUP reloads and the secret-file watcher.
+//!
+//! ```text
+//!                 ┌─────────── App ───────────────────────────────────────┐
+//! callers ──────► │ gateway listener ──► Gateway (current, via ArcSwap)   │
+//!                 │        └─ callbacks.path ──► Callbacks::receive       │
+//! provider ─────► │ callback listener (optional) ──► Callbacks::receive   │
+//! kubelet, ─────► │ admin listener ──► Admin (health, readiness, metrics) │
+//! Prometheus      │ signals: TERM/INT drain, a second exits; HUP reloads  │
+//!                 │ secret files polled; deliveries to subscribers        │
+//!                 └───────────────────────────────────────────────────────┘
+//! ```
+//!
+//! Each listener has its own connection cap, so a flood on one (the
+//! internet-facing callback listener, say) leaves the others, and the
+//! health checks on the admin listener, answering. The admin listener
+//! outlives the traffic listener, so readiness reports the drain while
+//! calls finish.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+
+use crate::access_log::AccessLog;
+use crate::admin::{Admin, Drain};
+use crate::callbacks::Callbacks;
+use crate::config::{ConfigError, process_env};
+use crate::connections::Connections;
+use crate::exporter::Process;
+use crate::loaded::Loaded;
+use crate::metrics::Metrics;
+use crate::proxy::Gateway;
+use crate::server::{self, ServerOptions};
+use crate::{reload, telemetry};
+
+/// How long logs get to reach their readers on the way out.
+pub const EXIT_FLUSH: Duration = Duration::from_secs(2);
+
+/// Why the process could not start serving.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot listen on {addr}{what}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        /// `""` for the traffic listener, else ` (admin)`, ` (callbacks)`.
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("cannot watch signals: {0}")]
+    Signals(std::io::Error),
+}
+
+/// Everything the process serves with.
+pub struct App {
+    loaded: Loaded,
+    config_path: Option<PathBuf>,
+    log: AccessLog,
+    /// Outlive config reloads; the gateway itself is swapped whole.
+    metrics: Arc<Metrics>,
+    current: reload::Current,
+    callbacks: Option<Arc<Callbacks>>,
+}
+
+/// The bound listeners.
+struct Listeners {
+    gateway: TcpListener,
+    admin: TcpListener,
+    callbacks: Option<TcpListener>,
+}
+
+impl App {
+    /// Builds the gateway and, with `[callbacks]`, opens the message store
+    /// and starts delivering. Needs a runtime; binds nothing.
+    pub fn build(loaded: Loaded, config_path: Option<PathBuf>) -> Result<App, StartError> {
+        let log_config = &loaded.config.log;
+        let format = telemetry::resolve_format(log_config.format);
+        let (log, _writer) = AccessLog::spawn_with_queue(
+            format,
+            Box::new(std::io::stdout()),
+            log_config.queue_lines,
+        );
+        let metrics = Arc::new(Metrics::default());
+        let gateway = Gateway::with_metrics(&loaded, log.clone(), metrics.clone())?;
+        let current: reload::Current = Arc::new(ArcSwap::from_pointee(gateway));
+        // The store is a file only one process may hold: opened once, its
+        // settings taken at start, not on SIGHUP. The secret that verifies a
+        // push is looked up in the running config at each push, so reloads
+        // and rotations apply at once.
+        let callbacks = match &loaded.config.callbacks {
+            None => None,
+            Some(c) => {
+                let cb = Callbacks::with_secret_source(
+                    c.clone(),
+                    reload::profile_secret(current.clone(), &c.profile),
+                    Duration::from_millis(loaded.config.server.body_read_timeout_ms),
+                )?;
+                tokio::spawn(cb.clone().run_deliveries());
+                Some(cb)
+            }
+        };
+        Ok(App {
+            loaded,
+            config_path,
+            log,
+            metrics,
+            current,
+            callbacks,
+        })
+    }
+
+    /// Binds the listeners and serves until a signal (or `/quitquitquit`)
+    /// drains the traffic listener; then the admin listener stops too.
+    pub async fn serve(self) -> Result<(), StartError> {
+        let listeners = self.bind().await?;
+        let drain = Drain::default();
+        self.watch_signals(drain.clone())?;
+        self.watch_reloads();
+
+        let server_config = &self.loaded.config.server;
+        let opts = ServerOptions::from(server_config);
+        let cap = server_config.max_connections;
+        let gateway_conns = Connections::new("gateway", cap);
+        let admin_conns = Connections::new("admin", cap);
+        let callback_conns = listeners
+            .callbacks
+            .as_ref()
+            .map(|_| Connections::new("callbacks", cap));
+        let mut counted = vec![gateway_conns.clone(), admin_conns.clone()];
+        counted.extend(callback_conns.clone());
+
+        let (traffic_done, admin_stop) = tokio::sync::oneshot::channel::<()>();
+        let admin = self.admin(drain.clone(), counted);
+        let admin_task = tokio::spawn(server::serve_counted(
+            listeners.admin,
+            move |req| {
+                let admin = admin.clone();
+                async move { admin.handle(req).await }
+            },
+            opts.clone(),
+            admin_conns,
+            async move {
+                let _ = admin_stop.await;
+            },
+        ));
+        tracing::info!(
+            upstream = %crate::redact::url(&self.loaded.config.upstream.url),
+            profiles = self.loaded.profiles.len(),
+            default_profile = %self.loaded.config.default_profile,
+            "gateway ready"
+        );
+        if let (Some(listener), Some(conns), Some(cb)) =
+            (listeners.callbacks, callback_conns, self.callbacks.clone())
+        {
+            let stop = drain.clone();
+            tokio::spawn(server::serve_counted(
+                listener,
+                move |req| {
+                    let cb = cb.clone();
+                    async move { cb.receive(req).await }
+                },
+                opts.clone(),
+                conns,
+                async move { stop.started().await },
+            ));
+        }
+        self.serve_traffic(listeners.gateway, opts, gateway_conns, &drain)
+            .await;
+        let _ = traffic_done.send(());
+        let _ = admin_task.await;
+        self.log.flush_within(EXIT_FLUSH);
+        Ok(())
+    }
+
+    async fn bind(&self) -> Result<Listeners, StartError> {
+        let s = &self.loaded.config.server;
+        let bind = |addr: SocketAddr, what: &'static str, name: &'static str| async move {
+            server::bind(addr, name)
+                .await
+                .map_err(|source| StartError::Listen { addr, what, source })
+        };
+        let gateway = bind(s.listen, "", "gateway").await?;
+        let admin = bind(s.admin_listen, " (admin)", "admin").await?;
+        let callbacks = match (&self.callbacks, self.callback_listen()) {
+            (Some(_), Some(addr)) => Some(bind(addr, " (callbacks)", "callbacks").await?),
+            _ => None,
+        };
+        Ok(Listeners {
+            gateway,
+            admin,
+            callbacks,
+        })
+    }
+
+    fn callback_listen(&self) -> Option<SocketAddr> {
+        self.loaded.config.callbacks.as_ref().and_then(|c| c.listen)
+    }
+
+    /// The first SIGTERM/SIGINT drains; a second one exits at once.
+    fn watch_signals(&self, drain: Drain) -> Result<(), StartError> {
+        let mut signals = server::Signals::new().map_err(StartError::Signals)?;
+        let log = self.log.clone();
+        tokio::spawn(async move {
+            loop {
+                let name = signals.recv().await;
+                if !drain.start(name) {
+                    tracing::warn!(signal = name, "second signal: exiting without waiting");
+                    log.flush_within(EXIT_FLUSH);
+                    telemetry::flush_within(EXIT_FLUSH);
+                    std::process::exit(1);
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// SIGHUP reloads the whole config; secret files are re-read on their own.
+    fn watch_reloads(&self) {
+        tokio::spawn(reload::watch_secret_files(
+            self.current.clone(),
+            self.metrics.clone(),
+            Duration::from_millis(self.loaded.config.server.secret_poll_ms),
+        ));
+        let hangup = tokio::signal::unix::SignalKind::hangup();
+        let mut hangups = match tokio::signal::unix::signal(hangup) {
+            Ok(hangups) => hangups,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch SIGHUP; config reload is off");
+                return;
+            }
+        };
+        let (current, log, metrics) =
+            (self.current.clone(), self.log.clone(), self.metrics.clone());
+        let config_path = self.config_path.clone();
+        let receiver_profile = self.callbacks.as_ref().map(|cb| cb.profile().to_owned());
+        tokio::spawn(async move {
+            while hangups.recv().await.is_some() {
+                tracing::info!("SIGHUP: reloading the config");
+                reload::reload(
+                    config_path.as_deref(),
+                    &process_env,
+                    &current,
+                    &log,
+                    &metrics,
+                    receiver_profile.as_deref(),
+                );
+            }
+        });
+    }
+
+    fn admin(&self, drain: Drain, listeners: Vec<Arc<Connections>>) -> Arc<Admin> {
+        let current = self.current.clone();
+        Arc::new(Admin::new(
+            Arc::new(move || current.load_full()),
+            drain,
+            Process {
+                callbacks: self.callbacks.clone(),
+                listeners,
+                diagnostics_dropped: Some(telemetry::dropped),
+            },
+        ))
+    }
+
+    /// The traffic listener, until the drain starts: each call is served
+    /// by the gateway current when it arrived, to its end; pushes on the
+    /// callback path go to the receiver, which has its own authentication
+    /// (the provider's HMAC).
+    async fn serve_traffic(
+        &self,
+        listener: TcpListener,
+        opts: ServerOptions,
+        conns: Arc<Connections>,
+        drain: &Drain,
+    ) {
+        let (current, callbacks) = (self.current.clone(), self.callbacks.clone());
+        server::serve_counted(
+            listener,
+            move |req| {
+                let callback = callbacks
+                    .as_ref()
+                    .filter(|cb| req.uri().path() == cb.path())
+                    .cloned();
+                let gateway = current.load_full();
+                async move {
+                    match callback {
+                        Some(cb) => cb.receive(req).await,
+                        None => gateway.handle(req).await,
+                    }
+                }
+            },
+            opts,
+            conns,
+            drain.started(),
+        )
+        .await;
+    }
+}
