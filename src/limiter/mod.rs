@@ -19,15 +19,12 @@
 //! or slower than `redis_timeout_ms`, `fail_mode` decides, and Redis is tried
 //! again (one call a second) until it answers.
 
-use std::num::NonZeroU32;
+mod local;
+
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use governor::clock::{Clock, Reference};
-use governor::middleware::NoOpMiddleware;
-use governor::state::{InMemoryState, NotKeyed};
-use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use crate::config::{
@@ -35,6 +32,7 @@ use crate::config::{
 };
 use crate::error::GatewayError;
 use crate::redact;
+use local::LocalBuckets;
 
 impl From<RateLimited> for GatewayError {
     fn from(limited: RateLimited) -> GatewayError {
@@ -53,168 +51,6 @@ pub struct RateLimited {
     pub retry_after: Duration,
     /// The rate of the bucket that refused, in requests per second.
     pub limit: f64,
-}
-
-/// `governor`'s clock on tokio time, so paused-time tests drive it.
-#[derive(Clone, Debug)]
-struct TokioClock(Instant);
-
-impl Clock for TokioClock {
-    type Instant = Duration;
-    fn now(&self) -> Duration {
-        self.0.elapsed()
-    }
-}
-
-type Gcra = governor::RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMiddleware<Duration>>;
-
-/// A local bucket: GCRA state plus a fair queue of waiters.
-#[derive(Debug)]
-struct LocalBucket {
-    rate: Rate,
-    gcra: Gcra,
-    clock: TokioClock,
-    /// One permit: the head of the queue holds it while it waits for a slot.
-    turnstile: Semaphore,
-    waiting: AtomicUsize,
-}
-
-impl LocalBucket {
-    fn new(rate: Rate) -> LocalBucket {
-        let clock = TokioClock(Instant::now());
-        let quota = governor::Quota::with_period(rate.interval())
-            .expect("an interval is at least 1 ns")
-            .allow_burst(NonZeroU32::new(rate.burst().max(1)).expect("at least 1"));
-        LocalBucket {
-            rate,
-            gcra: governor::RateLimiter::direct_with_clock(quota, clock.clone()),
-            clock,
-            turnstile: Semaphore::new(1),
-            waiting: AtomicUsize::new(0),
-        }
-    }
-
-    fn refused(&self, retry_after: Duration) -> RateLimited {
-        RateLimited {
-            retry_after,
-            limit: self.rate.per_second(),
-        }
-    }
-
-    /// The wait for the next slot, or `None` if one is free now (and taken).
-    fn try_take(&self) -> Option<Duration> {
-        match self.gcra.check() {
-            Ok(()) => None,
-            Err(not_until) => Some(
-                not_until
-                    .earliest_possible()
-                    .duration_since(self.clock.now())
-                    .into(),
-            ),
-        }
-    }
-
-    /// Takes a slot, waiting in line until `deadline` at most.
-    async fn acquire(&self, deadline: Option<Instant>) -> Result<(), RateLimited> {
-        // Nobody queued: try the fast path. With a queue, newcomers line up
-        // behind it so that the order stays first come, first served.
-        let wait = if self.waiting.load(Ordering::Acquire) == 0 {
-            match self.try_take() {
-                None => return Ok(()),
-                Some(wait) => wait,
-            }
-        } else {
-            self.rate.interval()
-        };
-        let Some(deadline) = deadline else {
-            return Err(self.refused(wait));
-        };
-        // Who could be served before the deadline? Anyone beyond that
-        // is refused now rather than after waiting in vain.
-        let budget = deadline.saturating_duration_since(Instant::now());
-        let servable =
-            ((budget.as_secs_f64() * self.rate.per_second()).floor() as usize).saturating_add(1);
-        let _place = Place::take(&self.waiting, servable).ok_or_else(|| self.refused(wait))?;
-        let _turn = tokio::time::timeout_at(deadline, self.turnstile.acquire())
-            .await
-            .map_err(|_| self.refused(self.rate.interval()))?
-            .expect("the turnstile is never closed");
-        loop {
-            match self.try_take() {
-                None => return Ok(()),
-                Some(wait)
-                    if Instant::now()
-                        .checked_add(wait)
-                        .is_none_or(|t| t > deadline) =>
-                {
-                    return Err(self.refused(wait));
-                }
-                Some(wait) => tokio::time::sleep(wait).await,
-            }
-        }
-    }
-}
-
-/// A place in a bucket's queue, given back when dropped (also when the
-/// caller went away while waiting).
-struct Place<'a>(&'a AtomicUsize);
-
-impl<'a> Place<'a> {
-    fn take(waiting: &'a AtomicUsize, bound: usize) -> Option<Place<'a>> {
-        if waiting.fetch_add(1, Ordering::AcqRel) >= bound {
-            waiting.fetch_sub(1, Ordering::AcqRel);
-            return None;
-        }
-        Some(Place(waiting))
-    }
-}
-
-impl Drop for Place<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// The buckets of every quota key and route, built once from config.
-#[derive(Debug)]
-struct LocalBuckets {
-    /// Indexed by quota key (one per distinct AccessKey).
-    keys: Vec<Option<Arc<LocalBucket>>>,
-    /// Indexed by quota key, then by route bucket.
-    routes: Vec<Vec<Arc<LocalBucket>>>,
-}
-
-impl LocalBuckets {
-    fn new(keys: usize, key_rate: Option<Rate>, route_rates: &[Rate], share: f64) -> LocalBuckets {
-        LocalBuckets {
-            keys: (0..keys)
-                .map(|_| key_rate.map(|r| Arc::new(LocalBucket::new(r.scaled(share)))))
-                .collect(),
-            routes: (0..keys)
-                .map(|_| {
-                    route_rates
-                        .iter()
-                        .map(|r| Arc::new(LocalBucket::new(r.scaled(share))))
-                        .collect()
-                })
-                .collect(),
-        }
-    }
-
-    async fn acquire(
-        &self,
-        key: usize,
-        route: Option<usize>,
-        deadline: Option<Instant>,
-    ) -> Result<(), RateLimited> {
-        if let Some(r) = route {
-            self.routes[key][r].acquire(deadline).await?;
-        }
-        if let Some(bucket) = &self.keys[key] {
-            bucket.acquire(deadline).await?;
-        }
-        Ok(())
-    }
 }
 
 /// Which backend is deciding, for logs, readiness and metrics.
@@ -559,7 +395,7 @@ impl RedisBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{MAX_BURST, MAX_PER_SECOND, MIN_FALLBACK_SHARE, MIN_PER_SECOND, RateError};
+    use crate::config::{MAX_BURST, MAX_PER_SECOND, MIN_FALLBACK_SHARE, MIN_PER_SECOND};
 
     fn rate(per_second: f64, burst: u32) -> Rate {
         Rate::new(per_second, Some(burst)).unwrap()
@@ -709,7 +545,7 @@ mod tests {
         assert_eq!(rate(10.0, 4).scaled(0.5), rate(5.0, 2));
     }
 
-    const PER_SECOND: [f64; 19] = [
+    pub(super) const PER_SECOND: [f64; 19] = [
         f64::NAN,
         f64::NEG_INFINITY,
         -1.0,
@@ -730,7 +566,7 @@ mod tests {
         f64::MAX,
         f64::INFINITY,
     ];
-    const BURST: [Option<u32>; 7] = [
+    pub(super) const BURST: [Option<u32>; 7] = [
         None,
         Some(0),
         Some(1),
@@ -739,7 +575,7 @@ mod tests {
         Some(MAX_BURST + 1),
         Some(u32::MAX),
     ];
-    const SHARE: [f64; 10] = [
+    pub(super) const SHARE: [f64; 10] = [
         f64::NAN,
         f64::NEG_INFINITY,
         -1.0,
@@ -752,53 +588,12 @@ mod tests {
         1.5,
     ];
 
-    fn rate_in_bounds(r: f64) -> bool {
+    pub(super) fn rate_in_bounds(r: f64) -> bool {
         (MIN_PER_SECOND..=MAX_PER_SECOND).contains(&r)
     }
 
-    fn burst_in_bounds(b: Option<u32>) -> bool {
+    pub(super) fn burst_in_bounds(b: Option<u32>) -> bool {
         b.is_none_or(|b| (1..=MAX_BURST).contains(&b))
-    }
-
-    /// `Rate::new` and `scaled` over extreme values: out of bounds is an
-    /// error about the right one of the two; in bounds builds a local bucket
-    /// at every fallback share, whose intervals fit governor's u64
-    /// nanoseconds and whose first slot is taken without a panic.
-    #[tokio::test(start_paused = true)]
-    async fn rates_over_extreme_values_fail_cleanly_or_work() {
-        for r in PER_SECOND {
-            for b in BURST {
-                let rate = match Rate::new(r, b) {
-                    Err(RateError::PerSecond(m)) => {
-                        assert!(!rate_in_bounds(r), "{r} {b:?}: {m}");
-                        continue;
-                    }
-                    Err(RateError::Burst(m)) => {
-                        assert!(rate_in_bounds(r) && !burst_in_bounds(b), "{r} {b:?}: {m}");
-                        continue;
-                    }
-                    Ok(rate) => rate,
-                };
-                assert!(
-                    rate_in_bounds(r) && burst_in_bounds(b),
-                    "{r} {b:?} accepted"
-                );
-                for share in SHARE {
-                    let scaled = rate.scaled(share);
-                    assert!(scaled.per_second() > 0.0 && scaled.burst() >= 1);
-                    let nanos = scaled.interval_nanos();
-                    assert!(
-                        nanos.checked_mul(u64::from(scaled.burst())).is_some(),
-                        "{r} {b:?} {share}: {nanos} ns x {}",
-                        scaled.burst()
-                    );
-                    let bucket = LocalBucket::new(scaled);
-                    assert!(bucket.acquire(None).await.is_ok(), "the burst's first slot");
-                    let soon = Instant::now() + Duration::from_millis(1);
-                    let _ = bucket.acquire(Some(soon)).await;
-                }
-            }
-        }
     }
 
     fn dead_redis_url() -> RedisUrl {
