@@ -221,6 +221,7 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
 ///
 /// Counts live in one-second buckets of atomics, so recording a call is a
 /// few uncontended-in-practice atomic adds, never a lock.
+/// Not tower's `TpsBudget`: each `deposit` (every call) locks a `Mutex` to rotate slots; its window caps at 60 s, ours at 1 h.
 #[derive(Debug)]
 pub struct Budget {
     start: Instant,

@@ -19,22 +19,21 @@
 //! or slower than `redis_timeout_ms`, `fail_mode` decides, and Redis is tried
 //! again (one call a second) until it answers.
 
-use std::num::NonZeroU32;
+mod local;
+mod redis;
+
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use governor::clock::{Clock, Reference};
-use governor::middleware::NoOpMiddleware;
-use governor::state::{InMemoryState, NotKeyed};
-use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
+use self::local::LocalBuckets;
+use self::redis::RedisBackend;
 use crate::config::{
     BackendKind, ConfigError, FailMode, Rate, RateLimitConfig, RedisUrl, RedisUrlSource,
 };
 use crate::error::GatewayError;
-use crate::redact;
 
 impl From<RateLimited> for GatewayError {
     fn from(limited: RateLimited) -> GatewayError {
@@ -53,168 +52,6 @@ pub struct RateLimited {
     pub retry_after: Duration,
     /// The rate of the bucket that refused, in requests per second.
     pub limit: f64,
-}
-
-/// `governor`'s clock on tokio time, so paused-time tests drive it.
-#[derive(Clone, Debug)]
-struct TokioClock(Instant);
-
-impl Clock for TokioClock {
-    type Instant = Duration;
-    fn now(&self) -> Duration {
-        self.0.elapsed()
-    }
-}
-
-type Gcra = governor::RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMiddleware<Duration>>;
-
-/// A local bucket: GCRA state plus a fair queue of waiters.
-#[derive(Debug)]
-struct LocalBucket {
-    rate: Rate,
-    gcra: Gcra,
-    clock: TokioClock,
-    /// One permit: the head of the queue holds it while it waits for a slot.
-    turnstile: Semaphore,
-    waiting: AtomicUsize,
-}
-
-impl LocalBucket {
-    fn new(rate: Rate) -> LocalBucket {
-        let clock = TokioClock(Instant::now());
-        let quota = governor::Quota::with_period(rate.interval())
-            .expect("an interval is at least 1 ns")
-            .allow_burst(NonZeroU32::new(rate.burst().max(1)).expect("at least 1"));
-        LocalBucket {
-            rate,
-            gcra: governor::RateLimiter::direct_with_clock(quota, clock.clone()),
-            clock,
-            turnstile: Semaphore::new(1),
-            waiting: AtomicUsize::new(0),
-        }
-    }
-
-    fn refused(&self, retry_after: Duration) -> RateLimited {
-        RateLimited {
-            retry_after,
-            limit: self.rate.per_second(),
-        }
-    }
-
-    /// The wait for the next slot, or `None` if one is free now (and taken).
-    fn try_take(&self) -> Option<Duration> {
-        match self.gcra.check() {
-            Ok(()) => None,
-            Err(not_until) => Some(
-                not_until
-                    .earliest_possible()
-                    .duration_since(self.clock.now())
-                    .into(),
-            ),
-        }
-    }
-
-    /// Takes a slot, waiting in line until `deadline` at most.
-    async fn acquire(&self, deadline: Option<Instant>) -> Result<(), RateLimited> {
-        // Nobody queued: try the fast path. With a queue, newcomers line up
-        // behind it so that the order stays first come, first served.
-        let wait = if self.waiting.load(Ordering::Acquire) == 0 {
-            match self.try_take() {
-                None => return Ok(()),
-                Some(wait) => wait,
-            }
-        } else {
-            self.rate.interval()
-        };
-        let Some(deadline) = deadline else {
-            return Err(self.refused(wait));
-        };
-        // Who could be served before the deadline? Anyone beyond that
-        // is refused now rather than after waiting in vain.
-        let budget = deadline.saturating_duration_since(Instant::now());
-        let servable =
-            ((budget.as_secs_f64() * self.rate.per_second()).floor() as usize).saturating_add(1);
-        let _place = Place::take(&self.waiting, servable).ok_or_else(|| self.refused(wait))?;
-        let _turn = tokio::time::timeout_at(deadline, self.turnstile.acquire())
-            .await
-            .map_err(|_| self.refused(self.rate.interval()))?
-            .expect("the turnstile is never closed");
-        loop {
-            match self.try_take() {
-                None => return Ok(()),
-                Some(wait)
-                    if Instant::now()
-                        .checked_add(wait)
-                        .is_none_or(|t| t > deadline) =>
-                {
-                    return Err(self.refused(wait));
-                }
-                Some(wait) => tokio::time::sleep(wait).await,
-            }
-        }
-    }
-}
-
-/// A place in a bucket's queue, given back when dropped (also when the
-/// caller went away while waiting).
-struct Place<'a>(&'a AtomicUsize);
-
-impl<'a> Place<'a> {
-    fn take(waiting: &'a AtomicUsize, bound: usize) -> Option<Place<'a>> {
-        if waiting.fetch_add(1, Ordering::AcqRel) >= bound {
-            waiting.fetch_sub(1, Ordering::AcqRel);
-            return None;
-        }
-        Some(Place(waiting))
-    }
-}
-
-impl Drop for Place<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// The buckets of every quota key and route, built once from config.
-#[derive(Debug)]
-struct LocalBuckets {
-    /// Indexed by quota key (one per distinct AccessKey).
-    keys: Vec<Option<Arc<LocalBucket>>>,
-    /// Indexed by quota key, then by route bucket.
-    routes: Vec<Vec<Arc<LocalBucket>>>,
-}
-
-impl LocalBuckets {
-    fn new(keys: usize, key_rate: Option<Rate>, route_rates: &[Rate], share: f64) -> LocalBuckets {
-        LocalBuckets {
-            keys: (0..keys)
-                .map(|_| key_rate.map(|r| Arc::new(LocalBucket::new(r.scaled(share)))))
-                .collect(),
-            routes: (0..keys)
-                .map(|_| {
-                    route_rates
-                        .iter()
-                        .map(|r| Arc::new(LocalBucket::new(r.scaled(share))))
-                        .collect()
-                })
-                .collect(),
-        }
-    }
-
-    async fn acquire(
-        &self,
-        key: usize,
-        route: Option<usize>,
-        deadline: Option<Instant>,
-    ) -> Result<(), RateLimited> {
-        if let Some(r) = route {
-            self.routes[key][r].acquire(deadline).await?;
-        }
-        if let Some(bucket) = &self.keys[key] {
-            bucket.acquire(deadline).await?;
-        }
-        Ok(())
-    }
 }
 
 /// Which backend is deciding, for logs, readiness and metrics.
@@ -342,224 +179,10 @@ impl Limiter {
     }
 }
 
-/// GCRA over any number of buckets at once, on Redis's clock. ARGV[1] is the
-/// longest acceptable wait (µs); then for each key its emission interval and
-/// burst tolerance (µs). Returns {1, wait} (slot reserved after `wait` µs)
-/// or {0, wait} (refused; a slot would be free in `wait` µs).
-const GCRA_LUA: &str = r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local max_wait = tonumber(ARGV[1])
-local wait = 0
-local tats = {}
-for i, key in ipairs(KEYS) do
-  local tau = tonumber(ARGV[2 * i + 1])
-  local tat = tonumber(redis.call('GET', key)) or now
-  if tat < now then tat = now end
-  tats[i] = tat
-  local w = tat - tau - now
-  if w > wait then wait = w end
-end
-if wait > max_wait then return {0, wait} end
-for i, key in ipairs(KEYS) do
-  local interval = tonumber(ARGV[2 * i])
-  local new_tat = math.max(tats[i], now + wait) + interval
-  redis.call('SET', key, string.format('%d', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1000)
-end
-return {1, wait}
-";
-
-#[derive(Debug)]
-struct RedisBackend {
-    /// For scrubbing error texts before they are logged.
-    url: RedisUrl,
-    conn: redis::aio::ConnectionManager,
-    script: redis::Script,
-    timeout: Duration,
-    fail_mode: FailMode,
-    fallback: LocalBuckets,
-    healthy: AtomicBool,
-    /// Milliseconds since `start` before which Redis is not tried again.
-    next_probe: AtomicU64,
-    start: Instant,
-    /// Redis key and rate of each key bucket, per quota key.
-    key_buckets: Vec<Option<(String, Rate)>>,
-    /// Redis key and rate of each route bucket, per quota key.
-    route_buckets: Vec<Vec<(String, Rate)>>,
-}
-
-impl RedisBackend {
-    fn new(
-        c: &RateLimitConfig,
-        url: &RedisUrl,
-        keys: &[Arc<str>],
-        routes: &[(String, Rate)],
-        key_rate: Option<Rate>,
-        route_rates: &[Rate],
-    ) -> Result<RedisBackend, ConfigError> {
-        let client = redis::Client::open(url.expose()).map_err(|e| {
-            ConfigError::new(
-                "rate_limit.redis_url",
-                redact::scrub(&e.to_string(), url.expose()),
-            )
-        })?;
-        let timeout = Duration::from_millis(c.redis_timeout_ms);
-        let manager_config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
-            .set_number_of_retries(1);
-        let conn = redis::aio::ConnectionManager::new_lazy_with_config(client, manager_config)
-            .map_err(|e| {
-                ConfigError::new(
-                    "rate_limit.redis_url",
-                    redact::scrub(&e.to_string(), url.expose()),
-                )
-            })?;
-        // `{key}` is a hash tag: a key's buckets share a Redis Cluster slot,
-        // as one script call must.
-        let name = |k: &str, suffix: &str| format!("{}:{{{k}}}:{suffix}", c.redis_key_prefix);
-        Ok(RedisBackend {
-            url: url.clone(),
-            conn,
-            script: redis::Script::new(GCRA_LUA),
-            timeout,
-            fail_mode: c.fail_mode,
-            fallback: LocalBuckets::new(keys.len(), key_rate, route_rates, c.fallback_share),
-            healthy: AtomicBool::new(true),
-            next_probe: AtomicU64::new(0),
-            start: Instant::now(),
-            key_buckets: keys
-                .iter()
-                .map(|k| key_rate.map(|r| (name(k, "key"), r)))
-                .collect(),
-            route_buckets: keys
-                .iter()
-                .map(|k| {
-                    routes
-                        .iter()
-                        .map(|(pattern, r)| (name(k, &format!("route:{pattern}")), *r))
-                        .collect()
-                })
-                .collect(),
-        })
-    }
-
-    async fn acquire(
-        &self,
-        key: usize,
-        route: Option<usize>,
-        max_wait: Option<Duration>,
-        deadline: Option<Instant>,
-    ) -> Result<(), RateLimited> {
-        let buckets: Vec<&(String, Rate)> = route
-            .map(|r| &self.route_buckets[key][r])
-            .into_iter()
-            .chain(self.key_buckets[key].as_ref())
-            .collect();
-        if buckets.is_empty() {
-            return Ok(());
-        }
-        if !self.should_try() {
-            return self.fall_back(key, route, deadline).await;
-        }
-        let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
-        let mut call = self.script.prepare_invoke();
-        call.arg(micros(max_wait.unwrap_or_default()));
-        for (name, rate) in &buckets {
-            let interval = micros(rate.interval()).max(1);
-            call.key(name.as_str())
-                .arg(interval)
-                .arg(interval.saturating_mul(u64::from(rate.burst().saturating_sub(1))));
-        }
-        let mut conn = self.conn.clone();
-        let decided =
-            tokio::time::timeout(self.timeout, call.invoke_async::<(u8, i64)>(&mut conn)).await;
-        match decided {
-            Ok(Ok((granted, wait_us))) => {
-                self.mark_healthy();
-                let wait = Duration::from_micros(wait_us.max(0) as u64);
-                if granted == 1 {
-                    if !wait.is_zero() {
-                        tokio::time::sleep(wait).await;
-                    }
-                    Ok(())
-                } else {
-                    let limit = buckets
-                        .iter()
-                        .map(|(_, r)| r.per_second())
-                        .fold(f64::INFINITY, f64::min);
-                    Err(RateLimited {
-                        retry_after: wait,
-                        limit,
-                    })
-                }
-            }
-            Ok(Err(e)) => {
-                self.mark_unhealthy(&e.to_string());
-                self.fall_back(key, route, deadline).await
-            }
-            Err(_) => {
-                self.mark_unhealthy("no answer within redis_timeout_ms");
-                self.fall_back(key, route, deadline).await
-            }
-        }
-    }
-
-    /// Healthy: always. Away: one call per second probes Redis again.
-    fn should_try(&self) -> bool {
-        if self.healthy.load(Ordering::Acquire) {
-            return true;
-        }
-        let now = self.start.elapsed().as_millis() as u64;
-        let due = self.next_probe.load(Ordering::Acquire);
-        now >= due
-            && self
-                .next_probe
-                .compare_exchange(due, now + 1000, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-    }
-
-    fn mark_healthy(&self) {
-        if !self.healthy.swap(true, Ordering::AcqRel) {
-            tracing::info!("redis rate-limit backend answers again: shared quota restored");
-        }
-    }
-
-    fn mark_unhealthy(&self, why: &str) {
-        let now = self.start.elapsed().as_millis() as u64;
-        self.next_probe.store(now + 1000, Ordering::Release);
-        if self.healthy.swap(false, Ordering::AcqRel) {
-            tracing::warn!(
-                reason = redact::scrub(why, self.url.expose()),
-                fail_mode = ?self.fail_mode,
-                "redis rate-limit backend unavailable: falling back"
-            );
-        }
-    }
-
-    async fn fall_back(
-        &self,
-        key: usize,
-        route: Option<usize>,
-        deadline: Option<Instant>,
-    ) -> Result<(), RateLimited> {
-        match self.fail_mode {
-            FailMode::Open => Ok(()),
-            FailMode::Closed => Err(RateLimited {
-                retry_after: Duration::from_secs(1),
-                limit: self.key_buckets[key]
-                    .as_ref()
-                    .map_or(0.0, |(_, r)| r.per_second()),
-            }),
-            FailMode::Local => self.fallback.acquire(key, route, deadline).await,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{MAX_BURST, MAX_PER_SECOND, MIN_FALLBACK_SHARE, MIN_PER_SECOND, RateError};
+    use crate::config::{MAX_BURST, MAX_PER_SECOND, MIN_FALLBACK_SHARE, MIN_PER_SECOND};
 
     fn rate(per_second: f64, burst: u32) -> Rate {
         Rate::new(per_second, Some(burst)).unwrap()
@@ -709,7 +332,7 @@ mod tests {
         assert_eq!(rate(10.0, 4).scaled(0.5), rate(5.0, 2));
     }
 
-    const PER_SECOND: [f64; 19] = [
+    pub(super) const PER_SECOND: [f64; 19] = [
         f64::NAN,
         f64::NEG_INFINITY,
         -1.0,
@@ -730,7 +353,7 @@ mod tests {
         f64::MAX,
         f64::INFINITY,
     ];
-    const BURST: [Option<u32>; 7] = [
+    pub(super) const BURST: [Option<u32>; 7] = [
         None,
         Some(0),
         Some(1),
@@ -739,7 +362,7 @@ mod tests {
         Some(MAX_BURST + 1),
         Some(u32::MAX),
     ];
-    const SHARE: [f64; 10] = [
+    pub(super) const SHARE: [f64; 10] = [
         f64::NAN,
         f64::NEG_INFINITY,
         -1.0,
@@ -752,53 +375,12 @@ mod tests {
         1.5,
     ];
 
-    fn rate_in_bounds(r: f64) -> bool {
+    pub(super) fn rate_in_bounds(r: f64) -> bool {
         (MIN_PER_SECOND..=MAX_PER_SECOND).contains(&r)
     }
 
-    fn burst_in_bounds(b: Option<u32>) -> bool {
+    pub(super) fn burst_in_bounds(b: Option<u32>) -> bool {
         b.is_none_or(|b| (1..=MAX_BURST).contains(&b))
-    }
-
-    /// `Rate::new` and `scaled` over extreme values: out of bounds is an
-    /// error about the right one of the two; in bounds builds a local bucket
-    /// at every fallback share, whose intervals fit governor's u64
-    /// nanoseconds and whose first slot is taken without a panic.
-    #[tokio::test(start_paused = true)]
-    async fn rates_over_extreme_values_fail_cleanly_or_work() {
-        for r in PER_SECOND {
-            for b in BURST {
-                let rate = match Rate::new(r, b) {
-                    Err(RateError::PerSecond(m)) => {
-                        assert!(!rate_in_bounds(r), "{r} {b:?}: {m}");
-                        continue;
-                    }
-                    Err(RateError::Burst(m)) => {
-                        assert!(rate_in_bounds(r) && !burst_in_bounds(b), "{r} {b:?}: {m}");
-                        continue;
-                    }
-                    Ok(rate) => rate,
-                };
-                assert!(
-                    rate_in_bounds(r) && burst_in_bounds(b),
-                    "{r} {b:?} accepted"
-                );
-                for share in SHARE {
-                    let scaled = rate.scaled(share);
-                    assert!(scaled.per_second() > 0.0 && scaled.burst() >= 1);
-                    let nanos = scaled.interval_nanos();
-                    assert!(
-                        nanos.checked_mul(u64::from(scaled.burst())).is_some(),
-                        "{r} {b:?} {share}: {nanos} ns x {}",
-                        scaled.burst()
-                    );
-                    let bucket = LocalBucket::new(scaled);
-                    assert!(bucket.acquire(None).await.is_ok(), "the burst's first slot");
-                    let soon = Instant::now() + Duration::from_millis(1);
-                    let _ = bucket.acquire(Some(soon)).await;
-                }
-            }
-        }
     }
 
     fn dead_redis_url() -> RedisUrl {
@@ -835,6 +417,7 @@ mod tests {
     /// Redis (unreachable: each fail mode's path runs, the local fallback
     /// at `fallback_share`): either a config error naming a key that is out
     /// of bounds, or a limiter whose acquires answer without a panic.
+    // Long on purpose: the table of configs reads best next to the loop that checks each one.
     #[tokio::test(start_paused = true)]
     async fn limiter_new_over_extreme_values_fails_cleanly_or_works() {
         let max_ms = crate::config::MAX_DURATION_MS;
