@@ -126,7 +126,7 @@ impl Admin {
     async fn with_callbacks<F, Fut>(&self, f: F) -> Response<Full<Bytes>>
     where
         F: FnOnce(Arc<Callbacks>) -> Fut,
-        Fut: std::future::Future<Output = Result<serde_json::Value, String>>,
+        Fut: Future<Output = Result<serde_json::Value, crate::callbacks::CallbackError>>,
     {
         let Some(cb) = self.callbacks.clone() else {
             return text(StatusCode::NOT_FOUND, "no [callbacks] configured\n".into());
