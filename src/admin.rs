@@ -97,7 +97,7 @@ impl Admin {
                 text(StatusCode::OK, "draining\n".into())
             }
             (&Method::GET, "/callbacks") => {
-                let dead = has_flag(req.uri().query(), "dead=1");
+                let dead = has_flag(req.uri().query(), "dead");
                 self.with_callbacks(|cb| async move {
                     cb.list(dead).await.map(|l| serde_json::json!(l))
                 })
@@ -105,7 +105,7 @@ impl Admin {
             }
             (&Method::POST, "/callbacks/replay") => {
                 let id = query_value(req.uri().query(), "id");
-                if id.is_none() && !has_flag(req.uri().query(), "all-dead=1") {
+                if id.is_none() && !has_flag(req.uri().query(), "all-dead") {
                     return text(StatusCode::BAD_REQUEST, "give id=ID or all-dead=1\n".into());
                 }
                 self.with_callbacks(|cb| async move {
@@ -126,7 +126,7 @@ impl Admin {
     async fn with_callbacks<F, Fut>(&self, f: F) -> Response<Full<Bytes>>
     where
         F: FnOnce(Arc<Callbacks>) -> Fut,
-        Fut: std::future::Future<Output = Result<serde_json::Value, String>>,
+        Fut: Future<Output = Result<serde_json::Value, crate::callbacks::CallbackError>>,
     {
         let Some(cb) = self.callbacks.clone() else {
             return text(StatusCode::NOT_FOUND, "no [callbacks] configured\n".into());
@@ -162,16 +162,17 @@ impl Admin {
     }
 }
 
-fn has_flag(query: Option<&str>, flag: &str) -> bool {
-    query.is_some_and(|q| q.split('&').any(|p| p == flag))
+/// Whether `query` sets parameter `name` to `1`.
+fn has_flag(query: Option<&str>, name: &str) -> bool {
+    query.is_some_and(|q| form_urlencoded::parse(q.as_bytes()).any(|(k, v)| k == name && v == "1"))
 }
 
+/// The first value of parameter `name` in `query`, decoded
+/// (`application/x-www-form-urlencoded`: `%XX` escapes, `+` for a space).
 fn query_value(query: Option<&str>, name: &str) -> Option<String> {
-    query?
-        .split('&')
-        .filter_map(|pair| pair.split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v.replace("%7C", "|").replace("%7c", "|"))
+    form_urlencoded::parse(query?.as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
@@ -182,4 +183,43 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
         header::HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_values_are_percent_decoded() {
+        let key = "0a1b|http://orders.internal/hooks/a+b";
+        for query in [
+            "id=0a1b%7Chttp%3A%2F%2Forders.internal%2Fhooks%2Fa%2Bb",
+            "id=0a1b%7chttp://orders.internal/hooks/a%2bb",
+            "all-dead=0&id=0a1b%7Chttp://orders.internal/hooks/a%2Bb&id=other",
+        ] {
+            assert_eq!(
+                query_value(Some(query), "id").as_deref(),
+                Some(key),
+                "{query}"
+            );
+        }
+        assert_eq!(
+            query_value(Some("id=a+b%20c"), "id").as_deref(),
+            Some("a b c")
+        );
+        assert_eq!(query_value(Some("id="), "id").as_deref(), Some(""));
+        assert_eq!(query_value(Some("dead=1"), "id"), None);
+        assert_eq!(query_value(None, "id"), None);
+    }
+
+    #[test]
+    fn flags_are_set_by_1_only() {
+        assert!(has_flag(Some("dead=1"), "dead"));
+        assert!(has_flag(Some("x=2&dead=%31"), "dead"));
+        assert!(has_flag(Some("all-dead=1"), "all-dead"));
+        for query in ["dead=true", "dead", "dead=0", "undead=1", "all-dead=1"] {
+            assert!(!has_flag(Some(query), "dead"), "{query}");
+        }
+        assert!(!has_flag(None, "dead"));
+    }
 }

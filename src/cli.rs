@@ -319,7 +319,12 @@ async fn callbacks_command(action: CallbacksAction, admin: SocketAddr) -> ExitCo
         ),
         CallbacksAction::Replay { id: Some(id), .. } => (
             http::Method::POST,
-            format!("/callbacks/replay?id={}", id.replace('|', "%7C")),
+            format!(
+                "/callbacks/replay?{}",
+                form_urlencoded::Serializer::new(String::new())
+                    .append_pair("id", id)
+                    .finish()
+            ),
         ),
         CallbacksAction::Replay { all_dead: true, .. } => (
             http::Method::POST,

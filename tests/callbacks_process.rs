@@ -145,3 +145,56 @@ async fn operators_list_and_replay_dead_letters() {
         "{text}"
     );
 }
+
+/// Waits until the one delivery is a dead letter; its key.
+async fn dead_key(gw: &support::Running) -> String {
+    for _ in 0..250 {
+        let answer = support::get(&format!("http://{}/callbacks?dead=1", gw.admin)).await;
+        let dead: Vec<serde_json::Value> = serde_json::from_slice(&answer.body).unwrap();
+        if let Some(d) = dead.first() {
+            return d["key"].as_str().unwrap().to_owned();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("no dead letter within 5 s");
+}
+
+async fn replay_by_id(gw: &support::Running, encoded_id: &str) -> String {
+    let req = http::Request::post(format!(
+        "http://{}/callbacks/replay?id={encoded_id}",
+        gw.admin
+    ))
+    .body(http_body_util::Full::default())
+    .unwrap();
+    let answer = support::send(req).await;
+    String::from_utf8_lossy(&answer.body).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_takes_a_percent_encoded_delivery_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let subscriber = support::upstream_answering(ResponseTemplate::new(500)).await;
+    // A `+` in the URL, so in the key: sent as `%2B`, never as a space.
+    let url = format!("{}/hooks/a+b", subscriber.uri());
+    let config = config(dir.path(), &url, 100);
+    let gw = launch(&config).await;
+    assert_eq!(push(&gw, "E1").await, 200);
+    let key = dead_key(&gw).await;
+    assert!(key.ends_with("/hooks/a+b"), "{key}");
+
+    let encoded: String = form_urlencoded::byte_serialize(key.as_bytes()).collect();
+    assert!(
+        encoded.contains("%7C") && encoded.contains("%2B"),
+        "{encoded}"
+    );
+    let lower = encoded.replace("%7C", "%7c").replace("%2B", "%2b");
+    for id in [encoded, lower] {
+        let out = replay_by_id(&gw, &id).await;
+        assert!(out.contains(r#""replayed":1"#), "{id}: {out}");
+        assert_eq!(dead_key(&gw).await, key, "dead again after max_age_ms");
+    }
+    // The CLI encodes the key it is given.
+    let (ok, out) = cli(&["callbacks", "replay", &key], &gw.admin);
+    assert!(ok, "{out}");
+    assert!(out.contains(r#""replayed":1"#), "{out}");
+}

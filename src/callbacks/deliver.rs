@@ -16,7 +16,7 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use super::store::{Delivery, Message};
-use super::{Callbacks, now_ms};
+use super::{CallbackError, Callbacks, now_ms};
 
 /// Deliveries in flight at once.
 const PARALLEL: usize = 16;
@@ -70,12 +70,13 @@ impl Callbacks {
                         prune_every
                     };
             }
-            let store = self.store.clone();
             let skip = in_flight.lock().expect("not poisoned").clone();
             let now = now_ms();
-            let found = tokio::task::spawn_blocking(move || store.due(now, BATCH, &skip)).await;
+            let found = self
+                .in_store(move |store| store.due(now, BATCH, &skip))
+                .await;
             let next_due = match found {
-                Ok(Ok(due)) => {
+                Ok(due) => {
                     for d in due.deliveries {
                         // The list is a snapshot: by the time a slot frees
                         // up, a delivery in it may be done. Take the slot
@@ -97,10 +98,6 @@ impl Callbacks {
                     }
                     due.next_at_ms.map(instant_of)
                 }
-                Ok(Err(e)) => {
-                    tracing::error!(error = %e, "callback store read failed; will retry");
-                    Some(Instant::now() + STORE_RETRY)
-                }
                 Err(e) => {
                     tracing::error!(error = %e, "callback store read failed; will retry");
                     Some(Instant::now() + STORE_RETRY)
@@ -118,13 +115,12 @@ impl Callbacks {
     /// One bounded pruning transaction; returns where the next should go on
     /// from (`None`: this pass is over).
     async fn prune(&self, from: Option<(u64, String)>) -> Option<(u64, String)> {
-        let store = self.store.clone();
         let before = now_ms().saturating_sub(self.config.retain_ms);
-        let pruned =
-            tokio::task::spawn_blocking(move || store.prune(before, from.as_ref(), PRUNE_BATCH))
-                .await;
+        let pruned = self
+            .in_store(move |store| store.prune(before, from.as_ref(), PRUNE_BATCH))
+            .await;
         match pruned {
-            Ok(Ok(pruned)) => {
+            Ok(pruned) => {
                 if pruned.removed > 0 {
                     tracing::debug!(
                         removed = pruned.removed,
@@ -132,10 +128,6 @@ impl Callbacks {
                     );
                 }
                 pruned.resume
-            }
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "callback store pruning failed; will retry");
-                None
             }
             Err(e) => {
                 tracing::error!(error = %e, "callback store pruning failed; will retry");
@@ -149,14 +141,12 @@ impl Callbacks {
     /// so the row read here is current. When the store fails, the task
     /// waits before giving the key back, so a failing store is not hammered.
     async fn deliver_due(&self, client: &Client<HttpConnector, Full<Bytes>>, key: &str) {
-        let store = self.store.clone();
         let owned = key.to_owned();
-        let current = tokio::task::spawn_blocking(move || store.pending_one(&owned)).await;
+        let current = self.in_store(move |store| store.pending_one(&owned)).await;
         let delivered = match current {
-            Ok(Ok(Some(d))) if d.next_at_ms <= now_ms() => self.deliver_one(client, d).await,
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(e) => Err(e.to_string()),
+            Ok(Some(d)) if d.next_at_ms <= now_ms() => self.deliver_one(client, d).await,
+            Ok(_) => Ok(()),
+            Err(e) => Err(e),
         };
         if let Err(e) = delivered {
             tracing::error!(error = %e, "callback store failed; the delivery will be retried");
@@ -169,23 +159,18 @@ impl Callbacks {
         &self,
         client: &Client<HttpConnector, Full<Bytes>>,
         mut d: Delivery,
-    ) -> Result<(), String> {
-        let store = self.store.clone();
+    ) -> Result<(), CallbackError> {
         let id = d.message_id.clone();
-        let message = tokio::task::spawn_blocking(move || store.message(&id))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
+        let message = self.in_store(move |store| store.message(&id)).await?;
         let outcome = match &message {
             Some(message) => self.post(client, &d, message).await.map(|()| message),
             // Cannot happen (a message is pruned only with no delivery
             // pending); if it does, the delivery ages out like a failing one
             // instead of being picked up again and again.
-            None => Err("message missing from the store".to_owned()),
+            None => Err(CallbackError::MessageMissing),
         };
-        let store = self.store.clone();
         let now = now_ms();
-        let result = match outcome {
+        match outcome {
             Ok(message) => {
                 self.counts.delivered.fetch_add(1, Ordering::Relaxed);
                 let lag_ms = now.saturating_sub(message.received_at_ms);
@@ -198,11 +183,12 @@ impl Callbacks {
                     lag_ms,
                     "callback delivered"
                 );
-                tokio::task::spawn_blocking(move || store.delivered(&d)).await
+                self.in_store(move |store| store.delivered(&d)).await
             }
             Err(error) => {
                 d.attempts += 1;
-                d.last_error = Some(error);
+                // Kept as text: operators read it in the listings.
+                d.last_error = Some(error.to_string());
                 if now.saturating_sub(d.first_at_ms) >= self.config.max_age_ms {
                     self.counts.dead_lettered.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(
@@ -211,7 +197,7 @@ impl Callbacks {
                         attempts = d.attempts,
                         "callback delivery gave up: dead letter"
                     );
-                    tokio::task::spawn_blocking(move || store.bury(&d)).await
+                    self.in_store(move |store| store.bury(&d)).await
                 } else {
                     self.counts.retried.fetch_add(1, Ordering::Relaxed);
                     let factor = 1u64 << d.attempts.saturating_sub(1).min(20);
@@ -221,14 +207,9 @@ impl Callbacks {
                         .saturating_mul(factor)
                         .min(self.config.backoff_cap_ms);
                     d.next_at_ms = now + wait;
-                    tokio::task::spawn_blocking(move || store.reschedule(&d)).await
+                    self.in_store(move |store| store.reschedule(&d)).await
                 }
             }
-        };
-        match result {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(e) => Err(e.to_string()),
         }
     }
 
@@ -237,7 +218,7 @@ impl Callbacks {
         client: &Client<HttpConnector, Full<Bytes>>,
         d: &Delivery,
         m: &Message,
-    ) -> Result<(), String> {
+    ) -> Result<(), CallbackError> {
         // The provider's messageBody is JSON in a string: subscribers get it decoded.
         let body = serde_json::from_str::<serde_json::Value>(&m.message_body)
             .unwrap_or_else(|_| serde_json::Value::String(m.message_body.clone()));
@@ -250,14 +231,13 @@ impl Callbacks {
         let req = Request::post(&d.subscriber)
             .header(header::CONTENT_TYPE, "application/json")
             .header("x-pandagate-delivery-id", delivery_id(d))
-            .body(Full::new(Bytes::from(payload.to_string())))
-            .map_err(|e| e.to_string())?;
+            .body(Full::new(Bytes::from(payload.to_string())))?;
         let timeout = Duration::from_millis(self.config.delivery_timeout_ms);
         match tokio::time::timeout(timeout, client.request(req)).await {
             Ok(Ok(resp)) if resp.status().is_success() => Ok(()),
-            Ok(Ok(resp)) => Err(format!("HTTP {}", resp.status().as_u16())),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err("timed out".into()),
+            Ok(Ok(resp)) => Err(CallbackError::Status(resp.status())),
+            Ok(Err(e)) => Err(CallbackError::Transport(e)),
+            Err(_) => Err(CallbackError::Timeout),
         }
     }
 }

@@ -30,7 +30,33 @@ use crate::error::envelope_response;
 use crate::ids;
 use crate::profiles::Profiles;
 use crate::secret::Secret;
-use store::{Delivery, Message, Store};
+use store::{Delivery, Message, Store, StoreError};
+
+/// Why a callback operation failed: the store, the thread a store call ran
+/// on, or (kept as the delivery's `last_error`) one delivery attempt.
+#[derive(Debug, thiserror::Error)]
+pub enum CallbackError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A store call on a blocking thread panicked or was cancelled.
+    #[error("a store task did not finish: {0}")]
+    Task(#[from] tokio::task::JoinError),
+    /// The message a pending delivery is for is not in the store.
+    #[error("message missing from the store")]
+    MessageMissing,
+    /// The request to the subscriber could not be built.
+    #[error("{0}")]
+    Request(#[from] http::Error),
+    /// The subscriber answered, but not with 2xx.
+    #[error("HTTP {}", .0.as_u16())]
+    Status(StatusCode),
+    /// The subscriber could not be reached, or the exchange broke off.
+    #[error("{0}")]
+    Transport(#[from] hyper_util::client::legacy::Error),
+    /// The subscriber did not answer within `delivery_timeout_ms`.
+    #[error("timed out")]
+    Timeout,
+}
 
 /// Whether subscriber `s` takes message `m`.
 fn wants(s: &SubscriberConfig, m: &Message) -> bool {
@@ -242,40 +268,45 @@ impl Callbacks {
         &self.store
     }
 
-    /// Pending (or, with `dead`, dead-lettered) deliveries.
-    pub async fn list(&self, dead: bool) -> Result<Vec<DeliveryView>, String> {
+    /// Runs `f` on the store on a blocking thread.
+    async fn in_store<T, F>(&self, f: F) -> Result<T, CallbackError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+    {
         let store = self.store.clone();
-        let list =
-            tokio::task::spawn_blocking(move || if dead { store.dead() } else { store.pending() })
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string())?;
+        Ok(tokio::task::spawn_blocking(move || f(&store)).await??)
+    }
+
+    /// Pending (or, with `dead`, dead-lettered) deliveries.
+    pub async fn list(&self, dead: bool) -> Result<Vec<DeliveryView>, CallbackError> {
+        let list = self
+            .in_store(move |store| if dead { store.dead() } else { store.pending() })
+            .await?;
         Ok(list.into_iter().map(DeliveryView::from).collect())
     }
 
     /// Puts dead letters back in line: the one whose key or delivery id is
     /// `id`, or all of them. Returns how many.
-    pub async fn replay(&self, id: Option<String>) -> Result<usize, String> {
-        let store = self.store.clone();
-        let moved = tokio::task::spawn_blocking(move || {
-            let key = match id {
-                None => None,
-                Some(id) => {
-                    let dead = store.dead()?;
-                    match dead
-                        .iter()
-                        .find(|d| d.key() == id || deliver::delivery_id(d) == id)
-                    {
-                        Some(d) => Some(d.key()),
-                        None => return Ok(0),
+    pub async fn replay(&self, id: Option<String>) -> Result<usize, CallbackError> {
+        let moved = self
+            .in_store(move |store| {
+                let key = match id {
+                    None => None,
+                    Some(id) => {
+                        let dead = store.dead()?;
+                        match dead
+                            .iter()
+                            .find(|d| d.key() == id || deliver::delivery_id(d) == id)
+                        {
+                            Some(d) => Some(d.key()),
+                            None => return Ok(0),
+                        }
                     }
-                }
-            };
-            store.replay(key.as_deref(), now_ms())
-        })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+                };
+                store.replay(key.as_deref(), now_ms())
+            })
+            .await?;
         if moved > 0 {
             tracing::info!(replayed = moved, "dead letters put back in line");
             self.wake.notify_one();
@@ -390,7 +421,7 @@ impl Callbacks {
         }
     }
 
-    async fn store_push(&self, body: &[u8], push: Push) -> Result<bool, String> {
+    async fn store_push(&self, body: &[u8], push: Push) -> Result<bool, CallbackError> {
         let id = hex::encode(Sha256::digest(body));
         let now = now_ms();
         let message = Message {
@@ -414,10 +445,27 @@ impl Callbacks {
                 last_error: None,
             })
             .collect();
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || store.insert(&id, &message, &deliveries))
+        self.in_store(move |store| store.insert(&id, &message, &deliveries))
             .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A failed attempt's text is stored as the delivery's `last_error`:
+    /// operators and their tools read it, so it stays as it was.
+    #[test]
+    fn delivery_failures_read_as_before_in_last_error() {
+        assert_eq!(
+            CallbackError::Status(StatusCode::SERVICE_UNAVAILABLE).to_string(),
+            "HTTP 503"
+        );
+        assert_eq!(CallbackError::Timeout.to_string(), "timed out");
+        assert_eq!(
+            CallbackError::MessageMissing.to_string(),
+            "message missing from the store"
+        );
     }
 }

@@ -18,7 +18,9 @@ use std::ops::Bound;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{
+    Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle,
+};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use tokio::sync::futures::Notified;
@@ -96,14 +98,70 @@ pub struct Store {
     changed: Notify,
 }
 
-pub type StoreError = redb::Error;
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The store's folder could not be created.
+    #[error("cannot create the store's folder: {0}")]
+    CreateDir(#[source] std::io::Error),
+    /// The database failed: opening, a transaction, a table, a commit.
+    #[error("store database: {0}")]
+    Db(#[from] redb::Error),
+    /// A row is in the database but does not read back as what its table
+    /// holds. The key's subscriber URL is shown redacted.
+    #[error(
+        "the store's {table} row {} cannot be read: {source}",
+        shown_key(.key)
+    )]
+    Corrupt {
+        table: String,
+        key: String,
+        source: serde_json::Error,
+    },
+}
+
+/// redb's errors come in one type per operation; each is a [`redb::Error`].
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self {
+                StoreError::Db(e.into())
+            }
+        }
+    )*};
+}
+from_redb!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+/// A row key as shown in errors: a message id, or a delivery key
+/// (`message id|subscriber url`) with the URL's credentials redacted.
+fn shown_key(key: &str) -> String {
+    match key.split_once('|') {
+        Some((id, url)) => format!("{:?}", format!("{id}|{}", crate::redact::url(url))),
+        None => format!("{key:?}"),
+    }
+}
 
 fn to_json<T: Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).expect("plain data serialises")
 }
 
-fn from_json<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, StoreError> {
-    serde_json::from_slice(bytes).map_err(|e| redb::Error::Corrupted(e.to_string()))
+/// Reads the row `key` of `table`.
+fn from_json<T: for<'de> Deserialize<'de>>(
+    table: &impl TableHandle,
+    key: &str,
+    bytes: &[u8],
+) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|source| StoreError::Corrupt {
+        table: table.name().to_owned(),
+        key: key.to_owned(),
+        source,
+    })
 }
 
 /// Whether `table` (`pending` or `dead`) holds a delivery of message `id`:
@@ -121,7 +179,7 @@ impl Store {
     /// from its base table's (a store written before the index existed) is
     /// rebuilt from the base table.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
-        std::fs::create_dir_all(dir).map_err(redb::Error::Io)?;
+        std::fs::create_dir_all(dir).map_err(StoreError::CreateDir)?;
         let db = Database::create(dir.join("callbacks.redb"))?;
         let txn = db.begin_write()?;
         {
@@ -134,7 +192,7 @@ impl Store {
                 due.retain(|_, _| false)?;
                 for item in pending.iter()? {
                     let (k, v) = item?;
-                    let d: Delivery = from_json(v.value())?;
+                    let d: Delivery = from_json(&PENDING, k.value(), v.value())?;
                     due.insert((d.next_at_ms, k.value()), ())?;
                 }
                 tracing::info!(deliveries = due.len()?, "callback store: due index rebuilt");
@@ -143,7 +201,7 @@ impl Store {
                 received.retain(|_, _| false)?;
                 for item in messages.iter()? {
                     let (k, v) = item?;
-                    let m: Message = from_json(v.value())?;
+                    let m: Message = from_json(&MESSAGES, k.value(), v.value())?;
                     received.insert((m.received_at_ms, k.value()), ())?;
                 }
                 tracing::info!(
@@ -196,7 +254,7 @@ impl Store {
                 let key = d.key();
                 // The same subscriber listed twice: one delivery, one index row.
                 if let Some(old) = pending.insert(key.as_str(), to_json(d).as_slice())? {
-                    let old: Delivery = from_json(old.value())?;
+                    let old: Delivery = from_json(&PENDING, &key, old.value())?;
                     due.remove((old.next_at_ms, key.as_str()))?;
                 }
                 due.insert((d.next_at_ms, key.as_str()), ())?;
@@ -210,7 +268,10 @@ impl Store {
     pub fn message(&self, id: &str) -> Result<Option<Message>, StoreError> {
         let txn = self.db.begin_read()?;
         let messages = txn.open_table(MESSAGES)?;
-        messages.get(id)?.map(|v| from_json(v.value())).transpose()
+        messages
+            .get(id)?
+            .map(|v| from_json(&MESSAGES, id, v.value()))
+            .transpose()
     }
 
     fn list(&self, table: TableDefinition<&str, &[u8]>) -> Result<Vec<Delivery>, StoreError> {
@@ -218,8 +279,8 @@ impl Store {
         let t = txn.open_table(table)?;
         let mut out = Vec::new();
         for item in t.iter()? {
-            let (_, v) = item?;
-            out.push(from_json(v.value())?);
+            let (k, v) = item?;
+            out.push(from_json(&table, k.value(), v.value())?);
         }
         Ok(out)
     }
@@ -259,7 +320,7 @@ impl Store {
             let Some(row) = pending.get(key)? else {
                 continue;
             };
-            let d: Delivery = from_json(row.value())?;
+            let d: Delivery = from_json(&PENDING, key, row.value())?;
             if d.next_at_ms != at {
                 continue;
             }
@@ -279,7 +340,7 @@ impl Store {
             let key = d.key();
             let mut pending = txn.open_table(PENDING)?;
             if let Some(old) = pending.remove(key.as_str())? {
-                let old: Delivery = from_json(old.value())?;
+                let old: Delivery = from_json(&PENDING, &key, old.value())?;
                 txn.open_table(DUE)?
                     .remove((old.next_at_ms, key.as_str()))?;
             }
@@ -292,7 +353,10 @@ impl Store {
     pub fn pending_one(&self, key: &str) -> Result<Option<Delivery>, StoreError> {
         let txn = self.db.begin_read()?;
         let pending = txn.open_table(PENDING)?;
-        pending.get(key)?.map(|v| from_json(v.value())).transpose()
+        pending
+            .get(key)?
+            .map(|v| from_json(&PENDING, key, v.value()))
+            .transpose()
     }
 
     /// Another attempt failed: keep it pending with its new state. A delivery
@@ -306,7 +370,7 @@ impl Store {
                 // Dropping the transaction undoes the insert.
                 return Ok(());
             };
-            let old: Delivery = from_json(old.value())?;
+            let old: Delivery = from_json(&PENDING, &key, old.value())?;
             let mut due = txn.open_table(DUE)?;
             due.remove((old.next_at_ms, key.as_str()))?;
             due.insert((d.next_at_ms, key.as_str()), ())?;
@@ -325,7 +389,7 @@ impl Store {
             let Some(old) = pending.remove(key.as_str())? else {
                 return Ok(());
             };
-            let old: Delivery = from_json(old.value())?;
+            let old: Delivery = from_json(&PENDING, &key, old.value())?;
             txn.open_table(DUE)?
                 .remove((old.next_at_ms, key.as_str()))?;
             txn.open_table(DEAD)?
@@ -355,7 +419,7 @@ impl Store {
                 let Some(v) = dead.remove(k.as_str())? else {
                     continue;
                 };
-                let mut d: Delivery = from_json(v.value())?;
+                let mut d: Delivery = from_json(&DEAD, &k, v.value())?;
                 drop(v);
                 d.first_at_ms = now_ms;
                 d.next_at_ms = now_ms;
@@ -756,6 +820,50 @@ mod tests {
         assert_eq!(back.len(), 1);
         assert_eq!(back[0].next_at_ms, 99);
         assert!(store.dead().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_corrupt_row_is_reported_with_its_table_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let d = delivery_of("m1", "http://hook:pw@orders.internal/events", 10);
+        store
+            .insert("m1", &message(), std::slice::from_ref(&d))
+            .unwrap();
+        {
+            let txn = store.db.begin_write().unwrap();
+            txn.open_table(PENDING)
+                .unwrap()
+                .insert(d.key().as_str(), b"{not json".as_slice())
+                .unwrap();
+            txn.open_table(MESSAGES)
+                .unwrap()
+                .insert("m1", b"[]".as_slice())
+                .unwrap();
+            txn.commit().unwrap();
+        }
+
+        let e = store.pending().unwrap_err();
+        assert!(
+            matches!(&e, StoreError::Corrupt { table, key, .. } if table == "pending" && *key == d.key()),
+            "{e:?}"
+        );
+        let shown = e.to_string();
+        assert!(
+            shown.contains(r#"pending row "m1|http://hook:<redacted>@orders.internal/events""#),
+            "{shown}"
+        );
+        assert!(!shown.contains("pw"), "{shown}");
+        let e = store.pending_one(&d.key()).unwrap_err();
+        assert!(matches!(e, StoreError::Corrupt { .. }), "{e:?}");
+        let e = store.due(50, 256, &none()).unwrap_err();
+        assert!(matches!(e, StoreError::Corrupt { .. }), "{e:?}");
+        let e = store.message("m1").unwrap_err();
+        assert!(
+            matches!(&e, StoreError::Corrupt { table, key, .. } if table == "messages" && key == "m1"),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains(r#"messages row "m1""#), "{e}");
     }
 
     #[test]
