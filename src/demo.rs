@@ -41,6 +41,38 @@ const CALLS: [(&str, Method, &str, &str); 3] = [
 
 type DemoError = Box<dyn std::error::Error + Send + Sync>;
 
+/// Each of [`CALLS`] through the gateway at `gateway`: its label, whether
+/// it succeeded (HTTP 2xx and envelope `code` 200), and what came back.
+async fn make_calls(
+    gateway: std::net::SocketAddr,
+) -> Result<Vec<(&'static str, bool, String)>, DemoError> {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let mut outcomes = Vec::new();
+    for (label, method, target, body) in CALLS {
+        let req = Request::builder()
+            .method(method)
+            .uri(format!("http://{gateway}{target}"))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from_static(body.as_bytes())))?;
+        let outcome = match client.request(req).await {
+            Ok(resp) => {
+                let status = resp.status();
+                let body = resp.into_body().collect().await?.to_bytes();
+                let found = envelope::inspect(&body);
+                let ok = status.is_success() && found.code == Some(200.into());
+                (
+                    label,
+                    ok,
+                    format!("HTTP {status}, code {:?}, msg {:?}", found.code, found.msg),
+                )
+            }
+            Err(e) => (label, false, format!("request failed: {e}")),
+        };
+        outcomes.push(outcome);
+    }
+    Ok(outcomes)
+}
+
 /// Runs the demo; `Ok(true)` when every call succeeded.
 pub async fn run(format: LogFormat) -> Result<bool, DemoError> {
     let (stop, stopped) = watch::channel(false);
@@ -88,30 +120,7 @@ pub async fn run(format: LogFormat) -> Result<bool, DemoError> {
         until_stopped(stopped),
     ));
 
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let mut outcomes = Vec::new();
-    for (label, method, target, body) in CALLS {
-        let req = Request::builder()
-            .method(method)
-            .uri(format!("http://{gateway_addr}{target}"))
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from_static(body.as_bytes())))?;
-        let outcome = match client.request(req).await {
-            Ok(resp) => {
-                let status = resp.status();
-                let body = resp.into_body().collect().await?.to_bytes();
-                let found = envelope::inspect(&body);
-                let ok = status.is_success() && found.code == Some(200.into());
-                (
-                    label,
-                    ok,
-                    format!("HTTP {status}, code {:?}, msg {:?}", found.code, found.msg),
-                )
-            }
-            Err(e) => (label, false, format!("request failed: {e}")),
-        };
-        outcomes.push(outcome);
-    }
+    let outcomes = make_calls(gateway_addr).await?;
     log.flush();
 
     let passed = outcomes.iter().filter(|o| o.1).count();

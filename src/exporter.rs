@@ -84,9 +84,18 @@ fn per_listener(
 
 impl Collector for StateCollector {
     fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+        self.encode_listeners(&mut e)?;
+        self.encode_gateway(&mut e)?;
+        self.encode_logs(&mut e)?;
+        self.encode_callbacks(&mut e)
+    }
+}
+
+impl StateCollector {
+    fn encode_listeners(&self, e: &mut DescriptorEncoder) -> std::fmt::Result {
         if !self.process.listeners.is_empty() {
             per_listener(
-                &mut e,
+                e,
                 "connections_open",
                 "Open connections, per listener.",
                 &self.process.listeners,
@@ -94,7 +103,7 @@ impl Collector for StateCollector {
                 |c| c.open() as u64,
             )?;
             per_listener(
-                &mut e,
+                e,
                 "connections_rejected",
                 "Connections closed at once because the listener had max_connections open.",
                 &self.process.listeners,
@@ -102,29 +111,35 @@ impl Collector for StateCollector {
                 Connections::rejected,
             )?;
         }
+        Ok(())
+    }
+
+    /// The gateway serving now: its retry budget, limiter, breaker, calls
+    /// in flight, reloads.
+    fn encode_gateway(&self, e: &mut DescriptorEncoder) -> std::fmt::Result {
         let g = (self.gateway)();
         let m = g.metrics();
         counter(
-            &mut e,
+            e,
             "retries_budget_refused",
             "Retries not made because the retry budget was spent.",
             g.budget().refused(),
         )?;
         counter(
-            &mut e,
+            e,
             "rate_limit_waits",
             "Attempts that waited for a rate-limit slot.",
             g.limiter().waited(),
         )?;
         counter(
-            &mut e,
+            e,
             "rate_limit_rejections",
             "Attempts refused by the rate limiter (429).",
             g.limiter().rejected(),
         )?;
         let fallback = matches!(g.limiter().backend_state(), BackendState::Fallback(_));
         gauge(
-            &mut e,
+            e,
             "rate_limit_fallback",
             "1 while the shared (Redis) rate limiter is away and fail_mode decides.",
             i64::from(fallback),
@@ -135,47 +150,50 @@ impl Collector for StateCollector {
             State::HalfOpen => 2,
         };
         gauge(
-            &mut e,
+            e,
             "circuit_state",
             "Circuit breaker: 0 closed, 1 open, 2 half-open.",
             state,
         )?;
-        gauge(
-            &mut e,
-            "calls_in_flight",
-            "Calls being answered.",
-            m.in_flight(),
-        )?;
+        gauge(e, "calls_in_flight", "Calls being answered.", m.in_flight())?;
         counter(
-            &mut e,
+            e,
             "secret_reloads",
             "Secrets reloaded from their files.",
             m.secret_reloads().0,
         )?;
         counter(
-            &mut e,
+            e,
             "secret_reload_failures",
             "Secret files that changed but could not be used.",
             m.secret_reloads().1,
         )?;
         counter(
-            &mut e,
+            e,
             "config_reloads",
             "Configs reloaded on SIGHUP.",
             m.config_reloads(),
         )?;
+        Ok(())
+    }
+
+    fn encode_logs(&self, e: &mut DescriptorEncoder) -> std::fmt::Result {
+        let g = (self.gateway)();
         counter(
-            &mut e,
+            e,
             "access_log_dropped",
             "Access-log lines dropped because stdout's reader was behind by log.queue_lines.",
             g.access_log().dropped(),
         )?;
         counter(
-            &mut e,
+            e,
             "diagnostics_dropped",
             "Diagnostic log events dropped because stderr's reader was behind by log.queue_lines.",
             self.process.diagnostics_dropped.map_or(0, |read| read()),
-        )?;
+        )
+    }
+
+    fn encode_callbacks(&self, e: &mut DescriptorEncoder) -> std::fmt::Result {
         if let Some(cb) = &self.process.callbacks {
             let c = &cb.counts;
             for (name, help, v) in [
@@ -211,7 +229,7 @@ impl Collector for StateCollector {
                     &c.dead_lettered,
                 ),
             ] {
-                counter(&mut e, name, help, v.load(Ordering::Relaxed))?;
+                counter(e, name, help, v.load(Ordering::Relaxed))?;
             }
         }
         Ok(())

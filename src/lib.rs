@@ -7,41 +7,70 @@
 //!
 //! Reading order: [`config`] (what can be set) → [`proxy`] (the request phases,
 //! top to bottom) → [`signer`] (the signature recipe) → [`error`] (the one
-//! mapping from failures to HTTP answers).
+//! mapping from failures to HTTP answers) → [`app`] (how the process is put
+//! together).
+//!
+//! # Layers
+//!
+//! Lowest first. A module uses only modules of lower layers, never one of
+//! its own layer or above; `scripts/layers.py` checks it in CI.
+//!
+//! 1. leaves: error ids secret signer headers envelope redact connections log_queue
+//! 2. config: config
+//! 3. policies: routes retry breaker limiter profiles body telemetry
+//! 4. built on them: auth upstream access_log
+//! 5. loaded and counted: loaded metrics
+//! 6. one call's log line: call_log
+//! 7. serving parts: proxy callbacks server sandbox
+//! 8. around the gateway: reload exporter
+//! 9. operations: admin
+//! 10. the process: app demo fuzzing
+//! 11. the command line: cli
 #![forbid(unsafe_code)]
 
-pub mod access_log;
-pub mod admin;
-pub mod app;
-pub mod auth;
-pub mod body;
-pub mod breaker;
-pub mod call_log;
-pub mod callbacks;
-pub mod cli;
-pub mod config;
+// 1. leaves
 pub mod connections;
-pub mod demo;
 pub mod envelope;
 pub mod error;
-pub mod exporter;
-#[doc(hidden)]
-pub mod fuzzing;
 pub mod headers;
 pub mod ids;
-pub mod limiter;
-pub mod loaded;
 pub mod log_queue;
-pub mod metrics;
-pub mod profiles;
-pub mod proxy;
 pub mod redact;
-pub mod reload;
+pub mod secret;
+pub mod signer;
+// 2. config
+pub mod config;
+// 3. policies
+pub mod body;
+pub mod breaker;
+pub mod limiter;
+pub mod profiles;
 pub mod retry;
 pub mod routes;
-pub mod sandbox;
-pub mod secret;
-pub mod server;
-pub mod signer;
 pub mod telemetry;
+// 4. built on them
+pub mod access_log;
+pub mod auth;
 pub mod upstream;
+// 5. loaded and counted
+pub mod loaded;
+pub mod metrics;
+// 6. one call's log line
+pub mod call_log;
+// 7. serving parts
+pub mod callbacks;
+pub mod proxy;
+pub mod sandbox;
+pub mod server;
+// 8. around the gateway
+pub mod exporter;
+pub mod reload;
+// 9. operations
+pub mod admin;
+// 10. the process
+pub mod app;
+pub mod demo;
+#[doc(hidden)]
+pub mod fuzzing;
+// 11. the command line
+pub mod cli;

@@ -2,7 +2,7 @@
 //!
 //! The HTTP method does not tell (searches and previews are POST; refund
 //! cancel and the 1688 pay URL are GETs that change state), so every path is
-//! classified by name, from `shared/PANDAPON.md`:
+//! classified by name, from the provider's API reference:
 //!
 //! * `read`: safe to send twice;
 //! * `write`: sending twice may buy, pay, cancel or submit twice;
@@ -21,7 +21,7 @@ use crate::config::{Class, Rate, RouteConfig, v1_form};
 
 use Class::{Read, Write};
 
-/// Paths named in `shared/PANDAPON.md`, in their v1 form.
+/// Paths the provider's API reference names, in their v1 form.
 const CATALOGUE: &[(&str, Class)] = &[
     // Taobao goods
     ("/open/product/get", Read),

@@ -1,7 +1,7 @@
 //! A stand-in for the PandaPon OpenAPI, for the demo, tests and local
 //! development (`pandagate sandbox --listen ADDR`).
 //!
-//! It checks what the provider checks, as `shared/PANDAPON.md` describes:
+//! It checks what the provider's manual says the provider checks:
 //! the AccessKey, the timestamp within 600 s of its clock, a 32-character
 //! nonce never seen before within that window, and the signature. It answers
 //! in the provider's envelope with a fresh `requestId`; a failed check is a

@@ -107,20 +107,7 @@ pub async fn serve_counted<H, F, B>(
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(opts.header_read_timeout)
-        .max_buf_size(opts.max_header_bytes)
-        .max_headers(opts.max_headers);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(opts.max_header_bytes as u32)
-        .max_concurrent_streams(opts.http2_max_concurrent_streams)
-        .initial_stream_window_size(H2_STREAM_WINDOW)
-        .initial_connection_window_size(H2_CONNECTION_WINDOW);
+    let builder = connection_builder(&opts);
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
 
@@ -182,11 +169,35 @@ pub async fn serve_counted<H, F, B>(
         }
     }
     drop(listener);
+    drain(graceful, opts.shutdown_grace).await;
+}
+
+/// HTTP/1.1 and HTTP/2 with the listener's limits.
+fn connection_builder(opts: &ServerOptions) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(opts.header_read_timeout)
+        .max_buf_size(opts.max_header_bytes)
+        .max_headers(opts.max_headers);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(opts.max_header_bytes as u32)
+        .max_concurrent_streams(opts.http2_max_concurrent_streams)
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_CONNECTION_WINDOW);
+    builder
+}
+
+/// Gives open connections `grace` to finish their calls, then lets go.
+async fn drain(graceful: GracefulShutdown, grace: Duration) {
     tracing::info!(connections = graceful.count(), "draining");
     tokio::select! {
         () = graceful.shutdown() => tracing::info!("drained"),
-        () = tokio::time::sleep(opts.shutdown_grace) => {
-            tracing::warn!(grace_ms = opts.shutdown_grace.as_millis() as u64, "grace period over, closing remaining connections");
+        () = tokio::time::sleep(grace) => {
+            tracing::warn!(grace_ms = grace.as_millis() as u64, "grace period over, closing remaining connections");
         }
     }
 }

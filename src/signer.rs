@@ -8,8 +8,8 @@
 //! assert_eq!(&sig, b"377FF2A66780B485EC0559F43395D0F2");
 //! ```
 //!
-//! The provider's manual section with the exact rule could not be retrieved
-//! (see `shared/PANDAPON.md`), so the recipe is chosen in config. Each recipe is
+//! The provider's manual section with the exact rule could not be
+//! retrieved, so the recipe is chosen in config. Each recipe is
 //! written once, as a sequence of [`Part`]s: the same sequence is hashed for the
 //! signature and printed (secret redacted) by `pandagate sign --explain`.
 
@@ -153,7 +153,7 @@ mod tests {
 
     // Expected digests were computed outside this code base, with Python's
     // hashlib: hashlib.md5(s.encode()).hexdigest().upper() over the strings the
-    // recipes in shared/PANDAPON.md describe.
+    // recipes (see `Recipe`) describe.
     const AK: &str = "AK_TEST_0001";
     const SK: &str = "SECRET_TEST_0001";
     const TS_MS: &str = "1715669977082";

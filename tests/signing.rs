@@ -121,7 +121,7 @@ async fn each_recipe_signs_the_string_it_names() {
         get(&gw.url("/open/product/get")).await;
         let r = &upstream.received_requests().await.unwrap()[0];
         let (ak, ts, n) = (ACCESS_KEY, header(r, "timestamp"), header(r, "nonce-str"));
-        // Written out here from shared/PANDAPON.md, not from the signer.
+        // Written out here from the provider's documented rule, not from the signer.
         let hashed = match recipe {
             Recipe::Concat => format!("{ak}{ts}{n}{SECRET}"),
             Recipe::SortedConcat => format!("{ak}{n}{ts}{SECRET}"),

@@ -137,6 +137,35 @@ impl From<Delivery> for DeliveryView {
 /// the next push; `None`: the profile is gone (the push is not accepted).
 pub type SecretSource = Arc<dyn Fn() -> Option<Arc<Secret>> + Send + Sync>;
 
+/// Why a push was not acknowledged, as the provider is answered.
+struct Refusal {
+    status: StatusCode,
+    /// The envelope's `error` kind.
+    error: &'static str,
+    msg: &'static str,
+    /// Counted in `callbacks_rejected` and logged: the push itself was at
+    /// fault (as opposed to the gateway being unable to take it).
+    rejected: bool,
+}
+
+impl Refusal {
+    fn rejected(status: StatusCode, error: &'static str, msg: &'static str) -> Refusal {
+        Refusal {
+            status,
+            error,
+            msg,
+            rejected: true,
+        }
+    }
+
+    fn not_counted(status: StatusCode, error: &'static str, msg: &'static str) -> Refusal {
+        Refusal {
+            rejected: false,
+            ..Refusal::rejected(status, error, msg)
+        }
+    }
+}
+
 /// The receiver and its deliveries.
 pub struct Callbacks {
     config: CallbacksConfig,
@@ -314,92 +343,11 @@ impl Callbacks {
         Ok(moved)
     }
 
-    /// Answers one push.
+    /// Answers one push: 200 once it is stored, else the gateway's
+    /// envelope saying why not.
     pub async fn receive(&self, req: Request<Incoming>) -> Response<ResponseBody> {
-        let id = ids::request_id();
-        let answer = |status: StatusCode, error: &str, msg: &str| {
-            envelope_response(status, &id, error, msg).map(ResponseBody::local)
-        };
-        if req.method() != Method::POST {
-            return answer(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                "pushes are POSTed",
-            );
-        }
-        self.counts.received.fetch_add(1, Ordering::Relaxed);
-        let reject = |status, error, msg| {
-            self.counts.rejected.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(
-                status = u16::from(status),
-                reason = msg,
-                "callback rejected"
-            );
-            answer(status, error, msg)
-        };
-        let (parts, body) = req.into_parts();
-        let read = Limited::new(body, self.config.max_body_bytes).collect();
-        let body = match tokio::time::timeout(self.body_read_timeout, read).await {
-            Ok(Ok(b)) => b.to_bytes(),
-            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-                return reject(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "body_too_large",
-                    "push body too large",
-                );
-            }
-            Ok(Err(_)) => {
-                return reject(
-                    StatusCode::BAD_REQUEST,
-                    "body_read",
-                    "push body could not be read",
-                );
-            }
-            Err(_) => {
-                return reject(
-                    StatusCode::REQUEST_TIMEOUT,
-                    "body_timeout",
-                    "push body not received within server.body_read_timeout_ms",
-                );
-            }
-        };
-        let Some(secret) = (self.secret)() else {
-            // Not acknowledged: once the profile is back, the provider's
-            // next try is verified.
-            tracing::error!(profile = %self.config.profile, "the profile verifying pushes is not in the running config");
-            return answer(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "verification_unavailable",
-                "push verification unavailable",
-            );
-        };
-        let verified = verify_push(&secret, parts.headers.get(header::AUTHORIZATION), &body);
-        let push = match verified {
-            Ok(push) => push,
-            Err(PushRejected::BadSignature) => {
-                return reject(
-                    StatusCode::UNAUTHORIZED,
-                    "bad_signature",
-                    "missing or invalid Authorization signature",
-                );
-            }
-            Err(PushRejected::NotEnvelope) => {
-                return reject(
-                    StatusCode::BAD_REQUEST,
-                    "not_envelope",
-                    "push is not a message envelope",
-                );
-            }
-        };
-        match self.store_push(&body, push).await {
-            Ok(stored) => {
-                let counter = if stored {
-                    &self.counts.stored
-                } else {
-                    &self.counts.duplicates
-                };
-                counter.fetch_add(1, Ordering::Relaxed);
-                self.wake.notify_one();
+        match self.accept(req).await {
+            Ok(()) => {
                 let mut r = Response::new(ResponseBody::local(Bytes::from_static(
                     br#"{"code":200,"msg":"success"}"#,
                 )));
@@ -409,15 +357,97 @@ impl Callbacks {
                 );
                 r
             }
-            Err(e) => {
-                // Not acknowledged: the provider pushes it again later.
-                tracing::error!(error = %e, "callback store failed; push not acknowledged");
-                answer(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "store_unavailable",
-                    "message store unavailable",
-                )
+            Err(refusal) => {
+                if refusal.rejected {
+                    self.counts.rejected.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        status = refusal.status.as_u16(),
+                        reason = refusal.msg,
+                        "callback rejected"
+                    );
+                }
+                let id = ids::request_id();
+                envelope_response(refusal.status, &id, refusal.error, refusal.msg)
+                    .map(ResponseBody::local)
             }
+        }
+    }
+
+    /// Reads, verifies and stores one push.
+    async fn accept(&self, req: Request<Incoming>) -> Result<(), Refusal> {
+        if req.method() != Method::POST {
+            return Err(Refusal::not_counted(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "pushes are POSTed",
+            ));
+        }
+        self.counts.received.fetch_add(1, Ordering::Relaxed);
+        let (parts, body) = req.into_parts();
+        let body = self.read_body(body).await?;
+        let Some(secret) = (self.secret)() else {
+            // Not acknowledged: once the profile is back, the provider's
+            // next try is verified.
+            tracing::error!(profile = %self.config.profile, "the profile verifying pushes is not in the running config");
+            return Err(Refusal::not_counted(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "verification_unavailable",
+                "push verification unavailable",
+            ));
+        };
+        let push = verify_push(&secret, parts.headers.get(header::AUTHORIZATION), &body).map_err(
+            |rejected| match rejected {
+                PushRejected::BadSignature => Refusal::rejected(
+                    StatusCode::UNAUTHORIZED,
+                    "bad_signature",
+                    "missing or invalid Authorization signature",
+                ),
+                PushRejected::NotEnvelope => Refusal::rejected(
+                    StatusCode::BAD_REQUEST,
+                    "not_envelope",
+                    "push is not a message envelope",
+                ),
+            },
+        )?;
+        let stored = self.store_push(&body, push).await.map_err(|e| {
+            // Not acknowledged: the provider pushes it again later.
+            tracing::error!(error = %e, "callback store failed; push not acknowledged");
+            Refusal::not_counted(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                "message store unavailable",
+            )
+        })?;
+        let counter = if stored {
+            &self.counts.stored
+        } else {
+            &self.counts.duplicates
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// The push's body, whole: within `max_body_bytes` and the body deadline.
+    async fn read_body(&self, body: Incoming) -> Result<Bytes, Refusal> {
+        let read = Limited::new(body, self.config.max_body_bytes).collect();
+        match tokio::time::timeout(self.body_read_timeout, read).await {
+            Ok(Ok(b)) => Ok(b.to_bytes()),
+            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(Refusal::rejected(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                "push body too large",
+            )),
+            Ok(Err(_)) => Err(Refusal::rejected(
+                StatusCode::BAD_REQUEST,
+                "body_read",
+                "push body could not be read",
+            )),
+            Err(_) => Err(Refusal::rejected(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                "push body not received within server.body_read_timeout_ms",
+            )),
         }
     }
 
