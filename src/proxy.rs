@@ -85,7 +85,7 @@ type Answer = Result<Response<ResponseBody>, GatewayError>;
 /// A call as it will be sent upstream, before its body is read and before
 /// any attempt is signed.
 #[derive(Debug)]
-pub struct Prepared<'a> {
+pub(crate) struct Prepared<'a> {
     pub profile: &'a Profile,
     pub route: Route,
     /// The caller's `Content-Length`, when it sent one.
@@ -365,7 +365,7 @@ impl Gateway {
     /// user-id, classifies the route and builds the upstream target and
     /// headers (the caller's, minus hop-by-hop and gateway-owned ones).
     /// Synchronous and side-effect free but for `record`.
-    pub fn prepare(
+    pub(crate) fn prepare(
         &self,
         parts: http::request::Parts,
         x_request_id: &HeaderValue,

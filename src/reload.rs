@@ -20,7 +20,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 
 use crate::access_log::AccessLog;
-use crate::config::{self, Env};
+use crate::config::{self, Env, SecretFileError};
 use crate::metrics::Metrics;
 use crate::proxy::Gateway;
 use crate::secret::Secret;
@@ -63,10 +63,16 @@ pub async fn watch_secret_files(current: Current, metrics: Arc<Metrics>, interva
     }
 }
 
-async fn read(path: PathBuf) -> Result<Secret, String> {
-    tokio::task::spawn_blocking(move || config::read_secret_file(&path))
+async fn read(path: PathBuf) -> Result<Secret, SecretFileError> {
+    let file = path.clone();
+    tokio::task::spawn_blocking(move || config::read_secret_file(&file))
         .await
-        .map_err(|e| e.to_string())?
+        .unwrap_or_else(|e| {
+            Err(SecretFileError::Read {
+                path,
+                source: std::io::Error::other(e),
+            })
+        })
 }
 
 /// The current secret of the running config's profile `name`, looked up

@@ -39,6 +39,25 @@ pub struct Sandbox {
     seen_nonces: Mutex<HashMap<String, SystemTime>>,
 }
 
+/// Why the sandbox refused a call, as its `msg` says.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error("missing header {0}")]
+    Missing(http::HeaderName),
+    #[error("unknown access-key")]
+    AccessKey,
+    #[error("timestamp is not a number")]
+    TimestampNotANumber,
+    #[error("timestamp outside the 600 s window")]
+    TimestampOutsideWindow,
+    #[error("nonce-str must be 32 letters or digits")]
+    NonceShape,
+    #[error("signature mismatch")]
+    Signature,
+    #[error("nonce-str reused")]
+    NonceReused,
+}
+
 impl Sandbox {
     pub fn new(access_key: &str, secret: Secret, recipe: Recipe, unit: TimestampUnit) -> Sandbox {
         Sandbox {
@@ -61,32 +80,32 @@ impl Sandbox {
     }
 
     /// Checks the system headers of one request received at `now`.
-    pub fn verify(&self, h: &HeaderMap, now: SystemTime) -> Result<(), String> {
+    pub fn verify(&self, h: &HeaderMap, now: SystemTime) -> Result<(), Refused> {
         let get = |name: &http::HeaderName| {
             h.get(name)
                 .and_then(|v| v.to_str().ok())
-                .ok_or_else(|| format!("missing header {name}"))
+                .ok_or_else(|| Refused::Missing(name.clone()))
         };
         let access_key = get(&headers::ACCESS_KEY)?;
         let timestamp = get(&headers::TIMESTAMP)?;
         let nonce = get(&headers::NONCE_STR)?;
         let signature = get(&headers::SIGNATURE)?;
         if access_key != self.access_key {
-            return Err("unknown access-key".into());
+            return Err(Refused::AccessKey);
         }
         let stamp: u64 = timestamp
             .parse()
-            .map_err(|_| "timestamp is not a number".to_string())?;
+            .map_err(|_| Refused::TimestampNotANumber)?;
         let now_stamp = self.unit.stamp(now);
         let window = match self.unit {
             TimestampUnit::Ms => WINDOW.as_millis() as u64,
             TimestampUnit::S => WINDOW.as_secs(),
         };
         if stamp.abs_diff(now_stamp) > window {
-            return Err("timestamp outside the 600 s window".into());
+            return Err(Refused::TimestampOutsideWindow);
         }
         if nonce.len() != 32 || !nonce.bytes().all(|b| b.is_ascii_alphanumeric()) {
-            return Err("nonce-str must be 32 letters or digits".into());
+            return Err(Refused::NonceShape);
         }
         let expected = signer::sign(
             self.recipe,
@@ -96,14 +115,14 @@ impl Sandbox {
             self.secret.expose(),
         );
         if signature.as_bytes() != expected {
-            return Err("signature mismatch".into());
+            return Err(Refused::Signature);
         }
         let mut seen = self.seen_nonces.lock().unwrap_or_else(|p| p.into_inner());
         if seen.len() > 100_000 {
             seen.retain(|_, at| now.duration_since(*at).unwrap_or_default() <= WINDOW);
         }
         if seen.insert(nonce.to_owned(), now).is_some() {
-            return Err("nonce-str reused".into());
+            return Err(Refused::NonceReused);
         }
         Ok(())
     }
@@ -119,7 +138,7 @@ impl Sandbox {
         let body = body.map(|b| b.to_bytes()).unwrap_or_default();
         let (code, msg, data) = match checked {
             Ok(()) => (200, "成功".to_string(), answer(&path, &query, &body)),
-            Err(reason) => (401, reason, Value::Null),
+            Err(reason) => (401, reason.to_string(), Value::Null),
         };
         let envelope = json!({
             "requestId": ids::request_id(),
@@ -182,7 +201,7 @@ mod tests {
         assert_eq!(s.verify(&signed(&ts, N1, DEMO_SECRET), now), Ok(()));
         assert_eq!(
             s.verify(&signed(&ts, N1, DEMO_SECRET), now),
-            Err("nonce-str reused".into())
+            Err(Refused::NonceReused)
         );
     }
 
@@ -193,7 +212,7 @@ mod tests {
         let ts = TimestampUnit::Ms.stamp(now).to_string();
         assert_eq!(
             s.verify(&signed(&ts, N1, "wrong"), now),
-            Err("signature mismatch".into())
+            Err(Refused::Signature)
         );
         let stale = TimestampUnit::Ms
             .stamp(now - Duration::from_secs(601))
@@ -201,16 +220,19 @@ mod tests {
         assert!(
             s.verify(&signed(&stale, N2, DEMO_SECRET), now)
                 .unwrap_err()
+                .to_string()
                 .contains("window")
         );
         assert!(
             s.verify(&signed(&ts, "short", DEMO_SECRET), now)
                 .unwrap_err()
+                .to_string()
                 .contains("32")
         );
         assert!(
             s.verify(&HeaderMap::new(), now)
                 .unwrap_err()
+                .to_string()
                 .contains("missing")
         );
     }

@@ -44,10 +44,10 @@ pub use rate_limit::{
 };
 pub use retry::{CodeValue, RetryConfig};
 pub use routes::{Class, RouteConfig, check_overlaps, v1_form};
-pub use secrets::{SecretSource, read_secret_file};
+pub use secrets::{SecretFileError, SecretSource, read_secret_file};
 pub use server::{AmbiguousPaths, ServerConfig};
 pub use signing::SigningConfig;
-pub use upstream::{UpstreamConfig, upstream_base};
+pub use upstream::{BaseUrlError, UpstreamConfig, upstream_base};
 
 /// `*_ms` keys with a tighter bound than [`MAX_DURATION_MS`], and why.
 const DURATION_BOUNDS: [(&str, u64, &str); 1] = [(

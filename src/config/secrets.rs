@@ -45,17 +45,17 @@ impl SecretSource {
     /// unreadable file or an empty value is an error naming
     /// `{prefix}_env` or `{prefix}_file`, never quoting the value.
     pub fn read(&self, env: Env<'_>, prefix: &str) -> Result<Secret, ConfigError> {
-        let read = match self {
+        let fail = |m: &dyn std::fmt::Display| ConfigError::new(self.key(prefix), m);
+        match self {
             SecretSource::Env(var) => match env(var) {
-                None => Err(format!("environment variable {var} is not set")),
+                None => Err(fail(&format_args!("environment variable {var} is not set"))),
                 Some(v) if v.trim_end().is_empty() => {
-                    Err(format!("environment variable {var} is empty"))
+                    Err(fail(&format_args!("environment variable {var} is empty")))
                 }
                 Some(v) => Ok(Secret::new(v.trim_end())),
             },
-            SecretSource::File(path) => read_secret_file(path),
-        };
-        read.map_err(|m| ConfigError::new(self.key(prefix), m))
+            SecretSource::File(path) => read_secret_file(path).map_err(|e| fail(&e)),
+        }
     }
 
     /// The file to poll for rotation, when the secret comes from one.
@@ -72,13 +72,29 @@ fn leaf(prefix: &str) -> &str {
     prefix.rsplit('.').next().unwrap_or(prefix)
 }
 
+/// A secret file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretFileError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{} is empty", path.display())]
+    Empty { path: PathBuf },
+}
+
 /// Reads a secret file: its content less trailing whitespace, not empty.
-pub fn read_secret_file(path: &Path) -> Result<Secret, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+pub fn read_secret_file(path: &Path) -> Result<Secret, SecretFileError> {
+    let text = std::fs::read_to_string(path).map_err(|source| SecretFileError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
     let value = text.trim_end();
     if value.is_empty() {
-        return Err(format!("{} is empty", path.display()));
+        return Err(SecretFileError::Empty {
+            path: path.to_owned(),
+        });
     }
     Ok(Secret::new(value))
 }

@@ -71,25 +71,36 @@ impl UpstreamConfig {
     }
 }
 
+/// A base URL that cannot be one. Shows the URL with its credentials
+/// redacted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BaseUrlError {
+    #[error("not a URL: {shown:?} ({reason})")]
+    NotAUrl { shown: String, reason: String },
+    #[error("must start with http:// or https://: {0:?}")]
+    Scheme(String),
+    #[error("has no host: {0:?}")]
+    NoHost(String),
+    #[error("must not have a query string: {0:?}")]
+    Query(String),
+}
+
 /// Splits and checks an upstream base URL: `http(s)://authority[/path]`.
-/// Errors quote the URL with its credentials redacted.
-pub fn upstream_base(url: &str) -> Result<Uri, String> {
-    let shown = crate::redact::url(url);
-    let uri: Uri = url.parse().map_err(|e| {
-        format!(
-            "not a URL: {shown:?} ({})",
-            crate::redact::scrub(&format!("{e}"), url)
-        )
+pub fn upstream_base(url: &str) -> Result<Uri, BaseUrlError> {
+    let shown = crate::redact::url(url).into_owned();
+    let uri: Uri = url.parse().map_err(|e| BaseUrlError::NotAUrl {
+        reason: crate::redact::scrub(&format!("{e}"), url),
+        shown: shown.clone(),
     })?;
     match uri.scheme_str() {
         Some("http" | "https") => {}
-        _ => return Err(format!("must start with http:// or https://: {shown:?}")),
+        _ => return Err(BaseUrlError::Scheme(shown)),
     }
     if uri.authority().is_none_or(|a| a.host().is_empty()) {
-        return Err(format!("has no host: {shown:?}"));
+        return Err(BaseUrlError::NoHost(shown));
     }
     if uri.query().is_some() {
-        return Err(format!("must not have a query string: {shown:?}"));
+        return Err(BaseUrlError::Query(shown));
     }
     Ok(uri)
 }
