@@ -67,19 +67,7 @@ pub fn resolve(config: Config, env: Env<'_>) -> Result<Loaded, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
-    fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let map: HashMap<String, String> = pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        move |k| map.get(k).cloned()
-    }
-
-    const CREDS: &[(&str, &str)] = &[
-        ("PANDAPON_ACCESS_KEY", "ak-1"),
-        ("PANDAPON_ACCESS_SECRET", "s3cr3t-value"),
-    ];
+    use crate::config::testing::{CREDS, env_of};
 
     #[test]
     fn environment_alone_is_a_complete_config() {

@@ -243,19 +243,15 @@ fn write_batch(out: &mut Box<dyn Write + Send>, batch: &mut Vec<u8>) {
     batch.clear();
 }
 
+/// An output that keeps what is written, for tests of what writes logs.
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::Mutex;
-
-    const STREAM: Stream = Stream {
-        name: "test log",
-        output: "the test",
-        warn_when_dropping: true,
-    };
+pub(crate) mod testing {
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
 
     #[derive(Clone, Default)]
-    struct Buf(Arc<Mutex<Vec<u8>>>);
+    pub struct Buf(pub Arc<Mutex<Vec<u8>>>);
+
     impl Write for Buf {
         fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
             self.0.lock().unwrap().extend_from_slice(b);
@@ -265,6 +261,18 @@ mod tests {
             Ok(())
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::Buf;
+    use super::*;
+
+    const STREAM: Stream = Stream {
+        name: "test log",
+        output: "the test",
+        warn_when_dropping: true,
+    };
 
     /// An output whose reader never reads: the first write announces itself
     /// on `entered` and then blocks until `release` is dropped.

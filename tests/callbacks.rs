@@ -543,20 +543,7 @@ async fn a_message_with_a_dead_delivery_is_kept_past_retain_ms_and_can_be_replay
     assert!(dead, "dead-lettered after max_age_ms");
     // A later, delivered message: once it is pruned, the dead letter's
     // message was past retain_ms too.
-    let gone = push_body("G1");
-    assert_eq!(
-        push(&r, &gone, Some(&sign(&gone, SECRET))).await.status,
-        200
-    );
-    let pruned = eventually(Duration::from_secs(6), || {
-        store.message(&message_id(&gone)).unwrap().is_none()
-    })
-    .await;
-    assert!(pruned, "the delivered message is pruned");
-    assert!(
-        store.message(&message_id(&kept)).unwrap().is_some(),
-        "the dead letter's message is kept"
-    );
+    pruned_while_kept(&r, "G1", &kept, "the dead letter's message is kept").await;
 
     down.reset().await;
     Mock::given(any())
@@ -571,6 +558,20 @@ async fn a_message_with_a_dead_delivery_is_kept_past_retain_ms_and_can_be_replay
     .await;
     assert!(pruned, "delivered at last, the message is pruned");
     r.stop().await;
+}
+
+/// Pushes a message for `order` that is delivered, waits (bounded) until
+/// it is pruned, and checks that the message `kept` is still stored.
+async fn pruned_while_kept(r: &Receiver, order: &str, kept: &str, why: &str) {
+    let store = r.callbacks.store();
+    let gone = push_body(order);
+    assert_eq!(push(r, &gone, Some(&sign(&gone, SECRET))).await.status, 200);
+    let pruned = eventually(Duration::from_secs(6), || {
+        store.message(&message_id(&gone)).unwrap().is_none()
+    })
+    .await;
+    assert!(pruned, "the delivered message is pruned");
+    assert!(store.message(&message_id(kept)).unwrap().is_some(), "{why}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -597,20 +598,7 @@ async fn a_message_with_a_pending_delivery_is_kept_past_retain_ms() {
     })
     .await;
     assert!(failed, "first attempt failed, next one a minute away");
-    let gone = push_body("G2");
-    assert_eq!(
-        push(&r, &gone, Some(&sign(&gone, SECRET))).await.status,
-        200
-    );
-    let pruned = eventually(Duration::from_secs(6), || {
-        store.message(&message_id(&gone)).unwrap().is_none()
-    })
-    .await;
-    assert!(pruned, "the delivered message is pruned");
-    assert!(
-        store.message(&message_id(&kept)).unwrap().is_some(),
-        "the pending delivery's message is kept"
-    );
+    pruned_while_kept(&r, "G2", &kept, "the pending delivery's message is kept").await;
     assert!(store.pending_one(&key).unwrap().is_some());
     r.stop().await;
 }

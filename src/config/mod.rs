@@ -310,12 +310,12 @@ impl Config {
     }
 }
 
+/// An environment made of pairs, for tests of what reads it.
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod testing {
     use std::collections::HashMap;
 
-    fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+    pub fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> + use<> {
         let map: HashMap<String, String> = pairs
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -323,10 +323,17 @@ mod tests {
         move |k| map.get(k).cloned()
     }
 
-    const CREDS: &[(&str, &str)] = &[
+    /// The `default` profile's key and secret.
+    pub const CREDS: &[(&str, &str)] = &[
         ("PANDAPON_ACCESS_KEY", "ak-1"),
         ("PANDAPON_ACCESS_SECRET", "s3cr3t-value"),
     ];
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{CREDS, env_of};
+    use super::*;
 
     #[test]
     fn environment_wins_over_the_file() {
