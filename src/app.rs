@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
+use tokio::sync::oneshot;
 
 use crate::access_log::AccessLog;
 use crate::admin::{Admin, Drain};
@@ -37,7 +38,7 @@ use crate::loaded::Loaded;
 use crate::metrics::Metrics;
 use crate::proxy::Gateway;
 use crate::server::{self, ServerOptions};
-use crate::{reload, telemetry};
+use crate::{reload, telemetry, worker};
 
 /// How long logs get to reach their readers on the way out.
 pub const EXIT_FLUSH: Duration = Duration::from_secs(2);
@@ -56,6 +57,8 @@ pub enum StartError {
     },
     #[error("cannot watch signals: {0}")]
     Signals(std::io::Error),
+    #[error("cannot start a serving thread: {0}")]
+    Worker(std::io::Error),
 }
 
 /// Everything the process serves with.
@@ -69,11 +72,23 @@ pub struct App {
     callbacks: Option<Arc<Callbacks>>,
 }
 
-/// The bound listeners.
+/// The bound listeners: the traffic and callback listeners once per
+/// serving thread (`SO_REUSEPORT`), the admin listener once.
 struct Listeners {
-    gateway: TcpListener,
+    gateway: Vec<std::net::TcpListener>,
     admin: TcpListener,
-    callbacks: Option<TcpListener>,
+    callbacks: Option<Vec<std::net::TcpListener>>,
+}
+
+/// What every serving thread serves with: all of it shared.
+#[derive(Clone)]
+struct Serving {
+    current: reload::Current,
+    callbacks: Option<Arc<Callbacks>>,
+    opts: ServerOptions,
+    gateway_conns: Arc<Connections>,
+    callback_conns: Option<Arc<Connections>>,
+    drain: Drain,
 }
 
 impl App {
@@ -117,7 +132,9 @@ impl App {
     }
 
     /// Binds the listeners and serves until a signal (or `/quitquitquit`)
-    /// drains the traffic listener; then the admin listener stops too.
+    /// drains the traffic listeners; then the admin listener stops too.
+    /// Calls are served by the worker threads, everything else by the
+    /// runtime this runs on.
     pub async fn serve(self) -> Result<(), StartError> {
         let listeners = self.bind().await?;
         let drain = Drain::default();
@@ -150,29 +167,25 @@ impl App {
                 let _ = admin_stop.await;
             },
         ));
+        let serving = Serving {
+            current: self.current.clone(),
+            callbacks: self.callbacks.clone(),
+            opts,
+            gateway_conns,
+            callback_conns,
+            drain,
+        };
+        let workers = serving.start(listeners.gateway, listeners.callbacks)?;
         tracing::info!(
             upstream = %crate::redact::url(&self.loaded.config.upstream.url),
             profiles = self.loaded.profiles.len(),
             default_profile = %self.loaded.config.default_profile,
+            workers = workers.len(),
             "gateway ready"
         );
-        if let (Some(listener), Some(conns), Some(cb)) =
-            (listeners.callbacks, callback_conns, self.callbacks.clone())
-        {
-            let stop = drain.clone();
-            tokio::spawn(server::serve_counted(
-                listener,
-                move |req| {
-                    let cb = cb.clone();
-                    async move { cb.receive(req).await }
-                },
-                opts.clone(),
-                conns,
-                async move { stop.started().await },
-            ));
+        for finished in workers {
+            let _ = finished.await;
         }
-        self.serve_traffic(listeners.gateway, opts, gateway_conns, &drain)
-            .await;
         let _ = traffic_done.send(());
         let _ = admin_task.await;
         self.log.flush_within(EXIT_FLUSH);
@@ -181,15 +194,24 @@ impl App {
 
     async fn bind(&self) -> Result<Listeners, StartError> {
         let s = &self.loaded.config.server;
-        let bind = |addr: SocketAddr, what: &'static str, name: &'static str| async move {
-            server::bind(addr, name)
-                .await
-                .map_err(|source| StartError::Listen { addr, what, source })
+        let workers = worker::count(s.worker_threads);
+        let shared = |addr: SocketAddr, what: &'static str, name: &'static str| {
+            server::bind_shared(addr, workers, name).map_err(|source| StartError::Listen {
+                addr,
+                what,
+                source,
+            })
         };
-        let gateway = bind(s.listen, "", "gateway").await?;
-        let admin = bind(s.admin_listen, " (admin)", "admin").await?;
+        let gateway = shared(s.listen, "", "gateway")?;
+        let admin = server::bind(s.admin_listen, "admin")
+            .await
+            .map_err(|source| StartError::Listen {
+                addr: s.admin_listen,
+                what: " (admin)",
+                source,
+            })?;
         let callbacks = match (&self.callbacks, self.callback_listen()) {
-            (Some(_), Some(addr)) => Some(bind(addr, " (callbacks)", "callbacks").await?),
+            (Some(_), Some(addr)) => Some(shared(addr, " (callbacks)", "callbacks")?),
             _ => None,
         };
         Ok(Listeners {
@@ -267,18 +289,93 @@ impl App {
             },
         ))
     }
+}
+
+impl Serving {
+    /// Starts a serving thread per gateway listener, each with its own
+    /// single-threaded runtime, its gateway listener and its share of the
+    /// callback listeners. Each receiver completes when its thread has
+    /// drained.
+    fn start(
+        self,
+        gateway: Vec<std::net::TcpListener>,
+        callbacks: Option<Vec<std::net::TcpListener>>,
+    ) -> Result<Vec<oneshot::Receiver<()>>, StartError> {
+        let mut callbacks = callbacks.map(Vec::into_iter);
+        gateway
+            .into_iter()
+            .enumerate()
+            .map(|(index, listener)| {
+                let pushes = callbacks.as_mut().and_then(Iterator::next);
+                self.clone()
+                    .start_one(index, listener, pushes)
+                    .map_err(StartError::Worker)
+            })
+            .collect()
+    }
+
+    fn start_one(
+        self,
+        index: usize,
+        gateway: std::net::TcpListener,
+        callbacks: Option<std::net::TcpListener>,
+    ) -> std::io::Result<oneshot::Receiver<()>> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        // Taken into this thread's runtime here, so a failure stops the start.
+        let (gateway, callbacks) = {
+            let _entered = runtime.enter();
+            let callbacks = callbacks.map(TcpListener::from_std).transpose()?;
+            (TcpListener::from_std(gateway)?, callbacks)
+        };
+        let (finished, done) = oneshot::channel();
+        std::thread::Builder::new()
+            .name(format!("pandagate-worker-{index}"))
+            .spawn(move || {
+                worker::enter(index);
+                runtime.block_on(self.run(gateway, callbacks));
+                // Connections still open after the grace period end here.
+                drop(runtime);
+                let _ = finished.send(());
+            })?;
+        Ok(done)
+    }
+
+    /// One thread's listeners, until the drain starts and its connections
+    /// have finished (or the grace period is over).
+    async fn run(self, gateway: TcpListener, callbacks: Option<TcpListener>) {
+        let pushes = match (
+            callbacks,
+            self.callback_conns.clone(),
+            self.callbacks.clone(),
+        ) {
+            (Some(listener), Some(conns), Some(cb)) => {
+                let drain = self.drain.clone();
+                Some(tokio::spawn(server::serve_counted(
+                    listener,
+                    move |req| {
+                        let cb = cb.clone();
+                        async move { cb.receive(req).await }
+                    },
+                    self.opts.clone(),
+                    conns,
+                    async move { drain.started().await },
+                )))
+            }
+            _ => None,
+        };
+        self.serve_traffic(gateway).await;
+        if let Some(pushes) = pushes {
+            let _ = pushes.await;
+        }
+    }
 
     /// The traffic listener, until the drain starts: each call is served
     /// by the gateway current when it arrived, to its end; pushes on the
     /// callback path go to the receiver, which has its own authentication
     /// (the provider's HMAC).
-    async fn serve_traffic(
-        &self,
-        listener: TcpListener,
-        opts: ServerOptions,
-        conns: Arc<Connections>,
-        drain: &Drain,
-    ) {
+    async fn serve_traffic(&self, listener: TcpListener) {
         let (current, callbacks) = (self.current.clone(), self.callbacks.clone());
         server::serve_counted(
             listener,
@@ -295,9 +392,9 @@ impl App {
                     }
                 }
             },
-            opts,
-            conns,
-            drain.started(),
+            self.opts.clone(),
+            self.gateway_conns.clone(),
+            self.drain.started(),
         )
         .await;
     }

@@ -121,9 +121,11 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let path = cli.config.as_deref();
     let code = match cli.command.unwrap_or(Command::Run) {
+        // Calls are served by threads of their own (`server.worker_threads`);
+        // the main thread's runtime keeps the admin listener, signals,
+        // reloads and deliveries.
         Command::Run => with_config(path, |loaded| {
-            let threads = loaded.config.server.worker_threads;
-            on_runtime(threads, run(loaded, path.map(Path::to_path_buf)))
+            on_runtime(1, run(loaded, path.map(Path::to_path_buf)))
         }),
         Command::Check => with_config(path, |loaded| check(&loaded)),
         Command::Sign {

@@ -15,7 +15,7 @@
 //! Lowest first. A module uses only modules of lower layers, never one of
 //! its own layer or above; `scripts/layers.py` checks it in CI.
 //!
-//! 1. leaves: error ids secret signer headers envelope redact connections log_queue
+//! 1. leaves: error ids secret signer headers envelope redact connections log_queue worker
 //! 2. config: config
 //! 3. policies: routes retry breaker limiter profiles body telemetry
 //! 4. built on them: auth upstream access_log
@@ -38,6 +38,7 @@ pub mod log_queue;
 pub mod redact;
 pub mod secret;
 pub mod signer;
+pub mod worker;
 // 2. config
 pub mod config;
 // 3. policies

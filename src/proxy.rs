@@ -53,6 +53,7 @@ use crate::retry::{self, Attempt, Budget, Decision, Outcome, RetryReason, Skippe
 use crate::routes::{Route, Routes, is_ambiguous};
 use crate::signer;
 use crate::upstream::Upstream;
+use crate::worker;
 
 /// Longest caller `x-request-id` passed on; longer ones are replaced.
 const MAX_REQUEST_ID_LEN: usize = 128;
@@ -116,7 +117,7 @@ impl Gateway {
             routes.buckets(),
         )?;
         Ok(Gateway {
-            upstream: Upstream::new(&c.upstream)?,
+            upstream: Upstream::new(&c.upstream, worker::count(c.server.worker_threads))?,
             profiles,
             clients: Clients::new(loaded.clients.clone()),
             routes,
@@ -439,7 +440,7 @@ impl Gateway {
         class: Class,
     ) -> (Outcome, Answer) {
         let exchange = async {
-            let mut response = match self.upstream.client.request(req).await {
+            let mut response = match self.upstream.client().request(req).await {
                 Ok(response) => response,
                 Err(e) => {
                     let error = classify(&e, self.max_body, self.server.body_read_timeout_ms);

@@ -169,7 +169,7 @@ pub async fn serve_counted<H, F, B>(
         }
     }
     drop(listener);
-    drain(graceful, opts.shutdown_grace).await;
+    drain(connections.listener, graceful, opts.shutdown_grace).await;
 }
 
 /// HTTP/1.1 and HTTP/2 with the listener's limits.
@@ -192,8 +192,8 @@ fn connection_builder(opts: &ServerOptions) -> auto::Builder<TokioExecutor> {
 }
 
 /// Gives open connections `grace` to finish their calls, then lets go.
-async fn drain(graceful: GracefulShutdown, grace: Duration) {
-    tracing::info!(connections = graceful.count(), "draining");
+async fn drain(listener: &str, graceful: GracefulShutdown, grace: Duration) {
+    tracing::info!(listener, connections = graceful.count(), "draining");
     tokio::select! {
         () = graceful.shutdown() => tracing::info!("drained"),
         () = tokio::time::sleep(grace) => {
@@ -387,6 +387,39 @@ pub async fn bind(addr: SocketAddr, what: &str) -> std::io::Result<TcpListener> 
     let local = listener.local_addr()?;
     tracing::info!(addr = %local, "{what} listening");
     Ok(listener)
+}
+
+/// Pending connections a listener holds before the kernel refuses more.
+const BACKLOG: u32 = 1024;
+
+/// `count` listening sockets on one address, one per serving thread, with
+/// `SO_REUSEPORT`: the kernel spreads new connections over them, so no
+/// thread accepts for another. Port 0 picks one free port for them all.
+/// Logs where they listen. Returned as standard sockets, to be taken into
+/// each thread's own runtime.
+pub fn bind_shared(
+    addr: SocketAddr,
+    count: usize,
+    what: &str,
+) -> std::io::Result<Vec<std::net::TcpListener>> {
+    let mut listeners = Vec::with_capacity(count);
+    let mut addr = addr;
+    for _ in 0..count.max(1) {
+        let socket = match addr {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        socket.set_reuseaddr(true)?;
+        #[cfg(unix)]
+        socket.set_reuseport(true)?;
+        socket.bind(addr)?;
+        let listener = socket.listen(BACKLOG)?.into_std()?;
+        // The others join the port the first one got.
+        addr = listener.local_addr()?;
+        listeners.push(listener);
+    }
+    tracing::info!(addr = %addr, listeners = listeners.len(), "{what} listening");
+    Ok(listeners)
 }
 
 /// SIGINT and SIGTERM, as a stream: the first starts a drain, a second

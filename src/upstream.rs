@@ -1,6 +1,10 @@
-//! The provider connection: one pooled HTTPS (or, for sandboxes, HTTP) client
-//! shared by every caller connection, and the mapping from the caller's
-//! request target to the provider's URL.
+//! The provider connection: a pooled HTTPS (or, for sandboxes, HTTP) client
+//! per serving thread, shared by the caller connections of that thread, and
+//! the mapping from the caller's request target to the provider's URL.
+//!
+//! Each worker thread takes its connections from its own pool, so a call
+//! never hands its request to a connection driven by another thread, and
+//! `upstream.pool_max_idle` applies per worker.
 
 use std::time::Duration;
 
@@ -14,13 +18,15 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use crate::body::UpstreamBody;
 use crate::config::{ConfigError, UpstreamConfig, upstream_base};
 use crate::error::GatewayError;
+use crate::worker;
 
 pub type HttpClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
 
 /// Where calls go, and the client that takes them there.
 #[derive(Clone, Debug)]
 pub struct Upstream {
-    pub client: HttpClient,
+    /// One per serving thread, indexed by [`worker::index`].
+    clients: Box<[HttpClient]>,
     scheme: Scheme,
     authority: Authority,
     /// Path of the base URL without its trailing `/`; empty for most setups.
@@ -30,7 +36,9 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(cfg: &UpstreamConfig) -> Result<Upstream, ConfigError> {
+    /// The provider at `cfg.url`, with a connection pool for each of
+    /// `workers` serving threads.
+    pub fn new(cfg: &UpstreamConfig, workers: usize) -> Result<Upstream, ConfigError> {
         let base = upstream_base(&cfg.url).map_err(|m| ConfigError::new("upstream.url", m))?;
         let parts = base.into_parts();
         let scheme = parts.scheme.expect("validated: has a scheme");
@@ -54,21 +62,28 @@ impl Upstream {
             .enable_http1()
             .enable_http2()
             .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_millis(cfg.pool_idle_timeout_ms))
-            .pool_max_idle_per_host(cfg.pool_max_idle)
-            // The gateway sets Host itself, to the upstream's authority.
-            .set_host(false)
-            .build(https);
+        let client = || {
+            Client::builder(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .pool_timer(TokioTimer::new())
+                .pool_idle_timeout(Duration::from_millis(cfg.pool_idle_timeout_ms))
+                .pool_max_idle_per_host(cfg.pool_max_idle)
+                // The gateway sets Host itself, to the upstream's authority.
+                .set_host(false)
+                .build(https.clone())
+        };
         Ok(Upstream {
-            client,
+            clients: (0..workers.max(1)).map(|_| client()).collect(),
             scheme,
             authority,
             base_path,
             host,
         })
+    }
+
+    /// The calling worker's client: its pool, its connections.
+    pub fn client(&self) -> &HttpClient {
+        &self.clients[worker::index() % self.clients.len()]
     }
 
     /// The provider URL for a caller's request target.
@@ -145,10 +160,13 @@ mod tests {
     use super::*;
 
     fn upstream(url: &str) -> Upstream {
-        Upstream::new(&UpstreamConfig {
-            url: url.into(),
-            ..UpstreamConfig::default()
-        })
+        Upstream::new(
+            &UpstreamConfig {
+                url: url.into(),
+                ..UpstreamConfig::default()
+            },
+            1,
+        )
         .unwrap()
     }
 

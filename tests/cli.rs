@@ -96,26 +96,27 @@ fn serving_with_an_invalid_config_also_exits_64() {
     assert!(text(&out.stderr).contains("PANDAGATE_WORKER_THREADS"));
 }
 
-/// Names of the threads of process `pid` that run tokio's workers.
-fn worker_threads(pid: u32) -> usize {
+/// Threads of process `pid` whose name starts with `prefix`.
+fn threads_named(pid: u32, prefix: &str) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
         .filter(|t| {
             let comm = t.as_ref().unwrap().path().join("comm");
-            std::fs::read_to_string(comm).is_ok_and(|c| c.starts_with("tokio-rt-worker"))
+            std::fs::read_to_string(comm).is_ok_and(|c| c.starts_with(prefix))
         })
         .count()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn worker_threads_sets_the_runtime_and_one_thread_still_serves() {
+async fn worker_threads_sets_the_serving_threads_and_each_one_serves() {
     let upstream = support::upstream_answering(ResponseTemplate::new(200).set_body_raw(
         support::provider_body("rid-threads", 200, "ok"),
         "application/json",
     ))
     .await;
     let uri = upstream.uri();
-    for (threads, expected) in [("1", 0), ("3", 3)] {
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    for (threads, expected) in [("1", 1), ("3", 3), ("0", cpus)] {
         let env = [
             CREDS[0],
             CREDS[1],
@@ -123,11 +124,23 @@ async fn worker_threads_sets_the_runtime_and_one_thread_still_serves() {
             ("PANDAGATE_WORKER_THREADS", threads),
         ];
         let running = support::launch(&[], &env).await;
-        let ok = support::get(&format!("http://{}/open/product/get", running.gateway)).await;
-        assert_eq!(ok.status, 200, "served with worker_threads = {threads}");
+        // Each call on a new connection: the kernel spreads them over the
+        // workers' listeners, and every one must be answered.
+        for _ in 0..12 {
+            let ok = support::get(&format!("http://{}/open/product/get", running.gateway)).await;
+            assert_eq!(ok.status, 200, "served with worker_threads = {threads}");
+        }
         let pid = running.child.id().expect("running");
-        // 1: the current-thread runtime, no worker threads at all.
-        assert_eq!(worker_threads(pid), expected, "worker_threads = {threads}");
+        assert_eq!(
+            threads_named(pid, "pandagate-worke"),
+            expected,
+            "worker_threads = {threads}"
+        );
+        assert_eq!(
+            threads_named(pid, "tokio-rt-worker"),
+            0,
+            "no multi-threaded runtime: calls stay on their worker"
+        );
     }
 }
 

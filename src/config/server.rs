@@ -47,10 +47,12 @@ pub struct ServerConfig {
     pub shutdown_grace_ms: u64,
     /// How often secret files are re-read for rotation, in milliseconds.
     pub secret_poll_ms: u64,
-    /// Threads serving calls (env `PANDAGATE_WORKER_THREADS`): 0 = one per
-    /// CPU the process may use (a cgroup CPU quota counts); 1 = a
-    /// single-threaded runtime, like nginx's `worker_processes 1`. Read at
-    /// start; a reload does not change it.
+    /// Threads serving calls (env `PANDAGATE_WORKER_THREADS`), like nginx's
+    /// `worker_processes`: 0 = one per CPU the process may use (a cgroup
+    /// CPU quota counts). Each has its own single-threaded runtime, its own
+    /// `SO_REUSEPORT` listeners and its own upstream connection pool; the
+    /// admin listener, signals, reloads and push deliveries run on the main
+    /// thread. Read at start; a reload does not change it.
     pub worker_threads: usize,
 }
 

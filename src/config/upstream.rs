@@ -22,7 +22,8 @@ pub struct UpstreamConfig {
     pub request_timeout_ms: u64,
     /// How long an idle pooled connection is kept, in milliseconds.
     pub pool_idle_timeout_ms: u64,
-    /// Most idle connections kept to the provider.
+    /// Most idle connections kept to the provider, by each serving thread
+    /// (see `server.worker_threads`).
     pub pool_max_idle: usize,
 }
 
