@@ -4,7 +4,8 @@
 //!
 //! What bounds a connection, whatever its peer does:
 //!
-//! * a head must arrive within `header_read_timeout` once begun (hyper);
+//! * an HTTP/1 head must arrive within `header_read_timeout` once its first
+//!   byte has ([`Activity`]);
 //! * a request body must arrive within `body_read_timeout` (the handlers,
 //!   which answer 408);
 //! * with no request being handled, a connection on which no byte moved
@@ -15,17 +16,22 @@
 //!   allows `http2_max_concurrent_streams` streams per connection.
 //!
 //! A request being handled (its body read, or the provider's answer awaited)
-//! is never cut by the idle timer: the handlers bound their own time. The
-//! watcher looks again one `idle_timeout` later, never at a deadline already
-//! past, so no state of a connection wakes it more than once per
-//! `idle_timeout`, and requests cost it nothing.
+//! is never cut by the idle timer: the handlers bound their own time.
+//!
+//! One watcher per connection keeps both deadlines, the idle one and the
+//! head's, so a request costs no timer of its own: the socket wrapper notes
+//! when bytes move and when a head begins (a byte read while no request is
+//! being handled), and the watcher looks at least once per
+//! `header_read_timeout` (never at a deadline already past). A head that
+//! begins while it sleeps therefore has its deadline after the watcher's
+//! next look, which then sleeps until exactly that deadline.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -136,17 +142,19 @@ pub async fn serve_counted<H, F, B>(
                 let calls = activity.clone();
                 let service = service_fn(move |req| {
                     let handling = Handling::enter(calls.clone());
-                    let response = handler(req);
+                    // Boxed: hyper keeps the call's future in its own slot,
+                    // which then moves a pointer, not the whole call.
+                    let response = Box::pin(handler(req));
                     async move {
                         let response = response.await;
                         let activity = handling.answered();
                         Ok::<_, Infallible>(response.map(|body| Tracked { body, activity }))
                     }
                 });
-                let io = TokioIo::new(Watched { io: stream, activity: activity.clone() });
+                let io = TokioIo::new(Watched::new(stream, activity.clone()));
                 let conn = builder.serve_connection(io, service).into_owned();
                 let conn = graceful.watch(conn);
-                let idle = opts.idle_timeout;
+                let (idle, head) = (opts.idle_timeout, opts.header_read_timeout);
                 tokio::spawn(async move {
                     let _slot = slot;
                     let conn = std::pin::pin!(conn);
@@ -156,11 +164,10 @@ pub async fn serve_counted<H, F, B>(
                                 tracing::debug!(error = %e, "connection ended with an error");
                             }
                         }
-                        () = activity.quiet_for(idle) => {
-                            // Nothing being handled and no byte moved:
-                            // dropping the connection loses nothing the
-                            // peer was still taking part in.
-                            tracing::debug!("closing an idle connection");
+                        why = activity.watch(idle, head) => {
+                            // Nothing being handled: dropping the connection
+                            // loses nothing the peer was still taking part in.
+                            tracing::debug!(why = why.as_str(), "closing a connection");
                         }
                     }
                 });
@@ -175,10 +182,10 @@ pub async fn serve_counted<H, F, B>(
 /// HTTP/1.1 and HTTP/2 with the listener's limits.
 fn connection_builder(opts: &ServerOptions) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    // No timer for HTTP/1: the head's deadline is the connection watcher's
+    // (hyper's would arm a timer per request).
     builder
         .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(opts.header_read_timeout)
         .max_buf_size(opts.max_header_bytes)
         .max_headers(opts.max_headers);
     builder
@@ -202,14 +209,35 @@ async fn drain(listener: &str, graceful: GracefulShutdown, grace: Duration) {
     }
 }
 
-/// What a connection did last: requests being handled, and when a byte
-/// last moved either way.
+/// What a connection did last: requests being handled, when a byte last
+/// moved either way, and when the head being read began.
 struct Activity {
     started: Instant,
     /// Requests whose handler has not answered yet.
     handling: AtomicUsize,
     /// Nanoseconds after `started`.
     last_io: AtomicU64,
+    /// Nanoseconds after `started`, plus one, when the first byte of the
+    /// HTTP/1 head being read arrived; 0 when no head is being read.
+    head_since: AtomicU64,
+    /// HTTP/2: heads are frames, bounded by hyper's stream limits.
+    h2: AtomicBool,
+}
+
+/// Why the watcher closes a connection.
+#[derive(Debug, PartialEq, Eq)]
+enum Quiet {
+    Idle,
+    SlowHead,
+}
+
+impl Quiet {
+    fn as_str(&self) -> &'static str {
+        match self {
+            Quiet::Idle => "idle",
+            Quiet::SlowHead => "slow_head",
+        }
+    }
 }
 
 impl Activity {
@@ -218,18 +246,52 @@ impl Activity {
             started: Instant::now(),
             handling: AtomicUsize::new(0),
             last_io: AtomicU64::new(0),
+            head_since: AtomicU64::new(0),
+            h2: AtomicBool::new(false),
         }
     }
 
+    fn now(&self) -> u64 {
+        self.started.elapsed().as_nanos() as u64
+    }
+
     fn touch(&self) {
-        let now = self.started.elapsed().as_nanos() as u64;
+        self.last_io.store(self.now(), Ordering::Relaxed);
+    }
+
+    /// Bytes were read: with no request being handled, they begin a head
+    /// (unless one is already being read).
+    fn read(&self) {
+        let now = self.now();
         self.last_io.store(now, Ordering::Relaxed);
+        if self.handling.load(Ordering::Acquire) == 0
+            && self.head_since.load(Ordering::Relaxed) == 0
+            && !self.h2.load(Ordering::Relaxed)
+        {
+            self.head_since.store(now + 1, Ordering::Relaxed);
+        }
+    }
+
+    /// The connection speaks HTTP/2: no head deadline.
+    fn http2(&self) {
+        self.h2.store(true, Ordering::Relaxed);
+        self.head_since.store(0, Ordering::Relaxed);
+    }
+
+    fn at(&self, nanos: u64, plus: Duration) -> tokio::time::Instant {
+        (self.started + Duration::from_nanos(nanos) + plus).into()
     }
 
     /// When the connection becomes idle if nothing happens before then.
     fn idle_at(&self, idle: Duration) -> tokio::time::Instant {
-        let last = Duration::from_nanos(self.last_io.load(Ordering::Relaxed));
-        (self.started + last + idle).into()
+        self.at(self.last_io.load(Ordering::Relaxed), idle)
+    }
+
+    /// When the head being read must be complete, if one is.
+    fn head_due(&self, limit: Duration) -> Option<tokio::time::Instant> {
+        let since = self.head_since.load(Ordering::Relaxed);
+        (since != 0 && self.handling.load(Ordering::Acquire) == 0)
+            .then(|| self.at(since - 1, limit))
     }
 
     fn idle_for(&self, idle: Duration) -> bool {
@@ -238,20 +300,31 @@ impl Activity {
                 >= Duration::from_nanos(self.last_io.load(Ordering::Relaxed)) + idle
     }
 
-    /// Completes once no request is being handled and no byte has moved
-    /// for `idle`. While a request is being handled the next look is a
-    /// whole `idle` away, never at a deadline already past; so the watcher
-    /// wakes at most once per `idle`, and a request costs it nothing.
-    async fn quiet_for(&self, idle: Duration) {
+    /// Completes once no request is being handled and either no byte has
+    /// moved for `idle`, or a head begun `head` ago is still incomplete.
+    /// Each look is at most `head` after the previous one, and never at a
+    /// deadline already past: the watcher wakes at most once per `head`
+    /// while nothing is due, and a request costs it nothing.
+    async fn watch(&self, idle: Duration, head: Duration) -> Quiet {
         loop {
-            let next = if self.handling.load(Ordering::Acquire) > 0 {
-                tokio::time::Instant::now() + idle
+            let now = tokio::time::Instant::now();
+            let mut next = if self.handling.load(Ordering::Acquire) > 0 {
+                now + idle
             } else {
                 self.idle_at(idle)
             };
-            tokio::time::sleep_until(next).await;
+            if let Some(due) = self.head_due(head) {
+                next = next.min(due);
+            }
+            tokio::time::sleep_until(next.min(now + head)).await;
             if self.idle_for(idle) {
-                return;
+                return Quiet::Idle;
+            }
+            if self
+                .head_due(head)
+                .is_some_and(|due| due <= tokio::time::Instant::now())
+            {
+                return Quiet::SlowHead;
             }
         }
     }
@@ -264,6 +337,8 @@ struct Handling(Option<Arc<Activity>>);
 impl Handling {
     fn enter(activity: Arc<Activity>) -> Handling {
         activity.handling.fetch_add(1, Ordering::AcqRel);
+        // Its head is complete.
+        activity.head_since.store(0, Ordering::Relaxed);
         Handling(Some(activity))
     }
 
@@ -322,10 +397,42 @@ impl<B: Body + Unpin> Body for Tracked<B> {
     }
 }
 
-/// The caller's socket, noting each byte read or written in [`Activity`].
+/// The caller's socket, noting each byte read or written in [`Activity`],
+/// and whether the connection opens with the HTTP/2 preface.
 struct Watched<T> {
     io: T,
     activity: Arc<Activity>,
+    /// Bytes of the HTTP/2 preface matched so far; `None` once decided.
+    preface: Option<usize>,
+}
+
+/// What an HTTP/2 connection opens with (RFC 9113, section 3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+impl<T> Watched<T> {
+    fn new(io: T, activity: Arc<Activity>) -> Watched<T> {
+        Watched {
+            io,
+            activity,
+            preface: Some(0),
+        }
+    }
+
+    /// Follows the first bytes read until they are, or are not, the
+    /// HTTP/2 preface.
+    fn sniff(&mut self, bytes: &[u8]) {
+        let Some(matched) = self.preface else { return };
+        let want = &H2_PREFACE[matched..];
+        let n = bytes.len().min(want.len());
+        self.preface = if bytes[..n] != want[..n] {
+            None
+        } else if n == want.len() {
+            self.activity.http2();
+            None
+        } else {
+            Some(matched + n)
+        };
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
@@ -337,7 +444,8 @@ impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.io).poll_read(cx, buf);
         if buf.filled().len() > before {
-            self.activity.touch();
+            self.sniff(&buf.filled()[before..]);
+            self.activity.read();
         }
         polled
     }

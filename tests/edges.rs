@@ -353,6 +353,102 @@ async fn a_trickled_head_is_cut_off_at_the_header_read_timeout() {
     gw.stop().await;
 }
 
+/// A head that begins on a kept-alive connection, after a call, gets the
+/// whole header read timeout from its first byte, and no more.
+#[tokio::test]
+async fn a_head_begun_after_a_call_is_cut_at_its_own_deadline() {
+    let upstream = RawUpstream::start(OK).await;
+    let mut c = config(&format!("http://{}", upstream.addr));
+    c.server.header_read_timeout_ms = 1_000;
+    let gw = spawn_gateway(c).await;
+
+    let mut stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    stream
+        .write_all(b"GET /open/product/get HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_message(&mut stream).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    stream
+        .write_all(b"GET /open/product/get HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let begun = std::time::Instant::now();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the unfinished head was never cut off");
+    let after = begun.elapsed();
+    assert!(after >= Duration::from_millis(900), "cut early: {after:?}");
+    assert!(after < Duration::from_millis(1_600), "cut late: {after:?}");
+    assert_eq!(
+        upstream.requests().len(),
+        1,
+        "only the whole request went on"
+    );
+    gw.stop().await;
+}
+
+/// Calls in a row on one connection, for longer than the header read
+/// timeout: the head deadline applies to each head, not to the connection.
+#[tokio::test]
+async fn a_busy_connection_outlives_the_header_read_timeout() {
+    let upstream = RawUpstream::start(OK).await;
+    let mut c = config(&format!("http://{}", upstream.addr));
+    c.server.header_read_timeout_ms = 300;
+    let gw = spawn_gateway(c).await;
+
+    let stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let started = std::time::Instant::now();
+    for i in 0..12 {
+        let req = http::Request::get(format!("http://{}/open/product/get", gw.addr))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let answer = sender.send_request(req).await;
+        let answer =
+            answer.unwrap_or_else(|e| panic!("call {i} after {:?}: {e}", started.elapsed()));
+        assert_eq!(answer.status(), 200, "call {i}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(started.elapsed() >= Duration::from_millis(1_200));
+    gw.stop().await;
+}
+
+/// HTTP/2 has no head to time: a connection that opened with the preface
+/// and then sits quiet for longer than the header read timeout (but less
+/// than the idle timeout) still serves.
+#[tokio::test]
+async fn http2_connections_have_no_head_deadline() {
+    let upstream = RawUpstream::start(OK).await;
+    let mut c = config(&format!("http://{}", upstream.addr));
+    c.server.header_read_timeout_ms = 300;
+    c.server.idle_timeout_ms = 10_000;
+    let gw = spawn_gateway(c).await;
+
+    let stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    for pause in [900, 900] {
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        let req = http::Request::get(format!("http://{}/open/product/get", gw.addr))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let answer = sender.send_request(req).await.expect("still open");
+        assert_eq!(answer.status(), 200);
+    }
+    gw.stop().await;
+}
+
 /// `server.idle_timeout_ms` closes a connection that never sends a byte and
 /// a keep-alive connection left unused, but never one with a call in
 /// progress, however long the provider takes.

@@ -14,7 +14,8 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Admin endpoints: health, readiness, metrics, quit (env `PANDAGATE_ADMIN_LISTEN`).
     pub admin_listen: SocketAddr,
-    /// Time a client has to send the complete request head, in milliseconds.
+    /// Time a client has to send a complete HTTP/1 request head, from its
+    /// first byte, in milliseconds.
     pub header_read_timeout_ms: u64,
     /// Time a client has to send the complete request body, from the end of
     /// its head, in milliseconds; a body not in by then gets 408 and nothing
