@@ -429,7 +429,7 @@ impl Gateway {
     ) -> (Outcome, Answer) {
         let sent = Instant::now();
         let result = self.exchange(req, timeout, class).await;
-        self.metrics.attempt(class, sent.elapsed().as_secs_f64());
+        self.metrics.attempt(class, sent.elapsed());
         result
     }
 
