@@ -173,14 +173,8 @@ pub fn format_line(
     found: &EnvelopeFields,
     now: SystemTime,
 ) -> Vec<u8> {
-    // "2026-11-25T19:56:54.539Z": 24 bytes, formatted on the stack.
-    let mut ts_buf = [0u8; 32];
-    let ts_len = {
-        let mut w = &mut ts_buf[..];
-        let _ = write!(w, "{}", humantime::format_rfc3339_millis(now));
-        32 - w.len()
-    };
-    let ts = std::str::from_utf8(&ts_buf[..ts_len]).expect("RFC 3339 is ASCII");
+    let ts_buf = timestamp(now);
+    let ts = std::str::from_utf8(&ts_buf).expect("RFC 3339 is ASCII");
     let line = Line {
         ts,
         event: "access",
@@ -203,13 +197,123 @@ pub fn format_line(
     };
     let mut out = Vec::with_capacity(320);
     match format {
-        LogFormat::Json => {
-            serde_json::to_writer(&mut out, &line).expect("serialising to a Vec cannot fail");
-        }
+        LogFormat::Json => json_line(&mut out, &line),
         LogFormat::Text => text_line(&mut out, &line),
     }
     out.push(b'\n');
     out
+}
+
+/// `now` as "2026-11-25T19:56:54.539Z". The part up to the second is
+/// formatted once per second by each thread; only the milliseconds change
+/// from one line to the next.
+fn timestamp(now: SystemTime) -> [u8; 24] {
+    use std::cell::Cell;
+    thread_local! {
+        static SECOND: Cell<(u64, [u8; 20])> = const { Cell::new((u64::MAX, [0; 20])) };
+    }
+    let since = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let (second, millis) = (since.as_secs(), since.subsec_millis());
+    let mut prefix = SECOND.get();
+    if prefix.0 != second {
+        let mut full = [0u8; 24];
+        let mut w = &mut full[..];
+        let _ = write!(
+            w,
+            "{}",
+            humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_secs(second))
+        );
+        prefix = (second, full[..20].try_into().expect("20 bytes"));
+        SECOND.set(prefix);
+    }
+    let mut ts = [0u8; 24];
+    ts[..20].copy_from_slice(&prefix.1);
+    ts[20] = b'0' + (millis / 100) as u8;
+    ts[21] = b'0' + (millis / 10 % 10) as u8;
+    ts[22] = b'0' + (millis % 10) as u8;
+    ts[23] = b'Z';
+    ts
+}
+
+/// The JSON line, written field by field: the same bytes `serde_json` makes
+/// of [`Line`], without its generic machinery on every call.
+fn json_line(out: &mut Vec<u8>, l: &Line<'_>) {
+    fn key(out: &mut Vec<u8>, first: bool, name: &str) {
+        out.extend_from_slice(if first { b"{\"" } else { b",\"" });
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b"\":");
+    }
+    fn string(out: &mut Vec<u8>, s: &str) {
+        // Most values need no escaping: copied between quotes.
+        if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+            out.push(b'"');
+            out.extend_from_slice(s.as_bytes());
+            out.push(b'"');
+        } else {
+            serde_json::to_writer(&mut *out, s).expect("writing to a Vec cannot fail");
+        }
+    }
+    fn opt_string(out: &mut Vec<u8>, s: Option<&str>) {
+        match s {
+            Some(s) => string(out, s),
+            None => out.extend_from_slice(b"null"),
+        }
+    }
+    fn number(out: &mut Vec<u8>, n: impl itoa::Integer) {
+        out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+    }
+    fn opt_number(out: &mut Vec<u8>, n: Option<impl itoa::Integer>) {
+        match n {
+            Some(n) => number(out, n),
+            None => out.extend_from_slice(b"null"),
+        }
+    }
+    key(out, true, "ts");
+    string(out, l.ts);
+    key(out, false, "event");
+    string(out, l.event);
+    key(out, false, "request_id");
+    opt_string(out, l.request_id);
+    key(out, false, "code");
+    match l.code {
+        Some(code) => serde_json::to_writer(&mut *out, code).expect("writing to a Vec cannot fail"),
+        None => out.extend_from_slice(b"null"),
+    }
+    key(out, false, "msg");
+    opt_string(out, l.msg);
+    key(out, false, "status");
+    number(out, l.status);
+    key(out, false, "upstream_status");
+    opt_number(out, l.upstream_status);
+    key(out, false, "method");
+    string(out, l.method);
+    key(out, false, "path");
+    string(out, l.path);
+    key(out, false, "profile");
+    opt_string(out, l.profile);
+    key(out, false, "client");
+    opt_string(out, l.client);
+    key(out, false, "class");
+    opt_string(out, l.class);
+    key(out, false, "attempts");
+    number(out, l.attempts);
+    key(out, false, "retry_reasons");
+    if l.retry_reasons.is_empty() {
+        out.extend_from_slice(b"[]");
+    } else {
+        serde_json::to_writer(&mut *out, l.retry_reasons).expect("writing to a Vec cannot fail");
+    }
+    key(out, false, "retry_skipped");
+    opt_string(out, l.retry_skipped);
+    key(out, false, "latency_ms");
+    serde_json::to_writer(&mut *out, &l.latency_ms).expect("writing to a Vec cannot fail");
+    key(out, false, "x_request_id");
+    string(out, l.x_request_id);
+    key(out, false, "error");
+    opt_string(out, l.error);
+    out.push(b'}');
 }
 
 /// `ts access status=.. key=value ...`; strings that need it are JSON-quoted.
@@ -314,6 +418,79 @@ mod tests {
         assert!(v["latency_ms"].as_f64().unwrap() >= 0.0);
         assert_eq!(v["x_request_id"], "req-1");
         assert!(v["error"].is_null());
+    }
+
+    /// The hand-written JSON line is byte for byte what `serde_json` makes
+    /// of the same fields, whatever the strings hold.
+    #[test]
+    fn json_line_is_serde_json_of_the_line() {
+        let strings = [
+            "",
+            "plain",
+            "with \"quotes\" and \\ backslash",
+            "tab\there\nnewline\r\u{1}\u{1f}",
+            "系统 繁忙 ✓",
+            "del\u{7f}",
+            "</script>",
+            "C:\\dir\\file",
+        ];
+        let codes = [
+            None,
+            Some(Value::from(200)),
+            Some(Value::from(-1.5)),
+            Some(Value::from("E\"1")),
+            Some(serde_json::json!({"a": [1, "b"]})),
+        ];
+        for (i, text) in strings.iter().enumerate() {
+            for (j, code) in codes.iter().enumerate() {
+                let opt = |k: usize| k.is_multiple_of(2).then_some(*text);
+                let line = Line {
+                    ts: "2026-11-25T19:56:54.539Z",
+                    event: "access",
+                    request_id: opt(i + j),
+                    code: code.as_ref(),
+                    msg: opt(i + j + 1),
+                    status: 200 + j as u16,
+                    upstream_status: j.is_multiple_of(2).then_some(503),
+                    method: "POST",
+                    path: text,
+                    profile: opt(j),
+                    client: opt(j + 1),
+                    class: Some("read"),
+                    attempts: j as u32,
+                    retry_reasons: if j.is_multiple_of(2) {
+                        &[]
+                    } else {
+                        &[RetryReason::Status(503), RetryReason::Timeout]
+                    },
+                    retry_skipped: opt(i).map(|_| "budget"),
+                    latency_ms: (i * 1_000 + j) as f64 / 1000.0,
+                    x_request_id: text,
+                    error: opt(i + 1).map(|_| "upstream_timeout"),
+                };
+                let mut ours = Vec::new();
+                json_line(&mut ours, &line);
+                let theirs = serde_json::to_vec(&line).unwrap();
+                assert_eq!(
+                    String::from_utf8_lossy(&ours),
+                    String::from_utf8_lossy(&theirs)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_millis_across_seconds() {
+        let base = std::time::UNIX_EPOCH + Duration::from_millis(1_764_000_000_000);
+        for ms in [0, 1, 999, 1_000, 1_001, 59_999, 60_000, 86_399_999] {
+            let t = base + Duration::from_millis(ms);
+            let ours = timestamp(t);
+            assert_eq!(
+                std::str::from_utf8(&ours).unwrap(),
+                humantime::format_rfc3339_millis(t).to_string(),
+                "{ms}"
+            );
+        }
     }
 
     #[test]
