@@ -4,8 +4,15 @@ use rand::Rng;
 
 /// A 32-character lower-case hex id, shaped like the provider's `requestId`.
 pub fn request_id() -> String {
+    String::from_utf8(request_id_bytes().to_vec()).expect("hex is ASCII")
+}
+
+/// [`request_id`] on the stack, for the request path.
+pub fn request_id_bytes() -> [u8; 32] {
     let n: u128 = rand::rng().random();
-    format!("{n:032x}")
+    let mut out = [0u8; 32];
+    hex::encode_to_slice(n.to_be_bytes(), &mut out).expect("16 bytes encode to 32");
+    out
 }
 
 /// 32 letters and digits for `nonce-str`, drawn from the given (cryptographically
@@ -61,6 +68,16 @@ mod tests {
             counts.values().all(|n| (800..1300).contains(n)),
             "{counts:?}"
         );
+    }
+
+    #[test]
+    fn request_id_bytes_are_lower_case_hex() {
+        let id = request_id_bytes();
+        assert!(
+            id.iter()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b))
+        );
+        assert_ne!(id, request_id_bytes());
     }
 
     #[test]

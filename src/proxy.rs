@@ -172,10 +172,10 @@ impl Gateway {
     /// Answers one call. Never fails: errors become envelopes. The call's
     /// log line is its [`CallLog`]'s to write, whatever happens.
     pub async fn handle(&self, req: Request<Incoming>) -> Response<ResponseBody> {
-        let gateway_id = ids::request_id();
-        let x_request_id = caller_request_id(req.headers()).unwrap_or_else(|| {
-            HeaderValue::from_str(&gateway_id).expect("hex is a valid header value")
-        });
+        let id = ids::request_id_bytes();
+        let gateway_id = std::str::from_utf8(&id).expect("hex is ASCII");
+        let x_request_id = caller_request_id(req.headers())
+            .unwrap_or_else(|| HeaderValue::from_bytes(&id).expect("hex is a valid header value"));
         let mut call = CallLog::start(
             AccessRecord::start(req.method().clone(), req.uri().path(), &x_request_id),
             self.access_log.clone(),
@@ -190,7 +190,7 @@ impl Gateway {
             Err(e) => {
                 record.error = Some(e.kind());
                 record.gateway_msg = Some(e.to_string());
-                (e.to_response(&gateway_id).map(ResponseBody::local), 0)
+                (e.to_response(gateway_id).map(ResponseBody::local), 0)
             }
         };
         record.status = response.status().as_u16();
@@ -402,9 +402,7 @@ impl Gateway {
         let uri = self.upstream.uri_for(&parts.uri)?;
 
         // Upstream request: the caller's message with the gateway's headers.
-        let mut headers = parts.headers;
-        headers::strip_hop_by_hop(&mut headers);
-        headers::strip_gateway_owned(&mut headers);
+        let mut headers = headers::for_upstream(parts.headers);
         headers.insert(header::HOST, self.upstream.host.clone());
         headers.insert(X_REQUEST_ID, x_request_id.clone());
         if let Some(user_id) = user_id {
