@@ -1,29 +1,44 @@
 #!/usr/bin/env bash
-# pandagate next to nginx as a reverse proxy, and next to no proxy at all
-# (issue 7). On one box, in one run:
-#   direct     wrk -> upstream (nginx `return 200` with a provider envelope)
-#   nginx      wrk -> nginx proxy_pass (keepalive 64, credential headers, access log) -> upstream
-#   pandagate  wrk -> pandagate (signing, json access log, local rate limit) -> upstream
-# at several connection counts, several runs; medians of calls/s, p50, p99,
-# errors and peak RSS of the proxy, ratios, and a pass/fail against the
-# targets of the issue. The Markdown report goes to stdout and to
+# pandagate next to nginx as a reverse proxy, and next to no proxy at all.
+# On one box, in one run:
+#   direct        load -> upstream (nginx `return 200` with a provider envelope)
+#   nginx         load -> nginx proxy_pass (keepalive 64, credential headers, access log) -> upstream
+#   pandagate     load -> pandagate (signing, json access log, local rate limit) -> upstream,
+#                 worker threads at the default (PANDAGATE_WORKER_THREADS as the caller set it)
+#   pandagate-1t  the same binary and config with PANDAGATE_WORKER_THREADS=1
+# where load is wrk (default) or oha, at several connection counts, several
+# runs; medians of calls/s, p50, p99, errors, CPU per call and peak RSS of the
+# proxy, ratios of each pandagate row against nginx and direct, and a pass/fail
+# of each pandagate row against the targets (calls/s >= nginx, CPU per call
+# <= nginx, p99 <= 1.1 x nginx at every level; peak RSS <= 30 MiB at 256
+# connections). The Markdown report goes to stdout and to
 # bench/results/YYYY-MM-DD-compare.md (progress goes to stderr).
 #
 #   bench/compare.sh [--seconds 10] [--warmup 3] [--conns "16 64 256"] [--runs 3]
 #                    [--threads 2] [--binary PATH] [--out FILE] [--strict]
-#                    [--nginx-log-buffer SIZE] [--keep]
+#                    [--nginx-log-buffer SIZE] [--keep] [--tool wrk|oha] [--no-single]
 #
 #   --out FILE               write the report there instead of bench/results/
-#   --strict                 exit 1 when a target of issue 7 was missed
+#   --strict                 exit 1 when a target was missed (by either pandagate row)
 #   --nginx-log-buffer SIZE  nginx access_log buffer=SIZE flush=1s (default: unbuffered)
-#   --keep                   keep the work directory (configs, logs, raw wrk output)
+#   --keep                   keep the work directory (configs, logs, raw load output)
+#   --tool wrk|oha           load generator (default wrk):
+#                              wrk -t THREADS -c CONNS -d SECONDSs --latency URL
+#                              oha -z SECONDSs -c CONNS --worker-threads THREADS -t 2s
+#                                  --no-tui --output-format json URL   (keep-alive on)
+#                            --threads is wrk's -t or oha's --worker-threads; the warm-up
+#                            uses the same tool
+#   --no-single              leave out the pandagate-1t row
 #
 # The same settings can come from the environment: BENCH_SECONDS, BENCH_WARMUP,
-# BENCH_CONNS, BENCH_RUNS, BENCH_THREADS, BENCH_BINARY, UPSTREAM_WORKERS
-# (nginx workers of the upstream, default 1). PANDAGATE_WORKER_THREADS, when
-# set, reaches pandagate and is recorded in the report.
+# BENCH_CONNS, BENCH_RUNS, BENCH_THREADS, BENCH_BINARY, BENCH_TOOL,
+# UPSTREAM_WORKERS (nginx workers of the upstream, default 1).
+# PANDAGATE_WORKER_THREADS, when set, reaches the pandagate row and is recorded
+# in the report; the pandagate-1t row always runs with 1.
 # Without --binary, builds with `cargo build --release -q`.
-# Installs wrk and nginx from Debian when missing. Talks only to 127.0.0.1.
+# Installs wrk and nginx from Debian when missing, and oha with
+# `cargo install oha --locked` when --tool oha and oha is not on PATH (a few
+# minutes on 2 cores). Talks only to 127.0.0.1.
 # Exit status: 0 when the harness ran (targets met or not), 1 when --strict and
 # a target was missed, 2 on a usage error, other non-zero when the harness failed.
 set -euo pipefail
@@ -39,6 +54,8 @@ runs=${BENCH_RUNS:-3}
 threads=${BENCH_THREADS:-2}
 binary=${BENCH_BINARY:-}
 upstream_workers=${UPSTREAM_WORKERS:-1}
+tool=${BENCH_TOOL:-wrk}
+single=1
 out=""
 strict=0
 keep=0
@@ -49,7 +66,7 @@ usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e 's/^# \{0
 bad_usage() { echo "compare.sh: $* (see --help)" >&2; exit 2; }
 while [ $# -gt 0 ]; do
   case "$1" in
-    --seconds|--warmup|--conns|--runs|--threads|--binary|--out|--nginx-log-buffer)
+    --seconds|--warmup|--conns|--runs|--threads|--binary|--out|--nginx-log-buffer|--tool)
       [ $# -ge 2 ] || bad_usage "$1 needs a value" ;;
   esac
   case "$1" in
@@ -61,6 +78,8 @@ while [ $# -gt 0 ]; do
     --binary) binary=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
     --nginx-log-buffer) nginx_log_buffer=$2; shift 2 ;;
+    --tool) tool=$2; shift 2 ;;
+    --no-single) single=0; shift ;;
     --strict) strict=1; shift ;;
     --keep) keep=1; shift ;;
     -h|--help) usage; exit 0 ;;
@@ -70,14 +89,18 @@ done
 for v in "$secs" "$warmup" "$runs" "$threads"; do
   [[ $v =~ ^[0-9]+$ ]] || bad_usage "not a whole number: $v"
 done
-[ "$secs" -gt 0 ] && [ "$runs" -gt 0 ] && [ "$threads" -gt 0 ] || bad_usage "--seconds, --runs and --threads must be > 0"
+if [ "$secs" -eq 0 ] || [ "$runs" -eq 0 ] || [ "$threads" -eq 0 ]; then
+  bad_usage "--seconds, --runs and --threads must be > 0"
+fi
 [[ $upstream_workers =~ ^([1-9][0-9]*|auto)$ ]] || bad_usage "UPSTREAM_WORKERS: a number or auto, not $upstream_workers"
 [[ -z $nginx_log_buffer || $nginx_log_buffer =~ ^[0-9]+[kKmM]?$ ]] || bad_usage "--nginx-log-buffer: a size like 64k"
+[[ $tool == wrk || $tool == oha ]] || bad_usage "--tool: wrk or oha, not $tool"
 read -r -a levels <<< "$conns"
 [ ${#levels[@]} -gt 0 ] || bad_usage "--conns is empty"
 for c in "${levels[@]}"; do
+  [[ $c =~ ^[1-9][0-9]*$ ]] || bad_usage "bad connection count $c (a whole number > 0)"
   # wrk gives each thread conns/threads connections: fewer conns than threads is an error.
-  [[ $c =~ ^[0-9]+$ ]] && [ "$c" -ge "$threads" ] || bad_usage "bad connection count $c (a whole number >= --threads)"
+  [ "$tool" != wrk ] || [ "$c" -ge "$threads" ] || bad_usage "bad connection count $c (wrk needs >= --threads)"
 done
 # Relative paths are the caller's, taken before anything changes directory.
 if [ -n "$binary" ]; then binary=$(realpath "$binary"); fi
@@ -91,15 +114,29 @@ need() {
   log "installing $2"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null
 }
-need wrk wrk
+[ "$tool" != wrk ] || need wrk wrk
 need nginx nginx
 need curl curl
 command -v python3 >/dev/null || die "python3 is needed"
+oha_bin=""
+if [ "$tool" = oha ]; then
+  oha_bin=$(command -v oha || true)
+  cargo_bin="${CARGO_HOME:-$HOME/.cargo}/bin"
+  if [ -z "$oha_bin" ] && [ -x "$cargo_bin/oha" ]; then oha_bin="$cargo_bin/oha"; fi
+  if [ -z "$oha_bin" ]; then
+    command -v cargo >/dev/null || die "oha is not on PATH and cargo is not there to install it"
+    log "oha is not on PATH: installing it with 'cargo install oha --locked' (a few minutes on 2 cores)"
+    cargo install oha --locked >&2 || die "cargo install oha --locked failed"
+    oha_bin=$(command -v oha || echo "$cargo_bin/oha")
+    [ -x "$oha_bin" ] || die "oha installed but not found at $oha_bin"
+  fi
+fi
 
 # Every process this script starts is recorded here and stopped on exit,
 # whatever the exit (error, Ctrl-C, kill).
 work=$(mktemp -d /tmp/pg-compare.XXXXXX)
-up_pid="" px_pid="" gw_pid="" sampler_pid="" wrk_pid=""
+up_pid="" px_pid="" gw_pid="" gw1_pid="" sampler_pid="" load_pid=""
+# shellcheck disable=SC2317  # reached through the trap below
 cleanup() {
   local rc=$?
   trap - EXIT INT TERM
@@ -108,8 +145,8 @@ cleanup() {
   # master stops its workers on TERM (fast shutdown); pandagate drains with
   # nothing in flight.
   local p
-  for p in $wrk_pid $sampler_pid $gw_pid $px_pid $up_pid; do kill "$p" 2>/dev/null || true; done
-  for p in $wrk_pid $sampler_pid $gw_pid $px_pid $up_pid; do
+  for p in $load_pid $sampler_pid $gw_pid $gw1_pid $px_pid $up_pid; do kill "$p" 2>/dev/null || true; done
+  for p in $load_pid $sampler_pid $gw_pid $gw1_pid $px_pid $up_pid; do
     for _ in $(seq 1 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
     kill -9 "$p" 2>/dev/null || true
     wait "$p" 2>/dev/null || true
@@ -132,6 +169,7 @@ nofile=$(ulimit -n)
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 up_port=$(free_port); nx_port=$(free_port); gw_port=$(free_port); admin_port=$(free_port)
+gw1_port=$(free_port); admin1_port=$(free_port)
 mkdir -p "$work/up" "$work/px" "$work/raw"
 
 load_start=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -253,24 +291,41 @@ requests_per_second = 1000000
 burst = 1000000
 backend = "local"
 CONF
-gw_env=(
+gw_common_env=(
   PANDAPON_ACCESS_KEY=bench-key PANDAPON_ACCESS_SECRET=bench-secret PANDAPON_USER_ID=bench-user
-  PANDAGATE_LISTEN="127.0.0.1:$gw_port" PANDAGATE_ADMIN_LISTEN="127.0.0.1:$admin_port"
   PANDAGATE_UPSTREAM="http://127.0.0.1:$up_port" PANDAGATE_LOG_FORMAT=json
 )
+# The pandagate row keeps PANDAGATE_WORKER_THREADS as the caller set it (unset:
+# the default); pandagate-1t is the same binary and config on one worker thread.
+# Each has its own ports, so that both can be checked side by side.
+gw_env=("${gw_common_env[@]}" PANDAGATE_LISTEN="127.0.0.1:$gw_port" PANDAGATE_ADMIN_LISTEN="127.0.0.1:$admin_port")
+gw1_env=("${gw_common_env[@]}" PANDAGATE_LISTEN="127.0.0.1:$gw1_port" PANDAGATE_ADMIN_LISTEN="127.0.0.1:$admin1_port"
+  PANDAGATE_WORKER_THREADS=1)
 env "${gw_env[@]}" "$gw_bin" check --config "$work/pandagate.toml" >/dev/null 2>"$work/check.err" \
   || die "pandagate check rejected the config: $(cat "$work/check.err")"
+if [ "$single" = 1 ]; then
+  env "${gw1_env[@]}" "$gw_bin" check --config "$work/pandagate.toml" >/dev/null 2>"$work/check.err" \
+    || die "pandagate check rejected PANDAGATE_WORKER_THREADS=1: $(cat "$work/check.err")"
+fi
 binary_version=$("$gw_bin" --version 2>/dev/null || echo "version unknown")
 binary_sha=$(sha256sum "$gw_bin" | cut -c1-12)
 
 # ------------------------------------------------------------------ checks
-declare -A url=(
-  [direct]="http://127.0.0.1:$up_port$call_path"
-  [nginx]="http://127.0.0.1:$nx_port$call_path"
-  [pandagate]="http://127.0.0.1:$gw_port$call_path"
+proxies=(nginx pandagate)
+[ "$single" = 0 ] || proxies+=(pandagate-1t)
+declare -A base=(
+  [direct]="http://127.0.0.1:$up_port"
+  [nginx]="http://127.0.0.1:$nx_port"
+  [pandagate]="http://127.0.0.1:$gw_port"
+  [pandagate-1t]="http://127.0.0.1:$gw1_port"
 )
+declare -A url
+for t in "${!base[@]}"; do url[$t]="${base[$t]}$call_path"; done
+declare -A access_log=([pandagate]="$work/access.log" [pandagate-1t]="$work/access-1t.log")
 pid_of() {
-  case "$1" in direct) echo "$up_pid" ;; nginx) echo "$px_pid" ;; pandagate) echo "$gw_pid" ;; esac
+  case "$1" in
+    direct) echo "$up_pid" ;; nginx) echo "$px_pid" ;; pandagate) echo "$gw_pid" ;; pandagate-1t) echo "$gw1_pid" ;;
+  esac
 }
 wait_ok() { # target: 200 within 10 s
   for _ in $(seq 1 200); do
@@ -290,15 +345,23 @@ start_proxy() {
       nginx -p "$work/px" -e "$work/px/error.log" -c "$work/px/nginx.conf" -g 'daemon off;' </dev/null >/dev/null 2>&1 &
       px_pid=$! ;;
     pandagate)
-      env "${gw_env[@]}" "$gw_bin" --config "$work/pandagate.toml" run >"$work/access.log" 2>>"$work/gateway.err" &
+      env "${gw_env[@]}" "$gw_bin" --config "$work/pandagate.toml" run >"${access_log[$1]}" 2>>"$work/gateway.err" &
       gw_pid=$! ;;
+    pandagate-1t)
+      env "${gw1_env[@]}" "$gw_bin" --config "$work/pandagate.toml" run >"${access_log[$1]}" 2>>"$work/gateway.err" &
+      gw1_pid=$! ;;
     *) return 0 ;;
   esac
   wait_ok "$1"
 }
 stop_proxy() {
   local p
-  case "$1" in nginx) p=$px_pid; px_pid="" ;; pandagate) p=$gw_pid; gw_pid="" ;; *) return 0 ;; esac
+  case "$1" in
+    nginx) p=$px_pid; px_pid="" ;;
+    pandagate) p=$gw_pid; gw_pid="" ;;
+    pandagate-1t) p=$gw1_pid; gw1_pid="" ;;
+    *) return 0 ;;
+  esac
   kill "$p" 2>/dev/null || true
   for _ in $(seq 1 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
   kill -9 "$p" 2>/dev/null || true
@@ -306,45 +369,65 @@ stop_proxy() {
 }
 
 wait_ok direct
-start_proxy nginx
-start_proxy pandagate
-for t in direct nginx pandagate; do
+for t in "${proxies[@]}"; do start_proxy "$t"; done
+for t in direct "${proxies[@]}"; do
   body=$(curl -s "${url[$t]}")
   [[ $body == *4cfda0b725184ab8a1e3ee3b9051ec35* ]] || die "$t answered an unexpected body: $body"
 done
-# Both proxies must really add the credential headers, or the comparison is moot.
+# Every proxy must really add the credential headers, or the comparison is moot.
 headers_re='access-key=bench-key user-id=bench-user signature=[0-9a-fA-F]{32} timestamp=[0-9.]+ nonce-str=[^ ]+'
-for t in nginx pandagate; do
-  port=$nx_port; [ "$t" = pandagate ] && port=$gw_port
-  seen=$(curl -s "http://127.0.0.1:$port/open/bench/headers" || true)
+for t in "${proxies[@]}"; do
+  seen=$(curl -s "${base[$t]}/open/bench/headers" || true)
   if [[ $seen =~ $headers_re ]]; then
     log "$t adds: $seen"
   else
     die "$t did not forward the credential headers: ${seen:-no answer}"
   fi
 done
-# The access log line is written by a background thread: give it a moment.
-for _ in $(seq 1 50); do grep -q '"request_id"' "$work/access.log" && break; sleep 0.1; done
-grep -q '"request_id":"4cfda0b725184ab8a1e3ee3b9051ec35"' "$work/access.log" \
-  || die "pandagate wrote no json access line with the provider's request_id: $(head -c 300 "$work/access.log")"
+gw_threads=""
+for t in "${proxies[@]}"; do
+  [ "$t" != nginx ] || continue
+  f=${access_log[$t]}
+  # The access log line is written by a background thread: give it a moment.
+  for _ in $(seq 1 50); do grep -q '"request_id"' "$f" && break; sleep 0.1; done
+  grep -q '"request_id":"4cfda0b725184ab8a1e3ee3b9051ec35"' "$f" \
+    || die "$t wrote no json access line with the provider's request_id: $(head -c 300 "$f")"
+  # Threads of the process once it has served calls: shows that the worker
+  # thread setting took (the runtime's workers plus pandagate's own threads).
+  gw_threads+="${gw_threads:+, }$t: $(find "/proc/$(pid_of "$t")/task" -mindepth 1 -maxdepth 1 | wc -l) threads"
+done
+log "threads after the checks: $gw_threads"
 [ -n "$nginx_log_buffer" ] || grep -q '"upstream_status":"200"' "$work/px/access.log" \
   || die "nginx proxy wrote no access line with upstream_status 200"
-stop_proxy nginx
-stop_proxy pandagate
+for t in "${proxies[@]}"; do stop_proxy "$t"; done
 
 # ------------------------------------------------------------------ measuring
 pids_of() { # the processes whose memory counts for a target
   case "$1" in
     direct) python3 "$helper" pids "$up_pid" ;;
     nginx) python3 "$helper" pids "$px_pid" ;;
-    pandagate) echo "$gw_pid" ;;
+    pandagate|pandagate-1t) pid_of "$1" ;;
   esac
 }
 upstream_hwm_reset=1
 
+# Runs the load generator in the background and waits for it, so that a signal
+# to the script is acted on at once. Keep-alive is on with both tools.
+run_load() { # out seconds conns url
+  if [ "$tool" = oha ]; then
+    # JSON on stdout; oha's own messages apart, so that the JSON stays whole.
+    "$oha_bin" -z "${2}s" -c "$3" --worker-threads "$threads" -t 2s --no-tui --output-format json "$4" \
+      >"$1" 2>"$1.err" </dev/null &
+  else
+    wrk -t"$threads" -c"$3" -d"${2}s" --latency "$4" >"$1" 2>&1 &
+  fi
+  load_pid=$!; wait "$load_pid" || true; load_pid=""
+}
+
 measure() { # run target conns
   local run=$1 t=$2 c=$3 base pids reset=ok
   base="$work/raw/r${run}_${t}_c${c}"
+  local result="$base.$tool"
   start_proxy "$t"
   mapfile -t pids < <(pids_of "$t")
   if [ "$t" = direct ]; then
@@ -354,22 +437,17 @@ measure() { # run target conns
     reset=$(python3 "$helper" reset-hwm "${pids[@]}")
     [ "$reset" = ok ] || upstream_hwm_reset=0
   fi
-  if [ "$t" = pandagate ]; then
-    python3 "$helper" sample "$base.sample" "$gw_pid" &
+  if [[ $t == pandagate* ]]; then
+    python3 "$helper" sample "$base.sample" "$(pid_of "$t")" &
   else
     python3 "$helper" sample "$base.sample" --tree "$(pid_of "$t")" &
   fi
   sampler_pid=$!
-  if [ "$warmup" -gt 0 ]; then
-    wrk -t"$threads" -c"$c" -d"${warmup}s" "${url[$t]}" >"$base.warmup" 2>&1 &
-    wrk_pid=$!; wait "$wrk_pid" || true; wrk_pid=""
-  fi
+  if [ "$warmup" -gt 0 ]; then run_load "$base.warmup" "$warmup" "$c" "${url[$t]}"; fi
   # Listed again: every nginx worker is surely forked by now.
   mapfile -t pids < <(pids_of "$t")
   local cpu_before; cpu_before=$(python3 "$helper" cpu "${pids[@]}")
-  # In the background and waited for, so that a signal to the script is acted on at once.
-  wrk -t"$threads" -c"$c" -d"${secs}s" --latency "${url[$t]}" >"$base.wrk" 2>&1 &
-  wrk_pid=$!; wait "$wrk_pid" || true; wrk_pid=""
+  run_load "$result" "$secs" "$c" "${url[$t]}"
   awk -v a="$cpu_before" -v b="$(python3 "$helper" cpu "${pids[@]}")" 'BEGIN { printf "%.2f\n", b - a }' > "$base.cpu"
   local hwm; hwm=$(python3 "$helper" hwm "${pids[@]}")
   kill "$sampler_pid" 2>/dev/null || true; wait "$sampler_pid" 2>/dev/null || true; sampler_pid=""
@@ -382,19 +460,21 @@ measure() { # run target conns
   kill -0 "$(pid_of "$t")" 2>/dev/null || die "$t died during run $run at $c connections"
   stop_proxy "$t"
   local line
-  line=$(python3 "$helper" line "$base.wrk") || die "wrk failed against $t at $c connections: $(tail -n 3 "$base.wrk")"
-  printf 'run %s/%s  %4s conns  %-9s %s  rss %s MiB\n' "$run" "$runs" "$c" "$t" "$line" \
+  line=$(python3 "$helper" line "$result") \
+    || die "$tool failed against $t at $c connections: $(tail -n 3 "$result" "$result.err" 2>/dev/null)"
+  printf 'run %s/%s  %4s conns  %-12s %s  rss %s MiB\n' "$run" "$runs" "$c" "$t" "$line" \
     "$(awk -v k="$hwm" 'BEGIN { printf "%.1f", k / 1024 }')" >&2
 }
 
-targets=(direct nginx pandagate)
+targets=(direct "${proxies[@]}")
 log "$(nproc) cores, load $load_start; ${#levels[@]} levels x ${#targets[@]} targets x $runs runs, ${warmup}+${secs} s each"
 for run in $(seq 1 "$runs"); do
-  for c in "${levels[@]}"; do
-    # The order rotates from run to run (and level to level), so that a slow
+  for li in "${!levels[@]}"; do
+    c=${levels[$li]}
+    # The order rotates from run to run and level to level, so that a slow
     # drift of the box's load does not always hit the same target.
-    shift_by=$(( (run - 1 + c) % ${#targets[@]} ))
-    for i in 0 1 2; do
+    shift_by=$(( (run - 1 + li) % ${#targets[@]} ))
+    for i in "${!targets[@]}"; do
       measure "$run" "${targets[$(( (i + shift_by) % ${#targets[@]} ))]}" "$c"
     done
   done
@@ -411,7 +491,10 @@ else
   rss_method+="; the upstream (direct row) runs throughout and the VmHWM reset was refused here: its figure is the largest sampled sum of VmRSS"
 fi
 notes=()
-[ "$threads" = 2 ] || notes+=("wrk threads: $threads (issue 7 asks for -t2)")
+[ "$threads" = 2 ] || notes+=("$tool threads: $threads (the targets were set with 2)")
+if [ "$single" = 1 ] && [ "${PANDAGATE_WORKER_THREADS:-}" = 1 ]; then
+  notes+=("PANDAGATE_WORKER_THREADS=1 was set by the caller: the pandagate and pandagate-1t rows run the same setting")
+fi
 awk -v l="${load_start%% *}" -v n="$(nproc)" 'BEGIN { exit !(l > n / 2) }' \
   && notes+=("load average at start ($load_start) above half the cores: other work was running")
 {
@@ -425,7 +508,12 @@ awk -v l="${load_start%% *}" -v n="$(nproc)" 'BEGIN { exit !(l > n / 2) }' \
   printf 'kernel\t%s\n' "$(uname -sr)"
   printf 'load_start\t%s\n' "$load_start"
   printf 'load_end\t%s\n' "$load_end"
-  printf 'wrk_version\t%s\n' "$(wrk -v 2>&1 | head -n 1 | sed 's/ Copyright.*//')"
+  printf 'tool\t%s\n' "$tool"
+  if [ "$tool" = oha ]; then
+    printf 'tool_version\t%s\n' "$("$oha_bin" --version 2>&1 | head -n 1)"
+  else
+    printf 'tool_version\t%s\n' "$(wrk -v 2>&1 | head -n 1 | sed 's/ Copyright.*//')"
+  fi
   printf 'nginx_version\t%s\n' "$(nginx -v 2>&1)"
   printf 'command\t%s\n' "$command_line"
   printf 'path\t%s\n' "$call_path"
@@ -435,6 +523,8 @@ awk -v l="${load_start%% *}" -v n="$(nproc)" 'BEGIN { exit !(l > n / 2) }' \
   printf 'seconds\t%s\n' "$secs"
   printf 'runs\t%s\n' "$runs"
   printf 'upstream_workers\t%s\n' "$upstream_workers"
+  printf 'pandagate_worker_threads\t%s\n' "${PANDAGATE_WORKER_THREADS:-}"
+  printf 'gateway_threads\t%s\n' "$gw_threads"
   printf 'nginx_log_buffer\t%s\n' "$nx_log_desc"
   printf 'rss_method\t%s\n' "$rss_method"
   printf 'notes\t%s\n' "$(IFS='|'; echo "${notes[*]}")"

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""Helper of bench/compare.sh: process lists, RSS sampling, wrk parsing and
-the Markdown report. Not meant to be run by hand.
+"""Helper of bench/compare.sh: process lists, RSS sampling, parsing of the
+load generator's output (wrk's text or oha's JSON) and the Markdown report.
+Not meant to be run by hand.
 
     compare_report.py pids MASTER_PID          master + its children, one a line
     compare_report.py reset-hwm PID...         VmHWM := VmRSS (clear_refs 5); prints ok|no
@@ -11,13 +12,15 @@ the Markdown report. Not meant to be run by hand.
                                                --tree: PID and its children, listed anew
                                                at every sample
     compare_report.py cpu PID...               CPU time (user + system) used so far, summed, s
-    compare_report.py line WRK_FILE            one-line summary for progress output
+    compare_report.py line RESULT_FILE         one-line summary for progress output
+                                               (FILE.wrk: wrk's text; FILE.oha: oha's JSON)
     compare_report.py report RAW_DIR META      Markdown report on stdout; exit 3 when a
                                                target was missed
 
 Python 3 standard library only.
 """
 
+import json
 import os
 import re
 import signal
@@ -25,7 +28,12 @@ import statistics
 import sys
 import time
 
-TARGETS = ("direct", "nginx", "pandagate")
+TARGETS = ("direct", "nginx", "pandagate", "pandagate-1t")
+# The rows judged against nginx: the default worker threads, and one thread.
+GATEWAYS = ("pandagate", "pandagate-1t")
+# oha's error for the calls still in flight when -z runs out: the tool's cut,
+# not an answer of the target (wrk drops those calls silently).
+OHA_DEADLINE = "aborted due to deadline"
 UNIT_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
 
 
@@ -138,13 +146,52 @@ def parse_wrk(path):
     if m:
         r["non2xx"] = int(m.group(1))
     r["errors"] = r["non2xx"] + r["connect"] + r["read"] + r["write"] + r["timeout"]
+    r["detail"] = f"{r['connect']}/{r['read']}/{r['write']}/{r['timeout']}"
     return r
 
 
+# ---------------------------------------------------------------- oha output
+
+
+def parse_oha(path):
+    """oha --output-format json, to the figures parse_wrk gives: calls/s are the
+    HTTP answers over the run's duration, latencies in ms, errors = non-2xx/3xx
+    answers + every error oha counted except the cut at the deadline."""
+    r = {"rps": None, "p50": None, "p99": None, "requests": 0, "non2xx": 0,
+         "connect": 0, "read": 0, "write": 0, "timeout": 0, "errors": 0, "detail": "—"}
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except (OSError, ValueError):
+        return r
+    codes = {int(k): v for k, v in (doc.get("statusCodeDistribution") or {}).items()}
+    errs = dict(doc.get("errorDistribution") or {})
+    cut = errs.pop(OHA_DEADLINE, 0)
+    total_s = (doc.get("summary") or {}).get("total")
+    r["requests"] = sum(codes.values())
+    if total_s:
+        r["rps"] = r["requests"] / total_s
+    pct = doc.get("latencyPercentiles") or {}
+    for key in ("p50", "p99"):
+        # Seconds in oha's JSON; null (NaN) when no call was answered.
+        if isinstance(pct.get(key), (int, float)):
+            r[key] = pct[key] * 1000.0
+    r["non2xx"] = sum(v for k, v in codes.items() if not 200 <= k < 400)
+    r["timeout"] = errs.get("timeout", 0)
+    r["errors"] = r["non2xx"] + sum(errs.values())
+    detail = "; ".join(f"{k}: {v}" for k, v in sorted(errs.items())) or "0"
+    r["detail"] = f"{detail} (cut at the deadline, not counted: {cut})"
+    return r
+
+
+def parse_result(path):
+    return parse_oha(path) if path.endswith(".oha") else parse_wrk(path)
+
+
 def cmd_line(path):
-    r = parse_wrk(path)
+    r = parse_result(path)
     if r["rps"] is None or r["p99"] is None:
-        print("wrk printed no result")
+        print("the load generator gave no result")
         return 1
     print(f"{r['rps']:10.0f} calls/s  p50 {r['p50']:7.3f} ms  p99 {r['p99']:7.3f} ms  "
           f"errors {r['errors']}")
@@ -164,17 +211,19 @@ def read_meta(path):
 
 
 def load(raw):
-    """{(run, target, conns): figures} from r<run>_<target>_c<conns>.wrk/.rss."""
+    """{(run, target, conns): figures} from r<run>_<target>_c<conns>.wrk|.oha,
+    .rss and .cpu."""
     data = {}
     for name in sorted(os.listdir(raw)):
-        m = re.fullmatch(r"r(\d+)_(\w+)_c(\d+)\.wrk", name)
+        m = re.fullmatch(r"r(\d+)_([\w-]+)_c(\d+)\.(wrk|oha)", name)
         if not m:
             continue
         run, target, conns = int(m.group(1)), m.group(2), int(m.group(3))
-        fig = parse_wrk(os.path.join(raw, name))
-        with open(os.path.join(raw, name[:-4] + ".rss")) as f:
+        fig = parse_result(os.path.join(raw, name))
+        stem = os.path.join(raw, name[: -len(m.group(4)) - 1])
+        with open(stem + ".rss") as f:
             hwm, sampled_rss, sampled_pss, _samples = (int(x) for x in f.read().split())
-        with open(os.path.join(raw, name[:-4] + ".cpu")) as f:
+        with open(stem + ".cpu") as f:
             cpu = float(f.read())
         fig.update(hwm=hwm, sampled_rss=sampled_rss, sampled_pss=sampled_pss,
                    cpu_us=cpu * 1e6 / fig["requests"] if fig["requests"] else None)
@@ -199,12 +248,44 @@ def ratio(a, b):
     return None if a is None or not b else a / b
 
 
+def load_tool_text(meta):
+    """The load generator and how it was run, for the Settings section."""
+    tool = meta.get("tool", "wrk")
+    threads = meta["threads"]
+    if tool == "oha":
+        return (f"oha `-z {meta['seconds']}s -c CONNS --worker-threads {threads} -t 2s --no-tui "
+                f"--output-format json`, HTTP/1.1 with keep-alive; a call slower than 2 s counts "
+                f"as an error (timeout); calls/s = HTTP answers (statusCodeDistribution) / "
+                f"summary.total, leaving out the calls oha cuts when the duration runs out "
+                f"(\"{OHA_DEADLINE}\", shown apart in the last table); p50/p99 are oha's "
+                f"latencyPercentiles; the warm-up is the same command for its own duration")
+    return (f"wrk `-t{threads} -c CONNS -d{meta['seconds']}s --latency`, default timeout 2 s "
+            f"(a slower answer counts as a timeout error); calls/s is wrk's Requests/sec; "
+            f"the warm-up is the same command for its own duration")
+
+
+def gateway_text(meta, gateways):
+    wt = meta.get("pandagate_worker_threads", "")
+    default = (f"`PANDAGATE_WORKER_THREADS={wt}` (set by the caller)" if wt
+               else "worker threads at the default (PANDAGATE_WORKER_THREADS unset: one per CPU)")
+    rows = [f"**pandagate** {default}"]
+    if "pandagate-1t" in gateways:
+        rows.append("**pandagate-1t** the same binary and config with "
+                    "`PANDAGATE_WORKER_THREADS=1`")
+    text = "; ".join(rows)
+    if meta.get("gateway_threads"):
+        text += f"; threads of each process after the checks: {meta['gateway_threads']}"
+    return text
+
+
 def report(raw, meta_path):
     meta = read_meta(meta_path)
     data = load(raw)
     runs = sorted({k[0] for k in data})
     levels = sorted({k[2] for k in data})
     targets = [t for t in TARGETS if any(k[1] == t for k in data)]
+    gateways = [t for t in GATEWAYS if t in targets]
+    tool = meta.get("tool", "wrk")
 
     def series(target, conns, key):
         return [data[(r, target, conns)][key] for r in runs if (r, target, conns) in data]
@@ -237,17 +318,17 @@ def report(raw, meta_path):
     w(f"- load average at start: {meta['load_start']}; at end: {meta.get('load_end', '?')} "
       f"(the end figure includes this benchmark's own processes)")
     w(f"- kernel: {meta['kernel']}")
-    w(f"- {meta['wrk_version']}; {meta['nginx_version']}")
+    w(f"- load generator: {tool} ({meta.get('tool_version', meta.get('wrk_version', '?'))}); "
+      f"{meta['nginx_version']}")
     w("")
     w("## Settings")
     w("")
     w(f"- command: `{meta['command']}`")
-    w(f"- call: `GET {meta['path']}` on 127.0.0.1; wrk `-t{meta['threads']} --latency`, "
-      f"default timeout 2 s (a slower answer counts as a timeout error)")
+    w(f"- call: `GET {meta['path']}` on 127.0.0.1; {load_tool_text(meta)}")
     w(f"- connections: {meta['conns']}; {meta['warmup']} s warm-up (discarded) then "
       f"{meta['seconds']} s measured, per target and level")
-    w(f"- runs: {meta['runs']}; within a run each level measures all three targets back to "
-      f"back, in an order rotated from run to run; figures below are medians over runs")
+    w(f"- runs: {meta['runs']}; within a run each level measures all {len(targets)} targets back "
+      f"to back, in an order rotated from run to run; figures below are medians over runs")
     w(f"- upstream (direct): nginx `return 200` with the provider envelope, "
       f"`worker_processes {meta['upstream_workers']}`, access_log off, keepalive_requests 1000000")
     w(f"- nginx proxy: `worker_processes auto`, `upstream {{ keepalive 64; }}`, "
@@ -256,10 +337,8 @@ def report(raw, meta_path):
       f"({meta['nginx_log_buffer']})")
     w(f"- pandagate: signing on (MD5, recipe concat), `PANDAGATE_LOG_FORMAT=json` with stdout "
       f"to a file, `[rate_limit] requests_per_second = 1000000` (local, does not bind), "
-      f"admin listener on a free loopback port, "
-      + (f"`PANDAGATE_WORKER_THREADS={os.environ['PANDAGATE_WORKER_THREADS']}`, "
-         if os.environ.get("PANDAGATE_WORKER_THREADS") else "")
-      + "other settings at their defaults")
+      f"admin listener on a free loopback port, other settings at their defaults. Rows: "
+      f"{gateway_text(meta, gateways)}")
     w(f"- peak RSS: {meta['rss_method']}")
     w("")
     w("## Results (medians)")
@@ -283,12 +362,13 @@ def report(raw, meta_path):
 
     w("## Ratios")
     w("")
-    w("Ratios of the medians above; in brackets the same ratio run by run (both targets "
-      "measured within the same minute), which shows how much of a difference is noise.")
+    w("Ratios of the medians above, for each pandagate row; in brackets the same ratio run by "
+      "run (both targets measured within the same minute), which shows how much of a "
+      "difference is noise.")
     w("")
-    w("| conns | pandagate/nginx calls/s | pandagate/nginx p99 | pandagate/direct calls/s "
-      "| pandagate/nginx CPU per call |")
-    w("| ---: | ---: | ---: | ---: | ---: |")
+    w("| conns | row | calls/s vs nginx | p99 vs nginx | calls/s vs direct "
+      "| CPU per call vs nginx |")
+    w("| ---: | --- | ---: | ---: | ---: | ---: |")
 
     def per_run_ratio(c, key, a, b):
         vals = []
@@ -297,80 +377,107 @@ def report(raw, meta_path):
                 vals.append(ratio(data[(r, a, c)][key], data[(r, b, c)][key]))
         return ", ".join(fmt(v) for v in vals)
 
+    pairs = (("rps", "nginx"), ("p99", "nginx"), ("rps", "direct"), ("cpu_us", "nginx"))
     for c in levels:
-        dr, nx, pg = (summary.get((t, c), {}) for t in ("direct", "nginx", "pandagate"))
-        cells = []
-        pairs = (("rps", "nginx"), ("p99", "nginx"), ("rps", "direct"), ("cpu_us", "nginx"))
-        for key, other in pairs:
-            b = nx if other == "nginx" else dr
-            cells.append(fmt(ratio(pg.get(key), b.get(key))))
-        if len(runs) > 1:
-            for i, (key, other) in enumerate(pairs):
-                cells[i] += f" [{per_run_ratio(c, key, 'pandagate', other)}]"
-        w(f"| {c} | " + " | ".join(cells) + " |")
+        for g in gateways:
+            pg = summary[(g, c)]
+            cells = []
+            for key, other in pairs:
+                cells.append(fmt(ratio(pg.get(key), summary.get((other, c), {}).get(key))))
+            if len(runs) > 1:
+                for i, (key, other) in enumerate(pairs):
+                    cells[i] += f" [{per_run_ratio(c, key, g, other)}]"
+            w(f"| {c} | {g} | " + " | ".join(cells) + " |")
     w("")
 
-    # Targets of issue 7, judged on the medians.
+    # The targets, judged on the medians, for each pandagate row.
     w("## Targets")
     w("")
-    missed = 0
-    checks = []
-    rps_bad = [c for c in levels
-               if ratio(summary[("pandagate", c)]["rps"], summary[("nginx", c)]["rps"]) is None
-               or summary[("pandagate", c)]["rps"] < summary[("nginx", c)]["rps"]]
-    checks.append(("pandagate calls/s ≥ nginx calls/s", rps_bad, lambda c: (
-        f"{fmt(summary[('pandagate', c)]['rps'], 0)} vs {fmt(summary[('nginx', c)]['rps'], 0)}")))
-    p99_bad = [c for c in levels
-               if summary[("pandagate", c)]["p99"] is None or summary[("nginx", c)]["p99"] is None
-               or summary[("pandagate", c)]["p99"] > 1.1 * summary[("nginx", c)]["p99"]]
-    checks.append(("pandagate p99 ≤ 1.1 × nginx p99", p99_bad, lambda c: (
-        f"{fmt(summary[('pandagate', c)]['p99'], 3)} ms vs 1.1 × "
-        f"{fmt(summary[('nginx', c)]['p99'], 3)} ms")))
-    for name, bad, detail in checks:
-        if bad:
-            missed += 1
-            w(f"- **MISSED** {name} — at " + "; ".join(f"{c} conns: {detail(c)}" for c in bad)
-              + f" (held at {len(levels) - len(bad)} of {len(levels)} levels)")
-        else:
-            w(f"- **HELD** {name} — at every level ({', '.join(map(str, levels))} conns)")
+    w("Judged on the medians, for each pandagate row: calls/s ≥ nginx, CPU per call ≤ nginx "
+      "and p99 ≤ 1.1 × nginx at every level; peak RSS ≤ 30 MiB at 256 connections.")
+    w("")
+    missed_rows = {}
     rss_level = 256 if 256 in levels else max(levels)
-    rss = summary[("pandagate", rss_level)]["rss"]
-    note = "" if rss_level == 256 else f" (256 not measured: judged at {rss_level})"
-    if rss is not None and rss <= 30:
-        w(f"- **HELD** pandagate peak RSS ≤ 30 MiB at {rss_level} conns — {rss:.1f} MiB{note}")
-    else:
-        missed += 1
-        w(f"- **MISSED** pandagate peak RSS ≤ 30 MiB at {rss_level} conns — {fmt(rss, 1)} MiB{note}")
-    w("")
-    w(f"{3 - missed} of 3 targets held.")
-    w("")
+    rss_note = "" if rss_level == 256 else f" (256 not measured: judged at {rss_level})"
+
+    def nx(c, key):
+        return summary[("nginx", c)][key]
+
+    for g in gateways:
+        def gv(c, key, g=g):
+            return summary[(g, c)][key]
+
+        checks = [
+            (f"{g} calls/s ≥ nginx calls/s",
+             [c for c in levels if gv(c, "rps") is None or nx(c, "rps") is None
+              or gv(c, "rps") < nx(c, "rps")],
+             lambda c, gv=gv: f"{fmt(gv(c, 'rps'), 0)} vs {fmt(nx(c, 'rps'), 0)}"),
+            (f"{g} CPU per call ≤ nginx CPU per call",
+             [c for c in levels if gv(c, "cpu_us") is None or nx(c, "cpu_us") is None
+              or gv(c, "cpu_us") > nx(c, "cpu_us")],
+             lambda c, gv=gv: f"{fmt(gv(c, 'cpu_us'), 1)} µs vs {fmt(nx(c, 'cpu_us'), 1)} µs"),
+            (f"{g} p99 ≤ 1.1 × nginx p99",
+             [c for c in levels if gv(c, "p99") is None or nx(c, "p99") is None
+              or gv(c, "p99") > 1.1 * nx(c, "p99")],
+             lambda c, gv=gv: f"{fmt(gv(c, 'p99'), 3)} ms vs 1.1 × {fmt(nx(c, 'p99'), 3)} ms"),
+        ]
+        missed = 0
+        w(f"**{g}**")
+        w("")
+        for name, bad, detail in checks:
+            if bad:
+                missed += 1
+                w(f"- **MISSED** {name} — at " + "; ".join(f"{c} conns: {detail(c)}" for c in bad)
+                  + f" (held at {len(levels) - len(bad)} of {len(levels)} levels)")
+            else:
+                w(f"- **HELD** {name} — at every level ({', '.join(map(str, levels))} conns)")
+        rss = gv(rss_level, "rss")
+        if rss is not None and rss <= 30:
+            w(f"- **HELD** {g} peak RSS ≤ 30 MiB at {rss_level} conns — {rss:.1f} MiB{rss_note}")
+        else:
+            missed += 1
+            w(f"- **MISSED** {g} peak RSS ≤ 30 MiB at {rss_level} conns — {fmt(rss, 1)} MiB"
+              f"{rss_note}")
+        w("")
+        w(f"{g}: {4 - missed} of 4 targets held.")
+        w("")
+        missed_rows[g] = missed
+    if len(gateways) > 1:
+        w("All rows: " + "; ".join(f"{g} {4 - m} of 4" for g, m in missed_rows.items()) + ".")
+        w("")
 
     w("## How to read")
     w("")
-    w("All three targets answer the same call from the same upstream on the same box, in the "
+    w("All targets answer the same call from the same upstream on the same box, in the "
       "same minute, so the differences between rows are what the proxy adds; the absolute "
       "figures are those of this machine and depend on its load. **direct** is the ceiling: "
-      "wrk against the upstream alone. **nginx** and **pandagate** add one hop each, with "
+      f"{tool} against the upstream alone. **nginx** and **pandagate** add one hop each, with "
       "credential headers and an access log line per call; pandagate also computes the MD5 "
       "signature, reads the response envelope for the log, and passes every call through its "
-      "rate limiter, retry and circuit-breaker logic. calls/s is wrk's Requests/sec, which counts "
-      "every answer including errors, so read it together with the errors column (non-2xx "
-      "answers + socket errors + timeouts over 2 s). p50/p99 are wrk's latency percentiles in "
-      "milliseconds. wrk, both proxies and the upstream share the same cores, so a proxy that "
-      "spends less CPU leaves more for the others and the closed loop of wrk; at high "
-      "connection counts latency mostly reflects queueing (connections / throughput). Compare "
-      "per-run ratios rather than single figures: a difference smaller than their spread is "
-      "noise. peak RSS is resident memory of the proxy under test during the level (for "
-      "direct: of the upstream nginx). CPU µs/call is the CPU time (user + system) the proxy "
-      "processes used during the measured seconds divided by the calls answered (for direct: "
-      "the upstream's): the figure least disturbed by other work on the box, since it counts "
-      "only the proxy's own cycles; it leaves out the upstream's and wrk's share.")
+      "rate limiter, retry and circuit-breaker logic. "
+      + ("**pandagate-1t** is the same pandagate on one worker thread: it can use one core at "
+         "most, and spends no CPU on handing work between threads. "
+         if "pandagate-1t" in gateways else "")
+      + "calls/s counts every HTTP answer including non-2xx ones, so read it "
+      "together with the errors column (non-2xx answers + socket errors + timeouts over 2 s). "
+      f"p50/p99 are {tool}'s latency percentiles in milliseconds. {tool}, the proxies and the "
+      "upstream share the same cores, so a proxy that spends less CPU leaves more for the "
+      f"others and the closed loop of {tool}; at high connection counts latency mostly "
+      "reflects queueing (connections / throughput). Compare per-run ratios rather than single "
+      "figures: a difference smaller than their spread is noise. peak RSS is resident memory "
+      "of the proxy under test during the level (for direct: of the upstream nginx). CPU "
+      "µs/call is the CPU time (user + system) the proxy processes used during the measured "
+      "seconds divided by the calls answered (for direct: the upstream's): the figure least "
+      "disturbed by other work on the box, since it counts only the proxy's own cycles; it "
+      f"leaves out the upstream's and {tool}'s share.")
     w("")
 
     w("## Every measurement")
     w("")
+    errors_head = ("connect/read/write/timeout errors" if tool == "wrk"
+                   else "other errors (oha's messages)")
     w("| run | conns | target | calls/s | p50 ms | p99 ms | requests | non-2xx | "
-      "connect/read/write/timeout errors | peak RSS (VmHWM) MiB | sampled RSS MiB | "
+      f"{errors_head} | peak RSS (VmHWM) MiB | sampled RSS MiB | "
       "sampled PSS MiB | CPU µs/call |")
     w("| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |")
     for r in runs:
@@ -381,7 +488,7 @@ def report(raw, meta_path):
                     continue
                 w(f"| {r} | {c} | {t} | {fmt(d['rps'], 0)} | {fmt(d['p50'], 3)} | "
                   f"{fmt(d['p99'], 3)} | {d['requests']} | {d['non2xx']} | "
-                  f"{d['connect']}/{d['read']}/{d['write']}/{d['timeout']} | "
+                  f"{d['detail']} | "
                   f"{fmt(mib(d['hwm']), 1)} | {fmt(mib(d['sampled_rss']), 1)} | "
                   f"{fmt(mib(d['sampled_pss']), 1)} | {fmt(d['cpu_us'], 1)} |")
     if meta.get("notes"):
@@ -391,7 +498,7 @@ def report(raw, meta_path):
         for n in meta["notes"].split("|"):
             w(f"- {n}")
     print("\n".join(o))
-    return 3 if missed else 0
+    return 3 if any(missed_rows.values()) else 0
 
 
 def main(argv):
