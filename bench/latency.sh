@@ -1,14 +1,31 @@
 #!/usr/bin/env bash
-# Added latency of the gateway on loopback: wrk with one connection (one call
-# at a time) straight to a fixed-answer upstream (nginx `return 200`) and
-# through pandagate (signing, access log to a file), same upstream.
+# Added latency on loopback, one call at a time: wrk with one connection
+# straight to a fixed-answer upstream (nginx `return 200`, "direct"),
+# through an nginx reverse proxy (keep-alive pool, credential headers,
+# access log) and through pandagate (signing, JSON access log to a file), to
+# the same upstream, in the same run. Several runs, interleaved; medians of
+# p50 and p99, and what each proxy adds to the direct p50 and p99.
 #
-#   bench/latency.sh [seconds]      (default 10 s per run, after a 2 s warm-up)
+#   bench/latency.sh [--seconds 10] [--runs 3] [--binary PATH]
 #
+# (A bare number as the first argument is taken as --seconds.) Without
+# --binary, builds with `cargo build --release -q`. GW_ENV="K=V ..." adds
+# environment to pandagate (e.g. GW_ENV=PANDAGATE_WORKER_THREADS=1).
 # Installs wrk and nginx from Debian when missing. Talks only to 127.0.0.1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-secs=${1:-10}
+
+secs=10 runs=3 binary=""
+[[ ${1:-} =~ ^[0-9]+$ ]] && { secs=$1; shift; }
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --seconds) secs=$2; shift 2 ;;
+    --runs) runs=$2; shift 2 ;;
+    --binary) binary=$2; shift 2 ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "latency.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
 
 need() { command -v "$1" >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null; }; }
 need wrk wrk
@@ -16,18 +33,27 @@ need nginx nginx
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 work=$(mktemp -d)
-up_port=$(free_port); gw_port=$(free_port)
-cleanup() { [ -n "${gw_pid:-}" ] && kill "$gw_pid" 2>/dev/null; nginx -p "$work" -c nginx.conf -s stop 2>/dev/null || true; rm -rf "$work"; }
+mkdir -p "$work/up" "$work/px"
+up_port=$(free_port) nx_port=$(free_port) gw_port=$(free_port) admin_port=$(free_port)
+up_pid="" nx_pid="" gw_pid=""
+cleanup() {
+  for p in $gw_pid $nx_pid $up_pid; do kill "$p" 2>/dev/null || true; done
+  for p in $gw_pid $nx_pid $up_pid; do wait "$p" 2>/dev/null || true; done
+  rm -rf "$work"
+}
 trap cleanup EXIT
 
-cat > "$work/nginx.conf" <<CONF
+temp_paths() {
+  printf '  client_body_temp_path %s/b; proxy_temp_path %s/p; fastcgi_temp_path %s/f; uwsgi_temp_path %s/u; scgi_temp_path %s/s;\n' "$1" "$1" "$1" "$1" "$1"
+}
+cat > "$work/up/nginx.conf" <<CONF
 worker_processes 1;
-pid $work/nginx.pid;
-error_log $work/error.log;
+pid $work/up/nginx.pid;
+error_log $work/up/error.log warn;
 events { worker_connections 1024; }
 http {
   access_log off;
-  client_body_temp_path $work;
+$(temp_paths "$work/up")
   server {
     listen 127.0.0.1:$up_port;
     keepalive_requests 1000000;
@@ -38,25 +64,94 @@ http {
   }
 }
 CONF
-nginx -p "$work" -c nginx.conf
-
-cargo build --release -q
-PANDAPON_ACCESS_KEY=bench-key PANDAPON_ACCESS_SECRET=bench-secret \
-PANDAGATE_LISTEN=127.0.0.1:$gw_port PANDAGATE_UPSTREAM=http://127.0.0.1:$up_port \
-PANDAGATE_LOG_FORMAT=json env ${GW_ENV:-} ./target/release/pandagate >"$work/access.log" 2>"$work/gateway.err" &
-gw_pid=$!
-for _ in $(seq 1 100); do curl -sf -o /dev/null "http://127.0.0.1:$gw_port/open/product/get" && break; sleep 0.05; done
-
-run() { # name url
-  wrk -t1 -c1 -d2s "$2" >/dev/null
-  wrk -t1 -c1 -d"${secs}s" --latency "$2" > "$work/$1.txt"
-  local rps p50 p99
-  rps=$(awk '/Requests\/sec/ {print $2}' "$work/$1.txt")
-  p50=$(awk '$1=="50%" {print $2}' "$work/$1.txt")
-  p99=$(awk '$1=="99%" {print $2}' "$work/$1.txt")
-  printf '%-10s %10s calls/s   p50 %8s   p99 %8s\n' "$1" "$rps" "$p50" "$p99"
+# The nginx proxy of bench/compare.sh: what the gateway does minus the signature.
+cat > "$work/px/nginx.conf" <<CONF
+worker_processes auto;
+pid $work/px/nginx.pid;
+error_log $work/px/error.log warn;
+events { worker_connections 1024; }
+http {
+$(temp_paths "$work/px")
+  log_format benchjson escape=json '{"ts":"\$time_iso8601","nginx_request_id":"\$request_id","status":\$status,'
+    '"upstream_status":"\$upstream_status","method":"\$request_method","uri":"\$request_uri",'
+    '"request_time":\$request_time,"upstream_response_time":"\$upstream_response_time"}';
+  access_log $work/px/access.log benchjson;
+  upstream provider { server 127.0.0.1:$up_port; keepalive 64; keepalive_requests 1000000; }
+  server {
+    listen 127.0.0.1:$nx_port;
+    keepalive_requests 1000000;
+    location / {
+      proxy_pass http://provider;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header access-key bench-key;
+      proxy_set_header user-id bench-user;
+      proxy_set_header signature 0123456789abcdef0123456789abcdef;
+      proxy_set_header timestamp \$msec;
+      proxy_set_header nonce-str \$request_id;
+    }
+  }
 }
-echo "one connection, ${secs}s, $(nproc) cores"
-run direct "http://127.0.0.1:$up_port/open/product/get?itemId=1"
-run pandagate "http://127.0.0.1:$gw_port/open/product/get?itemId=1"
-echo "access-log lines written: $(wc -l < "$work/access.log")"
+CONF
+nginx -p "$work/up" -e "$work/up/error.log" -c "$work/up/nginx.conf" -g 'daemon off;' </dev/null >/dev/null 2>&1 &
+up_pid=$!
+nginx -p "$work/px" -e "$work/px/error.log" -c "$work/px/nginx.conf" -g 'daemon off;' </dev/null >/dev/null 2>&1 &
+nx_pid=$!
+
+if [ -z "$binary" ]; then cargo build --release -q; binary=./target/release/pandagate; fi
+# shellcheck disable=SC2086 # GW_ENV is a list of K=V words
+env PANDAPON_ACCESS_KEY=bench-key PANDAPON_ACCESS_SECRET=bench-secret \
+  PANDAGATE_LISTEN="127.0.0.1:$gw_port" PANDAGATE_ADMIN_LISTEN="127.0.0.1:$admin_port" \
+  PANDAGATE_UPSTREAM="http://127.0.0.1:$up_port" PANDAGATE_LOG_FORMAT=json ${GW_ENV:-} \
+  "$binary" >"$work/access.log" 2>"$work/gateway.err" &
+gw_pid=$!
+for port in $up_port $nx_port $gw_port; do
+  for _ in $(seq 1 100); do curl -sf -o /dev/null "http://127.0.0.1:$port/open/product/get" && break; sleep 0.05; done
+  curl -sf -o /dev/null "http://127.0.0.1:$port/open/product/get" || { echo "latency.sh: nothing answers on $port" >&2; exit 1; }
+done
+
+declare -A port=([direct]=$up_port [nginx]=$nx_port [pandagate]=$gw_port)
+results="$work/results.tsv"
+for run in $(seq 1 "$runs"); do
+  for t in direct nginx pandagate; do
+    url="http://127.0.0.1:${port[$t]}/open/product/get?itemId=1"
+    wrk -t1 -c1 -d2s "$url" >/dev/null
+    wrk -t1 -c1 -d"${secs}s" --latency "$url" > "$work/$t.$run.txt"
+    python3 - "$t" "$run" "$work/$t.$run.txt" >>"$results" <<'PY'
+import re, sys
+name, run, path = sys.argv[1:]
+text = open(path).read()
+def us(v):
+    m = re.match(r"([\d.]+)(us|ms|s)$", v)
+    return float(m.group(1)) * {"us": 1, "ms": 1e3, "s": 1e6}[m.group(2)]
+p = {m.group(1): us(m.group(2)) for m in re.finditer(r"^\s+(50|99)%\s+(\S+)", text, re.M)}
+rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
+print(f"{name}\t{run}\t{rps:.0f}\t{p['50']:.1f}\t{p['99']:.1f}")
+PY
+  done
+done
+
+python3 - "$results" "$secs" "$runs" "$(nproc)" <<'PY'
+import statistics, sys
+path, secs, runs, cores = sys.argv[1:]
+rows = [l.split("\t") for l in open(path).read().split("\n") if l]
+by = {}
+for name, run, rps, p50, p99 in rows:
+    by.setdefault(name, []).append((float(rps), float(p50), float(p99)))
+med = {n: [statistics.median(c) for c in zip(*v)] for n, v in by.items()}
+print(f"one connection, {secs} s per run, {runs} runs interleaved, {cores} cores; medians")
+print("| target | calls/s | p50 µs | p99 µs | adds to p50 | adds to p99 |")
+print("|---|---:|---:|---:|---:|---:|")
+d = med["direct"]
+for n in ("direct", "nginx", "pandagate"):
+    rps, p50, p99 = med[n]
+    add = "" if n == "direct" else f"{p50 - d[1]:.0f} µs | {p99 - d[2]:.0f} µs"
+    print(f"| {n} | {rps:.0f} | {p50:.0f} | {p99:.0f} | {add or ' | '} |")
+a_pg, a_nx = med["pandagate"][1] - d[1], med["nginx"][1] - d[1]
+print(f"\npandagate adds {a_pg:.0f} µs to the p50, nginx {a_nx:.0f} µs: "
+      + ("target held (pandagate adds no more than nginx)" if a_pg <= a_nx else "target missed"))
+print("per run (target, run, calls/s, p50 µs, p99 µs):")
+for r in rows:
+    print("  " + "  ".join(r))
+PY
+echo "access-log lines written by pandagate: $(wc -l < "$work/access.log")"
