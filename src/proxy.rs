@@ -233,16 +233,19 @@ impl Gateway {
         record: &mut AccessRecord,
     ) -> Answer {
         let route = &call.route;
-        let deadline = Instant::now() + Duration::from_millis(self.retry.deadline_ms);
+        // The clock is read once per step and the reading shared.
+        let started = Instant::now();
+        let deadline = started + Duration::from_millis(self.retry.deadline_ms);
         let max_attempts = route.max_attempts.unwrap_or(self.retry.max_attempts);
         let attempt_timeout = self.attempt_timeout(route, max_attempts);
         let replay = body.replay();
         let mut next_body = Some(body);
-        self.budget.record_first(Instant::now());
+        self.budget.record_first(started);
 
         let mut retrying: Option<RetryReason> = None;
         for number in 1..=max_attempts {
-            let permit = self.admit(call, number, record).await?;
+            let now = if number == 1 { started } else { Instant::now() };
+            let permit = self.admit(call, number, now, record).await?;
             // This attempt is a retry that is really going out: its reason
             // is logged now, not when it was decided.
             record.retry_reasons.extend(retrying.take());
@@ -251,9 +254,12 @@ impl Gateway {
                 .or_else(|| replay.as_ref().and_then(UpstreamBody::replay))
                 .expect("the retry policy repeats only calls whose body can be replayed");
             record.attempts = number;
-            let remaining = deadline.saturating_duration_since(Instant::now());
+            let sent = Instant::now();
+            let remaining = deadline.saturating_duration_since(sent);
             let (outcome, answer) = self.send(call, body, attempt_timeout.min(remaining)).await;
-            permit.record(outcome.health(), Instant::now());
+            let done = Instant::now();
+            self.metrics.attempt(route.class, done - sent);
+            permit.record(outcome.health(), done);
             tracing::debug!(attempt = number, ?outcome, path = %call.uri.path(), "upstream attempt");
 
             let attempt = Attempt {
@@ -261,7 +267,7 @@ impl Gateway {
                 number,
                 max_attempts,
                 replayable: replay.is_some(),
-                remaining: deadline.saturating_duration_since(Instant::now()),
+                remaining: deadline.saturating_duration_since(done),
             };
             match self.decide(&outcome, attempt) {
                 Decision::Retry { reason, wait } => {
@@ -301,6 +307,7 @@ impl Gateway {
         &self,
         call: &Prepared<'_>,
         number: u32,
+        now: Instant,
         record: &mut AccessRecord,
     ) -> Result<Admission<'_>, GatewayError> {
         let mut skipped = |why| {
@@ -308,7 +315,7 @@ impl Gateway {
                 record.retry_skipped = Some(why);
             }
         };
-        let permit = self.breaker.admit(Instant::now()).map_err(|retry_after| {
+        let permit = self.breaker.admit(now).map_err(|retry_after| {
             skipped(Skipped::CircuitOpen);
             GatewayError::CircuitOpen { retry_after }
         })?;
@@ -358,7 +365,7 @@ impl Gateway {
         *upstream_req.uri_mut() = call.uri.clone();
         *upstream_req.headers_mut() = call.headers.clone();
         self.sign(call.profile, upstream_req.headers_mut());
-        self.attempt(upstream_req, timeout, call.route.class).await
+        self.exchange(upstream_req, timeout, call.route.class).await
     }
 
     /// Everything decided before the body is read: refuses what must never
@@ -419,18 +426,6 @@ impl Gateway {
     }
 
     /// Sends one attempt and says how it went.
-    async fn attempt(
-        &self,
-        req: Request<UpstreamBody>,
-        timeout: Duration,
-        class: Class,
-    ) -> (Outcome, Answer) {
-        let sent = Instant::now();
-        let result = self.exchange(req, timeout, class).await;
-        self.metrics.attempt(class, sent.elapsed());
-        result
-    }
-
     async fn exchange(
         &self,
         req: Request<UpstreamBody>,
