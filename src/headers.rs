@@ -32,17 +32,8 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 
 /// Removes hop-by-hop headers, including any that `Connection` names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
-            .collect();
-        for name in named {
-            headers.remove(name);
-        }
+    for name in connection_named(headers) {
+        headers.remove(name);
     }
     for name in HOP_BY_HOP {
         headers.remove(name);
@@ -72,17 +63,22 @@ pub fn strip_gateway_owned(headers: &mut HeaderMap) {
     }
 }
 
-/// The caller's headers as they may go upstream: [`strip_hop_by_hop`] and
-/// [`strip_gateway_owned`] in one pass over the caller's headers (a request
-/// carries a few), where those remove each listed name by lookup.
-pub fn for_upstream(caller: HeaderMap) -> HeaderMap {
-    let named: Vec<HeaderName> = caller
+/// The headers a `Connection` header names: hop-by-hop too.
+fn connection_named(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
-        .collect();
+        .collect()
+}
+
+/// The caller's headers as they may go upstream: [`strip_hop_by_hop`] and
+/// [`strip_gateway_owned`] in one pass over the caller's headers (a request
+/// carries a few), where those remove each listed name by lookup.
+pub fn for_upstream(caller: HeaderMap) -> HeaderMap {
+    let named = connection_named(&caller);
     let dropped = |name: &HeaderName| {
         HOP_BY_HOP.contains(name)
             || CREDENTIAL_HEADERS.contains(name)
