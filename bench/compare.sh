@@ -194,47 +194,12 @@ fi
 gw_bin="$work/pandagate"
 
 # ------------------------------------------------------------------ upstream
-# The provider stand-in: the same fixed envelope for every call, as cheap as
-# nginx can make it, so that it is not what limits the proxies.
-envelope='{"requestId":"4cfda0b725184ab8a1e3ee3b9051ec35","code":200,"developId":"1014533973088404335","msg":"ok","data":{}}'
-temp_paths() { # nginx otherwise wants its compiled-in /var/lib/nginx paths
-  local d=$1
-  printf '  client_body_temp_path %s/tmp-body;\n  proxy_temp_path %s/tmp-proxy;\n' "$d" "$d"
-  printf '  fastcgi_temp_path %s/tmp-fcgi;\n  uwsgi_temp_path %s/tmp-uwsgi;\n  scgi_temp_path %s/tmp-scgi;\n' "$d" "$d" "$d"
-}
-cat > "$work/up/nginx.conf" <<CONF
-worker_processes $upstream_workers;
-worker_rlimit_nofile $nofile;
-pid $work/up/nginx.pid;
-error_log $work/up/error.log warn;
-events { worker_connections 8192; }
-http {
-  access_log off;
-$(temp_paths "$work/up")
-  server {
-    listen 127.0.0.1:$up_port backlog=4096;
-    keepalive_requests 1000000;
-    keepalive_timeout 300s;
-    location / {
-      default_type application/json;
-      return 200 '$envelope';
-    }
-    # Echoes the credential headers a proxy added: checked once before the load.
-    location = /open/bench/headers {
-      default_type text/plain;
-      return 200 'access-key=\$http_access_key user-id=\$http_user_id signature=\$http_signature timestamp=\$http_timestamp nonce-str=\$http_nonce_str\n';
-    }
-  }
-}
-CONF
+. "$root/bench/nginx_confs.sh"
+nginx_upstream_conf "$work/up" "$up_port" "$upstream_workers" "$nofile" > "$work/up/nginx.conf"
 nginx -p "$work/up" -e "$work/up/error.log" -c "$work/up/nginx.conf" -g 'daemon off;' </dev/null >/dev/null 2>&1 &
 up_pid=$!
 
 # ------------------------------------------------------------------ nginx proxy
-# A plain, production-like nginx reverse proxy doing what the gateway does
-# minus the signature computation: fixed credential headers, per-request
-# timestamp/nonce from nginx variables, pooled upstream connections, an
-# access log line per call.
 if [ -n "$nginx_log_buffer" ]; then
   nx_log_opts=" buffer=$nginx_log_buffer flush=1s"
   nx_log_desc="access_log buffer=$nginx_log_buffer flush=1s"
@@ -242,41 +207,7 @@ else
   nx_log_opts=""
   nx_log_desc="access_log unbuffered, nginx's default: one write() per call"
 fi
-cat > "$work/px/nginx.conf" <<CONF
-worker_processes auto;
-worker_rlimit_nofile $nofile;
-pid $work/px/nginx.pid;
-error_log $work/px/error.log warn;
-events { worker_connections 8192; }
-http {
-$(temp_paths "$work/px")
-  log_format benchjson escape=json '{"ts":"\$time_iso8601","nginx_request_id":"\$request_id","status":\$status,'
-    '"upstream_status":"\$upstream_status","method":"\$request_method","uri":"\$request_uri",'
-    '"request_time":\$request_time,"upstream_response_time":"\$upstream_response_time"}';
-  access_log $work/px/access.log benchjson$nx_log_opts;
-  upstream provider {
-    server 127.0.0.1:$up_port;
-    keepalive 64;
-    keepalive_requests 1000000;
-    keepalive_timeout 300s;
-  }
-  server {
-    listen 127.0.0.1:$nx_port backlog=4096;
-    keepalive_requests 1000000;
-    keepalive_timeout 300s;
-    location / {
-      proxy_pass http://provider;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header access-key bench-key;
-      proxy_set_header user-id bench-user;
-      proxy_set_header signature 0123456789abcdef0123456789abcdef;
-      proxy_set_header timestamp \$msec;
-      proxy_set_header nonce-str \$request_id;
-    }
-  }
-}
-CONF
+nginx_proxy_conf "$work/px" "$nx_port" "$up_port" "$nofile" "$nx_log_opts" > "$work/px/nginx.conf"
 
 # ------------------------------------------------------------------ pandagate
 cat > "$work/pandagate.toml" <<'CONF'

@@ -43,56 +43,11 @@ cleanup() {
 }
 trap cleanup EXIT
 
-temp_paths() {
-  printf '  client_body_temp_path %s/b; proxy_temp_path %s/p; fastcgi_temp_path %s/f; uwsgi_temp_path %s/u; scgi_temp_path %s/s;\n' "$1" "$1" "$1" "$1" "$1"
-}
-cat > "$work/up/nginx.conf" <<CONF
-worker_processes 1;
-pid $work/up/nginx.pid;
-error_log $work/up/error.log warn;
-events { worker_connections 1024; }
-http {
-  access_log off;
-$(temp_paths "$work/up")
-  server {
-    listen 127.0.0.1:$up_port;
-    keepalive_requests 1000000;
-    location / {
-      default_type application/json;
-      return 200 '{"requestId":"4cfda0b725184ab8a1e3ee3b9051ec35","code":200,"developId":"1014533973088404335","msg":"ok","data":{}}';
-    }
-  }
-}
-CONF
+. bench/nginx_confs.sh
+nofile=$(ulimit -n)
+nginx_upstream_conf "$work/up" "$up_port" 1 "$nofile" > "$work/up/nginx.conf"
 # The nginx proxy of bench/compare.sh: what the gateway does minus the signature.
-cat > "$work/px/nginx.conf" <<CONF
-worker_processes auto;
-pid $work/px/nginx.pid;
-error_log $work/px/error.log warn;
-events { worker_connections 1024; }
-http {
-$(temp_paths "$work/px")
-  log_format benchjson escape=json '{"ts":"\$time_iso8601","nginx_request_id":"\$request_id","status":\$status,'
-    '"upstream_status":"\$upstream_status","method":"\$request_method","uri":"\$request_uri",'
-    '"request_time":\$request_time,"upstream_response_time":"\$upstream_response_time"}';
-  access_log $work/px/access.log benchjson;
-  upstream provider { server 127.0.0.1:$up_port; keepalive 64; keepalive_requests 1000000; }
-  server {
-    listen 127.0.0.1:$nx_port;
-    keepalive_requests 1000000;
-    location / {
-      proxy_pass http://provider;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header access-key bench-key;
-      proxy_set_header user-id bench-user;
-      proxy_set_header signature 0123456789abcdef0123456789abcdef;
-      proxy_set_header timestamp \$msec;
-      proxy_set_header nonce-str \$request_id;
-    }
-  }
-}
-CONF
+nginx_proxy_conf "$work/px" "$nx_port" "$up_port" "$nofile" > "$work/px/nginx.conf"
 nginx -p "$work/up" -e "$work/up/error.log" -c "$work/up/nginx.conf" -g 'daemon off;' </dev/null >/dev/null 2>&1 &
 up_pid=$!
 nginx -p "$work/px" -e "$work/px/error.log" -c "$work/px/nginx.conf" -g 'daemon off;' </dev/null >/dev/null 2>&1 &
