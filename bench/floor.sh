@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # How much CPU one proxied call costs, and how much of it is the floor that
 # hyper + tokio + the loopback kernel path set before pandagate does anything:
+#   paired     examples/paired_proxy.rs: a current-thread runtime and SO_REUSEPORT
+#              listener per core, each caller connection paired with one upstream
+#              connection (hyper server + hyper::client::conn, nothing else)
 #   bare-mt    examples/bare_proxy.rs (hyper server + hyper-util client, nothing else)
 #   bare-ct    the same on a current-thread runtime
 #   nginx      nginx proxy_pass, keepalive pool, credential headers, access log
 #   pandagate  signing, json access log to a file
-#   pandagate-1t  the same with worker_threads = 1 (a current-thread runtime)
+#   pandagate-1t  the same with worker_threads = 1 (one serving thread)
 # each in front of the same nginx `return 200` upstream, wrk -t2 at one
 # connection count. CPU per call = the proxy's user+system CPU time during
-# the measured seconds / calls answered (from /proc/PID/stat, 10 ms ticks).
+# the measured seconds / calls answered (from /proc/PID/stat, 10 ms ticks);
+# user per call = its user time alone (the rest is the kernel's).
 # Runs are interleaved; the last lines give the median of each target.
 #
 #   bench/floor.sh [--runs 3] [--seconds 5] [--conns 64]
@@ -27,7 +31,7 @@ done
 need() { command -v "$1" >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null; }; }
 need wrk wrk
 need nginx nginx
-cargo build --release -q --bin pandagate --example bare_proxy
+cargo build --release -q --bin pandagate --example bare_proxy --example paired_proxy
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 work=$(mktemp -d)
@@ -50,8 +54,10 @@ CONF
 nginx -p "$work" -c "$work/up.conf" 2>/dev/null
 
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+uticks() { awk '{print $14}' "/proc/$1/stat"; }
 start() { # target port -> sets pid
   case $1 in
+    paired) LISTEN=127.0.0.1:$2 UPSTREAM_ADDR=127.0.0.1:$up target/release/examples/paired_proxy & pid=$! ;;
     bare-mt) LISTEN=127.0.0.1:$2 UPSTREAM=http://127.0.0.1:$up target/release/examples/bare_proxy & pid=$! ;;
     bare-ct) FLAVOR=current_thread LISTEN=127.0.0.1:$2 UPSTREAM=http://127.0.0.1:$up target/release/examples/bare_proxy & pid=$! ;;
     pandagate|pandagate-1t)
@@ -84,28 +90,29 @@ results="$work/results"
 : > "$results"
 echo "$(nproc) cores, wrk -t2 -c$conns, ${secs}s per measurement, $runs runs"
 for run in $(seq 1 "$runs"); do
-  for t in bare-mt bare-ct nginx pandagate pandagate-1t; do
+  for t in paired bare-mt bare-ct nginx pandagate pandagate-1t; do
     port=$(free_port)
     start "$t" "$port"
     url="http://127.0.0.1:$port/open/product/get?itemId=1"
     for _ in $(seq 1 100); do curl -sf -o /dev/null "$url" && break; sleep 0.05; done
     wrk -t2 -c"$conns" -d2s "$url" >/dev/null
     pids=$(proxy_pids "$t")
-    c0=0; for p in $pids; do c0=$((c0 + $(ticks "$p"))); done
+    c0=0 u0=0; for p in $pids; do c0=$((c0 + $(ticks "$p"))); u0=$((u0 + $(uticks "$p"))); done
     wrk -t2 -c"$conns" -d"${secs}s" "$url" > "$work/wrk.txt"
-    c1=0; for p in $pids; do c1=$((c1 + $(ticks "$p"))); done
+    c1=0 u1=0; for p in $pids; do c1=$((c1 + $(ticks "$p"))); u1=$((u1 + $(uticks "$p"))); done
     stop "$t"
     n=$(awk '/requests in/ {print $1}' "$work/wrk.txt")
     rps=$(awk '/Requests\/sec/ {print $2}' "$work/wrk.txt")
     cpu=$(awk -v d=$((c1 - c0)) -v n="$n" 'BEGIN { printf "%.1f", d * 10000 / n }')
-    printf 'run %d  %-12s %9.0f calls/s  %6s us CPU/call\n' "$run" "$t" "$rps" "$cpu"
-    echo "$t $rps $cpu" >> "$results"
+    user=$(awk -v d=$((u1 - u0)) -v n="$n" 'BEGIN { printf "%.1f", d * 10000 / n }')
+    printf 'run %d  %-12s %9.0f calls/s  %6s us CPU/call  %6s us user/call\n' "$run" "$t" "$rps" "$cpu" "$user"
+    echo "$t $rps $cpu $user" >> "$results"
   done
 done
 median() { # target column
   awk -v t="$1" -v c="$2" '$1 == t { print $c }' "$results" | sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'
 }
 echo "median:"
-for t in bare-mt bare-ct nginx pandagate pandagate-1t; do
-  printf '  %-12s %9.0f calls/s  %6s us CPU/call\n' "$t" "$(median "$t" 2)" "$(median "$t" 3)"
+for t in paired bare-mt bare-ct nginx pandagate pandagate-1t; do
+  printf '  %-12s %9.0f calls/s  %6s us CPU/call  %6s us user/call\n' "$t" "$(median "$t" 2)" "$(median "$t" 3)" "$(median "$t" 4)"
 done
