@@ -331,7 +331,8 @@ impl Serving {
         };
         let (finished, done) = oneshot::channel();
         std::thread::Builder::new()
-            .name(format!("pandagate-worker-{index}"))
+            // Linux keeps 15 bytes of a thread name: "worker-0" stays whole.
+            .name(format!("worker-{index}"))
             .spawn(move || {
                 worker::enter(index);
                 runtime.block_on(self.run(gateway, callbacks));

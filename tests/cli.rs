@@ -132,7 +132,7 @@ async fn worker_threads_sets_the_serving_threads_and_each_one_serves() {
         }
         let pid = running.child.id().expect("running");
         assert_eq!(
-            threads_named(pid, "pandagate-worke"),
+            threads_named(pid, "worker-"),
             expected,
             "worker_threads = {threads}"
         );
