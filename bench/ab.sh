@@ -38,35 +38,14 @@ cleanup() {
 }
 trap cleanup EXIT
 
-envelope='{"requestId":"4cfda0b725184ab8a1e3ee3b9051ec35","code":200,"developId":"1","msg":"ok","data":{}}'
+# shellcheck source=bench/confs.sh
+. "$(dirname "$0")/confs.sh"
 mkdir -p "$work/up"
-cat > "$work/up/nginx.conf" <<CONF
-worker_processes 1;
-pid $work/up/nginx.pid;
-error_log $work/up/error.log warn;
-events { worker_connections 8192; }
-http {
-  access_log off;
-  client_body_temp_path $work/up/b; proxy_temp_path $work/up/p; fastcgi_temp_path $work/up/f;
-  uwsgi_temp_path $work/up/u; scgi_temp_path $work/up/s;
-  server {
-    listen 127.0.0.1:$up_port backlog=4096;
-    keepalive_requests 1000000; keepalive_timeout 300s;
-    location / { default_type application/json; return 200 '$envelope'; }
-  }
-}
-CONF
+nginx_upstream_conf "$work/up" "$up_port" 1 "$(ulimit -n)" > "$work/up/nginx.conf"
 nginx -p "$work/up" -e "$work/up/error.log" -c "$work/up/nginx.conf" -g 'daemon off;' \
   </dev/null >/dev/null 2>&1 &
 up_pid=$!
-cat > "$work/pandagate.toml" <<'CONF'
-[server]
-shutdown_grace_ms = 1000
-# Far above what wrk can send: its cost is paid, it never binds.
-[rate_limit]
-requests_per_second = 1000000
-burst = 1000000
-CONF
+pandagate_bench_conf > "$work/pandagate.toml"
 
 url="http://127.0.0.1:$gw_port/open/product/get?itemId=652874751412"
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }

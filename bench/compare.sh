@@ -194,7 +194,7 @@ fi
 gw_bin="$work/pandagate"
 
 # ------------------------------------------------------------------ upstream
-. "$root/bench/nginx_confs.sh"
+. "$root/bench/confs.sh"
 nginx_upstream_conf "$work/up" "$up_port" "$upstream_workers" "$nofile" > "$work/up/nginx.conf"
 nginx -p "$work/up" -e "$work/up/error.log" -c "$work/up/nginx.conf" -g 'daemon off;' </dev/null >/dev/null 2>&1 &
 up_pid=$!
@@ -210,18 +210,7 @@ fi
 nginx_proxy_conf "$work/px" "$nx_port" "$up_port" "$nofile" "$nx_log_opts" > "$work/px/nginx.conf"
 
 # ------------------------------------------------------------------ pandagate
-cat > "$work/pandagate.toml" <<'CONF'
-# Listen address, upstream, credentials and log format come from the environment.
-[server]
-# Nothing is in flight when the harness stops it: no need to wait.
-shutdown_grace_ms = 1000
-
-# Far above what wrk can send: present so its cost is paid, never binding.
-[rate_limit]
-requests_per_second = 1000000
-burst = 1000000
-backend = "local"
-CONF
+pandagate_bench_conf > "$work/pandagate.toml"
 gw_common_env=(
   PANDAPON_ACCESS_KEY=bench-key PANDAPON_ACCESS_SECRET=bench-secret PANDAPON_USER_ID=bench-user
   PANDAGATE_UPSTREAM="http://127.0.0.1:$up_port" PANDAGATE_LOG_FORMAT=json

@@ -43,7 +43,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-. bench/nginx_confs.sh
+. bench/confs.sh
 nofile=$(ulimit -n)
 nginx_upstream_conf "$work/up" "$up_port" 1 "$nofile" > "$work/up/nginx.conf"
 # The nginx proxy of bench/compare.sh: what the gateway does minus the signature.

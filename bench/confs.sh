@@ -1,9 +1,11 @@
 # shellcheck shell=bash
-# The two nginx configurations the benchmarks put pandagate next to, sourced
-# by compare.sh and latency.sh so that both measure against the same nginx.
+# The configurations the benchmarks share, sourced by compare.sh, ab.sh and
+# latency.sh so that they measure the same upstream, the same nginx and the
+# same pandagate settings.
 #
 #   nginx_upstream_conf DIR PORT WORKERS NOFILE     > DIR/nginx.conf
 #   nginx_proxy_conf DIR PORT UPSTREAM_PORT NOFILE [LOG_OPTS]   > DIR/nginx.conf
+#   pandagate_bench_conf      > pandagate.toml
 
 # What the provider stand-in answers to every call.
 BENCH_ENVELOPE='{"requestId":"4cfda0b725184ab8a1e3ee3b9051ec35","code":200,"developId":"1014533973088404335","msg":"ok","data":{}}'
@@ -86,5 +88,21 @@ $(nginx_temp_paths "$dir")
     }
   }
 }
+CONF
+}
+
+# pandagate's config for load runs; the listen address, upstream, credentials
+# and log format come from the environment.
+pandagate_bench_conf() {
+  cat <<'CONF'
+[server]
+# Nothing is in flight when the harness stops it: no need to wait.
+shutdown_grace_ms = 1000
+
+# Far above what the load generator can send: its cost is paid, it never binds.
+[rate_limit]
+requests_per_second = 1000000
+burst = 1000000
+backend = "local"
 CONF
 }
