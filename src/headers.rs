@@ -45,22 +45,24 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// control header, and any other spelling of those and of the hop-by-hop
 /// headers ([`reads_as_owned`]).
 pub fn strip_gateway_owned(headers: &mut HeaderMap) {
-    for name in CREDENTIAL_HEADERS {
+    let owned: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| gateway_owned(k))
+        .cloned()
+        .collect();
+    for name in owned {
         headers.remove(name);
     }
-    headers.remove(header::EXPECT);
-    // The caller's credentials for the gateway, never the provider's business.
-    headers.remove(header::AUTHORIZATION);
-    if headers.keys().any(reads_as_owned) {
-        let owned: Vec<HeaderName> = headers
-            .keys()
-            .filter(|k| reads_as_owned(k))
-            .cloned()
-            .collect();
-        for name in owned {
-            headers.remove(name);
-        }
-    }
+}
+
+/// Whether only the gateway may send `name` upstream (see
+/// [`strip_gateway_owned`]).
+fn gateway_owned(name: &HeaderName) -> bool {
+    CREDENTIAL_HEADERS.contains(name)
+        || name == header::EXPECT
+        // The caller's credentials for the gateway, never the provider's business.
+        || name == header::AUTHORIZATION
+        || reads_as_owned(name)
 }
 
 /// The headers a `Connection` header names: hop-by-hop too.
@@ -80,12 +82,7 @@ fn connection_named(headers: &HeaderMap) -> Vec<HeaderName> {
 pub fn for_upstream(caller: HeaderMap) -> HeaderMap {
     let named = connection_named(&caller);
     let dropped = |name: &HeaderName| {
-        HOP_BY_HOP.contains(name)
-            || CREDENTIAL_HEADERS.contains(name)
-            || name == header::EXPECT
-            || name == header::AUTHORIZATION
-            || named.contains(name)
-            || reads_as_owned(name)
+        HOP_BY_HOP.contains(name) || named.contains(name) || gateway_owned(name)
     };
     // Room for the headers the gateway adds.
     let mut out = HeaderMap::with_capacity(caller.len() + 8);
