@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use crate::auth::Client;
-use crate::config::{BackendKind, Config, ConfigError, Env, RedisUrl};
+use crate::config::{BackendKind, Config, ConfigError, Env, RedisUrl, StoreKind};
 use crate::profiles::Profile;
 
 /// A validated config with every profile's secret loaded.
@@ -17,6 +17,9 @@ pub struct Loaded {
     /// The Redis URL of `[rate_limit]` with `backend = "redis"`, read from
     /// its source (`redis_url`, `redis_url_env` or `redis_url_file`).
     pub redis_url: Option<RedisUrl>,
+    /// The Redis URL of `[idempotency]` with `store = "redis"`, read from
+    /// its source.
+    pub idempotency_redis_url: Option<RedisUrl>,
 }
 
 /// Reads `path` (if any), applies the environment, validates, loads secrets.
@@ -56,11 +59,16 @@ pub fn resolve(config: Config, env: Env<'_>) -> Result<Loaded, ConfigError> {
         Some(r) if r.backend == BackendKind::Redis => Some(r.resolve_redis_url(env)?),
         _ => None,
     };
+    let idempotency_redis_url = match &config.idempotency {
+        Some(i) if i.store == StoreKind::Redis => Some(i.resolve_redis_url(env)?),
+        _ => None,
+    };
     Ok(Loaded {
         config,
         profiles,
         clients,
         redis_url,
+        idempotency_redis_url,
     })
 }
 

@@ -17,6 +17,7 @@ mod breaker;
 mod callbacks;
 mod clients;
 mod error;
+mod idempotency;
 mod log;
 mod profiles;
 mod rate_limit;
@@ -36,6 +37,7 @@ pub use breaker::BreakerConfig;
 pub use callbacks::{CallbacksConfig, SubscriberConfig};
 pub use clients::{ClientConfig, TokenSource};
 pub use error::{ConfigError, Env, MAX_DURATION_MS, check_duration_ms, process_env};
+pub use idempotency::{IdempotencyConfig, StoreKind};
 pub use log::{LogConfig, LogFormat};
 pub use profiles::{ENV_PROFILE, ProfileConfig};
 pub use rate_limit::{
@@ -83,6 +85,9 @@ pub struct Config {
     /// The provider's pushed messages; absent: no callback receiver.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub callbacks: Option<CallbacksConfig>,
+    /// Callers' `Idempotency-Key`s; absent: the header passes through.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idempotency: Option<IdempotencyConfig>,
 }
 
 impl fmt::Debug for Config {
@@ -107,6 +112,7 @@ impl Default for Config {
             clients: Vec::new(),
             allow_unauthenticated: false,
             callbacks: None,
+            idempotency: None,
         }
     }
 }
@@ -221,6 +227,9 @@ impl Config {
         self.check_durations()?;
         if let Some(rate_limit) = &self.rate_limit {
             rate_limit.validate()?;
+        }
+        if let Some(idempotency) = &self.idempotency {
+            idempotency.validate()?;
         }
         routes::validate_all(&self.routes)?;
         profiles::validate_all(&self.profiles)?;

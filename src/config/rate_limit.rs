@@ -184,34 +184,60 @@ impl RateLimitConfig {
 
     /// Where the Redis URL comes from; more than one source is an error.
     pub fn redis_url_source(&self) -> Result<RedisUrlSource<'_>, ConfigError> {
-        match (&self.redis_url, &self.redis_url_env, &self.redis_url_file) {
-            (None, None, None) => Ok(RedisUrlSource::Default),
-            (Some(url), None, None) => Ok(RedisUrlSource::Inline(url)),
-            (None, Some(var), None) => Ok(RedisUrlSource::Env(var)),
-            (None, None, Some(path)) => Ok(RedisUrlSource::File(path)),
-            _ => Err(ConfigError::new(
-                "rate_limit.redis_url",
-                "set at most one of redis_url, redis_url_env and redis_url_file",
-            )),
-        }
+        RedisUrlSource::of(
+            self.redis_url.as_deref(),
+            self.redis_url_env.as_deref(),
+            self.redis_url_file.as_deref(),
+            "rate_limit.redis_url",
+        )
     }
 
     /// Reads and checks the Redis URL from its source (`env` for
     /// `redis_url_env`); errors name the source's key, never the URL's
     /// password.
     pub fn resolve_redis_url(&self, env: Env<'_>) -> Result<RedisUrl, ConfigError> {
-        match self.redis_url_source()? {
-            RedisUrlSource::Default => RedisUrl::parse(DEFAULT_REDIS_URL, "rate_limit.redis_url"),
-            RedisUrlSource::Inline(url) => RedisUrl::parse(url, "rate_limit.redis_url"),
+        self.redis_url_source()?
+            .resolve("rate_limit.redis_url", env)
+    }
+}
+
+impl<'a> RedisUrlSource<'a> {
+    /// The one source among `url`, `var` (`*_env`) and `file` (`*_file`)
+    /// that is set, for the section whose URL key is `key`; more than one
+    /// is an error.
+    pub fn of(
+        url: Option<&'a str>,
+        var: Option<&'a str>,
+        file: Option<&'a Path>,
+        key: &str,
+    ) -> Result<RedisUrlSource<'a>, ConfigError> {
+        match (url, var, file) {
+            (None, None, None) => Ok(RedisUrlSource::Default),
+            (Some(url), None, None) => Ok(RedisUrlSource::Inline(url)),
+            (None, Some(var), None) => Ok(RedisUrlSource::Env(var)),
+            (None, None, Some(path)) => Ok(RedisUrlSource::File(path)),
+            _ => Err(ConfigError::new(
+                key,
+                "set at most one of redis_url, redis_url_env and redis_url_file",
+            )),
+        }
+    }
+
+    /// Reads and checks the URL (`env` for an environment variable); errors
+    /// name `key` or the source's key, never the URL's password.
+    pub fn resolve(self, key: &str, env: Env<'_>) -> Result<RedisUrl, ConfigError> {
+        match self {
+            RedisUrlSource::Default => RedisUrl::parse(DEFAULT_REDIS_URL, key),
+            RedisUrlSource::Inline(url) => RedisUrl::parse(url, key),
             RedisUrlSource::Env(var) => {
                 let source = SecretSource::Env(var.to_owned());
-                let url = source.read(env, "rate_limit.redis_url")?;
-                RedisUrl::parse(url.expose().trim(), &source.key("rate_limit.redis_url"))
+                let url = source.read(env, key)?;
+                RedisUrl::parse(url.expose().trim(), &source.key(key))
             }
             RedisUrlSource::File(path) => {
                 let source = SecretSource::File(path.to_owned());
-                let url = source.read(env, "rate_limit.redis_url")?;
-                RedisUrl::parse(url.expose().trim(), &source.key("rate_limit.redis_url"))
+                let url = source.read(env, key)?;
+                RedisUrl::parse(url.expose().trim(), &source.key(key))
             }
         }
     }

@@ -1,0 +1,186 @@
+//! `[idempotency]`: callers' `Idempotency-Key`s on write and unknown calls,
+//! and the store that remembers them.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::error::{ConfigError, Env};
+use super::rate_limit::{RedisUrl, RedisUrlSource};
+use crate::redact;
+
+/// Where keys are remembered.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreKind {
+    /// A file under `path`, held by this process; survives restarts.
+    #[default]
+    Local,
+    /// Redis, shared by every replica.
+    Redis,
+}
+
+/// `[idempotency]`. Absent: the feature is off and the header passes
+/// through untouched. `Debug` shows URLs redacted.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdempotencyConfig {
+    /// `local` (a file under `path`) or `redis` (shared by every replica).
+    pub store: StoreKind,
+    /// Directory of the local store (`store = "local"`); created if missing.
+    pub path: PathBuf,
+    /// Redis for `store = "redis"`: the URL itself, or (at most one of the
+    /// three) `redis_url_env` or `redis_url_file`; none: redis://127.0.0.1:6379.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_url: Option<String>,
+    /// Environment variable holding the Redis URL (which may hold a password).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_url_env: Option<String>,
+    /// File holding the Redis URL (trailing whitespace ignored).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_url_file: Option<PathBuf>,
+    /// Longest a call waits for one Redis operation, in milliseconds; past
+    /// it the keyed call is refused (503), nothing sent.
+    pub redis_timeout_ms: u64,
+    /// Prefix of the Redis keys.
+    pub redis_key_prefix: String,
+    /// How long a key is remembered after its first use, in milliseconds.
+    pub ttl_ms: u64,
+    /// Largest answer kept for replays, in bytes (status and headers
+    /// aside). A larger one reaches its caller whole but is not kept.
+    pub max_response_bytes: usize,
+    /// Make a key mandatory on `write` calls (400 without one).
+    pub require_key: bool,
+    /// Added to the call's `retry.deadline_ms` to make the lease of a
+    /// reservation, in milliseconds: a reservation older than that lost its
+    /// owner (crash, kill), and its outcome is unknown.
+    pub lease_margin_ms: u64,
+}
+
+impl Default for IdempotencyConfig {
+    fn default() -> Self {
+        Self {
+            store: StoreKind::Local,
+            path: PathBuf::from("/var/lib/pandagate/idempotency"),
+            redis_url: None,
+            redis_url_env: None,
+            redis_url_file: None,
+            redis_timeout_ms: 250,
+            redis_key_prefix: "pandagate".into(),
+            ttl_ms: 24 * 3600 * 1000,
+            max_response_bytes: 1024 * 1024,
+            require_key: false,
+            lease_margin_ms: 5_000,
+        }
+    }
+}
+
+impl fmt::Debug for IdempotencyConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        redact::debug("IdempotencyConfig", self, f)
+    }
+}
+
+impl IdempotencyConfig {
+    /// Checks every key without reading the environment or any file.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (key, v) in [
+            ("idempotency.ttl_ms", self.ttl_ms),
+            ("idempotency.redis_timeout_ms", self.redis_timeout_ms),
+            (
+                "idempotency.max_response_bytes",
+                self.max_response_bytes as u64,
+            ),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::new(key, "must be greater than 0"));
+            }
+        }
+        if self.store == StoreKind::Local && self.path.as_os_str().is_empty() {
+            return Err(ConfigError::new("idempotency.path", "must not be empty"));
+        }
+        if self.redis_key_prefix.is_empty() {
+            return Err(ConfigError::new(
+                "idempotency.redis_key_prefix",
+                "must not be empty",
+            ));
+        }
+        let source = self.redis_url_source()?;
+        if let (StoreKind::Redis, RedisUrlSource::Inline(url)) = (self.store, source) {
+            RedisUrl::parse(url, "idempotency.redis_url")?;
+        }
+        Ok(())
+    }
+
+    /// Where the Redis URL comes from; more than one source is an error.
+    pub fn redis_url_source(&self) -> Result<RedisUrlSource<'_>, ConfigError> {
+        RedisUrlSource::of(
+            self.redis_url.as_deref(),
+            self.redis_url_env.as_deref(),
+            self.redis_url_file.as_deref(),
+            "idempotency.redis_url",
+        )
+    }
+
+    /// The Redis URL read from its source, for `store = "redis"`.
+    pub fn resolve_redis_url(&self, env: Env<'_>) -> Result<RedisUrl, ConfigError> {
+        self.redis_url_source()?
+            .resolve("idempotency.redis_url", env)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    #[test]
+    fn section_absent_means_off_and_present_means_defaults() {
+        assert!(Config::from_toml("").unwrap().idempotency.is_none());
+        let c = Config::from_toml("[idempotency]\n").unwrap();
+        let i = c.idempotency.unwrap();
+        assert_eq!(i.store, StoreKind::Local);
+        assert_eq!(i.ttl_ms, 86_400_000);
+        assert_eq!(i.max_response_bytes, 1_048_576);
+        assert!(!i.require_key);
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        for (toml, key) in [
+            ("ttl_ms = 0", "idempotency.ttl_ms"),
+            ("max_response_bytes = 0", "idempotency.max_response_bytes"),
+            ("redis_timeout_ms = 0", "idempotency.redis_timeout_ms"),
+            (
+                "store = \"redis\"\nredis_url = \"redis://a\"\nredis_url_env = \"X\"",
+                "idempotency.redis_url",
+            ),
+            (
+                "store = \"redis\"\nredis_url = \"nope://:pw-9@h\"",
+                "idempotency.redis_url",
+            ),
+        ] {
+            let c = Config::from_toml(&format!("[idempotency]\n{toml}\n")).unwrap();
+            let e = c.idempotency.unwrap().validate().unwrap_err();
+            assert_eq!(e.key, key, "{toml}: {e}");
+            assert!(!e.to_string().contains("pw-9"), "{e}");
+        }
+        let e = Config::from_toml("[idempotency]\nstore = \"memcached\"\n").unwrap_err();
+        assert_eq!(e.key, "idempotency.store", "{e}");
+    }
+
+    #[test]
+    fn redis_url_from_the_environment_is_read_and_never_shown() {
+        let c =
+            Config::from_toml("[idempotency]\nstore = \"redis\"\nredis_url_env = \"IDEM_REDIS\"\n")
+                .unwrap();
+        let i = c.idempotency.unwrap();
+        let env = crate::config::testing::env_of(&[("IDEM_REDIS", "redis://:pw-7@127.0.0.1:1")]);
+        let url = i.resolve_redis_url(&env).unwrap();
+        assert_eq!(url.expose(), "redis://:pw-7@127.0.0.1:1");
+        assert!(!format!("{url:?} {i:?}").contains("pw-7"));
+        let e = i.resolve_redis_url(&|_: &str| None).unwrap_err();
+        assert_eq!(e.key, "idempotency.redis_url_env", "{e}");
+    }
+}
