@@ -56,6 +56,39 @@ pub enum GatewayError {
         /// The rate of the bucket that refused, in requests per second.
         limit: f64,
     },
+    #[error(
+        "Idempotency-Key must be one header of 1 to 255 visible ASCII characters, \
+         bare or as a quoted string"
+    )]
+    BadIdempotencyKey,
+    #[error("write calls must carry an Idempotency-Key (idempotency.require_key)")]
+    IdempotencyKeyRequired,
+    #[error(
+        "a call with an Idempotency-Key is fingerprinted whole: its body must be at most \
+         {limit} bytes (server.buffer_body_bytes)"
+    )]
+    KeyedBodyTooLarge { limit: u64 },
+    #[error("the call first made with this Idempotency-Key is still in progress; retry later")]
+    IdempotencyInProgress,
+    #[error(
+        "this Idempotency-Key was used for another call (method, path, query or body); \
+         a new call needs a new key"
+    )]
+    IdempotencyKeyReused,
+    #[error(
+        "the gateway handling the call first made with this Idempotency-Key was lost before \
+         it finished: whether the provider acted on it is unknown. Check the order list, \
+         then use a new key"
+    )]
+    IdempotencyOutcomeUnknown,
+    #[error(
+        "the call first made with this Idempotency-Key was answered {status}; that answer \
+         was longer than idempotency.max_response_bytes and was not kept. Check the order \
+         list; do not send the call again under a new key unless it is missing"
+    )]
+    IdempotencyAnswerNotKept { status: u16 },
+    #[error("the idempotency store cannot be reached; nothing was sent")]
+    IdempotencyUnavailable,
 }
 
 impl GatewayError {
@@ -65,11 +98,21 @@ impl GatewayError {
             | Self::ForeignTarget
             | Self::AmbiguousPath
             | Self::BadHeader(_)
-            | Self::BodyRead => StatusCode::BAD_REQUEST,
+            | Self::BodyRead
+            | Self::BadIdempotencyKey
+            | Self::IdempotencyKeyRequired => StatusCode::BAD_REQUEST,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::Unauthenticated => StatusCode::UNAUTHORIZED,
             Self::ProfileNotSelectable | Self::UserIdNotAllowed => StatusCode::FORBIDDEN,
-            Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BodyTooLarge { .. } | Self::KeyedBodyTooLarge { .. } => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
+            Self::IdempotencyInProgress => StatusCode::CONFLICT,
+            Self::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::IdempotencyOutcomeUnknown | Self::IdempotencyAnswerNotKept { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
+            Self::IdempotencyUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::UpstreamConnect | Self::UpstreamFailed => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
@@ -97,6 +140,14 @@ impl GatewayError {
             Self::UpstreamFailed => "upstream_failed",
             Self::CircuitOpen { .. } => "circuit_open",
             Self::RateLimited { .. } => "rate_limited",
+            Self::BadIdempotencyKey => "bad_idempotency_key",
+            Self::IdempotencyKeyRequired => "idempotency_key_required",
+            Self::KeyedBodyTooLarge { .. } => "idempotency_body_too_large",
+            Self::IdempotencyInProgress => "idempotency_in_progress",
+            Self::IdempotencyKeyReused => "idempotency_key_reused",
+            Self::IdempotencyOutcomeUnknown => "idempotency_outcome_unknown",
+            Self::IdempotencyAnswerNotKept { .. } => "idempotency_answer_not_kept",
+            Self::IdempotencyUnavailable => "idempotency_store_unavailable",
         }
     }
 
@@ -108,6 +159,9 @@ impl GatewayError {
         match self {
             Self::MethodNotAllowed(_) => {
                 headers.insert(header::ALLOW, HeaderValue::from_static(ALLOWED_METHODS));
+            }
+            Self::IdempotencyInProgress | Self::IdempotencyUnavailable => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             Self::CircuitOpen { retry_after } => {
                 headers.insert(header::RETRY_AFTER, whole_seconds(*retry_after));
@@ -226,6 +280,14 @@ mod tests {
             (UpstreamConnect, 502),
             (UpstreamFailed, 502),
             (UpstreamTimeout(5), 504),
+            (BadIdempotencyKey, 400),
+            (IdempotencyKeyRequired, 400),
+            (KeyedBodyTooLarge { limit: 1 }, 413),
+            (IdempotencyInProgress, 409),
+            (IdempotencyKeyReused, 422),
+            (IdempotencyOutcomeUnknown, 502),
+            (IdempotencyAnswerNotKept { status: 200 }, 502),
+            (IdempotencyUnavailable, 503),
             (
                 CircuitOpen {
                     retry_after: std::time::Duration::from_millis(1500),

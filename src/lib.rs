@@ -17,7 +17,7 @@
 //!
 //! 1. leaves: error ids secret signer headers envelope redact connections log_queue worker
 //! 2. config: config
-//! 3. policies: routes retry breaker limiter profiles body telemetry
+//! 3. policies: routes retry breaker limiter profiles body telemetry idempotency
 //! 4. built on them: auth upstream access_log
 //! 5. loaded and counted: loaded metrics
 //! 6. one call's log line: call_log
@@ -44,6 +44,7 @@ pub mod config;
 // 3. policies
 pub mod body;
 pub mod breaker;
+pub mod idempotency;
 pub mod limiter;
 pub mod profiles;
 pub mod retry;

@@ -52,6 +52,13 @@ impl Outcome {
         }
     }
 
+    /// Whether the provider may have received the request: anything but a
+    /// failed connection. A call with such an attempt behind it has an
+    /// outcome that must not be forgotten (nor the call sent again).
+    pub fn may_have_reached(&self) -> bool {
+        !matches!(self, Outcome::ConnectFailed)
+    }
+
     /// What this outcome says about the provider's health, for the circuit
     /// breaker: `Some(false)` a failure (no connection, a dropped one, a
     /// timeout, a 5xx), `Some(true)` a sign of health, `None` nothing either
