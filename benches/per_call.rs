@@ -54,6 +54,8 @@ fn record() -> AccessRecord {
         retry_skipped: None,
         error: None,
         gateway_msg: None,
+        idempotency: None,
+        idempotency_key: None,
     }
 }
 

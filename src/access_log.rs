@@ -13,7 +13,9 @@
 //! `msg` (from the provider's envelope, or null), `status`, `upstream_status`,
 //! `method`, `path` (never the query string), `profile`, `client`, `class`, `attempts`,
 //! `retry_reasons`, `retry_skipped`, `latency_ms`, `x_request_id`, `error`
-//! (the gateway's error kind, or null).
+//! (the gateway's error kind, or null), `idempotency` (what became of the
+//! caller's `Idempotency-Key`, or null) and `idempotency_key` (the first 12
+//! hex digits of the key's SHA-256, never the key).
 
 use std::io::Write;
 use std::sync::Arc;
@@ -27,6 +29,7 @@ use serde_json::Value;
 use crate::config::Class;
 use crate::config::{LogConfig, LogFormat};
 use crate::envelope::EnvelopeFields;
+use crate::idempotency::Logged;
 use crate::log_queue::{LogQueue, Stream};
 use crate::retry::{RetryReason, Skipped};
 
@@ -55,6 +58,10 @@ pub struct AccessRecord {
     pub error: Option<&'static str>,
     /// The gateway's message when it answered itself.
     pub gateway_msg: Option<String>,
+    /// What became of the caller's `Idempotency-Key`.
+    pub idempotency: Option<Logged>,
+    /// The key's SHA-256 prefix, as logged.
+    pub idempotency_key: Option<[u8; 12]>,
 }
 
 impl AccessRecord {
@@ -75,6 +82,8 @@ impl AccessRecord {
             retry_skipped: None,
             error: None,
             gateway_msg: None,
+            idempotency: None,
+            idempotency_key: None,
         }
     }
 }
@@ -99,6 +108,8 @@ struct Line<'a> {
     latency_ms: f64,
     x_request_id: &'a str,
     error: Option<&'a str>,
+    idempotency: Option<&'static str>,
+    idempotency_key: Option<&'a str>,
 }
 
 /// Handle to the access log; cheap to clone.
@@ -194,6 +205,11 @@ pub fn format_line(
         latency_ms: (r.started.elapsed().as_micros() as f64) / 1000.0,
         x_request_id: r.x_request_id.to_str().unwrap_or("-"),
         error: r.error,
+        idempotency: r.idempotency.map(Logged::as_str),
+        idempotency_key: r
+            .idempotency_key
+            .as_ref()
+            .map(|k| std::str::from_utf8(k).unwrap_or("-")),
     };
     let mut out = Vec::with_capacity(320);
     match format {
@@ -313,6 +329,10 @@ fn json_line(out: &mut Vec<u8>, l: &Line<'_>) {
     string(out, l.x_request_id);
     key(out, false, "error");
     opt_string(out, l.error);
+    key(out, false, "idempotency");
+    opt_string(out, l.idempotency);
+    key(out, false, "idempotency_key");
+    opt_string(out, l.idempotency_key);
     out.push(b'}');
 }
 
@@ -346,6 +366,12 @@ fn text_line(out: &mut Vec<u8>, l: &Line<'_>) {
     }
     if let Some(error) = l.error {
         let _ = write!(out, " error={error}");
+    }
+    if let Some(idempotency) = l.idempotency {
+        let _ = write!(out, " idempotency={idempotency}");
+    }
+    if let Some(key) = l.idempotency_key {
+        let _ = write!(out, " idempotency_key={}", quoted(key));
     }
 }
 
@@ -385,6 +411,8 @@ mod tests {
             retry_skipped: None,
             error: None,
             gateway_msg: None,
+            idempotency: None,
+            idempotency_key: None,
         }
     }
 
@@ -418,6 +446,8 @@ mod tests {
         assert!(v["latency_ms"].as_f64().unwrap() >= 0.0);
         assert_eq!(v["x_request_id"], "req-1");
         assert!(v["error"].is_null());
+        assert!(v["idempotency"].is_null());
+        assert!(v["idempotency_key"].is_null());
     }
 
     /// The hand-written JSON line is byte for byte what `serde_json` makes
@@ -467,6 +497,8 @@ mod tests {
                     latency_ms: (i * 1_000 + j) as f64 / 1000.0,
                     x_request_id: text,
                     error: opt(i + 1).map(|_| "upstream_timeout"),
+                    idempotency: opt(j).map(|_| "replayed"),
+                    idempotency_key: opt(i + j),
                 };
                 let mut ours = Vec::new();
                 json_line(&mut ours, &line);

@@ -34,6 +34,7 @@ use crate::callbacks::Callbacks;
 use crate::config::{ConfigError, process_env};
 use crate::connections::Connections;
 use crate::exporter::Process;
+use crate::idempotency::{self, Idempotency, LocalStore, Store};
 use crate::loaded::Loaded;
 use crate::metrics::Metrics;
 use crate::proxy::Gateway;
@@ -59,6 +60,24 @@ pub enum StartError {
     Signals(std::io::Error),
     #[error("cannot start a serving thread: {0}")]
     Worker(std::io::Error),
+}
+
+/// How often the local idempotency store drops expired keys, and how
+/// many at most per round.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
+const SWEEP_LIMIT: usize = 10_000;
+
+/// Removes expired keys from the local idempotency store, forever. They
+/// already read as vacant; this keeps the file from growing.
+async fn sweep_expired_keys(store: LocalStore) {
+    loop {
+        tokio::time::sleep(SWEEP_EVERY).await;
+        match store.sweep(idempotency::now_ms(), SWEEP_LIMIT).await {
+            Ok(0) => {}
+            Ok(removed) => tracing::debug!(removed, "idempotency: expired keys removed"),
+            Err(e) => tracing::warn!(error = %e, "idempotency: sweeping expired keys failed"),
+        }
+    }
 }
 
 /// Everything the process serves with.
@@ -103,7 +122,21 @@ impl App {
             log_config.queue_lines,
         );
         let metrics = Arc::new(Metrics::default());
-        let gateway = Gateway::with_metrics(&loaded, log.clone(), metrics.clone())?;
+        // Like the callback store, the idempotency store is opened once
+        // (a local one is a file only one process may hold) and handed
+        // from each config to the next on SIGHUP.
+        let idempotency = match &loaded.config.idempotency {
+            None => None,
+            Some(c) => {
+                let store = Arc::new(Idempotency::open(c, loaded.idempotency_redis_url.as_ref())?);
+                if let Store::Local(local) = store.store() {
+                    tokio::spawn(sweep_expired_keys(local.clone()));
+                }
+                Some(store)
+            }
+        };
+        let gateway = Gateway::with_metrics(&loaded, log.clone(), metrics.clone())?
+            .with_idempotency(idempotency);
         let current: reload::Current = Arc::new(ArcSwap::from_pointee(gateway));
         // The store is a file only one process may hold: opened once, its
         // settings taken at start, not on SIGHUP. The secret that verifies a

@@ -300,6 +300,36 @@ impl ResponseBody {
         }
     }
 
+    /// Reads the body to its end if it ends within `limit` bytes
+    /// (`Ok(Ok(whole))`); otherwise `Ok(Err(body))`, the same body with
+    /// what was read put back in front. An unwatched body only.
+    pub async fn read_within(mut self, limit: usize) -> Result<Result<Bytes, Self>, hyper::Error> {
+        match std::mem::replace(&mut self.inner, Inner::Local(None)) {
+            Inner::Local(b) => {
+                let b = b.unwrap_or_default();
+                if b.len() <= limit {
+                    Ok(Ok(b))
+                } else {
+                    Ok(Err(Self::local(b)))
+                }
+            }
+            Inner::Upstream { mut pending, rest } => {
+                let have: usize = pending.iter().map(Bytes::len).sum();
+                if have > limit {
+                    return Ok(Err(Self::upstream_after(pending, rest)));
+                }
+                // One byte past the limit tells "ends at the limit" from
+                // "goes on".
+                let (chunks, rest) = read_prefix(rest, limit - have + 1).await?;
+                pending.extend(chunks);
+                Ok(match rest {
+                    None => Ok(join(pending)),
+                    Some(rest) => Err(Self::upstream_after(pending, rest)),
+                })
+            }
+        }
+    }
+
     /// Has `watch` see this body's chunks and its end.
     pub fn watch(&mut self, watch: Box<dyn BodyWatch>) {
         self.watch = Some(watch);

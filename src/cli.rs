@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 
 use crate::access_log::AccessLog;
 use crate::app::{App, EXIT_FLUSH, StartError};
-use crate::config::{self, BackendKind, ConfigError, LogConfig, process_env};
+use crate::config::{self, BackendKind, ConfigError, LogConfig, StoreKind, process_env};
 use crate::loaded::{self, Loaded};
 use crate::metrics::Metrics;
 use crate::proxy::Gateway;
@@ -242,6 +242,12 @@ fn check(loaded: &Loaded) -> ExitCode {
         && let Ok(source) = r.redis_url_source()
     {
         println!("# rate_limit: Redis URL {source}");
+    }
+    if let Some(i) = &loaded.config.idempotency
+        && i.store == StoreKind::Redis
+        && let Ok(source) = i.redis_url_source()
+    {
+        println!("# idempotency: Redis URL {source}");
     }
     print!("{}", loaded.config.to_toml());
     ExitCode::SUCCESS

@@ -39,6 +39,11 @@ struct ClassLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabels {
     reason: String,
 }
@@ -55,6 +60,8 @@ pub struct Metrics {
     /// The series of each class (and of calls with none), once looked up.
     by_class: [OnceLock<ClassSeries>; 4],
     retries: Family<ReasonLabels, Counter>,
+    /// Calls with an `Idempotency-Key`, by what became of the key.
+    idempotency: Family<ResultLabels, Counter>,
     in_flight: AtomicI64,
     secret_reloads: AtomicU64,
     secret_reload_failures: AtomicU64,
@@ -159,6 +166,7 @@ impl Default for Metrics {
             attempts: Family::default(),
             by_class: Default::default(),
             retries: Family::default(),
+            idempotency: Family::default(),
             in_flight: AtomicI64::new(0),
             secret_reloads: AtomicU64::new(0),
             secret_reload_failures: AtomicU64::new(0),
@@ -182,6 +190,13 @@ impl Metrics {
             self.retries
                 .get_or_create(&ReasonLabels {
                     reason: reason.to_string(),
+                })
+                .inc();
+        }
+        if let Some(logged) = r.idempotency {
+            self.idempotency
+                .get_or_create(&ResultLabels {
+                    result: logged.as_str(),
                 })
                 .inc();
         }
@@ -320,6 +335,11 @@ impl Metrics {
             self.attempts.clone(),
         );
         registry.register("retries", "Retries, by reason.", self.retries.clone());
+        registry.register(
+            "idempotency",
+            "Calls with an Idempotency-Key, by what became of the key.",
+            self.idempotency.clone(),
+        );
     }
 }
 

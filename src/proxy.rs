@@ -42,8 +42,9 @@ use crate::breaker::{Admission, Breaker, State as BreakerState};
 use crate::call_log::CallLog;
 use crate::config::{AmbiguousPaths, Class, ConfigError, RetryConfig, ServerConfig, SigningConfig};
 use crate::envelope;
-use crate::error::GatewayError;
+use crate::error::{self, GatewayError};
 use crate::headers::{self, X_PANDAGATE_PROFILE, X_REQUEST_ID};
+use crate::idempotency::{self, Begun, IDEMPOTENCY_KEY, Idempotency, Key, Logged, Stored};
 use crate::ids;
 use crate::limiter::Limiter;
 use crate::loaded::Loaded;
@@ -78,6 +79,9 @@ pub struct Gateway {
     request_timeout: Duration,
     inspect_bytes: usize,
     access_log: AccessLog,
+    /// Callers' idempotency keys, when `[idempotency]` is set. Opened once
+    /// per process and handed from one config to the next.
+    idempotency: Option<Arc<Idempotency>>,
 }
 
 /// One upstream attempt's result: the answer the caller would get.
@@ -94,11 +98,22 @@ pub(crate) struct Prepared<'a> {
     pub method: http::Method,
     pub uri: http::Uri,
     pub headers: HeaderMap,
+    /// The caller's idempotency key, on a write or unknown call.
+    pub key: Option<Key>,
 }
 
 impl Gateway {
+    /// A gateway with metrics and an idempotency store of its own.
     pub fn new(loaded: &Loaded, access_log: AccessLog) -> Result<Gateway, ConfigError> {
-        Self::with_metrics(loaded, access_log, Arc::new(Metrics::default()))
+        let gateway = Self::with_metrics(loaded, access_log, Arc::new(Metrics::default()))?;
+        let idempotency = match &loaded.config.idempotency {
+            None => None,
+            Some(c) => Some(Arc::new(Idempotency::open(
+                c,
+                loaded.idempotency_redis_url.as_ref(),
+            )?)),
+        };
+        Ok(gateway.with_idempotency(idempotency))
     }
 
     /// A gateway recording into `metrics`, which outlive config reloads.
@@ -137,7 +152,19 @@ impl Gateway {
             request_timeout: Duration::from_millis(c.upstream.request_timeout_ms),
             inspect_bytes: c.log.inspect_bytes,
             access_log,
+            idempotency: None,
         })
+    }
+
+    /// Serves callers' idempotency keys from `store` (opened once per
+    /// process: see [`Idempotency::open`]).
+    pub fn with_idempotency(mut self, store: Option<Arc<Idempotency>>) -> Gateway {
+        self.idempotency = store;
+        self
+    }
+
+    pub fn idempotency(&self) -> Option<&Arc<Idempotency>> {
+        self.idempotency.as_ref()
     }
 
     pub fn access_log(&self) -> &AccessLog {
@@ -171,7 +198,29 @@ impl Gateway {
 
     /// Answers one call. Never fails: errors become envelopes. The call's
     /// log line is its [`CallLog`]'s to write, whatever happens.
-    pub async fn handle(&self, req: Request<Incoming>) -> Response<ResponseBody> {
+    ///
+    /// A call with an idempotency key runs as a task of its own, to its
+    /// end even when its caller leaves: its outcome is what the caller's
+    /// retry with the same key will be answered with.
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ResponseBody> {
+        if self.idempotency.is_none() || !req.headers().contains_key(IDEMPOTENCY_KEY) {
+            return self.answer(req).await;
+        }
+        match tokio::spawn(async move { self.answer(req).await }).await {
+            Ok(response) => response,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            // Cancelled: the runtime is shutting down.
+            Err(_) => error::envelope_response(
+                http::StatusCode::SERVICE_UNAVAILABLE,
+                "",
+                "shutting_down",
+                "the gateway stopped before the call finished",
+            )
+            .map(ResponseBody::local),
+        }
+    }
+
+    async fn answer(&self, req: Request<Incoming>) -> Response<ResponseBody> {
         let id = ids::request_id_bytes();
         let gateway_id = std::str::from_utf8(&id).expect("hex is ASCII");
         let x_request_id = caller_request_id(req.headers())
@@ -182,17 +231,21 @@ impl Gateway {
             self.metrics.clone(),
         );
         let record = call.record();
-        let (mut response, inspect) = match self.forward(req, &x_request_id, record).await {
-            Ok(response) => {
-                record.upstream_status = Some(response.status().as_u16());
-                (response, self.inspect_bytes)
-            }
-            Err(e) => {
-                record.error = Some(e.kind());
-                record.gateway_msg = Some(e.to_string());
-                (e.to_response(gateway_id).map(ResponseBody::local), 0)
-            }
-        };
+        let (mut response, inspect) =
+            match self.forward(req, &x_request_id, gateway_id, record).await {
+                Ok(response) => {
+                    // A replayed answer is the provider's, but from the store.
+                    if record.idempotency != Some(Logged::Replayed) {
+                        record.upstream_status = Some(response.status().as_u16());
+                    }
+                    (response, self.inspect_bytes)
+                }
+                Err(e) => {
+                    record.error = Some(e.kind());
+                    record.gateway_msg = Some(e.to_string());
+                    (e.to_response(gateway_id).map(ResponseBody::local), 0)
+                }
+            };
         record.status = response.status().as_u16();
         response.headers_mut().insert(X_REQUEST_ID, x_request_id);
         response.body_mut().watch(call.answering(inspect));
@@ -205,6 +258,7 @@ impl Gateway {
         &self,
         req: Request<Incoming>,
         x_request_id: &HeaderValue,
+        gateway_id: &str,
         record: &mut AccessRecord,
     ) -> Answer {
         // The body's deadline runs from the end of the head, before anything
@@ -220,17 +274,79 @@ impl Gateway {
         // Small bodies are read whole, so an over-limit body is refused
         // before anything is sent, and the bytes can be sent again.
         let body = body::read_request(incoming, call.declared, body_limits).await?;
-        self.attempts(&call, body, record).await
+        match (&self.idempotency, call.key) {
+            (Some(idempotency), Some(key)) => {
+                self.keyed(idempotency, &call, key, body, gateway_id, record)
+                    .await
+            }
+            _ => self.attempts(&call, body, record, &mut false).await,
+        }
+    }
+
+    /// A call with an idempotency key: answered from the store when the key
+    /// was used before; otherwise reserved, sent, and its answer kept, or
+    /// the key released when nothing reached the provider. Replays and
+    /// refusals come before the breaker and the limiter: they spend no
+    /// quota and need no provider.
+    async fn keyed(
+        &self,
+        idempotency: &Idempotency,
+        call: &Prepared<'_>,
+        key: Key,
+        body: UpstreamBody,
+        gateway_id: &str,
+        record: &mut AccessRecord,
+    ) -> Answer {
+        record.idempotency_key = Some(key.shown);
+        let UpstreamBody::Full(bytes) = &body else {
+            return Err(GatewayError::KeyedBodyTooLarge {
+                limit: self.buffer_body,
+            });
+        };
+        let target = call.uri.path_and_query().map_or("/", |p| p.as_str());
+        let fingerprint =
+            idempotency::fingerprint(&call.method, target, bytes.as_deref().unwrap_or_default());
+        let deadline = Duration::from_millis(self.retry.deadline_ms);
+        let reservation = match idempotency.begin(&key, fingerprint, deadline).await {
+            Begun::Reserved(reservation) => reservation,
+            Begun::Answered(logged, answer) => {
+                record.idempotency = Some(logged);
+                return answer.map(|r| r.map(ResponseBody::local));
+            }
+        };
+        record.idempotency = Some(Logged::New);
+        let until = Instant::now() + deadline;
+        let mut reached = false;
+        let answer = self.attempts(call, body, record, &mut reached).await;
+        if !reached {
+            idempotency.release(reservation).await;
+            record.idempotency = Some(Logged::Released);
+            return answer;
+        }
+        let max = idempotency.config().max_response_bytes;
+        let (answer, stored) = match answer {
+            Ok(response) => keep(response, max, until, gateway_id).await,
+            Err(e) => {
+                let shown = e.to_response(gateway_id);
+                let stored = Stored::new(shown.status(), shown.headers(), Some(shown.body()));
+                (Err(e), stored)
+            }
+        };
+        idempotency.finish(reservation, stored).await;
+        answer
     }
 
     /// The retry loop. Each attempt is admitted by the breaker, takes a
     /// quota slot, is signed afresh and sent; then the retry policy, the
     /// breaker and the retry budget decide whether another follows.
+    ///
+    /// `reached` is set once an attempt may have reached the provider.
     async fn attempts(
         &self,
         call: &Prepared<'_>,
         body: UpstreamBody,
         record: &mut AccessRecord,
+        reached: &mut bool,
     ) -> Answer {
         let route = &call.route;
         // The clock is read once per step and the reading shared.
@@ -257,6 +373,7 @@ impl Gateway {
             let sent = Instant::now();
             let remaining = deadline.saturating_duration_since(sent);
             let (outcome, answer) = self.send(call, body, attempt_timeout.min(remaining)).await;
+            *reached |= outcome.may_have_reached();
             let done = Instant::now();
             self.metrics.attempt(route.class, done - sent);
             permit.record(outcome.health(), done);
@@ -404,12 +521,26 @@ impl Gateway {
         }
         let route = self.routes.route(parts.uri.path());
         record.class = Some(route.class);
+        let key = match &self.idempotency {
+            None => None,
+            Some(idempotency) => idempotency.key_of(
+                &parts.headers,
+                route.class,
+                record.client.as_deref(),
+                &profile.name,
+                &mut record.idempotency,
+            )?,
+        };
 
         let declared = content_length(&parts.headers)?;
         let uri = self.upstream.uri_for(&parts.uri)?;
 
         // Upstream request: the caller's message with the gateway's headers.
         let mut headers = headers::for_upstream(parts.headers);
+        if self.idempotency.is_some() {
+            // The gateway keeps the promise; the provider never sees the key.
+            headers.remove(IDEMPOTENCY_KEY);
+        }
         headers.insert(header::HOST, self.upstream.host.clone());
         headers.insert(X_REQUEST_ID, x_request_id.clone());
         if let Some(user_id) = user_id {
@@ -422,6 +553,7 @@ impl Gateway {
             method: parts.method,
             uri,
             headers,
+            key,
         })
     }
 
@@ -540,6 +672,41 @@ impl Gateway {
             HeaderValue::from_bytes(&nonce).expect("alphanumeric"),
         );
         headers.insert(headers::SIGNATURE, signature);
+    }
+}
+
+/// Reads the provider's answer to keep it for replays, by `until`: whole
+/// when it ends within `max` bytes; otherwise its status and headers only,
+/// while the caller still gets all of it. An answer whose body fails or
+/// does not end in time becomes the gateway's own (502 or 504), kept so.
+async fn keep(
+    response: Response<ResponseBody>,
+    max: usize,
+    until: Instant,
+    gateway_id: &str,
+) -> (Answer, Stored) {
+    let (parts, body) = response.into_parts();
+    let started = Instant::now();
+    let read = tokio::time::timeout_at(until, body.read_within(max)).await;
+    let failed = |e: GatewayError| {
+        let shown = e.to_response(gateway_id);
+        let stored = Stored::new(shown.status(), shown.headers(), Some(shown.body()));
+        (Err(e), stored)
+    };
+    match read {
+        Ok(Ok(Ok(whole))) => {
+            let stored = Stored::new(parts.status, &parts.headers, Some(&whole));
+            let response = Response::from_parts(parts, ResponseBody::local(whole));
+            (Ok(response), stored)
+        }
+        Ok(Ok(Err(long))) => {
+            let stored = Stored::new(parts.status, &parts.headers, None);
+            (Ok(Response::from_parts(parts, long)), stored)
+        }
+        Ok(Err(_)) => failed(GatewayError::UpstreamFailed),
+        Err(_) => failed(GatewayError::UpstreamTimeout(
+            (until - started).as_millis() as u64
+        )),
     }
 }
 

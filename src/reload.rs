@@ -10,7 +10,8 @@
 //!   bound once: changing them needs a restart. Retry budget, breaker and
 //!   limiter state start afresh with the new config. The push receiver's
 //!   store and settings stay as started, but it verifies each push with the
-//!   running config's secret ([`profile_secret`]).
+//!   running config's secret ([`profile_secret`]). So does the idempotency
+//!   store, `[idempotency]` settings included.
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -125,8 +126,13 @@ pub fn reload(
     if new.listen != old.listen || new.admin_listen != old.admin_listen {
         tracing::warn!("listener addresses changed: they take effect after a restart");
     }
+    if loaded.config.idempotency.is_some() != running.idempotency().is_some() {
+        tracing::warn!("[idempotency] added or removed: that takes effect after a restart");
+    }
     match Gateway::with_metrics(&loaded, log.clone(), metrics.clone()) {
         Ok(gateway) => {
+            // The idempotency store stays as opened at start.
+            let gateway = gateway.with_idempotency(running.idempotency().cloned());
             current.store(Arc::new(gateway));
             metrics.config_reloaded();
             tracing::info!(profiles = loaded.profiles.len(), "config reloaded");

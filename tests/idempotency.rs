@@ -1,0 +1,756 @@
+//! Idempotency keys: a call sent again with the same key is answered from
+//! the first call's outcome and reaches the provider at most once.
+
+mod support;
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::Full;
+use pandagate::config::{Config, IdempotencyConfig, RateLimitConfig, StoreKind};
+use pandagate::exporter::Exporter;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+const ORDER: &str = "/alibaba/order/create";
+const READ: &str = "/open/product/get";
+
+/// What the provider stand-in does with one request.
+#[derive(Clone, Debug)]
+enum Act {
+    /// Answers at once.
+    Answer(u16, String),
+    /// Reads the request, then closes the connection without a word.
+    Drop,
+    /// Answers after a while.
+    Late(Duration, u16, String),
+}
+
+fn ok(order: &str) -> Act {
+    Act::Answer(
+        200,
+        serde_json::json!({"requestId": format!("prov-{order}"), "code": 200, "msg": "success", "data": {"orderId": order}})
+            .to_string(),
+    )
+}
+
+/// A provider that counts what it receives and acts as scripted: the
+/// queued acts first, then `then` for every further request.
+struct Provider {
+    addr: SocketAddr,
+    received: Arc<Mutex<Vec<(String, String)>>>,
+    acts: Arc<Mutex<VecDeque<Act>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Provider {
+    async fn start(acts: Vec<Act>, then: Act) -> Provider {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let acts = Arc::new(Mutex::new(VecDeque::from(acts)));
+        let (seen, queue) = (received.clone(), acts.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let (seen, queue, then) = (seen.clone(), queue.clone(), then.clone());
+                tokio::spawn(async move {
+                    while let Some((head, body)) = read_request(&mut stream).await {
+                        seen.lock().unwrap().push((head, body));
+                        let act = queue.lock().unwrap().pop_front().unwrap_or(then.clone());
+                        let (status, body) = match act {
+                            Act::Drop => return,
+                            Act::Answer(s, b) => (s, b),
+                            Act::Late(wait, s, b) => {
+                                tokio::time::sleep(wait).await;
+                                (s, b)
+                            }
+                        };
+                        let answer = format!(
+                            "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\nx-provider: yes\r\ncontent-length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        if stream.write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Provider {
+            addr,
+            received,
+            acts,
+            task,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Requests received whose body mentions `needle`.
+    fn count(&self, needle: &str) -> usize {
+        self.received
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, body)| body.contains(needle))
+            .count()
+    }
+
+    fn heads(&self) -> Vec<String> {
+        self.received
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(h, _)| h.clone())
+            .collect()
+    }
+
+    fn script(&self, acts: Vec<Act>) {
+        self.acts.lock().unwrap().extend(acts);
+    }
+}
+
+impl Drop for Provider {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// One HTTP/1.1 request with a Content-Length body, or `None` at EOF.
+async fn read_request(stream: &mut tokio::net::TcpStream) -> Option<(String, String)> {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        if stream.read(&mut byte).await.ok()? == 0 {
+            return None;
+        }
+        buf.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&buf).to_string();
+    let len = head
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse::<usize>().ok())
+                .flatten()
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body).await.ok()?;
+    Some((head, String::from_utf8_lossy(&body).to_string()))
+}
+
+fn keyed_config(upstream: &str, store: IdempotencyConfig) -> Config {
+    let mut c = config(upstream);
+    c.retry.backoff_base_ms = 1;
+    c.retry.backoff_cap_ms = 1;
+    c.idempotency = Some(store);
+    c
+}
+
+fn local_store(dir: &std::path::Path) -> IdempotencyConfig {
+    IdempotencyConfig {
+        path: dir.to_owned(),
+        ..IdempotencyConfig::default()
+    }
+}
+
+fn redis_store(url: String) -> IdempotencyConfig {
+    IdempotencyConfig {
+        store: StoreKind::Redis,
+        redis_url: Some(url),
+        ..IdempotencyConfig::default()
+    }
+}
+
+fn order_body(order: &str) -> String {
+    format!(r#"{{"outOrderId":"{order}","quantity":1}}"#)
+}
+
+fn keyed(url: &str, key: &str, body: &str) -> Request<Full<Bytes>> {
+    Request::post(url)
+        .header("idempotency-key", key)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_owned())))
+        .unwrap()
+}
+
+async fn create(gw: &TestGateway, key: &str, order: &str) -> Answer {
+    send(keyed(&gw.url(ORDER), key, &order_body(order))).await
+}
+
+fn replayed(a: &Answer) -> bool {
+    a.headers
+        .get("idempotent-replayed")
+        .is_some_and(|v| v == "true")
+}
+
+#[tokio::test]
+async fn a_retried_order_is_sent_once_and_replayed_as_it_was() {
+    let provider = Provider::start(vec![], ok("o-1")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = spawn_gateway(keyed_config(&provider.url(), local_store(dir.path()))).await;
+
+    let first = create(&gw, "order-o-1", "o-1").await;
+    assert_eq!(first.status, 200);
+    assert!(!replayed(&first));
+    for _ in 0..3 {
+        let again = create(&gw, "order-o-1", "o-1").await;
+        assert_eq!(again.status, 200);
+        assert!(replayed(&again), "{:?}", again.headers);
+        assert_eq!(again.body, first.body);
+        assert_eq!(again.headers["x-provider"], "yes");
+        assert_eq!(again.headers["content-type"], "application/json");
+    }
+    assert_eq!(provider.count("o-1"), 1);
+    // The provider never sees the key.
+    assert!(
+        provider
+            .heads()
+            .iter()
+            .all(|h| !h.to_ascii_lowercase().contains("idempotency-key")),
+        "{:?}",
+        provider.heads()
+    );
+
+    let log = gw.access_log_of(4).await;
+    assert_eq!(log[0]["idempotency"], "new");
+    assert_eq!(log[0]["attempts"], 1);
+    assert_eq!(log[0]["upstream_status"], 200);
+    for line in &log[1..] {
+        assert_eq!(line["idempotency"], "replayed");
+        assert_eq!(line["attempts"], 0);
+        assert!(line["upstream_status"].is_null());
+        assert_eq!(
+            line["request_id"], "prov-o-1",
+            "the replayed envelope is logged"
+        );
+    }
+    let shown = log[0]["idempotency_key"].as_str().unwrap();
+    assert_eq!(shown.len(), 12);
+    let text = serde_json::to_string(&log).unwrap();
+    assert!(
+        !text.contains("order-o-1"),
+        "the key is never logged: {text}"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn the_same_key_for_another_call_is_refused_422_and_nothing_is_sent() {
+    let provider = Provider::start(vec![], ok("o-2")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = spawn_gateway(keyed_config(&provider.url(), local_store(dir.path()))).await;
+    assert_eq!(create(&gw, "k-2", "o-2").await.status, 200);
+
+    let other_body = create(&gw, "k-2", "o-2b").await;
+    let v = other_body.assert_gateway_envelope(422);
+    assert_eq!(v["error"], "idempotency_key_reused");
+    let other_path = send(keyed(
+        &gw.url("/alibaba/order/create?x=1"),
+        "k-2",
+        &order_body("o-2"),
+    ))
+    .await;
+    assert_eq!(
+        other_path.assert_gateway_envelope(422)["error"],
+        "idempotency_key_reused"
+    );
+    assert_eq!(provider.count("o-2"), 1);
+    let log = gw.access_log_of(3).await;
+    assert_eq!(log[1]["idempotency"], "mismatch");
+    assert_eq!(log[1]["attempts"], 0);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_key_in_progress_is_answered_409_until_its_answer_is_kept() {
+    let provider = Provider::start(
+        vec![Act::Late(
+            Duration::from_millis(800),
+            200,
+            r#"{"code":200,"data":{"orderId":"o-3"}}"#.into(),
+        )],
+        ok("o-3"),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = spawn_gateway(keyed_config(&provider.url(), local_store(dir.path()))).await;
+
+    let url = gw.url(ORDER);
+    let first = tokio::spawn(send(keyed(&url, "k-3", &order_body("o-3"))));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let during = create(&gw, "k-3", "o-3").await;
+    let v = during.assert_gateway_envelope(409);
+    assert_eq!(v["error"], "idempotency_in_progress");
+    assert_eq!(during.headers["retry-after"], "1");
+
+    let first = first.await.unwrap();
+    assert_eq!(first.status, 200);
+    let after = create(&gw, "k-3", "o-3").await;
+    assert!(replayed(&after));
+    assert_eq!(after.body, first.body);
+    assert_eq!(provider.count("o-3"), 1);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_caller_that_gives_up_still_gets_the_answer_on_its_retry() {
+    let provider = Provider::start(
+        vec![Act::Late(
+            Duration::from_millis(700),
+            200,
+            r#"{"code":200,"data":{"orderId":"o-4"}}"#.into(),
+        )],
+        ok("o-4"),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = spawn_gateway(keyed_config(&provider.url(), local_store(dir.path()))).await;
+
+    // The caller's own timeout is shorter than the provider's answer.
+    let gave_up = tokio::time::timeout(Duration::from_millis(200), create(&gw, "k-4", "o-4")).await;
+    assert!(gave_up.is_err(), "the caller timed out");
+    let mut answer = None;
+    for _ in 0..40 {
+        let a = create(&gw, "k-4", "o-4").await;
+        if a.status != 409 {
+            answer = Some(a);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let answer = answer.expect("the first call's answer is kept within 4 s");
+    assert_eq!(answer.status, 200);
+    assert!(replayed(&answer));
+    assert!(String::from_utf8_lossy(&answer.body).contains("o-4"));
+    assert_eq!(provider.count("o-4"), 1);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn an_outcome_the_gateway_cannot_know_is_kept_and_never_sent_twice() {
+    // Dropped after the request was read: 502, kept.
+    let provider = Provider::start(vec![Act::Drop], ok("x")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = keyed_config(&provider.url(), local_store(dir.path()));
+    c.upstream.request_timeout_ms = 300;
+    c.retry.deadline_ms = 2_000;
+    let gw = spawn_gateway(c).await;
+    let first = create(&gw, "k-5", "o-5").await;
+    let v = first.assert_gateway_envelope(502);
+    let again = create(&gw, "k-5", "o-5").await;
+    assert!(replayed(&again));
+    assert_eq!(again.json(), v, "the same envelope, request id included");
+
+    // No answer within the attempt's time: 504, kept.
+    provider.script(vec![Act::Late(
+        Duration::from_millis(900),
+        200,
+        "{}".into(),
+    )]);
+    let first = create(&gw, "k-6", "o-6").await;
+    let v = first.assert_gateway_envelope(504);
+    let again = create(&gw, "k-6", "o-6").await;
+    assert!(replayed(&again));
+    assert_eq!(again.status, 504);
+    assert_eq!(again.json(), v);
+
+    assert_eq!(provider.count("o-5"), 1);
+    assert_eq!(provider.count("o-6"), 1);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_call_that_sent_nothing_releases_its_key() {
+    // Refused connections: nothing reached the provider, the key is free.
+    let dead = dead_address();
+    let dir = tempfile::tempdir().unwrap();
+    let gw = spawn_gateway(keyed_config(
+        &format!("http://{dead}"),
+        local_store(dir.path()),
+    ))
+    .await;
+    for _ in 0..2 {
+        create(&gw, "k-7", "o-7").await.assert_gateway_envelope(502);
+    }
+    let log = gw.access_log_of(2).await;
+    for line in &log {
+        assert_eq!(line["idempotency"], "released");
+        assert!(line["attempts"].as_u64().unwrap() >= 1);
+    }
+    gw.stop().await;
+
+    // Over the quota: 429, the key is free once a slot is.
+    let provider = Provider::start(vec![], ok("o-8")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = keyed_config(&provider.url(), local_store(dir.path()));
+    c.rate_limit = Some(RateLimitConfig::new(2.0, Some(1)));
+    let gw = spawn_gateway(c).await;
+    assert_eq!(get(&gw.url(READ)).await.status, 200); // spends the slot
+    create(&gw, "k-8", "o-8").await.assert_gateway_envelope(429);
+    assert_eq!(provider.count("o-8"), 0);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let later = create(&gw, "k-8", "o-8").await;
+    assert_eq!(later.status, 200);
+    assert!(!replayed(&later));
+    assert_eq!(provider.count("o-8"), 1);
+    let log = gw.access_log_of(3).await;
+    assert_eq!(log[1]["idempotency"], "released");
+    assert_eq!(log[2]["idempotency"], "new");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn keys_are_scoped_by_profile() {
+    let provider = Provider::start(vec![], ok("o-9")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = spawn_gateway(keyed_config(&provider.url(), local_store(dir.path()))).await;
+    assert_eq!(create(&gw, "k-9", "o-9").await.status, 200);
+    let mut req = keyed(&gw.url(ORDER), "k-9", &order_body("o-9"));
+    req.headers_mut()
+        .insert("x-pandagate-profile", "ops".parse().unwrap());
+    let other = send(req).await;
+    assert_eq!(other.status, 200);
+    assert!(!replayed(&other));
+    assert_eq!(provider.count("o-9"), 2);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn reads_ignore_keys_and_writes_may_require_one() {
+    let provider = Provider::start(vec![], ok("r")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = local_store(dir.path());
+    store.require_key = true;
+    let gw = spawn_gateway(keyed_config(&provider.url(), store)).await;
+
+    for _ in 0..2 {
+        let req = Request::get(gw.url(READ))
+            .header("idempotency-key", "read-key")
+            .body(Full::default())
+            .unwrap();
+        assert_eq!(send(req).await.status, 200);
+    }
+    assert_eq!(
+        provider.received.lock().unwrap().len(),
+        2,
+        "both reads sent"
+    );
+
+    let unkeyed = send(
+        Request::post(gw.url(ORDER))
+            .body(Full::new(Bytes::from(order_body("o-10"))))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        unkeyed.assert_gateway_envelope(400)["error"],
+        "idempotency_key_required"
+    );
+    assert_eq!(provider.count("o-10"), 0);
+    // An unknown path is not a catalogued write: no key needed.
+    let unknown = send(
+        Request::post(gw.url("/open/something/new"))
+            .body(Full::new(Bytes::from("{}")))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(unknown.status, 200);
+
+    let log = gw.access_log_of(4).await;
+    assert_eq!(log[0]["idempotency"], "ignored");
+    assert!(log[3]["idempotency"].is_null());
+    assert!(
+        provider
+            .heads()
+            .iter()
+            .all(|h| !h.to_ascii_lowercase().contains("idempotency-key"))
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn malformed_keys_and_unbufferable_bodies_are_refused_before_anything_is_sent() {
+    let provider = Provider::start(vec![], ok("x")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = keyed_config(&provider.url(), local_store(dir.path()));
+    c.server.buffer_body_bytes = 1024;
+    let gw = spawn_gateway(c).await;
+
+    let long = "k".repeat(256);
+    for bad in [
+        "has space",
+        "\"unclosed",
+        "\"bad\\escape\"",
+        "\"\"",
+        long.as_str(),
+    ] {
+        let a = create(&gw, bad, "o-11").await;
+        assert_eq!(
+            a.assert_gateway_envelope(400)["error"],
+            "bad_idempotency_key",
+            "{bad:?}"
+        );
+    }
+    let twice = send(
+        Request::post(gw.url(ORDER))
+            .header("idempotency-key", "a")
+            .header("idempotency-key", "b")
+            .body(Full::new(Bytes::from(order_body("o-11"))))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        twice.assert_gateway_envelope(400)["error"],
+        "bad_idempotency_key"
+    );
+
+    let big = format!(r#"{{"outOrderId":"o-12","pad":"{}"}}"#, "x".repeat(2_000));
+    let a = send(keyed(&gw.url(ORDER), "k-12", &big)).await;
+    let v = a.assert_gateway_envelope(413);
+    assert_eq!(v["error"], "idempotency_body_too_large");
+    assert!(
+        v["msg"].as_str().unwrap().contains("buffer_body_bytes"),
+        "{v}"
+    );
+    assert_eq!(provider.received.lock().unwrap().len(), 0);
+
+    // A quoted key is the same key unquoted.
+    assert_eq!(create(&gw, "k-13", "o-13").await.status, 200);
+    let quoted = create(&gw, "\"k-13\"", "o-13").await;
+    assert!(replayed(&quoted));
+    assert_eq!(provider.count("o-13"), 1);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn an_answer_too_long_to_keep_reaches_its_caller_and_replays_as_a_refusal() {
+    let long = format!(r#"{{"code":200,"data":"{}"}}"#, "y".repeat(5_000));
+    let provider = Provider::start(vec![], Act::Answer(200, long.clone())).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = local_store(dir.path());
+    store.max_response_bytes = 1_000;
+    let gw = spawn_gateway(keyed_config(&provider.url(), store)).await;
+    let first = create(&gw, "k-14", "o-14").await;
+    assert_eq!(first.status, 200);
+    assert_eq!(first.body, long.as_bytes());
+    let again = create(&gw, "k-14", "o-14").await;
+    let v = again.assert_gateway_envelope(502);
+    assert_eq!(v["error"], "idempotency_answer_not_kept");
+    assert!(v["msg"].as_str().unwrap().contains("200"), "{v}");
+    assert_eq!(provider.count("o-14"), 1);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn without_the_section_the_header_passes_through() {
+    let provider = Provider::start(vec![], ok("o-15")).await;
+    let gw = spawn_gateway(config(&provider.url())).await;
+    for _ in 0..2 {
+        assert_eq!(create(&gw, "k-15", "o-15").await.status, 200);
+    }
+    assert_eq!(provider.count("o-15"), 2);
+    assert!(
+        provider
+            .heads()
+            .iter()
+            .all(|h| h.to_ascii_lowercase().contains("idempotency-key: k-15"))
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn replicas_sharing_redis_share_keys() {
+    let redis = RedisServer::start();
+    let provider = Provider::start(
+        vec![Act::Late(
+            Duration::from_millis(600),
+            200,
+            r#"{"code":200,"data":{"orderId":"o-16"}}"#.into(),
+        )],
+        ok("o-x"),
+    )
+    .await;
+    let a = spawn_gateway(keyed_config(&provider.url(), redis_store(redis.url()))).await;
+    let b = spawn_gateway(keyed_config(&provider.url(), redis_store(redis.url()))).await;
+
+    let url = a.url(ORDER);
+    let first = tokio::spawn(send(keyed(&url, "k-16", &order_body("o-16"))));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let during = create(&b, "k-16", "o-16").await;
+    assert_eq!(
+        during.assert_gateway_envelope(409)["error"],
+        "idempotency_in_progress"
+    );
+    let first = first.await.unwrap();
+    assert_eq!(first.status, 200);
+    let on_b = create(&b, "k-16", "o-16").await;
+    assert!(replayed(&on_b));
+    assert_eq!(on_b.body, first.body);
+    let mismatch = create(&b, "k-16", "o-16-other").await;
+    mismatch.assert_gateway_envelope(422);
+    assert_eq!(provider.count("o-16"), 1);
+
+    // The metric counts what became of each key.
+    let gateway = b.gateway.clone();
+    let text = Exporter::new(Arc::new(move || gateway.clone())).render();
+    for line in [
+        r#"pandagate_idempotency_total{result="in_progress"} 1"#,
+        r#"pandagate_idempotency_total{result="replayed"} 1"#,
+        r#"pandagate_idempotency_total{result="mismatch"} 1"#,
+    ] {
+        assert!(text.contains(line), "missing {line} in\n{text}");
+    }
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn an_unreachable_redis_fails_keyed_calls_closed() {
+    let provider = Provider::start(vec![], ok("o-17")).await;
+    let dead = dead_address();
+    let gw = spawn_gateway(keyed_config(
+        &provider.url(),
+        redis_store(format!("redis://{dead}")),
+    ))
+    .await;
+    let a = create(&gw, "k-17", "o-17").await;
+    assert_eq!(
+        a.assert_gateway_envelope(503)["error"],
+        "idempotency_store_unavailable"
+    );
+    assert_eq!(a.headers["retry-after"], "1");
+    assert_eq!(provider.count("o-17"), 0);
+    // Calls without a key do not need the store.
+    let unkeyed = send(
+        Request::post(gw.url(ORDER))
+            .body(Full::new(Bytes::from(order_body("o-17"))))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(unkeyed.status, 200);
+    let log = gw.access_log_of(2).await;
+    assert_eq!(log[0]["idempotency"], "unavailable");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_reservation_whose_owner_died_reads_as_an_unknown_outcome_after_its_lease() {
+    use pandagate::idempotency::{Begun, Idempotency, Key, fingerprint};
+    let redis = RedisServer::start();
+    let provider = Provider::start(vec![], ok("o-18")).await;
+    let mut store = redis_store(redis.url());
+    store.lease_margin_ms = 300;
+    let mut c = keyed_config(&provider.url(), store.clone());
+    c.retry.deadline_ms = 200;
+    c.upstream.request_timeout_ms = 200;
+    let gw = spawn_gateway(c).await;
+
+    // Another replica reserves the key and dies without a word.
+    let url = pandagate::config::RedisUrl::parse(&redis.url(), "test").unwrap();
+    let other = Idempotency::open(&store, Some(&url)).unwrap();
+    let body = order_body("o-18");
+    let fp = fingerprint(&http::Method::POST, ORDER, body.as_bytes());
+    let key = Key::new(None, "default", b"k-18");
+    let Begun::Reserved(reservation) = other.begin(&key, fp, Duration::from_millis(200)).await
+    else {
+        panic!("reserved");
+    };
+    drop(reservation);
+
+    let during = create(&gw, "k-18", "o-18").await;
+    assert_eq!(
+        during.assert_gateway_envelope(409)["error"],
+        "idempotency_in_progress"
+    );
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    for _ in 0..2 {
+        let after = create(&gw, "k-18", "o-18").await;
+        let v = after.assert_gateway_envelope(502);
+        assert_eq!(v["error"], "idempotency_outcome_unknown");
+        assert!(v["msg"].as_str().unwrap().contains("new key"), "{v}");
+    }
+    assert_eq!(provider.count("o-18"), 0, "never sent by this replica");
+    let log = gw.access_log_of(3).await;
+    assert_eq!(log[2]["idempotency"], "unknown_outcome");
+    gw.stop().await;
+}
+
+/// The real binary killed mid-call: its reservation is on disk, so the
+/// replica that restarts on the same store never sends the call again.
+#[tokio::test]
+async fn a_gateway_killed_mid_call_leaves_a_reservation_that_outlives_it() {
+    let provider = Provider::start(
+        vec![Act::Late(Duration::from_secs(20), 200, "{}".into())],
+        ok("o-19"),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("pandagate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[retry]\ndeadline_ms = 1000\n[idempotency]\npath = {:?}\nlease_margin_ms = 500\n",
+            dir.path().join("keys")
+        ),
+    )
+    .unwrap();
+    let upstream = provider.url();
+    let env = [
+        ("PANDAPON_ACCESS_KEY", ACCESS_KEY),
+        ("PANDAPON_ACCESS_SECRET", SECRET),
+        ("PANDAGATE_UPSTREAM", upstream.as_str()),
+    ];
+    let args = ["--config", config.to_str().unwrap()];
+
+    let mut first = launch(&args, &env).await;
+    let url = format!("http://{}{ORDER}", first.gateway);
+    let call = tokio::spawn(send(keyed(&url, "k-19", &order_body("o-19"))));
+    for _ in 0..100 {
+        if provider.count("o-19") == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(provider.count("o-19"), 1, "the call reached the provider");
+    first.signal("-KILL");
+    let _ = tokio::time::timeout(Duration::from_secs(5), first.child.wait()).await;
+    call.abort();
+
+    let second = launch(&args, &env).await;
+    let url = format!("http://{}{ORDER}", second.gateway);
+    let mut seen = Vec::new();
+    for _ in 0..60 {
+        let a = send(keyed(&url, "k-19", &order_body("o-19"))).await;
+        let error = a.json()["error"].as_str().unwrap_or_default().to_owned();
+        seen.push((a.status.as_u16(), error.clone()));
+        if error == "idempotency_outcome_unknown" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        seen[0],
+        (409, "idempotency_in_progress".to_owned()),
+        "{seen:?}"
+    );
+    assert_eq!(
+        seen.last().unwrap(),
+        &(502, "idempotency_outcome_unknown".to_owned()),
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter().all(|(s, _)| *s == 409 || *s == 502),
+        "nothing else answered: {seen:?}"
+    );
+    assert_eq!(provider.count("o-19"), 1, "never sent a second time");
+}
