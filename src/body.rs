@@ -397,6 +397,13 @@ impl Drop for ResponseBody {
         } else {
             BodyEnd::Incomplete
         };
+        // A body held whole that never went out (its caller left first) is
+        // still shown to the watcher: the log says what the provider said.
+        if let (BodyEnd::Incomplete, Inner::Local(Some(body)), Some(w)) =
+            (how, &self.inner, self.watch.as_deref_mut())
+        {
+            w.chunk(body);
+        }
         self.end(how);
     }
 }

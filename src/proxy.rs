@@ -327,8 +327,7 @@ impl Gateway {
         let (answer, stored) = match answer {
             Ok(response) => keep(response, max, until, gateway_id).await,
             Err(e) => {
-                let shown = e.to_response(gateway_id);
-                let stored = Stored::new(shown.status(), shown.headers(), Some(shown.body()));
+                let stored = Stored::of_error(&e, gateway_id);
                 (Err(e), stored)
             }
         };
@@ -689,8 +688,7 @@ async fn keep(
     let started = Instant::now();
     let read = tokio::time::timeout_at(until, body.read_within(max)).await;
     let failed = |e: GatewayError| {
-        let shown = e.to_response(gateway_id);
-        let stored = Stored::new(shown.status(), shown.headers(), Some(shown.body()));
+        let stored = Stored::of_error(&e, gateway_id);
         (Err(e), stored)
     };
     match read {

@@ -39,6 +39,15 @@ fn ok(order: &str) -> Act {
     )
 }
 
+/// The provider's 200 for `order`, after `ms` milliseconds.
+fn late(ms: u64, order: &str) -> Act {
+    Act::Late(
+        Duration::from_millis(ms),
+        200,
+        format!(r#"{{"code":200,"data":{{"orderId":"{order}"}}}}"#),
+    )
+}
+
 /// A provider that counts what it receives and acts as scripted: the
 /// queued acts first, then `then` for every further request.
 struct Provider {
@@ -273,15 +282,7 @@ async fn the_same_key_for_another_call_is_refused_422_and_nothing_is_sent() {
 
 #[tokio::test]
 async fn a_key_in_progress_is_answered_409_until_its_answer_is_kept() {
-    let provider = Provider::start(
-        vec![Act::Late(
-            Duration::from_millis(800),
-            200,
-            r#"{"code":200,"data":{"orderId":"o-3"}}"#.into(),
-        )],
-        ok("o-3"),
-    )
-    .await;
+    let provider = Provider::start(vec![late(800, "o-3")], ok("o-3")).await;
     let dir = tempfile::tempdir().unwrap();
     let gw = spawn_gateway(keyed_config(&provider.url(), local_store(dir.path()))).await;
 
@@ -304,15 +305,7 @@ async fn a_key_in_progress_is_answered_409_until_its_answer_is_kept() {
 
 #[tokio::test]
 async fn a_caller_that_gives_up_still_gets_the_answer_on_its_retry() {
-    let provider = Provider::start(
-        vec![Act::Late(
-            Duration::from_millis(700),
-            200,
-            r#"{"code":200,"data":{"orderId":"o-4"}}"#.into(),
-        )],
-        ok("o-4"),
-    )
-    .await;
+    let provider = Provider::start(vec![late(700, "o-4")], ok("o-4")).await;
     let dir = tempfile::tempdir().unwrap();
     let gw = spawn_gateway(keyed_config(&provider.url(), local_store(dir.path()))).await;
 
@@ -333,6 +326,22 @@ async fn a_caller_that_gives_up_still_gets_the_answer_on_its_retry() {
     assert!(replayed(&answer));
     assert!(String::from_utf8_lossy(&answer.body).contains("o-4"));
     assert_eq!(provider.count("o-4"), 1);
+    // The call whose caller left is logged with what the provider said.
+    let mut left = None;
+    for _ in 0..100 {
+        left = gw
+            .access_log()
+            .into_iter()
+            .find(|l| l["idempotency"] == "new");
+        if left.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let left = left.expect("the first call is logged within 2 s");
+    assert_eq!(left["error"], "response_incomplete", "{left}");
+    assert_eq!(left["code"], 200, "{left}");
+    assert_eq!(left["upstream_status"], 200, "{left}");
     gw.stop().await;
 }
 
@@ -571,15 +580,7 @@ async fn without_the_section_the_header_passes_through() {
 #[tokio::test]
 async fn replicas_sharing_redis_share_keys() {
     let redis = RedisServer::start();
-    let provider = Provider::start(
-        vec![Act::Late(
-            Duration::from_millis(600),
-            200,
-            r#"{"code":200,"data":{"orderId":"o-16"}}"#.into(),
-        )],
-        ok("o-x"),
-    )
-    .await;
+    let provider = Provider::start(vec![late(600, "o-16")], ok("o-x")).await;
     let a = spawn_gateway(keyed_config(&provider.url(), redis_store(redis.url()))).await;
     let b = spawn_gateway(keyed_config(&provider.url(), redis_store(redis.url()))).await;
 

@@ -10,6 +10,9 @@ use super::error::{ConfigError, Env};
 use super::rate_limit::{RedisUrl, RedisUrlSource};
 use crate::redact;
 
+/// Largest `max_response_bytes`.
+pub const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
+
 /// Where keys are remembered.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -97,6 +100,15 @@ impl IdempotencyConfig {
                 return Err(ConfigError::new(key, "must be greater than 0"));
             }
         }
+        if self.max_response_bytes > MAX_RESPONSE_BYTES {
+            return Err(ConfigError::new(
+                "idempotency.max_response_bytes",
+                format_args!(
+                    "must be at most {MAX_RESPONSE_BYTES} (64 MiB): a kept answer is held in \
+                     memory while the call ends, and stored whole"
+                ),
+            ));
+        }
         if self.store == StoreKind::Local && self.path.as_os_str().is_empty() {
             return Err(ConfigError::new("idempotency.path", "must not be empty"));
         }
@@ -152,6 +164,10 @@ mod tests {
             ("ttl_ms = 0", "idempotency.ttl_ms"),
             ("max_response_bytes = 0", "idempotency.max_response_bytes"),
             ("redis_timeout_ms = 0", "idempotency.redis_timeout_ms"),
+            (
+                "max_response_bytes = 67108865",
+                "idempotency.max_response_bytes",
+            ),
             (
                 "store = \"redis\"\nredis_url = \"redis://a\"\nredis_url_env = \"X\"",
                 "idempotency.redis_url",

@@ -230,6 +230,21 @@ impl Config {
         }
         if let Some(idempotency) = &self.idempotency {
             idempotency.validate()?;
+            // A key must outlive the longest a call with it can take, or a
+            // duplicate could find its reservation gone and be sent.
+            let lease = self
+                .retry
+                .deadline_ms
+                .saturating_add(idempotency.lease_margin_ms);
+            if idempotency.ttl_ms <= lease {
+                return Err(ConfigError::new(
+                    "idempotency.ttl_ms",
+                    format_args!(
+                        "must be longer than retry.deadline_ms + idempotency.lease_margin_ms \
+                         ({lease} ms): a key must outlive its call"
+                    ),
+                ));
+            }
         }
         routes::validate_all(&self.routes)?;
         profiles::validate_all(&self.profiles)?;
@@ -464,6 +479,20 @@ mod tests {
             assert_eq!(e.key, "upstream.url", "{url}: {e}");
             assert!(!e.to_string().contains("pw-"), "{e}");
         }
+    }
+
+    #[test]
+    fn an_idempotency_key_must_outlive_its_call() {
+        let e = err("[retry]\ndeadline_ms = 30000\n[idempotency]\nttl_ms = 35000\n");
+        assert_eq!(e.key, "idempotency.ttl_ms", "{e}");
+        assert!(
+            e.message.contains("35000") || e.message.contains("outlive"),
+            "{e}"
+        );
+        let ok = "[retry]\ndeadline_ms = 30000\n[idempotency]\nttl_ms = 35001\n";
+        let mut c = Config::from_toml(ok).unwrap();
+        c.apply_env(&env_of(CREDS)).unwrap();
+        c.validate().unwrap();
     }
 
     #[test]

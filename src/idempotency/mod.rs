@@ -218,6 +218,12 @@ impl Stored {
         }
     }
 
+    /// The gateway's own answer `error`, as its caller got it.
+    pub fn of_error(error: &GatewayError, request_id: &str) -> Stored {
+        let shown = error.to_response(request_id);
+        Stored::new(shown.status(), shown.headers(), Some(shown.body()))
+    }
+
     /// The answer to replay, marked `idempotent-replayed: true`; an answer
     /// that was not kept is a refusal saying so.
     pub fn replay(&self) -> Result<Response<bytes::Bytes>, GatewayError> {
@@ -390,7 +396,11 @@ impl Idempotency {
             StoreKind::Local => Store::Local(LocalStore::open(&config.path).map_err(|e| {
                 ConfigError::new(
                     "idempotency.path",
-                    format_args!("{}: {e}", config.path.display()),
+                    format_args!(
+                        "{}: {e} (one process holds a local store; replicas share \
+                         store = \"redis\")",
+                        config.path.display()
+                    ),
                 )
             })?),
             StoreKind::Redis => {
