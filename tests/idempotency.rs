@@ -402,19 +402,25 @@ async fn a_call_that_sent_nothing_releases_its_key() {
     let provider = Provider::start(vec![], ok("o-8")).await;
     let dir = tempfile::tempdir().unwrap();
     let mut c = keyed_config(&provider.url(), local_store(dir.path()));
-    c.rate_limit = Some(RateLimitConfig::new(2.0, Some(1)));
+    c.rate_limit = Some(RateLimitConfig::new(1.0, Some(1)));
     let gw = spawn_gateway(c).await;
     assert_eq!(get(&gw.url(READ)).await.status, 200); // spends the slot
     create(&gw, "k-8", "o-8").await.assert_gateway_envelope(429);
     assert_eq!(provider.count("o-8"), 0);
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
     let later = create(&gw, "k-8", "o-8").await;
     assert_eq!(later.status, 200);
     assert!(!replayed(&later));
     assert_eq!(provider.count("o-8"), 1);
-    let log = gw.access_log_of(3).await;
+    // With the quota spent again, a replay still answers: it needs no slot.
+    assert_eq!(get(&gw.url(READ)).await.status, 429);
+    let replay = create(&gw, "k-8", "o-8").await;
+    assert_eq!(replay.status, 200);
+    assert!(replayed(&replay));
+    let log = gw.access_log_of(5).await;
     assert_eq!(log[1]["idempotency"], "released");
     assert_eq!(log[2]["idempotency"], "new");
+    assert_eq!(log[4]["idempotency"], "replayed");
     gw.stop().await;
 }
 
@@ -700,7 +706,7 @@ async fn a_gateway_killed_mid_call_leaves_a_reservation_that_outlives_it() {
     std::fs::write(
         &config,
         format!(
-            "[retry]\ndeadline_ms = 1000\n[idempotency]\npath = {:?}\nlease_margin_ms = 500\n",
+            "[retry]\ndeadline_ms = 1000\n[idempotency]\npath = {:?}\nlease_margin_ms = 3000\n",
             dir.path().join("keys")
         ),
     )
@@ -730,7 +736,7 @@ async fn a_gateway_killed_mid_call_leaves_a_reservation_that_outlives_it() {
     let second = launch(&args, &env).await;
     let url = format!("http://{}{ORDER}", second.gateway);
     let mut seen = Vec::new();
-    for _ in 0..60 {
+    for _ in 0..100 {
         let a = send(keyed(&url, "k-19", &order_body("o-19"))).await;
         let error = a.json()["error"].as_str().unwrap_or_default().to_owned();
         seen.push((a.status.as_u16(), error.clone()));
