@@ -5,7 +5,9 @@
 use std::path::Path;
 
 use crate::auth::Client;
-use crate::config::{BackendKind, Config, ConfigError, Env, RedisUrl, StoreKind};
+use crate::config::{
+    BackendKind, CallbackBackend, Config, ConfigError, Env, PostgresUrl, RedisUrl, StoreKind,
+};
 use crate::profiles::Profile;
 
 /// A validated config with every profile's secret loaded.
@@ -20,6 +22,8 @@ pub struct Loaded {
     /// The Redis URL of `[idempotency]` with `store = "redis"`, read from
     /// its source.
     pub idempotency_redis_url: Option<RedisUrl>,
+    /// The PostgreSQL URL of `[callbacks]` with `backend = "postgres"`.
+    pub callbacks_postgres_url: Option<PostgresUrl>,
 }
 
 /// Reads `path` (if any), applies the environment, validates, loads secrets.
@@ -63,12 +67,17 @@ pub fn resolve(config: Config, env: Env<'_>) -> Result<Loaded, ConfigError> {
         Some(i) if i.store == StoreKind::Redis => Some(i.resolve_redis_url(env)?),
         _ => None,
     };
+    let callbacks_postgres_url = match &config.callbacks {
+        Some(c) if c.backend == CallbackBackend::Postgres => Some(c.resolve_postgres_url(env)?),
+        _ => None,
+    };
     Ok(Loaded {
         config,
         profiles,
         clients,
         redis_url,
         idempotency_redis_url,
+        callbacks_postgres_url,
     })
 }
 

@@ -6,7 +6,20 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::error::ConfigError;
+use super::error::{ConfigError, Env};
+use super::secrets::SecretSource;
+use crate::redact;
+
+/// Where pushed messages are kept.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CallbackBackend {
+    /// A redb file under `store`, held by one process.
+    #[default]
+    Local,
+    /// PostgreSQL, shared by every replica.
+    Postgres,
+}
 
 /// `[callbacks]`. `Debug` shows subscriber URLs redacted.
 #[derive(Clone, Serialize, Deserialize)]
@@ -17,8 +30,27 @@ pub struct CallbacksConfig {
     /// An optional listener of its own, e.g. for exposure through an ingress.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub listen: Option<SocketAddr>,
-    /// Directory of the message store.
+    /// `local` (a file under `store`, one receiving process) or `postgres`
+    /// (shared by every replica).
+    pub backend: CallbackBackend,
+    /// Directory of the message store (`backend = "local"`).
     pub store: PathBuf,
+    /// PostgreSQL for `backend = "postgres"`: the URL itself
+    /// (`postgres://user:password@host:5432/db`), or (exactly one of the
+    /// three) `postgres_url_env` or `postgres_url_file`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub postgres_url: Option<String>,
+    /// Environment variable holding the PostgreSQL URL.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub postgres_url_env: Option<String>,
+    /// File holding the PostgreSQL URL (trailing whitespace ignored).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub postgres_url_file: Option<PathBuf>,
+    /// Connections each replica keeps to PostgreSQL, at most.
+    pub postgres_pool_size: usize,
+    /// Longest one statement (a commit included) may take, in
+    /// milliseconds; a push whose commit takes longer is answered 503.
+    pub postgres_statement_timeout_ms: u64,
     /// Profile whose Access secret verifies the pushes.
     pub profile: String,
     /// Largest push body, in bytes.
@@ -42,7 +74,13 @@ impl Default for CallbacksConfig {
         Self {
             path: "/callbacks/pandapon".into(),
             listen: None,
+            backend: CallbackBackend::Local,
             store: PathBuf::from("/var/lib/pandagate"),
+            postgres_url: None,
+            postgres_url_env: None,
+            postgres_url_file: None,
+            postgres_pool_size: 8,
+            postgres_statement_timeout_ms: 500,
             profile: super::profiles::ENV_PROFILE.into(),
             max_body_bytes: 1024 * 1024,
             max_age_ms: 24 * 3600 * 1000,
@@ -82,6 +120,29 @@ impl std::fmt::Debug for SubscriberConfig {
 }
 
 impl CallbacksConfig {
+    /// The PostgreSQL URL read from its source, for `backend = "postgres"`;
+    /// errors name the source's key, never the URL's password.
+    pub fn resolve_postgres_url(&self, env: Env<'_>) -> Result<PostgresUrl, ConfigError> {
+        const KEY: &str = "callbacks.postgres_url";
+        let source = match (
+            &self.postgres_url,
+            &self.postgres_url_env,
+            &self.postgres_url_file,
+        ) {
+            (Some(url), None, None) => return PostgresUrl::parse(url, KEY),
+            (None, Some(var), None) => SecretSource::Env(var.clone()),
+            (None, None, Some(path)) => SecretSource::File(path.clone()),
+            _ => {
+                return Err(ConfigError::new(
+                    KEY,
+                    "set exactly one of postgres_url, postgres_url_env and postgres_url_file",
+                ));
+            }
+        };
+        let url = source.read(env, KEY)?;
+        PostgresUrl::parse(url.expose().trim(), &source.key(KEY))
+    }
+
     pub fn validate(&self, profiles: &[String]) -> Result<(), ConfigError> {
         if !self.path.starts_with('/') {
             return Err(ConfigError::new("callbacks.path", "must start with /"));
@@ -99,15 +160,139 @@ impl CallbacksConfig {
             ("callbacks.backoff_cap_ms", self.backoff_cap_ms),
             ("callbacks.delivery_timeout_ms", self.delivery_timeout_ms),
             ("callbacks.retain_ms", self.retain_ms),
+            (
+                "callbacks.postgres_pool_size",
+                self.postgres_pool_size as u64,
+            ),
+            (
+                "callbacks.postgres_statement_timeout_ms",
+                self.postgres_statement_timeout_ms,
+            ),
         ] {
             if v == 0 {
                 return Err(ConfigError::new(key, "must be greater than 0"));
             }
+        }
+        if self.postgres_pool_size > 1000 {
+            return Err(ConfigError::new(
+                "callbacks.postgres_pool_size",
+                "must be at most 1000",
+            ));
+        }
+        let sources = [
+            self.postgres_url.is_some(),
+            self.postgres_url_env.is_some(),
+            self.postgres_url_file.is_some(),
+        ];
+        match (self.backend, sources.iter().filter(|s| **s).count()) {
+            (_, 2..) => {
+                return Err(ConfigError::new(
+                    "callbacks.postgres_url",
+                    "set at most one of postgres_url, postgres_url_env and postgres_url_file",
+                ));
+            }
+            (CallbackBackend::Postgres, 0) => {
+                return Err(ConfigError::new(
+                    "callbacks.postgres_url",
+                    "backend = \"postgres\" needs postgres_url, postgres_url_env or \
+                     postgres_url_file",
+                ));
+            }
+            _ => {}
+        }
+        if let Some(url) = &self.postgres_url {
+            PostgresUrl::parse(url, "callbacks.postgres_url")?;
         }
         for (i, s) in self.subscribers.iter().enumerate() {
             super::upstream::upstream_base(&s.url)
                 .map_err(|m| ConfigError::new(format!("callbacks.subscribers[{i}].url"), m))?;
         }
         Ok(())
+    }
+}
+
+/// A PostgreSQL URL (`postgres://` or `postgresql://`). It may hold a
+/// password, so `Debug` shows it redacted; [`PostgresUrl::expose`] is the
+/// only way to it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PostgresUrl(String);
+
+impl PostgresUrl {
+    /// Checks `url` the way the client will read it. The error names `key`
+    /// and quotes neither the URL nor its password.
+    pub fn parse(url: &str, key: &str) -> Result<PostgresUrl, ConfigError> {
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(ConfigError::new(
+                key,
+                "must be a postgres:// or postgresql:// URL",
+            ));
+        }
+        match url.parse::<tokio_postgres::Config>() {
+            Ok(_) => Ok(PostgresUrl(url.to_owned())),
+            Err(e) => Err(ConfigError::new(
+                key,
+                format_args!(
+                    "not a usable PostgreSQL URL ({})",
+                    redact::scrub(&e.to_string(), url)
+                ),
+            )),
+        }
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for PostgresUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PostgresUrl({})", redact::url(&self.0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::config::testing::env_of;
+
+    fn callbacks(toml: &str) -> CallbacksConfig {
+        Config::from_toml(&format!("[callbacks]\n{toml}\n"))
+            .unwrap()
+            .callbacks
+            .unwrap()
+    }
+
+    #[test]
+    fn the_postgres_backend_needs_one_url_source() {
+        let names = ["default".to_owned()];
+        for (toml, key) in [
+            ("backend = \"postgres\"", "callbacks.postgres_url"),
+            (
+                "backend = \"postgres\"\npostgres_url = \"postgres://h/db\"\npostgres_url_env = \"X\"",
+                "callbacks.postgres_url",
+            ),
+            (
+                "backend = \"postgres\"\npostgres_url = \"mysql://u:pw-5@h/db\"",
+                "callbacks.postgres_url",
+            ),
+            (
+                "backend = \"postgres\"\npostgres_url = \"postgres://h/db\"\npostgres_pool_size = 0",
+                "callbacks.postgres_pool_size",
+            ),
+        ] {
+            let e = callbacks(toml).validate(&names).unwrap_err();
+            assert_eq!(e.key, key, "{toml}: {e}");
+            assert!(!e.to_string().contains("pw-5"), "{e}");
+        }
+        let c = callbacks("backend = \"postgres\"\npostgres_url_env = \"PG\"");
+        c.validate(&names).unwrap();
+        let url = c
+            .resolve_postgres_url(&env_of(&[("PG", "postgres://u:pw-6@127.0.0.1:1/db")]))
+            .unwrap();
+        assert_eq!(url.expose(), "postgres://u:pw-6@127.0.0.1:1/db");
+        assert!(!format!("{url:?} {c:?}").contains("pw-6"));
+        let e = c.resolve_postgres_url(&env_of(&[])).unwrap_err();
+        assert_eq!(e.key, "callbacks.postgres_url_env", "{e}");
     }
 }
