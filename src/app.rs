@@ -30,7 +30,7 @@ use tokio::sync::oneshot;
 
 use crate::access_log::AccessLog;
 use crate::admin::{Admin, Drain};
-use crate::callbacks::Callbacks;
+use crate::callbacks::{Backend, Callbacks};
 use crate::config::{ConfigError, process_env};
 use crate::connections::Connections;
 use crate::exporter::Process;
@@ -112,8 +112,9 @@ struct Serving {
 
 impl App {
     /// Builds the gateway and, with `[callbacks]`, opens the message store
-    /// and starts delivering. Needs a runtime; binds nothing.
-    pub fn build(loaded: Loaded, config_path: Option<PathBuf>) -> Result<App, StartError> {
+    /// (connecting to PostgreSQL with `backend = "postgres"`, its schema made
+    /// current) and starts delivering. Binds nothing.
+    pub async fn build(loaded: Loaded, config_path: Option<PathBuf>) -> Result<App, StartError> {
         let log_config = &loaded.config.log;
         let format = telemetry::resolve_format(log_config.format);
         let (log, _writer) = AccessLog::spawn_with_queue(
@@ -145,10 +146,12 @@ impl App {
         let callbacks = match &loaded.config.callbacks {
             None => None,
             Some(c) => {
+                let store = Backend::open(c, loaded.callbacks_postgres_url.as_ref()).await?;
                 let cb = Callbacks::with_secret_source(
                     c.clone(),
                     reload::profile_secret(current.clone(), &c.profile),
                     Duration::from_millis(loaded.config.server.body_read_timeout_ms),
+                    store,
                 )?;
                 tokio::spawn(cb.clone().run_deliveries());
                 Some(cb)

@@ -204,7 +204,7 @@ fn config_failure(e: &ConfigError) -> ExitCode {
 async fn run(loaded: Loaded, config_path: Option<PathBuf>) -> ExitCode {
     let log = &loaded.config.log;
     telemetry::init(telemetry::resolve_format(log.format), log.queue_lines);
-    let served = match App::build(loaded, config_path) {
+    let served = match App::build(loaded, config_path).await {
         Ok(app) => app.serve().await,
         Err(e) => Err(e),
     };
@@ -243,6 +243,9 @@ fn check(loaded: &Loaded) -> ExitCode {
     {
         println!("# rate_limit: Redis URL {source}");
     }
+    if let (Some(c), Some(url)) = (&loaded.config.callbacks, &loaded.callbacks_postgres_url) {
+        println!("# callbacks: {}", postgres_status(c, url));
+    }
     if let Some(i) = &loaded.config.idempotency
         && i.store == StoreKind::Redis
         && let Ok(source) = i.redis_url_source()
@@ -251,6 +254,33 @@ fn check(loaded: &Loaded) -> ExitCode {
     }
     print!("{}", loaded.config.to_toml());
     ExitCode::SUCCESS
+}
+
+/// Whether the push store's database answers, and whether its schema is
+/// the one this binary writes (it is made current at start).
+fn postgres_status(c: &crate::config::CallbacksConfig, url: &crate::config::PostgresUrl) -> String {
+    use crate::callbacks::postgres::{SCHEMA_VERSION, probe};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
+    let Ok(runtime) = runtime else {
+        return "PostgreSQL not checked (no runtime)".into();
+    };
+    let within = std::time::Duration::from_secs(5);
+    match runtime.block_on(async { tokio::time::timeout(within, probe(c, url)).await }) {
+        Err(_) => "PostgreSQL unreachable: no answer within 5 s".into(),
+        Ok(Err(e)) => format!("PostgreSQL unreachable: {e}"),
+        Ok(Ok(v)) if v == SCHEMA_VERSION => {
+            format!("PostgreSQL reachable, schema version {v} (current)")
+        }
+        Ok(Ok(v)) if v < SCHEMA_VERSION => format!(
+            "PostgreSQL reachable, schema version {v}; it is migrated to {SCHEMA_VERSION} at start"
+        ),
+        Ok(Ok(v)) => format!(
+            "PostgreSQL reachable, schema version {v}, newer than this binary's {SCHEMA_VERSION}: \
+             it will refuse to start"
+        ),
+    }
 }
 
 /// Builds what `run` builds from the config before it binds a listener:

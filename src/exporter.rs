@@ -258,6 +258,11 @@ impl Exporter {
                 "Time from a push's acknowledgement to its delivery.",
                 cb.counts.lag.clone(),
             );
+            registry.register(
+                "callbacks_claim_lag_seconds",
+                "Time from a delivery falling due to its being taken up by a delivery loop.",
+                cb.counts.claim_lag.clone(),
+            );
         }
         registry.register_collector(Box::new(StateCollector { gateway, process }));
         Exporter { registry }

@@ -169,7 +169,14 @@ async fn a_verified_push_is_acknowledged_stored_once_and_delivered_decoded() {
     assert_eq!(delivered["messagePlatform"], 1);
     assert_eq!(delivered["timestamp"], "1715669977082");
     assert_eq!(got[0].headers["x-pandagate-delivery-id"].len(), 32);
-    assert!(r.callbacks.store().pending().unwrap().is_empty());
+    assert!(
+        r.callbacks
+            .local_store()
+            .unwrap()
+            .pending()
+            .unwrap()
+            .is_empty()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -194,7 +201,14 @@ async fn forged_or_missing_signatures_get_401_and_are_never_delivered() {
         .assert_gateway_envelope(400);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(subscriber.received_requests().await.unwrap().is_empty());
-    assert!(r.callbacks.store().pending().unwrap().is_empty());
+    assert!(
+        r.callbacks
+            .local_store()
+            .unwrap()
+            .pending()
+            .unwrap()
+            .is_empty()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -245,7 +259,10 @@ async fn deliveries_pending_at_a_stop_are_made_after_the_restart() {
         push(&r, &body, Some(&sign(&body, SECRET))).await.status,
         200
     );
-    assert_eq!(r.callbacks.store().pending().unwrap().len(), 1);
+    assert_eq!(
+        r.callbacks.local_store().unwrap().pending().unwrap().len(),
+        1
+    );
     r.stop().await; // stopped with the delivery pending
     // Same store, subscriber now up at the same address.
     let addr = down.trim_start_matches("http://").to_owned();
@@ -276,21 +293,31 @@ async fn old_deliveries_become_dead_letters_and_can_be_replayed() {
     );
     let mut dead = Vec::new();
     for _ in 0..200 {
-        dead = r.callbacks.store().dead().unwrap();
+        dead = r.callbacks.local_store().unwrap().dead().unwrap();
         if !dead.is_empty() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(dead.len(), 1, "dead-lettered after max_age_ms");
-    assert!(r.callbacks.store().pending().unwrap().is_empty());
+    assert!(
+        r.callbacks
+            .local_store()
+            .unwrap()
+            .pending()
+            .unwrap()
+            .is_empty()
+    );
 
     subscriber.reset().await;
     Mock::given(any())
         .respond_with(ResponseTemplate::new(200))
         .mount(&subscriber)
         .await;
-    assert_eq!(r.callbacks.store().replay(None, 0).unwrap(), 1);
+    assert_eq!(
+        r.callbacks.local_store().unwrap().replay(None, 0).unwrap(),
+        1
+    );
     let got = wait_for(&subscriber, 1).await;
     assert_eq!(got.len(), 1, "replayed and delivered");
 }
@@ -416,7 +443,7 @@ async fn the_delivery_loop_sleeps_while_an_attempt_runs_and_until_the_retry_is_d
         200
     );
     let key = pandagate::callbacks::store::key(&message_id(&body), &subscriber.uri());
-    let store = r.callbacks.store();
+    let store = r.callbacks.local_store().unwrap();
     // A delivery in flight is still due in the store until its attempt
     // ends: the loop waits for the attempt, it does not spin on the row.
     let sent = eventually(Duration::from_secs(5), || !times.lock().unwrap().is_empty()).await;
@@ -486,7 +513,7 @@ async fn a_delivered_message_is_pruned_after_retain_ms_and_a_repeat_within_it_is
     let counts = &r.callbacks.counts;
     assert_eq!(counts.stored.load(Ordering::Relaxed), 1);
     assert_eq!(counts.duplicates.load(Ordering::Relaxed), 1);
-    let store = r.callbacks.store();
+    let store = r.callbacks.local_store().unwrap();
     assert!(store.message(&id).unwrap().is_some());
 
     let pruned = eventually(Duration::from_secs(6), || {
@@ -533,7 +560,7 @@ async fn a_message_with_a_dead_delivery_is_kept_past_retain_ms_and_can_be_replay
     let down = upstream_answering(ResponseTemplate::new(500)).await;
     let dir = tempfile::tempdir().unwrap();
     let r = start(two_subscribers(dir.path(), &ok.uri(), &down.uri(), 100)).await;
-    let store = r.callbacks.store();
+    let store = r.callbacks.local_store().unwrap();
     let kept = push_body_of("ORDER_CANCEL", "K1");
     assert_eq!(
         push(&r, &kept, Some(&sign(&kept, SECRET))).await.status,
@@ -563,7 +590,7 @@ async fn a_message_with_a_dead_delivery_is_kept_past_retain_ms_and_can_be_replay
 /// Pushes a message for `order` that is delivered, waits (bounded) until
 /// it is pruned, and checks that the message `kept` is still stored.
 async fn pruned_while_kept(r: &Receiver, order: &str, kept: &str, why: &str) {
-    let store = r.callbacks.store();
+    let store = r.callbacks.local_store().unwrap();
     let gone = push_body(order);
     assert_eq!(push(r, &gone, Some(&sign(&gone, SECRET))).await.status, 200);
     let pruned = eventually(Duration::from_secs(6), || {
@@ -583,7 +610,7 @@ async fn a_message_with_a_pending_delivery_is_kept_past_retain_ms() {
     cfg.backoff_base_ms = 60_000;
     cfg.backoff_cap_ms = 60_000;
     let r = start(cfg).await;
-    let store = r.callbacks.store();
+    let store = r.callbacks.local_store().unwrap();
     let kept = push_body_of("ORDER_CANCEL", "K2");
     assert_eq!(
         push(&r, &kept, Some(&sign(&kept, SECRET))).await.status,

@@ -72,9 +72,8 @@ impl Callbacks {
             }
             let skip = in_flight.lock().expect("not poisoned").clone();
             let now = now_ms();
-            let found = self
-                .in_store(move |store| store.due(now, BATCH, &skip))
-                .await;
+            let attempt = Duration::from_millis(self.config.delivery_timeout_ms);
+            let found = self.store.due(now, BATCH, skip, attempt).await;
             let next_due = match found {
                 Ok(due) => {
                     for d in due.deliveries {
@@ -87,10 +86,13 @@ impl Callbacks {
                         if !in_flight.lock().expect("not poisoned").insert(key.clone()) {
                             continue;
                         }
+                        self.counts
+                            .claim_lag
+                            .observe(now_ms().saturating_sub(d.next_at_ms) as f64 / 1000.0);
                         let (this, client, in_flight) =
                             (self.clone(), client.clone(), in_flight.clone());
                         tokio::spawn(async move {
-                            this.deliver_due(&client, &key).await;
+                            this.deliver_due(&client, d).await;
                             in_flight.lock().expect("not poisoned").remove(&key);
                             drop(permit);
                             this.wake.notify_one();
@@ -103,7 +105,10 @@ impl Callbacks {
                     Some(Instant::now() + STORE_RETRY)
                 }
             };
-            let until = next_due.map_or(next_prune, |at| at.min(next_prune));
+            let mut until = next_due.map_or(next_prune, |at| at.min(next_prune));
+            if let Some(every) = self.store.poll_every() {
+                until = until.min(Instant::now() + every);
+            }
             tokio::select! {
                 () = self.wake.notified() => {}
                 () = self.store.changed() => {}
@@ -116,9 +121,7 @@ impl Callbacks {
     /// from (`None`: this pass is over).
     async fn prune(&self, from: Option<(u64, String)>) -> Option<(u64, String)> {
         let before = now_ms().saturating_sub(self.config.retain_ms);
-        let pruned = self
-            .in_store(move |store| store.prune(before, from.as_ref(), PRUNE_BATCH))
-            .await;
+        let pruned = self.store.prune(before, from, PRUNE_BATCH).await;
         match pruned {
             Ok(pruned) => {
                 if pruned.removed > 0 {
@@ -136,13 +139,14 @@ impl Callbacks {
         }
     }
 
-    /// Delivers `key` if it is still pending and due. Only one task holds a
-    /// key at a time, and the previous holder's store update has committed,
-    /// so the row read here is current. When the store fails, the task
-    /// waits before giving the key back, so a failing store is not hammered.
-    async fn deliver_due(&self, client: &Client<HttpConnector, Full<Bytes>>, key: &str) {
-        let owned = key.to_owned();
-        let current = self.in_store(move |store| store.pending_one(&owned)).await;
+    /// Delivers `d` if it is still pending and due. Only one task holds a
+    /// delivery at a time (here: the in-flight set; across replicas: the
+    /// shared store's claim), and the previous holder's store update has
+    /// committed, so the row it works on is current. When the store fails,
+    /// the task waits before giving the delivery back, so a failing store
+    /// is not hammered.
+    async fn deliver_due(&self, client: &Client<HttpConnector, Full<Bytes>>, d: Delivery) {
+        let current = self.store.current(d).await;
         let delivered = match current {
             Ok(Some(d)) if d.next_at_ms <= now_ms() => self.deliver_one(client, d).await,
             Ok(_) => Ok(()),
@@ -160,8 +164,7 @@ impl Callbacks {
         client: &Client<HttpConnector, Full<Bytes>>,
         mut d: Delivery,
     ) -> Result<(), CallbackError> {
-        let id = d.message_id.clone();
-        let message = self.in_store(move |store| store.message(&id)).await?;
+        let message = self.store.message(d.message_id.clone()).await?;
         let outcome = match &message {
             Some(message) => self.post(client, &d, message).await.map(|()| message),
             // Cannot happen (a message is pruned only with no delivery
@@ -183,7 +186,7 @@ impl Callbacks {
                     lag_ms,
                     "callback delivered"
                 );
-                self.in_store(move |store| store.delivered(&d)).await
+                self.store.delivered(d).await
             }
             Err(error) => {
                 d.attempts += 1;
@@ -197,7 +200,7 @@ impl Callbacks {
                         attempts = d.attempts,
                         "callback delivery gave up: dead letter"
                     );
-                    self.in_store(move |store| store.bury(&d)).await
+                    self.store.bury(d).await
                 } else {
                     self.counts.retried.fetch_add(1, Ordering::Relaxed);
                     let factor = 1u64 << d.attempts.saturating_sub(1).min(20);
@@ -207,7 +210,7 @@ impl Callbacks {
                         .saturating_mul(factor)
                         .min(self.config.backoff_cap_ms);
                     d.next_at_ms = now + wait;
-                    self.in_store(move |store| store.reschedule(&d)).await
+                    self.store.reschedule(d).await
                 }
             }
         }

@@ -8,7 +8,9 @@
 //! answers 2xx or `max_age_ms` passes (then it is a dead letter, which an
 //! operator can replay). Pending deliveries survive restarts.
 
+mod backend;
 mod deliver;
+pub mod postgres;
 pub mod store;
 
 use std::sync::Arc;
@@ -30,6 +32,8 @@ use crate::error::envelope_response;
 use crate::ids;
 use crate::profiles::Profiles;
 use crate::secret::Secret;
+pub use backend::Backend;
+use postgres::PgError;
 use store::{Delivery, Message, Store, StoreError};
 
 /// Why a callback operation failed: the store, the thread a store call ran
@@ -38,6 +42,8 @@ use store::{Delivery, Message, Store, StoreError};
 pub enum CallbackError {
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Postgres(#[from] PgError),
     /// A store call on a blocking thread panicked or was cancelled.
     #[error("a store task did not finish: {0}")]
     Task(#[from] tokio::task::JoinError),
@@ -78,6 +84,9 @@ fn wants(s: &SubscriberConfig, m: &Message) -> bool {
 pub struct CallbackCounts {
     /// Seconds from a push's acknowledgement to its delivery.
     pub lag: prometheus_client::metrics::histogram::Histogram,
+    /// Seconds from a delivery falling due to its being taken up (claimed,
+    /// with the shared store).
+    pub claim_lag: prometheus_client::metrics::histogram::Histogram,
     pub received: AtomicU64,
     pub rejected: AtomicU64,
     pub stored: AtomicU64,
@@ -92,6 +101,9 @@ impl Default for CallbackCounts {
         Self {
             lag: prometheus_client::metrics::histogram::Histogram::new(
                 prometheus_client::metrics::histogram::exponential_buckets(0.01, 2.0, 20),
+            ),
+            claim_lag: prometheus_client::metrics::histogram::Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 20),
             ),
             received: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
@@ -171,7 +183,7 @@ pub struct Callbacks {
     config: CallbacksConfig,
     secret: SecretSource,
     body_read_timeout: Duration,
-    store: Arc<Store>,
+    store: Backend,
     wake: Notify,
     pub counts: CallbackCounts,
 }
@@ -255,29 +267,26 @@ impl Callbacks {
         let source: SecretSource = Arc::new(move || Some(Arc::clone(&cell.current())));
         let timeout =
             Duration::from_millis(crate::config::ServerConfig::default().body_read_timeout_ms);
-        Self::with_secret_source(config, source, timeout)
+        let store = Backend::open_local(&config)?;
+        Self::with_secret_source(config, source, timeout, store)
     }
 
-    /// Opens the store; pushes are verified with whatever `secret` gives at
-    /// the time, and their bodies must arrive within `body_read_timeout`.
+    /// A receiver on `store` (see [`Backend::open`]); pushes are verified
+    /// with whatever `secret` gives at the time, and their bodies must
+    /// arrive within `body_read_timeout`.
     pub fn with_secret_source(
         config: CallbacksConfig,
         secret: SecretSource,
         body_read_timeout: Duration,
+        store: Backend,
     ) -> Result<Arc<Callbacks>, ConfigError> {
         if secret().is_none() {
             return Err(no_profile(&config.profile));
         }
-        let store = Store::open(&config.store).map_err(|e| {
-            ConfigError::new(
-                "callbacks.store",
-                format_args!("cannot open {}: {e}", config.store.display()),
-            )
-        })?;
         Ok(Arc::new(Callbacks {
             secret,
             body_read_timeout,
-            store: Arc::new(store),
+            store,
             wake: Notify::new(),
             counts: CallbackCounts::default(),
             config,
@@ -293,49 +302,38 @@ impl Callbacks {
         &self.config.profile
     }
 
-    pub fn store(&self) -> &Store {
+    pub fn store(&self) -> &Backend {
         &self.store
     }
 
-    /// Runs `f` on the store on a blocking thread.
-    async fn in_store<T, F>(&self, f: F) -> Result<T, CallbackError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
-    {
-        let store = self.store.clone();
-        Ok(tokio::task::spawn_blocking(move || f(&store)).await??)
+    /// The local store, when that is the backend.
+    pub fn local_store(&self) -> Option<&Store> {
+        self.store.local()
     }
 
     /// Pending (or, with `dead`, dead-lettered) deliveries.
     pub async fn list(&self, dead: bool) -> Result<Vec<DeliveryView>, CallbackError> {
-        let list = self
-            .in_store(move |store| if dead { store.dead() } else { store.pending() })
-            .await?;
+        let list = self.store.list(dead).await?;
         Ok(list.into_iter().map(DeliveryView::from).collect())
     }
 
     /// Puts dead letters back in line: the one whose key or delivery id is
     /// `id`, or all of them. Returns how many.
     pub async fn replay(&self, id: Option<String>) -> Result<usize, CallbackError> {
-        let moved = self
-            .in_store(move |store| {
-                let key = match id {
-                    None => None,
-                    Some(id) => {
-                        let dead = store.dead()?;
-                        match dead
-                            .iter()
-                            .find(|d| d.key() == id || deliver::delivery_id(d) == id)
-                        {
-                            Some(d) => Some(d.key()),
-                            None => return Ok(0),
-                        }
-                    }
-                };
-                store.replay(key.as_deref(), now_ms())
-            })
-            .await?;
+        let key = match id {
+            None => None,
+            Some(id) => {
+                let dead = self.store.list(true).await?;
+                match dead
+                    .iter()
+                    .find(|d| d.key() == id || deliver::delivery_id(d) == id)
+                {
+                    Some(d) => Some(d.key()),
+                    None => return Ok(0),
+                }
+            }
+        };
+        let moved = self.store.replay(key, now_ms()).await?;
         if moved > 0 {
             tracing::info!(replayed = moved, "dead letters put back in line");
             self.wake.notify_one();
@@ -473,10 +471,10 @@ impl Callbacks {
                 first_at_ms: now,
                 next_at_ms: now,
                 last_error: None,
+                claim: None,
             })
             .collect();
-        self.in_store(move |store| store.insert(&id, &message, &deliveries))
-            .await
+        self.store.insert(id, message, deliveries).await
     }
 }
 

@@ -55,6 +55,10 @@ pub struct Delivery {
     pub next_at_ms: u64,
     #[serde(default)]
     pub last_error: Option<String>,
+    /// The claim this replica holds on it (the shared store's; never
+    /// stored as part of the row's JSON).
+    #[serde(skip)]
+    pub claim: Option<i64>,
 }
 
 impl Delivery {
@@ -512,6 +516,7 @@ mod tests {
             first_at_ms: 1,
             next_at_ms: 1,
             last_error: None,
+            claim: None,
         }
     }
 

@@ -1,0 +1,538 @@
+//! The shared message store: PostgreSQL, used by every replica at once.
+//!
+//! * A push is one transaction: the message (id = SHA-256 of the raw body,
+//!   so a repeated push is stored once) and one delivery row per matching
+//!   subscriber, then `NOTIFY`; the receiver answers 200 only after the
+//!   commit.
+//! * Each replica's delivery loop claims due deliveries with
+//!   `FOR UPDATE SKIP LOCKED`, setting a lease (`locked_until_ms`) and a
+//!   random claim token: two replicas never hold the same delivery, and a
+//!   replica killed mid-delivery loses only its lease. Its updates
+//!   (delivered, rescheduled, dead) apply only while the token is still its.
+//! * The schema is created and migrated by [`PgStore::open`], under a
+//!   transaction-scoped advisory lock, so replicas starting together apply
+//!   each migration once.
+//! * New work wakes the loops through `LISTEN pandagate_callbacks`, on a
+//!   connection of its own that reconnects when lost.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio::sync::Notify;
+use tokio_postgres::{AsyncMessage, NoTls};
+
+use super::store::{Delivery, Due, Message, Pruned};
+use crate::config::{CallbacksConfig, PostgresUrl};
+use crate::redact;
+
+/// The schema version this binary writes; [`MIGRATIONS`]`[i]` makes version
+/// `i + 1`.
+pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
+
+const MIGRATIONS: [&str; 1] = [r"
+CREATE TABLE pandagate_callback_messages (
+    id text PRIMARY KEY,
+    received_at_ms bigint NOT NULL,
+    message text NOT NULL
+);
+CREATE INDEX pandagate_callback_messages_received
+    ON pandagate_callback_messages (received_at_ms);
+CREATE TABLE pandagate_callback_deliveries (
+    message_id text NOT NULL REFERENCES pandagate_callback_messages (id),
+    subscriber text NOT NULL,
+    dead boolean NOT NULL DEFAULT false,
+    attempts integer NOT NULL DEFAULT 0,
+    first_at_ms bigint NOT NULL,
+    next_at_ms bigint NOT NULL,
+    last_error text,
+    locked_until_ms bigint NOT NULL DEFAULT 0,
+    claim bigint,
+    PRIMARY KEY (message_id, subscriber)
+);
+CREATE INDEX pandagate_callback_deliveries_due
+    ON pandagate_callback_deliveries (next_at_ms) WHERE NOT dead;
+"];
+
+/// Serialises migrations of replicas starting at once.
+const MIGRATION_LOCK: i64 = 0x7061_6e64_6167_6174; // "pandagat"
+const CHANNEL: &str = "pandagate_callbacks";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PgError {
+    #[error("postgres: {0}")]
+    Db(String),
+    #[error("postgres: no answer within {0} ms")]
+    Timeout(u64),
+    #[error("postgres: the schema is version {found}, newer than this binary's {SCHEMA_VERSION}")]
+    SchemaTooNew { found: i32 },
+    #[error("postgres: a stored message cannot be read")]
+    Corrupt,
+}
+
+pub struct PgStore {
+    url: PostgresUrl,
+    pool: Pool,
+    /// Longest one operation may take, connecting included.
+    timeout: Duration,
+    /// Woken by `NOTIFY` (another replica, or this one, stored new work).
+    changed: Arc<Notify>,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore")
+            .field("url", &self.url)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The connection settings: the URL's, a statement timeout on every
+/// statement (commits included), and a connect timeout.
+fn pg_config(url: &PostgresUrl, statement_timeout_ms: u64) -> tokio_postgres::Config {
+    let mut c: tokio_postgres::Config = url.expose().parse().expect("validated at load");
+    c.options(format!("-c statement_timeout={statement_timeout_ms}"));
+    c.connect_timeout(Duration::from_millis(statement_timeout_ms.max(1_000)));
+    c.application_name("pandagate");
+    c
+}
+
+impl PgStore {
+    /// Connects, and creates or migrates the schema. Fails if the database
+    /// cannot be reached: a receiver that cannot store must not start.
+    pub async fn open(config: &CallbacksConfig, url: &PostgresUrl) -> Result<PgStore, PgError> {
+        let statement_ms = config.postgres_statement_timeout_ms;
+        let manager = Manager::from_config(
+            pg_config(url, statement_ms),
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let timeout = Duration::from_millis(statement_ms.saturating_mul(2).max(1_000));
+        let pool = Pool::builder(manager)
+            .max_size(config.postgres_pool_size)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(timeout))
+            .create_timeout(Some(timeout))
+            .recycle_timeout(Some(timeout))
+            .build()
+            .map_err(|e| PgError::Db(e.to_string()))?;
+        let store = PgStore {
+            url: url.clone(),
+            pool,
+            timeout,
+            changed: Arc::new(Notify::new()),
+        };
+        store.migrate().await?;
+        tokio::spawn(listen(
+            pg_config(url, statement_ms),
+            store.changed.clone(),
+            url.clone(),
+        ));
+        Ok(store)
+    }
+
+    fn db(&self, e: impl std::fmt::Display) -> PgError {
+        PgError::Db(redact::scrub(&e.to_string(), self.url.expose()))
+    }
+
+    /// Runs `op` on a pooled connection within the store's timeout.
+    async fn with<T>(
+        &self,
+        op: impl AsyncFnOnce(&mut deadpool_postgres::Object) -> Result<T, tokio_postgres::Error>,
+    ) -> Result<T, PgError> {
+        let run = async {
+            let mut conn = self.pool.get().await.map_err(|e| self.db(e))?;
+            op(&mut conn).await.map_err(|e| self.db(e))
+        };
+        tokio::time::timeout(self.timeout, run)
+            .await
+            .unwrap_or(Err(PgError::Timeout(self.timeout.as_millis() as u64)))
+    }
+
+    /// Applies the migrations this database lacks, once, whoever starts
+    /// first.
+    async fn migrate(&self) -> Result<(), PgError> {
+        let found = self
+            .with(async |conn| {
+                let tx = conn.transaction().await?;
+                tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+                    .await?;
+                tx.batch_execute(
+                    "CREATE TABLE IF NOT EXISTS pandagate_callback_schema (version integer NOT NULL);",
+                )
+                .await?;
+                let row = tx
+                    .query_opt("SELECT version FROM pandagate_callback_schema", &[])
+                    .await?;
+                let found: i32 = row.map_or(0, |r| r.get(0));
+                if found >= SCHEMA_VERSION {
+                    tx.commit().await?;
+                    return Ok(found);
+                }
+                for migration in &MIGRATIONS[found.max(0) as usize..] {
+                    tx.batch_execute(migration).await?;
+                }
+                tx.execute("DELETE FROM pandagate_callback_schema", &[])
+                    .await?;
+                tx.execute(
+                    "INSERT INTO pandagate_callback_schema (version) VALUES ($1)",
+                    &[&SCHEMA_VERSION],
+                )
+                .await?;
+                tx.commit().await?;
+                Ok(found)
+            })
+            .await?;
+        if found > SCHEMA_VERSION {
+            return Err(PgError::SchemaTooNew { found });
+        }
+        if found < SCHEMA_VERSION {
+            tracing::info!(
+                from = found,
+                to = SCHEMA_VERSION,
+                "callback store: PostgreSQL schema migrated"
+            );
+        }
+        Ok(())
+    }
+
+    /// Completes when another replica (or this one) stored new work.
+    pub fn changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.changed.notified()
+    }
+
+    /// Stores a message and its deliveries in one transaction. `false`: the
+    /// message is already stored; nothing changes.
+    pub async fn insert(
+        &self,
+        id: &str,
+        message: &Message,
+        deliveries: &[Delivery],
+    ) -> Result<bool, PgError> {
+        let text = serde_json::to_string(message).expect("a message serialises");
+        let received = message.received_at_ms as i64;
+        self.with(async |conn| {
+            let tx = conn.transaction().await?;
+            let fresh = tx
+                .execute(
+                    "INSERT INTO pandagate_callback_messages (id, received_at_ms, message) \
+                     VALUES ($1, $2, $3) ON CONFLICT (id) DO NOTHING",
+                    &[&id, &received, &text],
+                )
+                .await?;
+            if fresh == 0 {
+                return Ok(false);
+            }
+            for d in deliveries {
+                tx.execute(
+                    "INSERT INTO pandagate_callback_deliveries \
+                     (message_id, subscriber, first_at_ms, next_at_ms) VALUES ($1, $2, $3, $4) \
+                     ON CONFLICT DO NOTHING",
+                    &[
+                        &d.message_id,
+                        &d.subscriber,
+                        &(d.first_at_ms as i64),
+                        &(d.next_at_ms as i64),
+                    ],
+                )
+                .await?;
+            }
+            tx.batch_execute(&format!("NOTIFY {CHANNEL}")).await?;
+            tx.commit().await?;
+            Ok(true)
+        })
+        .await
+    }
+
+    pub async fn message(&self, id: &str) -> Result<Option<Message>, PgError> {
+        let row = self
+            .with(async |conn| {
+                conn.query_opt(
+                    "SELECT message FROM pandagate_callback_messages WHERE id = $1",
+                    &[&id],
+                )
+                .await
+            })
+            .await?;
+        row.map(|r| serde_json::from_str(r.get::<_, &str>(0)).map_err(|_| PgError::Corrupt))
+            .transpose()
+    }
+
+    async fn list(&self, dead: bool) -> Result<Vec<Delivery>, PgError> {
+        let rows = self
+            .with(async |conn| {
+                conn.query(
+                    "SELECT message_id, subscriber, attempts, first_at_ms, next_at_ms, last_error, \
+                     claim FROM pandagate_callback_deliveries WHERE dead = $1 \
+                     ORDER BY next_at_ms, message_id, subscriber",
+                    &[&dead],
+                )
+                .await
+            })
+            .await?;
+        Ok(rows.iter().map(delivery).collect())
+    }
+
+    pub async fn pending(&self) -> Result<Vec<Delivery>, PgError> {
+        self.list(false).await
+    }
+
+    pub async fn dead(&self) -> Result<Vec<Delivery>, PgError> {
+        self.list(true).await
+    }
+
+    /// Claims up to `limit` due deliveries no replica holds, each for
+    /// `lease` (the claimer's alone until then), and says when the next
+    /// one not claimed falls due (or its lease passes).
+    pub async fn claim(&self, now_ms: u64, limit: usize, lease: Duration) -> Result<Due, PgError> {
+        let now = now_ms as i64;
+        let until = now.saturating_add(lease.as_millis() as i64);
+        let limit = limit as i64;
+        let claim: i64 = rand::random();
+        let (rows, next) = self
+            .with(async |conn| {
+                let rows = conn
+                    .query(
+                        "WITH due AS ( \
+                           SELECT message_id, subscriber FROM pandagate_callback_deliveries \
+                           WHERE NOT dead AND next_at_ms <= $1 AND locked_until_ms <= $1 \
+                           ORDER BY next_at_ms LIMIT $2 FOR UPDATE SKIP LOCKED) \
+                         UPDATE pandagate_callback_deliveries d \
+                         SET locked_until_ms = $3, claim = $4 FROM due \
+                         WHERE d.message_id = due.message_id AND d.subscriber = due.subscriber \
+                         RETURNING d.message_id, d.subscriber, d.attempts, d.first_at_ms, \
+                           d.next_at_ms, d.last_error, d.claim",
+                        &[&now, &limit, &until, &claim],
+                    )
+                    .await?;
+                let next = conn
+                    .query_one(
+                        "SELECT min(greatest(next_at_ms, locked_until_ms)) \
+                         FROM pandagate_callback_deliveries WHERE NOT dead",
+                        &[],
+                    )
+                    .await?;
+                Ok((rows, next.get::<_, Option<i64>>(0)))
+            })
+            .await?;
+        let mut deliveries: Vec<Delivery> = rows.iter().map(delivery).collect();
+        deliveries.sort_by_key(|d| d.next_at_ms);
+        Ok(Due {
+            deliveries,
+            next_at_ms: next.map(|n| n.max(0) as u64),
+        })
+    }
+
+    /// Runs `sql` (which names the delivery as `$1`, `$2` and its claim as
+    /// `$3`) while `d`'s claim is still the holder's; a lost claim changes
+    /// nothing.
+    async fn settle(
+        &self,
+        sql: &str,
+        d: &Delivery,
+        more: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<(), PgError> {
+        let mut args: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+            vec![&d.message_id, &d.subscriber, &d.claim];
+        args.extend_from_slice(more);
+        let changed = self
+            .with(async |conn| conn.execute(sql, &args).await)
+            .await?;
+        if changed == 0 {
+            tracing::warn!(
+                subscriber = %redact::url(&d.subscriber),
+                "callback delivery: its claim had passed to another replica; outcome not recorded"
+            );
+        }
+        Ok(())
+    }
+
+    /// The subscriber acknowledged: the delivery is done.
+    pub async fn delivered(&self, d: &Delivery) -> Result<(), PgError> {
+        self.settle(
+            "DELETE FROM pandagate_callback_deliveries WHERE message_id = $1 AND subscriber = $2 \
+             AND claim IS NOT DISTINCT FROM $3",
+            d,
+            &[],
+        )
+        .await
+    }
+
+    /// Another attempt failed (`dead`: too old to keep trying, a dead
+    /// letter; otherwise pending again at `d.next_at_ms`).
+    async fn failed(&self, d: &Delivery, dead: bool) -> Result<(), PgError> {
+        let (attempts, next) = (d.attempts as i32, d.next_at_ms as i64);
+        self.settle(
+            "UPDATE pandagate_callback_deliveries SET attempts = $4, next_at_ms = $5, \
+             last_error = $6, dead = $7, locked_until_ms = 0, claim = NULL \
+             WHERE message_id = $1 AND subscriber = $2 AND claim IS NOT DISTINCT FROM $3 \
+             AND NOT dead",
+            d,
+            &[&attempts, &next, &d.last_error, &dead],
+        )
+        .await
+    }
+
+    pub async fn reschedule(&self, d: &Delivery) -> Result<(), PgError> {
+        self.failed(d, false).await
+    }
+
+    pub async fn bury(&self, d: &Delivery) -> Result<(), PgError> {
+        self.failed(d, true).await
+    }
+
+    /// Dead deliveries (all, or the one with `key`) back to pending, due
+    /// now, with a fresh age. Returns how many.
+    pub async fn replay(&self, key: Option<&str>, now_ms: u64) -> Result<usize, PgError> {
+        let now = now_ms as i64;
+        let moved = self
+            .with(async |conn| {
+                let tx = conn.transaction().await?;
+                let moved = tx
+                    .execute(
+                        "UPDATE pandagate_callback_deliveries SET dead = false, first_at_ms = $1, \
+                         next_at_ms = $1, locked_until_ms = 0, claim = NULL \
+                         WHERE dead AND ($2::text IS NULL OR message_id || '|' || subscriber = $2)",
+                        &[&now, &key],
+                    )
+                    .await?;
+                tx.batch_execute(&format!("NOTIFY {CHANNEL}")).await?;
+                tx.commit().await?;
+                Ok(moved)
+            })
+            .await?;
+        Ok(moved as usize)
+    }
+
+    /// Removes up to `limit` messages received before `before_ms` whose
+    /// deliveries are all done (none pending, none dead). `resume` is set
+    /// when more may be left.
+    pub async fn prune(&self, before_ms: u64, limit: usize) -> Result<Pruned, PgError> {
+        let (before, limit_i) = (before_ms as i64, limit as i64);
+        let removed = self
+            .with(async |conn| {
+                conn.execute(
+                    "DELETE FROM pandagate_callback_messages WHERE id IN ( \
+                       SELECT m.id FROM pandagate_callback_messages m \
+                       WHERE m.received_at_ms < $1 AND NOT EXISTS ( \
+                         SELECT 1 FROM pandagate_callback_deliveries d WHERE d.message_id = m.id) \
+                       ORDER BY m.received_at_ms LIMIT $2)",
+                    &[&before, &limit_i],
+                )
+                .await
+            })
+            .await? as usize;
+        Ok(Pruned {
+            removed,
+            resume: (removed == limit).then(|| (before_ms, String::new())),
+        })
+    }
+
+    /// The schema version the database has (0: none yet).
+    pub async fn schema_version(&self) -> Result<i32, PgError> {
+        schema_version_of(&self.pool).await
+    }
+}
+
+async fn schema_version_of(pool: &Pool) -> Result<i32, PgError> {
+    let conn = pool.get().await.map_err(|e| PgError::Db(e.to_string()))?;
+    let exists = conn
+        .query_one(
+            "SELECT to_regclass('pandagate_callback_schema') IS NOT NULL",
+            &[],
+        )
+        .await
+        .map_err(|e| PgError::Db(e.to_string()))?;
+    if !exists.get::<_, bool>(0) {
+        return Ok(0);
+    }
+    let row = conn
+        .query_opt("SELECT version FROM pandagate_callback_schema", &[])
+        .await
+        .map_err(|e| PgError::Db(e.to_string()))?;
+    Ok(row.map_or(0, |r| r.get(0)))
+}
+
+/// Connects once, without migrating, and reads the schema version: for
+/// `pandagate check`. Errors never show the URL's password.
+pub async fn probe(config: &CallbacksConfig, url: &PostgresUrl) -> Result<i32, PgError> {
+    let (client, connection) = pg_config(url, config.postgres_statement_timeout_ms)
+        .connect(NoTls)
+        .await
+        .map_err(|e| PgError::Db(redact::scrub(&e.to_string(), url.expose())))?;
+    let driver = tokio::spawn(connection);
+    let exists: bool = client
+        .query_one(
+            "SELECT to_regclass('pandagate_callback_schema') IS NOT NULL",
+            &[],
+        )
+        .await
+        .map_err(|e| PgError::Db(e.to_string()))?
+        .get(0);
+    let version = if exists {
+        client
+            .query_opt("SELECT version FROM pandagate_callback_schema", &[])
+            .await
+            .map_err(|e| PgError::Db(e.to_string()))?
+            .map_or(0, |r| r.get(0))
+    } else {
+        0
+    };
+    drop(client);
+    driver.abort();
+    Ok(version)
+}
+
+fn delivery(r: &tokio_postgres::Row) -> Delivery {
+    Delivery {
+        message_id: r.get(0),
+        subscriber: r.get(1),
+        attempts: r.get::<_, i32>(2).max(0) as u32,
+        first_at_ms: r.get::<_, i64>(3).max(0) as u64,
+        next_at_ms: r.get::<_, i64>(4).max(0) as u64,
+        last_error: r.get(5),
+        claim: r.get(6),
+    }
+}
+
+/// Wakes `changed` on every `NOTIFY`, forever; a lost connection is made
+/// again after a second (the delivery loop also looks every few seconds,
+/// so nothing waits on a lost notification for long).
+async fn listen(config: tokio_postgres::Config, changed: Arc<Notify>, url: PostgresUrl) {
+    loop {
+        match config.connect(NoTls).await {
+            Ok((client, mut connection)) => {
+                // The LISTEN goes out while the connection is read below.
+                let subscriber = tokio::spawn(async move {
+                    if client
+                        .batch_execute(&format!("LISTEN {CHANNEL}"))
+                        .await
+                        .is_ok()
+                    {
+                        std::future::pending::<()>().await;
+                    }
+                });
+                // Work stored while no one listened is looked for now.
+                changed.notify_one();
+                loop {
+                    match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                        Some(Ok(AsyncMessage::Notification(_))) => changed.notify_one(),
+                        Some(Ok(_)) => {}
+                        Some(Err(e)) => {
+                            tracing::warn!(error = %redact::scrub(&e.to_string(), url.expose()), "callback store: LISTEN connection lost");
+                            break;
+                        }
+                        None => break,
+                    }
+                }
+                subscriber.abort();
+            }
+            Err(e) => {
+                tracing::debug!(error = %redact::scrub(&e.to_string(), url.expose()), "callback store: LISTEN connection failed");
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}

@@ -1,0 +1,437 @@
+//! Pushed messages on PostgreSQL: any replica receives, every replica
+//! delivers, and nothing acknowledged is lost to a killed replica or a
+//! restarted database. Against a real PostgreSQL server started here.
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use pandagate::callbacks::postgres::{PgStore, SCHEMA_VERSION, probe};
+use pandagate::callbacks::store::{Delivery, Message};
+use pandagate::config::{CallbackBackend, CallbacksConfig, PostgresUrl};
+use support::PostgresServer;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::Instant;
+
+const SECRET: &str = "sk-callbacks-postgres";
+
+fn store_config() -> CallbacksConfig {
+    CallbacksConfig {
+        backend: CallbackBackend::Postgres,
+        postgres_pool_size: 4,
+        ..CallbacksConfig::default()
+    }
+}
+
+fn url(pg: &PostgresServer) -> PostgresUrl {
+    PostgresUrl::parse(&pg.url(), "test").unwrap()
+}
+
+fn message(at: u64) -> Message {
+    Message {
+        received_at_ms: at,
+        message_type: "ORDER_CANCEL".into(),
+        message_body: r#"{"orderId":"1"}"#.into(),
+        message_platform: 0.into(),
+        timestamp: "1715669977082".into(),
+    }
+}
+
+fn delivery(id: &str, subscriber: &str, at: u64) -> Delivery {
+    Delivery {
+        message_id: id.into(),
+        subscriber: subscriber.into(),
+        attempts: 0,
+        first_at_ms: at,
+        next_at_ms: at,
+        last_error: None,
+        claim: None,
+    }
+}
+
+#[tokio::test]
+async fn replicas_starting_together_migrate_once_and_share_the_schema() {
+    let pg = PostgresServer::start();
+    let (c, u) = (store_config(), url(&pg));
+    assert_eq!(
+        probe(&c, &u).await.unwrap(),
+        0,
+        "no schema before the first start"
+    );
+    let opened = futures_join(PgStore::open(&c, &u), PgStore::open(&c, &u)).await;
+    let (a, b) = (opened.0.unwrap(), opened.1.unwrap());
+    assert_eq!(a.schema_version().await.unwrap(), SCHEMA_VERSION);
+    assert_eq!(b.schema_version().await.unwrap(), SCHEMA_VERSION);
+    assert_eq!(probe(&c, &u).await.unwrap(), SCHEMA_VERSION);
+    // Opening again changes nothing.
+    let again = PgStore::open(&c, &u).await.unwrap();
+    assert_eq!(again.schema_version().await.unwrap(), SCHEMA_VERSION);
+}
+
+async fn futures_join<A: std::future::Future, B: std::future::Future>(
+    a: A,
+    b: B,
+) -> (A::Output, B::Output) {
+    tokio::join!(a, b)
+}
+
+#[tokio::test]
+async fn a_claim_is_one_replicas_until_its_lease_passes() {
+    let pg = PostgresServer::start();
+    let (c, u) = (store_config(), url(&pg));
+    let a = PgStore::open(&c, &u).await.unwrap();
+    let b = PgStore::open(&c, &u).await.unwrap();
+    let d = delivery("m1", "http://s/1", 1_000);
+    assert!(
+        a.insert("m1", &message(1_000), std::slice::from_ref(&d))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !b.insert("m1", &message(1_000), &[d]).await.unwrap(),
+        "stored once"
+    );
+
+    let lease = Duration::from_millis(300);
+    let now = pandagate::idempotency::now_ms();
+    let on_a = a.claim(now, 10, lease).await.unwrap();
+    assert_eq!(on_a.deliveries.len(), 1);
+    let on_b = b.claim(now, 10, lease).await.unwrap();
+    assert!(on_b.deliveries.is_empty(), "held by a");
+    let next = on_b.next_at_ms.expect("when a's lease passes");
+    assert!(next >= now + 300 && next <= now + 400, "{next} vs {now}");
+
+    // a is gone; its lease passes; b takes the delivery.
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let now = pandagate::idempotency::now_ms();
+    let on_b = b.claim(now, 10, lease).await.unwrap();
+    assert_eq!(on_b.deliveries.len(), 1);
+    // a comes back with its old claim: nothing it says is recorded.
+    a.delivered(&on_a.deliveries[0]).await.unwrap();
+    assert_eq!(b.pending().await.unwrap().len(), 1);
+    b.delivered(&on_b.deliveries[0]).await.unwrap();
+    assert!(b.pending().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn failures_reschedule_then_bury_and_replay_and_prune_keep_their_rules() {
+    let pg = PostgresServer::start();
+    let (c, u) = (store_config(), url(&pg));
+    let s = PgStore::open(&c, &u).await.unwrap();
+    let subs = ["http://s/1", "http://s/2"];
+    let ds: Vec<_> = subs.iter().map(|x| delivery("m2", x, 10)).collect();
+    s.insert("m2", &message(10), &ds).await.unwrap();
+    s.insert("m3", &message(20), &[]).await.unwrap();
+
+    let lease = Duration::from_secs(30);
+    let mut claimed = s.claim(100, 10, lease).await.unwrap().deliveries;
+    assert_eq!(claimed.len(), 2);
+    let mut first = claimed.remove(0);
+    first.attempts = 1;
+    first.next_at_ms = 5_000;
+    first.last_error = Some("HTTP 500".into());
+    s.reschedule(&first).await.unwrap();
+    let mut second = claimed.remove(0);
+    second.attempts = 3;
+    second.last_error = Some("timed out".into());
+    s.bury(&second).await.unwrap();
+
+    let pending = s.pending().await.unwrap();
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0].attempts, 1);
+    assert_eq!(pending[0].next_at_ms, 5_000);
+    assert_eq!(pending[0].last_error.as_deref(), Some("HTTP 500"));
+    let dead = s.dead().await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].last_error.as_deref(), Some("timed out"));
+    // Not due before its time; due after.
+    assert!(
+        s.claim(4_999, 10, lease)
+            .await
+            .unwrap()
+            .deliveries
+            .is_empty()
+    );
+    assert_eq!(s.claim(5_000, 10, lease).await.unwrap().deliveries.len(), 1);
+
+    // Only messages with no delivery left are pruned, oldest first.
+    let pruned = s.prune(1_000_000, 10).await.unwrap();
+    assert_eq!(pruned.removed, 1, "m3 only");
+    assert!(s.message("m3").await.unwrap().is_none());
+    assert!(s.message("m2").await.unwrap().is_some());
+
+    assert_eq!(s.replay(Some(&dead[0].key()), 7_000).await.unwrap(), 1);
+    assert!(s.dead().await.unwrap().is_empty());
+    assert_eq!(s.replay(None, 7_000).await.unwrap(), 0);
+}
+
+/// A subscriber that records each POST's delivery id and when it came and
+/// was answered; it answers 200 after `delay`.
+#[derive(Clone, Default)]
+struct Seen(Arc<Mutex<Vec<(String, Instant, Instant)>>>);
+
+impl Seen {
+    fn ids(&self) -> HashMap<String, usize> {
+        let mut counts = HashMap::new();
+        for (id, _, _) in self.0.lock().unwrap().iter() {
+            *counts.entry(id.clone()).or_insert(0) += 1;
+        }
+        counts
+    }
+
+    /// Ids whose POST had arrived by `at` and not been answered.
+    fn in_flight_at(&self, at: Instant) -> Vec<String> {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, came, answered)| *came <= at && *answered >= at)
+            .map(|(id, _, _)| id.clone())
+            .collect()
+    }
+}
+
+async fn subscriber(delay: Duration) -> (String, Seen) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Seen::default();
+    let record = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let record = record.clone();
+            tokio::spawn(async move {
+                loop {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        match stream.read(&mut byte).await {
+                            Ok(1) => head.push(byte[0]),
+                            _ => return,
+                        }
+                    }
+                    let came = Instant::now();
+                    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                    let field = |name: &str| {
+                        head.lines()
+                            .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_owned()))
+                    };
+                    let len: usize = field("content-length:")
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0);
+                    let mut body = vec![0u8; len];
+                    if stream.read_exact(&mut body).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(delay).await;
+                    let id = field("x-pandagate-delivery-id:").unwrap_or_default();
+                    let answered = Instant::now();
+                    record.0.lock().unwrap().push((id, came, answered));
+                    let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+                    if stream.write_all(ok).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (format!("http://{addr}/events"), seen)
+}
+
+fn gateway_config(dir: &std::path::Path, pg: &PostgresServer, subscriber: &str) -> String {
+    let path = dir.join("pandagate.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[callbacks]\nbackend = \"postgres\"\npostgres_url_env = \"PG_URL\"\n\
+             delivery_timeout_ms = 1000\nbackoff_base_ms = 50\nbackoff_cap_ms = 200\n\
+             [[callbacks.subscribers]]\nurl = \"{subscriber}\"\n"
+        ),
+    )
+    .unwrap();
+    let _ = pg;
+    path.to_str().unwrap().to_owned()
+}
+
+async fn replica(config: &str, pg: &PostgresServer) -> support::Running {
+    let url = pg.url();
+    support::launch(
+        &["--config", config],
+        &[
+            ("PANDAPON_ACCESS_KEY", "ak"),
+            ("PANDAPON_ACCESS_SECRET", SECRET),
+            ("PANDAGATE_UPSTREAM", "http://127.0.0.1:9"),
+            ("PG_URL", url.as_str()),
+        ],
+    )
+    .await
+}
+
+/// Waits (bounded) until `n` distinct delivery ids were answered.
+async fn delivered(seen: &Seen, n: usize, within: Duration) -> HashMap<String, usize> {
+    let until = Instant::now() + within;
+    while Instant::now() < until {
+        if seen.ids().len() >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    seen.ids()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_replica_receives_and_each_message_is_stored_once_and_delivered() {
+    let pg = PostgresServer::start();
+    let (sub, seen) = subscriber(Duration::ZERO).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = gateway_config(dir.path(), &pg, &sub);
+    let a = replica(&config, &pg).await;
+    let b = replica(&config, &pg).await;
+    for i in 0..20 {
+        let on = if i % 2 == 0 { &a } else { &b };
+        assert_eq!(
+            support::push_signed(&on.gateway, SECRET, &format!("P{i}")).await,
+            200
+        );
+    }
+    // The provider pushing the same message again, to the other replica.
+    assert_eq!(support::push_signed(&b.gateway, SECRET, "P0").await, 200);
+    let ids = delivered(&seen, 20, Duration::from_secs(20)).await;
+    assert_eq!(ids.len(), 20, "every message delivered: {ids:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let ids = seen.ids();
+    assert_eq!(ids.len(), 20, "stored once each");
+    assert!(ids.values().all(|n| *n == 1), "each posted once: {ids:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_killed_mid_delivery_loses_nothing() {
+    let pg = PostgresServer::start();
+    let (sub, seen) = subscriber(Duration::from_millis(400)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = gateway_config(dir.path(), &pg, &sub);
+    let mut a = replica(&config, &pg).await;
+    let b = replica(&config, &pg).await;
+    for i in 0..30 {
+        let on = if i % 2 == 0 { &a } else { &b };
+        assert_eq!(
+            support::push_signed(&on.gateway, SECRET, &format!("K{i}")).await,
+            200
+        );
+    }
+    // Deliveries are under way on both replicas: kill one.
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    a.signal("-KILL");
+    let killed = Instant::now();
+    let _ = a.child.wait().await;
+
+    // The survivor takes the dead one's deliveries once their lease
+    // (delivery_timeout_ms + 5 s) passes.
+    let ids = delivered(&seen, 30, Duration::from_secs(40)).await;
+    assert_eq!(
+        ids.len(),
+        30,
+        "every acknowledged message delivered: {ids:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let in_flight = seen.in_flight_at(killed);
+    for (id, n) in seen.ids() {
+        assert!(
+            n == 1 || (n == 2 && in_flight.contains(&id)),
+            "{id} posted {n} times; in flight at the kill: {in_flight:?}"
+        );
+    }
+    drop(b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_restart_refuses_pushes_meanwhile_and_loses_none_acknowledged() {
+    let mut pg = PostgresServer::start();
+    let (sub, seen) = subscriber(Duration::ZERO).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = gateway_config(dir.path(), &pg, &sub);
+    let gw = replica(&config, &pg).await;
+    let mut acknowledged = 0;
+    for i in 0..5 {
+        assert_eq!(
+            support::push_signed(&gw.gateway, SECRET, &format!("R{i}")).await,
+            200
+        );
+        acknowledged += 1;
+    }
+    pg.stop();
+    for i in 5..8 {
+        let at = Instant::now();
+        let status = support::push_signed(&gw.gateway, SECRET, &format!("R{i}")).await;
+        assert_eq!(status, 503, "not acknowledged while the database is down");
+        assert!(
+            at.elapsed() < Duration::from_millis(1_000),
+            "{:?}",
+            at.elapsed()
+        );
+    }
+    pg.resume();
+    // The pool reconnects; pushes are stored again.
+    let mut again = 0;
+    for i in 8..40 {
+        if support::push_signed(&gw.gateway, SECRET, &format!("R{i}")).await == 200 {
+            acknowledged += 1;
+            again += 1;
+        }
+        if again == 5 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(again, 5, "pushes acknowledged again after the restart");
+    let ids = delivered(&seen, acknowledged, Duration::from_secs(30)).await;
+    assert_eq!(
+        ids.len(),
+        acknowledged,
+        "none acknowledged is lost: {ids:?}"
+    );
+}
+
+#[tokio::test]
+async fn check_says_whether_the_database_answers_and_its_schema_is_current() {
+    let pg = PostgresServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = gateway_config(dir.path(), &pg, "http://127.0.0.1:9/e");
+    let check = |url: String| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_pandagate"))
+            .args(["check", "--config", &config])
+            .env_clear()
+            .env("PANDAPON_ACCESS_KEY", "ak")
+            .env("PANDAPON_ACCESS_SECRET", SECRET)
+            .env("PG_URL", url)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(!text.contains("pw-check-9"), "{text}");
+        text
+    };
+    let with_password = format!(
+        "postgres://pandagate:pw-check-9@127.0.0.1:{}/postgres",
+        pg.port
+    );
+    let before = check(with_password.clone());
+    assert!(
+        before.contains("schema version 0; it is migrated to"),
+        "{before}"
+    );
+    PgStore::open(&store_config(), &url(&pg)).await.unwrap();
+    let after = check(with_password);
+    assert!(
+        after.contains(&format!("schema version {SCHEMA_VERSION} (current)")),
+        "{after}"
+    );
+    let dead = support::dead_address();
+    let away = check(format!("postgres://pandagate:pw-check-9@{dead}/postgres"));
+    assert!(away.contains("PostgreSQL unreachable"), "{away}");
+}
