@@ -435,3 +435,68 @@ async fn check_says_whether_the_database_answers_and_its_schema_is_current() {
     let away = check(format!("postgres://pandagate:pw-check-9@{dead}/postgres"));
     assert!(away.contains("PostgreSQL unreachable"), "{away}");
 }
+
+/// `GET` on one replica's admin listener; the JSON answer.
+async fn admin_json(admin: &str, target: &str) -> serde_json::Value {
+    let answer = support::get(&format!("http://{admin}{target}")).await;
+    serde_json::from_slice(&answer.body).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_see_and_replay_dead_letters_from_any_replica() {
+    let pg = PostgresServer::start();
+    let refusing = support::dead_address();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pandagate.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[callbacks]\nbackend = \"postgres\"\npostgres_url_env = \"PG_URL\"\n\
+             max_age_ms = 100\nbackoff_base_ms = 20\nbackoff_cap_ms = 50\n\
+             [[callbacks.subscribers]]\nurl = \"http://{refusing}/events\"\n"
+        ),
+    )
+    .unwrap();
+    let config = path.to_str().unwrap().to_owned();
+    let a = replica(&config, &pg).await;
+    let b = replica(&config, &pg).await;
+    assert_eq!(support::push_signed(&a.gateway, SECRET, "D1").await, 200);
+
+    let mut dead = serde_json::Value::Null;
+    for _ in 0..250 {
+        dead = admin_json(&b.admin, "/callbacks?dead=1").await;
+        if dead.as_array().is_some_and(|d| !d.is_empty()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let dead = dead.as_array().expect("a JSON list").clone();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert!(dead[0]["attempts"].as_u64().unwrap() >= 1);
+    assert_eq!(
+        dead[0]["last_error"].as_str().map(|e| !e.is_empty()),
+        Some(true)
+    );
+    assert_eq!(
+        admin_json(&a.admin, "/callbacks").await,
+        serde_json::json!([])
+    );
+
+    // Replayed through the other replica: pending again, then dead again.
+    let id = dead[0]["delivery_id"].as_str().unwrap();
+    let req = http::Request::post(format!("http://{}/callbacks/replay?id={id}", a.admin))
+        .body(http_body_util::Full::default())
+        .unwrap();
+    let answer = support::send(req).await;
+    assert!(
+        String::from_utf8_lossy(&answer.body).contains(r#""replayed":1"#),
+        "{:?}",
+        answer.body
+    );
+    let metrics = support::get(&format!("http://{}/metrics", a.admin)).await;
+    let text = String::from_utf8(metrics.body.to_vec()).unwrap();
+    assert!(
+        text.contains("pandagate_callbacks_claim_lag_seconds_count"),
+        "{text}"
+    );
+}
