@@ -240,12 +240,21 @@ async fn subscriber(delay: Duration) -> (String, Seen) {
 }
 
 fn gateway_config(dir: &std::path::Path, pg: &PostgresServer, subscriber: &str) -> String {
+    gateway_config_timing(dir, pg, subscriber, 1000)
+}
+
+fn gateway_config_timing(
+    dir: &std::path::Path,
+    pg: &PostgresServer,
+    subscriber: &str,
+    delivery_timeout_ms: u64,
+) -> String {
     let path = dir.join("pandagate.toml");
     std::fs::write(
         &path,
         format!(
             "[callbacks]\nbackend = \"postgres\"\npostgres_url_env = \"PG_URL\"\n\
-             delivery_timeout_ms = 1000\nbackoff_base_ms = 50\nbackoff_cap_ms = 200\n\
+             delivery_timeout_ms = {delivery_timeout_ms}\nbackoff_base_ms = 50\nbackoff_cap_ms = 200\n\
              [[callbacks.subscribers]]\nurl = \"{subscriber}\"\n"
         ),
     )
@@ -308,9 +317,10 @@ async fn any_replica_receives_and_each_message_is_stored_once_and_delivered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_killed_mid_delivery_loses_nothing() {
     let pg = PostgresServer::start();
-    let (sub, seen) = subscriber(Duration::from_millis(400)).await;
+    // Each delivery takes the subscriber 1.5 s: the kill finds some in flight.
+    let (sub, seen) = subscriber(Duration::from_millis(1_500)).await;
     let dir = tempfile::tempdir().unwrap();
-    let config = gateway_config(dir.path(), &pg, &sub);
+    let config = gateway_config_timing(dir.path(), &pg, &sub, 3_000);
     let mut a = replica(&config, &pg).await;
     let b = replica(&config, &pg).await;
     for i in 0..30 {
@@ -320,28 +330,46 @@ async fn a_replica_killed_mid_delivery_loses_nothing() {
             200
         );
     }
-    // Deliveries are under way on both replicas: kill one.
-    tokio::time::sleep(Duration::from_millis(250)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     a.signal("-KILL");
     let killed = Instant::now();
     let _ = a.child.wait().await;
+    let before_kill = seen.ids().len();
+    assert!(
+        before_kill < 30,
+        "deliveries were still under way at the kill"
+    );
 
     // The survivor takes the dead one's deliveries once their lease
-    // (delivery_timeout_ms + 5 s) passes.
-    let ids = delivered(&seen, 30, Duration::from_secs(40)).await;
+    // (delivery_timeout_ms + 5 s) passes: nothing is left pending.
+    let mut pending = serde_json::Value::Null;
+    for _ in 0..600 {
+        pending = admin_json(&b.admin, "/callbacks").await;
+        if pending == serde_json::json!([]) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(pending, serde_json::json!([]), "all delivered within 60 s");
+    let ids = seen.ids();
     assert_eq!(
         ids.len(),
         30,
         "every acknowledged message delivered: {ids:?}"
     );
-    tokio::time::sleep(Duration::from_millis(500)).await;
     let in_flight = seen.in_flight_at(killed);
-    for (id, n) in seen.ids() {
+    let mut again = 0;
+    for (id, n) in &ids {
         assert!(
-            n == 1 || (n == 2 && in_flight.contains(&id)),
+            *n == 1 || (*n == 2 && in_flight.contains(id)),
             "{id} posted {n} times; in flight at the kill: {in_flight:?}"
         );
+        again += usize::from(*n == 2);
     }
+    assert!(
+        again >= 1,
+        "the killed replica's deliveries were taken over and posted again"
+    );
     drop(b);
 }
 
@@ -499,4 +527,30 @@ async fn operators_see_and_replay_dead_letters_from_any_replica() {
         text.contains("pandagate_callbacks_claim_lag_seconds_count"),
         "{text}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_started_while_the_database_is_down_serves_and_takes_pushes_once_it_is_up() {
+    let mut pg = PostgresServer::start();
+    pg.stop();
+    let (sub, seen) = subscriber(Duration::ZERO).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = gateway_config(dir.path(), &pg, &sub);
+    let gw = replica(&config, &pg).await;
+    // The gateway is up (it also proxies calls); pushes are not taken yet.
+    let health = support::get(&format!("http://{}/healthz", gw.admin)).await;
+    assert_eq!(health.status, 200);
+    assert_eq!(support::push_signed(&gw.gateway, SECRET, "U0").await, 503);
+    pg.resume();
+    let mut taken = false;
+    for _ in 0..100 {
+        if support::push_signed(&gw.gateway, SECRET, "U1").await == 200 {
+            taken = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(taken, "pushes taken within 10 s of the database coming up");
+    let ids = delivered(&seen, 1, Duration::from_secs(10)).await;
+    assert_eq!(ids.len(), 1, "{ids:?}");
 }

@@ -16,7 +16,7 @@ pub enum Backend {
     /// This process's file.
     Local(Arc<Store>),
     /// The shared database.
-    Postgres(PgStore),
+    Postgres(Arc<PgStore>),
 }
 
 /// A claimed delivery's lease beyond its attempt's own time: a replica
@@ -182,6 +182,13 @@ impl Backend {
             Backend::Local(s) => s.changed().await,
             Backend::Postgres(p) => p.changed().await,
         }
+    }
+
+    /// Whether `due` hands deliveries over under a lease: then the loop
+    /// takes no more than it can start at once, so none waits for a slot
+    /// while its lease runs out.
+    pub fn leases(&self) -> bool {
+        matches!(self, Backend::Postgres(_))
     }
 
     /// Longest the delivery loop sleeps without looking: the shared store's

@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
-use super::store::{Delivery, Message};
+use super::store::{Delivery, Due, Message};
 use super::{CallbackError, Callbacks, now_ms};
 
 /// Deliveries in flight at once.
@@ -73,7 +73,17 @@ impl Callbacks {
             let skip = in_flight.lock().expect("not poisoned").clone();
             let now = now_ms();
             let attempt = Duration::from_millis(self.config.delivery_timeout_ms);
-            let found = self.store.due(now, BATCH, skip, attempt).await;
+            let limit = if self.store.leases() {
+                slots.available_permits()
+            } else {
+                BATCH
+            };
+            let found = if limit == 0 {
+                // Every slot busy: a finishing task wakes the loop.
+                Ok(Due::default())
+            } else {
+                self.store.due(now, limit, skip, attempt).await
+            };
             let next_due = match found {
                 Ok(due) => {
                     for d in due.deliveries {

@@ -16,6 +16,7 @@
 //!   connection of its own that reconnects when lost.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
@@ -68,6 +69,8 @@ pub enum PgError {
     SchemaTooNew { found: i32 },
     #[error("postgres: a stored message cannot be read")]
     Corrupt,
+    #[error("postgres: not reached since start; the schema is not known to be current yet")]
+    NotReady,
 }
 
 pub struct PgStore {
@@ -77,6 +80,8 @@ pub struct PgStore {
     timeout: Duration,
     /// Woken by `NOTIFY` (another replica, or this one, stored new work).
     changed: Arc<Notify>,
+    /// The schema was found current (or made so): the store may be used.
+    ready: AtomicBool,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -98,9 +103,15 @@ fn pg_config(url: &PostgresUrl, statement_timeout_ms: u64) -> tokio_postgres::Co
 }
 
 impl PgStore {
-    /// Connects, and creates or migrates the schema. Fails if the database
-    /// cannot be reached: a receiver that cannot store must not start.
-    pub async fn open(config: &CallbacksConfig, url: &PostgresUrl) -> Result<PgStore, PgError> {
+    /// Connects, and creates or migrates the schema. A database that cannot
+    /// be reached does not stop the gateway from starting (it also proxies
+    /// calls): pushes are answered 503 (the provider pushes again) until a
+    /// retry, every second, finds it and makes the schema current. A schema
+    /// newer than this binary's is an error.
+    pub async fn open(
+        config: &CallbacksConfig,
+        url: &PostgresUrl,
+    ) -> Result<Arc<PgStore>, PgError> {
         let statement_ms = config.postgres_statement_timeout_ms;
         let manager = Manager::from_config(
             pg_config(url, statement_ms),
@@ -118,13 +129,21 @@ impl PgStore {
             .recycle_timeout(Some(timeout))
             .build()
             .map_err(|e| PgError::Db(e.to_string()))?;
-        let store = PgStore {
+        let store = Arc::new(PgStore {
             url: url.clone(),
             pool,
             timeout,
             changed: Arc::new(Notify::new()),
-        };
-        store.migrate().await?;
+            ready: AtomicBool::new(false),
+        });
+        match store.migrate().await {
+            Ok(()) => store.ready.store(true, Ordering::Release),
+            Err(e @ PgError::SchemaTooNew { .. }) => return Err(e),
+            Err(e) => {
+                tracing::error!(error = %e, "callback store: PostgreSQL unavailable at start; pushes are answered 503 until it answers");
+                tokio::spawn(store.clone().migrate_when_reachable());
+            }
+        }
         tokio::spawn(listen(
             pg_config(url, statement_ms),
             store.changed.clone(),
@@ -137,8 +156,42 @@ impl PgStore {
         PgError::Db(redact::scrub(&e.to_string(), self.url.expose()))
     }
 
-    /// Runs `op` on a pooled connection within the store's timeout.
+    /// Tries the migrations every second until they succeed.
+    async fn migrate_when_reachable(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            match self.migrate().await {
+                Ok(()) => {
+                    self.ready.store(true, Ordering::Release);
+                    self.changed.notify_one();
+                    tracing::info!("callback store: PostgreSQL reached; pushes are taken");
+                    return;
+                }
+                Err(e @ PgError::SchemaTooNew { .. }) => {
+                    tracing::error!(error = %e, "callback store: pushes are refused until this binary is upgraded");
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "callback store: PostgreSQL still unavailable")
+                }
+            }
+        }
+    }
+
+    /// Runs `op` on a pooled connection within the store's timeout, once
+    /// the schema is known to be current.
     async fn with<T>(
+        &self,
+        op: impl AsyncFnOnce(&mut deadpool_postgres::Object) -> Result<T, tokio_postgres::Error>,
+    ) -> Result<T, PgError> {
+        if !self.ready.load(Ordering::Acquire) {
+            return Err(PgError::NotReady);
+        }
+        self.run(op).await
+    }
+
+    /// Runs `op` on a pooled connection within the store's timeout.
+    async fn run<T>(
         &self,
         op: impl AsyncFnOnce(&mut deadpool_postgres::Object) -> Result<T, tokio_postgres::Error>,
     ) -> Result<T, PgError> {
@@ -155,7 +208,7 @@ impl PgStore {
     /// first.
     async fn migrate(&self) -> Result<(), PgError> {
         let found = self
-            .with(async |conn| {
+            .run(async |conn| {
                 let tx = conn.transaction().await?;
                 tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
                     .await?;
