@@ -12,10 +12,38 @@ and reports redeliveries, deliveries repeated after a 200 (same delivery id),
 and the gateway's own delivery lag ("callback delivered" lines).
 
     python3 bench/callbacks.py [--pushes 1000] [--concurrency 50] [--fail 0.2]
+        [--backend local|postgres] [--replicas 2] [--kill-at 0.5]
+        [--subscriber-delay 0] [--binary PATH | --no-build] [--seed N]
+        [--wait 60] [--keep]
 
-Python 3.11 standard library only. Talks only to 127.0.0.1. Exit 1 when a
-push was not acknowledged, an acknowledged push never reached the subscriber
-with a 200 within --wait seconds, or an acknowledgement took >= 1000 ms.
+--backend local (the default) is one gateway on its redb store in a temp
+dir. --backend postgres starts a PostgreSQL 15 server for the run (temp data
+dir owned by the `postgres` user, free port, 127.0.0.1 only, fsync on: the
+defaults), creates the database `pandagate`, and starts --replicas gateways
+(2) with `[callbacks] backend = "postgres"` on that database, each on its own
+free ports, all delivering to the same subscriber. The pushes go round-robin
+over the live replicas. When --kill-at (0.5) of the pushes were acknowledged,
+replica 0 is killed (SIGKILL, by its pid); afterwards only the survivors get
+pushes, and a push whose connection failed because its replica was being
+killed is sent again to a survivor (the provider pushes again), counted. The
+subscriber finds which replica sent each delivery (the owner of the TCP
+connection, from /proc), so the report gives per replica acks and
+deliveries, the deliveries in flight at the kill, and how long the survivors
+took to take over the killed replica's deliveries. --subscriber-delay makes
+the subscriber wait that long before each answer (a slow subscriber: claimed
+deliveries queue in each replica behind its 16 delivery slots). --keep keeps
+the temp dirs and writes the raw records there (posts.jsonl, pushes.jsonl,
+kill.json).
+
+Python 3.11 standard library only. Talks only to 127.0.0.1; every server it
+starts is on a free port and is stopped by its own pid. Installs the Debian
+package postgresql when /usr/lib/postgresql/15/bin/postgres is missing.
+Prints a Markdown summary on stdout (progress on stderr). Exit 1 when a push
+was not acknowledged, an acknowledged push never reached the subscriber with
+a 200 within --wait seconds, or an acknowledgement took >= 1000 ms; with
+--backend postgres also when a delivery id was posted again after a 2xx that
+was not in flight at the kill (rule in bench/callbacks.md), or a replica
+that was not killed died.
 """
 
 import argparse
@@ -23,53 +51,143 @@ import hashlib
 import hmac
 import http.client
 import json
+import math
 import os
 import random
+import shlex
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import uuid
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, namedtuple
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import git_version, hist, pct, quantile, stop  # noqa: E402
-from benchlib import LoopbackServer, run_pool, start_gateway as benchlib_start_gateway  # noqa: E402
+from benchlib import LoopbackServer, start_gateway as benchlib_start_gateway  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "bench-callback-secret"
 PUSH_PATH = "/callbacks/pandapon"
+SUBSCRIBER_PATH = "/pandapon/messages"
 ACK_LIMIT_MS = 1000.0
+# The gateway's default callbacks.delivery_timeout_ms; written out in the
+# postgres config, and the width of the "in flight at the kill" window.
+DELIVERY_TIMEOUT_MS = 10_000
+PG_POOL_SIZE = 8
+PG_STATEMENT_TIMEOUT_MS = 500
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+PG_USER = "pandagate"
+PG_DB = "pandagate"
+PUSH_TIMEOUT_S = 30
+MAX_SENDS = 3  # per push: the first, and at most two more after a killed replica
+# A first delivery this long after its ack waited for something (a lease).
+LATE_FIRST_POST_MS = 5000.0
+
+
+def log(*a):
+    print("callbacks:", *a, file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------
 # Subscriber
 # --------------------------------------------------------------------------
 
-class Subscriber(LoopbackServer):
-    """Records every delivery: (monotonic time, delivery id, orderId, status)."""
+# One delivery POST as the subscriber saw it. t_recv: body read; t_answer:
+# just before the answer was written (all time.monotonic()); sender: the
+# replica owning the connection (None: not determined); written: the answer
+# went out without a socket error.
+Post = namedtuple("Post", "t_recv t_answer delivery_id order_id status sender written")
 
-    def __init__(self, fail, seed):
+
+CLOSED = "(closed)"
+
+
+def socket_owner(peer_port, server_port, pids, tries=3):
+    """Name (a key of `pids`, name -> pid) of the process holding the TCP
+    connection 127.0.0.1:peer_port -> 127.0.0.1:server_port; CLOSED when
+    that end is held by no process any more (its socket's inode is 0: the
+    process closed it or died); None when not found. /proc/net/tcp is read
+    a page at a time and can miss a row while the table changes, hence the
+    tries."""
+    for i in range(tries):
+        owner = socket_owner_once(peer_port, server_port, pids)
+        if owner is not None:
+            return owner
+        time.sleep(0.002 * (i + 1))
+    return None
+
+
+def socket_owner_once(peer_port, server_port, pids):
+    local, remote = f"0100007F:{peer_port:04X}", f"0100007F:{server_port:04X}"
+    inode = None
+    try:
+        with open("/proc/net/tcp") as f:
+            next(f, None)
+            for line in f:
+                fields = line.split()
+                if len(fields) > 9 and fields[1] == local and fields[2] == remote:
+                    inode = fields[9]
+                    break
+    except OSError:
+        return None
+    if inode == "0":
+        return CLOSED
+    if not inode:
+        return None
+    target = f"socket:[{inode}]"
+    for name, pid in pids.items():
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                    return name
+            except OSError:
+                continue
+    return None
+
+
+class Subscriber(LoopbackServer):
+    """Records every delivery as a Post."""
+
+    def __init__(self, fail, seed, delay=0.0):
         super().__init__(SubscriberHandler, seed)
         self.fail = fail
-        self.deliveries = []  # (t, delivery_id, order_id, status)
+        self.delay = delay  # seconds before each answer
+        self.posts = []
         self.ok_orders = set()
         self.bad_requests = 0
+        self.senders = {}  # replica name -> pid; empty: senders not looked up
+        self.conn_sender = {}  # peer port -> sender, looked up when accepted
+
+    def process_request(self, request, client_address):
+        # Runs on the accepting thread, right after the gateway connected
+        # (before its process can be gone), not later on the handler's.
+        if self.senders:
+            owner = socket_owner(client_address[1], self.server_address[1], self.senders)
+            with self.lock:
+                self.conn_sender[client_address[1]] = owner
+        super().process_request(request, client_address)
 
     def draw_status(self):
         with self.lock:
             return 500 if self.rng.random() < self.fail else 200
 
-    def record(self, delivery_id, order_id, status):
+    def record(self, post):
         with self.lock:
-            self.deliveries.append((time.monotonic(), delivery_id, order_id, status))
-            if status == 200:
-                self.ok_orders.add(order_id)
+            self.posts.append(post)
+            if post.status == 200:
+                self.ok_orders.add(post.order_id)
 
     def acked_count(self, wanted):
         with self.lock:
@@ -88,6 +206,9 @@ class SubscriberHandler(BaseHTTPRequestHandler):
     def do_POST(self):
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
+        t_recv = time.monotonic()
+        with self.server.lock:
+            sender = self.server.conn_sender.get(self.client_address[1])
         delivery_id = self.headers.get("x-pandagate-delivery-id")
         order_id = None
         try:
@@ -104,29 +225,190 @@ class SubscriberHandler(BaseHTTPRequestHandler):
             status = 400
         else:
             status = self.server.draw_status()
-        self.server.record(delivery_id, order_id, status)
         reply = b'{"ok":true}' if status == 200 else b'{"ok":false}'
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(reply)))
-        self.end_headers()
-        self.wfile.write(reply)
+        if self.server.delay > 0:
+            time.sleep(self.server.delay)
+        t_answer = time.monotonic()
+        written = True
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(reply)))
+            self.end_headers()
+            self.wfile.write(reply)
+        except OSError:
+            written = False
+            self.close_connection = True
+        self.server.record(Post(t_recv, t_answer, delivery_id, order_id, status, sender, written))
 
 
 # --------------------------------------------------------------------------
-# Gateway
+# PostgreSQL
 # --------------------------------------------------------------------------
 
-def gateway_toml(store, subscriber_port):
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_postgres():
+    if (PG_BIN / "postgres").exists():
+        return
+    log("PostgreSQL 15 missing: installing the Debian package postgresql")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(["apt-get", "update", "-qq"], env=env, check=True, timeout=300)
+    subprocess.run(["apt-get", "install", "-y", "-qq", "postgresql"], env=env,
+                   check=True, timeout=600, stdout=subprocess.DEVNULL)
+    if not (PG_BIN / "postgres").exists():
+        sys.exit(f"callbacks: {PG_BIN / 'postgres'} still missing after installing postgresql")
+
+
+class Postgres:
+    """A PostgreSQL server of its own for the run: a temp dir owned by the
+    postgres user (the server refuses to run as root), trust auth for
+    PG_USER, 127.0.0.1 and a free port only, the Unix socket in that dir,
+    every other setting the default (fsync on)."""
+
+    def __init__(self):
+        self.dir = Path(tempfile.mkdtemp(prefix="pandagate-callbacks-pg-"))
+        self.data = self.dir / "data"
+        self.log_path = self.dir / "postgres.log"
+        self.port = None
+        self.proc = None  # runuser (as root) or postgres itself
+        self.stats_before, self.stats_after, self.errors = {}, {"tables": [], "db": None}, Counter()
+        self.as_postgres = []
+        if os.geteuid() == 0:
+            shutil.chown(self.dir, "postgres", "postgres")
+            self.as_postgres = ["runuser", "-u", "postgres", "--"]
+
+    def start(self):
+        init = subprocess.run(self.as_postgres + [str(PG_BIN / "initdb"), "-A", "trust", "-U", PG_USER,
+                                                  "-D", str(self.data), "--no-sync"],
+                              capture_output=True, text=True, timeout=120)
+        if init.returncode != 0:
+            raise RuntimeError(f"initdb failed ({init.returncode}): {init.stderr[-2000:]}")
+        self.port = free_port()
+        with open(self.log_path, "wb") as out:
+            self.proc = subprocess.Popen(
+                self.as_postgres + [str(PG_BIN / "postgres"), "-D", str(self.data), "-p", str(self.port),
+                                    "-k", str(self.dir), "-c", "listen_addresses=127.0.0.1"],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError("postgres exited: " + self.log_tail())
+            r = subprocess.run([str(PG_BIN / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(self.port),
+                                "-U", PG_USER, "-d", "postgres"],
+                               timeout=10)
+            if r.returncode == 0:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError("postgres did not accept connections within 30 s: " + self.log_tail())
+            time.sleep(0.1)
+        r = subprocess.run([str(PG_BIN / "createdb"), "-h", "127.0.0.1", "-p", str(self.port),
+                            "-U", PG_USER, PG_DB], capture_output=True, text=True, timeout=60)
+        if r.returncode != 0:
+            raise RuntimeError(f"createdb failed: {r.stderr.strip()}")
+
+    @property
+    def url(self):
+        return f"postgres://{PG_USER}@127.0.0.1:{self.port}/{PG_DB}"
+
+    def log_tail(self, n=2000):
+        try:
+            return self.log_path.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def postmaster_pid(self):
+        try:
+            return int((self.data / "postmaster.pid").read_text().splitlines()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def psql(self, sql):
+        """Rows of `sql` (tab-separated fields), or None when psql fails."""
+        try:
+            r = subprocess.run([str(PG_BIN / "psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U", PG_USER,
+                                "-d", PG_DB, "-XAtF", "\t", "-c", sql],
+                               capture_output=True, text=True, timeout=20)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        if r.returncode != 0:
+            return None
+        return [line.split("\t") for line in r.stdout.splitlines()]
+
+    def version(self):
+        rows = self.psql("show server_version")
+        return rows[0][0] if rows else "?"
+
+    def stats(self):
+        """Schema-agnostic figures: per table inserts/updates/deletes/live
+        rows, and the database's commits, rollbacks and deadlocks."""
+        tables = self.psql("select relname, n_tup_ins, n_tup_upd, n_tup_del, n_live_tup "
+                           "from pg_stat_user_tables order by relname") or []
+        db = self.psql("select xact_commit, xact_rollback, deadlocks from pg_stat_database "
+                       f"where datname = '{PG_DB}'")
+        settings = self.psql("select name, setting from pg_settings where name in "
+                             "('fsync', 'synchronous_commit', 'wal_sync_method')") or []
+        return {"tables": tables, "db": db[0] if db else None, "settings": dict(settings)}
+
+    def log_errors(self):
+        """ERROR / FATAL / PANIC lines of the server log, by message."""
+        out = Counter()
+        for line in self.log_tail(n=10_000_000).splitlines():
+            for level in ("ERROR:", "FATAL:", "PANIC:"):
+                at = line.find(f" {level} ")
+                if at >= 0:
+                    out[f"{level} {line[at + len(level) + 2:].strip()[:90]}"] += 1
+        return out
+
+    def stop(self):
+        """Fast shutdown: SIGINT to the postmaster (its pid is the first line
+        of postmaster.pid; runuser does not pass signals on), then waits."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        pid = self.postmaster_pid()
+        for sig, grace in ((signal.SIGINT, 30), (signal.SIGQUIT, 10), (signal.SIGKILL, 10)):
+            if pid is not None:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            elif sig == signal.SIGKILL:
+                self.proc.kill()
+            try:
+                self.proc.wait(timeout=grace)
+                return
+            except subprocess.TimeoutExpired:
+                log(f"postgres (pid {pid}) still running after {sig.name}")
+
+    def remove(self):
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------
+# Gateways
+# --------------------------------------------------------------------------
+
+def gateway_toml(store, subscriber_port, pg_url=None):
+    if pg_url is None:
+        backend = f'store = "{store}"\n'
+    else:
+        backend = (f'backend = "postgres"\n'
+                   f'postgres_url = "{pg_url}"\n'
+                   f"postgres_pool_size = {PG_POOL_SIZE}\n"
+                   f"postgres_statement_timeout_ms = {PG_STATEMENT_TIMEOUT_MS}\n"
+                   f"delivery_timeout_ms = {DELIVERY_TIMEOUT_MS}\n")
     return f"""\
 [callbacks]
 path = "{PUSH_PATH}"
-store = "{store}"
-backoff_base_ms = 50
+{backend}backoff_base_ms = 50
 backoff_cap_ms = 500
 
 [[callbacks.subscribers]]
-url = "http://127.0.0.1:{subscriber_port}/pandapon/messages"
+url = "http://127.0.0.1:{subscriber_port}{SUBSCRIBER_PATH}"
 """
 
 
@@ -146,12 +428,45 @@ def read_events(path):
     return events
 
 
-def start_gateway(binary, work, subscriber_port):
-    proc, ports = benchlib_start_gateway(
-        binary, work, gateway_toml(work / "store", subscriber_port),
-        PANDAPON_ACCESS_SECRET=SECRET,
-        PANDAGATE_UPSTREAM="http://127.0.0.1:9")  # never called
-    return proc, ports["gateway"], ports["admin"]
+class Replica:
+    """One pandagate process in a directory of its own (config, access.log,
+    gateway.err)."""
+
+    def __init__(self, name, binary, work, toml):
+        self.name = name
+        self.dir = work / name
+        self.dir.mkdir()
+        self.proc, ports = benchlib_start_gateway(
+            binary, self.dir, toml,
+            PANDAPON_ACCESS_SECRET=SECRET,
+            PANDAGATE_UPSTREAM="http://127.0.0.1:9")  # never called
+        self.pid = self.proc.pid
+        self.port = ports["gateway"]
+        self.admin_port = ports["admin"]
+        self.killing = False  # set just before the SIGKILL
+        self.killed_at = None  # (t before os.kill, t reaped), time.monotonic()
+        self.metrics = {}
+        self.events = []
+        self.exit_code = None  # read before the final stop
+
+    def alive(self):
+        return self.proc.poll() is None
+
+    def kill(self):
+        self.killing = True
+        t0 = time.monotonic()
+        os.kill(self.pid, signal.SIGKILL)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        self.killed_at = (t0, time.monotonic())
+
+    def stop(self):
+        stop(self.proc)
+
+    def read_logs(self):
+        self.events = read_events(self.dir / "gateway.err")
 
 
 def admin_get(port, path, timeout=5):
@@ -185,7 +500,8 @@ def callback_metrics(admin_port):
     for line in body.decode(errors="replace").splitlines():
         if line.startswith("pandagate_callbacks_") and not line.startswith("pandagate_callbacks_delivery_lag"):
             name, _, value = line.rpartition(" ")
-            out[name] = value
+            if "_bucket{" not in name:  # histograms: their _sum and _count only
+                out[name] = value
     return out
 
 
@@ -208,25 +524,142 @@ def make_push(run_id, i):
     return order_id, body, signature
 
 
-def send_pushes(port, pushes, concurrency, max_seconds):
-    """One attempt per push (the client never retries). Returns a list of
-    (order_id, status or None, latency ms, error)."""
+def expected_delivery_id(body, subscriber_url):
+    """The local store's id: the first 16 bytes of SHA-256 over
+    "<message id>|<subscriber url>", the message id being SHA-256 of the
+    push body (hex). Used to name deliveries in the report."""
+    message_id = hashlib.sha256(body).hexdigest()
+    return hashlib.sha256(f"{message_id}|{subscriber_url}".encode()).hexdigest()[:32], message_id
+
+
+# One push as the client saw it: the final answer (status None: no answer,
+# error names why), the latency of the send that got it (ms), the replica
+# that gave it, and every send: (replica, t0, t1, status or error).
+PushResult = namedtuple("PushResult", "order_id status latency_ms error replica sends")
+
+
+class Targets:
+    """The live replicas, round-robin by push index."""
+
+    def __init__(self, replicas):
+        self.lock = threading.Lock()
+        self.live = list(replicas)
+
+    def pick(self, i, exclude):
+        with self.lock:
+            live = [r for r in self.live if r not in exclude]
+        return live[i % len(live)] if live else None
+
+    def remove(self, replica):
+        with self.lock:
+            self.live = [r for r in self.live if r is not replica]
+
+    def snapshot(self):
+        with self.lock:
+            return list(self.live)
+
+
+class KillSwitch:
+    """SIGKILLs `victim` from the thread whose acknowledgement makes the
+    count reach `threshold`, then takes it out of the targets."""
+
+    def __init__(self, victim, threshold, targets):
+        self.victim, self.threshold, self.targets = victim, threshold, targets
+        self.lock = threading.Lock()
+        self.acks = 0
+        self.answered = 0
+        self.in_progress = 0
+        self.fired = None  # {"acks":, "answered":, "in_progress":} at the kill
+
+    def started(self):
+        with self.lock:
+            self.in_progress += 1
+
+    def finished(self, acked):
+        fire = False
+        with self.lock:
+            self.in_progress -= 1
+            self.answered += 1
+            if acked:
+                self.acks += 1
+                if self.victim is not None and self.fired is None and self.acks >= self.threshold:
+                    self.fired = {"acks": self.acks, "answered": self.answered,
+                                  "in_progress": self.in_progress}
+                    fire = True
+        if fire:
+            log(f"SIGKILL {self.victim.name} (pid {self.victim.pid}) after {self.fired['acks']} acks")
+            self.victim.kill()
+            self.targets.remove(self.victim)
+
+
+def send_pushes(targets, pushes, concurrency, max_seconds, switch):
+    """Each thread takes the next push and sends it to the live replica its
+    index falls on (round-robin), on one keep-alive connection per replica.
+    One send per push, except when the connection failed because its replica
+    was being killed: then the push goes to another live replica (at most
+    MAX_SENDS in all). Returns PushResults in push order."""
+    results = [None] * len(pushes)
+    next_index = iter(range(len(pushes)))
+    index_lock = threading.Lock()
+    deadline = time.monotonic() + max_seconds
+
     def send(conn, push):
         order_id, body, signature = push
-        t0 = time.perf_counter()
         conn.request("POST", PUSH_PATH, body=body, headers={
             "Content-Type": "application/json",
             "Authorization": signature,
         })
         r = conn.getresponse()
         r.read()
-        return (order_id, r.status, (time.perf_counter() - t0) * 1000, None), r.will_close
+        return r.status, r.will_close
 
-    def failed(push, seconds, error):
-        return (push[0], None, seconds * 1000, error)
+    def worker():
+        conns = {}
+        while time.monotonic() < deadline:
+            with index_lock:
+                i = next(next_index, None)
+            if i is None:
+                break
+            switch.started()
+            sends, tried = [], set()
+            status = error = replica = None
+            latency = float("nan")
+            for _ in range(MAX_SENDS):
+                replica = targets.pick(i, tried)
+                if replica is None:
+                    error = error or "no live replica"
+                    break
+                conn = conns.get(replica.name)
+                if conn is None:
+                    conn = conns[replica.name] = http.client.HTTPConnection(
+                        "127.0.0.1", replica.port, timeout=PUSH_TIMEOUT_S)
+                t0 = time.perf_counter()
+                m0 = time.monotonic()
+                try:
+                    status, close = send(conn, pushes[i])
+                    error = None
+                except (OSError, http.client.HTTPException) as e:
+                    status, close, error = None, True, type(e).__name__
+                latency = (time.perf_counter() - t0) * 1000
+                sends.append((replica.name, m0, time.monotonic(), status if status is not None else error))
+                if close:
+                    conn.close()
+                    del conns[replica.name]
+                if status is not None or not replica.killing:
+                    break
+                tried.add(replica)  # its replica was killed: the provider pushes again
+            results[i] = PushResult(pushes[i][0], status, latency, error,
+                                    replica.name if replica else None, sends)
+            switch.finished(status == 200)
+        for conn in conns.values():
+            conn.close()
 
-    results = run_pool(port, pushes, concurrency, max_seconds, 30, send, failed)
-    return [r if r is not None else (pushes[i][0], None, float("nan"), "not sent")
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=max(0.0, deadline - time.monotonic()) + PUSH_TIMEOUT_S * MAX_SENDS + 5)
+    return [r if r is not None else PushResult(pushes[i][0], None, float("nan"), "not sent", None, [])
             for i, r in enumerate(results)]
 
 
@@ -239,55 +672,128 @@ def counters(metrics):
     return ", ".join(shown) or "n/a"
 
 
-def analyse(args, results, subscriber, events, metrics, send_wall, deliver_wall, wall, delivered_in_time):
-    ok = [r for r in results if r[1] == 200]
-    acked_orders = {r[0] for r in ok}
-    lat = [r[2] for r in ok]
-    statuses = Counter(str(r[1]) if r[1] is not None else r[3] for r in results)
+def mono_of(event, wall_minus_mono):
+    """A log line's timestamp on the script's monotonic clock, or None."""
+    ts = event.get("timestamp")
+    if not isinstance(ts, str):
+        return None
+    try:
+        return datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp() - wall_minus_mono
+    except ValueError:
+        return None
+
+
+def fmt_ms(values, qs=(0.5, 0.99)):
+    if not values:
+        return "n/a"
+    return " / ".join(f"{quantile(values, q):.0f}" for q in qs) + f" / {max(values):.0f} ms"
+
+
+def duplicates_after_2xx(posts, kill):
+    """Deliveries posted again after a 2xx of the same delivery id.
+
+    A 2xx counts as given when the answer went out (`written`) to a replica
+    that could still read it: not written after the killed replica was
+    reaped. A POST is a repeat after a 2xx when its receipt is later than
+    the start of writing a given 2xx of the same id. A given 2xx was in
+    flight at the kill when (kill = (t0 before os.kill, t1 reaped)):
+      kill.t0 - delivery timeout <= its POST's receipt <= kill.t1,
+      its answer was written at or before kill.t1, and
+      it came from the killed replica (or its sender is unknown).
+    A repeat is excused when every given 2xx before it was in flight at the
+    kill. Returns a dict of lists of (delivery id, repeat Post, 2xx Posts
+    before it)."""
+    by_id = defaultdict(list)
+    for p in posts:
+        by_id[p.delivery_id].append(p)
+    victim = kill["victim"] if kill else None
+
+    def given(p):
+        if not (200 <= p.status < 300 and p.written):
+            return False
+        return not (kill and p.sender == victim and p.t_answer > kill["t1"])
+
+    def in_flight(p):
+        return bool(kill) and p.sender in (victim, None) \
+            and kill["t0"] - DELIVERY_TIMEOUT_MS / 1000 <= p.t_recv <= kill["t1"] \
+            and p.t_answer <= kill["t1"]
+
+    out = {"excused": [], "unexcused": [], "overlapping": [], "dead_2xx": [], "given_twice": []}
+    for did, seq in by_id.items():
+        seq.sort(key=lambda p: p.t_recv)
+        oks = [p for p in seq if given(p)]
+        if len(oks) > 1:
+            out["given_twice"].append((did, oks[1], oks[:1]))
+        for p in seq:
+            before = [g for g in oks if g is not p and g.t_answer <= p.t_recv]
+            if before:
+                out["excused" if all(in_flight(g) for g in before) else "unexcused"].append((did, p, before))
+            if kill and p.sender == victim and 200 <= p.status < 300 and p.t_answer > kill["t1"]:
+                out["dead_2xx"].append((did, p, []))
+        for a, b in zip(seq, seq[1:]):
+            if b.t_recv < a.t_answer:  # the next POST arrived before the previous was answered
+                out["overlapping"].append((did, b, [a]))
+    return out
+
+
+def analyse(args, results, subscriber, replicas, kill, pg, t_start, send_wall, deliver_wall, wall,
+            delivered_in_time, pending_note, push_info, wall_minus_mono):
+    ok = [r for r in results if r.status == 200]
+    acked_orders = {r.order_id for r in ok}
+    by_order_replica = {r.order_id: r.replica for r in ok}
+    lat = [r.latency_ms for r in ok]
+    statuses = Counter(str(r.status) if r.status is not None else r.error for r in results)
+    postgres = args.backend == "postgres"
 
     with subscriber.lock:
-        deliveries = list(subscriber.deliveries)
+        posts = sorted(subscriber.posts, key=lambda p: p.t_recv)
         ok_orders = set(subscriber.ok_orders)
         bad = subscriber.bad_requests
+    # A connection whose gateway end had no owner left when it was accepted
+    # was opened by a process that died right after: with a kill, the victim.
+    inferred = sum(1 for p in posts if p.sender == CLOSED)
+    if kill:
+        posts = [p._replace(sender=kill["victim"]) if p.sender == CLOSED else p for p in posts]
     delivered = acked_orders & ok_orders
     missing = sorted(acked_orders - ok_orders)
-    per_status = Counter(d[3] for d in deliveries)
+    per_status = Counter(p.status for p in posts)
 
-    by_id = defaultdict(list)
+    dups = duplicates_after_2xx(posts, kill)
+    after_ok = dups["excused"] + dups["unexcused"]
+    after_ok_ids = {d for d, _, _ in after_ok}
+    after_ok_gaps = [(p.t_recv - before[0].t_answer) * 1000 for _, p, before in after_ok]
     ids_per_order = defaultdict(set)
-    for t, did, oid, st in deliveries:
-        by_id[did].append((t, st))
-        ids_per_order[oid].add(did)
-    after_ok = 0          # deliveries arriving after the same id already got a 200
-    after_ok_ids = set()
-    after_ok_gaps = []    # ms from the id's first 200 to each later delivery
-    ok_twice_ids = set()  # ids answered 200 more than once
-    for did, seq in by_id.items():
-        first_ok = None
-        oks = 0
-        for t, st in sorted(seq):
-            if first_ok is not None:
-                after_ok += 1
-                after_ok_ids.add(did)
-                after_ok_gaps.append((t - first_ok) * 1000)
-            if st == 200:
-                if first_ok is None:
-                    first_ok = t
-                oks += 1
-        if oks > 1:
-            ok_twice_ids.add(did)
+    for p in posts:
+        ids_per_order[p.order_id].add(p.delivery_id)
+    ok_twice_ids = {d for d, _, _ in dups["given_twice"]}
     multi_id_orders = sum(1 for s in ids_per_order.values() if len(s) > 1)
+    id_formula = sum(1 for p in posts if push_info.get(p.order_id, {}).get("delivery_id") == p.delivery_id)
 
-    gw_delivered = [e for e in events if e.get("message") == "callback delivered"]
+    events = [(r.name, e) for r in replicas for e in r.events]
+    gw_delivered = [e for _, e in events if e.get("message") == "callback delivered"]
     lags = [float(e["lag_ms"]) for e in gw_delivered if "lag_ms" in e]
     attempts = Counter(int(e.get("attempts", 0)) for e in gw_delivered)
     gw_ids = Counter(e.get("delivery_id") for e in gw_delivered)
     gw_dup_lines = sum(n - 1 for n in gw_ids.values() if n > 1)
-    rejected = Counter(e.get("reason") for e in events if e.get("message") == "callback rejected")
-    dead = sum(1 for e in events if e.get("message") == "callback delivery gave up: dead letter")
-    errors = Counter(e.get("message") for e in events if e.get("level") in ("ERROR", "error"))
+    rejected = Counter(e.get("reason") for _, e in events if e.get("message") == "callback rejected")
+    dead = sum(1 for _, e in events if e.get("message") == "callback delivery gave up: dead letter")
+    errors = Counter(e.get("message") for _, e in events if e.get("level") in ("ERROR", "error"))
+    warnings = Counter(e.get("message") for _, e in events if e.get("level") in ("WARN", "warn"))
 
-    slow = [x for x in lat if x >= ACK_LIMIT_MS]
+    # Client-side delivery time: the push's ack to the first 200 for its orderId.
+    first_ok = {}
+    for p in posts:
+        if p.status == 200 and p.order_id not in first_ok:
+            first_ok[p.order_id] = p.t_answer
+    ack_at = {r.order_id: r.sends[-1][2] for r in ok if r.sends}
+    to_deliver = [(first_ok[o] - ack_at[o]) * 1000 for o in delivered if o in ack_at]
+    first_post = {}
+    for p in posts:
+        first_post.setdefault(p.order_id, p)
+    to_first_post = {o: (first_post[o].t_recv - ack_at[o]) * 1000 for o in ack_at if o in first_post}
+    late_first = {o: ms for o, ms in to_first_post.items() if ms >= LATE_FIRST_POST_MS}
+
+    slow = [r for r in ok if r.latency_ms >= ACK_LIMIT_MS]
     problems = []
     if len(ok) != len(results):
         problems.append(f"{len(results) - len(ok)} push(es) not acknowledged with 200")
@@ -296,14 +802,36 @@ def analyse(args, results, subscriber, events, metrics, send_wall, deliver_wall,
                         f"within {args.wait:g} s (e.g. {', '.join(missing[:3])})")
     if slow:
         problems.append(f"{len(slow)} acknowledgement(s) took >= {ACK_LIMIT_MS:.0f} ms")
+    if postgres and dups["unexcused"]:
+        ids = sorted({d for d, _, _ in dups["unexcused"]})
+        problems.append(f"{len(dups['unexcused'])} delivery(ies) posted again after a 2xx that was not in "
+                        f"flight at the kill ({len(ids)} ids, e.g. {', '.join(ids[:3])})")
+    died = [r.name for r in replicas if r.killed_at is None and r.exit_code is not None]
+    if died:
+        problems.append(f"replica(s) not killed by the script died: {', '.join(died)}")
 
     n = len(results)
+    cmd = " ".join(shlex.quote(a) for a in ["python3", "bench/callbacks.py"] + sys.argv[1:])
+    settings = (f"Settings: {args.pushes} pushes, concurrency {args.concurrency}, subscriber fails "
+                f"{args.fail:.0%} of deliveries (HTTP 500)"
+                + (f", answers after {args.subscriber_delay:g} s" if args.subscriber_delay else "")
+                + f", backoff 50 ms doubling to 500 ms, seed {args.seed}; "
+                f"{os.cpu_count()} CPUs, load average before start {args.loadavg}.")
+    if postgres:
+        settings += (f" Backend postgres (PostgreSQL {pg.version()}, fsync {pg.stats_before.get('fsync', '?')}, "
+                     f"synchronous_commit {pg.stats_before.get('synchronous_commit', '?')}), "
+                     f"{args.replicas} replicas, pool {PG_POOL_SIZE}, statement timeout "
+                     f"{PG_STATEMENT_TIMEOUT_MS} ms, delivery timeout {DELIVERY_TIMEOUT_MS} ms, "
+                     + (f"replica0 SIGKILLed at {args.kill_at:.0%} of the pushes acknowledged."
+                        if kill else "no kill."))
+    else:
+        settings += " Backend local (redb store in a temp dir)."
     lines = [
         f"## bench/callbacks.py — {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}, {git_version()}",
         "",
-        f"Settings: {args.pushes} pushes, concurrency {args.concurrency}, subscriber fails "
-        f"{args.fail:.0%} of deliveries (HTTP 500), backoff 50 ms doubling to 500 ms, seed {args.seed}; "
-        f"{os.cpu_count()} CPUs, load average before start {args.loadavg}.",
+        f"Command: `{cmd}`" + (f"; binary `{args.binary_path}`" if args.binary else ""),
+        "",
+        settings,
         "",
         "| | |",
         "|---|---|",
@@ -315,13 +843,33 @@ def analyse(args, results, subscriber, events, metrics, send_wall, deliver_wall,
         f"| delivered (acknowledged pushes whose orderId got a subscriber 200) | {len(delivered)} of {len(acked_orders)} "
         f"(**{pct(len(delivered), len(acked_orders))}**); all delivered {deliver_wall:.2f} s after the last ack"
         + ("" if delivered_in_time else f" (**not within {args.wait:g} s**)") + " |",
-        f"| deliveries received by the subscriber | {len(deliveries)} ({hist(per_status)}) |",
-        f"| redeliveries (deliveries − pushes) | {len(deliveries) - len(ok)} |",
-        f"| deliveries arriving after the same delivery id already got a 200 | **{after_ok}** "
-        f"(on {len(after_ok_ids)} delivery ids; {len(ok_twice_ids)} ids answered 200 more than once); "
-        f"time after the first 200 p50 / max {quantile(after_ok_gaps, 0.5):.0f} / "
-        f"{max(after_ok_gaps) if after_ok_gaps else float('nan'):.0f} ms |",
+        f"| ack → first subscriber 200 (client clock) p50 / p99 / max | {fmt_ms(to_deliver)} |",
+        f"| ack → first POST p50 / p99 / max; first POST ≥ {LATE_FIRST_POST_MS / 1000:g} s after the ack "
+        f"| {fmt_ms(list(to_first_post.values()))}; **{len(late_first)}**"
+        + (f" (sent by {hist(Counter(first_post[o].sender for o in late_first))}; acknowledged by "
+           f"{hist(Counter(by_order_replica[o] for o in late_first))})" if late_first else "") + " |",
+        f"| deliveries received by the subscriber | {len(posts)} ({hist(per_status)}) |",
+        f"| redeliveries (deliveries − pushes) | {len(posts) - len(ok)} |",
+    ]
+    if postgres:
+        exc_ids = {d for d, _, _ in dups["excused"]}
+        lines.append(
+            f"| repeated after a 2xx (same delivery id) | **{len(after_ok)}** (on {len(after_ok_ids)} ids), "
+            f"of which in flight at the kill: **{len(dups['excused'])}** (on {len(exc_ids)} ids); "
+            f"not in flight at the kill: **{len(dups['unexcused'])}**; ids given a 2xx more than once: "
+            f"{len(ok_twice_ids)}; time after the 2xx p50 / max {quantile(after_ok_gaps, 0.5):.0f} / "
+            f"{max(after_ok_gaps) if after_ok_gaps else float('nan'):.0f} ms |")
+        lines.append(f"| POSTs of one id overlapping (next received before the previous was answered) | "
+                     f"{len(dups['overlapping'])} |")
+    else:
+        lines.append(
+            f"| deliveries arriving after the same delivery id already got a 200 | **{len(after_ok)}** "
+            f"(on {len(after_ok_ids)} delivery ids; {len(ok_twice_ids)} ids answered 200 more than once); "
+            f"time after the first 200 p50 / max {quantile(after_ok_gaps, 0.5):.0f} / "
+            f"{max(after_ok_gaps) if after_ok_gaps else float('nan'):.0f} ms |")
+    lines += [
         f"| orders seen under more than one delivery id | {multi_id_orders} |",
+        f"| delivery ids equal to sha256(sha256(body) \\| subscriber)[:16] | {id_formula} of {len(posts)} |",
         f"| gateway \"callback delivered\" lines / distinct delivery ids | {len(gw_delivered)} / {len(gw_ids)} "
         f"({gw_dup_lines} repeated) |",
         f"| delivery lag (gateway lag_ms) p50 / p99 / max | {quantile(lags, 0.50):.0f} / {quantile(lags, 0.99):.0f} / "
@@ -329,13 +877,193 @@ def analyse(args, results, subscriber, events, metrics, send_wall, deliver_wall,
         f"| attempts per delivery (gateway) | {hist(attempts)} |",
         f"| rejected pushes / dead letters / malformed deliveries | {sum(rejected.values())} / {dead} / {bad} |",
         f"| gateway errors logged | {hist(errors)} |",
-        f"| gateway counters (/metrics) | {counters(metrics)} |",
-        f"| wall time | {wall:.2f} s |",
+    ]
+    if postgres:
+        lines.append(f"| gateway warnings logged | {hist(warnings)} |")
+    for r in replicas:
+        label = f"gateway counters (/metrics{', ' + r.name if postgres else ''})"
+        shown = counters(r.metrics) if r.metrics else ("n/a (killed)" if r.killed_at else "n/a")
+        lines.append(f"| {label} | {shown} |")
+    if pending_note:
+        lines.append(f"| pending after the wait | {pending_note} |")
+    lines.append(f"| wall time | {wall:.2f} s |")
+
+    if postgres:
+        lines += kill_section(args, results, posts, replicas, kill, dups, inferred, t_start)
+        lines += pg_section(pg)
+
+    details = problem_details(args, results, posts, replicas, missing, slow, dups, push_info,
+                              wall_minus_mono, t_start)
+    if details:
+        lines += ["", "### Details of the failed checks", ""] + details
+    lines += [
         "",
-        "Result: " + ("**PASS** — nothing lost, every ack under 1000 ms" if not problems
-                      else "**FAIL** — " + "; ".join(problems)),
+        "Result: " + ("**PASS** — nothing lost, every ack under 1000 ms"
+                      + (", no repeat after a 2xx outside the kill" if postgres else "")
+                      if not problems else "**FAIL** — " + "; ".join(problems)),
     ]
     return "\n".join(lines), not problems
+
+
+def kill_section(args, results, posts, replicas, kill, dups, inferred, t_start):
+    lines = ["", "Per replica (acks from the client; deliveries by the owner of the subscriber's connection; "
+             "\"delivered\" lines from the replica's stderr):", "",
+             "| replica | pid | fate | pushes answered | acks (200) | sends failed on the kill, pushed again "
+             "elsewhere | POSTs received from it | 200s it was given | \"callback delivered\" lines |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    answered = Counter(r.replica for r in results if r.status is not None)
+    acks = Counter(r.replica for r in results if r.status == 200)
+    failed_sends = Counter(s[0] for r in results for s in r.sends[:-1])
+    post_from = Counter(p.sender for p in posts)
+    ok_from = Counter(p.sender for p in posts if p.status == 200)
+    delivered_lines = Counter()
+    for r in replicas:
+        delivered_lines[r.name] = sum(1 for e in r.events if e.get("message") == "callback delivered")
+    for r in replicas:
+        if r.killed_at:
+            fate = f"SIGKILL at {r.killed_at[0] - t_start:.3f} s"
+        elif r.exit_code not in (None, 0):
+            fate = f"exited {r.exit_code} (**not killed by the script**)"
+        else:
+            fate = "stopped at the end (SIGTERM)"
+        lines.append(f"| {r.name} | {r.pid} | {fate} | {answered[r.name]} | {acks[r.name]} | {failed_sends[r.name]} "
+                     f"| {post_from[r.name]} | {ok_from[r.name]} | {delivered_lines[r.name]} |")
+    for other in (None, CLOSED):
+        if post_from[other]:
+            lines.append(f"| ({'sender not determined' if other is None else 'connection already closed'}) "
+                         f"| | | | | | {post_from[other]} | {ok_from[other]} | |")
+    if inferred and kill:
+        lines += ["", f"({inferred} POSTs counted for {kill['victim']} came on connections whose gateway end "
+                  "had no owner left when the subscriber accepted them: opened by the process that was "
+                  "being killed.)"]
+    resent = [r for r in results if len(r.sends) > 1]
+    resent_ok = [r for r in resent if r.status == 200]
+    lines.append("")
+    if not kill:
+        lines.append("No replica was killed (--kill-at 0).")
+        return lines
+    t0, t1, victim = kill["t0"], kill["t1"], kill["victim"]
+    lines.append(f"Kill: {victim} (pid {kill['pid']}) got SIGKILL {t0 - t_start:.3f} s after the first push, "
+                 f"when {kill['acks']} pushes were acknowledged ({kill['answered']} answered, "
+                 f"{kill['in_progress']} in progress); reaped {1000 * (t1 - t0):.1f} ms later. "
+                 f"Pushes whose send failed because of the kill and were pushed again to a survivor: "
+                 f"{len(resent)} ({len(resent_ok)} then acknowledged; first sends ended "
+                 f"{hist(Counter(r.sends[0][3] for r in resent))}; acknowledging send p50 / max "
+                 f"{fmt_ms([r.latency_ms for r in resent_ok], (0.5,))}).")
+    # The victim's deliveries around the kill.
+    window = [p for p in posts if p.sender == victim and t0 - DELIVERY_TIMEOUT_MS / 1000 <= p.t_recv <= t1]
+    cut = [p for p in posts if p.sender == victim and p.t_recv <= t1 and p.t_answer > t1]
+    late_2xx = [p for _, p, _ in dups["dead_2xx"]]
+    last_victim = max((p.t_recv for p in posts if p.sender == victim), default=None)
+    after_death = [p for p in posts if p.sender == victim and p.t_recv > t1]
+    # Deliveries the survivors took over: ids whose latest POST from the
+    # victim (before the kill) got no 2xx the victim could read, then posted
+    # by a survivor.
+    by_id = defaultdict(list)
+    for p in posts:
+        by_id[p.delivery_id].append(p)
+    takeover = []
+    excused_ids = {d for d, _, _ in dups["excused"]}
+    for did, seq in by_id.items():
+        mine = [p for p in seq if p.sender == victim]
+        if not mine:
+            continue
+        last = mine[-1]
+        read_2xx = 200 <= last.status < 300 and last.written and last.t_answer <= t1
+        later = [p for p in seq if p.sender != victim and p.t_recv > t1]
+        if later and (not read_2xx or did in excused_ids):
+            takeover.append((later[0].t_recv - t1) * 1000)
+    survivors_first = min((p.t_recv for p in posts if p.sender not in (victim, None) and p.t_recv > t1),
+                          default=None)
+    exc = dups["excused"]
+    lines += [
+        "",
+        f"- POSTs from {victim} received in [kill − {DELIVERY_TIMEOUT_MS / 1000:g} s, kill]: {len(window)}; "
+        f"received before it was reaped but answered after: {len(cut)}; received after it was reaped "
+        f"(sent before its death, read late by the subscriber): {len(after_death)}"
+        + (f", the last {1000 * (last_victim - t1):.0f} ms after" if after_death else "")
+        + f"; 2xx answers to it after it was reaped (it could not read them): {len(late_2xx)} "
+        f"({sum(1 for p in late_2xx if not p.written)} of them failed to write).",
+        f"- Repeated after a 2xx: {len(exc) + len(dups['unexcused'])}, of which in flight at the kill: {len(exc)}"
+        + (f" (the 2xx written {fmt_ms([1000 * (t1 - b[-1].t_answer) for _, _, b in exc], (0.5,))} before "
+           f"it was reaped, p50 / max; repeats {fmt_ms([1000 * (p.t_recv - t1) for _, p, _ in exc], (0.5,))} "
+           f"after it)" if exc else "") + ".",
+        f"- Deliveries last posted by {victim} without a 2xx it read (or with one in flight at the kill), then "
+        f"by a survivor: {len(takeover)}; kill → survivor's POST p50 / max {fmt_ms(takeover, (0.5,))}; "
+        f"{sum(1 for x in takeover if x >= LATE_FIRST_POST_MS)} of them ≥ {LATE_FIRST_POST_MS / 1000:g} s "
+        f"(waited for {victim}'s lease; the others were rescheduled by it before it died).",
+        f"- First survivor POST after the kill: "
+        + (f"{1000 * (survivors_first - t1):.0f} ms after it." if survivors_first else "none."),
+    ]
+    return lines
+
+
+def pg_section(pg):
+    s = pg.stats_after
+    lines = ["", "PostgreSQL (pg_stat_*, after the run; table names as the gateway created them):", ""]
+    if s["tables"]:
+        lines += ["| table | inserted | updated | deleted | live rows |", "|---|---:|---:|---:|---:|"]
+        lines += [f"| {row[0]} | {' | '.join(row[1:])} |" for row in s["tables"] if len(row) == 5]
+    else:
+        lines.append("(no user tables, or psql failed)")
+    if s["db"]:
+        lines.append("")
+        lines.append(f"Transactions committed / rolled back: {s['db'][0]} / {s['db'][1]}; deadlocks: {s['db'][2]}. "
+                     f"Server log ERROR/FATAL/PANIC lines: {hist(pg.errors)}.")
+    return lines
+
+
+def problem_details(args, results, posts, replicas, missing, slow, dups, push_info, wall_minus_mono, t_start):
+    """For each failed check (at most 5 examples each): the ids, timings and
+    the replicas' stderr lines that mention it or are WARN/ERROR within 1 s."""
+    out = []
+    by_order = {r.order_id: r for r in results}
+    posts_by_order = defaultdict(list)
+    for p in posts:
+        posts_by_order[p.order_id].append(p)
+
+    def rel(t):
+        return f"{t - t_start:+.3f} s"
+
+    def nearby(t, needles):
+        """Lines naming one of `needles` (at most 8), then the WARN/ERROR
+        lines within 1 s of `t`, counted by replica, level and message."""
+        found, close = [], Counter()
+        for r in replicas:
+            for e in r.events:
+                text = json.dumps(e)
+                tm = mono_of(e, wall_minus_mono)
+                if any(n and n in text for n in needles):
+                    found.append((tm or 0.0, f"{r.name}: {text}"))
+                elif tm is not None and abs(tm - t) <= 1.0 and e.get("level") in ("WARN", "ERROR"):
+                    close[(r.name, e.get("level"), e.get("message"))] += 1
+        found.sort()
+        out = [f"    {line[:400]}" for _, line in found[:8]]
+        out += [f"    {name}: {n} × {level} \"{message}\" within 1 s of {rel(t)}"
+                for (name, level, message), n in sorted(close.items())]
+        return out
+
+    def sends_of(r):
+        return "; ".join(f"{name} {rel(a)}..{rel(b)} → {what}" for name, a, b, what in r.sends)
+
+    for order in missing[:5]:
+        r = by_order[order]
+        info = push_info.get(order, {})
+        out.append(f"- lost: order `{order}` (message id `{info.get('message_id')}`, delivery id "
+                   f"`{info.get('delivery_id')}`), acknowledged: {sends_of(r)}; POSTs seen for it: "
+                   + (", ".join(f"{p.sender or 'sender ?'} {rel(p.t_recv)} → {p.status}" for p in posts_by_order[order])
+                      or "none"))
+        out += nearby(r.sends[-1][2], [info.get("message_id"), info.get("delivery_id"), order])
+    for r in sorted(slow, key=lambda r: -r.latency_ms)[:5]:
+        out.append(f"- slow ack: order `{r.order_id}` {r.latency_ms:.0f} ms: {sends_of(r)}")
+        out += nearby(r.sends[-1][1], [])
+    for did, p, before in dups["unexcused"][:5]:
+        out.append(f"- repeat after a 2xx outside the kill: delivery id `{did}` (order `{p.order_id}`): "
+                   + ", ".join(f"2xx to {b.sender} received {rel(b.t_recv)} answered {rel(b.t_answer)}"
+                               for b in before)
+                   + f"; posted again by {p.sender} at {rel(p.t_recv)} → {p.status}")
+        out += nearby(p.t_recv, [did])
+    return out
 
 
 # --------------------------------------------------------------------------
@@ -352,40 +1080,92 @@ def main():
                    help="seconds to keep listening once nothing is pending (late repeats)")
     p.add_argument("--max-seconds", type=float, default=300.0, help="bound on the push phase")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--subscriber-delay", type=float, default=0.0,
+                   help="seconds the subscriber waits before each answer (default 0: at once)")
+    p.add_argument("--backend", choices=("local", "postgres"), default="local",
+                   help="message store: local (redb, one gateway) or postgres (replicas on one database)")
+    p.add_argument("--replicas", type=int, default=2, help="gateways with --backend postgres (default 2)")
+    p.add_argument("--kill-at", type=float, default=0.5,
+                   help="SIGKILL replica 0 when this share of the pushes was acknowledged (postgres; 0: never)")
+    p.add_argument("--binary", default=None, help="pandagate binary to run (implies --no-build)")
     p.add_argument("--no-build", action="store_true", help="use target/release/pandagate as is")
-    p.add_argument("--keep", action="store_true", help="keep the temp dir (config, store, logs)")
+    p.add_argument("--keep", action="store_true", help="keep the temp dirs (config, store, logs, database)")
     args = p.parse_args()
-    if args.pushes < 1 or args.concurrency < 1 or not 0 <= args.fail < 1:
-        p.error("need --pushes >= 1, --concurrency >= 1, 0 <= --fail < 1")
+    if args.pushes < 1 or args.concurrency < 1 or not 0 <= args.fail < 1 \
+            or not 0 <= args.subscriber_delay < DELIVERY_TIMEOUT_MS / 1000:
+        p.error("need --pushes >= 1, --concurrency >= 1, 0 <= --fail < 1, 0 <= --subscriber-delay < 10")
+    if args.backend == "postgres" and (args.replicas < 1 or not 0 <= args.kill_at < 1
+                                       or (args.kill_at > 0 and args.replicas < 2)):
+        p.error("need --replicas >= 1, 0 <= --kill-at < 1, and 2 replicas or more for a kill")
     if args.seed is None:
         args.seed = random.randrange(1 << 30)
     args.loadavg = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    def on_signal(*_):
+        # End through the finally blocks; a second signal (e.g. `timeout`
+        # signalling the child and then its group) must not cut them short.
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
+        sys.exit(130)
 
-    if not args.no_build:
-        print("building: cargo build --release", file=sys.stderr)
-        subprocess.run(["cargo", "build", "--release", "-q"], cwd=ROOT, check=True)
-    binary = ROOT / "target" / "release" / "pandagate"
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+
+    if args.binary:
+        binary = Path(args.binary).resolve()
+    else:
+        if not args.no_build:
+            log("building: cargo build --release")
+            subprocess.run(["cargo", "build", "--release", "-q"], cwd=ROOT, check=True, timeout=3600)
+        binary = ROOT / "target" / "release" / "pandagate"
+    args.binary_path = binary
     if not binary.exists():
         sys.exit(f"no binary at {binary}; run without --no-build")
+    if args.backend == "postgres":
+        ensure_postgres()
 
     work = Path(tempfile.mkdtemp(prefix="pandagate-callbacks-bench-"))
-    subscriber = gateway = None
-    sub_thread = None
+    subscriber = pg = None
+    replicas = []
     ok = False
     try:
-        subscriber = Subscriber(args.fail, args.seed)
-        sub_thread = threading.Thread(target=subscriber.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
-        sub_thread.start()
-        gateway, port, admin_port = start_gateway(binary, work, subscriber.server_address[1])
+        subscriber = Subscriber(args.fail, args.seed, args.subscriber_delay)
+        threading.Thread(target=subscriber.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
+        sub_port = subscriber.server_address[1]
+        sub_url = f"http://127.0.0.1:{sub_port}{SUBSCRIBER_PATH}"
+        if args.backend == "postgres":
+            pg = Postgres()
+            pg.start()
+            pg.stats_before = pg.stats()["settings"]
+            log(f"postgres on 127.0.0.1:{pg.port}, postmaster pid {pg.postmaster_pid()}, dir {pg.dir}")
+            toml = gateway_toml(None, sub_port, pg.url)
+            for i in range(args.replicas):  # one after the other: each creates the schema at start
+                replicas.append(Replica(f"replica{i}", binary, work, toml))
+            subscriber.senders = {r.name: r.pid for r in replicas}
+        else:
+            replicas.append(Replica("gateway", binary, work, gateway_toml(work / "store", sub_port)))
+        log("gateways: " + ", ".join(f"{r.name} pid {r.pid} port {r.port}" for r in replicas))
 
         run_id = uuid.uuid4().hex[:8]
         pushes = [make_push(run_id, i) for i in range(args.pushes)]
-        print(f"sending {args.pushes} pushes at concurrency {args.concurrency} to 127.0.0.1:{port}", file=sys.stderr)
+        push_info = {}
+        for order_id, body, _ in pushes:
+            did, mid = expected_delivery_id(body, sub_url)
+            push_info[order_id] = {"delivery_id": did, "message_id": mid}
+        targets = Targets(replicas)
+        victim = replicas[0] if args.backend == "postgres" and args.kill_at > 0 else None
+        switch = KillSwitch(victim, max(1, math.ceil(args.kill_at * args.pushes)), targets)
+        wall_minus_mono = time.time() - time.monotonic()
+        log(f"sending {args.pushes} pushes at concurrency {args.concurrency} to "
+            + ", ".join(str(r.port) for r in replicas))
         t_start = time.monotonic()
-        results = send_pushes(port, pushes, args.concurrency, args.max_seconds)
+        results = send_pushes(targets, pushes, args.concurrency, args.max_seconds, switch)
         t_sent = time.monotonic()
+        kill = None
+        if victim is not None and victim.killed_at:
+            kill = dict(switch.fired, victim=victim.name, pid=victim.pid,
+                        t0=victim.killed_at[0], t1=victim.killed_at[1])
 
-        acked = {r[0] for r in results if r[1] == 200}
+        acked = {r.order_id for r in results if r.status == 200}
         deadline = t_sent + args.wait
         delivered_in_time = False
         while time.monotonic() < deadline:
@@ -394,28 +1174,68 @@ def main():
                 break
             time.sleep(0.02)
         t_delivered = time.monotonic()
-        # Listen on until the gateway has nothing pending, then a little more,
-        # so that repeats of finished deliveries are seen too.
-        while time.monotonic() < deadline and pending_count(admin_port) != 0:
+        # Listen on until the live gateways have nothing pending, then a
+        # little more, so that repeats of finished deliveries are seen too.
+        pending_note, unknown_since, counts = "", None, None
+        while time.monotonic() < deadline:
+            counts = [pending_count(r.admin_port) for r in targets.snapshot()]
+            if all(c == 0 for c in counts):
+                break
+            if any(c is None for c in counts):
+                unknown_since = unknown_since or time.monotonic()
+                if time.monotonic() - unknown_since > 5:
+                    pending_note = "unknown (GET /callbacks failed for 5 s)"
+                    break
+            else:
+                unknown_since = None
             time.sleep(0.1)
+        else:
+            pending_note = (f"still pending at the --wait deadline: {counts}" if counts is not None
+                            else "not checked (the --wait deadline had passed)")
         time.sleep(args.settle)
-        metrics = callback_metrics(admin_port)
+        for r in replicas:
+            if r.alive():
+                r.metrics = callback_metrics(r.admin_port)
         wall = time.monotonic() - t_start
 
-        stop(gateway)
-        events = read_events(work / "gateway.err")
-        text, ok = analyse(args, results, subscriber, events, metrics,
-                           t_sent - t_start, t_delivered - t_sent, wall, delivered_in_time)
-        print(text)
+        for r in replicas:
+            r.exit_code = r.proc.poll()  # before the stop: did it die on its own?
+            r.stop()
+            r.read_logs()
+        if pg is not None:
+            pg.stats_after = pg.stats()
+            pg.errors = pg.log_errors()
+        if args.keep:  # the raw records, for a closer look (times relative to the first push)
+            with open(work / "posts.jsonl", "w") as f:
+                for p in sorted(subscriber.posts, key=lambda p: p.t_recv):
+                    f.write(json.dumps(dict(p._asdict(), t_recv=p.t_recv - t_start,
+                                            t_answer=p.t_answer - t_start)) + "\n")
+            with open(work / "pushes.jsonl", "w") as f:
+                for r in results:
+                    f.write(json.dumps(dict(r._asdict(), **push_info[r.order_id],
+                                            sends=[(n, a - t_start, b - t_start, w) for n, a, b, w in r.sends]))
+                            + "\n")
+            if kill:
+                (work / "kill.json").write_text(json.dumps(dict(kill, t0=kill["t0"] - t_start,
+                                                                t1=kill["t1"] - t_start)))
+        text, ok = analyse(args, results, subscriber, replicas, kill, pg, t_start,
+                           t_sent - t_start, t_delivered - t_sent, wall, delivered_in_time, pending_note,
+                           push_info, wall_minus_mono)
+        print(text, flush=True)
     finally:
-        stop(gateway)
+        for r in replicas:
+            r.stop()
         if subscriber is not None:
             subscriber.shutdown()
             subscriber.server_close()
+        if pg is not None:
+            pg.stop()
         if args.keep:
-            print(f"kept {work}", file=sys.stderr)
+            log(f"kept {work}" + (f" and {pg.dir}" if pg is not None else ""))
         else:
             shutil.rmtree(work, ignore_errors=True)
+            if pg is not None:
+                pg.remove()
     sys.exit(0 if ok else 1)
 
 

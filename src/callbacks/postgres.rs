@@ -395,6 +395,7 @@ impl PgStore {
             .await?;
         if changed == 0 {
             tracing::warn!(
+                delivery_id = %super::deliver::delivery_id(d),
                 subscriber = %redact::url(&d.subscriber),
                 "callback delivery: its claim had passed to another replica; outcome not recorded"
             );
