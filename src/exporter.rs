@@ -255,15 +255,17 @@ impl Exporter {
         if let Some(cb) = &process.callbacks {
             registry.register(
                 "callbacks_delivery_lag_seconds",
-                "Time from a push's acknowledgement to its delivery.",
+                "Time from a push's acknowledgement to its delivery",
                 cb.counts.lag.clone(),
             );
             registry.register(
                 "callbacks_claim_lag_seconds",
-                "Time from a delivery falling due to its being taken up by a delivery loop.",
+                "Time from a delivery falling due to its being taken up by a delivery loop",
                 cb.counts.claim_lag.clone(),
             );
         }
+        // `register` ends each help text with a period; the collector's
+        // descriptors are written as they are, so they carry their own.
         registry.register_collector(Box::new(StateCollector { gateway, process }));
         Exporter { registry }
     }

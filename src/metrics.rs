@@ -316,28 +316,28 @@ impl Metrics {
     pub fn register(&self, registry: &mut Registry) {
         registry.register(
             "calls",
-            "Calls answered, by route class, HTTP status and provider code.",
+            "Calls answered, by route class, HTTP status and provider code",
             self.calls.clone(),
         );
         registry.register(
             "request_duration_seconds",
-            "Time from a call's arrival to the end of its response.",
+            "Time from a call's arrival to the end of its response",
             self.duration.clone(),
         );
         registry.register(
             "upstream_duration_seconds",
-            "Time from sending an upstream attempt to its response head.",
+            "Time from sending an upstream attempt to its response head",
             self.upstream_duration.clone(),
         );
         registry.register(
             "upstream_attempts",
-            "Upstream attempts, first attempts and retries.",
+            "Upstream attempts, first attempts and retries",
             self.attempts.clone(),
         );
-        registry.register("retries", "Retries, by reason.", self.retries.clone());
+        registry.register("retries", "Retries, by reason", self.retries.clone());
         registry.register(
             "idempotency",
-            "Calls with an Idempotency-Key, by what became of the key.",
+            "Calls with an Idempotency-Key, by what became of the key",
             self.idempotency.clone(),
         );
     }

@@ -527,6 +527,10 @@ async fn operators_see_and_replay_dead_letters_from_any_replica() {
         text.contains("pandagate_callbacks_claim_lag_seconds_count"),
         "{text}"
     );
+    // Every series has a help text ending in one period.
+    for help in text.lines().filter(|l| l.starts_with("# HELP ")) {
+        assert!(help.ends_with('.') && !help.ends_with(".."), "{help}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -46,5 +46,11 @@ async fn series_count_calls_attempts_retries_and_limits() {
     has("pandagate_secret_reloads_total 0");
     has(r#"pandagate_request_duration_seconds_count{class="read"} 2"#);
     has(r#"pandagate_upstream_duration_seconds_count{class="read"} 2"#);
+    // Every series has a help text, ending in one period (the library adds it).
+    let helps: Vec<&str> = text.lines().filter(|l| l.starts_with("# HELP ")).collect();
+    assert!(helps.len() >= 10, "{text}");
+    for help in helps {
+        assert!(help.ends_with('.') && !help.ends_with(".."), "{help}");
+    }
     gw.stop().await;
 }
