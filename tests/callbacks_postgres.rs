@@ -100,6 +100,12 @@ async fn a_claim_is_one_replicas_until_its_lease_passes() {
     assert_eq!(on_a.deliveries.len(), 1);
     let on_b = b.claim(now, 10, lease).await.unwrap();
     assert!(on_b.deliveries.is_empty(), "held by a");
+    // b's clock an hour ahead: the lease is the database's, still a's.
+    let skewed = b.claim(now + 3_600_000, 10, lease).await.unwrap();
+    assert!(
+        skewed.deliveries.is_empty(),
+        "held by a, whatever b's clock says"
+    );
     let next = on_b.next_at_ms.expect("when a's lease passes");
     assert!(next >= now + 300 && next <= now + 400, "{next} vs {now}");
 

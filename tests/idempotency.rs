@@ -761,3 +761,31 @@ async fn a_gateway_killed_mid_call_leaves_a_reservation_that_outlives_it() {
     );
     assert_eq!(provider.count("o-19"), 1, "never sent a second time");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn of_many_calls_racing_with_one_key_exactly_one_is_sent() {
+    let provider = Provider::start(vec![late(500, "o-20")], ok("o-20")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = spawn_gateway(keyed_config(&provider.url(), local_store(dir.path()))).await;
+    let url = gw.url(ORDER);
+    let racing: Vec<_> = (0..10)
+        .map(|_| tokio::spawn(send(keyed(&url, "k-20", &order_body("o-20")))))
+        .collect();
+    let mut statuses = Vec::new();
+    for call in racing {
+        statuses.push(call.await.unwrap().status.as_u16());
+    }
+    statuses.sort_unstable();
+    assert_eq!(provider.count("o-20"), 1, "{statuses:?}");
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        1,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 409).count(),
+        9,
+        "{statuses:?}"
+    );
+    gw.stop().await;
+}

@@ -336,28 +336,33 @@ impl PgStore {
         self.list(true).await
     }
 
-    /// Claims up to `limit` due deliveries no replica holds, each for
-    /// `lease` (the claimer's alone until then), and says when the next
-    /// one not claimed falls due (or its lease passes).
+    /// Claims up to `limit` deliveries due at `now_ms` that no replica
+    /// holds, each for `lease` (the claimer's alone until then), and says
+    /// when the next one not claimed falls due (or its lease passes).
+    /// Leases are measured on the database's clock, so replicas whose
+    /// clocks disagree still never hold a delivery at once.
     pub async fn claim(&self, now_ms: u64, limit: usize, lease: Duration) -> Result<Due, PgError> {
         let now = now_ms as i64;
-        let until = now.saturating_add(lease.as_millis() as i64);
+        let lease = lease.as_millis() as i64;
         let limit = limit as i64;
         let claim: i64 = rand::random();
         let (rows, next) = self
             .with(async |conn| {
                 let rows = conn
                     .query(
-                        "WITH due AS ( \
+                        "WITH clock AS ( \
+                           SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint AS ms), \
+                         due AS ( \
                            SELECT message_id, subscriber FROM pandagate_callback_deliveries \
-                           WHERE NOT dead AND next_at_ms <= $1 AND locked_until_ms <= $1 \
+                           WHERE NOT dead AND next_at_ms <= $1 \
+                             AND locked_until_ms <= (SELECT ms FROM clock) \
                            ORDER BY next_at_ms LIMIT $2 FOR UPDATE SKIP LOCKED) \
                          UPDATE pandagate_callback_deliveries d \
-                         SET locked_until_ms = $3, claim = $4 FROM due \
+                         SET locked_until_ms = (SELECT ms FROM clock) + $3, claim = $4 FROM due \
                          WHERE d.message_id = due.message_id AND d.subscriber = due.subscriber \
                          RETURNING d.message_id, d.subscriber, d.attempts, d.first_at_ms, \
                            d.next_at_ms, d.last_error, d.claim",
-                        &[&now, &limit, &until, &claim],
+                        &[&now, &limit, &lease, &claim],
                     )
                     .await?;
                 let next = conn
