@@ -402,9 +402,28 @@ impl Serving {
             }
             _ => None,
         };
+        // Keyed calls whose callers left still run after their connections
+        // closed: they get what is left of the grace period to keep their
+        // answers, so a restart does not turn them into unknown outcomes.
+        let drain = self.drain.clone();
+        let grace = self.opts.shutdown_grace;
+        let deadline = tokio::spawn(async move {
+            drain.started().await;
+            tokio::time::Instant::now() + grace
+        });
         self.serve_traffic(gateway).await;
         if let Some(pushes) = pushes {
             let _ = pushes.await;
+        }
+        if let Some(idempotency) = self.current.load().idempotency() {
+            let until = deadline
+                .await
+                .unwrap_or_else(|_| tokio::time::Instant::now());
+            if !idempotency.settled(until).await {
+                tracing::warn!(
+                    "keyed calls still running at exit: their keys read as an unknown outcome once their lease passes"
+                );
+            }
         }
     }
 

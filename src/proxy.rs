@@ -203,10 +203,18 @@ impl Gateway {
     /// end even when its caller leaves: its outcome is what the caller's
     /// retry with the same key will be answered with.
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ResponseBody> {
-        if self.idempotency.is_none() || !req.headers().contains_key(IDEMPOTENCY_KEY) {
-            return self.answer(req).await;
-        }
-        match tokio::spawn(async move { self.answer(req).await }).await {
+        let running = match &self.idempotency {
+            Some(idempotency) if req.headers().contains_key(IDEMPOTENCY_KEY) => {
+                idempotency.running()
+            }
+            _ => return self.answer(req).await,
+        };
+        let call = async move {
+            let response = self.answer(req).await;
+            drop(running);
+            response
+        };
+        match tokio::spawn(call).await {
             Ok(response) => response,
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
             // Cancelled: the runtime is shutting down.

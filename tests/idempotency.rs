@@ -789,3 +789,42 @@ async fn of_many_calls_racing_with_one_key_exactly_one_is_sent() {
     );
     gw.stop().await;
 }
+
+/// A restart (SIGTERM) while a keyed call whose caller left is still
+/// running: the drain waits for it, so its answer is kept, not lost.
+#[tokio::test]
+async fn a_drain_waits_for_keyed_calls_whose_callers_left() {
+    let provider = Provider::start(vec![late(1_500, "o-21")], ok("o-21")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("pandagate.toml");
+    std::fs::write(
+        &config,
+        format!("[idempotency]\npath = {:?}\n", dir.path().join("keys")),
+    )
+    .unwrap();
+    let upstream = provider.url();
+    let env = [
+        ("PANDAPON_ACCESS_KEY", ACCESS_KEY),
+        ("PANDAPON_ACCESS_SECRET", SECRET),
+        ("PANDAGATE_UPSTREAM", upstream.as_str()),
+    ];
+    let args = ["--config", config.to_str().unwrap()];
+    let mut first = launch(&args, &env).await;
+    let url = format!("http://{}{ORDER}", first.gateway);
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(300),
+        send(keyed(&url, "k-21", &order_body("o-21"))),
+    )
+    .await;
+    assert!(gave_up.is_err(), "the caller left before the answer");
+    first.signal("-TERM");
+    let exited = tokio::time::timeout(Duration::from_secs(15), first.child.wait()).await;
+    assert!(exited.is_ok(), "exits within the grace period");
+
+    let second = launch(&args, &env).await;
+    let url = format!("http://{}{ORDER}", second.gateway);
+    let again = send(keyed(&url, "k-21", &order_body("o-21"))).await;
+    assert_eq!(again.status, 200, "{:?}", again.body);
+    assert!(replayed(&again));
+    assert_eq!(provider.count("o-21"), 1);
+}

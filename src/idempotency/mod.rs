@@ -24,7 +24,11 @@
 mod local;
 mod redis;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
+
+use tokio::sync::Notify;
 
 use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use serde::{Deserialize, Serialize};
@@ -363,6 +367,28 @@ impl Store {
 pub struct Idempotency {
     config: IdempotencyConfig,
     store: Store,
+    running: Arc<Running>,
+}
+
+/// Keyed calls still running, their callers there or gone: a drain waits
+/// for them, so a restart does not leave their keys with an unknown
+/// outcome.
+#[derive(Debug, Default)]
+struct Running {
+    calls: AtomicUsize,
+    none: Notify,
+}
+
+/// Held by a keyed call while it runs.
+#[derive(Debug)]
+pub struct RunningCall(Arc<Running>);
+
+impl Drop for RunningCall {
+    fn drop(&mut self) {
+        if self.0.calls.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.none.notify_waiters();
+        }
+    }
 }
 
 /// What [`Idempotency::begin`] found.
@@ -413,7 +439,28 @@ impl Idempotency {
         Ok(Idempotency {
             config: config.clone(),
             store,
+            running: Arc::default(),
         })
+    }
+
+    /// Counts a keyed call as running until the guard is dropped.
+    pub fn running(&self) -> RunningCall {
+        self.running.calls.fetch_add(1, Ordering::AcqRel);
+        RunningCall(self.running.clone())
+    }
+
+    /// Waits until no keyed call is running, or `until`; true if none is.
+    pub async fn settled(&self, until: tokio::time::Instant) -> bool {
+        let wait = async {
+            loop {
+                let none = self.running.none.notified();
+                if self.running.calls.load(Ordering::Acquire) == 0 {
+                    return;
+                }
+                none.await;
+            }
+        };
+        tokio::time::timeout_at(until, wait).await.is_ok()
     }
 
     pub fn config(&self) -> &IdempotencyConfig {
