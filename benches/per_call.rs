@@ -56,6 +56,7 @@ fn record() -> AccessRecord {
         gateway_msg: None,
         idempotency: None,
         idempotency_key: None,
+        trace: None,
     }
 }
 

@@ -15,7 +15,8 @@
 //! `retry_reasons`, `retry_skipped`, `latency_ms`, `x_request_id`, `error`
 //! (the gateway's error kind, or null), `idempotency` (what became of the
 //! caller's `Idempotency-Key`, or null) and `idempotency_key` (the first 12
-//! hex digits of the key's SHA-256, never the key).
+//! hex digits of the key's SHA-256, never the key), `trace_id` and
+//! `span_id` (the call's span, when traces are exported, else null).
 
 use std::io::Write;
 use std::sync::Arc;
@@ -32,6 +33,7 @@ use crate::envelope::EnvelopeFields;
 use crate::idempotency::Logged;
 use crate::log_queue::{LogQueue, Stream};
 use crate::retry::{RetryReason, Skipped};
+use crate::traces::CallTrace;
 
 /// What the gateway knows about one call, filled in as it goes.
 #[derive(Debug)]
@@ -62,6 +64,8 @@ pub struct AccessRecord {
     pub idempotency: Option<Logged>,
     /// The key's SHA-256 prefix, as logged.
     pub idempotency_key: Option<[u8; 12]>,
+    /// The call's span, when traces are exported; ended with this line.
+    pub trace: Option<CallTrace>,
 }
 
 impl AccessRecord {
@@ -84,6 +88,7 @@ impl AccessRecord {
             gateway_msg: None,
             idempotency: None,
             idempotency_key: None,
+            trace: None,
         }
     }
 }
@@ -110,6 +115,8 @@ struct Line<'a> {
     error: Option<&'a str>,
     idempotency: Option<&'static str>,
     idempotency_key: Option<&'a str>,
+    trace_id: Option<&'a str>,
+    span_id: Option<&'a str>,
 }
 
 /// Handle to the access log; cheap to clone.
@@ -185,6 +192,7 @@ pub fn format_line(
     now: SystemTime,
 ) -> Vec<u8> {
     let ts_buf = timestamp(now);
+    let ids = r.trace.as_ref().map(CallTrace::ids);
     let ts = std::str::from_utf8(&ts_buf).expect("RFC 3339 is ASCII");
     let line = Line {
         ts,
@@ -210,6 +218,8 @@ pub fn format_line(
             .idempotency_key
             .as_ref()
             .map(|k| std::str::from_utf8(k).unwrap_or("-")),
+        trace_id: ids.as_ref().map(|(t, _)| t.as_str()),
+        span_id: ids.as_ref().map(|(_, s)| s.as_str()),
     };
     let mut out = Vec::with_capacity(320);
     match format {
@@ -333,6 +343,10 @@ fn json_line(out: &mut Vec<u8>, l: &Line<'_>) {
     opt_string(out, l.idempotency);
     key(out, false, "idempotency_key");
     opt_string(out, l.idempotency_key);
+    key(out, false, "trace_id");
+    opt_string(out, l.trace_id);
+    key(out, false, "span_id");
+    opt_string(out, l.span_id);
     out.push(b'}');
 }
 
@@ -372,6 +386,9 @@ fn text_line(out: &mut Vec<u8>, l: &Line<'_>) {
     }
     if let Some(key) = l.idempotency_key {
         let _ = write!(out, " idempotency_key={}", quoted(key));
+    }
+    if let (Some(trace), Some(span)) = (l.trace_id, l.span_id) {
+        let _ = write!(out, " trace_id={trace} span_id={span}");
     }
 }
 
@@ -413,6 +430,7 @@ mod tests {
             gateway_msg: None,
             idempotency: None,
             idempotency_key: None,
+            trace: None,
         }
     }
 
@@ -448,6 +466,8 @@ mod tests {
         assert!(v["error"].is_null());
         assert!(v["idempotency"].is_null());
         assert!(v["idempotency_key"].is_null());
+        assert!(v["trace_id"].is_null());
+        assert!(v["span_id"].is_null());
     }
 
     /// The hand-written JSON line is byte for byte what `serde_json` makes
@@ -499,6 +519,8 @@ mod tests {
                     error: opt(i + 1).map(|_| "upstream_timeout"),
                     idempotency: opt(j).map(|_| "replayed"),
                     idempotency_key: opt(i + j),
+                    trace_id: opt(i),
+                    span_id: opt(j),
                 };
                 let mut ours = Vec::new();
                 json_line(&mut ours, &line);

@@ -39,6 +39,7 @@ use crate::loaded::Loaded;
 use crate::metrics::Metrics;
 use crate::proxy::Gateway;
 use crate::server::{self, ServerOptions};
+use crate::traces::Traces;
 use crate::{reload, telemetry, worker};
 
 /// How long logs get to reach their readers on the way out.
@@ -136,8 +137,14 @@ impl App {
                 Some(store)
             }
         };
+        // Spans go out through one exporter thread for the process's life.
+        let traces = match &loaded.traces_endpoint {
+            None => None,
+            Some(endpoint) => Some(Arc::new(Traces::start(&loaded.config.telemetry, endpoint)?)),
+        };
         let gateway = Gateway::with_metrics(&loaded, log.clone(), metrics.clone())?
-            .with_idempotency(idempotency);
+            .with_idempotency(idempotency)
+            .with_traces(traces.clone());
         let current: reload::Current = Arc::new(ArcSwap::from_pointee(gateway));
         // The store is a file only one process may hold: opened once, its
         // settings taken at start, not on SIGHUP. The secret that verifies a
@@ -224,6 +231,11 @@ impl App {
         }
         let _ = traffic_done.send(());
         let _ = admin_task.await;
+        if let Some(traces) = self.current.load().traces() {
+            // Sends what is queued; bounded by telemetry.export_timeout_ms.
+            let traces = traces.clone();
+            let _ = tokio::task::spawn_blocking(move || traces.shutdown()).await;
+        }
         self.log.flush_within(EXIT_FLUSH);
         Ok(())
     }

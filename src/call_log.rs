@@ -12,6 +12,9 @@
 //!   fields from the first `log.inspect_bytes`, and is dropped when the body
 //!   ends (`error` stays the gateway's own, if it answered) or is dropped
 //!   early (`response_incomplete`, `upstream_body`).
+//!
+//! The call's span, when traces are exported, ends with the line, carrying
+//! the same status, error and provider fields.
 
 use std::sync::Arc;
 
@@ -21,6 +24,7 @@ use crate::access_log::{AccessLog, AccessRecord};
 use crate::body::{BodyEnd, BodyWatch};
 use crate::envelope::{self, EnvelopeFields};
 use crate::metrics::Metrics;
+use crate::traces::CallEnd;
 
 /// Why a call ended without its answer reaching the caller whole.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -134,5 +138,21 @@ impl Drop for CallLog {
         let found = self.envelope();
         self.log.emit(&self.record, &found);
         self.metrics.call_finished(&self.record, &found);
+        if let Some(trace) = self.record.trace.take() {
+            let r = &self.record;
+            trace.end(CallEnd {
+                status: r.status,
+                error: r.error,
+                request_id: found.request_id.as_deref(),
+                code: found.code.as_ref().map(|c| match c {
+                    serde_json::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                }),
+                class: r.class.map(crate::config::Class::as_str),
+                profile: r.profile.as_deref(),
+                retry_skipped: r.retry_skipped.map(crate::retry::Skipped::as_str),
+                idempotency: r.idempotency.map(crate::idempotency::Logged::as_str),
+            });
+        }
     }
 }

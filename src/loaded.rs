@@ -7,6 +7,7 @@ use std::path::Path;
 use crate::auth::Client;
 use crate::config::{
     BackendKind, CallbackBackend, Config, ConfigError, Env, PostgresUrl, RedisUrl, StoreKind,
+    TracesEndpoint,
 };
 use crate::profiles::Profile;
 
@@ -24,6 +25,8 @@ pub struct Loaded {
     pub idempotency_redis_url: Option<RedisUrl>,
     /// The PostgreSQL URL of `[callbacks]` with `backend = "postgres"`.
     pub callbacks_postgres_url: Option<PostgresUrl>,
+    /// Where spans go; `None`: no traces.
+    pub traces_endpoint: Option<TracesEndpoint>,
 }
 
 /// Reads `path` (if any), applies the environment, validates, loads secrets.
@@ -71,6 +74,7 @@ pub fn resolve(config: Config, env: Env<'_>) -> Result<Loaded, ConfigError> {
         Some(c) if c.backend == CallbackBackend::Postgres => Some(c.resolve_postgres_url(env)?),
         _ => None,
     };
+    let traces_endpoint = config.telemetry.endpoint(env)?;
     Ok(Loaded {
         config,
         profiles,
@@ -78,6 +82,7 @@ pub fn resolve(config: Config, env: Env<'_>) -> Result<Loaded, ConfigError> {
         redis_url,
         idempotency_redis_url,
         callbacks_postgres_url,
+        traces_endpoint,
     })
 }
 

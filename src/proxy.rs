@@ -53,8 +53,10 @@ use crate::profiles::{Profile, Profiles};
 use crate::retry::{self, Attempt, Budget, Decision, Outcome, RetryReason, Skipped};
 use crate::routes::{Route, Routes, is_ambiguous};
 use crate::signer;
+use crate::traces::{AttemptTrace, Traces};
 use crate::upstream::Upstream;
 use crate::worker;
+use opentelemetry::KeyValue;
 
 /// Longest caller `x-request-id` passed on; longer ones are replaced.
 const MAX_REQUEST_ID_LEN: usize = 128;
@@ -82,6 +84,9 @@ pub struct Gateway {
     /// Callers' idempotency keys, when `[idempotency]` is set. Opened once
     /// per process and handed from one config to the next.
     idempotency: Option<Arc<Idempotency>>,
+    /// Spans of each call and attempt, when `[telemetry]` has an endpoint.
+    /// Started once per process and handed from one config to the next.
+    traces: Option<Arc<Traces>>,
 }
 
 /// One upstream attempt's result: the answer the caller would get.
@@ -113,7 +118,11 @@ impl Gateway {
                 loaded.idempotency_redis_url.as_ref(),
             )?)),
         };
-        Ok(gateway.with_idempotency(idempotency))
+        let traces = match &loaded.traces_endpoint {
+            None => None,
+            Some(endpoint) => Some(Arc::new(Traces::start(&loaded.config.telemetry, endpoint)?)),
+        };
+        Ok(gateway.with_idempotency(idempotency).with_traces(traces))
     }
 
     /// A gateway recording into `metrics`, which outlive config reloads.
@@ -153,6 +162,7 @@ impl Gateway {
             inspect_bytes: c.log.inspect_bytes,
             access_log,
             idempotency: None,
+            traces: None,
         })
     }
 
@@ -165,6 +175,16 @@ impl Gateway {
 
     pub fn idempotency(&self) -> Option<&Arc<Idempotency>> {
         self.idempotency.as_ref()
+    }
+
+    /// Exports spans through `traces` (started once per process).
+    pub fn with_traces(mut self, traces: Option<Arc<Traces>>) -> Gateway {
+        self.traces = traces;
+        self
+    }
+
+    pub fn traces(&self) -> Option<&Arc<Traces>> {
+        self.traces.as_ref()
     }
 
     pub fn access_log(&self) -> &AccessLog {
@@ -239,6 +259,9 @@ impl Gateway {
             self.metrics.clone(),
         );
         let record = call.record();
+        if let Some(traces) = &self.traces {
+            record.trace = Some(traces.call(req.headers(), req.method(), req.uri().path()));
+        }
         let (mut response, inspect) =
             match self.forward(req, &x_request_id, gateway_id, record).await {
                 Ok(response) => {
@@ -369,6 +392,21 @@ impl Gateway {
         for number in 1..=max_attempts {
             let now = if number == 1 { started } else { Instant::now() };
             let permit = self.admit(call, number, now, record).await?;
+            let trace = record.trace.as_ref().map(|t| {
+                let host = self.upstream.host.to_str().unwrap_or_default();
+                let attempt = t.attempt(number, &call.method, call.uri.path(), host);
+                if let Some(reason) = &retrying {
+                    attempt.note(KeyValue::new("pandagate.retry_reason", reason.to_string()));
+                }
+                let waited = Instant::now().saturating_duration_since(now);
+                if waited >= Duration::from_millis(1) {
+                    attempt.note(KeyValue::new(
+                        "pandagate.rate_limit_wait_ms",
+                        waited.as_millis() as i64,
+                    ));
+                }
+                attempt
+            });
             // This attempt is a retry that is really going out: its reason
             // is logged now, not when it was decided.
             record.retry_reasons.extend(retrying.take());
@@ -379,8 +417,16 @@ impl Gateway {
             record.attempts = number;
             let sent = Instant::now();
             let remaining = deadline.saturating_duration_since(sent);
-            let (outcome, answer) = self.send(call, body, attempt_timeout.min(remaining)).await;
+            let (outcome, answer) = self
+                .send(call, body, attempt_timeout.min(remaining), trace.as_ref())
+                .await;
             *reached |= outcome.may_have_reached();
+            if let Some(trace) = trace {
+                match &answer {
+                    Ok(response) => trace.end(Some(response.status().as_u16()), None),
+                    Err(e) => trace.end(None, Some(e.kind())),
+                }
+            }
             let done = Instant::now();
             self.metrics.attempt(route.class, done - sent);
             permit.record(outcome.health(), done);
@@ -441,6 +487,9 @@ impl Gateway {
         };
         let permit = self.breaker.admit(now).map_err(|retry_after| {
             skipped(Skipped::CircuitOpen);
+            if let Some(trace) = &record.trace {
+                trace.note(KeyValue::new("pandagate.circuit_state", "open"));
+            }
             GatewayError::CircuitOpen { retry_after }
         })?;
         let slot = self
@@ -483,11 +532,15 @@ impl Gateway {
         call: &Prepared<'_>,
         body: UpstreamBody,
         timeout: Duration,
+        trace: Option<&AttemptTrace>,
     ) -> (Outcome, Answer) {
         let mut upstream_req = Request::new(body);
         *upstream_req.method_mut() = call.method.clone();
         *upstream_req.uri_mut() = call.uri.clone();
         *upstream_req.headers_mut() = call.headers.clone();
+        if let Some(trace) = trace {
+            trace.inject(upstream_req.headers_mut());
+        }
         self.sign(call.profile, upstream_req.headers_mut());
         self.exchange(upstream_req, timeout, call.route.class).await
     }

@@ -10,8 +10,8 @@
 //!   bound once: changing them needs a restart. Retry budget, breaker and
 //!   limiter state start afresh with the new config. The push receiver's
 //!   store and settings stay as started, but it verifies each push with the
-//!   running config's secret ([`profile_secret`]). So does the idempotency
-//!   store, `[idempotency]` settings included.
+//!   running config's secret ([`profile_secret`]). So do the idempotency
+//!   store and the trace exporter, their settings included.
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -132,7 +132,9 @@ pub fn reload(
     match Gateway::with_metrics(&loaded, log.clone(), metrics.clone()) {
         Ok(gateway) => {
             // The idempotency store stays as opened at start.
-            let gateway = gateway.with_idempotency(running.idempotency().cloned());
+            let gateway = gateway
+                .with_idempotency(running.idempotency().cloned())
+                .with_traces(running.traces().cloned());
             current.store(Arc::new(gateway));
             metrics.config_reloaded();
             tracing::info!(profiles = loaded.profiles.len(), "config reloaded");

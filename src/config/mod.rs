@@ -26,6 +26,7 @@ mod routes;
 mod secrets;
 mod server;
 mod signing;
+mod traces;
 mod upstream;
 
 use std::fmt;
@@ -49,6 +50,7 @@ pub use routes::{Class, RouteConfig, check_overlaps, v1_form};
 pub use secrets::{SecretFileError, SecretSource, read_secret_file};
 pub use server::{AmbiguousPaths, ServerConfig};
 pub use signing::SigningConfig;
+pub use traces::{TelemetryConfig, TracesEndpoint};
 pub use upstream::{BaseUrlError, UpstreamConfig, upstream_base};
 
 /// `*_ms` keys with a tighter bound than [`MAX_DURATION_MS`], and why.
@@ -85,6 +87,8 @@ pub struct Config {
     /// The provider's pushed messages; absent: no callback receiver.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub callbacks: Option<CallbacksConfig>,
+    /// Traces over OTLP.
+    pub telemetry: TelemetryConfig,
     /// Callers' `Idempotency-Key`s; absent: the header passes through.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub idempotency: Option<IdempotencyConfig>,
@@ -112,6 +116,7 @@ impl Default for Config {
             clients: Vec::new(),
             allow_unauthenticated: false,
             callbacks: None,
+            telemetry: TelemetryConfig::default(),
             idempotency: None,
         }
     }
@@ -224,6 +229,7 @@ impl Config {
         self.log.validate()?;
         self.retry.validate()?;
         self.circuit_breaker.validate()?;
+        self.telemetry.validate()?;
         self.check_durations()?;
         if let Some(rate_limit) = &self.rate_limit {
             rate_limit.validate()?;

@@ -1,0 +1,266 @@
+//! Traces: a caller's trace continues through the gateway's call span and
+//! one client span per upstream attempt, exported over OTLP/HTTP to a
+//! receiver in this test, with no secret in any attribute.
+
+mod support;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::Request;
+use http_body_util::Full;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
+use opentelemetry_proto::tonic::trace::v1::Span;
+use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+use prost::Message;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use wiremock::ResponseTemplate;
+
+/// An OTLP/HTTP receiver on a free loopback port: keeps every span.
+#[derive(Clone, Default)]
+struct Receiver(Arc<Mutex<Vec<Span>>>);
+
+impl Receiver {
+    async fn start(&self) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let spans = self.0.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let spans = spans.clone();
+                tokio::spawn(async move {
+                    loop {
+                        let mut head = Vec::new();
+                        let mut byte = [0u8; 1];
+                        while !head.ends_with(b"\r\n\r\n") {
+                            match stream.read(&mut byte).await {
+                                Ok(1) => head.push(byte[0]),
+                                _ => return,
+                            }
+                        }
+                        let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                        let len: usize = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse().ok())
+                            .unwrap_or(0);
+                        let mut body = vec![0u8; len];
+                        if stream.read_exact(&mut body).await.is_err() {
+                            return;
+                        }
+                        let request = ExportTraceServiceRequest::decode(body.as_slice())
+                            .expect("an OTLP/HTTP protobuf export");
+                        for resource in request.resource_spans {
+                            for scope in resource.scope_spans {
+                                spans.lock().unwrap().extend(scope.spans);
+                            }
+                        }
+                        let ok = b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n";
+                        if stream.write_all(ok).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    /// Waits (bounded) for `n` spans.
+    async fn spans(&self, n: usize) -> Vec<Span> {
+        for _ in 0..200 {
+            if self.0.lock().unwrap().len() >= n {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        self.0.lock().unwrap().clone()
+    }
+}
+
+fn attr<'a>(span: &'a Span, key: &str) -> Option<&'a AnyValue> {
+    span.attributes
+        .iter()
+        .find(|a| a.key == key)
+        .and_then(|a| a.value.as_ref())
+        .and_then(|v| v.value.as_ref())
+}
+
+fn text(span: &Span, key: &str) -> Option<String> {
+    match attr(span, key)? {
+        AnyValue::StringValue(s) => Some(s.clone()),
+        AnyValue::IntValue(i) => Some(i.to_string()),
+        other => Some(format!("{other:?}")),
+    }
+}
+
+const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const PARENT: &str = "00f067aa0ba902b7";
+
+#[tokio::test]
+async fn a_retried_read_continues_the_callers_trace_with_a_span_per_attempt() {
+    let receiver = Receiver::default();
+    let endpoint = receiver.start().await;
+    let upstream = upstream_failing_first(
+        1,
+        ResponseTemplate::new(503),
+        ResponseTemplate::new(200)
+            .set_body_raw(provider_body("prov-1", 200, "ok"), "application/json"),
+    )
+    .await;
+    let mut c = config(&upstream.uri());
+    c.retry.backoff_base_ms = 1;
+    c.retry.backoff_cap_ms = 1;
+    c.telemetry.otlp_endpoint = Some(endpoint);
+    c.telemetry.export_interval_ms = 50;
+    let gw = spawn_gateway(c).await;
+
+    let req = Request::get(gw.url("/open/product/get?itemId=1&token=query-secret-7"))
+        .header("traceparent", format!("00-{TRACE}-{PARENT}-01"))
+        .header("tracestate", "vendor=abc")
+        .body(Full::default())
+        .unwrap();
+    let answer = send(req).await;
+    assert_eq!(answer.status, 200);
+
+    let spans = receiver.spans(3).await;
+    assert_eq!(spans.len(), 3, "{spans:#?}");
+    let server: Vec<&Span> = spans
+        .iter()
+        .filter(|s| s.kind == SpanKind::Server as i32)
+        .collect();
+    assert_eq!(server.len(), 1);
+    let server = server[0];
+    assert_eq!(hex::encode(&server.trace_id), TRACE);
+    assert_eq!(hex::encode(&server.parent_span_id), PARENT);
+    assert_eq!(text(server, "http.request.method").as_deref(), Some("GET"));
+    assert_eq!(
+        text(server, "url.path").as_deref(),
+        Some("/open/product/get")
+    );
+    assert_eq!(
+        text(server, "http.response.status_code").as_deref(),
+        Some("200")
+    );
+    assert_eq!(text(server, "pandagate.class").as_deref(), Some("read"));
+    assert_eq!(
+        text(server, "pandagate.profile").as_deref(),
+        Some("default")
+    );
+    assert_eq!(
+        text(server, "pandapon.request_id").as_deref(),
+        Some("prov-1")
+    );
+    assert_eq!(text(server, "pandapon.code").as_deref(), Some("200"));
+
+    let mut attempts: Vec<&Span> = spans
+        .iter()
+        .filter(|s| s.kind == SpanKind::Client as i32)
+        .collect();
+    attempts.sort_by_key(|s| s.start_time_unix_nano);
+    assert_eq!(attempts.len(), 2, "one span per attempt");
+    for a in &attempts {
+        assert_eq!(a.trace_id, server.trace_id);
+        assert_eq!(a.parent_span_id, server.span_id, "a child of the call");
+        assert_eq!(text(a, "url.path").as_deref(), Some("/open/product/get"));
+        assert!(text(a, "server.address").is_some());
+    }
+    assert_eq!(
+        text(attempts[0], "http.response.status_code").as_deref(),
+        Some("503")
+    );
+    assert_eq!(text(attempts[0], "error.type").as_deref(), Some("503"));
+    assert_eq!(text(attempts[0], "pandagate.retry_reason"), None);
+    assert_eq!(
+        text(attempts[1], "http.response.status_code").as_deref(),
+        Some("200")
+    );
+    assert_eq!(
+        text(attempts[1], "pandagate.retry_reason").as_deref(),
+        Some("503")
+    );
+    assert_eq!(
+        text(attempts[1], "http.request.resend_count").as_deref(),
+        Some("1")
+    );
+
+    // The traceparent sent upstream is each attempt's own.
+    let received = upstream.received_requests().await.unwrap();
+    assert_eq!(received.len(), 2);
+    for (request, span) in received.iter().zip(&attempts) {
+        let sent = request.headers["traceparent"].to_str().unwrap();
+        assert_eq!(
+            sent,
+            format!("00-{TRACE}-{}-01", hex::encode(&span.span_id)),
+        );
+        assert_eq!(request.headers["tracestate"], "vendor=abc");
+    }
+
+    // Nothing secret, and no query string, in any attribute.
+    let signed: Vec<String> = received
+        .iter()
+        .flat_map(|r| {
+            ["signature", "nonce-str"]
+                .iter()
+                .map(|h| r.headers[*h].to_str().unwrap().to_owned())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    for span in &spans {
+        for a in &span.attributes {
+            let value = format!("{:?}", a.value);
+            for secret in [SECRET, "query-secret-7", "itemId"]
+                .iter()
+                .map(|s| s.to_string())
+                .chain(signed.iter().cloned())
+            {
+                assert!(!value.contains(&secret), "{} = {value}", a.key);
+            }
+        }
+    }
+
+    // The access-log line leads to the trace.
+    let log = gw.access_log_of(1).await;
+    assert_eq!(log[0]["trace_id"], TRACE);
+    assert_eq!(log[0]["span_id"], hex::encode(&server.span_id));
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn without_a_traceparent_the_gateway_starts_a_trace_and_without_an_endpoint_none() {
+    let receiver = Receiver::default();
+    let endpoint = receiver.start().await;
+    let upstream = upstream_answering(ResponseTemplate::new(200)).await;
+    let mut c = config(&upstream.uri());
+    c.telemetry.otlp_endpoint = Some(endpoint);
+    c.telemetry.export_interval_ms = 50;
+    let gw = spawn_gateway(c).await;
+    assert_eq!(get(&gw.url("/open/product/get")).await.status, 200);
+    let spans = receiver.spans(2).await;
+    let server = spans
+        .iter()
+        .find(|s| s.kind == SpanKind::Server as i32)
+        .expect("a server span");
+    assert!(server.parent_span_id.is_empty(), "a root");
+    assert_eq!(server.trace_id.len(), 16);
+    gw.stop().await;
+
+    // No endpoint: no span, no trace ids in the log, the caller's
+    // traceparent passed through untouched.
+    let gw = spawn_gateway(config(&upstream.uri())).await;
+    let req = Request::get(gw.url("/open/product/get"))
+        .header("traceparent", format!("00-{TRACE}-{PARENT}-01"))
+        .body(Full::default())
+        .unwrap();
+    assert_eq!(send(req).await.status, 200);
+    let log = gw.access_log_of(1).await;
+    assert!(log[0]["trace_id"].is_null());
+    let received = upstream.received_requests().await.unwrap();
+    assert_eq!(
+        received.last().unwrap().headers["traceparent"],
+        format!("00-{TRACE}-{PARENT}-01").as_str()
+    );
+    gw.stop().await;
+}
