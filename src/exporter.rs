@@ -156,6 +156,14 @@ impl StateCollector {
             state,
         )?;
         gauge(e, "calls_in_flight", "Calls being answered.", m.in_flight())?;
+        if let Some(traces) = g.traces() {
+            counter(
+                e,
+                "trace_spans_dropped",
+                "Spans dropped because the export queue (telemetry.queue_spans) was full.",
+                traces.dropped(),
+            )?;
+        }
         counter(
             e,
             "secret_reloads",

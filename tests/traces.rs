@@ -264,3 +264,70 @@ async fn without_a_traceparent_the_gateway_starts_a_trace_and_without_an_endpoin
     );
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn a_full_export_queue_drops_spans_and_counts_them_without_slowing_calls() {
+    // A receiver that takes the connection and never answers: the
+    // exporter thread waits on it while calls go on.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            open.push(stream);
+        }
+    });
+    let upstream = upstream_answering(ResponseTemplate::new(200)).await;
+    let mut c = config(&upstream.uri());
+    c.telemetry.otlp_endpoint = Some(endpoint);
+    c.telemetry.export_interval_ms = 20;
+    c.telemetry.export_timeout_ms = 30_000;
+    c.telemetry.queue_spans = 2;
+    let gw = spawn_gateway(c).await;
+    let started = std::time::Instant::now();
+    for _ in 0..40 {
+        assert_eq!(get(&gw.url("/open/product/get")).await.status, 200);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    let dropped = gw.gateway.traces().expect("tracing on").dropped();
+    assert!(dropped >= 40, "most spans of 40 calls dropped: {dropped}");
+    let gateway = gw.gateway.clone();
+    let text = pandagate::exporter::Exporter::new(Arc::new(move || gateway.clone())).render();
+    let line = format!("pandagate_trace_spans_dropped_total {dropped}");
+    assert!(text.contains(&line), "missing {line} in\n{text}");
+    held.abort();
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn new_traces_follow_the_sample_ratio_and_callers_decisions_are_kept() {
+    let receiver = Receiver::default();
+    let endpoint = receiver.start().await;
+    let upstream = upstream_answering(ResponseTemplate::new(200)).await;
+    let mut c = config(&upstream.uri());
+    c.telemetry.otlp_endpoint = Some(endpoint);
+    c.telemetry.export_interval_ms = 50;
+    c.telemetry.sample_ratio = 0.0;
+    let gw = spawn_gateway(c).await;
+    for _ in 0..5 {
+        assert_eq!(get(&gw.url("/open/product/get")).await.status, 200);
+    }
+    // A caller's sampled trace is kept, whatever the ratio.
+    let req = Request::get(gw.url("/open/product/get"))
+        .header("traceparent", format!("00-{TRACE}-{PARENT}-01"))
+        .body(Full::default())
+        .unwrap();
+    assert_eq!(send(req).await.status, 200);
+    receiver.spans(2).await;
+    // Time for spans that should not exist to arrive anyway.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let spans = receiver.0.lock().unwrap().clone();
+    assert_eq!(spans.len(), 2, "only the caller's sampled call: {spans:#?}");
+    assert!(spans.iter().all(|s| hex::encode(&s.trace_id) == TRACE));
+    gw.stop().await;
+}
