@@ -159,6 +159,7 @@ impl App {
                     reload::profile_secret(current.clone(), &c.profile),
                     Duration::from_millis(loaded.config.server.body_read_timeout_ms),
                     store,
+                    traces.clone(),
                 )?;
                 tokio::spawn(cb.clone().run_deliveries());
                 Some(cb)

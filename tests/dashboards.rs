@@ -154,10 +154,11 @@ fn sample_label_names(s: &str) -> Vec<String> {
     }
 }
 
-fn config(dir: &Path, subscriber: &str) -> PathBuf {
+fn config(dir: &Path, subscriber: &str, collector: &str) -> PathBuf {
     let file = dir.join("pandagate.toml");
     let text = format!(
         "[retry]\nbackoff_base_ms = 1\nbackoff_cap_ms = 1\n\n\
+         [telemetry]\notlp_endpoint = \"{collector}\"\n\n\
          [rate_limit]\nrequests_per_second = 1000\nburst = 1000\n\n\
          [idempotency]\nstore = \"local\"\npath = \"{idempotency}\"\n\n\
          [callbacks]\nstore = \"{store}\"\nbackoff_base_ms = 20\nbackoff_cap_ms = 50\n\n\
@@ -169,8 +170,8 @@ fn config(dir: &Path, subscriber: &str) -> PathBuf {
     file
 }
 
-/// `/metrics` of the real binary with callbacks, a rate limit and an
-/// idempotency store configured, after calls that give every labelled
+/// `/metrics` of the real binary with callbacks, a rate limit, an
+/// idempotency store and trace export configured, after calls that give every labelled
 /// family a sample: a read retried after a 503, a keyed write, a push
 /// delivered.
 async fn scrape_a_busy_gateway() -> String {
@@ -185,7 +186,12 @@ async fn scrape_a_busy_gateway() -> String {
     )
     .await;
     let subscriber = support::upstream_answering(ResponseTemplate::new(200)).await;
-    let config = config(dir.path(), &format!("{}/events", subscriber.uri()));
+    let collector = support::upstream_answering(ResponseTemplate::new(200)).await;
+    let config = config(
+        dir.path(),
+        &format!("{}/events", subscriber.uri()),
+        &collector.uri(),
+    );
     let gw = support::launch(
         &["--config", config.to_str().unwrap()],
         &[

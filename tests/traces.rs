@@ -331,3 +331,69 @@ async fn new_traces_follow_the_sample_ratio_and_callers_decisions_are_kept() {
     assert!(spans.iter().all(|s| hex::encode(&s.trace_id) == TRACE));
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_push_receiver_traces_each_receive_its_store_and_each_delivery() {
+    let receiver = Receiver::default();
+    let endpoint = receiver.start().await;
+    let subscriber = upstream_answering(ResponseTemplate::new(200)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("pandagate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[telemetry]\notlp_endpoint = \"{endpoint}\"\nexport_interval_ms = 50\n\
+             [callbacks]\nstore = {:?}\n[[callbacks.subscribers]]\nurl = \"{}/events\"\n",
+            dir.path().join("store"),
+            subscriber.uri()
+        ),
+    )
+    .unwrap();
+    let key = "sk-traces-push";
+    let gw = launch(
+        &["--config", config.to_str().unwrap()],
+        &[
+            ("PANDAPON_ACCESS_KEY", "ak"),
+            ("PANDAPON_ACCESS_SECRET", key),
+            ("PANDAGATE_UPSTREAM", "http://127.0.0.1:9"),
+        ],
+    )
+    .await;
+    assert_eq!(push_signed(&gw.gateway, key, "T1").await, 200);
+    let spans = receiver.spans(3).await;
+    let named = |name: &str| {
+        spans
+            .iter()
+            .find(|s| s.name == name)
+            .unwrap_or_else(|| panic!("no {name} span in {spans:#?}"))
+    };
+    let receive = named("callback receive");
+    assert_eq!(receive.kind, SpanKind::Server as i32);
+    assert_eq!(
+        text(receive, "http.response.status_code").as_deref(),
+        Some("200")
+    );
+    assert_eq!(
+        text(receive, "pandagate.callback_result").as_deref(),
+        Some("stored")
+    );
+    assert_eq!(
+        text(receive, "pandapon.message_type").as_deref(),
+        Some("ORDER_CANCEL")
+    );
+    let store = named("callback store");
+    assert_eq!(store.parent_span_id, receive.span_id);
+    assert_eq!(store.trace_id, receive.trace_id);
+    let delivery = named("callback delivery");
+    assert_eq!(delivery.kind, SpanKind::Client as i32);
+    let sent = subscriber.received_requests().await.unwrap();
+    assert_eq!(
+        text(delivery, "pandagate.delivery_id").as_deref(),
+        sent[0].headers["x-pandagate-delivery-id"].to_str().ok()
+    );
+    for span in &spans {
+        for a in &span.attributes {
+            assert!(!format!("{:?}", a.value).contains(key), "{}", a.key);
+        }
+    }
+}

@@ -11,6 +11,8 @@ use http_body_util::Full;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use opentelemetry::KeyValue;
+use opentelemetry::trace::SpanKind;
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
@@ -175,6 +177,24 @@ impl Callbacks {
         mut d: Delivery,
     ) -> Result<(), CallbackError> {
         let message = self.store.message(d.message_id.clone()).await?;
+        let trace = self.traces.as_ref().map(|t| {
+            t.operation(
+                "callback delivery",
+                SpanKind::Client,
+                vec![
+                    KeyValue::new("pandagate.delivery_id", delivery_id(&d)),
+                    KeyValue::new("pandagate.delivery_attempt", i64::from(d.attempts + 1)),
+                    KeyValue::new(
+                        "server.address",
+                        d.subscriber
+                            .parse::<http::Uri>()
+                            .ok()
+                            .and_then(|u| u.host().map(str::to_owned))
+                            .unwrap_or_default(),
+                    ),
+                ],
+            )
+        });
         let outcome = match &message {
             Some(message) => self.post(client, &d, message).await.map(|()| message),
             // Cannot happen (a message is pruned only with no delivery
@@ -182,6 +202,21 @@ impl Callbacks {
             // instead of being picked up again and again.
             None => Err(CallbackError::MessageMissing),
         };
+        if let Some(trace) = trace {
+            if let Some(m) = &message {
+                trace.note(KeyValue::new(
+                    "pandapon.message_type",
+                    m.message_type.clone(),
+                ));
+            }
+            let error = outcome.as_ref().err().map(|e| match e {
+                CallbackError::Status(status) => status.as_str().to_owned(),
+                CallbackError::Timeout => "timeout".to_owned(),
+                CallbackError::Transport(_) => "transport".to_owned(),
+                _ => "message_missing".to_owned(),
+            });
+            trace.end(error.as_deref());
+        }
         let now = now_ms();
         match outcome {
             Ok(message) => {

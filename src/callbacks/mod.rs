@@ -32,7 +32,10 @@ use crate::error::envelope_response;
 use crate::ids;
 use crate::profiles::Profiles;
 use crate::secret::Secret;
+use crate::traces::{Operation, Traces};
 pub use backend::Backend;
+use opentelemetry::KeyValue;
+use opentelemetry::trace::SpanKind;
 use postgres::PgError;
 use store::{Delivery, Message, Store, StoreError};
 
@@ -185,6 +188,8 @@ pub struct Callbacks {
     body_read_timeout: Duration,
     store: Backend,
     wake: Notify,
+    /// Spans of each push received and each delivery, when traces are on.
+    traces: Option<Arc<Traces>>,
     pub counts: CallbackCounts,
 }
 
@@ -268,7 +273,7 @@ impl Callbacks {
         let timeout =
             Duration::from_millis(crate::config::ServerConfig::default().body_read_timeout_ms);
         let store = Backend::open_local(&config)?;
-        Self::with_secret_source(config, source, timeout, store)
+        Self::with_secret_source(config, source, timeout, store, None)
     }
 
     /// A receiver on `store` (see [`Backend::open`]); pushes are verified
@@ -279,6 +284,7 @@ impl Callbacks {
         secret: SecretSource,
         body_read_timeout: Duration,
         store: Backend,
+        traces: Option<Arc<Traces>>,
     ) -> Result<Arc<Callbacks>, ConfigError> {
         if secret().is_none() {
             return Err(no_profile(&config.profile));
@@ -288,6 +294,7 @@ impl Callbacks {
             body_read_timeout,
             store,
             wake: Notify::new(),
+            traces,
             counts: CallbackCounts::default(),
             config,
         }))
@@ -344,7 +351,28 @@ impl Callbacks {
     /// Answers one push: 200 once it is stored, else the gateway's
     /// envelope saying why not.
     pub async fn receive(&self, req: Request<Incoming>) -> Response<ResponseBody> {
-        match self.accept(req).await {
+        let trace = self.traces.as_ref().map(|t| {
+            t.operation(
+                "callback receive",
+                SpanKind::Server,
+                vec![
+                    KeyValue::new("http.request.method", req.method().as_str().to_owned()),
+                    KeyValue::new("url.path", req.uri().path().to_owned()),
+                ],
+            )
+        });
+        let accepted = self.accept(req, trace.as_ref()).await;
+        if let Some(trace) = trace {
+            let status = accepted
+                .as_ref()
+                .map_or_else(|r| r.status.as_u16(), |_| 200);
+            trace.note(KeyValue::new(
+                "http.response.status_code",
+                i64::from(status),
+            ));
+            trace.end(accepted.as_ref().err().map(|r| r.error));
+        }
+        match accepted {
             Ok(()) => {
                 let mut r = Response::new(ResponseBody::local(Bytes::from_static(
                     br#"{"code":200,"msg":"success"}"#,
@@ -372,7 +400,11 @@ impl Callbacks {
     }
 
     /// Reads, verifies and stores one push.
-    async fn accept(&self, req: Request<Incoming>) -> Result<(), Refusal> {
+    async fn accept(
+        &self,
+        req: Request<Incoming>,
+        trace: Option<&Operation>,
+    ) -> Result<(), Refusal> {
         if req.method() != Method::POST {
             return Err(Refusal::not_counted(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -407,7 +439,20 @@ impl Callbacks {
                 ),
             },
         )?;
-        let stored = self.store_push(&body, push).await.map_err(|e| {
+        if let Some(trace) = trace {
+            trace.note(KeyValue::new(
+                "pandapon.message_type",
+                push.message_type.clone(),
+            ));
+        }
+        let store_span = trace
+            .zip(self.traces.as_deref())
+            .map(|(t, traces)| t.child(traces, "callback store"));
+        let stored = self.store_push(&body, push).await;
+        if let Some(span) = store_span {
+            span.end(stored.as_ref().err().map(|_| "store_unavailable"));
+        }
+        let stored = stored.map_err(|e| {
             // Not acknowledged: the provider pushes it again later.
             tracing::error!(error = %e, "callback store failed; push not acknowledged");
             Refusal::not_counted(
@@ -416,6 +461,10 @@ impl Callbacks {
                 "message store unavailable",
             )
         })?;
+        if let Some(trace) = trace {
+            let result = if stored { "stored" } else { "duplicate" };
+            trace.note(KeyValue::new("pandagate.callback_result", result));
+        }
         let counter = if stored {
             &self.counts.stored
         } else {
