@@ -243,6 +243,13 @@ fn check(loaded: &Loaded) -> ExitCode {
     {
         println!("# rate_limit: Redis URL {source}");
     }
+    match &loaded.traces_endpoint {
+        Some(endpoint) => println!(
+            "# telemetry: spans exported to {}",
+            crate::redact::url(&endpoint.0)
+        ),
+        None => println!("# telemetry: no OTLP endpoint; no spans are made"),
+    }
     if let (Some(c), Some(url)) = (&loaded.config.callbacks, &loaded.callbacks_postgres_url) {
         println!("# callbacks: {}", postgres_status(c, url));
     }
