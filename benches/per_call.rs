@@ -57,6 +57,7 @@ fn record() -> AccessRecord {
         idempotency: None,
         idempotency_key: None,
         trace: None,
+        cache: None,
     }
 }
 

@@ -16,7 +16,8 @@
 //! (the gateway's error kind, or null), `idempotency` (what became of the
 //! caller's `Idempotency-Key`, or null) and `idempotency_key` (the first 12
 //! hex digits of the key's SHA-256, never the key), `trace_id` and
-//! `span_id` (the call's span, when traces are exported, else null).
+//! `span_id` (the call's span, when traces are exported, else null) and
+//! `cache` (what the read cache did, on a cached route, else null).
 
 use std::io::Write;
 use std::sync::Arc;
@@ -66,6 +67,9 @@ pub struct AccessRecord {
     pub idempotency_key: Option<[u8; 12]>,
     /// The call's span, when traces are exported; ended with this line.
     pub trace: Option<CallTrace>,
+    /// What the read cache did (`hit`, `miss`, `coalesced`, `stale`,
+    /// `bypass`), on a cached route.
+    pub cache: Option<&'static str>,
 }
 
 impl AccessRecord {
@@ -89,6 +93,7 @@ impl AccessRecord {
             idempotency: None,
             idempotency_key: None,
             trace: None,
+            cache: None,
         }
     }
 }
@@ -117,6 +122,7 @@ struct Line<'a> {
     idempotency_key: Option<&'a str>,
     trace_id: Option<&'a str>,
     span_id: Option<&'a str>,
+    cache: Option<&'static str>,
 }
 
 /// Handle to the access log; cheap to clone.
@@ -220,6 +226,7 @@ pub fn format_line(
             .map(|k| std::str::from_utf8(k).unwrap_or("-")),
         trace_id: ids.as_ref().map(|(t, _)| t.as_str()),
         span_id: ids.as_ref().map(|(_, s)| s.as_str()),
+        cache: r.cache,
     };
     let mut out = Vec::with_capacity(320);
     match format {
@@ -347,6 +354,8 @@ fn json_line(out: &mut Vec<u8>, l: &Line<'_>) {
     opt_string(out, l.trace_id);
     key(out, false, "span_id");
     opt_string(out, l.span_id);
+    key(out, false, "cache");
+    opt_string(out, l.cache);
     out.push(b'}');
 }
 
@@ -386,6 +395,9 @@ fn text_line(out: &mut Vec<u8>, l: &Line<'_>) {
     }
     if let Some(key) = l.idempotency_key {
         let _ = write!(out, " idempotency_key={}", quoted(key));
+    }
+    if let Some(cache) = l.cache {
+        let _ = write!(out, " cache={cache}");
     }
     if let (Some(trace), Some(span)) = (l.trace_id, l.span_id) {
         let _ = write!(out, " trace_id={trace} span_id={span}");
@@ -431,6 +443,7 @@ mod tests {
             idempotency: None,
             idempotency_key: None,
             trace: None,
+            cache: None,
         }
     }
 
@@ -468,6 +481,7 @@ mod tests {
         assert!(v["idempotency_key"].is_null());
         assert!(v["trace_id"].is_null());
         assert!(v["span_id"].is_null());
+        assert!(v["cache"].is_null());
     }
 
     /// The hand-written JSON line is byte for byte what `serde_json` makes
@@ -521,6 +535,7 @@ mod tests {
                     idempotency_key: opt(i + j),
                     trace_id: opt(i),
                     span_id: opt(j),
+                    cache: opt(i + j).map(|_| "hit"),
                 };
                 let mut ours = Vec::new();
                 json_line(&mut ours, &line);

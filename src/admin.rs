@@ -1,8 +1,9 @@
 //! The admin listener, apart from traffic: `GET /healthz`, `GET /readyz`,
 //! `GET /metrics` (Prometheus text), `POST /quitquitquit` (drain and exit,
-//! for Jobs whose main container has finished), and with `[callbacks]`:
-//! `GET /callbacks[?dead=1]` (pending or dead deliveries, JSON) and
-//! `POST /callbacks/replay?id=ID|all-dead=1`.
+//! for Jobs whose main container has finished), `POST /cache/purge?prefix=P`
+//! (drops the read cache's entries whose path starts with `P`), and with
+//! `[callbacks]`: `GET /callbacks[?dead=1]` (pending or dead deliveries,
+//! JSON) and `POST /callbacks/replay?id=ID|all-dead=1`.
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
@@ -115,7 +116,22 @@ impl Admin {
                 })
                 .await
             }
-            (_, "/healthz" | "/readyz" | "/metrics" | "/quitquitquit") => text(
+            (&Method::POST, "/cache/purge") => {
+                let Some(prefix) = query_value(req.uri().query(), "prefix") else {
+                    return text(StatusCode::BAD_REQUEST, "give prefix=/path/\n".into());
+                };
+                let purged = (self.gateway)().cache().purge(&prefix);
+                let mut r = text(
+                    StatusCode::OK,
+                    format!("{}\n", serde_json::json!({ "purged": purged })),
+                );
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static("application/json"),
+                );
+                r
+            }
+            (_, "/healthz" | "/readyz" | "/metrics" | "/quitquitquit" | "/cache/purge") => text(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method not allowed\n".into(),
             ),

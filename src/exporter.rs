@@ -156,6 +156,12 @@ impl StateCollector {
             state,
         )?;
         gauge(e, "calls_in_flight", "Calls being answered.", m.in_flight())?;
+        gauge(
+            e,
+            "cache_bytes",
+            "Bytes of answers the read cache holds.",
+            i64::try_from(g.cache().bytes()).unwrap_or(i64::MAX),
+        )?;
         if let Some(traces) = g.traces() {
             counter(
                 e,

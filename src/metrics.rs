@@ -62,6 +62,8 @@ pub struct Metrics {
     retries: Family<ReasonLabels, Counter>,
     /// Calls with an `Idempotency-Key`, by what became of the key.
     idempotency: Family<ResultLabels, Counter>,
+    /// Calls on cached routes, by what the cache did.
+    cache: Family<ResultLabels, Counter>,
     in_flight: AtomicI64,
     secret_reloads: AtomicU64,
     secret_reload_failures: AtomicU64,
@@ -167,6 +169,7 @@ impl Default for Metrics {
             by_class: Default::default(),
             retries: Family::default(),
             idempotency: Family::default(),
+            cache: Family::default(),
             in_flight: AtomicI64::new(0),
             secret_reloads: AtomicU64::new(0),
             secret_reload_failures: AtomicU64::new(0),
@@ -192,6 +195,9 @@ impl Metrics {
                     reason: reason.to_string(),
                 })
                 .inc();
+        }
+        if let Some(result) = r.cache {
+            self.cache.get_or_create(&ResultLabels { result }).inc();
         }
         if let Some(logged) = r.idempotency {
             self.idempotency
@@ -339,6 +345,11 @@ impl Metrics {
             "idempotency",
             "Calls with an Idempotency-Key, by what became of the key",
             self.idempotency.clone(),
+        );
+        registry.register(
+            "cache_requests",
+            "Calls on cached routes, by what the read cache did",
+            self.cache.clone(),
         );
     }
 }

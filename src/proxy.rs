@@ -39,6 +39,7 @@ use crate::access_log::{AccessLog, AccessRecord};
 use crate::auth::Clients;
 use crate::body::{self, BodyTimedOut, BodyTooLarge, ResponseBody, UpstreamBody};
 use crate::breaker::{Admission, Breaker, State as BreakerState};
+use crate::cache::{self, CacheResult, CallerWish, ReadCache, Role};
 use crate::call_log::CallLog;
 use crate::config::{AmbiguousPaths, Class, ConfigError, RetryConfig, ServerConfig, SigningConfig};
 use crate::envelope;
@@ -51,7 +52,7 @@ use crate::loaded::Loaded;
 use crate::metrics::Metrics;
 use crate::profiles::{Profile, Profiles};
 use crate::retry::{self, Attempt, Budget, Decision, Outcome, RetryReason, Skipped};
-use crate::routes::{Route, Routes, is_ambiguous};
+use crate::routes::{CacheRule, Route, Routes, is_ambiguous};
 use crate::signer;
 use crate::traces::{AttemptTrace, Traces};
 use crate::upstream::Upstream;
@@ -87,6 +88,9 @@ pub struct Gateway {
     /// Spans of each call and attempt, when `[telemetry]` has an endpoint.
     /// Started once per process and handed from one config to the next.
     traces: Option<Arc<Traces>>,
+    /// Good answers of cached read routes; made once per process and handed
+    /// from one config to the next.
+    cache: Arc<ReadCache>,
 }
 
 /// One upstream attempt's result: the answer the caller would get.
@@ -163,6 +167,7 @@ impl Gateway {
             access_log,
             idempotency: None,
             traces: None,
+            cache: Arc::new(ReadCache::new(&c.cache)),
         })
     }
 
@@ -185,6 +190,16 @@ impl Gateway {
 
     pub fn traces(&self) -> Option<&Arc<Traces>> {
         self.traces.as_ref()
+    }
+
+    /// Keeps the read cache of the gateway this one replaces.
+    pub fn with_cache(mut self, cache: Arc<ReadCache>) -> Gateway {
+        self.cache = cache;
+        self
+    }
+
+    pub fn cache(&self) -> &Arc<ReadCache> {
+        &self.cache
     }
 
     pub fn access_log(&self) -> &AccessLog {
@@ -305,13 +320,121 @@ impl Gateway {
         // Small bodies are read whole, so an over-limit body is refused
         // before anything is sent, and the bytes can be sent again.
         let body = body::read_request(incoming, call.declared, body_limits).await?;
-        match (&self.idempotency, call.key) {
-            (Some(idempotency), Some(key)) => {
+        match (&self.idempotency, call.key, call.route.cache) {
+            (Some(idempotency), Some(key), _) => {
                 self.keyed(idempotency, &call, key, body, gateway_id, record)
                     .await
             }
+            (_, _, Some(rule)) => self.cached(rule, &call, body, record).await,
             _ => self.attempts(&call, body, record, &mut false).await,
         }
+    }
+
+    /// A read on a cached route: answered from the cache while fresh; else
+    /// asked once for all identical calls at that moment, its good answer
+    /// kept; when the provider cannot answer, a stale entry answers.
+    async fn cached(
+        &self,
+        rule: CacheRule,
+        call: &Prepared<'_>,
+        body: UpstreamBody,
+        record: &mut AccessRecord,
+    ) -> Answer {
+        let cache = &self.cache;
+        let wish = cache::caller_wish(&call.headers);
+        let UpstreamBody::Full(bytes) = &body else {
+            record.cache = Some(CacheResult::Bypass.as_str());
+            return self.attempts(call, body, record, &mut false).await;
+        };
+        if wish == CallerWish::Bypass {
+            record.cache = Some(CacheResult::Bypass.as_str());
+            return self.attempts(call, body, record, &mut false).await;
+        }
+        let key = cache::key(
+            &call.profile.name,
+            call.headers
+                .get(headers::USER_ID)
+                .map(HeaderValue::as_bytes),
+            &call.method,
+            call.uri.path(),
+            call.uri.query(),
+            rule.sort_query,
+            bytes.as_deref().unwrap_or_default(),
+        );
+        let found = cache.look(&key, rule, std::time::Instant::now());
+        if wish == CallerWish::Any
+            && let Some(entry) = &found.fresh
+        {
+            record.cache = Some(CacheResult::Hit.as_str());
+            let answer = entry.answer(CacheResult::Hit, std::time::Instant::now());
+            return Ok(answer.map(ResponseBody::local));
+        }
+        let leader = match cache.lead_or_follow(key) {
+            Role::Leader(leader) => Some(leader),
+            Role::Follower(mut answer) => {
+                let waited = tokio::time::timeout(cache.coalesce_wait(), async {
+                    while answer.changed().await.is_ok() {
+                        if let Some(entry) = answer.borrow().clone() {
+                            return Some(entry);
+                        }
+                    }
+                    None
+                })
+                .await;
+                if let Ok(Some(entry)) = waited {
+                    record.cache = Some(CacheResult::Coalesced.as_str());
+                    let answer = entry.answer(CacheResult::Coalesced, std::time::Instant::now());
+                    return Ok(answer.map(ResponseBody::local));
+                }
+                // The leader failed or is slow: ask for ourselves.
+                None
+            }
+        };
+        record.cache = Some(CacheResult::Miss.as_str());
+        let until = Instant::now() + Duration::from_millis(self.retry.deadline_ms);
+        let answer = match self.attempts(call, body, record, &mut false).await {
+            Ok(response) if response.status() == http::StatusCode::OK => {
+                let (parts, body) = response.into_parts();
+                let read =
+                    tokio::time::timeout_at(until, body.read_within(cache.max_entry_bytes())).await;
+                match read {
+                    Ok(Ok(Ok(whole))) => {
+                        let entry = cache.keepable(
+                            call.uri.path(),
+                            parts.status,
+                            &parts.headers,
+                            &whole,
+                            std::time::Instant::now(),
+                        );
+                        if let Some(leader) = leader {
+                            leader.finish(entry);
+                        }
+                        Ok(Response::from_parts(parts, ResponseBody::local(whole)))
+                    }
+                    Ok(Ok(Err(long))) => Ok(Response::from_parts(parts, long)),
+                    Ok(Err(_)) => Err(GatewayError::UpstreamFailed),
+                    Err(_) => Err(GatewayError::UpstreamTimeout(self.retry.deadline_ms)),
+                }
+            }
+            other => other,
+        };
+        let failed = match &answer {
+            Ok(response) => response.status().is_server_error(),
+            Err(e) => {
+                e.status().is_server_error() || e.status() == http::StatusCode::TOO_MANY_REQUESTS
+            }
+        };
+        if failed && let Some(entry) = found.stale.or(found.fresh) {
+            record.cache = Some(CacheResult::Stale.as_str());
+            let answer = entry.answer(CacheResult::Stale, std::time::Instant::now());
+            return Ok(answer.map(ResponseBody::local));
+        }
+        answer.map(|mut response| {
+            response
+                .headers_mut()
+                .insert(cache::X_PANDAGATE_CACHE, HeaderValue::from_static("miss"));
+            response
+        })
     }
 
     /// A call with an idempotency key: answered from the store when the key

@@ -11,7 +11,8 @@
 //!   limiter state start afresh with the new config. The push receiver's
 //!   store and settings stay as started, but it verifies each push with the
 //!   running config's secret ([`profile_secret`]). So do the idempotency
-//!   store and the trace exporter, their settings included.
+//!   store, the trace exporter and the read cache (its entries and
+//!   `[cache]` settings; the routes' TTLs follow the new config).
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -134,7 +135,8 @@ pub fn reload(
             // The idempotency store stays as opened at start.
             let gateway = gateway
                 .with_idempotency(running.idempotency().cloned())
-                .with_traces(running.traces().cloned());
+                .with_traces(running.traces().cloned())
+                .with_cache(running.cache().clone());
             current.store(Arc::new(gateway));
             metrics.config_reloaded();
             tracing::info!(profiles = loaded.profiles.len(), "config reloaded");

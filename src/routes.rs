@@ -263,6 +263,17 @@ pub struct Route {
     pub attempt_timeout_ms: Option<u64>,
     /// The route's own rate-limit bucket, an index into [`Routes::buckets`].
     pub bucket: Option<usize>,
+    /// How its answers are cached: only ever for a `read`.
+    pub cache: Option<CacheRule>,
+}
+
+/// A read route's caching, from its `[[routes]]` entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CacheRule {
+    pub ttl: std::time::Duration,
+    /// Past the TTL, how long an entry may still answer a failing call.
+    pub stale: std::time::Duration,
+    pub sort_query: bool,
 }
 
 /// The catalogue plus config overrides.
@@ -318,6 +329,7 @@ impl Routes {
                 max_attempts: None,
                 attempt_timeout_ms: None,
                 bucket: None,
+                cache: None,
             };
         }
         let as_sent = Spelling {
@@ -330,13 +342,23 @@ impl Routes {
             .iter()
             .find(|(r, _)| matches(r, as_sent) || other.is_some_and(|o| matches(r, o)));
         let config = entry.map(|(r, _)| r);
+        let class = config
+            .and_then(|r| r.class)
+            .unwrap_or_else(|| self.catalogue.classify(path));
+        // A prefix entry may cover writes too: they are never cached.
+        let cache = config.filter(|_| class == Class::Read).and_then(|r| {
+            r.cache_ttl_ms.map(|ttl| CacheRule {
+                ttl: std::time::Duration::from_millis(ttl),
+                stale: std::time::Duration::from_millis(r.cache_stale_ms.unwrap_or(0)),
+                sort_query: r.cache_sort_query,
+            })
+        });
         Route {
-            class: config
-                .and_then(|r| r.class)
-                .unwrap_or_else(|| self.catalogue.classify(path)),
+            class,
             max_attempts: config.and_then(|r| r.max_attempts),
             attempt_timeout_ms: config.and_then(|r| r.attempt_timeout_ms),
             bucket: entry.and_then(|(_, b)| *b),
+            cache,
         }
     }
 }

@@ -160,6 +160,7 @@ fn config(dir: &Path, subscriber: &str, collector: &str) -> PathBuf {
         "[retry]\nbackoff_base_ms = 1\nbackoff_cap_ms = 1\n\n\
          [telemetry]\notlp_endpoint = \"{collector}\"\n\n\
          [rate_limit]\nrequests_per_second = 1000\nburst = 1000\n\n\
+         [[routes]]\nprefix = \"/open/product/\"\ncache_ttl_ms = 30000\n\n\
          [idempotency]\nstore = \"local\"\npath = \"{idempotency}\"\n\n\
          [callbacks]\nstore = \"{store}\"\nbackoff_base_ms = 20\nbackoff_cap_ms = 50\n\n\
          [[callbacks.subscribers]]\nurl = \"{subscriber}\"\n",
@@ -171,7 +172,7 @@ fn config(dir: &Path, subscriber: &str, collector: &str) -> PathBuf {
 }
 
 /// `/metrics` of the real binary with callbacks, a rate limit, an
-/// idempotency store and trace export configured, after calls that give every labelled
+/// idempotency store, a cached route and trace export configured, after calls that give every labelled
 /// family a sample: a read retried after a 503, a keyed write, a push
 /// delivered.
 async fn scrape_a_busy_gateway() -> String {

@@ -14,6 +14,7 @@
 //! through [`crate::redact`].
 
 mod breaker;
+mod cache;
 mod callbacks;
 mod clients;
 mod error;
@@ -35,6 +36,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 pub use breaker::BreakerConfig;
+pub use cache::CacheConfig;
 pub use callbacks::{CallbackBackend, CallbacksConfig, PostgresUrl, SubscriberConfig};
 pub use clients::{ClientConfig, TokenSource};
 pub use error::{ConfigError, Env, MAX_DURATION_MS, check_duration_ms, process_env};
@@ -89,6 +91,8 @@ pub struct Config {
     pub callbacks: Option<CallbacksConfig>,
     /// Traces over OTLP.
     pub telemetry: TelemetryConfig,
+    /// Where cached read answers are kept.
+    pub cache: CacheConfig,
     /// Callers' `Idempotency-Key`s; absent: the header passes through.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub idempotency: Option<IdempotencyConfig>,
@@ -117,6 +121,7 @@ impl Default for Config {
             allow_unauthenticated: false,
             callbacks: None,
             telemetry: TelemetryConfig::default(),
+            cache: CacheConfig::default(),
             idempotency: None,
         }
     }
@@ -230,6 +235,7 @@ impl Config {
         self.retry.validate()?;
         self.circuit_breaker.validate()?;
         self.telemetry.validate()?;
+        self.cache.validate()?;
         self.check_durations()?;
         if let Some(rate_limit) = &self.rate_limit {
             rate_limit.validate()?;

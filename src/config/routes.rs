@@ -67,6 +67,19 @@ pub struct RouteConfig {
     /// Burst of that bucket; default one second's worth.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rate_limit_burst: Option<u32>,
+    /// Keep good answers of these paths' `read` calls this long, in
+    /// milliseconds; unset: nothing is cached. Never for writes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache_ttl_ms: Option<u64>,
+    /// How long past its TTL an entry may still answer when the provider
+    /// cannot (5xx, timeout, no connection, circuit open, over the quota),
+    /// in milliseconds; default 0.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache_stale_ms: Option<u64>,
+    /// Sort the query's parameters before keying, when their order does not
+    /// matter to the provider.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cache_sort_query: bool,
 }
 
 impl RouteConfig {
@@ -113,6 +126,26 @@ impl RouteConfig {
                 &format!("{key}.rate_limit_burst"),
             )
         })?;
+        if self.cache_ttl_ms == Some(0) {
+            return Err(ConfigError::new(
+                format!("{key}.cache_ttl_ms"),
+                "must be greater than 0",
+            ));
+        }
+        if self.cache_ttl_ms.is_none() && (self.cache_stale_ms.is_some() || self.cache_sort_query) {
+            return Err(ConfigError::new(
+                format!("{key}.cache_ttl_ms"),
+                "cache_stale_ms and cache_sort_query need cache_ttl_ms",
+            ));
+        }
+        if self.cache_ttl_ms.is_some() && matches!(self.class, Some(Class::Write | Class::Unknown))
+        {
+            return Err(ConfigError::new(
+                format!("{key}.cache_ttl_ms"),
+                "only read routes are cached: sending a write once and answering it twice \
+                 from a cache would hide a second order",
+            ));
+        }
         Ok(())
     }
 

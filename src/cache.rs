@@ -1,0 +1,512 @@
+//! The read cache: good answers of `read` routes that set `cache_ttl_ms`,
+//! kept in this process, so that the quota is spent once per answer.
+//!
+//! * **Key**: profile, `user-id`, method, path, query (parameters sorted
+//!   when the route says so) and the body's SHA-256. Nothing else the
+//!   caller sends is in it, so no header can make one caller's answer
+//!   another's.
+//! * **Only good answers**: HTTP 200 whose envelope `code` is 200, at most
+//!   `cache.max_entry_bytes`.
+//! * **Coalescing**: while one call asks the provider for a key, the same
+//!   key's other calls wait for its answer (at most
+//!   `cache.coalesce_wait_ms`) instead of asking too.
+//! * **Stale if error**: an entry past its TTL but within `cache_stale_ms`
+//!   answers a call the provider could not.
+//!
+//! The entries live in a `moka` cache bounded by bytes (TinyLFU admission,
+//! LRU eviction).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Response, StatusCode};
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+
+use crate::config::CacheConfig;
+use crate::routes::CacheRule;
+
+/// The response header saying where an answer came from.
+pub const X_PANDAGATE_CACHE: http::HeaderName = http::HeaderName::from_static("x-pandagate-cache");
+
+/// What the cache did for a call: the access log's `cache` field,
+/// `pandagate_cache_requests_total{result}` and `x-pandagate-cache`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CacheResult {
+    /// Answered from the cache.
+    Hit,
+    /// Asked the provider (and kept the answer if it was good).
+    Miss,
+    /// Answered by another call's answer, asked at the same time.
+    Coalesced,
+    /// The provider could not answer; an entry past its TTL did.
+    Stale,
+    /// The caller said `Cache-Control: no-store`, or the body was too big
+    /// to key: neither looked up nor kept.
+    Bypass,
+}
+
+impl CacheResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheResult::Hit => "hit",
+            CacheResult::Miss => "miss",
+            CacheResult::Coalesced => "coalesced",
+            CacheResult::Stale => "stale",
+            CacheResult::Bypass => "bypass",
+        }
+    }
+}
+
+/// A kept answer.
+#[derive(Debug)]
+pub struct Entry {
+    /// The path it answers, for purges by prefix.
+    path: String,
+    headers: HeaderMap,
+    body: Bytes,
+    stored: Instant,
+}
+
+impl Entry {
+    /// The answer as the caller gets it: as kept, plus `age` and
+    /// `x-pandagate-cache`.
+    pub fn answer(&self, how: CacheResult, now: Instant) -> Response<Bytes> {
+        let mut response = Response::new(self.body.clone());
+        *response.headers_mut() = self.headers.clone();
+        let age = now.saturating_duration_since(self.stored).as_secs();
+        response
+            .headers_mut()
+            .insert(http::header::AGE, HeaderValue::from(age));
+        response
+            .headers_mut()
+            .insert(X_PANDAGATE_CACHE, HeaderValue::from_static(how.as_str()));
+        response
+    }
+
+    fn age(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.stored)
+    }
+}
+
+/// Where a leader's answer (or `None`: ask for yourself) arrives.
+pub type Awaited = watch::Receiver<Option<Arc<Entry>>>;
+
+/// What a call found.
+#[derive(Debug, Default)]
+pub struct Found {
+    /// Within its TTL: answer with it.
+    pub fresh: Option<Arc<Entry>>,
+    /// Past its TTL, within the stale window: for when the provider fails.
+    pub stale: Option<Arc<Entry>>,
+}
+
+/// The process's read cache; outlives config reloads.
+pub struct ReadCache {
+    entries: moka::sync::Cache<[u8; 32], Arc<Entry>>,
+    max_entry: usize,
+    coalesce_wait: Duration,
+    /// Keys being asked for now, and where their answer will be sent.
+    asking: Mutex<HashMap<[u8; 32], Awaited>>,
+    purges: AtomicU64,
+}
+
+impl std::fmt::Debug for ReadCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadCache")
+            .field("entries", &self.entries.entry_count())
+            .field("bytes", &self.entries.weighted_size())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether a call asks the provider itself or waits for another's answer.
+pub enum Role<'a> {
+    /// Asks, and must [`Leader::finish`] (dropping it tells the waiters to
+    /// ask for themselves).
+    Leader(Leader<'a>),
+    /// Waits for the leader's answer.
+    Follower(Awaited),
+}
+
+pub struct Leader<'a> {
+    cache: &'a ReadCache,
+    key: [u8; 32],
+    send: Option<watch::Sender<Option<Arc<Entry>>>>,
+}
+
+impl Leader<'_> {
+    /// Keeps `entry` (if any) and hands it to the waiters.
+    pub fn finish(mut self, entry: Option<Arc<Entry>>) {
+        if let Some(entry) = &entry {
+            self.cache.entries.insert(self.key, entry.clone());
+        }
+        self.cache
+            .asking
+            .lock()
+            .expect("not poisoned")
+            .remove(&self.key);
+        if let Some(send) = self.send.take() {
+            let _ = send.send(entry);
+        }
+    }
+}
+
+impl Drop for Leader<'_> {
+    fn drop(&mut self) {
+        if self.send.is_some() {
+            self.cache
+                .asking
+                .lock()
+                .expect("not poisoned")
+                .remove(&self.key);
+            // The sender goes with it: waiters see no answer and ask.
+        }
+    }
+}
+
+impl ReadCache {
+    pub fn new(config: &CacheConfig) -> ReadCache {
+        let entries = moka::sync::Cache::builder()
+            .max_capacity(config.max_bytes)
+            .weigher(|_, e: &Arc<Entry>| {
+                let headers: usize = e
+                    .headers
+                    .iter()
+                    .map(|(n, v)| n.as_str().len() + v.len())
+                    .sum();
+                u32::try_from(e.body.len() + headers + e.path.len() + 64).unwrap_or(u32::MAX)
+            })
+            .build();
+        ReadCache {
+            entries,
+            max_entry: config.max_entry_bytes,
+            coalesce_wait: Duration::from_millis(config.coalesce_wait_ms),
+            asking: Mutex::new(HashMap::new()),
+            purges: AtomicU64::new(0),
+        }
+    }
+
+    pub fn max_entry_bytes(&self) -> usize {
+        self.max_entry
+    }
+
+    pub fn coalesce_wait(&self) -> Duration {
+        self.coalesce_wait
+    }
+
+    /// Bytes held, as the weigher counts them.
+    pub fn bytes(&self) -> u64 {
+        self.entries.run_pending_tasks();
+        self.entries.weighted_size()
+    }
+
+    /// The entry for `key`, by its age against `rule`.
+    pub fn look(&self, key: &[u8; 32], rule: CacheRule, now: Instant) -> Found {
+        let Some(entry) = self.entries.get(key) else {
+            return Found::default();
+        };
+        let age = entry.age(now);
+        if age < rule.ttl {
+            Found {
+                fresh: Some(entry),
+                stale: None,
+            }
+        } else if age < rule.ttl + rule.stale {
+            Found {
+                fresh: None,
+                stale: Some(entry),
+            }
+        } else {
+            Found::default()
+        }
+    }
+
+    /// Leads the asking for `key`, or follows the call already leading.
+    pub fn lead_or_follow(&self, key: [u8; 32]) -> Role<'_> {
+        let mut asking = self.asking.lock().expect("not poisoned");
+        if let Some(answer) = asking.get(&key) {
+            return Role::Follower(answer.clone());
+        }
+        let (send, answer) = watch::channel(None);
+        asking.insert(key, answer);
+        Role::Leader(Leader {
+            cache: self,
+            key,
+            send: Some(send),
+        })
+    }
+
+    /// An entry for a provider answer, if it is one to keep: 200, envelope
+    /// `code` 200, at most `max_entry_bytes`.
+    pub fn keepable(
+        &self,
+        path: &str,
+        status: StatusCode,
+        headers: &HeaderMap,
+        body: &Bytes,
+        now: Instant,
+    ) -> Option<Arc<Entry>> {
+        if status != StatusCode::OK || body.len() > self.max_entry {
+            return None;
+        }
+        let code = crate::envelope::inspect(body).code?;
+        let good = code.as_u64() == Some(200) || code.as_str() == Some("200");
+        if !good {
+            return None;
+        }
+        let mut kept = headers.clone();
+        for name in [
+            http::header::AGE,
+            X_PANDAGATE_CACHE,
+            crate::headers::X_REQUEST_ID,
+            http::header::CONTENT_LENGTH,
+        ] {
+            kept.remove(name);
+        }
+        Some(Arc::new(Entry {
+            path: path.to_owned(),
+            headers: kept,
+            body: body.clone(),
+            stored: now,
+        }))
+    }
+
+    /// Removes every entry whose path starts with `prefix`; how many.
+    pub fn purge(&self, prefix: &str) -> usize {
+        let keys: Vec<[u8; 32]> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.path.starts_with(prefix))
+            .map(|(k, _)| *k)
+            .collect();
+        for k in &keys {
+            self.entries.invalidate(k);
+        }
+        self.purges.fetch_add(1, Ordering::Relaxed);
+        keys.len()
+    }
+}
+
+/// The cache key of a call.
+pub fn key(
+    profile: &str,
+    user_id: Option<&[u8]>,
+    method: &http::Method,
+    path: &str,
+    query: Option<&str>,
+    sort_query: bool,
+    body: &[u8],
+) -> [u8; 32] {
+    let mut k = Sha256::new();
+    let mut part = |bytes: &[u8]| {
+        k.update((bytes.len() as u64).to_be_bytes());
+        k.update(bytes);
+    };
+    part(b"pandagate read cache v1");
+    part(profile.as_bytes());
+    match user_id {
+        None => part(b"\x00none"),
+        Some(u) => part(u),
+    }
+    part(method.as_str().as_bytes());
+    part(path.as_bytes());
+    match query {
+        None => part(b"\x00none"),
+        Some(q) if sort_query => {
+            let mut pairs: Vec<&str> = q.split('&').filter(|p| !p.is_empty()).collect();
+            pairs.sort_unstable();
+            part(pairs.join("&").as_bytes());
+        }
+        Some(q) => part(q.as_bytes()),
+    }
+    part(&Sha256::digest(body));
+    k.finalize().into()
+}
+
+/// What the caller's `Cache-Control` asks of the cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CallerWish {
+    /// Use it as usual.
+    Any,
+    /// `no-cache`: ask the provider, keep the fresh answer.
+    Refresh,
+    /// `no-store`: neither look up nor keep.
+    Bypass,
+}
+
+pub fn caller_wish(headers: &HeaderMap) -> CallerWish {
+    let mut wish = CallerWish::Any;
+    for value in headers.get_all(http::header::CACHE_CONTROL) {
+        let Ok(value) = value.to_str() else { continue };
+        for directive in value.split(',').map(|d| d.trim().to_ascii_lowercase()) {
+            match directive.as_str() {
+                "no-store" => return CallerWish::Bypass,
+                "no-cache" => wish = CallerWish::Refresh,
+                _ => {}
+            }
+        }
+    }
+    wish
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(ttl_ms: u64, stale_ms: u64) -> CacheRule {
+        CacheRule {
+            ttl: Duration::from_millis(ttl_ms),
+            stale: Duration::from_millis(stale_ms),
+            sort_query: false,
+        }
+    }
+
+    fn good() -> Bytes {
+        Bytes::from_static(br#"{"requestId":"r","code":200,"msg":"ok","data":{}}"#)
+    }
+
+    #[test]
+    fn keys_part_profiles_users_targets_and_bodies() {
+        let get = http::Method::GET;
+        let base = key("p", Some(b"1"), &get, "/a", Some("x=1&y=2"), false, b"");
+        for other in [
+            key("q", Some(b"1"), &get, "/a", Some("x=1&y=2"), false, b""),
+            key("p", Some(b"2"), &get, "/a", Some("x=1&y=2"), false, b""),
+            key("p", None, &get, "/a", Some("x=1&y=2"), false, b""),
+            key(
+                "p",
+                Some(b"1"),
+                &http::Method::POST,
+                "/a",
+                Some("x=1&y=2"),
+                false,
+                b"",
+            ),
+            key("p", Some(b"1"), &get, "/b", Some("x=1&y=2"), false, b""),
+            key("p", Some(b"1"), &get, "/a", Some("y=2&x=1"), false, b""),
+            key("p", Some(b"1"), &get, "/a", None, false, b""),
+            key("p", Some(b"1"), &get, "/a", Some("x=1&y=2"), false, b"{}"),
+        ] {
+            assert_ne!(base, other);
+        }
+        assert_eq!(
+            key("p", Some(b"1"), &get, "/a", Some("y=2&x=1"), true, b""),
+            key("p", Some(b"1"), &get, "/a", Some("x=1&y=2"), true, b""),
+        );
+    }
+
+    #[test]
+    fn only_good_small_answers_are_kept() {
+        let c = ReadCache::new(&CacheConfig {
+            max_entry_bytes: 100,
+            ..CacheConfig::default()
+        });
+        let now = Instant::now();
+        let h = HeaderMap::new();
+        assert!(c.keepable("/a", StatusCode::OK, &h, &good(), now).is_some());
+        let busy = Bytes::from_static(br#"{"code":500,"msg":"busy"}"#);
+        assert!(c.keepable("/a", StatusCode::OK, &h, &busy, now).is_none());
+        let text = Bytes::from_static(br#"{"code":"200"}"#);
+        assert!(c.keepable("/a", StatusCode::OK, &h, &text, now).is_some());
+        assert!(
+            c.keepable("/a", StatusCode::CREATED, &h, &good(), now)
+                .is_none()
+        );
+        assert!(
+            c.keepable(
+                "/a",
+                StatusCode::OK,
+                &h,
+                &Bytes::from_static(b"not json"),
+                now
+            )
+            .is_none()
+        );
+        let big = Bytes::from(format!(r#"{{"code":200,"data":"{}"}}"#, "x".repeat(200)));
+        assert!(c.keepable("/a", StatusCode::OK, &h, &big, now).is_none());
+    }
+
+    #[test]
+    fn entries_are_fresh_then_stale_then_gone() {
+        let c = ReadCache::new(&CacheConfig::default());
+        let t0 = Instant::now();
+        let entry = c
+            .keepable("/a", StatusCode::OK, &HeaderMap::new(), &good(), t0)
+            .unwrap();
+        let Role::Leader(leader) = c.lead_or_follow([1; 32]) else {
+            panic!("first caller leads")
+        };
+        assert!(matches!(c.lead_or_follow([1; 32]), Role::Follower(_)));
+        leader.finish(Some(entry));
+        assert!(matches!(c.lead_or_follow([1; 32]), Role::Leader(_)));
+        let r = rule(1_000, 500);
+        assert!(
+            c.look(&[1; 32], r, t0 + Duration::from_millis(999))
+                .fresh
+                .is_some()
+        );
+        let later = c.look(&[1; 32], r, t0 + Duration::from_millis(1_200));
+        assert!(later.fresh.is_none() && later.stale.is_some());
+        let gone = c.look(&[1; 32], r, t0 + Duration::from_millis(1_500));
+        assert!(gone.fresh.is_none() && gone.stale.is_none());
+        let answer = later
+            .stale
+            .unwrap()
+            .answer(CacheResult::Stale, t0 + Duration::from_secs(2));
+        assert_eq!(answer.headers()["age"], "2");
+        assert_eq!(answer.headers()[X_PANDAGATE_CACHE], "stale");
+        assert_eq!(answer.body(), &good());
+    }
+
+    #[tokio::test]
+    async fn a_leader_that_gives_up_sends_its_followers_to_ask() {
+        let c = ReadCache::new(&CacheConfig::default());
+        let Role::Leader(leader) = c.lead_or_follow([2; 32]) else {
+            panic!()
+        };
+        let Role::Follower(mut answer) = c.lead_or_follow([2; 32]) else {
+            panic!()
+        };
+        drop(leader);
+        assert!(answer.changed().await.is_err(), "no answer will come");
+        assert!(matches!(c.lead_or_follow([2; 32]), Role::Leader(_)));
+    }
+
+    #[test]
+    fn caller_cache_control_is_read() {
+        let mut h = HeaderMap::new();
+        assert_eq!(caller_wish(&h), CallerWish::Any);
+        h.insert(
+            "cache-control",
+            HeaderValue::from_static("max-age=0, No-Cache"),
+        );
+        assert_eq!(caller_wish(&h), CallerWish::Refresh);
+        h.append("cache-control", HeaderValue::from_static("no-store"));
+        assert_eq!(caller_wish(&h), CallerWish::Bypass);
+    }
+
+    #[test]
+    fn purges_go_by_path_prefix() {
+        let c = ReadCache::new(&CacheConfig::default());
+        let now = Instant::now();
+        for (i, path) in ["/open/product/1", "/open/product/2", "/open/order/1"]
+            .iter()
+            .enumerate()
+        {
+            let e = c
+                .keepable(path, StatusCode::OK, &HeaderMap::new(), &good(), now)
+                .unwrap();
+            let Role::Leader(l) = c.lead_or_follow([i as u8; 32]) else {
+                panic!()
+            };
+            l.finish(Some(e));
+        }
+        assert_eq!(c.purge("/open/product/"), 2);
+        assert!(c.bytes() > 0);
+        assert_eq!(c.purge("/"), 1);
+    }
+}

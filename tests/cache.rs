@@ -1,0 +1,270 @@
+//! The read cache: a cached route's good answers are kept for their TTL,
+//! identical calls at the same moment ask the provider once, and a stale
+//! answer covers a provider that cannot answer.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::Request;
+use http_body_util::Full;
+use pandagate::config::{Class, Config, RouteConfig};
+use support::*;
+use wiremock::ResponseTemplate;
+
+const ITEM: &str = "/open/product/get?itemId=7";
+
+fn cached(upstream: &str, ttl_ms: u64, stale_ms: u64) -> Config {
+    let mut c = config(upstream);
+    c.retry.backoff_base_ms = 1;
+    c.retry.backoff_cap_ms = 1;
+    c.routes = vec![RouteConfig {
+        prefix: Some("/open/product/".into()),
+        cache_ttl_ms: Some(ttl_ms),
+        cache_stale_ms: Some(stale_ms),
+        ..RouteConfig::default()
+    }];
+    c
+}
+
+fn good(id: &str) -> ResponseTemplate {
+    ResponseTemplate::new(200).set_body_raw(provider_body(id, 200, "ok"), "application/json")
+}
+
+async fn sent(upstream: &wiremock::MockServer) -> usize {
+    upstream.received_requests().await.unwrap().len()
+}
+
+fn cache_header(a: &Answer) -> Option<String> {
+    a.headers
+        .get("x-pandagate-cache")
+        .map(|v| v.to_str().unwrap().to_owned())
+}
+
+#[tokio::test]
+async fn a_good_answer_is_kept_for_its_ttl_and_replayed_as_it_was() {
+    let upstream = upstream_answering(good("prov-1")).await;
+    let gw = spawn_gateway(cached(&upstream.uri(), 30_000, 0)).await;
+    let first = get(&gw.url(ITEM)).await;
+    assert_eq!(first.status, 200);
+    assert_eq!(cache_header(&first).as_deref(), Some("miss"));
+    let again = get(&gw.url(ITEM)).await;
+    assert_eq!(cache_header(&again).as_deref(), Some("hit"));
+    assert_eq!(again.body, first.body);
+    assert_eq!(again.headers["age"], "0");
+    assert_eq!(again.headers["content-type"], "application/json");
+    assert_eq!(sent(&upstream).await, 1, "the quota spent once");
+    let log = gw.access_log_of(2).await;
+    assert_eq!(log[0]["cache"], "miss");
+    assert_eq!(log[1]["cache"], "hit");
+    assert_eq!(log[1]["attempts"], 0);
+    assert_eq!(log[1]["request_id"], "prov-1");
+
+    let gateway = gw.gateway.clone();
+    let text = pandagate::exporter::Exporter::new(Arc::new(move || gateway.clone())).render();
+    for line in [
+        r#"pandagate_cache_requests_total{result="miss"} 1"#,
+        r#"pandagate_cache_requests_total{result="hit"} 1"#,
+    ] {
+        assert!(text.contains(line), "missing {line} in\n{text}");
+    }
+    assert!(!text.contains("pandagate_cache_bytes 0\n"), "{text}");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn the_key_is_the_call_never_a_callers_header() {
+    let upstream = upstream_answering(good("prov-2")).await;
+    let gw = spawn_gateway(cached(&upstream.uri(), 30_000, 0)).await;
+    assert_eq!(get(&gw.url(ITEM)).await.status, 200);
+    // Another header: the same entry, whatever the header says.
+    let req = Request::get(gw.url(ITEM))
+        .header("x-forwarded-host", "evil.example")
+        .header("accept-language", "fr")
+        .body(Full::default())
+        .unwrap();
+    assert_eq!(cache_header(&send(req).await).as_deref(), Some("hit"));
+    assert_eq!(sent(&upstream).await, 1);
+    // Another query, profile or user-id: another entry.
+    assert_eq!(
+        cache_header(&get(&gw.url("/open/product/get?itemId=8")).await).as_deref(),
+        Some("miss")
+    );
+    for (profile, user) in [("ops", "11"), ("ops", "22")] {
+        let req = Request::get(gw.url(ITEM))
+            .header("x-pandagate-profile", profile)
+            .header("user-id", user)
+            .body(Full::default())
+            .unwrap();
+        assert_eq!(cache_header(&send(req).await).as_deref(), Some("miss"));
+    }
+    assert_eq!(sent(&upstream).await, 4);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn only_good_answers_are_kept_and_callers_may_refresh_or_bypass() {
+    let upstream = upstream_failing_first(
+        1,
+        ResponseTemplate::new(200)
+            .set_body_raw(provider_body("busy", 500, "busy"), "application/json"),
+        good("prov-3"),
+    )
+    .await;
+    let gw = spawn_gateway(cached(&upstream.uri(), 30_000, 0)).await;
+    // A 200 whose envelope code is not 200 is not kept.
+    assert_eq!(get(&gw.url(ITEM)).await.json()["code"], 500);
+    assert_eq!(
+        cache_header(&get(&gw.url(ITEM)).await).as_deref(),
+        Some("miss")
+    );
+    assert_eq!(
+        cache_header(&get(&gw.url(ITEM)).await).as_deref(),
+        Some("hit")
+    );
+    assert_eq!(sent(&upstream).await, 2);
+
+    let with = |value: &'static str| {
+        Request::get(gw.url(ITEM))
+            .header("cache-control", value)
+            .body(Full::default())
+            .unwrap()
+    };
+    let refreshed = send(with("no-cache")).await;
+    assert_eq!(cache_header(&refreshed).as_deref(), Some("miss"));
+    let bypassed = send(with("no-store")).await;
+    assert_eq!(cache_header(&bypassed), None);
+    assert_eq!(sent(&upstream).await, 4);
+    let log = gw.access_log_of(5).await;
+    assert_eq!(log[4]["cache"], "bypass");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn identical_calls_at_the_same_moment_ask_the_provider_once() {
+    let upstream = upstream_answering(good("prov-4").set_delay(Duration::from_millis(300))).await;
+    let gw = spawn_gateway(cached(&upstream.uri(), 30_000, 0)).await;
+    let url = gw.url(ITEM);
+    let calls: Vec<_> = (0..10)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { get(&url).await })
+        })
+        .collect();
+    let mut seen = Vec::new();
+    for call in calls {
+        let a = call.await.unwrap();
+        assert_eq!(a.status, 200);
+        seen.push(cache_header(&a).unwrap());
+    }
+    seen.sort();
+    assert_eq!(sent(&upstream).await, 1, "{seen:?}");
+    assert_eq!(seen.iter().filter(|s| *s == "miss").count(), 1, "{seen:?}");
+    assert_eq!(
+        seen.iter().filter(|s| *s == "coalesced").count(),
+        9,
+        "{seen:?}"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_stale_answer_covers_a_provider_that_cannot_answer() {
+    let upstream = upstream_failing_first(1, good("prov-5"), ResponseTemplate::new(503)).await;
+    let gw = spawn_gateway(cached(&upstream.uri(), 100, 60_000)).await;
+    let first = get(&gw.url(ITEM)).await;
+    assert_eq!(first.status, 200);
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let stale = get(&gw.url(ITEM)).await;
+    assert_eq!(stale.status, 200);
+    assert_eq!(cache_header(&stale).as_deref(), Some("stale"));
+    assert_eq!(stale.body, first.body);
+    assert!(sent(&upstream).await >= 2, "the provider was asked first");
+    let log = gw.access_log_of(2).await;
+    assert_eq!(log[1]["cache"], "stale");
+    gw.stop().await;
+
+    // Past the stale window too: the failure is the answer.
+    let upstream = upstream_failing_first(1, good("prov-6"), ResponseTemplate::new(503)).await;
+    let gw = spawn_gateway(cached(&upstream.uri(), 50, 50)).await;
+    assert_eq!(get(&gw.url(ITEM)).await.status, 200);
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(get(&gw.url(ITEM)).await.status, 503);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn writes_are_never_cached_and_purges_drop_entries() {
+    let upstream = upstream_answering(good("prov-7")).await;
+    let mut c = cached(&upstream.uri(), 30_000, 0);
+    // A prefix that also covers a catalogued write.
+    c.routes.push(RouteConfig {
+        prefix: Some("/open/order/".into()),
+        cache_ttl_ms: Some(30_000),
+        ..RouteConfig::default()
+    });
+    let gw = spawn_gateway(c).await;
+    for _ in 0..2 {
+        let a = get(&gw.url("/open/order/refund/cancel/R1")).await;
+        assert_eq!(cache_header(&a), None);
+    }
+    assert_eq!(sent(&upstream).await, 2);
+
+    assert_eq!(get(&gw.url(ITEM)).await.status, 200);
+    assert_eq!(gw.gateway.cache().purge("/open/product/"), 1);
+    assert_eq!(
+        cache_header(&get(&gw.url(ITEM)).await).as_deref(),
+        Some("miss")
+    );
+    gw.stop().await;
+
+    // A write route may not set a TTL at all.
+    let mut c = config(&upstream.uri());
+    c.routes = vec![RouteConfig {
+        path: Some("/alibaba/order/create".into()),
+        class: Some(Class::Write),
+        cache_ttl_ms: Some(1_000),
+        ..RouteConfig::default()
+    }];
+    let e = c.validate().unwrap_err();
+    assert!(e.key.ends_with("cache_ttl_ms"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_purge_entries_by_prefix_on_the_admin_listener() {
+    let upstream = upstream_answering(good("prov-8")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("pandagate.toml");
+    std::fs::write(
+        &config,
+        "[[routes]]\nprefix = \"/open/product/\"\ncache_ttl_ms = 30000\n",
+    )
+    .unwrap();
+    let uri = upstream.uri();
+    let gw = launch(
+        &["--config", config.to_str().unwrap()],
+        &[
+            ("PANDAPON_ACCESS_KEY", ACCESS_KEY),
+            ("PANDAPON_ACCESS_SECRET", SECRET),
+            ("PANDAGATE_UPSTREAM", uri.as_str()),
+        ],
+    )
+    .await;
+    let url = format!("http://{}{ITEM}", gw.gateway);
+    assert_eq!(cache_header(&get(&url).await).as_deref(), Some("miss"));
+    assert_eq!(cache_header(&get(&url).await).as_deref(), Some("hit"));
+    let purge = |query: &str| {
+        Request::post(format!("http://{}/cache/purge{query}", gw.admin))
+            .body(Full::default())
+            .unwrap()
+    };
+    assert_eq!(send(purge("")).await.status, 400);
+    let other = send(purge("?prefix=/open/order/")).await;
+    assert_eq!(other.json()["purged"], 0);
+    let purged = send(purge("?prefix=/open/product/")).await;
+    assert_eq!(purged.status, 200);
+    assert_eq!(purged.json()["purged"], 1);
+    assert_eq!(cache_header(&get(&url).await).as_deref(), Some("miss"));
+    assert_eq!(sent(&upstream).await, 2);
+}
