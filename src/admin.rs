@@ -120,7 +120,8 @@ impl Admin {
                 let Some(prefix) = query_value(req.uri().query(), "prefix") else {
                     return text(StatusCode::BAD_REQUEST, "give prefix=/path/\n".into());
                 };
-                let purged = (self.gateway)().cache().purge(&prefix);
+                let cache = (self.gateway)().cache().clone();
+                let purged = cache.purge_everywhere(&prefix).await;
                 let mut r = text(
                     StatusCode::OK,
                     format!("{}\n", serde_json::json!({ "purged": purged })),

@@ -14,7 +14,10 @@
 //!   answers a call the provider could not.
 //!
 //! The entries live in a `moka` cache bounded by bytes (TinyLFU admission,
-//! LRU eviction).
+//! LRU eviction). With `backend = "redis"` they are also written to Redis
+//! (expiring at TTL + stale window), and a call that finds nothing in memory
+//! looks there, so replicas share answers; Redis away or slow is a miss,
+//! never an error.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,7 +29,8 @@ use http::{HeaderMap, HeaderValue, Response, StatusCode};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
-use crate::config::CacheConfig;
+use crate::config::{CacheConfig, ConfigError, RedisUrl};
+use crate::redact;
 use crate::routes::CacheRule;
 
 /// The response header saying where an answer came from.
@@ -69,6 +73,172 @@ pub struct Entry {
     headers: HeaderMap,
     body: Bytes,
     stored: Instant,
+    /// When it was stored, by the wall clock: what replicas share.
+    stored_unix_ms: u64,
+}
+
+/// An entry as Redis holds it.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Wire {
+    stored_unix_ms: u64,
+    path: String,
+    headers: Vec<(String, Vec<u8>)>,
+    body: Vec<u8>,
+}
+
+impl Entry {
+    fn to_wire(&self) -> Vec<u8> {
+        let wire = Wire {
+            stored_unix_ms: self.stored_unix_ms,
+            path: self.path.clone(),
+            headers: self
+                .headers
+                .iter()
+                .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
+                .collect(),
+            body: self.body.to_vec(),
+        };
+        postcard::to_stdvec(&wire).expect("an entry serialises")
+    }
+
+    /// An entry read from Redis, its age carried over by the wall clock.
+    fn from_wire(bytes: &[u8], now: Instant) -> Option<Entry> {
+        let wire: Wire = postcard::from_bytes(bytes).ok()?;
+        let mut headers = HeaderMap::new();
+        for (name, value) in wire.headers {
+            headers.append(
+                http::HeaderName::from_bytes(name.as_bytes()).ok()?,
+                HeaderValue::from_bytes(&value).ok()?,
+            );
+        }
+        let age = Duration::from_millis(unix_ms().saturating_sub(wire.stored_unix_ms));
+        Some(Entry {
+            path: wire.path,
+            headers,
+            body: Bytes::from(wire.body),
+            stored: now.checked_sub(age).unwrap_or(now),
+            stored_unix_ms: wire.stored_unix_ms,
+        })
+    }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Redis, shared by the replicas: best effort, bounded by its timeout.
+struct Shared {
+    url: RedisUrl,
+    conn: redis::aio::ConnectionManager,
+    prefix: String,
+    timeout: Duration,
+}
+
+impl Shared {
+    fn new(config: &CacheConfig, url: &RedisUrl) -> Result<Shared, ConfigError> {
+        let scrubbed = |e: redis::RedisError| {
+            ConfigError::new(
+                "cache.redis_url",
+                redact::scrub(&e.to_string(), url.expose()),
+            )
+        };
+        let client = redis::Client::open(url.expose()).map_err(scrubbed)?;
+        let timeout = Duration::from_millis(config.redis_timeout_ms);
+        let manager = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout))
+            .set_number_of_retries(1);
+        let conn = redis::aio::ConnectionManager::new_lazy_with_config(client, manager)
+            .map_err(scrubbed)?;
+        Ok(Shared {
+            url: url.clone(),
+            conn,
+            prefix: config.redis_key_prefix.clone(),
+            timeout,
+        })
+    }
+
+    /// `PREFIX:cache:PATH:KEY`: the path first, so a purge by path prefix
+    /// can find its keys.
+    fn name(&self, path: &str, key: &[u8; 32]) -> String {
+        format!("{}:cache:{}:{}", self.prefix, path, hex::encode(key))
+    }
+
+    async fn get(&self, path: &str, key: &[u8; 32]) -> Option<Vec<u8>> {
+        let mut conn = self.conn.clone();
+        let mut cmd = redis::cmd("GET");
+        cmd.arg(self.name(path, key));
+        let get = cmd.query_async::<Option<Vec<u8>>>(&mut conn);
+        match tokio::time::timeout(self.timeout, get).await {
+            Ok(Ok(found)) => found,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %redact::scrub(&e.to_string(), self.url.expose()), "read cache: Redis read failed; a miss");
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// Writes in the background: the caller never waits for it.
+    fn put(self: &Arc<Self>, path: &str, key: &[u8; 32], bytes: Vec<u8>, keep: Duration) {
+        let (this, name) = (self.clone(), self.name(path, key));
+        tokio::spawn(async move {
+            let mut conn = this.conn.clone();
+            let mut cmd = redis::cmd("SET");
+            cmd.arg(name)
+                .arg(bytes)
+                .arg("PX")
+                .arg(keep.as_millis().max(1) as u64);
+            let set = cmd.query_async::<()>(&mut conn);
+            if let Ok(Err(e)) = tokio::time::timeout(this.timeout, set).await {
+                tracing::debug!(error = %redact::scrub(&e.to_string(), this.url.expose()), "read cache: Redis write failed");
+            }
+        });
+    }
+
+    /// Deletes the keys of paths starting with `prefix`; how many.
+    async fn purge(&self, prefix: &str) -> usize {
+        // Glob characters in the path are escaped: a prefix is literal.
+        let mut pattern = format!("{}:cache:", self.prefix);
+        for c in prefix.chars() {
+            if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+                pattern.push('\\');
+            }
+            pattern.push(c);
+        }
+        pattern.push('*');
+        let mut conn = self.conn.clone();
+        let mut cursor: u64 = 0;
+        let mut removed = 0;
+        // Bounded: at most 1000 rounds of SCAN.
+        for _ in 0..1000 {
+            let mut cmd = redis::cmd("SCAN");
+            cmd.arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(500);
+            let scan = cmd.query_async::<(u64, Vec<String>)>(&mut conn);
+            let Ok(Ok((next, keys))) = tokio::time::timeout(self.timeout * 10, scan).await else {
+                break;
+            };
+            if !keys.is_empty() {
+                let mut cmd = redis::cmd("DEL");
+                cmd.arg(&keys);
+                let del = cmd.query_async::<usize>(&mut conn);
+                if let Ok(Ok(n)) = tokio::time::timeout(self.timeout * 10, del).await {
+                    removed += n;
+                }
+            }
+            cursor = next;
+            if cursor == 0 {
+                break;
+            }
+        }
+        removed
+    }
 }
 
 impl Entry {
@@ -112,6 +282,7 @@ pub struct ReadCache {
     /// Keys being asked for now, and where their answer will be sent.
     asking: Mutex<HashMap<[u8; 32], Awaited>>,
     purges: AtomicU64,
+    shared: Option<Arc<Shared>>,
 }
 
 impl std::fmt::Debug for ReadCache {
@@ -139,10 +310,14 @@ pub struct Leader<'a> {
 }
 
 impl Leader<'_> {
-    /// Keeps `entry` (if any) and hands it to the waiters.
-    pub fn finish(mut self, entry: Option<Arc<Entry>>) {
+    /// Keeps `entry` (if any; in Redis too, for `keep`) and hands it to the
+    /// waiters.
+    pub fn finish(mut self, entry: Option<Arc<Entry>>, keep: Duration) {
         if let Some(entry) = &entry {
             self.cache.entries.insert(self.key, entry.clone());
+            if let Some(shared) = &self.cache.shared {
+                shared.put(&entry.path, &self.key, entry.to_wire(), keep);
+            }
         }
         self.cache
             .asking
@@ -169,6 +344,20 @@ impl Drop for Leader<'_> {
 }
 
 impl ReadCache {
+    /// A cache in this process, and in Redis when `redis_url` is given
+    /// (`Loaded::cache_redis_url`; a lazy connection: needs a runtime).
+    pub fn open(
+        config: &CacheConfig,
+        redis_url: Option<&RedisUrl>,
+    ) -> Result<ReadCache, ConfigError> {
+        let mut cache = ReadCache::new(config);
+        if let Some(url) = redis_url {
+            cache.shared = Some(Arc::new(Shared::new(config, url)?));
+        }
+        Ok(cache)
+    }
+
+    /// A cache in this process only.
     pub fn new(config: &CacheConfig) -> ReadCache {
         let entries = moka::sync::Cache::builder()
             .max_capacity(config.max_bytes)
@@ -187,6 +376,7 @@ impl ReadCache {
             coalesce_wait: Duration::from_millis(config.coalesce_wait_ms),
             asking: Mutex::new(HashMap::new()),
             purges: AtomicU64::new(0),
+            shared: None,
         }
     }
 
@@ -223,6 +413,26 @@ impl ReadCache {
         } else {
             Found::default()
         }
+    }
+
+    /// Like [`look`](Self::look), and when memory has nothing, Redis
+    /// (whatever it finds is kept in memory too).
+    pub async fn look_shared(&self, path: &str, key: &[u8; 32], rule: CacheRule) -> Found {
+        let found = self.look(key, rule, Instant::now());
+        let Some(shared) = &self.shared else {
+            return found;
+        };
+        if found.fresh.is_some() || found.stale.is_some() {
+            return found;
+        }
+        let Some(bytes) = shared.get(path, key).await else {
+            return found;
+        };
+        let Some(entry) = Entry::from_wire(&bytes, Instant::now()) else {
+            return found;
+        };
+        self.entries.insert(*key, Arc::new(entry));
+        self.look(key, rule, Instant::now())
     }
 
     /// Leads the asking for `key`, or follows the call already leading.
@@ -272,10 +482,22 @@ impl ReadCache {
             headers: kept,
             body: body.clone(),
             stored: now,
+            stored_unix_ms: unix_ms(),
         }))
     }
 
-    /// Removes every entry whose path starts with `prefix`; how many.
+    /// Removes every entry whose path starts with `prefix`, here and in
+    /// Redis; how many (the larger of the two counts).
+    pub async fn purge_everywhere(&self, prefix: &str) -> usize {
+        let here = self.purge(prefix);
+        match &self.shared {
+            Some(shared) => here.max(shared.purge(prefix).await),
+            None => here,
+        }
+    }
+
+    /// Removes every entry of this process whose path starts with `prefix`;
+    /// how many.
     pub fn purge(&self, prefix: &str) -> usize {
         let keys: Vec<[u8; 32]> = self
             .entries
@@ -441,7 +663,7 @@ mod tests {
             panic!("first caller leads")
         };
         assert!(matches!(c.lead_or_follow([1; 32]), Role::Follower(_)));
-        leader.finish(Some(entry));
+        leader.finish(Some(entry), Duration::from_secs(1));
         assert!(matches!(c.lead_or_follow([1; 32]), Role::Leader(_)));
         let r = rule(1_000, 500);
         assert!(
@@ -503,7 +725,7 @@ mod tests {
             let Role::Leader(l) = c.lead_or_follow([i as u8; 32]) else {
                 panic!()
             };
-            l.finish(Some(e));
+            l.finish(Some(e), Duration::from_secs(1));
         }
         assert_eq!(c.purge("/open/product/"), 2);
         assert!(c.bytes() > 0);

@@ -6,8 +6,8 @@ use std::path::Path;
 
 use crate::auth::Client;
 use crate::config::{
-    BackendKind, CallbackBackend, Config, ConfigError, Env, PostgresUrl, RedisUrl, StoreKind,
-    TracesEndpoint,
+    BackendKind, CacheBackend, CallbackBackend, Config, ConfigError, Env, PostgresUrl, RedisUrl,
+    StoreKind, TracesEndpoint,
 };
 use crate::profiles::Profile;
 
@@ -27,6 +27,8 @@ pub struct Loaded {
     pub callbacks_postgres_url: Option<PostgresUrl>,
     /// Where spans go; `None`: no traces.
     pub traces_endpoint: Option<TracesEndpoint>,
+    /// The Redis URL of `[cache]` with `backend = "redis"`.
+    pub cache_redis_url: Option<RedisUrl>,
 }
 
 /// Reads `path` (if any), applies the environment, validates, loads secrets.
@@ -75,6 +77,10 @@ pub fn resolve(config: Config, env: Env<'_>) -> Result<Loaded, ConfigError> {
         _ => None,
     };
     let traces_endpoint = config.telemetry.endpoint(env)?;
+    let cache_redis_url = match config.cache.backend {
+        CacheBackend::Redis => Some(config.cache.resolve_redis_url(env)?),
+        CacheBackend::Local => None,
+    };
     Ok(Loaded {
         config,
         profiles,
@@ -83,6 +89,7 @@ pub fn resolve(config: Config, env: Env<'_>) -> Result<Loaded, ConfigError> {
         idempotency_redis_url,
         callbacks_postgres_url,
         traces_endpoint,
+        cache_redis_url,
     })
 }
 

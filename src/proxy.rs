@@ -167,7 +167,7 @@ impl Gateway {
             access_log,
             idempotency: None,
             traces: None,
-            cache: Arc::new(ReadCache::new(&c.cache)),
+            cache: Arc::new(ReadCache::open(&c.cache, loaded.cache_redis_url.as_ref())?),
         })
     }
 
@@ -361,7 +361,7 @@ impl Gateway {
             rule.sort_query,
             bytes.as_deref().unwrap_or_default(),
         );
-        let found = cache.look(&key, rule, std::time::Instant::now());
+        let found = cache.look_shared(call.uri.path(), &key, rule).await;
         if wish == CallerWish::Any
             && let Some(entry) = &found.fresh
         {
@@ -407,7 +407,7 @@ impl Gateway {
                             std::time::Instant::now(),
                         );
                         if let Some(leader) = leader {
-                            leader.finish(entry);
+                            leader.finish(entry, rule.ttl + rule.stale);
                         }
                         Ok(Response::from_parts(parts, ResponseBody::local(whole)))
                     }

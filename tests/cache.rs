@@ -268,3 +268,73 @@ async fn operators_purge_entries_by_prefix_on_the_admin_listener() {
     assert_eq!(cache_header(&get(&url).await).as_deref(), Some("miss"));
     assert_eq!(sent(&upstream).await, 2);
 }
+
+fn shared(upstream: &str, redis: &str) -> Config {
+    let mut c = cached(upstream, 30_000, 0);
+    c.cache.backend = pandagate::config::CacheBackend::Redis;
+    c.cache.redis_url = Some(redis.to_owned());
+    c
+}
+
+#[tokio::test]
+async fn replicas_sharing_redis_share_answers_and_purges() {
+    let redis = RedisServer::start();
+    let upstream = upstream_answering(good("prov-9")).await;
+    let a = spawn_gateway(shared(&upstream.uri(), &redis.url())).await;
+    let b = spawn_gateway(shared(&upstream.uri(), &redis.url())).await;
+    assert_eq!(
+        cache_header(&get(&a.url(ITEM)).await).as_deref(),
+        Some("miss")
+    );
+    // The write to Redis is in the background: wait (bounded) until Redis
+    // holds it, then b's first call must find it there.
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    for _ in 0..100 {
+        let n: u64 = redis::cmd("DBSIZE").query_async(&mut conn).await.unwrap();
+        if n >= 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let on_b = get(&b.url(ITEM)).await;
+    assert_eq!(
+        cache_header(&on_b).as_deref(),
+        Some("hit"),
+        "from a's entry in Redis"
+    );
+    assert_eq!(on_b.json()["requestId"], "prov-9");
+    assert_eq!(
+        sent(&upstream).await,
+        1,
+        "the quota spent once for both replicas"
+    );
+
+    // A purge on one replica reaches Redis: the other finds nothing there.
+    assert!(a.gateway.cache().purge_everywhere("/open/product/").await >= 1);
+    b.gateway.cache().purge("/open/product/");
+    assert_eq!(
+        cache_header(&get(&b.url(ITEM)).await).as_deref(),
+        Some("miss")
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn an_unreachable_redis_is_a_miss_never_an_error() {
+    let upstream = upstream_answering(good("prov-10")).await;
+    let dead = dead_address();
+    let gw = spawn_gateway(shared(&upstream.uri(), &format!("redis://{dead}"))).await;
+    assert_eq!(
+        cache_header(&get(&gw.url(ITEM)).await).as_deref(),
+        Some("miss")
+    );
+    // Memory still answers.
+    assert_eq!(
+        cache_header(&get(&gw.url(ITEM)).await).as_deref(),
+        Some("hit")
+    );
+    assert_eq!(sent(&upstream).await, 1);
+    gw.stop().await;
+}

@@ -1,9 +1,23 @@
 //! `[cache]`: where cached read answers are kept (see `[[routes]]`
 //! `cache_ttl_ms`).
 
+use std::path::PathBuf;
+
 use serde::{Deserialize, Serialize};
 
-use super::error::ConfigError;
+use super::error::{ConfigError, Env};
+use super::rate_limit::{RedisUrl, RedisUrlSource};
+
+/// Where the read cache's entries live.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CacheBackend {
+    /// This process's memory only.
+    #[default]
+    Local,
+    /// Also Redis, so replicas share each other's answers.
+    Redis,
+}
 
 /// `[cache]`. Used only when a route sets `cache_ttl_ms`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -17,6 +31,21 @@ pub struct CacheConfig {
     /// Longest a call waits for an identical call already asking the
     /// provider, in milliseconds; then it asks itself.
     pub coalesce_wait_ms: u64,
+    /// `local` (this process) or `redis` (memory, then Redis: replicas share
+    /// answers).
+    pub backend: CacheBackend,
+    /// Redis for `backend = "redis"`, like `[rate_limit]`'s: `redis_url`,
+    /// `redis_url_env` or `redis_url_file`; none: redis://127.0.0.1:6379.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_url_env: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_url_file: Option<PathBuf>,
+    /// Longest a call waits for Redis, in milliseconds; past it, a miss.
+    pub redis_timeout_ms: u64,
+    /// Prefix of the Redis keys.
+    pub redis_key_prefix: String,
 }
 
 impl Default for CacheConfig {
@@ -25,6 +54,12 @@ impl Default for CacheConfig {
             max_bytes: 64 * 1024 * 1024,
             max_entry_bytes: 256 * 1024,
             coalesce_wait_ms: 5_000,
+            backend: CacheBackend::Local,
+            redis_url: None,
+            redis_url_env: None,
+            redis_url_file: None,
+            redis_timeout_ms: 50,
+            redis_key_prefix: "pandagate".into(),
         }
     }
 }
@@ -35,6 +70,7 @@ impl CacheConfig {
             ("cache.max_bytes", self.max_bytes),
             ("cache.max_entry_bytes", self.max_entry_bytes as u64),
             ("cache.coalesce_wait_ms", self.coalesce_wait_ms),
+            ("cache.redis_timeout_ms", self.redis_timeout_ms),
         ] {
             if v == 0 {
                 return Err(ConfigError::new(key, "must be greater than 0"));
@@ -46,6 +82,24 @@ impl CacheConfig {
                 "must be at most cache.max_bytes",
             ));
         }
+        let source = self.redis_url_source()?;
+        if let (CacheBackend::Redis, RedisUrlSource::Inline(url)) = (self.backend, source) {
+            RedisUrl::parse(url, "cache.redis_url")?;
+        }
         Ok(())
+    }
+
+    pub fn redis_url_source(&self) -> Result<RedisUrlSource<'_>, ConfigError> {
+        RedisUrlSource::of(
+            self.redis_url.as_deref(),
+            self.redis_url_env.as_deref(),
+            self.redis_url_file.as_deref(),
+            "cache.redis_url",
+        )
+    }
+
+    /// The Redis URL read from its source, for `backend = "redis"`.
+    pub fn resolve_redis_url(&self, env: Env<'_>) -> Result<RedisUrl, ConfigError> {
+        self.redis_url_source()?.resolve("cache.redis_url", env)
     }
 }

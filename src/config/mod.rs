@@ -36,7 +36,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 pub use breaker::BreakerConfig;
-pub use cache::CacheConfig;
+pub use cache::{CacheBackend, CacheConfig};
 pub use callbacks::{CallbackBackend, CallbacksConfig, PostgresUrl, SubscriberConfig};
 pub use clients::{ClientConfig, TokenSource};
 pub use error::{ConfigError, Env, MAX_DURATION_MS, check_duration_ms, process_env};
