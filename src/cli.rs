@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 
 use crate::access_log::AccessLog;
 use crate::app::{App, EXIT_FLUSH, StartError};
+use crate::config::RedisUrlKeys as _;
 use crate::config::{self, BackendKind, ConfigError, LogConfig, StoreKind, process_env};
 use crate::loaded::{self, Loaded};
 use crate::metrics::Metrics;

@@ -5,6 +5,7 @@
 use std::path::Path;
 
 use crate::auth::Client;
+use crate::config::RedisUrlKeys as _;
 use crate::config::{
     BackendKind, CacheBackend, CallbackBackend, Config, ConfigError, Env, PostgresUrl, RedisUrl,
     StoreKind, TracesEndpoint,

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::error::{ConfigError, Env};
-use super::rate_limit::{RedisUrl, RedisUrlSource};
+use super::error::ConfigError;
+use super::rate_limit::RedisUrlKeys;
 
 /// Where the read cache's entries live.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,24 +82,22 @@ impl CacheConfig {
                 "must be at most cache.max_bytes",
             ));
         }
-        let source = self.redis_url_source()?;
-        if let (CacheBackend::Redis, RedisUrlSource::Inline(url)) = (self.backend, source) {
-            RedisUrl::parse(url, "cache.redis_url")?;
-        }
-        Ok(())
+        self.check_redis_url()
     }
+}
 
-    pub fn redis_url_source(&self) -> Result<RedisUrlSource<'_>, ConfigError> {
-        RedisUrlSource::of(
+impl RedisUrlKeys for CacheConfig {
+    const KEY: &'static str = "cache.redis_url";
+
+    fn redis_url_keys(&self) -> (Option<&str>, Option<&str>, Option<&std::path::Path>) {
+        (
             self.redis_url.as_deref(),
             self.redis_url_env.as_deref(),
             self.redis_url_file.as_deref(),
-            "cache.redis_url",
         )
     }
 
-    /// The Redis URL read from its source, for `backend = "redis"`.
-    pub fn resolve_redis_url(&self, env: Env<'_>) -> Result<RedisUrl, ConfigError> {
-        self.redis_url_source()?.resolve("cache.redis_url", env)
+    fn uses_redis(&self) -> bool {
+        self.backend == CacheBackend::Redis
     }
 }

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::error::{ConfigError, Env};
-use super::rate_limit::{RedisUrl, RedisUrlSource};
+use super::error::ConfigError;
+use super::rate_limit::RedisUrlKeys;
 use crate::redact;
 
 /// Largest `max_response_bytes`.
@@ -118,27 +118,23 @@ impl IdempotencyConfig {
                 "must not be empty",
             ));
         }
-        let source = self.redis_url_source()?;
-        if let (StoreKind::Redis, RedisUrlSource::Inline(url)) = (self.store, source) {
-            RedisUrl::parse(url, "idempotency.redis_url")?;
-        }
-        Ok(())
+        self.check_redis_url()
     }
+}
 
-    /// Where the Redis URL comes from; more than one source is an error.
-    pub fn redis_url_source(&self) -> Result<RedisUrlSource<'_>, ConfigError> {
-        RedisUrlSource::of(
+impl RedisUrlKeys for IdempotencyConfig {
+    const KEY: &'static str = "idempotency.redis_url";
+
+    fn redis_url_keys(&self) -> (Option<&str>, Option<&str>, Option<&std::path::Path>) {
+        (
             self.redis_url.as_deref(),
             self.redis_url_env.as_deref(),
             self.redis_url_file.as_deref(),
-            "idempotency.redis_url",
         )
     }
 
-    /// The Redis URL read from its source, for `store = "redis"`.
-    pub fn resolve_redis_url(&self, env: Env<'_>) -> Result<RedisUrl, ConfigError> {
-        self.redis_url_source()?
-            .resolve("idempotency.redis_url", env)
+    fn uses_redis(&self) -> bool {
+        self.store == StoreKind::Redis
     }
 }
 

@@ -45,7 +45,7 @@ pub use log::{LogConfig, LogFormat};
 pub use profiles::{ENV_PROFILE, ProfileConfig};
 pub use rate_limit::{
     BackendKind, DEFAULT_REDIS_URL, FailMode, MAX_BURST, MAX_PER_SECOND, MIN_FALLBACK_SHARE,
-    MIN_PER_SECOND, Rate, RateError, RateLimitConfig, RedisUrl, RedisUrlSource,
+    MIN_PER_SECOND, Rate, RateError, RateLimitConfig, RedisUrl, RedisUrlKeys, RedisUrlSource,
 };
 pub use retry::{CodeValue, RetryConfig};
 pub use routes::{Class, RouteConfig, check_overlaps, v1_form};

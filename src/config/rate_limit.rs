@@ -175,29 +175,60 @@ impl RateLimitConfig {
         ] {
             error::check_duration_ms(key, ms)?;
         }
-        let source = self.redis_url_source()?;
-        if let (BackendKind::Redis, RedisUrlSource::Inline(url)) = (self.backend, source) {
-            RedisUrl::parse(url, "rate_limit.redis_url")?;
-        }
-        Ok(())
+        self.check_redis_url()
     }
+}
+
+/// A section with `redis_url`, `redis_url_env` and `redis_url_file`
+/// (`[rate_limit]`, `[idempotency]`, `[cache]`): where its URL comes from,
+/// how it is checked and how it is read are the same for every one.
+pub trait RedisUrlKeys {
+    /// The section's URL key, e.g. `"cache.redis_url"`.
+    const KEY: &'static str;
+
+    /// `redis_url`, `redis_url_env`, `redis_url_file`.
+    fn redis_url_keys(&self) -> (Option<&str>, Option<&str>, Option<&Path>);
+
+    /// Whether the section's settings use Redis at all.
+    fn uses_redis(&self) -> bool;
 
     /// Where the Redis URL comes from; more than one source is an error.
-    pub fn redis_url_source(&self) -> Result<RedisUrlSource<'_>, ConfigError> {
-        RedisUrlSource::of(
-            self.redis_url.as_deref(),
-            self.redis_url_env.as_deref(),
-            self.redis_url_file.as_deref(),
-            "rate_limit.redis_url",
-        )
+    fn redis_url_source(&self) -> Result<RedisUrlSource<'_>, ConfigError> {
+        let (url, var, file) = self.redis_url_keys();
+        RedisUrlSource::of(url, var, file, Self::KEY)
     }
 
     /// Reads and checks the Redis URL from its source (`env` for
     /// `redis_url_env`); errors name the source's key, never the URL's
     /// password.
-    pub fn resolve_redis_url(&self, env: Env<'_>) -> Result<RedisUrl, ConfigError> {
-        self.redis_url_source()?
-            .resolve("rate_limit.redis_url", env)
+    fn resolve_redis_url(&self, env: Env<'_>) -> Result<RedisUrl, ConfigError> {
+        self.redis_url_source()?.resolve(Self::KEY, env)
+    }
+
+    /// At most one source, and an inline URL the client can read when the
+    /// section uses Redis; reads neither the environment nor files.
+    fn check_redis_url(&self) -> Result<(), ConfigError> {
+        let source = self.redis_url_source()?;
+        if let (true, RedisUrlSource::Inline(url)) = (self.uses_redis(), source) {
+            RedisUrl::parse(url, Self::KEY)?;
+        }
+        Ok(())
+    }
+}
+
+impl RedisUrlKeys for RateLimitConfig {
+    const KEY: &'static str = "rate_limit.redis_url";
+
+    fn redis_url_keys(&self) -> (Option<&str>, Option<&str>, Option<&Path>) {
+        (
+            self.redis_url.as_deref(),
+            self.redis_url_env.as_deref(),
+            self.redis_url_file.as_deref(),
+        )
+    }
+
+    fn uses_redis(&self) -> bool {
+        self.backend == BackendKind::Redis
     }
 }
 

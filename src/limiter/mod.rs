@@ -30,6 +30,7 @@ use tokio::time::Instant;
 
 use self::local::LocalBuckets;
 use self::redis::RedisBackend;
+use crate::config::RedisUrlKeys as _;
 use crate::config::{
     BackendKind, ConfigError, FailMode, Rate, RateLimitConfig, RedisUrl, RedisUrlSource,
 };
