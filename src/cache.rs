@@ -422,7 +422,9 @@ impl ReadCache {
         let Some(shared) = &self.shared else {
             return found;
         };
-        if found.fresh.is_some() || found.stale.is_some() {
+        // A fresh entry here answers; an expired one may be older than
+        // what another replica has put in Redis since.
+        if found.fresh.is_some() {
             return found;
         }
         let Some(bytes) = shared.get(path, key).await else {
@@ -431,7 +433,13 @@ impl ReadCache {
         let Some(entry) = Entry::from_wire(&bytes, Instant::now()) else {
             return found;
         };
-        self.entries.insert(*key, Arc::new(entry));
+        let newer = found
+            .stale
+            .as_ref()
+            .is_none_or(|mine| entry.stored_unix_ms > mine.stored_unix_ms);
+        if newer {
+            self.entries.insert(*key, Arc::new(entry));
+        }
         self.look(key, rule, Instant::now())
     }
 

@@ -294,6 +294,13 @@ impl Gateway {
             };
         record.status = response.status().as_u16();
         response.headers_mut().insert(X_REQUEST_ID, x_request_id);
+        // The gateway's own refusal on a cached route was a miss too.
+        if record.cache == Some(CacheResult::Miss.as_str()) {
+            response
+                .headers_mut()
+                .entry(cache::X_PANDAGATE_CACHE)
+                .or_insert(HeaderValue::from_static("miss"));
+        }
         response.body_mut().watch(call.answering(inspect));
         response
     }

@@ -338,3 +338,48 @@ async fn an_unreachable_redis_is_a_miss_never_an_error() {
     assert_eq!(sent(&upstream).await, 1);
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn an_expired_entry_here_gives_way_to_a_fresher_one_in_redis() {
+    let redis = RedisServer::start();
+    let upstream = upstream_answering(good("prov-11")).await;
+    let config = |ttl| {
+        let mut c = shared(&upstream.uri(), &redis.url());
+        c.routes[0].cache_ttl_ms = Some(ttl);
+        c.routes[0].cache_stale_ms = Some(60_000);
+        c
+    };
+    let a = spawn_gateway(config(1_000)).await;
+    let b = spawn_gateway(config(1_000)).await;
+    assert_eq!(
+        cache_header(&get(&a.url(ITEM)).await).as_deref(),
+        Some("miss")
+    );
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    // Expired everywhere: b asks and puts a fresh answer in Redis (in the
+    // background: a moment later it is there).
+    assert_eq!(
+        cache_header(&get(&b.url(ITEM)).await).as_deref(),
+        Some("miss")
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let on_a = cache_header(&get(&a.url(ITEM)).await);
+    assert_eq!(
+        on_a.as_deref(),
+        Some("hit"),
+        "a found b's fresher answer in Redis"
+    );
+    assert_eq!(sent(&upstream).await, 2);
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn the_gateways_own_refusal_on_a_cached_route_says_miss() {
+    let dead = dead_address();
+    let gw = spawn_gateway(cached(&format!("http://{dead}"), 30_000, 0)).await;
+    let a = get(&gw.url(ITEM)).await;
+    a.assert_gateway_envelope(502);
+    assert_eq!(cache_header(&a).as_deref(), Some("miss"));
+    gw.stop().await;
+}
