@@ -383,3 +383,50 @@ async fn the_gateways_own_refusal_on_a_cached_route_says_miss() {
     assert_eq!(cache_header(&a).as_deref(), Some("miss"));
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn over_the_quota_or_without_a_provider_a_stale_answer_still_answers() {
+    // Over the quota: the limiter refuses the call; the stale entry answers.
+    let upstream = upstream_answering(good("prov-12")).await;
+    let mut c = cached(&upstream.uri(), 50, 60_000);
+    c.rate_limit = Some(pandagate::config::RateLimitConfig::new(0.2, Some(1)));
+    let gw = spawn_gateway(c).await;
+    assert_eq!(
+        cache_header(&get(&gw.url(ITEM)).await).as_deref(),
+        Some("miss")
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let limited = get(&gw.url(ITEM)).await;
+    assert_eq!(limited.status, 200);
+    assert_eq!(cache_header(&limited).as_deref(), Some("stale"));
+    assert_eq!(sent(&upstream).await, 1, "no slot, no provider call");
+    gw.stop().await;
+
+    // A failing provider opens the circuit: later calls are refused
+    // before any attempt, and the stale entry answers them too.
+    let upstream = upstream_failing_first(1, good("prov-13"), ResponseTemplate::new(503)).await;
+    let mut c = cached(&upstream.uri(), 50, 60_000);
+    c.circuit_breaker.failure_threshold = 1;
+    let gw = spawn_gateway(c).await;
+    assert_eq!(
+        cache_header(&get(&gw.url(ITEM)).await).as_deref(),
+        Some("miss")
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for _ in 0..3 {
+        let a = get(&gw.url(ITEM)).await;
+        assert_eq!(a.status, 200);
+        assert_eq!(cache_header(&a).as_deref(), Some("stale"));
+    }
+    assert_eq!(
+        gw.gateway.breaker().state(),
+        pandagate::breaker::State::Open,
+        "the later stale answers covered an open circuit"
+    );
+    let calls = sent(&upstream).await;
+    assert!(
+        calls < 4,
+        "an open circuit sends nothing: {calls} provider calls"
+    );
+    gw.stop().await;
+}
