@@ -12,7 +12,7 @@ use pandagate::callbacks::postgres::{PgStore, SCHEMA_VERSION, probe};
 use pandagate::callbacks::store::{Delivery, Message};
 use pandagate::config::{CallbackBackend, CallbacksConfig, PostgresUrl};
 use support::PostgresServer;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 
 const SECRET: &str = "sk-callbacks-postgres";
@@ -208,30 +208,12 @@ async fn subscriber(delay: Duration) -> (String, Seen) {
         while let Ok((mut stream, _)) = listener.accept().await {
             let record = record.clone();
             tokio::spawn(async move {
-                loop {
-                    let mut head = Vec::new();
-                    let mut byte = [0u8; 1];
-                    while !head.ends_with(b"\r\n\r\n") {
-                        match stream.read(&mut byte).await {
-                            Ok(1) => head.push(byte[0]),
-                            _ => return,
-                        }
-                    }
+                while let Some((head, _)) = support::read_request(&mut stream).await {
                     let came = Instant::now();
-                    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
-                    let field = |name: &str| {
-                        head.lines()
-                            .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_owned()))
-                    };
-                    let len: usize = field("content-length:")
-                        .and_then(|v| v.parse().ok())
-                        .unwrap_or(0);
-                    let mut body = vec![0u8; len];
-                    if stream.read_exact(&mut body).await.is_err() {
-                        return;
-                    }
                     tokio::time::sleep(delay).await;
-                    let id = field("x-pandagate-delivery-id:").unwrap_or_default();
+                    let id = support::head_field(&head, "x-pandagate-delivery-id")
+                        .unwrap_or_default()
+                        .to_owned();
                     let answered = Instant::now();
                     record.0.lock().unwrap().push((id, came, answered));
                     let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";

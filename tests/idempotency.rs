@@ -14,7 +14,7 @@ use http_body_util::Full;
 use pandagate::config::{Config, IdempotencyConfig, RateLimitConfig, StoreKind};
 use pandagate::exporter::Exporter;
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 
 const ORDER: &str = "/alibaba/order/create";
@@ -69,6 +69,7 @@ impl Provider {
                 let (seen, queue, then) = (seen.clone(), queue.clone(), then.clone());
                 tokio::spawn(async move {
                     while let Some((head, body)) = read_request(&mut stream).await {
+                        let body = String::from_utf8_lossy(&body).into_owned();
                         seen.lock().unwrap().push((head, body));
                         let act = queue.lock().unwrap().pop_front().unwrap_or(then.clone());
                         let (status, body) = match act {
@@ -130,31 +131,6 @@ impl Drop for Provider {
     fn drop(&mut self) {
         self.task.abort();
     }
-}
-
-/// One HTTP/1.1 request with a Content-Length body, or `None` at EOF.
-async fn read_request(stream: &mut tokio::net::TcpStream) -> Option<(String, String)> {
-    let mut buf = Vec::new();
-    let mut byte = [0u8; 1];
-    while !buf.ends_with(b"\r\n\r\n") {
-        if stream.read(&mut byte).await.ok()? == 0 {
-            return None;
-        }
-        buf.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&buf).to_string();
-    let len = head
-        .lines()
-        .find_map(|l| {
-            let (name, value) = l.split_once(':')?;
-            name.eq_ignore_ascii_case("content-length")
-                .then(|| value.trim().parse::<usize>().ok())
-                .flatten()
-        })
-        .unwrap_or(0);
-    let mut body = vec![0u8; len];
-    stream.read_exact(&mut body).await.ok()?;
-    Some((head, String::from_utf8_lossy(&body).to_string()))
 }
 
 fn keyed_config(upstream: &str, store: IdempotencyConfig) -> Config {

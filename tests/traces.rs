@@ -15,7 +15,7 @@ use opentelemetry_proto::tonic::trace::v1::Span;
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use prost::Message;
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use wiremock::ResponseTemplate;
 
 /// An OTLP/HTTP receiver on a free loopback port: keeps every span.
@@ -31,25 +31,7 @@ impl Receiver {
             while let Ok((mut stream, _)) = listener.accept().await {
                 let spans = spans.clone();
                 tokio::spawn(async move {
-                    loop {
-                        let mut head = Vec::new();
-                        let mut byte = [0u8; 1];
-                        while !head.ends_with(b"\r\n\r\n") {
-                            match stream.read(&mut byte).await {
-                                Ok(1) => head.push(byte[0]),
-                                _ => return,
-                            }
-                        }
-                        let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
-                        let len: usize = head
-                            .lines()
-                            .find_map(|l| l.strip_prefix("content-length:"))
-                            .and_then(|v| v.trim().parse().ok())
-                            .unwrap_or(0);
-                        let mut body = vec![0u8; len];
-                        if stream.read_exact(&mut body).await.is_err() {
-                            return;
-                        }
+                    while let Some((_, body)) = read_request(&mut stream).await {
                         let request = ExportTraceServiceRequest::decode(body.as_slice())
                             .expect("an OTLP/HTTP protobuf export");
                         for resource in request.resource_spans {

@@ -632,3 +632,32 @@ impl Drop for PostgresServer {
         self.stop();
     }
 }
+
+/// One HTTP/1.1 request read off `stream`: its head as sent and its
+/// `Content-Length` body; `None` at EOF or when the connection breaks. For
+/// the stand-ins (providers, subscribers, collectors) the tests write.
+pub async fn read_request(stream: &mut TcpStream) -> Option<(String, Vec<u8>)> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if stream.read(&mut byte).await.ok()? == 0 {
+            return None;
+        }
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let len = head_field(&head, "content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body).await.ok()?;
+    Some((head, body))
+}
+
+/// The value of header `name` (any case) in a request head.
+pub fn head_field<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().find_map(|l| {
+        let (n, v) = l.split_once(':')?;
+        n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
