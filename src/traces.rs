@@ -309,9 +309,23 @@ impl Operation {
 
 struct Headers<'a>(&'a HeaderMap);
 
+/// W3C Trace Context: a `tracestate` has at most 32 list members, and
+/// 512 characters is what every vendor must carry. A longer one is dropped
+/// whole (the trace itself goes on): it would be kept in every span and
+/// sent on every attempt.
+const MAX_TRACESTATE_LEN: usize = 512;
+const MAX_TRACESTATE_MEMBERS: usize = 32;
+
 impl Extractor for Headers<'_> {
     fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(|v| v.to_str().ok())
+        let value = self.0.get(key).and_then(|v| v.to_str().ok())?;
+        if key.eq_ignore_ascii_case("tracestate")
+            && (value.len() > MAX_TRACESTATE_LEN
+                || value.split(',').count() > MAX_TRACESTATE_MEMBERS)
+        {
+            return None;
+        }
+        Some(value)
     }
 
     fn keys(&self) -> Vec<&str> {

@@ -248,6 +248,45 @@ async fn without_a_traceparent_the_gateway_starts_a_trace_and_without_an_endpoin
 }
 
 #[tokio::test]
+async fn an_oversized_tracestate_is_not_kept_in_spans() {
+    let receiver = Receiver::default();
+    let endpoint = receiver.start().await;
+    let upstream = upstream_answering(ResponseTemplate::new(200)).await;
+    let mut c = config(&upstream.uri());
+    c.telemetry.otlp_endpoint = Some(endpoint);
+    c.telemetry.export_interval_ms = 50;
+    let gw = spawn_gateway(c).await;
+    let long = format!("vendor={}", "x".repeat(600));
+    let many = (0..40)
+        .map(|i| format!("v{i}=a"))
+        .collect::<Vec<_>>()
+        .join(",");
+    for (i, state) in [long.as_str(), many.as_str(), "vendor=ok"]
+        .iter()
+        .enumerate()
+    {
+        let req = Request::get(gw.url(&format!("/open/product/get?n={i}")))
+            .header("traceparent", format!("00-{TRACE}-{PARENT}-01"))
+            .header("tracestate", *state)
+            .body(Full::default())
+            .unwrap();
+        assert_eq!(send(req).await.status, 200);
+    }
+    let spans = receiver.spans(6).await;
+    let states: Vec<&str> = spans.iter().map(|s| s.trace_state.as_str()).collect();
+    assert_eq!(spans.len(), 6, "{states:?}");
+    assert!(
+        states
+            .iter()
+            .all(|s| s.len() <= 512 && s.split(',').count() <= 32),
+        "{states:?}"
+    );
+    assert_eq!(states.iter().filter(|s| **s == "vendor=ok").count(), 2);
+    assert_eq!(states.iter().filter(|s| s.is_empty()).count(), 4);
+    gw.stop().await;
+}
+
+#[tokio::test]
 async fn a_full_export_queue_drops_spans_and_counts_them_without_slowing_calls() {
     // A receiver that takes the connection and never answers: the
     // exporter thread waits on it while calls go on.
