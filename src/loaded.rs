@@ -53,6 +53,7 @@ pub fn load(path: Option<&Path>, env: Env<'_>) -> Result<Loaded, ConfigError> {
 /// Validates a config built in code and loads its profiles' secrets.
 pub fn resolve(config: Config, env: Env<'_>) -> Result<Loaded, ConfigError> {
     config.validate()?;
+    crate::routes::check_entries(&config.routes)?;
     let profiles = config
         .profiles
         .iter()

@@ -17,7 +17,7 @@
 
 use std::collections::HashMap;
 
-use crate::config::{Class, Rate, RouteConfig, v1_form};
+use crate::config::{Class, ConfigError, Rate, RouteConfig, v1_form};
 
 use Class::{Read, Write};
 
@@ -63,7 +63,8 @@ const CATALOGUE: &[(&str, Class)] = &[
 #[derive(Debug)]
 pub struct Catalogue {
     exact: HashMap<&'static str, Class>,
-    patterns: Vec<(Vec<&'static str>, Class)>,
+    /// Parameterised paths: their segments, class and name.
+    patterns: Vec<(Vec<&'static str>, Class, &'static str)>,
 }
 
 impl Default for Catalogue {
@@ -72,7 +73,7 @@ impl Default for Catalogue {
         let mut patterns = Vec::new();
         for &(path, class) in CATALOGUE {
             if path.contains('{') {
-                patterns.push((path.split('/').collect(), class));
+                patterns.push((path.split('/').collect(), class, path));
             } else {
                 exact.insert(path, class);
             }
@@ -83,24 +84,56 @@ impl Default for Catalogue {
 
 impl Catalogue {
     pub fn classify(&self, path: &str) -> Class {
+        self.entry(path).map_or(Class::Unknown, |(_, class)| class)
+    }
+
+    /// The catalogued endpoint `path` names (its v1 name) and its class.
+    fn entry(&self, path: &str) -> Option<(&'static str, Class)> {
         let (prefix, rest) = v1_form(path);
         let lookup = |p: &str| {
-            self.exact.get(p).copied().or_else(|| {
-                self.patterns
-                    .iter()
-                    .find(|(pattern, _)| segments_match(pattern, p))
-                    .map(|(_, class)| *class)
-            })
+            self.exact
+                .get_key_value(p)
+                .map(|(name, class)| (*name, *class))
+                .or_else(|| {
+                    self.patterns
+                        .iter()
+                        .find(|(pattern, ..)| segments_match(pattern, p))
+                        .map(|(_, class, name)| (*name, *class))
+                })
         };
-        let found = if prefix.is_empty() {
+        if prefix.is_empty() {
             lookup(rest)
         } else {
             let mut v1 = String::with_capacity(prefix.len() + rest.len());
             v1.push_str(prefix);
             v1.push_str(rest);
             lookup(&v1)
+        }
+    }
+
+    /// The catalogued write that some server could route `path` to, if
+    /// any: the path as sent or in its other generation's spelling, in any
+    /// letter case, and with its last segment's `.suffix` cut (Spring's
+    /// suffix patterns read `/create.json` as `/create`). Config entries
+    /// never make such a path anything but a write.
+    pub fn write_reached_by(&self, path: &str) -> Option<&'static str> {
+        let lower = path.to_ascii_lowercase();
+        let cut = |p: &str| -> Option<String> {
+            let last = p.rfind('/')?;
+            let dot = p[last..].find('.')?;
+            Some(p[..last + dot].to_owned())
         };
-        found.unwrap_or(Class::Unknown)
+        let spellings = [
+            Some(path.to_owned()),
+            cut(path),
+            Some(lower.clone()),
+            cut(&lower),
+        ];
+        spellings
+            .iter()
+            .flatten()
+            .find_map(|p| self.entry(p).filter(|(_, class)| *class == Write))
+            .map(|(name, _)| name)
     }
 }
 
@@ -342,10 +375,15 @@ impl Routes {
             .iter()
             .find(|(r, _)| matches(r, as_sent) || other.is_some_and(|o| matches(r, o)));
         let config = entry.map(|(r, _)| r);
-        let class = config
-            .and_then(|r| r.class)
-            .unwrap_or_else(|| self.catalogue.classify(path));
-        // A prefix entry may cover writes too: they are never cached.
+        // The catalogue's writes stay writes whatever an entry says: a
+        // prefix entry of reads may cover an order create, and the
+        // provider may route an odd spelling of one to it.
+        let class = match config.and_then(|r| r.class) {
+            Some(class) if self.catalogue.write_reached_by(path).is_none() => class,
+            Some(_) => Write,
+            None => self.catalogue.classify(path),
+        };
+        // Only reads are ever cached.
         let cache = config.filter(|_| class == Class::Read).and_then(|r| {
             r.cache_ttl_ms.map(|ttl| CacheRule {
                 ttl: std::time::Duration::from_millis(ttl),
@@ -361,6 +399,34 @@ impl Routes {
             cache,
         }
     }
+}
+
+/// Refuses an exact entry that tries to make a catalogued write something
+/// else (a `read` or `unknown` class, a cache TTL): it could not take
+/// effect, and its author meant something that must not happen.
+pub fn check_entries(overrides: &[RouteConfig]) -> Result<(), ConfigError> {
+    let catalogue = Catalogue::default();
+    for (i, entry) in overrides.iter().enumerate() {
+        let Some(path) = &entry.path else { continue };
+        let Some(write) = catalogue.write_reached_by(path) else {
+            continue;
+        };
+        let tried = match (entry.class, entry.cache_ttl_ms) {
+            (Some(class @ (Class::Read | Class::Unknown)), _) => {
+                format!("class {:?}", class.as_str())
+            }
+            (_, Some(_)) => "cache_ttl_ms".to_owned(),
+            _ => continue,
+        };
+        return Err(ConfigError::new(
+            format!("routes[{i}]"),
+            format_args!(
+                "path {path:?} is the catalogued write {write}; an entry cannot give it {tried}: \
+                 writes are never cached and never sent twice"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -583,6 +649,88 @@ mod override_tests {
         let routes = Routes::new(&[]);
         assert_eq!(routes.route("/alibaba/order/create").class, Class::Write);
         assert_eq!(routes.route("/alibaba/order/detail").class, Class::Read);
+    }
+
+    #[test]
+    fn no_entry_makes_a_catalogued_write_a_read_in_any_spelling() {
+        let routes = Routes::new(&[
+            RouteConfig {
+                prefix: Some("/alibaba/order/".into()),
+                class: Some(Class::Read),
+                cache_ttl_ms: Some(30_000),
+                max_attempts: Some(3),
+                ..RouteConfig::default()
+            },
+            entry(None, Some("/ALIBABA/"), Class::Read),
+            entry(None, Some("/open/"), Class::Unknown),
+        ]);
+        for path in [
+            "/alibaba/order/create",
+            "/v2/alibaba/order/create",
+            "/alibaba/order/batch/create",
+            "/alibaba/order/cancel",
+            "/alibaba/order/pay/url",
+            "/alibaba/order/create.json",
+            "/alibaba/order/Create",
+            "/ALIBABA/ORDER/CREATE",
+            "/ALIBABA/order/batch/submit/to/pay",
+            "/open/order",
+            "/open/order/refund/cancel/R1.json",
+        ] {
+            let route = routes.route(path);
+            assert_eq!(route.class, Class::Write, "{path}");
+            assert_eq!(route.cache, None, "{path}");
+        }
+        // The entry still governs what it may: reads and new paths.
+        let detail = routes.route("/alibaba/order/detail");
+        assert_eq!(detail.class, Class::Read);
+        assert!(detail.cache.is_some());
+        assert_eq!(routes.route("/alibaba/order/brand-new").class, Class::Read);
+        assert_eq!(routes.route("/open/product/get").class, Class::Unknown);
+    }
+
+    #[test]
+    fn an_exact_entry_trying_to_make_a_write_a_read_is_refused() {
+        let tries = [
+            entry(Some("/alibaba/order/create"), None, Class::Read),
+            entry(Some("/v2/alibaba/order/create"), None, Class::Read),
+            entry(Some("/open/order"), None, Class::Unknown),
+            entry(Some("/Alibaba/Order/Create"), None, Class::Read),
+            entry(Some("/open/order/refund/cancel/R9"), None, Class::Read),
+            RouteConfig {
+                path: Some("/alibaba/order/cancel".into()),
+                cache_ttl_ms: Some(1_000),
+                ..RouteConfig::default()
+            },
+        ];
+        for tried in tries {
+            let list = [entry(None, Some("/x/"), Class::Read), tried.clone()];
+            let e = check_entries(&list).unwrap_err();
+            assert_eq!(e.key, "routes[1]", "{e}");
+            let text = e.to_string();
+            assert!(text.contains(tried.pattern()), "{text}");
+            assert!(!text.contains('\n'), "one line: {text}");
+        }
+        let e = check_entries(&[entry(Some("/v2/alibaba/order/create"), None, Class::Read)])
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("catalogued write /alibaba/order/create"),
+            "{e}"
+        );
+        // What may be said of a write is accepted.
+        for fine in [
+            entry(Some("/alibaba/order/create"), None, Class::Write),
+            entry(Some("/alibaba/order/detail"), None, Class::Read),
+            entry(None, Some("/alibaba/order/"), Class::Read),
+            RouteConfig {
+                path: Some("/alibaba/order/create".into()),
+                rate_limit_per_second: Some(1.0),
+                ..RouteConfig::default()
+            },
+        ] {
+            assert!(check_entries(&[fine]).is_ok());
+        }
     }
 
     #[test]

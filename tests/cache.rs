@@ -231,6 +231,85 @@ async fn writes_are_never_cached_and_purges_drop_entries() {
     assert!(e.key.ends_with("cache_ttl_ms"), "{e}");
 }
 
+/// A prefix entry of reads that also covers order creates, as an operator
+/// might write it: the creates stay writes in every spelling — never
+/// answered from the cache, never retried, their keys honoured.
+#[tokio::test]
+async fn a_prefix_entry_of_reads_never_makes_an_order_create_a_cached_retried_read() {
+    let upstream = upstream_answering(good("prov-order")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(&upstream.uri());
+    c.retry.backoff_base_ms = 1;
+    c.retry.backoff_cap_ms = 1;
+    c.routes = vec![RouteConfig {
+        prefix: Some("/alibaba/order/".into()),
+        class: Some(Class::Read),
+        cache_ttl_ms: Some(30_000),
+        cache_stale_ms: Some(30_000),
+        max_attempts: Some(3),
+        ..RouteConfig::default()
+    }];
+    c.idempotency = Some(pandagate::config::IdempotencyConfig {
+        path: dir.path().to_owned(),
+        ..Default::default()
+    });
+    let gw = spawn_gateway(c).await;
+    let post = |gw: &TestGateway, path: &str, key: Option<&str>| {
+        let mut req = Request::post(gw.url(path)).header("content-type", "application/json");
+        if let Some(key) = key {
+            req = req.header("idempotency-key", key);
+        }
+        req.body(Full::new(bytes::Bytes::from_static(br#"{"offerId":1}"#)))
+            .unwrap()
+    };
+    let mut expected = 0;
+    for path in [
+        "/alibaba/order/create",
+        "/v2/alibaba/order/create",
+        "/alibaba/order/create.json",
+        "/alibaba/order/CREATE",
+    ] {
+        for _ in 0..2 {
+            let a = send(post(&gw, path, None)).await;
+            assert_eq!(a.status, 200, "{path}");
+            assert_eq!(cache_header(&a), None, "{path}: never a cache answer");
+            expected += 1;
+        }
+        assert_eq!(sent(&upstream).await, expected, "{path}: each sent");
+    }
+    let log = gw.access_log_of(8).await;
+    assert!(log.iter().all(|l| l["class"] == "write"), "{log:?}");
+
+    // The key is honoured: the second call is the first one's answer.
+    let first = send(post(&gw, "/alibaba/order/create", Some("order-77"))).await;
+    let again = send(post(&gw, "/alibaba/order/create", Some("order-77"))).await;
+    assert_eq!(first.status, 200);
+    assert_eq!(again.headers["idempotent-replayed"], "true");
+    assert_eq!(sent(&upstream).await, expected + 1);
+    gw.stop().await;
+
+    // A 503 on a create is the answer: never sent a second time.
+    let failing = upstream_answering(ResponseTemplate::new(503)).await;
+    let mut c = config(&failing.uri());
+    c.retry.backoff_base_ms = 1;
+    c.retry.backoff_cap_ms = 1;
+    c.routes = vec![RouteConfig {
+        prefix: Some("/alibaba/".into()),
+        class: Some(Class::Read),
+        max_attempts: Some(3),
+        ..RouteConfig::default()
+    }];
+    let gw = spawn_gateway(c).await;
+    assert_eq!(
+        send(post(&gw, "/alibaba/order/create", None)).await.status,
+        503
+    );
+    assert_eq!(sent(&failing).await, 1);
+    assert_eq!(get(&gw.url("/alibaba/order/detail")).await.status, 503);
+    assert_eq!(sent(&failing).await, 4, "the read is retried");
+    gw.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operators_purge_entries_by_prefix_on_the_admin_listener() {
     let upstream = upstream_answering(good("prov-8")).await;

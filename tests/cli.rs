@@ -40,7 +40,7 @@ const CREDS: Env<'static> = &[
 #[test]
 fn invalid_config_exits_64_with_one_line_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
-    let cases: [(&str, &str, Env); 7] = [
+    let cases: [(&str, &str, Env); 10] = [
         (
             "[server]\nlisten_adress = \"127.0.0.1:1\"\n",
             "listen_adress",
@@ -68,6 +68,23 @@ fn invalid_config_exits_64_with_one_line_naming_the_key() {
             CREDS,
         ),
         ("[log]\nqueue_lines = 0\n", "log.queue_lines", CREDS),
+        // An exact entry may not make a catalogued write a read, in any
+        // spelling of it, nor cache it.
+        (
+            "[[routes]]\npath = \"/v2/alibaba/order/create\"\nclass = \"read\"\n",
+            "routes[0]: path \"/v2/alibaba/order/create\" is the catalogued write /alibaba/order/create",
+            CREDS,
+        ),
+        (
+            "[[routes]]\nprefix = \"/open/\"\nclass = \"read\"\n[[routes]]\npath = \"/open/Order\"\nclass = \"unknown\"\n",
+            "routes[1]: path \"/open/Order\" is the catalogued write /open/order",
+            CREDS,
+        ),
+        (
+            "[[routes]]\npath = \"/alibaba/order/cancel\"\ncache_ttl_ms = 1000\n",
+            "routes[0]: path \"/alibaba/order/cancel\" is the catalogued write",
+            CREDS,
+        ),
     ];
     for (i, (toml, key, env)) in cases.iter().enumerate() {
         let path = dir.path().join(format!("case{i}.toml"));
