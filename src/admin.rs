@@ -122,10 +122,21 @@ impl Admin {
                 };
                 let cache = (self.gateway)().cache().clone();
                 let purged = cache.purge_everywhere(&prefix).await;
-                let mut r = text(
-                    StatusCode::OK,
-                    format!("{}\n", serde_json::json!({ "purged": purged })),
-                );
+                let redis = purged.shared.map(|s| s.removed);
+                let body = serde_json::json!({
+                    "purged": purged.here + redis.unwrap_or(0),
+                    "memory": purged.here,
+                    "redis": redis,
+                    "complete": purged.complete(),
+                });
+                // Not finished: some of the prefix's entries may remain in
+                // Redis, and purging again goes on.
+                let status = if purged.complete() {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
+                let mut r = text(status, format!("{body}\n"));
                 r.headers_mut().insert(
                     header::CONTENT_TYPE,
                     header::HeaderValue::from_static("application/json"),

@@ -1,23 +1,30 @@
 //! The read cache: good answers of `read` routes that set `cache_ttl_ms`,
 //! kept in this process, so that the quota is spent once per answer.
 //!
-//! * **Key**: profile, `user-id`, method, path, query (parameters sorted
-//!   when the route says so) and the body's SHA-256. Nothing else the
-//!   caller sends is in it, so no header can make one caller's answer
-//!   another's.
-//! * **Only good answers**: HTTP 200 whose envelope `code` is 200, at most
-//!   `cache.max_entry_bytes`.
+//! * **Key**: the provider account (the AccessKey's hash), the `user-id`
+//!   sent, method, path, query (parameters sorted by name when the route
+//!   says so), the body's SHA-256 and every caller header a cached route
+//!   forwards (`cache.forward_headers`; no other caller header reaches the
+//!   provider on a cached route). So no header can make one caller's answer
+//!   another's, and a changed AccessKey never reaches old entries.
+//! * **Only good, shareable answers**: HTTP 200 whose envelope `code` is
+//!   200, at most `cache.max_entry_bytes`; never one that sets a cookie,
+//!   says `Cache-Control: private`, `no-store` or `no-cache`, or varies on
+//!   `*` or on a header outside the key.
 //! * **Coalescing**: while one call asks the provider for a key, the same
 //!   key's other calls wait for its answer (at most
-//!   `cache.coalesce_wait_ms`) instead of asking too.
+//!   `cache.coalesce_wait_ms`) instead of asking too. The asking call runs
+//!   to its end even when its caller leaves, so the waiters still get it.
 //! * **Stale if error**: an entry past its TTL but within `cache_stale_ms`
 //!   answers a call the provider could not.
 //!
 //! The entries live in a `moka` cache bounded by bytes (TinyLFU admission,
-//! LRU eviction). With `backend = "redis"` they are also written to Redis
-//! (expiring at TTL + stale window), and a call that finds nothing in memory
-//! looks there, so replicas share answers; Redis away or slow is a miss,
-//! never an error.
+//! LRU eviction). An entry owns its bytes (never a slice of a connection's
+//! read buffer, which it would keep alive) and is weighed with what holding
+//! it costs, so `cache.max_bytes` bounds the memory it takes. With
+//! `backend = "redis"` entries are also written to Redis (expiring at TTL +
+//! stale window), and a call that finds nothing in memory looks there, so
+//! replicas share answers; Redis away or slow is a miss, never an error.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,7 +32,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Response, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
@@ -65,16 +72,36 @@ impl CacheResult {
     }
 }
 
-/// A kept answer.
+/// A kept answer. Everything in it is its own allocation.
 #[derive(Debug)]
 pub struct Entry {
     /// The path it answers, for purges by prefix.
-    path: String,
-    headers: HeaderMap,
+    path: Box<str>,
+    headers: Box<[(HeaderName, HeaderValue)]>,
     body: Bytes,
     stored: Instant,
     /// When it was stored, by the wall clock: what replicas share.
     stored_unix_ms: u64,
+}
+
+/// What holding one entry costs beyond its bytes: the `Arc`ed entry, the
+/// map's node, its key and its place in the eviction lists.
+const ENTRY_OVERHEAD: usize = 512;
+/// What a header costs beyond its name and value: the pair itself and the
+/// value's allocation.
+const HEADER_OVERHEAD: usize = 96;
+
+impl Entry {
+    /// The memory holding this entry takes, as the cache bounds it.
+    fn weight(&self) -> u32 {
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len() + HEADER_OVERHEAD)
+            .sum();
+        let bytes = self.body.len() + self.path.len() + headers + ENTRY_OVERHEAD;
+        u32::try_from(bytes).unwrap_or(u32::MAX)
+    }
 }
 
 /// An entry as Redis holds it.
@@ -90,7 +117,7 @@ impl Entry {
     fn to_wire(&self) -> Vec<u8> {
         let wire = Wire {
             stored_unix_ms: self.stored_unix_ms,
-            path: self.path.clone(),
+            path: self.path.to_string(),
             headers: self
                 .headers
                 .iter()
@@ -104,16 +131,19 @@ impl Entry {
     /// An entry read from Redis, its age carried over by the wall clock.
     fn from_wire(bytes: &[u8], now: Instant) -> Option<Entry> {
         let wire: Wire = postcard::from_bytes(bytes).ok()?;
-        let mut headers = HeaderMap::new();
-        for (name, value) in wire.headers {
-            headers.append(
-                http::HeaderName::from_bytes(name.as_bytes()).ok()?,
-                HeaderValue::from_bytes(&value).ok()?,
-            );
-        }
+        let headers = wire
+            .headers
+            .into_iter()
+            .map(|(name, value)| {
+                Some((
+                    HeaderName::from_bytes(name.as_bytes()).ok()?,
+                    HeaderValue::from_bytes(&value).ok()?,
+                ))
+            })
+            .collect::<Option<Box<[_]>>>()?;
         let age = Duration::from_millis(unix_ms().saturating_sub(wire.stored_unix_ms));
         Some(Entry {
-            path: wire.path,
+            path: wire.path.into(),
             headers,
             body: Bytes::from(wire.body),
             stored: now.checked_sub(age).unwrap_or(now),
@@ -134,6 +164,7 @@ struct Shared {
     conn: redis::aio::ConnectionManager,
     prefix: String,
     timeout: Duration,
+    purge_timeout: Duration,
 }
 
 impl Shared {
@@ -157,6 +188,7 @@ impl Shared {
             conn,
             prefix: config.redis_key_prefix.clone(),
             timeout,
+            purge_timeout: Duration::from_millis(config.purge_timeout_ms),
         })
     }
 
@@ -198,8 +230,10 @@ impl Shared {
         });
     }
 
-    /// Deletes the keys of paths starting with `prefix`; how many.
-    async fn purge(&self, prefix: &str) -> usize {
+    /// Deletes the keys of paths starting with `prefix`, scanning the
+    /// whole key space unless Redis fails or `deadline` passes first.
+    async fn purge(&self, prefix: &str) -> SharedPurge {
+        let deadline = tokio::time::Instant::now() + self.purge_timeout;
         // Glob characters in the path are escaped: a prefix is literal.
         let mut pattern = format!("{}:cache:", self.prefix);
         for c in prefix.chars() {
@@ -212,32 +246,43 @@ impl Shared {
         let mut conn = self.conn.clone();
         let mut cursor: u64 = 0;
         let mut removed = 0;
-        // Bounded: at most 1000 rounds of SCAN.
-        for _ in 0..1000 {
+        loop {
             let mut cmd = redis::cmd("SCAN");
             cmd.arg(cursor)
                 .arg("MATCH")
                 .arg(&pattern)
                 .arg("COUNT")
-                .arg(500);
+                .arg(1000);
             let scan = cmd.query_async::<(u64, Vec<String>)>(&mut conn);
-            let Ok(Ok((next, keys))) = tokio::time::timeout(self.timeout * 10, scan).await else {
+            let Ok(Ok((next, keys))) = tokio::time::timeout_at(deadline, scan).await else {
                 break;
             };
             if !keys.is_empty() {
                 let mut cmd = redis::cmd("DEL");
                 cmd.arg(&keys);
                 let del = cmd.query_async::<usize>(&mut conn);
-                if let Ok(Ok(n)) = tokio::time::timeout(self.timeout * 10, del).await {
-                    removed += n;
+                match tokio::time::timeout_at(deadline, del).await {
+                    Ok(Ok(n)) => removed += n,
+                    _ => break,
                 }
             }
             cursor = next;
             if cursor == 0 {
-                break;
+                return SharedPurge {
+                    removed,
+                    complete: true,
+                };
             }
         }
-        removed
+        tracing::warn!(
+            prefix,
+            removed,
+            "read cache: purge in Redis not finished; purge again to go on"
+        );
+        SharedPurge {
+            removed,
+            complete: false,
+        }
     }
 }
 
@@ -246,7 +291,11 @@ impl Entry {
     /// `x-pandagate-cache`.
     pub fn answer(&self, how: CacheResult, now: Instant) -> Response<Bytes> {
         let mut response = Response::new(self.body.clone());
-        *response.headers_mut() = self.headers.clone();
+        let headers = response.headers_mut();
+        headers.reserve(self.headers.len() + 2);
+        for (name, value) in &self.headers {
+            headers.append(name.clone(), value.clone());
+        }
         let age = now.saturating_duration_since(self.stored).as_secs();
         response
             .headers_mut()
@@ -361,14 +410,7 @@ impl ReadCache {
     pub fn new(config: &CacheConfig) -> ReadCache {
         let entries = moka::sync::Cache::builder()
             .max_capacity(config.max_bytes)
-            .weigher(|_, e: &Arc<Entry>| {
-                let headers: usize = e
-                    .headers
-                    .iter()
-                    .map(|(n, v)| n.as_str().len() + v.len())
-                    .sum();
-                u32::try_from(e.body.len() + headers + e.path.len() + 64).unwrap_or(u32::MAX)
-            })
+            .weigher(|_, e: &Arc<Entry>| e.weight())
             .build();
         ReadCache {
             entries,
@@ -459,16 +501,23 @@ impl ReadCache {
     }
 
     /// An entry for a provider answer, if it is one to keep: 200, envelope
-    /// `code` 200, at most `max_entry_bytes`.
+    /// `code` 200, at most `max_entry_bytes`, and [`shareable`]. `sent` is
+    /// the request as it went upstream, `keyed` the headers in its key.
+    /// The entry owns copies of the bytes: `body` and `headers` may be
+    /// slices of a connection's read buffer, which they would keep alive.
     pub fn keepable(
         &self,
         path: &str,
         status: StatusCode,
         headers: &HeaderMap,
         body: &Bytes,
+        sent: (&HeaderMap, &[HeaderName]),
         now: Instant,
     ) -> Option<Arc<Entry>> {
         if status != StatusCode::OK || body.len() > self.max_entry {
+            return None;
+        }
+        if !shareable(headers, sent.0, sent.1) {
             return None;
         }
         let code = crate::envelope::inspect(body).code?;
@@ -476,32 +525,40 @@ impl ReadCache {
         if !good {
             return None;
         }
-        let mut kept = headers.clone();
-        for name in [
+        let dropped = [
             http::header::AGE,
             X_PANDAGATE_CACHE,
             crate::headers::X_REQUEST_ID,
             http::header::CONTENT_LENGTH,
-        ] {
-            kept.remove(name);
-        }
+        ];
+        let kept = headers
+            .iter()
+            .filter(|(name, _)| !dropped.contains(name))
+            .map(|(name, value)| {
+                Some((
+                    HeaderName::from_bytes(name.as_str().as_bytes()).ok()?,
+                    HeaderValue::from_bytes(value.as_bytes()).ok()?,
+                ))
+            })
+            .collect::<Option<Box<[_]>>>()?;
         Some(Arc::new(Entry {
-            path: path.to_owned(),
+            path: path.into(),
             headers: kept,
-            body: body.clone(),
+            body: Bytes::copy_from_slice(body),
             stored: now,
             stored_unix_ms: unix_ms(),
         }))
     }
 
     /// Removes every entry whose path starts with `prefix`, here and in
-    /// Redis; how many (the larger of the two counts).
-    pub async fn purge_everywhere(&self, prefix: &str) -> usize {
+    /// Redis, and says what it did.
+    pub async fn purge_everywhere(&self, prefix: &str) -> Purged {
         let here = self.purge(prefix);
-        match &self.shared {
-            Some(shared) => here.max(shared.purge(prefix).await),
-            None => here,
-        }
+        let shared = match &self.shared {
+            Some(shared) => Some(shared.purge(prefix).await),
+            None => None,
+        };
+        Purged { here, shared }
     }
 
     /// Removes every entry of this process whose path starts with `prefix`;
@@ -521,40 +578,130 @@ impl ReadCache {
     }
 }
 
-/// The cache key of a call.
-pub fn key(
-    profile: &str,
-    user_id: Option<&[u8]>,
-    method: &http::Method,
-    path: &str,
-    query: Option<&str>,
-    sort_query: bool,
-    body: &[u8],
-) -> [u8; 32] {
-    let mut k = Sha256::new();
-    let mut part = |bytes: &[u8]| {
-        k.update((bytes.len() as u64).to_be_bytes());
-        k.update(bytes);
-    };
-    part(b"pandagate read cache v1");
-    part(profile.as_bytes());
-    match user_id {
-        None => part(b"\x00none"),
-        Some(u) => part(u),
+/// What a purge did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Purged {
+    /// Entries removed from this process's memory.
+    pub here: usize,
+    /// In Redis, with the Redis backend.
+    pub shared: Option<SharedPurge>,
+}
+
+/// What a purge did in Redis.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SharedPurge {
+    /// Keys deleted.
+    pub removed: usize,
+    /// Every key was looked at: none of the prefix's entries remain. When
+    /// false (Redis failed, or `cache.purge_timeout_ms` passed), some may:
+    /// purging again goes on.
+    pub complete: bool,
+}
+
+impl Purged {
+    /// Whether nothing of the prefix is left anywhere this process knows.
+    pub fn complete(&self) -> bool {
+        self.shared.is_none_or(|s| s.complete)
     }
-    part(method.as_str().as_bytes());
-    part(path.as_bytes());
-    match query {
-        None => part(b"\x00none"),
-        Some(q) if sort_query => {
-            let mut pairs: Vec<&str> = q.split('&').filter(|p| !p.is_empty()).collect();
-            pairs.sort_unstable();
-            part(pairs.join("&").as_bytes());
+}
+
+/// What a cached call is keyed by.
+#[derive(Debug)]
+pub struct KeyOf<'a> {
+    /// The provider account the call is sent as (`Profile::account`).
+    pub account: &'a [u8; 32],
+    pub method: &'a http::Method,
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    /// Sort the query's parameters by name (repeated names keep their
+    /// order, which can matter to the provider).
+    pub sort_query: bool,
+    pub body: &'a [u8],
+    /// The headers sent upstream: `user-id` and the `keyed` ones are part
+    /// of the key.
+    pub headers: &'a HeaderMap,
+    pub keyed: &'a [HeaderName],
+}
+
+impl KeyOf<'_> {
+    /// The key: each part length-prefixed, so no two calls share one.
+    pub fn key(&self) -> [u8; 32] {
+        let mut k = Sha256::new();
+        let mut part = |bytes: &[u8]| {
+            k.update((bytes.len() as u64).to_be_bytes());
+            k.update(bytes);
+        };
+        part(b"pandagate read cache v2");
+        part(self.account);
+        let mut header = |name: &HeaderName| {
+            let mut values = self.headers.get_all(name).iter().peekable();
+            if values.peek().is_none() {
+                part(b"\x00none");
+            }
+            for value in values {
+                part(value.as_bytes());
+            }
+            part(b"\x00end");
+        };
+        header(&crate::headers::USER_ID);
+        for name in self.keyed {
+            header(name);
         }
-        Some(q) => part(q.as_bytes()),
+        part(self.method.as_str().as_bytes());
+        part(self.path.as_bytes());
+        match self.query {
+            None => part(b"\x00none"),
+            Some(q) if self.sort_query => {
+                let mut pairs: Vec<&str> = q.split('&').filter(|p| !p.is_empty()).collect();
+                // Stable: `id=2&id=1` stays apart from `id=1&id=2`.
+                pairs.sort_by_key(|p| p.split_once('=').map_or(*p, |(name, _)| name));
+                part(pairs.join("&").as_bytes());
+            }
+            Some(q) => part(q.as_bytes()),
+        }
+        part(&Sha256::digest(self.body));
+        k.finalize().into()
     }
-    part(&Sha256::digest(body));
-    k.finalize().into()
+}
+
+/// Whether an answer may be given to every caller of its key: it sets no
+/// cookie, its `Cache-Control` does not say `private`, `no-store` or
+/// `no-cache`, and its `Vary` names no header that went upstream (in
+/// `sent`) outside the key (`keyed`, `user-id`, the AccessKey), nor `*`.
+pub fn shareable(answer: &HeaderMap, sent: &HeaderMap, keyed: &[HeaderName]) -> bool {
+    use crate::headers::{ACCESS_KEY, NONCE_STR, SIGNATURE, TIMESTAMP, USER_ID};
+    if answer.contains_key(http::header::SET_COOKIE) {
+        return false;
+    }
+    let tokens = |name| {
+        answer
+            .get_all(name)
+            .iter()
+            .flat_map(|v| v.to_str().unwrap_or("*").split(','))
+            .map(|t| t.trim().to_ascii_lowercase())
+            .filter(|t| !t.is_empty())
+            .collect::<Vec<_>>()
+    };
+    let private = tokens(http::header::CACHE_CONTROL).iter().any(|d| {
+        let name = d.split('=').next().unwrap_or_default().trim();
+        matches!(name, "private" | "no-store" | "no-cache")
+    });
+    if private {
+        return false;
+    }
+    tokens(http::header::VARY).iter().all(|name| {
+        if name == "*" {
+            return false;
+        }
+        let Ok(name) = HeaderName::from_bytes(name.as_bytes()) else {
+            // `*`, or not a name: it varies on what cannot be keyed.
+            return false;
+        };
+        let in_key = keyed.contains(&name) || name == USER_ID || name == ACCESS_KEY;
+        // Each attempt's own signature headers vary with every call.
+        let per_attempt = [TIMESTAMP, NONCE_STR, SIGNATURE].contains(&name);
+        in_key || !(sent.contains_key(&name) || per_attempt)
+    })
 }
 
 /// What the caller's `Cache-Control` asks of the cache.
@@ -599,34 +746,98 @@ mod tests {
         Bytes::from_static(br#"{"requestId":"r","code":200,"msg":"ok","data":{}}"#)
     }
 
-    #[test]
-    fn keys_part_profiles_users_targets_and_bodies() {
-        let get = http::Method::GET;
-        let base = key("p", Some(b"1"), &get, "/a", Some("x=1&y=2"), false, b"");
-        for other in [
-            key("q", Some(b"1"), &get, "/a", Some("x=1&y=2"), false, b""),
-            key("p", Some(b"2"), &get, "/a", Some("x=1&y=2"), false, b""),
-            key("p", None, &get, "/a", Some("x=1&y=2"), false, b""),
-            key(
-                "p",
-                Some(b"1"),
-                &http::Method::POST,
-                "/a",
-                Some("x=1&y=2"),
-                false,
-                b"",
-            ),
-            key("p", Some(b"1"), &get, "/b", Some("x=1&y=2"), false, b""),
-            key("p", Some(b"1"), &get, "/a", Some("y=2&x=1"), false, b""),
-            key("p", Some(b"1"), &get, "/a", None, false, b""),
-            key("p", Some(b"1"), &get, "/a", Some("x=1&y=2"), false, b"{}"),
-        ] {
-            assert_ne!(base, other);
+    const KEYED: [HeaderName; 2] = [http::header::ACCEPT_LANGUAGE, http::header::CONTENT_TYPE];
+
+    fn sent(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (name, value) in pairs {
+            h.append(*name, HeaderValue::from_static(value));
         }
-        assert_eq!(
-            key("p", Some(b"1"), &get, "/a", Some("y=2&x=1"), true, b""),
-            key("p", Some(b"1"), &get, "/a", Some("x=1&y=2"), true, b""),
-        );
+        h
+    }
+
+    /// A plain call's key parts, sent with `headers`.
+    fn plain(headers: &HeaderMap) -> KeyOf<'_> {
+        KeyOf {
+            account: &[1; 32],
+            method: &http::Method::GET,
+            path: "/a",
+            query: Some("x=1&y=2"),
+            sort_query: false,
+            body: b"",
+            headers,
+            keyed: &KEYED,
+        }
+    }
+
+    #[test]
+    fn keys_part_accounts_users_targets_bodies_and_forwarded_headers() {
+        let usual = sent(&[("user-id", "1"), ("accept-language", "en")]);
+        let base = plain(&usual).key();
+        let user = sent(&[("user-id", "2"), ("accept-language", "en")]);
+        let no_user = sent(&[("accept-language", "en")]);
+        let language = sent(&[("user-id", "1"), ("accept-language", "xx-EVIL")]);
+        let typed = sent(&[
+            ("user-id", "1"),
+            ("accept-language", "en"),
+            ("content-type", "text/plain"),
+        ]);
+        let others = [
+            KeyOf {
+                account: &[2; 32],
+                ..plain(&usual)
+            },
+            plain(&user),
+            plain(&no_user),
+            plain(&language),
+            plain(&typed),
+            KeyOf {
+                method: &http::Method::POST,
+                ..plain(&usual)
+            },
+            KeyOf {
+                path: "/b",
+                ..plain(&usual)
+            },
+            KeyOf {
+                query: Some("y=2&x=1"),
+                ..plain(&usual)
+            },
+            KeyOf {
+                query: None,
+                ..plain(&usual)
+            },
+            KeyOf {
+                body: b"{}",
+                ..plain(&usual)
+            },
+        ];
+        for (i, other) in others.iter().enumerate() {
+            assert_ne!(base, other.key(), "case {i}");
+        }
+        // A header outside the key changes nothing (it is not forwarded).
+        let cookie = sent(&[
+            ("user-id", "1"),
+            ("accept-language", "en"),
+            ("cookie", "sid=attacker"),
+        ]);
+        assert_eq!(plain(&cookie).key(), base);
+    }
+
+    #[test]
+    fn a_sorted_query_keeps_the_order_of_repeated_names() {
+        let usual = sent(&[("user-id", "1")]);
+        let sorted = |q: &'static str| {
+            KeyOf {
+                query: Some(q),
+                sort_query: true,
+                ..plain(&usual)
+            }
+            .key()
+        };
+        assert_eq!(sorted("y=2&x=1"), sorted("x=1&y=2"));
+        assert_eq!(sorted("b=1&id=2&a=3&id=1"), sorted("a=3&id=2&b=1&id=1"));
+        assert_ne!(sorted("itemId=2&itemId=1"), sorted("itemId=1&itemId=2"));
     }
 
     #[test]
@@ -637,27 +848,91 @@ mod tests {
         });
         let now = Instant::now();
         let h = HeaderMap::new();
-        assert!(c.keepable("/a", StatusCode::OK, &h, &good(), now).is_some());
+        let keep = |status, headers: &HeaderMap, body: &Bytes| {
+            c.keepable("/a", status, headers, body, (&HeaderMap::new(), &[]), now)
+        };
+        assert!(keep(StatusCode::OK, &h, &good()).is_some());
         let busy = Bytes::from_static(br#"{"code":500,"msg":"busy"}"#);
-        assert!(c.keepable("/a", StatusCode::OK, &h, &busy, now).is_none());
+        assert!(keep(StatusCode::OK, &h, &busy).is_none());
         let text = Bytes::from_static(br#"{"code":"200"}"#);
-        assert!(c.keepable("/a", StatusCode::OK, &h, &text, now).is_some());
-        assert!(
-            c.keepable("/a", StatusCode::CREATED, &h, &good(), now)
-                .is_none()
-        );
-        assert!(
-            c.keepable(
+        assert!(keep(StatusCode::OK, &h, &text).is_some());
+        assert!(keep(StatusCode::CREATED, &h, &good()).is_none());
+        assert!(keep(StatusCode::OK, &h, &Bytes::from_static(b"not json")).is_none());
+        let big = Bytes::from(format!(r#"{{"code":200,"data":"{}"}}"#, "x".repeat(200)));
+        assert!(keep(StatusCode::OK, &h, &big).is_none());
+    }
+
+    #[test]
+    fn only_answers_meant_for_everyone_are_shared() {
+        let keyed = [http::header::ACCEPT_LANGUAGE];
+        let mut sent = HeaderMap::new();
+        sent.insert("accept-language", HeaderValue::from_static("en"));
+        sent.insert("traceparent", HeaderValue::from_static("00-1-2-01"));
+        sent.insert("user-id", HeaderValue::from_static("1"));
+        let with = |name: &'static str, value: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert("content-type", HeaderValue::from_static("application/json"));
+            h.append(name, HeaderValue::from_static(value));
+            shareable(&h, &sent, &keyed)
+        };
+        for (name, value) in [
+            ("set-cookie", "sid=1"),
+            ("cache-control", "private"),
+            ("cache-control", "max-age=60, Private=\"x\""),
+            ("cache-control", "no-store"),
+            ("cache-control", "no-cache"),
+            ("vary", "*"),
+            ("vary", "Accept-Language, *"),
+            ("vary", "traceparent"),
+            ("vary", "timestamp"),
+            ("vary", "signature"),
+        ] {
+            assert!(!with(name, value), "{name}: {value}");
+        }
+        for (name, value) in [
+            ("cache-control", "max-age=60, public"),
+            ("vary", "Accept-Language"),
+            ("vary", "user-id, access-key"),
+            // Never sent on a cached route: the answer is everyone's.
+            ("vary", "Cookie, Origin"),
+            ("x-other", "1"),
+        ] {
+            assert!(with(name, value), "{name}: {value}");
+        }
+    }
+
+    #[test]
+    fn an_entry_owns_its_bytes_and_weighs_what_it_holds() {
+        let c = ReadCache::new(&CacheConfig::default());
+        // A 64 KiB read buffer of which the answer is a small slice.
+        let buffer = Bytes::from([good().as_ref(), vec![b' '; 64 * 1024].as_slice()].concat());
+        let body = buffer.slice(..good().len());
+        let mut h = HeaderMap::new();
+        let value = buffer.slice(..8);
+        h.insert("x-slice", HeaderValue::from_maybe_shared(value).unwrap());
+        let e = c
+            .keepable(
                 "/a",
                 StatusCode::OK,
                 &h,
-                &Bytes::from_static(b"not json"),
-                now
+                &body,
+                (&HeaderMap::new(), &[]),
+                Instant::now(),
             )
-            .is_none()
+            .unwrap();
+        assert_ne!(e.body.as_ptr(), body.as_ptr(), "a copy of the body");
+        assert_eq!(e.body, body);
+        let (_, kept) = &e.headers[0];
+        assert!(
+            !std::ptr::eq(kept.as_bytes().as_ptr(), buffer.as_ptr()),
+            "a copy of the header"
         );
-        let big = Bytes::from(format!(r#"{{"code":200,"data":"{}"}}"#, "x".repeat(200)));
-        assert!(c.keepable("/a", StatusCode::OK, &h, &big, now).is_none());
+        let weight = e.weight() as usize;
+        assert!(
+            weight >= body.len() + ENTRY_OVERHEAD + HEADER_OVERHEAD,
+            "{weight}"
+        );
+        assert!(weight < 2 * ENTRY_OVERHEAD + body.len() + 64, "{weight}");
     }
 
     #[test]
@@ -665,7 +940,14 @@ mod tests {
         let c = ReadCache::new(&CacheConfig::default());
         let t0 = Instant::now();
         let entry = c
-            .keepable("/a", StatusCode::OK, &HeaderMap::new(), &good(), t0)
+            .keepable(
+                "/a",
+                StatusCode::OK,
+                &HeaderMap::new(),
+                &good(),
+                (&HeaderMap::new(), &[]),
+                t0,
+            )
             .unwrap();
         let Role::Leader(leader) = c.lead_or_follow([1; 32]) else {
             panic!("first caller leads")
@@ -728,7 +1010,14 @@ mod tests {
             .enumerate()
         {
             let e = c
-                .keepable(path, StatusCode::OK, &HeaderMap::new(), &good(), now)
+                .keepable(
+                    path,
+                    StatusCode::OK,
+                    &HeaderMap::new(),
+                    &good(),
+                    (&HeaderMap::new(), &[]),
+                    now,
+                )
                 .unwrap();
             let Role::Leader(l) = c.lead_or_follow([i as u8; 32]) else {
                 panic!()

@@ -65,6 +65,36 @@ fn gateway_owned(name: &HeaderName) -> bool {
         || reads_as_owned(name)
 }
 
+/// Whether a caller's `name` is never sent upstream, whatever the route:
+/// a hop-by-hop header or one the gateway owns.
+pub fn never_forwarded(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name) || gateway_owned(name)
+}
+
+/// W3C trace context: passed on where other caller headers are not, as it
+/// says nothing about what is asked.
+pub const TRACE_CONTEXT: [HeaderName; 2] = [
+    HeaderName::from_static("traceparent"),
+    HeaderName::from_static("tracestate"),
+];
+
+/// Keeps only the `allowed` headers, trace context and the body's length
+/// (the body is the call's own): what a cached route sends upstream.
+pub fn keep_only(headers: &mut HeaderMap, allowed: &[HeaderName]) {
+    let dropped: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| {
+            !(allowed.contains(name)
+                || TRACE_CONTEXT.contains(name)
+                || *name == header::CONTENT_LENGTH)
+        })
+        .cloned()
+        .collect();
+    for name in dropped {
+        headers.remove(name);
+    }
+}
+
 /// The headers a `Connection` header names: hop-by-hop too.
 fn connection_named(headers: &HeaderMap) -> Vec<HeaderName> {
     headers

@@ -28,6 +28,21 @@ pub struct Profile {
     /// Index of this profile's AccessKey among the distinct keys: profiles
     /// sharing a key share its quota.
     pub quota_key: usize,
+    /// The provider account this profile signs as: a SHA-256 of its
+    /// AccessKey. Shared state (idempotency keys, cached answers) is scoped
+    /// by it, so deployments sharing a store never see each other's
+    /// entries, and a changed AccessKey never reaches the old ones; the
+    /// AccessKey itself is never written to a store.
+    pub account: [u8; 32],
+}
+
+/// The account id of an AccessKey (see [`Profile::account`]).
+pub fn account_of(access_key: &[u8]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"pandagate account v1\0");
+    h.update(access_key);
+    h.finalize().into()
 }
 
 impl Profile {
@@ -81,6 +96,7 @@ impl Profile {
             .transpose()?;
         Ok(Profile {
             name: Arc::from(p.name.as_str()),
+            account: account_of(access_key.as_bytes()),
             access_key,
             secret: SecretCell::new(secret_source.read(env, &format!("{key}.secret"))?),
             secret_source,
@@ -196,6 +212,7 @@ mod tests {
             }),
             selectable,
             quota_key: 0,
+            account: account_of(b"ak"),
         }
     }
 

@@ -91,6 +91,8 @@ pub struct Gateway {
     /// Good answers of cached read routes; made once per process and handed
     /// from one config to the next.
     cache: Arc<ReadCache>,
+    /// The caller headers a cached route forwards, each in the key.
+    cache_forward: Vec<http::HeaderName>,
 }
 
 /// One upstream attempt's result: the answer the caller would get.
@@ -109,6 +111,8 @@ pub(crate) struct Prepared<'a> {
     pub headers: HeaderMap,
     /// The caller's idempotency key, on a write or unknown call.
     pub key: Option<Key>,
+    /// On a cached route, what the caller's `Cache-Control` asks.
+    pub wish: CallerWish,
 }
 
 impl Gateway {
@@ -168,6 +172,13 @@ impl Gateway {
             idempotency: None,
             traces: None,
             cache: Arc::new(ReadCache::open(&c.cache, loaded.cache_redis_url.as_ref())?),
+            cache_forward: c
+                .cache
+                .forward_headers
+                .iter()
+                .map(|name| http::HeaderName::from_bytes(name.as_bytes()))
+                .collect::<Result<_, _>>()
+                .map_err(|_| ConfigError::new("cache.forward_headers", "not a header name"))?,
         })
     }
 
@@ -234,16 +245,21 @@ impl Gateway {
     /// Answers one call. Never fails: errors become envelopes. The call's
     /// log line is its [`CallLog`]'s to write, whatever happens.
     ///
-    /// A call with an idempotency key runs as a task of its own, to its
-    /// end even when its caller leaves: its outcome is what the caller's
-    /// retry with the same key will be answered with.
+    /// Two kinds of call run as a task of their own, to their end even
+    /// when their caller leaves: one with an idempotency key (its outcome
+    /// is what the caller's retry with the same key will be answered with)
+    /// and one on a cached route (other calls may be waiting for its
+    /// answer, which it keeps).
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ResponseBody> {
-        let running = match &self.idempotency {
-            Some(idempotency) if req.headers().contains_key(IDEMPOTENCY_KEY) => {
-                idempotency.running()
-            }
-            _ => return self.answer(req).await,
-        };
+        let keyed = self
+            .idempotency
+            .as_ref()
+            .filter(|_| req.headers().contains_key(IDEMPOTENCY_KEY));
+        let cached = self.routes.caches() && self.routes.route(req.uri().path()).cache.is_some();
+        if keyed.is_none() && !cached {
+            return self.answer(req).await;
+        }
+        let running = keyed.map(|idempotency| idempotency.running());
         let call = async move {
             let response = self.answer(req).await;
             drop(running);
@@ -348,7 +364,7 @@ impl Gateway {
         record: &mut AccessRecord,
     ) -> Answer {
         let cache = &self.cache;
-        let wish = cache::caller_wish(&call.headers);
+        let wish = call.wish;
         let UpstreamBody::Full(bytes) = &body else {
             record.cache = Some(CacheResult::Bypass.as_str());
             return self.attempts(call, body, record, &mut false).await;
@@ -357,17 +373,17 @@ impl Gateway {
             record.cache = Some(CacheResult::Bypass.as_str());
             return self.attempts(call, body, record, &mut false).await;
         }
-        let key = cache::key(
-            &call.profile.name,
-            call.headers
-                .get(headers::USER_ID)
-                .map(HeaderValue::as_bytes),
-            &call.method,
-            call.uri.path(),
-            call.uri.query(),
-            rule.sort_query,
-            bytes.as_deref().unwrap_or_default(),
-        );
+        let key = cache::KeyOf {
+            account: &call.profile.account,
+            method: &call.method,
+            path: call.uri.path(),
+            query: call.uri.query(),
+            sort_query: rule.sort_query,
+            body: bytes.as_deref().unwrap_or_default(),
+            headers: &call.headers,
+            keyed: &self.cache_forward,
+        }
+        .key();
         let found = cache.look_shared(call.uri.path(), &key, rule).await;
         if wish == CallerWish::Any
             && let Some(entry) = &found.fresh
@@ -411,6 +427,7 @@ impl Gateway {
                             parts.status,
                             &parts.headers,
                             &whole,
+                            (&call.headers, &self.cache_forward),
                             std::time::Instant::now(),
                         );
                         if let Some(leader) = leader {
@@ -713,20 +730,27 @@ impl Gateway {
         record.class = Some(route.class);
         let key = match &self.idempotency {
             None => None,
-            Some(idempotency) => idempotency.key_of(
-                &parts.headers,
-                route.class,
-                record.client.as_deref(),
-                &profile.name,
-                &mut record.idempotency,
-            )?,
+            Some(idempotency) => {
+                let owner = idempotency::Owner {
+                    account: &profile.account,
+                    user_id: user_id.as_ref().map(HeaderValue::as_bytes),
+                    client: record.client.as_deref(),
+                };
+                idempotency.key_of(&parts.headers, route.class, owner, &mut record.idempotency)?
+            }
         };
 
         let declared = content_length(&parts.headers)?;
         let uri = self.upstream.uri_for(&parts.uri)?;
 
-        // Upstream request: the caller's message with the gateway's headers.
+        // Upstream request: the caller's message with the gateway's headers;
+        // on a cached route only the headers in the key, so no caller can
+        // shape the answer another one gets.
+        let wish = cache::caller_wish(&parts.headers);
         let mut headers = headers::for_upstream(parts.headers);
+        if route.cache.is_some() {
+            headers::keep_only(&mut headers, &self.cache_forward);
+        }
         if self.idempotency.is_some() {
             // The gateway keeps the promise; the provider never sees the key.
             headers.remove(IDEMPOTENCY_KEY);
@@ -744,6 +768,7 @@ impl Gateway {
             uri,
             headers,
             key,
+            wish,
         })
     }
 

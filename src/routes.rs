@@ -341,6 +341,11 @@ impl Routes {
         }
     }
 
+    /// Whether any entry caches answers.
+    pub fn caches(&self) -> bool {
+        self.overrides.iter().any(|(r, _)| r.cache_ttl_ms.is_some())
+    }
+
     /// The route rate-limit buckets: pattern and rate.
     pub fn buckets(&self) -> &[(String, Rate)] {
         &self.buckets

@@ -74,18 +74,54 @@ async fn a_good_answer_is_kept_for_its_ttl_and_replayed_as_it_was() {
 }
 
 #[tokio::test]
-async fn the_key_is_the_call_never_a_callers_header() {
+async fn no_caller_can_shape_the_answer_another_caller_gets() {
     let upstream = upstream_answering(good("prov-2")).await;
     let gw = spawn_gateway(cached(&upstream.uri(), 30_000, 0)).await;
-    assert_eq!(get(&gw.url(ITEM)).await.status, 200);
-    // Another header: the same entry, whatever the header says.
+    // An attacker's call: headers the provider could answer differently to.
     let req = Request::get(gw.url(ITEM))
+        .header("accept-language", "xx-EVIL")
+        .header("cookie", "sid=attacker")
         .header("x-forwarded-host", "evil.example")
-        .header("accept-language", "fr")
+        .header("content-type", "text/evil")
         .body(Full::default())
         .unwrap();
-    assert_eq!(cache_header(&send(req).await).as_deref(), Some("hit"));
-    assert_eq!(sent(&upstream).await, 1);
+    assert_eq!(cache_header(&send(req).await).as_deref(), Some("miss"));
+    let seen = upstream.received_requests().await.unwrap();
+    let headers = &seen[0].headers;
+    assert_eq!(headers["accept-language"], "xx-EVIL", "keyed, so forwarded");
+    assert_eq!(headers["content-type"], "text/evil");
+    for name in ["cookie", "x-forwarded-host"] {
+        assert!(headers.get(name).is_none(), "{name} is not forwarded");
+    }
+    // Another caller never gets that answer...
+    assert_eq!(
+        cache_header(&get(&gw.url(ITEM)).await).as_deref(),
+        Some("miss")
+    );
+    assert_eq!(sent(&upstream).await, 2);
+    // ...and a header that is not forwarded cannot have shaped it.
+    for (name, value) in [("cookie", "sid=other"), ("x-forwarded-host", "x")] {
+        let req = Request::get(gw.url(ITEM))
+            .header(name, value)
+            .body(Full::default())
+            .unwrap();
+        assert_eq!(cache_header(&send(req).await).as_deref(), Some("hit"));
+    }
+    for (name, value) in [
+        ("accept-language", "fr"),
+        ("accept", "text/html"),
+        ("content-encoding", "gzip"),
+    ] {
+        let req = Request::get(gw.url(ITEM))
+            .header(name, value)
+            .body(Full::default())
+            .unwrap();
+        assert_eq!(
+            cache_header(&send(req).await).as_deref(),
+            Some("miss"),
+            "{name}"
+        );
+    }
     // Another query, profile or user-id: another entry.
     assert_eq!(
         cache_header(&get(&gw.url("/open/product/get?itemId=8")).await).as_deref(),
@@ -99,7 +135,38 @@ async fn the_key_is_the_call_never_a_callers_header() {
             .unwrap();
         assert_eq!(cache_header(&send(req).await).as_deref(), Some("miss"));
     }
-    assert_eq!(sent(&upstream).await, 4);
+    assert_eq!(sent(&upstream).await, 8);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn answers_meant_for_one_caller_are_never_kept() {
+    for (name, value) in [
+        ("set-cookie", "sid=abc; HttpOnly"),
+        ("cache-control", "private, max-age=60"),
+        ("cache-control", "no-store"),
+        ("vary", "*"),
+        ("vary", "timestamp"),
+    ] {
+        let upstream = upstream_answering(good("prov-own").insert_header(name, value)).await;
+        let gw = spawn_gateway(cached(&upstream.uri(), 30_000, 30_000)).await;
+        for _ in 0..2 {
+            let a = get(&gw.url(ITEM)).await;
+            assert_eq!(a.status, 200);
+            assert_eq!(cache_header(&a).as_deref(), Some("miss"), "{name}: {value}");
+        }
+        assert_eq!(sent(&upstream).await, 2, "{name}: {value}");
+        gw.stop().await;
+    }
+    // Varying on a header in the key is fine.
+    let upstream =
+        upstream_answering(good("prov-vary").insert_header("vary", "Accept-Language")).await;
+    let gw = spawn_gateway(cached(&upstream.uri(), 30_000, 0)).await;
+    get(&gw.url(ITEM)).await;
+    assert_eq!(
+        cache_header(&get(&gw.url(ITEM)).await).as_deref(),
+        Some("hit")
+    );
     gw.stop().await;
 }
 
@@ -166,6 +233,36 @@ async fn identical_calls_at_the_same_moment_ask_the_provider_once() {
         9,
         "{seen:?}"
     );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn when_the_asking_callers_leave_the_answer_still_comes_and_is_kept() {
+    let upstream =
+        upstream_answering(good("prov-left").set_delay(Duration::from_millis(600))).await;
+    let gw = spawn_gateway(cached(&upstream.uri(), 30_000, 0)).await;
+    let url = gw.url(ITEM);
+    // The first caller gives up long before the provider answers.
+    let gave_up = tokio::time::timeout(Duration::from_millis(100), get(&url)).await;
+    assert!(gave_up.is_err(), "the first caller left");
+    // Others asking meanwhile wait for that call's answer, not their own.
+    let calls: Vec<_> = (0..3)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { get(&url).await })
+        })
+        .collect();
+    for call in calls {
+        let a = call.await.unwrap();
+        assert_eq!(a.status, 200);
+        assert_eq!(cache_header(&a).as_deref(), Some("coalesced"));
+    }
+    assert_eq!(
+        cache_header(&get(&url).await).as_deref(),
+        Some("hit"),
+        "the answer was kept"
+    );
+    assert_eq!(sent(&upstream).await, 1, "the quota spent once");
     gw.stop().await;
 }
 
@@ -343,7 +440,11 @@ async fn operators_purge_entries_by_prefix_on_the_admin_listener() {
     assert_eq!(other.json()["purged"], 0);
     let purged = send(purge("?prefix=/open/product/")).await;
     assert_eq!(purged.status, 200);
-    assert_eq!(purged.json()["purged"], 1);
+    let said = purged.json();
+    assert_eq!(said["purged"], 1);
+    assert_eq!(said["memory"], 1);
+    assert_eq!(said["redis"], serde_json::Value::Null, "no Redis backend");
+    assert_eq!(said["complete"], true);
     assert_eq!(cache_header(&get(&url).await).as_deref(), Some("miss"));
     assert_eq!(sent(&upstream).await, 2);
 }
@@ -390,7 +491,9 @@ async fn replicas_sharing_redis_share_answers_and_purges() {
     );
 
     // A purge on one replica reaches Redis: the other finds nothing there.
-    assert!(a.gateway.cache().purge_everywhere("/open/product/").await >= 1);
+    let purged = a.gateway.cache().purge_everywhere("/open/product/").await;
+    assert!(purged.complete(), "{purged:?}");
+    assert_eq!(purged.shared.map(|s| s.removed), Some(1), "{purged:?}");
     b.gateway.cache().purge("/open/product/");
     assert_eq!(
         cache_header(&get(&b.url(ITEM)).await).as_deref(),
@@ -398,6 +501,68 @@ async fn replicas_sharing_redis_share_answers_and_purges() {
     );
     a.stop().await;
     b.stop().await;
+}
+
+/// Redis holding many other keys: the purge looks at all of them, and one
+/// that runs out of time says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_reaches_every_entry_in_redis_or_says_it_did_not() {
+    let redis = RedisServer::start();
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    const OTHERS: u64 = 1_200_000;
+    const BATCH: u64 = 50_000;
+    let mut filled = 0;
+    for from in (0..OTHERS).step_by(BATCH as usize) {
+        filled = redis::cmd("EVAL")
+            .arg(
+                "for i = tonumber(ARGV[1]), tonumber(ARGV[2]) do \
+                 redis.call('SET', 'other:' .. i, 'x') end return redis.call('DBSIZE')",
+            )
+            .arg(0)
+            .arg(from)
+            .arg(from + BATCH - 1)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    assert_eq!(filled, OTHERS);
+    let upstream = upstream_answering(good("prov-p")).await;
+    let gw = spawn_gateway(shared(&upstream.uri(), &redis.url())).await;
+    for id in 0..20 {
+        let url = gw.url(&format!("/open/product/get?itemId={id}"));
+        assert_eq!(cache_header(&get(&url).await).as_deref(), Some("miss"));
+    }
+    let mut size = 0;
+    for _ in 0..200 {
+        size = redis::cmd("DBSIZE").query_async(&mut conn).await.unwrap();
+        if size == OTHERS + 20 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(size, OTHERS + 20, "the entries reached Redis");
+
+    // Out of time: not complete, and it says so.
+    let mut hurried = shared(&upstream.uri(), &redis.url());
+    hurried.cache.purge_timeout_ms = 1;
+    let hurried = spawn_gateway(hurried).await;
+    let partial = hurried
+        .gateway
+        .cache()
+        .purge_everywhere("/open/product/")
+        .await;
+    assert!(!partial.complete(), "{partial:?}");
+    hurried.stop().await;
+
+    let purged = gw.gateway.cache().purge_everywhere("/open/product/").await;
+    assert!(purged.complete(), "{purged:?}");
+    let removed = purged.shared.unwrap().removed + partial.shared.unwrap().removed;
+    assert_eq!(removed, 20, "{purged:?} {partial:?}");
+    let left: u64 = redis::cmd("DBSIZE").query_async(&mut conn).await.unwrap();
+    assert_eq!(left, OTHERS, "every entry is gone, nothing else");
+    assert_eq!(purged.here, 20);
+    gw.stop().await;
 }
 
 #[tokio::test]

@@ -401,7 +401,7 @@ async fn a_call_that_sent_nothing_releases_its_key() {
 }
 
 #[tokio::test]
-async fn keys_are_scoped_by_profile() {
+async fn keys_are_scoped_by_account() {
     let provider = Provider::start(vec![], ok("o-9")).await;
     let dir = tempfile::tempdir().unwrap();
     let gw = spawn_gateway(keyed_config(&provider.url(), local_store(dir.path()))).await;
@@ -414,6 +414,109 @@ async fn keys_are_scoped_by_profile() {
     assert!(!replayed(&other));
     assert_eq!(provider.count("o-9"), 2);
     gw.stop().await;
+}
+
+/// One profile, several sub-accounts: a key is each `user-id`'s own.
+#[tokio::test]
+async fn keys_are_scoped_by_the_user_id_sent() {
+    let provider = Provider::start(vec![], ok("o-u")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = spawn_gateway(keyed_config(&provider.url(), local_store(dir.path()))).await;
+    let as_user = |user: &str| {
+        let mut req = keyed(&gw.url(ORDER), "k-u", &order_body("o-u"));
+        req.headers_mut()
+            .insert("x-pandagate-profile", "ops".parse().unwrap());
+        req.headers_mut().insert("user-id", user.parse().unwrap());
+        req
+    };
+    let first = send(as_user("11")).await;
+    assert!(!replayed(&first));
+    let other_user = send(as_user("22")).await;
+    assert_eq!(other_user.status, 200);
+    assert!(!replayed(&other_user), "22's order is its own");
+    assert_eq!(provider.count("o-u"), 2);
+    assert!(replayed(&send(as_user("11")).await));
+    assert!(replayed(&send(as_user("22")).await));
+    assert_eq!(provider.count("o-u"), 2);
+    let users: Vec<String> = provider
+        .heads()
+        .iter()
+        .filter_map(|h| head_field(h, "user-id").map(str::to_owned))
+        .collect();
+    assert_eq!(users, ["11", "22"]);
+    gw.stop().await;
+}
+
+/// Two deployments on one Redis, their profiles named alike but signing
+/// with different AccessKeys (or one deployment before and after a reload
+/// that changed its AccessKey): neither sees the other's keys or answers.
+#[tokio::test]
+async fn deployments_sharing_redis_never_see_each_others_keys_or_answers() {
+    let redis = RedisServer::start();
+    let provider = Provider::start(vec![], ok("o-t")).await;
+    let team = |access_key: &str| {
+        let mut c = keyed_config(&provider.url(), redis_store(redis.url()));
+        c.profiles[0].access_key = Some(access_key.into());
+        c.routes = vec![pandagate::config::RouteConfig {
+            path: Some(READ.into()),
+            cache_ttl_ms: Some(60_000),
+            ..Default::default()
+        }];
+        c.cache.backend = pandagate::config::CacheBackend::Redis;
+        c.cache.redis_url = Some(redis.url());
+        c
+    };
+    let a = spawn_gateway(team("ak-team-a")).await;
+    let b = spawn_gateway(team("ak-team-b")).await;
+
+    assert!(!replayed(&create(&a, "k-t", "o-t").await));
+    let on_b = create(&b, "k-t", "o-t").await;
+    assert_eq!(on_b.status, 200);
+    assert!(!replayed(&on_b), "b's order is b's, sent");
+    assert_eq!(provider.count("o-t"), 2);
+    assert!(replayed(&create(&a, "k-t", "o-t").await));
+    assert!(replayed(&create(&b, "k-t", "o-t").await));
+
+    // The read cache: a's answer, in Redis, is not b's.
+    let cache = |a: &Answer| a.headers.get("x-pandagate-cache").cloned();
+    assert_eq!(cache(&get(&a.url(READ)).await).unwrap(), "miss");
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    for _ in 0..100 {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("*:cache:*")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if !keys.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(cache(&get(&b.url(READ)).await).unwrap(), "miss");
+    assert_eq!(cache(&get(&a.url(READ)).await).unwrap(), "hit");
+    // Nothing in Redis names an AccessKey.
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    for key in &keys {
+        let value: Vec<u8> = redis::cmd("GET")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        for secret in ["ak-team-a", "ak-team-b"] {
+            assert!(!key.contains(secret), "{key}");
+            assert!(
+                !String::from_utf8_lossy(&value).contains(secret),
+                "{key} holds {secret}"
+            );
+        }
+    }
+    a.stop().await;
+    b.stop().await;
 }
 
 #[tokio::test]
@@ -448,18 +551,22 @@ async fn reads_ignore_keys_and_writes_may_require_one() {
         "idempotency_key_required"
     );
     assert_eq!(provider.count("o-10"), 0);
-    // An unknown path is not a catalogued write: no key needed.
+    // An unknown path is treated as a write: a key is needed too.
     let unknown = send(
         Request::post(gw.url("/open/something/new"))
-            .body(Full::new(Bytes::from("{}")))
+            .body(Full::new(Bytes::from(order_body("o-11"))))
             .unwrap(),
     )
     .await;
-    assert_eq!(unknown.status, 200);
+    assert_eq!(
+        unknown.assert_gateway_envelope(400)["error"],
+        "idempotency_key_required"
+    );
+    assert_eq!(provider.count("o-11"), 0);
 
     let log = gw.access_log_of(4).await;
     assert_eq!(log[0]["idempotency"], "ignored");
-    assert!(log[3]["idempotency"].is_null());
+    assert_eq!(log[3]["class"], "unknown");
     assert!(
         provider
             .heads()
@@ -628,7 +735,7 @@ async fn an_unreachable_redis_fails_keyed_calls_closed() {
 
 #[tokio::test]
 async fn a_reservation_whose_owner_died_reads_as_an_unknown_outcome_after_its_lease() {
-    use pandagate::idempotency::{Begun, Idempotency, Key, fingerprint};
+    use pandagate::idempotency::{Begun, Idempotency, Key, Owner, fingerprint};
     let redis = RedisServer::start();
     let provider = Provider::start(vec![], ok("o-18")).await;
     let mut store = redis_store(redis.url());
@@ -643,7 +750,13 @@ async fn a_reservation_whose_owner_died_reads_as_an_unknown_outcome_after_its_le
     let other = Idempotency::open(&store, Some(&url)).unwrap();
     let body = order_body("o-18");
     let fp = fingerprint(&http::Method::POST, ORDER, body.as_bytes());
-    let key = Key::new(None, "default", b"k-18");
+    let account = pandagate::profiles::account_of(ACCESS_KEY.as_bytes());
+    let owner = Owner {
+        account: &account,
+        user_id: Some(USER_ID.as_bytes()),
+        client: None,
+    };
+    let key = Key::new(owner, b"k-18");
     let Begun::Reserved(reservation) = other.begin(&key, fp, Duration::from_millis(200)).await
     else {
         panic!("reserved");

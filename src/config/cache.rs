@@ -46,7 +46,25 @@ pub struct CacheConfig {
     pub redis_timeout_ms: u64,
     /// Prefix of the Redis keys.
     pub redis_key_prefix: String,
+    /// The caller headers a cached route sends to the provider, each also
+    /// part of the cache key (lower-case names). No other caller header
+    /// reaches the provider on a cached route, so no caller can shape an
+    /// answer another caller gets; W3C trace context (`traceparent`,
+    /// `tracestate`) passes too, outside the key.
+    pub forward_headers: Vec<String>,
+    /// Longest a purge may take to find and delete its keys in Redis, in
+    /// milliseconds; a purge not done by then says so.
+    pub purge_timeout_ms: u64,
 }
+
+/// What a cached route forwards and keys by default: the headers a JSON
+/// API's answer may depend on.
+pub const DEFAULT_FORWARD_HEADERS: [&str; 4] = [
+    "accept",
+    "accept-language",
+    "content-type",
+    "content-encoding",
+];
 
 impl Default for CacheConfig {
     fn default() -> Self {
@@ -60,6 +78,8 @@ impl Default for CacheConfig {
             redis_url_file: None,
             redis_timeout_ms: 50,
             redis_key_prefix: "pandagate".into(),
+            forward_headers: DEFAULT_FORWARD_HEADERS.map(str::to_owned).to_vec(),
+            purge_timeout_ms: 10_000,
         }
     }
 }
@@ -71,6 +91,7 @@ impl CacheConfig {
             ("cache.max_entry_bytes", self.max_entry_bytes as u64),
             ("cache.coalesce_wait_ms", self.coalesce_wait_ms),
             ("cache.redis_timeout_ms", self.redis_timeout_ms),
+            ("cache.purge_timeout_ms", self.purge_timeout_ms),
         ] {
             if v == 0 {
                 return Err(ConfigError::new(key, "must be greater than 0"));
@@ -81,6 +102,23 @@ impl CacheConfig {
                 "cache.max_entry_bytes",
                 "must be at most cache.max_bytes",
             ));
+        }
+        for (i, name) in self.forward_headers.iter().enumerate() {
+            let key = format!("cache.forward_headers[{i}]");
+            let Ok(header) = http::HeaderName::from_bytes(name.as_bytes()) else {
+                return Err(ConfigError::new(key, "not a header name"));
+            };
+            if header.as_str() != name {
+                return Err(ConfigError::new(key, "write header names in lower case"));
+            }
+            if crate::headers::never_forwarded(&header) {
+                return Err(ConfigError::new(
+                    key,
+                    format_args!(
+                        "{name} is the gateway's own or a connection's header: never forwarded"
+                    ),
+                ));
+            }
         }
         self.check_redis_url()
     }

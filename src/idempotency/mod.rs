@@ -2,8 +2,9 @@
 //! the same `Idempotency-Key` is answered from the first call's outcome and
 //! never reaches the provider a second time, on any replica.
 //!
-//! A key is scoped to the authenticated client (or none), the profile and
-//! the key itself; the call's fingerprint is its method, path, query and
+//! A key is scoped to its [`Owner`] — the provider account (the AccessKey's
+//! hash), the `user-id` sent and the authenticated client — and the key
+//! itself; the call's fingerprint is its method, path, query and
 //! the SHA-256 of its body. The store holds one entry per scope:
 //!
 //! ```text
@@ -88,7 +89,7 @@ impl Logged {
 /// A caller's key, as the store and the log know it: never the key itself.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Key {
-    /// SHA-256 of (client, profile, key): the store's key.
+    /// SHA-256 of the owner and the key: the store's key.
     pub scope: [u8; 32],
     /// The first 12 hex digits of the key's SHA-256, for the log.
     pub shown: [u8; 12],
@@ -135,22 +136,37 @@ fn parse_key(raw: &[u8]) -> Option<Vec<u8>> {
     (visible && (1..=MAX_KEY_LEN).contains(&key.len())).then_some(key)
 }
 
+/// Whose key a key is: the provider account and sub-account the call is
+/// sent as, and the authenticated caller that sent it. Two owners never
+/// share an entry, whatever they name their keys.
+#[derive(Clone, Copy, Debug)]
+pub struct Owner<'a> {
+    /// The AccessKey's hash (`Profile::account`): never the AccessKey.
+    pub account: &'a [u8; 32],
+    /// The `user-id` sent upstream, if any.
+    pub user_id: Option<&'a [u8]>,
+    /// The authenticated client, when clients are configured.
+    pub client: Option<&'a str>,
+}
+
 impl Key {
-    /// The key of `client` (when clients are configured) and `profile`.
-    pub fn new(client: Option<&str>, profile: &str, key: &[u8]) -> Key {
+    /// `key` as `owner`'s.
+    pub fn new(owner: Owner<'_>, key: &[u8]) -> Key {
         let mut scope = Sha256::new();
-        scope.update(b"pandagate idempotency v1\0");
-        // Each part length-prefixed, so no two triples hash alike.
-        match client {
-            None => scope.update([0u8]),
-            Some(c) => {
-                scope.update([1u8]);
-                scope.update((c.len() as u64).to_be_bytes());
-                scope.update(c.as_bytes());
+        scope.update(b"pandagate idempotency v2\0");
+        scope.update(owner.account);
+        // Each optional part tagged and length-prefixed, so no two owners
+        // hash alike.
+        for part in [owner.user_id, owner.client.map(str::as_bytes)] {
+            match part {
+                None => scope.update([0u8]),
+                Some(p) => {
+                    scope.update([1u8]);
+                    scope.update((p.len() as u64).to_be_bytes());
+                    scope.update(p);
+                }
             }
         }
-        scope.update((profile.len() as u64).to_be_bytes());
-        scope.update(profile.as_bytes());
         scope.update(key);
         let mut shown = [0u8; 12];
         hex::encode_to_slice(&Sha256::digest(key)[..6], &mut shown).expect("12 hex digits");
@@ -471,19 +487,19 @@ impl Idempotency {
         &self.store
     }
 
-    /// The call's key, if it carries one and its class uses it. A write
-    /// without one is refused when `require_key` is set; a read's key is
-    /// noted in `logged` and not used.
+    /// The call's key, if it carries one and its class uses it. A call
+    /// that may not be repeated (a `write` or `unknown` one) without a key
+    /// is refused when `require_key` is set; a read's key is noted in
+    /// `logged` and not used.
     pub fn key_of(
         &self,
         headers: &HeaderMap,
         class: Class,
-        client: Option<&str>,
-        profile: &str,
+        owner: Owner<'_>,
         logged: &mut Option<Logged>,
     ) -> Result<Option<Key>, GatewayError> {
         let Some(key) = read_key(headers)? else {
-            if self.config.require_key && class == Class::Write {
+            if self.config.require_key && !class.repeatable() {
                 return Err(GatewayError::IdempotencyKeyRequired);
             }
             return Ok(None);
@@ -493,7 +509,7 @@ impl Idempotency {
             tracing::debug!("Idempotency-Key on a read: ignored");
             return Ok(None);
         }
-        Ok(Some(Key::new(client, profile, &key)))
+        Ok(Some(Key::new(owner, &key)))
     }
 
     /// Reserves `key` for a call with `fingerprint` that will be over
@@ -689,25 +705,40 @@ mod tests {
     }
 
     #[test]
-    fn scopes_part_callers_profiles_and_keys() {
+    fn scopes_part_accounts_users_callers_and_keys() {
+        let (a, b) = ([1u8; 32], [2u8; 32]);
+        let owner = |account, user_id, client| Owner {
+            account,
+            user_id,
+            client,
+        };
         let scopes = [
-            Key::new(None, "p", b"k"),
-            Key::new(Some("a"), "p", b"k"),
-            Key::new(Some("b"), "p", b"k"),
-            Key::new(None, "q", b"k"),
-            Key::new(None, "p", b"k2"),
-            // Length prefixes: moving bytes between parts changes the scope.
-            Key::new(Some("ap"), "", b"k"),
-            Key::new(Some("a"), "pk", b""),
+            Key::new(owner(&a, None, None), b"k"),
+            Key::new(owner(&b, None, None), b"k"),
+            Key::new(owner(&a, Some(b"111"), None), b"k"),
+            Key::new(owner(&a, Some(b"112"), None), b"k"),
+            Key::new(owner(&a, None, Some("x")), b"k"),
+            Key::new(owner(&a, None, Some("y")), b"k"),
+            Key::new(owner(&a, Some(b"111"), Some("x")), b"k"),
+            Key::new(owner(&a, None, None), b"k2"),
+            // Tags and length prefixes: moving bytes between parts changes
+            // the scope.
+            Key::new(owner(&a, Some(b"x"), None), b"k"),
+            Key::new(owner(&a, Some(b"1"), Some("11")), b"k"),
+            Key::new(owner(&a, Some(b"11"), Some("1")), b"k"),
+            Key::new(owner(&a, Some(b""), None), b"k"),
         ];
-        for (i, a) in scopes.iter().enumerate() {
-            for b in &scopes[i + 1..] {
-                assert_ne!(a.scope, b.scope, "{a:?} {b:?}");
+        for (i, x) in scopes.iter().enumerate() {
+            for y in &scopes[i + 1..] {
+                assert_ne!(x.scope, y.scope, "{x:?} {y:?}");
             }
         }
-        assert_eq!(Key::new(None, "p", b"k"), Key::new(None, "p", b"k"));
+        assert_eq!(
+            Key::new(owner(&a, Some(b"1"), None), b"k"),
+            Key::new(owner(&a, Some(b"1"), None), b"k")
+        );
         // The log shows a hash prefix, never the key.
-        let k = Key::new(None, "p", b"order-secret-1");
+        let k = Key::new(owner(&a, None, None), b"order-secret-1");
         assert_eq!(k.shown().len(), 12);
         assert_eq!(
             k.shown(),
