@@ -64,16 +64,16 @@ pub enum StartError {
 }
 
 /// How often the local idempotency store drops expired keys, and how
-/// many at most per round.
+/// many it removes per write transaction (keyed calls wait for at most one).
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
-const SWEEP_LIMIT: usize = 10_000;
+const SWEEP_BATCH: usize = 1_000;
 
 /// Removes expired keys from the local idempotency store, forever. They
 /// already read as vacant; this keeps the file from growing.
 async fn sweep_expired_keys(store: LocalStore) {
     loop {
         tokio::time::sleep(SWEEP_EVERY).await;
-        match store.sweep(idempotency::now_ms(), SWEEP_LIMIT).await {
+        match store.sweep(idempotency::now_ms(), SWEEP_BATCH).await {
             Ok(0) => {}
             Ok(removed) => tracing::debug!(removed, "idempotency: expired keys removed"),
             Err(e) => tracing::warn!(error = %e, "idempotency: sweeping expired keys failed"),

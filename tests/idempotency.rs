@@ -733,6 +733,91 @@ async fn an_unreachable_redis_fails_keyed_calls_closed() {
     gw.stop().await;
 }
 
+/// Redis stalls past `redis_timeout_ms` while the key is reserved: the
+/// caller is refused (nothing sent), and the reservation that landed late
+/// is taken back, so the caller's retry goes through.
+#[tokio::test]
+async fn a_reservation_the_store_confirmed_too_late_does_not_hold_the_key() {
+    let redis = RedisServer::start();
+    let provider = Provider::start(vec![], ok("o-st")).await;
+    let gw = spawn_gateway(keyed_config(&provider.url(), redis_store(redis.url()))).await;
+    assert!(!replayed(&create(&gw, "k-warm", "o-warm").await));
+
+    redis.freeze();
+    let frozen = tokio::time::Instant::now();
+    let stalled = create(&gw, "k-st", "o-st").await;
+    assert_eq!(
+        stalled.assert_gateway_envelope(503)["error"],
+        "idempotency_store_unavailable"
+    );
+    tokio::time::sleep_until(frozen + Duration::from_millis(600)).await;
+    redis.thaw();
+    // The caller retries after its Retry-After.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let retried = create(&gw, "k-st", "o-st").await;
+    assert_eq!(retried.status, 200, "{:?}", retried.json());
+    assert!(!replayed(&retried));
+    assert_eq!(provider.count("o-st"), 1, "sent once, by the retry");
+    assert!(replayed(&create(&gw, "k-st", "o-st").await));
+    gw.stop().await;
+}
+
+/// A provider whose connections hang (its accept queue is full, so SYNs
+/// are dropped): every attempt fails to connect after the connect timeout.
+async fn hanging_provider() -> (tokio::net::TcpListener, Vec<tokio::net::TcpStream>, String) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        match tokio::time::timeout(
+            Duration::from_millis(200),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            Ok(Ok(stream)) => held.push(stream),
+            _ => break,
+        }
+    }
+    (listener, held, format!("http://{addr}"))
+}
+
+/// Redis stalls while a call that sent nothing gives its key back: the
+/// release is made once Redis answers, so a retry is not refused 409.
+#[tokio::test]
+async fn a_release_the_store_was_too_slow_to_take_is_made_when_it_answers() {
+    let redis = RedisServer::start();
+    let (_listener, _held, url) = hanging_provider().await;
+    let mut c = keyed_config(&url, redis_store(redis.url()));
+    c.upstream.connect_timeout_ms = 400;
+    let gw = spawn_gateway(c).await;
+    let call = tokio::spawn(send(keyed(&gw.url(ORDER), "k-rel", &order_body("o-rel"))));
+    // Reserved by now; the attempt hangs connecting. Redis stalls over the
+    // release.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    redis.freeze();
+    let first = call.await.unwrap();
+    assert_eq!(
+        first.assert_gateway_envelope(502)["error"],
+        "upstream_connect"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    redis.thaw();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let again = create(&gw, "k-rel", "o-rel").await;
+    assert_eq!(
+        again.assert_gateway_envelope(502)["error"],
+        "upstream_connect",
+        "the key was free: the call was tried again, not refused 409"
+    );
+    let log = gw.access_log_of(2).await;
+    assert_eq!(log[0]["idempotency"], "released");
+    assert_eq!(log[1]["idempotency"], "released");
+    gw.stop().await;
+}
+
 #[tokio::test]
 async fn a_reservation_whose_owner_died_reads_as_an_unknown_outcome_after_its_lease() {
     use pandagate::idempotency::{Begun, Idempotency, Key, Owner, fingerprint};

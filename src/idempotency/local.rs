@@ -12,6 +12,10 @@ use super::{StoreError, expiry};
 
 const ENTRIES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("entries");
 
+/// Most expired keys one read of the table collects before they are
+/// removed (32 bytes each); a sweep reads again until none is left.
+const MAX_PER_SCAN: usize = 100_000;
+
 #[derive(Debug, Clone)]
 pub struct LocalStore {
     db: Arc<Database>,
@@ -112,31 +116,61 @@ impl LocalStore {
         self.swap(key, expected, None).await
     }
 
-    /// Removes up to `limit` entries expired at `now_ms`; returns how many.
-    pub async fn sweep(&self, now_ms: u64, limit: usize) -> Result<usize, StoreError> {
-        self.blocking(move |db| {
-            let txn = db.begin_write().map_err(local)?;
-            let removed = {
-                let mut t = txn.open_table(ENTRIES).map_err(local)?;
-                let mut expired = Vec::new();
-                for item in t.iter().map_err(local)? {
-                    let (k, v) = item.map_err(local)?;
-                    if expiry(v.value()) <= now_ms {
-                        expired.push(k.value().to_vec());
-                        if expired.len() >= limit {
-                            break;
+    /// Removes every entry expired at `now_ms`; returns how many. The
+    /// expired keys are found under a read transaction, which keyed calls
+    /// do not wait for, then removed `batch` at a time, each batch a short
+    /// write transaction of its own (a key written again meanwhile stays).
+    pub async fn sweep(&self, now_ms: u64, batch: usize) -> Result<usize, StoreError> {
+        let batch = batch.max(1);
+        let mut removed = 0;
+        loop {
+            let found = self
+                .blocking(move |db| {
+                    use redb::ReadableDatabase;
+                    let txn = db.begin_read().map_err(local)?;
+                    let t = txn.open_table(ENTRIES).map_err(local)?;
+                    let mut expired = Vec::new();
+                    for item in t.iter().map_err(local)? {
+                        let (k, v) = item.map_err(local)?;
+                        if expiry(v.value()) <= now_ms {
+                            expired.push(k.value().to_vec());
+                            if expired.len() >= MAX_PER_SCAN {
+                                break;
+                            }
                         }
                     }
-                }
-                for k in &expired {
-                    t.remove(k.as_slice()).map_err(local)?;
-                }
-                expired.len()
-            };
-            txn.commit().map_err(local)?;
-            Ok(removed)
-        })
-        .await
+                    Ok(expired)
+                })
+                .await?;
+            let more = found.len() >= MAX_PER_SCAN;
+            for chunk in found.chunks(batch) {
+                let chunk = chunk.to_vec();
+                removed += self
+                    .blocking(move |db| {
+                        let txn = db.begin_write().map_err(local)?;
+                        let mut n = 0;
+                        {
+                            let mut t = txn.open_table(ENTRIES).map_err(local)?;
+                            for k in &chunk {
+                                let still = t
+                                    .get(k.as_slice())
+                                    .map_err(local)?
+                                    .is_some_and(|v| expiry(v.value()) <= now_ms);
+                                if still {
+                                    t.remove(k.as_slice()).map_err(local)?;
+                                    n += 1;
+                                }
+                            }
+                        }
+                        txn.commit().map_err(local)?;
+                        Ok(n)
+                    })
+                    .await?;
+            }
+            if !more {
+                return Ok(removed);
+            }
+        }
     }
 
     /// How many entries the file holds, expired ones included.
@@ -219,9 +253,35 @@ mod tests {
                 .unwrap(),
             Some(value(500, 7))
         );
-        assert_eq!(s.sweep(60, 4).await.unwrap(), 4, "bounded by the limit");
-        assert_eq!(s.sweep(60, 100).await.unwrap(), 2);
+        assert_eq!(s.sweep(60, 4).await.unwrap(), 6, "in batches of 4");
         assert_eq!(s.entries().await.unwrap(), 4);
         assert_eq!(s.sweep(60, 100).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn one_sweep_removes_every_expired_entry_however_many() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = LocalStore::open(dir.path()).unwrap();
+        // More than one read of the table collects, written in one go.
+        let expired = MAX_PER_SCAN + 5_000;
+        let db = s.db.clone();
+        tokio::task::spawn_blocking(move || {
+            let txn = db.begin_write().unwrap();
+            {
+                let mut t = txn.open_table(ENTRIES).unwrap();
+                for i in 0..expired as u64 + 10 {
+                    let mut key = [0u8; 32];
+                    key[..8].copy_from_slice(&i.to_be_bytes());
+                    let expires = if i < expired as u64 { 50 } else { 500 };
+                    t.insert(key.as_slice(), value(expires, 0).as_slice())
+                        .unwrap();
+                }
+            }
+            txn.commit().unwrap();
+        })
+        .await
+        .unwrap();
+        assert_eq!(s.sweep(60, 10_000).await.unwrap(), expired);
+        assert_eq!(s.entries().await.unwrap(), 10);
     }
 }

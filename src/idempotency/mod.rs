@@ -332,8 +332,8 @@ pub enum StoreError {
     Corrupt,
 }
 
-/// Where entries live.
-#[derive(Debug)]
+/// Where entries live. Cloning shares the connection or the file.
+#[derive(Debug, Clone)]
 pub enum Store {
     Local(LocalStore),
     Redis(Box<RedisStore>),
@@ -547,11 +547,28 @@ impl Idempotency {
         // Each round either ends or follows a change another call made to
         // the entry in between; a few rounds settle any race.
         for _ in 0..4 {
-            let Some(found) = self
+            let inserted = self
                 .store
                 .insert_if_vacant(&key.scope, &stored, self.config.ttl_ms, now)
-                .await?
-            else {
+                .await;
+            let inserted = match inserted {
+                Ok(inserted) => inserted,
+                Err(e) => {
+                    // No answer is not "not stored": the reservation may
+                    // land after all. The call is refused (nothing sent),
+                    // so it must not hold the key.
+                    let lapsed = encode(
+                        expires_at_ms,
+                        &Entry {
+                            state: State::Lapsed,
+                            ..entry.clone()
+                        },
+                    );
+                    self.settle_later(key.scope, vec![stored, lapsed], None, entry.lease_until_ms);
+                    return Err(e);
+                }
+            };
+            let Some(found) = inserted else {
                 return Ok(Begun::Reserved(Reservation {
                     key: key.scope,
                     expires_at_ms,
@@ -611,15 +628,8 @@ impl Idempotency {
                 ..reservation.entry
             },
         );
-        let kept = async {
-            Ok::<_, StoreError>(
-                self.store
-                    .replace(&reservation.key, &reservation.stored, &done)
-                    .await?
-                    || self.store.replace(&reservation.key, &lapsed, &done).await?,
-            )
-        };
-        match kept.await {
+        let ours = vec![reservation.stored, lapsed];
+        match swap(&self.store, &reservation.key, &ours, Some(&done)).await {
             Ok(true) => true,
             Ok(false) => {
                 tracing::warn!(
@@ -628,7 +638,9 @@ impl Idempotency {
                 false
             }
             Err(e) => {
-                tracing::error!(error = %e, "idempotency: answer not kept; the key's outcome will read as unknown once its lease passes");
+                tracing::warn!(error = %e, "idempotency: answer not kept yet; trying again in the background");
+                let until = reservation.expires_at_ms;
+                self.settle_later(reservation.key, ours, Some(done), until);
                 false
             }
         }
@@ -636,14 +648,75 @@ impl Idempotency {
 
     /// Frees the key of a call that sent nothing, so it can be used again.
     pub async fn release(&self, reservation: Reservation) {
-        if let Err(e) = self
-            .store
-            .remove(&reservation.key, &reservation.stored)
-            .await
-        {
-            tracing::warn!(error = %e, "idempotency: reservation not released; the key reads as in progress until its lease passes");
+        let lapsed = encode(
+            reservation.expires_at_ms,
+            &Entry {
+                state: State::Lapsed,
+                ..reservation.entry.clone()
+            },
+        );
+        let ours = vec![reservation.stored, lapsed];
+        if let Err(e) = swap(&self.store, &reservation.key, &ours, None).await {
+            tracing::warn!(error = %e, "idempotency: reservation not released yet; trying again in the background");
+            let until = reservation.entry.lease_until_ms;
+            self.settle_later(reservation.key, ours, None, until);
         }
     }
+
+    /// Replaces (`new`) or removes (`None`) the entry of `key` while it is
+    /// one of `ours`, in the background, until the store answers: a store
+    /// that did not answer may yet apply what it was sent, or may not have.
+    /// It tries with backoff until the change is made, or the entry is
+    /// seen not to be ours twice a second apart (an earlier write still in
+    /// flight has landed by then), or `until_ms` plus a minute has passed.
+    fn settle_later(&self, key: [u8; 32], ours: Vec<Vec<u8>>, new: Option<Vec<u8>>, until_ms: u64) {
+        let store = self.store.clone();
+        let give_up = until_ms.saturating_add(SETTLE_GRACE_MS);
+        tokio::spawn(async move {
+            let mut wait = Duration::from_millis(50);
+            let mut not_ours_since: Option<tokio::time::Instant> = None;
+            while now_ms() < give_up {
+                tokio::time::sleep(wait).await;
+                match swap(&store, &key, &ours, new.as_deref()).await {
+                    Ok(true) => return,
+                    Ok(false) => {
+                        let first = *not_ours_since.get_or_insert_with(tokio::time::Instant::now);
+                        if first.elapsed() >= Duration::from_secs(1) {
+                            return;
+                        }
+                    }
+                    Err(e) => tracing::debug!(error = %e, "idempotency: store still not answering"),
+                }
+                wait = (wait * 2).min(Duration::from_secs(2));
+            }
+            tracing::error!(
+                "idempotency: the store did not answer in time; the key's outcome reads as unknown once its lease passes"
+            );
+        });
+    }
+}
+
+/// How long past its deadline [`Idempotency::settle_later`] keeps trying.
+const SETTLE_GRACE_MS: u64 = 60_000;
+
+/// Replaces (`new`) or removes (`None`) the entry of `key` if it is one of
+/// `ours`; whether it did.
+async fn swap(
+    store: &Store,
+    key: &[u8; 32],
+    ours: &[Vec<u8>],
+    new: Option<&[u8]>,
+) -> Result<bool, StoreError> {
+    for expected in ours {
+        let done = match new {
+            Some(new) => store.replace(key, expected, new).await?,
+            None => store.remove(key, expected).await?,
+        };
+        if done {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// Now, in Unix milliseconds: leases and expiries are wall-clock times,

@@ -34,6 +34,7 @@ end
 return 0
 ";
 
+#[derive(Clone)]
 pub struct RedisStore {
     url: RedisUrl,
     conn: redis::aio::ConnectionManager,
