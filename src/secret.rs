@@ -1,30 +1,62 @@
-//! Secrets that must never reach a log line, an error message or `Debug` output.
+//! Secrets that must never reach a log line, an error message or `Debug`
+//! output, and whose bytes are wiped from memory when the last copy goes
+//! (`secrecy`, which zeroizes on drop).
 
 use std::fmt;
 use std::sync::Arc;
 
-/// An Access secret or token. `Debug` and `Display` print `<redacted>`; the only
-/// way to the bytes is [`Secret::expose`], which keeps every use easy to grep.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(Arc<str>);
+use secrecy::{ExposeSecret, SecretString};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+/// An Access secret, a token or a URL with a password. `Debug` and
+/// `Display` print `<redacted>`; the only way to the bytes is
+/// [`Secret::expose`], which keeps every use easy to grep. Clones share one
+/// copy of the bytes, wiped when the last clone is dropped.
+#[derive(Clone)]
+pub struct Secret(Arc<SecretString>);
 
 impl Secret {
-    pub fn new(value: impl Into<Arc<str>>) -> Self {
-        Self(value.into())
+    pub fn new(value: impl AsRef<str>) -> Self {
+        Self(Arc::new(SecretString::from(value.as_ref())))
     }
 
     /// The secret's bytes, for signing or verifying only.
     pub fn expose(&self) -> &str {
-        &self.0
+        self.0.expose_secret()
+    }
+
+    /// Whether `presented` is this secret, in time that depends on neither
+    /// value: both are hashed, and the digests compared in constant time.
+    pub fn matches(&self, presented: &[u8]) -> bool {
+        same_digest(&digest(self.expose().as_bytes()), &digest(presented))
     }
 
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.expose().len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.expose().is_empty()
     }
+}
+
+impl PartialEq for Secret {
+    fn eq(&self, other: &Secret) -> bool {
+        self.matches(other.expose().as_bytes())
+    }
+}
+
+impl Eq for Secret {}
+
+/// The SHA-256 of a secret, the form it is compared in.
+pub fn digest(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+/// Whether two digests are equal, in constant time.
+pub fn same_digest(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.ct_eq(b).into()
 }
 
 impl fmt::Debug for Secret {
@@ -89,5 +121,16 @@ mod tests {
         assert_eq!(format!("{s:?}"), "<redacted>");
         assert_eq!(format!("{s}"), "<redacted>");
         assert_eq!(s.expose(), "hunter2-very-secret");
+    }
+
+    #[test]
+    fn secrets_match_only_their_own_bytes() {
+        let s = Secret::new("token-1");
+        assert!(s.matches(b"token-1"));
+        for other in [&b"token-2"[..], b"token-", b"token-11", b""] {
+            assert!(!s.matches(other));
+        }
+        assert_eq!(s, Secret::new("token-1"));
+        assert_ne!(s, Secret::new("token-2"));
     }
 }

@@ -215,7 +215,7 @@ impl CallbacksConfig {
 /// password, so `Debug` shows it redacted; [`PostgresUrl::expose`] is the
 /// only way to it.
 #[derive(Clone, PartialEq, Eq)]
-pub struct PostgresUrl(String);
+pub struct PostgresUrl(crate::secret::Secret);
 
 impl PostgresUrl {
     /// Checks `url` the way the client will read it. The error names `key`
@@ -228,7 +228,7 @@ impl PostgresUrl {
             ));
         }
         match url.parse::<tokio_postgres::Config>() {
-            Ok(_) => Ok(PostgresUrl(url.to_owned())),
+            Ok(_) => Ok(PostgresUrl(crate::secret::Secret::new(url))),
             Err(e) => Err(ConfigError::new(
                 key,
                 format_args!(
@@ -240,13 +240,13 @@ impl PostgresUrl {
     }
 
     pub fn expose(&self) -> &str {
-        &self.0
+        self.0.expose()
     }
 }
 
 impl std::fmt::Debug for PostgresUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "PostgresUrl({})", redact::url(&self.0))
+        write!(f, "PostgresUrl({})", redact::url(self.0.expose()))
     }
 }
 

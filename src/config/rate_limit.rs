@@ -277,14 +277,14 @@ impl<'a> RedisUrlSource<'a> {
 /// A Redis URL the backend connects with. It may hold a password, so
 /// `Debug` shows it redacted; [`RedisUrl::expose`] is the only way to it.
 #[derive(Clone, PartialEq, Eq)]
-pub struct RedisUrl(String);
+pub struct RedisUrl(crate::secret::Secret);
 
 impl RedisUrl {
     /// Checks `url` the way the Redis client will read it. The error names
     /// `key` and quotes neither the URL nor its password.
     pub fn parse(url: &str, key: &str) -> Result<RedisUrl, ConfigError> {
         match redis::Client::open(url) {
-            Ok(_) => Ok(RedisUrl(url.to_owned())),
+            Ok(_) => Ok(RedisUrl(crate::secret::Secret::new(url))),
             Err(e) => Err(ConfigError::new(
                 key,
                 format_args!(
@@ -296,13 +296,13 @@ impl RedisUrl {
     }
 
     pub fn expose(&self) -> &str {
-        &self.0
+        self.0.expose()
     }
 }
 
 impl fmt::Debug for RedisUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "RedisUrl({})", redact::url(&self.0))
+        write!(f, "RedisUrl({})", redact::url(self.0.expose()))
     }
 }
 
