@@ -53,7 +53,7 @@ printf 'round\tbinary\tcalls/s\tCPU µs/call\n'
 for round in $(seq 1 "$rounds"); do
   for bin in "$@"; do
     PANDAPON_ACCESS_KEY=bench-key PANDAPON_ACCESS_SECRET=bench-secret PANDAPON_USER_ID=bench-user \
-      PANDAGATE_LISTEN="127.0.0.1:$gw_port" PANDAGATE_ADMIN_LISTEN="127.0.0.1:$admin_port" \
+      PANDAGATE_LISTEN="127.0.0.1:$gw_port" PANDAGATE_ADMIN_LISTEN="127.0.0.1:$admin_port" PANDAGATE_CONTROL_LISTEN="127.0.0.1:0" \
       PANDAGATE_UPSTREAM="http://127.0.0.1:$up_port" PANDAGATE_LOG_FORMAT=json \
       "$bin" --config "$work/pandagate.toml" run >"$work/access.log" 2>"$work/gateway.err" &
     gw_pid=$!

@@ -119,7 +119,7 @@ def start_gateway(binary, work, config_text, **env_extra):
     """Starts `binary run` with `config_text` as its config, JSON logs, the
     access log in work/access.log and diagnostics in work/gateway.err, both
     listeners on free loopback ports. Waits for "gateway ready"; returns the
-    process and {"gateway": port, "admin": port}. An `env_extra` value of
+    process and {"gateway": port, "admin": port, "control": port}. An `env_extra` value of
     None removes that variable from the gateway's environment."""
     config = work / "pandagate.toml"
     config.write_text(config_text)
@@ -128,6 +128,7 @@ def start_gateway(binary, work, config_text, **env_extra):
                PANDAPON_ACCESS_SECRET="bench-secret",
                PANDAGATE_LISTEN="127.0.0.1:0",
                PANDAGATE_ADMIN_LISTEN="127.0.0.1:0",
+               PANDAGATE_CONTROL_LISTEN="127.0.0.1:0",
                PANDAGATE_LOG_FORMAT="json")
     env.pop("RUST_LOG", None)
     env.pop("PANDAPON_ACCESS_SECRET_FILE", None)
@@ -147,7 +148,7 @@ def start_gateway(binary, work, config_text, **env_extra):
             except ValueError:
                 continue
             msg = event.get("message")
-            if msg in ("gateway listening", "admin listening"):
+            if msg in ("gateway listening", "admin listening", "control listening"):
                 ports[msg.split()[0]] = int(str(event.get("addr")).rsplit(":", 1)[1])
             elif msg == "gateway ready":
                 ready = True

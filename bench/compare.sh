@@ -218,8 +218,8 @@ gw_common_env=(
 # The pandagate row keeps PANDAGATE_WORKER_THREADS as the caller set it (unset:
 # the default); pandagate-1t is the same binary and config on one worker thread.
 # Each has its own ports, so that both can be checked side by side.
-gw_env=("${gw_common_env[@]}" PANDAGATE_LISTEN="127.0.0.1:$gw_port" PANDAGATE_ADMIN_LISTEN="127.0.0.1:$admin_port")
-gw1_env=("${gw_common_env[@]}" PANDAGATE_LISTEN="127.0.0.1:$gw1_port" PANDAGATE_ADMIN_LISTEN="127.0.0.1:$admin1_port"
+gw_env=("${gw_common_env[@]}" PANDAGATE_LISTEN="127.0.0.1:$gw_port" PANDAGATE_ADMIN_LISTEN="127.0.0.1:$admin_port" PANDAGATE_CONTROL_LISTEN="127.0.0.1:0")
+gw1_env=("${gw_common_env[@]}" PANDAGATE_LISTEN="127.0.0.1:$gw1_port" PANDAGATE_ADMIN_LISTEN="127.0.0.1:$admin1_port" PANDAGATE_CONTROL_LISTEN="127.0.0.1:0"
   PANDAGATE_WORKER_THREADS=1)
 env "${gw_env[@]}" "$gw_bin" check --config "$work/pandagate.toml" >/dev/null 2>"$work/check.err" \
   || die "pandagate check rejected the config: $(cat "$work/check.err")"

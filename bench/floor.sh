@@ -63,7 +63,7 @@ start() { # target port -> sets pid
     pandagate|pandagate-1t)
       threads=0; [ "$1" = pandagate-1t ] && threads=1
       PANDAGATE_WORKER_THREADS=$threads PANDAPON_ACCESS_KEY=bench-key PANDAPON_ACCESS_SECRET=bench-secret PANDAPON_USER_ID=bench-user \
-      PANDAGATE_LISTEN=127.0.0.1:$2 PANDAGATE_ADMIN_LISTEN=127.0.0.1:0 PANDAGATE_UPSTREAM=http://127.0.0.1:$up \
+      PANDAGATE_LISTEN=127.0.0.1:$2 PANDAGATE_ADMIN_LISTEN=127.0.0.1:0 PANDAGATE_CONTROL_LISTEN=127.0.0.1:0 PANDAGATE_UPSTREAM=http://127.0.0.1:$up \
       PANDAGATE_LOG_FORMAT=json target/release/pandagate >"$work/access.log" 2>"$work/gw.err" & pid=$! ;;
     nginx)
       cat > "$work/px.conf" <<CONF

@@ -51,7 +51,7 @@ total() { # binary n: callgrind's instruction total for a warm-up and n calls
   sb=$!; pids+=("$sb")
   PANDAPON_ACCESS_KEY=demo-access-key PANDAPON_ACCESS_SECRET=demo-secret \
     PANDAGATE_UPSTREAM="http://127.0.0.1:$sb_port" PANDAGATE_LISTEN="127.0.0.1:$gw_port" \
-    PANDAGATE_ADMIN_LISTEN="127.0.0.1:$admin_port" PANDAGATE_WORKER_THREADS=1 \
+    PANDAGATE_ADMIN_LISTEN="127.0.0.1:$admin_port" PANDAGATE_CONTROL_LISTEN="127.0.0.1:0" PANDAGATE_WORKER_THREADS=1 \
     PANDAGATE_LOG_FORMAT=json \
     valgrind --tool=callgrind --callgrind-out-file="$work/cg.$n" "$bin" \
     >"$work/access.log" 2>"$work/valgrind.err" &

@@ -56,7 +56,7 @@ nx_pid=$!
 if [ -z "$binary" ]; then cargo build --release -q; binary=./target/release/pandagate; fi
 # shellcheck disable=SC2086 # GW_ENV is a list of K=V words
 env PANDAPON_ACCESS_KEY=bench-key PANDAPON_ACCESS_SECRET=bench-secret \
-  PANDAGATE_LISTEN="127.0.0.1:$gw_port" PANDAGATE_ADMIN_LISTEN="127.0.0.1:$admin_port" \
+  PANDAGATE_LISTEN="127.0.0.1:$gw_port" PANDAGATE_ADMIN_LISTEN="127.0.0.1:$admin_port" PANDAGATE_CONTROL_LISTEN="127.0.0.1:0" \
   PANDAGATE_UPSTREAM="http://127.0.0.1:$up_port" PANDAGATE_LOG_FORMAT=json ${GW_ENV:-} \
   "$binary" >"$work/access.log" 2>"$work/gateway.err" &
 gw_pid=$!

@@ -208,7 +208,7 @@ class Gateway:
                    PANDAGATE_LISTEN="127.0.0.1:0",  # the OS picks a free port
                    # Newer builds also open an admin listener (default
                    # 127.0.0.1:9901, which replicas would fight over).
-                   PANDAGATE_ADMIN_LISTEN="127.0.0.1:0",
+                   PANDAGATE_ADMIN_LISTEN="127.0.0.1:0", PANDAGATE_CONTROL_LISTEN="127.0.0.1:0",
                    PANDAGATE_UPSTREAM=upstream,
                    PANDAGATE_LOG_FORMAT="json")
         env.pop("RUST_LOG", None)

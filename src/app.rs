@@ -29,7 +29,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
 use crate::access_log::AccessLog;
-use crate::admin::{Admin, Drain};
+use crate::admin::{Admin, Control, Drain};
 use crate::callbacks::{Backend, Callbacks};
 use crate::config::{ConfigError, process_env};
 use crate::connections::Connections;
@@ -53,7 +53,8 @@ pub enum StartError {
     #[error("cannot listen on {addr}{what}: {source}")]
     Listen {
         addr: SocketAddr,
-        /// `""` for the traffic listener, else ` (admin)`, ` (callbacks)`.
+        /// `""` for the traffic listener, else ` (admin)`, ` (control)`,
+        /// ` (callbacks)`.
         what: &'static str,
         source: std::io::Error,
     },
@@ -97,6 +98,7 @@ pub struct App {
 struct Listeners {
     gateway: Vec<std::net::TcpListener>,
     admin: TcpListener,
+    control: TcpListener,
     callbacks: Option<Vec<std::net::TcpListener>>,
 }
 
@@ -190,14 +192,27 @@ impl App {
         let cap = server_config.max_connections;
         let gateway_conns = Connections::new("gateway", cap);
         let admin_conns = Connections::new("admin", cap);
+        let control_conns = Connections::new("control", cap);
         let callback_conns = listeners
             .callbacks
             .as_ref()
             .map(|_| Connections::new("callbacks", cap));
-        let mut counted = vec![gateway_conns.clone(), admin_conns.clone()];
+        let mut counted = vec![
+            gateway_conns.clone(),
+            admin_conns.clone(),
+            control_conns.clone(),
+        ];
         counted.extend(callback_conns.clone());
 
-        let (traffic_done, admin_stop) = tokio::sync::oneshot::channel::<()>();
+        // The operator listeners outlive the traffic ones: readiness says
+        // "draining" while calls finish.
+        let (traffic_done, operators_stop) = tokio::sync::watch::channel(false);
+        let stopped = move || {
+            let mut stop = operators_stop.clone();
+            async move {
+                let _ = stop.wait_for(|done| *done).await;
+            }
+        };
         let admin = self.admin(drain.clone(), counted);
         let admin_task = tokio::spawn(server::serve_counted(
             listeners.admin,
@@ -207,9 +222,18 @@ impl App {
             },
             opts.clone(),
             admin_conns,
-            async move {
-                let _ = admin_stop.await;
+            stopped(),
+        ));
+        let control = Arc::new(self.control(drain.clone()));
+        let control_task = tokio::spawn(server::serve_counted(
+            listeners.control,
+            move |req| {
+                let control = control.clone();
+                async move { control.handle(req).await }
             },
+            opts.clone(),
+            control_conns,
+            stopped(),
         ));
         let serving = Serving {
             current: self.current.clone(),
@@ -230,8 +254,9 @@ impl App {
         for finished in workers {
             let _ = finished.await;
         }
-        let _ = traffic_done.send(());
+        let _ = traffic_done.send(true);
         let _ = admin_task.await;
+        let _ = control_task.await;
         if let Some(traces) = self.current.load().traces() {
             // Sends what is queued; bounded by telemetry.export_timeout_ms.
             let traces = traces.clone();
@@ -252,13 +277,13 @@ impl App {
             })
         };
         let gateway = shared(s.listen, "", "gateway")?;
-        let admin = server::bind(s.admin_listen, "admin")
-            .await
-            .map_err(|source| StartError::Listen {
-                addr: s.admin_listen,
-                what: " (admin)",
-                source,
-            })?;
+        let one = |addr: SocketAddr, what: &'static str, name: &'static str| async move {
+            server::bind(addr, name)
+                .await
+                .map_err(|source| StartError::Listen { addr, what, source })
+        };
+        let admin = one(s.admin_listen, " (admin)", "admin").await?;
+        let control = one(s.control_listen, " (control)", "control").await?;
         let callbacks = match (&self.callbacks, self.callback_listen()) {
             (Some(_), Some(addr)) => Some(shared(addr, " (callbacks)", "callbacks")?),
             _ => None,
@@ -266,6 +291,7 @@ impl App {
         Ok(Listeners {
             gateway,
             admin,
+            control,
             callbacks,
         })
     }
@@ -324,6 +350,16 @@ impl App {
                 );
             }
         });
+    }
+
+    fn control(&self, drain: Drain) -> Control {
+        let current = self.current.clone();
+        Control::new(
+            Arc::new(move || current.load_full()),
+            drain,
+            self.callbacks.clone(),
+            self.loaded.control_token.clone(),
+        )
     }
 
     fn admin(&self, drain: Drain, listeners: Vec<Arc<Connections>>) -> Arc<Admin> {

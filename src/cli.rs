@@ -59,8 +59,8 @@ pub enum Command {
         #[arg(long, value_enum, default_value = "ms")]
         timestamp_unit: UnitArg,
     },
-    /// Operate the pushed-message receiver of a running gateway (through its
-    /// admin listener).
+    /// Operate the pushed-message receiver of a running gateway: `list`
+    /// through its admin listener, `replay` through its control listener.
     Callbacks {
         #[command(subcommand)]
         action: CallbacksAction,
@@ -72,6 +72,22 @@ pub enum Command {
             global = true
         )]
         admin: SocketAddr,
+        /// The running gateway's control address.
+        #[arg(
+            long,
+            env = "PANDAGATE_CONTROL_LISTEN",
+            default_value = "127.0.0.1:9902",
+            global = true
+        )]
+        control: SocketAddr,
+        /// The control listener's token, when it has one.
+        #[arg(
+            long,
+            env = "PANDAGATE_CONTROL_TOKEN",
+            hide_env_values = true,
+            global = true
+        )]
+        control_token: Option<String>,
     },
     /// Print the headers for one request of a profile, to diagnose rejected signatures.
     Sign {
@@ -151,7 +167,12 @@ pub fn main() -> ExitCode {
                 }
             })
         }
-        Command::Callbacks { action, admin } => on_runtime(0, callbacks_command(action, admin)),
+        Command::Callbacks {
+            action,
+            admin,
+            control,
+            control_token,
+        } => on_runtime(0, callbacks_command(action, admin, control, control_token)),
         Command::Sandbox {
             listen,
             access_key,
@@ -356,8 +377,19 @@ fn sign(
     ExitCode::SUCCESS
 }
 
-async fn callbacks_command(action: CallbacksAction, admin: SocketAddr) -> ExitCode {
+async fn callbacks_command(
+    action: CallbacksAction,
+    admin: SocketAddr,
+    control: SocketAddr,
+    token: Option<String>,
+) -> ExitCode {
     use http_body_util::BodyExt;
+    // Listing only reads (the admin listener); a replay changes state (the
+    // control listener).
+    let (listener, name) = match action {
+        CallbacksAction::List { .. } => (admin, "admin"),
+        CallbacksAction::Replay { .. } => (control, "control"),
+    };
     let (method, target) = match &action {
         CallbacksAction::List { dead } => (
             http::Method::GET,
@@ -384,9 +416,19 @@ async fn callbacks_command(action: CallbacksAction, admin: SocketAddr) -> ExitCo
     let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
             .build_http();
-    let req = http::Request::builder()
+    let mut req = http::Request::builder()
         .method(method)
-        .uri(format!("http://{admin}{target}"))
+        .uri(format!("http://{listener}{target}"));
+    if let Some(token) = token.filter(|_| name == "control") {
+        let Ok(mut bearer) = http::HeaderValue::from_str(&format!("Bearer {}", token.trim()))
+        else {
+            eprintln!("pandagate callbacks: PANDAGATE_CONTROL_TOKEN is not a valid header value");
+            return ExitCode::from(2);
+        };
+        bearer.set_sensitive(true);
+        req = req.header(http::header::AUTHORIZATION, bearer);
+    }
+    let req = req
         .body(http_body_util::Full::default())
         .expect("a valid request");
     match client.request(req).await {
@@ -406,7 +448,7 @@ async fn callbacks_command(action: CallbacksAction, admin: SocketAddr) -> ExitCo
             }
         }
         Err(e) => {
-            eprintln!("pandagate callbacks: cannot reach the admin listener at {admin}: {e}");
+            eprintln!("pandagate callbacks: cannot reach the {name} listener at {listener}: {e}");
             ExitCode::FAILURE
         }
     }

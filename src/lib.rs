@@ -15,7 +15,7 @@
 //! Lowest first. A module uses only modules of lower layers, never one of
 //! its own layer or above; `scripts/layers.py` checks it in CI.
 //!
-//! 1. leaves: error ids secret signer headers envelope redact connections log_queue worker
+//! 1. leaves: error ids secret signer headers envelope redact connections log_queue worker drain
 //! 2. config: config
 //! 3. policies: routes retry breaker limiter profiles body telemetry idempotency traces
 //! 4. built on them: auth upstream access_log cache
@@ -30,6 +30,7 @@
 
 // 1. leaves
 pub mod connections;
+pub mod drain;
 pub mod envelope;
 pub mod error;
 pub mod headers;

@@ -11,6 +11,7 @@ use crate::config::{
     StoreKind, TracesEndpoint,
 };
 use crate::profiles::Profile;
+use crate::secret::Secret;
 
 /// A validated config with every profile's secret loaded.
 #[derive(Debug, Clone)]
@@ -30,6 +31,8 @@ pub struct Loaded {
     pub traces_endpoint: Option<TracesEndpoint>,
     /// The Redis URL of `[cache]` with `backend = "redis"`.
     pub cache_redis_url: Option<RedisUrl>,
+    /// The token the control listener requires, if one is configured.
+    pub control_token: Option<Secret>,
 }
 
 /// Reads `path` (if any), applies the environment, validates, loads secrets.
@@ -83,7 +86,12 @@ pub fn resolve(config: Config, env: Env<'_>) -> Result<Loaded, ConfigError> {
         CacheBackend::Redis => Some(config.cache.resolve_redis_url(env)?),
         CacheBackend::Local => None,
     };
+    let control_token = match config.server.control_token()? {
+        Some(source) => Some(source.read(env, "server.control_token")?),
+        None => None,
+    };
     Ok(Loaded {
+        control_token,
         config,
         profiles,
         clients,

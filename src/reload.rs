@@ -124,7 +124,10 @@ pub fn reload(
     let running = current.load();
     let old = running.server_config();
     let new = &loaded.config.server;
-    if new.listen != old.listen || new.admin_listen != old.admin_listen {
+    if new.listen != old.listen
+        || new.admin_listen != old.admin_listen
+        || new.control_listen != old.control_listen
+    {
         tracing::warn!("listener addresses changed: they take effect after a restart");
     }
     if loaded.config.idempotency.is_some() != running.idempotency().is_some() {

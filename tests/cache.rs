@@ -408,7 +408,7 @@ async fn a_prefix_entry_of_reads_never_makes_an_order_create_a_cached_retried_re
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn operators_purge_entries_by_prefix_on_the_admin_listener() {
+async fn operators_purge_entries_by_prefix_on_the_control_listener() {
     let upstream = upstream_answering(good("prov-8")).await;
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("pandagate.toml");
@@ -431,7 +431,7 @@ async fn operators_purge_entries_by_prefix_on_the_admin_listener() {
     assert_eq!(cache_header(&get(&url).await).as_deref(), Some("miss"));
     assert_eq!(cache_header(&get(&url).await).as_deref(), Some("hit"));
     let purge = |query: &str| {
-        Request::post(format!("http://{}/cache/purge{query}", gw.admin))
+        Request::post(format!("http://{}/cache/purge{query}", gw.control))
             .body(Full::default())
             .unwrap()
     };

@@ -500,7 +500,7 @@ async fn operators_see_and_replay_dead_letters_from_any_replica() {
 
     // Replayed through the other replica: pending again, then dead again.
     let id = dead[0]["delivery_id"].as_str().unwrap();
-    let req = http::Request::post(format!("http://{}/callbacks/replay?id={id}", a.admin))
+    let req = http::Request::post(format!("http://{}/callbacks/replay?id={id}", a.control))
         .body(http_body_util::Full::default())
         .unwrap();
     let answer = support::send(req).await;

@@ -52,10 +52,10 @@ async fn wait_for(server: &MockServer, n: usize) -> usize {
     server.received_requests().await.unwrap().len()
 }
 
-fn cli(args: &[&str], admin: &str) -> (bool, String) {
+fn cli(args: &[&str], gw: &support::Running) -> (bool, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_pandagate"))
         .args(args)
-        .args(["--admin", admin])
+        .args(["--admin", &gw.admin, "--control", &gw.control])
         .env_clear()
         .output()
         .unwrap();
@@ -106,7 +106,7 @@ async fn operators_list_and_replay_dead_letters() {
 
     let mut listed = String::new();
     for _ in 0..200 {
-        let (ok, out) = cli(&["callbacks", "list", "--dead"], &gw.admin);
+        let (ok, out) = cli(&["callbacks", "list", "--dead"], &gw);
         assert!(ok);
         if out.contains("delivery_id") {
             listed = out;
@@ -117,7 +117,7 @@ async fn operators_list_and_replay_dead_letters() {
     let dead: Vec<serde_json::Value> = serde_json::from_str(&listed).expect("a JSON list");
     assert_eq!(dead.len(), 1, "{listed}");
     assert!(dead[0]["attempts"].as_u64().unwrap() >= 1);
-    let (_, pending) = cli(&["callbacks", "list"], &gw.admin);
+    let (_, pending) = cli(&["callbacks", "list"], &gw);
     assert_eq!(pending.trim(), "[]");
 
     subscriber.reset().await;
@@ -126,7 +126,7 @@ async fn operators_list_and_replay_dead_letters() {
         .mount(&subscriber)
         .await;
     let id = dead[0]["delivery_id"].as_str().unwrap();
-    let (ok, out) = cli(&["callbacks", "replay", id], &gw.admin);
+    let (ok, out) = cli(&["callbacks", "replay", id], &gw);
     assert!(ok, "{out}");
     assert!(out.contains(r#""replayed":1"#), "{out}");
     assert!(
@@ -162,7 +162,7 @@ async fn dead_key(gw: &support::Running) -> String {
 async fn replay_by_id(gw: &support::Running, encoded_id: &str) -> String {
     let req = http::Request::post(format!(
         "http://{}/callbacks/replay?id={encoded_id}",
-        gw.admin
+        gw.control
     ))
     .body(http_body_util::Full::default())
     .unwrap();
@@ -194,7 +194,7 @@ async fn replay_takes_a_percent_encoded_delivery_key() {
         assert_eq!(dead_key(&gw).await, key, "dead again after max_age_ms");
     }
     // The CLI encodes the key it is given.
-    let (ok, out) = cli(&["callbacks", "replay", &key], &gw.admin);
+    let (ok, out) = cli(&["callbacks", "replay", &key], &gw);
     assert!(ok, "{out}");
     assert!(out.contains(r#""replayed":1"#), "{out}");
 }

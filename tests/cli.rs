@@ -40,7 +40,7 @@ const CREDS: Env<'static> = &[
 #[test]
 fn invalid_config_exits_64_with_one_line_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
-    let cases: [(&str, &str, Env); 10] = [
+    let cases: [(&str, &str, Env); 12] = [
         (
             "[server]\nlisten_adress = \"127.0.0.1:1\"\n",
             "listen_adress",
@@ -78,6 +78,18 @@ fn invalid_config_exits_64_with_one_line_naming_the_key() {
         (
             "[[routes]]\nprefix = \"/open/\"\nclass = \"read\"\n[[routes]]\npath = \"/open/Order\"\nclass = \"unknown\"\n",
             "routes[1]: path \"/open/Order\" is the catalogued write /open/order",
+            CREDS,
+        ),
+        // The endpoints that drain, purge and replay stay on loopback
+        // unless they demand a token.
+        (
+            "[server]\ncontrol_listen = \"0.0.0.0:9902\"\n",
+            "server.control_listen",
+            CREDS,
+        ),
+        (
+            "[server]\ncontrol_listen = \"10.1.2.3:9902\"\ncontrol_token_env = \"UNSET_TOKEN\"\n",
+            "server.control_token_env",
             CREDS,
         ),
         (
@@ -281,6 +293,7 @@ async fn serves_from_the_environment_alone_and_never_logs_the_secret() {
         .env("PANDAPON_USER_ID", "42")
         .env("PANDAGATE_LISTEN", "127.0.0.1:0")
         .env("PANDAGATE_ADMIN_LISTEN", "127.0.0.1:0")
+        .env("PANDAGATE_CONTROL_LISTEN", "127.0.0.1:0")
         .env("PANDAGATE_UPSTREAM", upstream.uri())
         .env("PANDAGATE_LOG_FORMAT", "json")
         .env("RUST_LOG", "trace")
@@ -526,6 +539,7 @@ fn check_and_run_refuse_alike_what_would_overflow_or_panic() {
             CREDS[1],
             ("PANDAGATE_LISTEN", "127.0.0.1:0"),
             ("PANDAGATE_ADMIN_LISTEN", "127.0.0.1:0"),
+            ("PANDAGATE_CONTROL_LISTEN", "127.0.0.1:0"),
         ];
         let ran = output(&["run", "--config", &path], &env);
         assert_eq!(

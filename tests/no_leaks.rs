@@ -162,6 +162,7 @@ async fn nothing_secret_reaches_any_output_at_trace_level() {
         .env_clear()
         .env("PANDAGATE_LISTEN", "127.0.0.1:0")
         .env("PANDAGATE_ADMIN_LISTEN", "127.0.0.1:0")
+        .env("PANDAGATE_CONTROL_LISTEN", "127.0.0.1:0")
         .env("PANDAGATE_LOG_FORMAT", "json")
         .env("RUST_LOG", "trace")
         .env("CALLER_TOKEN", TOKEN)

@@ -129,6 +129,7 @@ async fn calls_never_wait_for_an_access_log_nobody_reads() {
         stderr,
         gateway,
         admin,
+        ..
     } = support::launch_stdout_unread(
         &["--config", config.to_str().unwrap()],
         &[
@@ -202,6 +203,7 @@ async fn calls_never_wait_for_diagnostics_nobody_reads() {
         stderr,
         gateway,
         admin,
+        ..
     } = support::launch(
         &["--config", config.to_str().unwrap()],
         &[

@@ -162,6 +162,14 @@ impl Config {
                 )
             })?;
         }
+        if let Some(v) = env("PANDAGATE_CONTROL_LISTEN") {
+            self.server.control_listen = v.parse().map_err(|_| {
+                ConfigError::new(
+                    "PANDAGATE_CONTROL_LISTEN",
+                    format_args!("not an address:port: {v:?}"),
+                )
+            })?;
+        }
         if let Some(v) = env("PANDAGATE_WORKER_THREADS") {
             self.server.worker_threads = v.parse().map_err(|_| {
                 ConfigError::new(

@@ -1,10 +1,12 @@
 //! `[server]`: the listeners and the limits every caller's connection is held to.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
 use super::error::{ConfigError, at_most, positive};
+use super::secrets::SecretSource;
 
 /// The listener that internal services call.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -12,8 +14,21 @@ use super::error::{ConfigError, at_most, positive};
 pub struct ServerConfig {
     /// Address to listen on (env `PANDAGATE_LISTEN`). Port 0 picks a free port.
     pub listen: SocketAddr,
-    /// Admin endpoints: health, readiness, metrics, quit (env `PANDAGATE_ADMIN_LISTEN`).
+    /// Read-only operator endpoints: health, readiness, metrics and the
+    /// pending deliveries (env `PANDAGATE_ADMIN_LISTEN`). Only `GET` and
+    /// `HEAD`: it may be opened to the kubelet and to Prometheus.
     pub admin_listen: SocketAddr,
+    /// The endpoints that change state: drain and exit, cache purge,
+    /// callback replay (env `PANDAGATE_CONTROL_LISTEN`). A loopback address
+    /// unless a token is set (`control_token_env` or `control_token_file`),
+    /// which then every call must bear (`Authorization: Bearer <token>`).
+    pub control_listen: SocketAddr,
+    /// The environment variable holding the control listener's token.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub control_token_env: Option<String>,
+    /// A file holding the control listener's token.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub control_token_file: Option<PathBuf>,
     /// Time a client has to send a complete HTTP/1 request head, from its
     /// first byte, in milliseconds.
     pub header_read_timeout_ms: u64,
@@ -57,6 +72,17 @@ pub struct ServerConfig {
     pub worker_threads: usize,
 }
 
+impl ServerConfig {
+    /// Where the control listener's token comes from, if it has one.
+    pub fn control_token(&self) -> Result<Option<SecretSource>, ConfigError> {
+        SecretSource::from_keys(
+            self.control_token_env.as_deref(),
+            self.control_token_file.as_deref(),
+            "server.control_token",
+        )
+    }
+}
+
 /// What happens to a call whose path is ambiguous.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -71,6 +97,9 @@ impl Default for ServerConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 9901)),
+            control_listen: SocketAddr::from(([127, 0, 0, 1], 9902)),
+            control_token_env: None,
+            control_token_file: None,
             header_read_timeout_ms: 10_000,
             body_read_timeout_ms: 30_000,
             idle_timeout_ms: 75_000,
@@ -134,6 +163,26 @@ impl ServerConfig {
             return Err(ConfigError::new(
                 "server.max_header_bytes",
                 "must be at least 8192",
+            ));
+        }
+        let token = self.control_token()?;
+        if token.is_none() && !self.control_listen.ip().is_loopback() {
+            return Err(ConfigError::new(
+                "server.control_listen",
+                format_args!(
+                    "{} is not a loopback address: the endpoints that drain the gateway, purge \
+                     its cache and replay pushes need a token off loopback (control_token_env \
+                     or control_token_file)",
+                    self.control_listen
+                ),
+            ));
+        }
+        if self.control_listen.port() != 0
+            && (self.control_listen == self.admin_listen || self.control_listen == self.listen)
+        {
+            return Err(ConfigError::new(
+                "server.control_listen",
+                "must differ from server.listen and server.admin_listen",
             ));
         }
         if self.buffer_body_bytes > self.max_request_body_bytes {

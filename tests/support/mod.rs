@@ -422,13 +422,15 @@ impl Drop for RedisServer {
     }
 }
 
-/// The real binary, serving, with both listeners known.
+/// The real binary, serving, with its listeners known.
 pub struct Running {
     pub child: tokio::process::Child,
     /// Diagnostics not yet read; kept so the pipe stays open.
     pub stderr: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStderr>>,
     pub gateway: String,
     pub admin: String,
+    /// The control listener (state-changing operator endpoints).
+    pub control: String,
 }
 
 impl Running {
@@ -461,6 +463,7 @@ async fn launch_with_stdout(
         .env_clear()
         .env("PANDAGATE_LISTEN", "127.0.0.1:0")
         .env("PANDAGATE_ADMIN_LISTEN", "127.0.0.1:0")
+        .env("PANDAGATE_CONTROL_LISTEN", "127.0.0.1:0")
         .env("PANDAGATE_LOG_FORMAT", "json")
         .envs(env.iter().copied())
         .stdout(stdout)
@@ -469,7 +472,7 @@ async fn launch_with_stdout(
         .spawn()
         .unwrap();
     let mut stderr = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    let (mut gateway, mut admin) = (None, None);
+    let (mut gateway, mut admin, mut control) = (None, None, None);
     let found = tokio::time::timeout(Duration::from_secs(20), async {
         while let Some(line) = stderr.next_line().await.unwrap() {
             let v: Value = serde_json::from_str(&line).unwrap();
@@ -477,9 +480,10 @@ async fn launch_with_stdout(
             match v["message"].as_str() {
                 Some("gateway listening") => gateway = addr,
                 Some("admin listening") => admin = addr,
+                Some("control listening") => control = addr,
                 _ => {}
             }
-            if gateway.is_some() && admin.is_some() {
+            if gateway.is_some() && admin.is_some() && control.is_some() {
                 return;
             }
         }
@@ -492,6 +496,7 @@ async fn launch_with_stdout(
         stderr,
         gateway: gateway.unwrap(),
         admin: admin.unwrap(),
+        control: control.unwrap(),
     }
 }
 

@@ -1,59 +1,28 @@
-//! The admin listener, apart from traffic: `GET /healthz`, `GET /readyz`,
-//! `GET /metrics` (Prometheus text), `POST /quitquitquit` (drain and exit,
-//! for Jobs whose main container has finished), `POST /cache/purge?prefix=P`
-//! (drops the read cache's entries whose path starts with `P`), and with
-//! `[callbacks]`: `GET /callbacks[?dead=1]` (pending or dead deliveries,
-//! JSON) and `POST /callbacks/replay?id=ID|all-dead=1`.
+//! The operator endpoints, apart from traffic, on two listeners:
+//!
+//! * the admin listener (`server.admin_listen`) only reads: `GET /healthz`,
+//!   `GET /readyz`, `GET /metrics` (Prometheus text) and, with
+//!   `[callbacks]`, `GET /callbacks[?dead=1]` (pending or dead deliveries,
+//!   JSON). It may be opened to the kubelet and to Prometheus.
+//! * the control listener (`server.control_listen`, [`control`]) changes
+//!   state: `POST /quitquitquit`, `POST /cache/purge`, `POST
+//!   /callbacks/replay`. It is on loopback, or demands a token.
+
+mod control;
+
+pub use control::Control;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use tokio::sync::watch;
 
 use crate::limiter::BackendState;
 use std::sync::Arc;
 
 use crate::callbacks::Callbacks;
+pub use crate::drain::Drain;
 use crate::exporter::{Exporter, GatewaySource, Process};
-
-/// Process-wide drain state: once draining, readiness fails and listeners
-/// stop accepting.
-#[derive(Clone, Debug)]
-pub struct Drain {
-    tx: watch::Sender<bool>,
-}
-
-impl Default for Drain {
-    fn default() -> Self {
-        Drain {
-            tx: watch::Sender::new(false),
-        }
-    }
-}
-
-impl Drain {
-    /// Starts draining; returns `false` if it had already started.
-    pub fn start(&self, why: &str) -> bool {
-        let first = self
-            .tx
-            .send_if_modified(|draining| !std::mem::replace(draining, true));
-        if first {
-            tracing::info!(reason = why, "draining: readiness off, no new connections");
-        }
-        first
-    }
-
-    pub fn is_draining(&self) -> bool {
-        *self.tx.borrow()
-    }
-
-    /// Completes when draining starts.
-    pub async fn started(&self) {
-        let mut rx = self.tx.subscribe();
-        let _ = rx.wait_for(|draining| *draining).await;
-    }
-}
 
 /// What the admin endpoints read.
 pub struct Admin {
@@ -93,82 +62,24 @@ impl Admin {
                 );
                 r
             }
-            (&Method::POST, "/quitquitquit") => {
-                self.drain.start("POST /quitquitquit");
-                text(StatusCode::OK, "draining\n".into())
-            }
             (&Method::GET, "/callbacks") => {
                 let dead = has_flag(req.uri().query(), "dead");
-                self.with_callbacks(|cb| async move {
+                with_callbacks(self.callbacks.as_ref(), |cb| async move {
                     cb.list(dead).await.map(|l| serde_json::json!(l))
                 })
                 .await
             }
-            (&Method::POST, "/callbacks/replay") => {
-                let id = query_value(req.uri().query(), "id");
-                if id.is_none() && !has_flag(req.uri().query(), "all-dead") {
-                    return text(StatusCode::BAD_REQUEST, "give id=ID or all-dead=1\n".into());
-                }
-                self.with_callbacks(|cb| async move {
-                    cb.replay(id)
-                        .await
-                        .map(|n| serde_json::json!({ "replayed": n }))
-                })
-                .await
-            }
-            (&Method::POST, "/cache/purge") => {
-                let Some(prefix) = query_value(req.uri().query(), "prefix") else {
-                    return text(StatusCode::BAD_REQUEST, "give prefix=/path/\n".into());
-                };
-                let cache = (self.gateway)().cache().clone();
-                let purged = cache.purge_everywhere(&prefix).await;
-                let redis = purged.shared.map(|s| s.removed);
-                let body = serde_json::json!({
-                    "purged": purged.here + redis.unwrap_or(0),
-                    "memory": purged.here,
-                    "redis": redis,
-                    "complete": purged.complete(),
-                });
-                // Not finished: some of the prefix's entries may remain in
-                // Redis, and purging again goes on.
-                let status = if purged.complete() {
-                    StatusCode::OK
-                } else {
-                    StatusCode::SERVICE_UNAVAILABLE
-                };
-                let mut r = text(status, format!("{body}\n"));
-                r.headers_mut().insert(
-                    header::CONTENT_TYPE,
-                    header::HeaderValue::from_static("application/json"),
-                );
-                r
-            }
-            (_, "/healthz" | "/readyz" | "/metrics" | "/quitquitquit" | "/cache/purge") => text(
+            (_, "/quitquitquit" | "/cache/purge" | "/callbacks/replay") => text(
+                StatusCode::NOT_FOUND,
+                "not on the admin listener, which only reads: this endpoint is on the control \
+                 listener (server.control_listen)\n"
+                    .into(),
+            ),
+            (_, "/healthz" | "/readyz" | "/metrics" | "/callbacks") => text(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method not allowed\n".into(),
             ),
             _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
-        }
-    }
-
-    async fn with_callbacks<F, Fut>(&self, f: F) -> Response<Full<Bytes>>
-    where
-        F: FnOnce(Arc<Callbacks>) -> Fut,
-        Fut: Future<Output = Result<serde_json::Value, crate::callbacks::CallbackError>>,
-    {
-        let Some(cb) = self.callbacks.clone() else {
-            return text(StatusCode::NOT_FOUND, "no [callbacks] configured\n".into());
-        };
-        match f(cb).await {
-            Ok(v) => {
-                let mut r = text(StatusCode::OK, format!("{v}\n"));
-                r.headers_mut().insert(
-                    header::CONTENT_TYPE,
-                    header::HeaderValue::from_static("application/json"),
-                );
-                r
-            }
-            Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
         }
     }
 
@@ -188,6 +99,31 @@ impl Admin {
         }
         text(StatusCode::OK, format!("ready; rate limit: {limiter}\n"))
     }
+}
+
+/// Runs `f` on the push receiver, answering its result as JSON; 404
+/// without `[callbacks]`.
+async fn with_callbacks<F, Fut>(callbacks: Option<&Arc<Callbacks>>, f: F) -> Response<Full<Bytes>>
+where
+    F: FnOnce(Arc<Callbacks>) -> Fut,
+    Fut: Future<Output = Result<serde_json::Value, crate::callbacks::CallbackError>>,
+{
+    let Some(cb) = callbacks.cloned() else {
+        return text(StatusCode::NOT_FOUND, "no [callbacks] configured\n".into());
+    };
+    match f(cb).await {
+        Ok(v) => json(StatusCode::OK, &v),
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+    }
+}
+
+fn json(status: StatusCode, v: &serde_json::Value) -> Response<Full<Bytes>> {
+    let mut r = text(status, format!("{v}\n"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    r
 }
 
 /// Whether `query` sets parameter `name` to `1`.
