@@ -78,6 +78,15 @@ fn text(span: &Span, key: &str) -> Option<String> {
     }
 }
 
+/// A gateway exporting its spans to a receiver of this test, every 50 ms.
+async fn traced(upstream: &str) -> (Receiver, TestGateway) {
+    let receiver = Receiver::default();
+    let mut c = config(upstream);
+    c.telemetry.otlp_endpoint = Some(receiver.start().await);
+    c.telemetry.export_interval_ms = 50;
+    (receiver, spawn_gateway(c).await)
+}
+
 const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const PARENT: &str = "00f067aa0ba902b7";
 
@@ -212,13 +221,8 @@ async fn a_retried_read_continues_the_callers_trace_with_a_span_per_attempt() {
 
 #[tokio::test]
 async fn without_a_traceparent_the_gateway_starts_a_trace_and_without_an_endpoint_none() {
-    let receiver = Receiver::default();
-    let endpoint = receiver.start().await;
     let upstream = upstream_answering(ResponseTemplate::new(200)).await;
-    let mut c = config(&upstream.uri());
-    c.telemetry.otlp_endpoint = Some(endpoint);
-    c.telemetry.export_interval_ms = 50;
-    let gw = spawn_gateway(c).await;
+    let (receiver, gw) = traced(&upstream.uri()).await;
     assert_eq!(get(&gw.url("/open/product/get")).await.status, 200);
     let spans = receiver.spans(2).await;
     let server = spans
@@ -249,13 +253,8 @@ async fn without_a_traceparent_the_gateway_starts_a_trace_and_without_an_endpoin
 
 #[tokio::test]
 async fn an_oversized_tracestate_is_not_kept_in_spans() {
-    let receiver = Receiver::default();
-    let endpoint = receiver.start().await;
     let upstream = upstream_answering(ResponseTemplate::new(200)).await;
-    let mut c = config(&upstream.uri());
-    c.telemetry.otlp_endpoint = Some(endpoint);
-    c.telemetry.export_interval_ms = 50;
-    let gw = spawn_gateway(c).await;
+    let (receiver, gw) = traced(&upstream.uri()).await;
     let long = format!("vendor={}", "x".repeat(600));
     let many = (0..40)
         .map(|i| format!("v{i}=a"))
