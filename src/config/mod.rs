@@ -264,6 +264,17 @@ impl Config {
         if let Some(callbacks) = &self.callbacks {
             let names: Vec<String> = self.profiles.iter().map(|p| p.name.clone()).collect();
             callbacks.validate(&names)?;
+            // Pushes together may hold a quarter of the body budget: it
+            // must fit one push.
+            let share = self.server.max_buffered_body_bytes / crate::body_budget::SHARE_DIVISOR;
+            if callbacks.max_body_bytes as u64 > share {
+                return Err(ConfigError::new(
+                    "callbacks.max_body_bytes",
+                    format_args!(
+                        "must be at most a quarter of server.max_buffered_body_bytes ({share})"
+                    ),
+                ));
+            }
         }
         let listen = self.server.listen;
         if self.clients.is_empty() && !self.allow_unauthenticated && !listen.ip().is_loopback() {
