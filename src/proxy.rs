@@ -38,6 +38,7 @@ use tokio::time::Instant;
 use crate::access_log::{AccessLog, AccessRecord};
 use crate::auth::Clients;
 use crate::body::{self, BodyTimedOut, BodyTooLarge, ResponseBody, UpstreamBody};
+use crate::body_budget::{BodyBudget, ConnectionBodies, Reader};
 use crate::breaker::{Admission, Breaker, State as BreakerState};
 use crate::cache::{self, CacheResult, CallerWish, ReadCache, Role};
 use crate::call_log::CallLog;
@@ -91,6 +92,10 @@ pub struct Gateway {
     /// Good answers of cached read routes; made once per process and handed
     /// from one config to the next.
     cache: Arc<ReadCache>,
+    /// What request bodies being read may hold, shared with the push
+    /// receiver; made once per process and handed from one config to the
+    /// next.
+    bodies: Arc<BodyBudget>,
 }
 
 /// One upstream attempt's result: the answer the caller would get.
@@ -168,6 +173,7 @@ impl Gateway {
             idempotency: None,
             traces: None,
             cache: Arc::new(ReadCache::open(&c.cache, loaded.cache_redis_url.as_ref())?),
+            bodies: BodyBudget::new(c.server.max_buffered_body_bytes),
         })
     }
 
@@ -200,6 +206,18 @@ impl Gateway {
 
     pub fn cache(&self) -> &Arc<ReadCache> {
         &self.cache
+    }
+
+    /// Reads bodies within `bodies` (the process's budget, kept from the
+    /// gateway this one replaces), set to this config's limit.
+    pub fn with_body_budget(mut self, bodies: Arc<BodyBudget>) -> Gateway {
+        bodies.resize(self.server.max_buffered_body_bytes);
+        self.bodies = bodies;
+        self
+    }
+
+    pub fn body_budget(&self) -> &Arc<BodyBudget> {
+        &self.bodies
     }
 
     pub fn access_log(&self) -> &AccessLog {
@@ -322,11 +340,15 @@ impl Gateway {
             deadline: Instant::now() + Duration::from_millis(self.server.body_read_timeout_ms),
             timeout_ms: self.server.body_read_timeout_ms,
         };
+        let connection = req.extensions().get::<Arc<ConnectionBodies>>().cloned();
         let (parts, incoming) = req.into_parts();
         let call = self.prepare(parts, x_request_id, record)?;
         // Small bodies are read whole, so an over-limit body is refused
-        // before anything is sent, and the bytes can be sent again.
-        let body = body::read_request(incoming, call.declared, body_limits).await?;
+        // before anything is sent, and the bytes can be sent again. Their
+        // hold on the body budget lasts as long as the call's attempts,
+        // which may send them again.
+        let held = self.bodies.hold(Reader::Call, connection);
+        let (body, _held) = body::read_request(incoming, call.declared, body_limits, held).await?;
         match (&self.idempotency, call.key, call.route.cache) {
             (Some(idempotency), Some(key), _) => {
                 self.keyed(idempotency, &call, key, body, gateway_id, record)

@@ -13,7 +13,12 @@
 //!   byte, a kept-alive one left unused, and one whose peer stopped reading
 //!   its answer;
 //! * a listener holds at most `max_connections` ([`Connections`]); HTTP/2
-//!   allows `http2_max_concurrent_streams` streams per connection.
+//!   allows `http2_max_concurrent_streams` streams per connection, each
+//!   with a head of at most `max_header_bytes`, 64 KiB of unread request
+//!   data (1 MiB for the whole connection) and 64 KiB of answer queued;
+//! * the bodies its requests read whole hold at most a quarter of the
+//!   process's body budget ([`ConnectionBodies`], handed to each request as
+//!   an extension).
 //!
 //! A request being handled (its body read, or the provider's answer awaited)
 //! is never cut by the idle timer: the handlers bound their own time.
@@ -45,6 +50,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 
+use crate::body_budget::ConnectionBodies;
 use crate::config::ServerConfig;
 use crate::connections::Connections;
 
@@ -60,6 +66,8 @@ pub struct ServerOptions {
     pub max_connections: usize,
     pub http2_max_concurrent_streams: u32,
     pub shutdown_grace: Duration,
+    /// Speak HTTP/1.1 only (no h2c): one request at a time per connection.
+    pub http1_only: bool,
 }
 
 impl From<&ServerConfig> for ServerOptions {
@@ -72,6 +80,7 @@ impl From<&ServerConfig> for ServerOptions {
             max_connections: c.max_connections,
             http2_max_concurrent_streams: c.http2_max_concurrent_streams,
             shutdown_grace: Duration::from_millis(c.shutdown_grace_ms),
+            http1_only: false,
         }
     }
 }
@@ -80,6 +89,10 @@ impl From<&ServerConfig> for ServerOptions {
 /// have sent that the gateway has not read yet (Envoy's edge settings).
 const H2_STREAM_WINDOW: u32 = 64 * 1024;
 const H2_CONNECTION_WINDOW: u32 = 1024 * 1024;
+/// What an HTTP/2 stream's answer may have queued that the peer has not
+/// taken yet (hyper's default is 400 KiB): a stream's window's worth,
+/// so a hundred slow-reading streams hold 6.4 MiB, not 40.
+const H2_SEND_BUFFER: usize = H2_STREAM_WINDOW as usize;
 
 /// Serves `handler` on `listener` until `shutdown` completes, then stops
 /// accepting and gives open connections `shutdown_grace` to finish.
@@ -140,7 +153,9 @@ pub async fn serve_counted<H, F, B>(
                 let activity = Arc::new(Activity::new());
                 let handler = handler.clone();
                 let calls = activity.clone();
-                let service = service_fn(move |req| {
+                let bodies = ConnectionBodies::new();
+                let service = service_fn(move |mut req: Request<Incoming>| {
+                    req.extensions_mut().insert(bodies.clone());
                     let handling = Handling::enter(calls.clone());
                     // Boxed: hyper keeps the call's future in its own slot,
                     // which then moves a pointer, not the whole call.
@@ -182,6 +197,9 @@ pub async fn serve_counted<H, F, B>(
 /// HTTP/1.1 and HTTP/2 with the listener's limits.
 fn connection_builder(opts: &ServerOptions) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    if opts.http1_only {
+        builder = builder.http1_only();
+    }
     // No timer for HTTP/1: the head's deadline is the connection watcher's
     // (hyper's would arm a timer per request).
     builder
@@ -194,7 +212,8 @@ fn connection_builder(opts: &ServerOptions) -> auto::Builder<TokioExecutor> {
         .max_header_list_size(opts.max_header_bytes as u32)
         .max_concurrent_streams(opts.http2_max_concurrent_streams)
         .initial_stream_window_size(H2_STREAM_WINDOW)
-        .initial_connection_window_size(H2_CONNECTION_WINDOW);
+        .initial_connection_window_size(H2_CONNECTION_WINDOW)
+        .max_send_buf_size(H2_SEND_BUFFER);
     builder
 }
 
