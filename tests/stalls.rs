@@ -375,25 +375,6 @@ async fn connections_over_the_cap_are_closed_and_admin_keeps_answering() {
     assert_eq!(answer.status, 200);
 }
 
-/// One HTTP/2 frame: type, flags, stream and payload.
-fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-    let len = payload.len() as u32;
-    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
-    f.extend_from_slice(&stream.to_be_bytes());
-    f.extend_from_slice(payload);
-    f
-}
-
-/// A GET request's header block in HPACK, literals only.
-fn h2_get(path: &str) -> Vec<u8> {
-    // :method GET and :scheme http from the static table; :path and
-    // :authority as literals without indexing, names from the static table.
-    let mut block = vec![0x82, 0x86, 0x04, path.len() as u8];
-    block.extend_from_slice(path.as_bytes());
-    block.extend_from_slice(&[0x01, 1, b'x']);
-    block
-}
-
 /// A client that ignores the gateway's SETTINGS and opens more streams
 /// than `server.http2_max_concurrent_streams` at once: the extra streams
 /// are refused (RST_STREAM REFUSED_STREAM) and never reach the provider.
