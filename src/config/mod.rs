@@ -434,6 +434,32 @@ mod tests {
         assert_eq!(e.key, "callbacks.retain_ms", "{e}");
     }
 
+    /// A connection, and all pushes, may hold a quarter of the body
+    /// budget: each must fit one body read whole.
+    #[test]
+    fn a_body_budget_too_small_for_one_body_per_share_is_named() {
+        let e = err("[server]\nmax_buffered_body_bytes = 0\n");
+        assert_eq!(e.key, "server.max_buffered_body_bytes", "{e}");
+        let e = err("[server]\nbuffer_body_bytes = 1000\nmax_buffered_body_bytes = 3999\n");
+        assert_eq!(e.key, "server.max_buffered_body_bytes", "{e}");
+        assert!(
+            e.message.contains("4 × server.buffer_body_bytes (4000)"),
+            "{e}"
+        );
+        let e = err(
+            "[server]\nbuffer_body_bytes = 1000\nmax_buffered_body_bytes = 4000\n\
+             [callbacks]\nmax_body_bytes = 1001\n",
+        );
+        assert_eq!(e.key, "callbacks.max_body_bytes", "{e}");
+        let mut ok = Config::from_toml(
+            "[server]\nbuffer_body_bytes = 1000\nmax_buffered_body_bytes = 4000\n\
+             [callbacks]\nmax_body_bytes = 1000\n",
+        )
+        .unwrap();
+        ok.apply_env(&env_of(CREDS)).unwrap();
+        ok.validate().unwrap();
+    }
+
     #[test]
     fn malformed_url_is_named() {
         for url in ["not a url", "ftp://x", "https://", "https://h/?q=1"] {
