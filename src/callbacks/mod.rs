@@ -26,7 +26,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
 
 use crate::body::{self, BodyLimits, ResponseBody, UpstreamBody};
-use crate::body_budget::{BodyBudget, ConnectionBodies, Reader};
+use crate::body_budget::{BodyBudget, ConnectionBodies, Held, Reader};
 use crate::config::{CallbacksConfig, ConfigError, SubscriberConfig};
 use crate::error::{GatewayError, envelope_response};
 use crate::ids;
@@ -527,7 +527,7 @@ impl Callbacks {
         &self,
         body: Incoming,
         connection: Option<Arc<ConnectionBodies>>,
-    ) -> Result<(Bytes, crate::body_budget::Held), Refusal> {
+    ) -> Result<(Bytes, Held), Refusal> {
         // One push body at a time per connection: HTTP/2 streams cannot
         // make one connection read a hundred.
         let _turn = match &connection {
