@@ -30,6 +30,7 @@ use tokio::sync::oneshot;
 
 use crate::access_log::AccessLog;
 use crate::admin::{Admin, Control, Drain};
+use crate::body_budget::BodyBudget;
 use crate::callbacks::{Backend, Callbacks};
 use crate::config::{ConfigError, process_env};
 use crate::connections::Connections;
@@ -144,9 +145,13 @@ impl App {
             None => None,
             Some(endpoint) => Some(Arc::new(Traces::start(&loaded.config.telemetry, endpoint)?)),
         };
+        // One budget for the bodies being read, by every listener and
+        // thread, calls and pushes alike; handed from each config to the next.
+        let bodies = BodyBudget::new(loaded.config.server.max_buffered_body_bytes);
         let gateway = Gateway::with_metrics(&loaded, log.clone(), metrics.clone())?
             .with_idempotency(idempotency)
-            .with_traces(traces.clone());
+            .with_traces(traces.clone())
+            .with_body_budget(bodies.clone());
         let current: reload::Current = Arc::new(ArcSwap::from_pointee(gateway));
         // The store is a file only one process may hold: opened once, its
         // settings taken at start, not on SIGHUP. The secret that verifies a
@@ -160,6 +165,7 @@ impl App {
                     c.clone(),
                     reload::profile_secret(current.clone(), &c.profile),
                     Duration::from_millis(loaded.config.server.body_read_timeout_ms),
+                    bodies.clone(),
                     store,
                     traces.clone(),
                 )?;
@@ -444,7 +450,13 @@ impl Serving {
                         let cb = cb.clone();
                         async move { cb.receive(req).await }
                     },
-                    self.opts.clone(),
+                    // The provider pushes one message per request: HTTP/1.1
+                    // is all it needs, and no peer gets a hundred streams
+                    // on the internet-facing listener.
+                    ServerOptions {
+                        http1_only: true,
+                        ..self.opts.clone()
+                    },
                     conns,
                     async move { drain.started().await },
                 )))

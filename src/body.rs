@@ -7,7 +7,12 @@
 //!   moment it passes `server.max_request_body_bytes`. Either way the body
 //!   must be in by its deadline (`server.body_read_timeout_ms`): a streamed
 //!   one that is not is cut off mid-upload, so the provider never receives
-//!   a complete request.
+//!   a complete request. The bytes read are held against the process's
+//!   body budget (`crate::body_budget`) as they arrive, a declared length
+//!   at once, before a byte is read; a body that would pass it is refused.
+//!   A streamed body holds only its first, buffered part, until that part
+//!   has gone upstream: what follows passes through one chunk at a time,
+//!   as fast as the provider takes it.
 //! * [`ResponseBody`] passes the response through unchanged, showing each
 //!   chunk and then how the body ended to a [`BodyWatch`] (the call's log
 //!   line rides along that way, see `crate::call_log`).
@@ -22,6 +27,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
+use crate::body_budget::Held;
 use crate::error::GatewayError;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -50,6 +56,8 @@ pub enum UpstreamBody {
         seen: u64,
         max: u64,
         deadline: Pin<Box<tokio::time::Sleep>>,
+        /// The budget `pending` holds, given back once it has gone.
+        held: Held,
     },
 }
 
@@ -77,16 +85,28 @@ pub struct BodyLimits {
 }
 
 /// Reads `body` whole if it ends within `limits.buffer` bytes; refuses it
-/// past `limits.max` or when it is not in by `limits.deadline`.
+/// past `limits.max` or when it is not in by `limits.deadline`, and when
+/// `held` cannot grow to hold what is read ([`GatewayError::Overloaded`]).
+///
+/// A body read whole comes back with the hold of its bytes, to be kept as
+/// long as the bytes are (for a call, until its last attempt); a streamed
+/// body carries its own, and an empty one comes back.
 pub async fn read_request(
     body: Incoming,
     declared: Option<u64>,
     limits: BodyLimits,
-) -> Result<UpstreamBody, GatewayError> {
+    mut held: Held,
+) -> Result<(UpstreamBody, Held), GatewayError> {
     if declared.is_some_and(|len| len > limits.max) {
         return Err(GatewayError::BodyTooLarge { limit: limits.max });
     }
-    tokio::time::timeout_at(limits.deadline, read_or_stream(body, limits))
+    // What the caller says it sends is taken before a byte is read, up to
+    // what would be buffered: a refusal then costs nothing.
+    if let Some(len) = declared {
+        held.grow_to(len.min(limits.buffer))
+            .map_err(|_| GatewayError::Overloaded)?;
+    }
+    tokio::time::timeout_at(limits.deadline, read_or_stream(body, limits, held))
         .await
         .unwrap_or(Err(GatewayError::BodyTimeout(limits.timeout_ms)))
 }
@@ -94,7 +114,8 @@ pub async fn read_request(
 async fn read_or_stream(
     mut body: Incoming,
     limits: BodyLimits,
-) -> Result<UpstreamBody, GatewayError> {
+    mut held: Held,
+) -> Result<(UpstreamBody, Held), GatewayError> {
     let BodyLimits { buffer, max, .. } = limits;
     let mut chunks: VecDeque<Bytes> = VecDeque::new();
     let mut seen: u64 = 0;
@@ -111,21 +132,24 @@ async fn read_or_stream(
         if seen > max {
             return Err(GatewayError::BodyTooLarge { limit: max });
         }
+        held.grow_to(seen).map_err(|_| GatewayError::Overloaded)?;
         if !data.is_empty() {
             chunks.push_back(data);
         }
         if seen > buffer {
-            return Ok(UpstreamBody::Stream {
+            let stream = UpstreamBody::Stream {
                 pending: chunks,
                 rest: body,
                 seen,
                 max,
                 deadline: Box::pin(tokio::time::sleep_until(limits.deadline)),
-            });
+                held: held.take(),
+            };
+            return Ok((stream, held));
         }
     }
     let whole = (!chunks.is_empty()).then(|| join(chunks));
-    Ok(UpstreamBody::Full(whole))
+    Ok((UpstreamBody::Full(whole), held))
 }
 
 impl Body for UpstreamBody {
@@ -144,8 +168,14 @@ impl Body for UpstreamBody {
                 seen,
                 max,
                 deadline,
+                held,
             } => {
                 if let Some(chunk) = pending.pop_front() {
+                    if pending.is_empty() {
+                        // The buffered part is on its way upstream; the
+                        // rest passes a chunk at a time.
+                        held.release();
+                    }
                     return Poll::Ready(Some(Ok(Frame::data(chunk))));
                 }
                 loop {

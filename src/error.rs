@@ -41,6 +41,13 @@ pub enum GatewayError {
     BodyRead,
     #[error("request body not received within {0} ms")]
     BodyTimeout(u64),
+    /// The bodies being read hold all the memory set aside for them
+    /// (`crate::body_budget`).
+    #[error(
+        "the gateway is reading as many request bodies as server.max_buffered_body_bytes \
+         allows; retry later"
+    )]
+    Overloaded,
     #[error("upstream unreachable")]
     UpstreamConnect,
     #[error("upstream did not answer within {0} ms")]
@@ -112,7 +119,7 @@ impl GatewayError {
             Self::IdempotencyOutcomeUnknown | Self::IdempotencyAnswerNotKept { .. } => {
                 StatusCode::BAD_GATEWAY
             }
-            Self::IdempotencyUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::IdempotencyUnavailable | Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::UpstreamConnect | Self::UpstreamFailed => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
@@ -135,6 +142,7 @@ impl GatewayError {
             Self::BodyTooLarge { .. } => "body_too_large",
             Self::BodyRead => "body_read",
             Self::BodyTimeout(_) => "body_timeout",
+            Self::Overloaded => "overloaded",
             Self::UpstreamConnect => "upstream_connect",
             Self::UpstreamTimeout(_) => "upstream_timeout",
             Self::UpstreamFailed => "upstream_failed",
@@ -160,7 +168,7 @@ impl GatewayError {
             Self::MethodNotAllowed(_) => {
                 headers.insert(header::ALLOW, HeaderValue::from_static(ALLOWED_METHODS));
             }
-            Self::IdempotencyInProgress | Self::IdempotencyUnavailable => {
+            Self::IdempotencyInProgress | Self::IdempotencyUnavailable | Self::Overloaded => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             Self::CircuitOpen { retry_after } => {
@@ -249,6 +257,15 @@ mod tests {
     }
 
     #[test]
+    fn overloaded_says_when_to_come_back() {
+        let r = GatewayError::Overloaded.to_response("id");
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "1");
+        let v: serde_json::Value = serde_json::from_slice(r.body()).unwrap();
+        assert_eq!(v["error"], "overloaded");
+    }
+
+    #[test]
     fn rate_limited_carries_retry_after_and_ratelimit_headers() {
         let r = GatewayError::RateLimited {
             retry_after: std::time::Duration::from_millis(2100),
@@ -288,6 +305,7 @@ mod tests {
             (IdempotencyOutcomeUnknown, 502),
             (IdempotencyAnswerNotKept { status: 200 }, 502),
             (IdempotencyUnavailable, 503),
+            (Overloaded, 503),
             (
                 CircuitOpen {
                     retry_after: std::time::Duration::from_millis(1500),

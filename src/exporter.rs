@@ -1,6 +1,7 @@
 //! `/metrics`: the per-call series of [`crate::metrics`], and the state
 //! other components keep in plain atomics (the retry budget, the limiter,
-//! the breaker, the listeners, the push receiver), read at scrape time.
+//! the breaker, the listeners, the body budget, the push receiver), read
+//! at scrape time.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
+use crate::body_budget::Reader;
 use crate::breaker::State;
 use crate::callbacks::Callbacks;
 use crate::connections::Connections;
@@ -85,6 +87,7 @@ fn per_listener(
 impl Collector for StateCollector {
     fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
         self.encode_listeners(&mut e)?;
+        self.encode_bodies(&mut e)?;
         self.encode_gateway(&mut e)?;
         self.encode_logs(&mut e)?;
         self.encode_callbacks(&mut e)
@@ -110,6 +113,32 @@ impl StateCollector {
                 MetricType::Counter,
                 Connections::rejected,
             )?;
+        }
+        Ok(())
+    }
+
+    /// The body budget: bytes held, and bodies refused by reader
+    /// (`listener="gateway"` for calls, `"callbacks"` for pushes on either
+    /// listener).
+    fn encode_bodies(&self, e: &mut DescriptorEncoder) -> std::fmt::Result {
+        let bodies = (self.gateway)().body_budget().clone();
+        gauge(
+            e,
+            "body_budget_held_bytes",
+            "Bytes of request bodies being read or kept for replays, against server.max_buffered_body_bytes.",
+            i64::try_from(bodies.used()).unwrap_or(i64::MAX),
+        )?;
+        let mut family = e.encode_descriptor(
+            "body_budget_rejected",
+            "Request bodies refused (503 overloaded) because they would pass the body budget or a share of it, by reader: gateway (calls) or callbacks (pushes).",
+            None,
+            MetricType::Counter,
+        )?;
+        for reader in [Reader::Call, Reader::Push] {
+            let labels = ListenerLabels {
+                listener: reader.label(),
+            };
+            ConstCounter::new(bodies.refused(reader)).encode(family.encode_family(&labels)?)?;
         }
         Ok(())
     }

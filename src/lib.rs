@@ -15,7 +15,7 @@
 //! Lowest first. A module uses only modules of lower layers, never one of
 //! its own layer or above; `scripts/layers.py` checks it in CI.
 //!
-//! 1. leaves: error ids secret signer headers envelope redact connections log_queue worker drain
+//! 1. leaves: error ids secret signer headers envelope redact connections log_queue worker drain body_budget
 //! 2. config: config
 //! 3. policies: routes retry breaker limiter profiles body telemetry idempotency traces
 //! 4. built on them: auth upstream access_log cache
@@ -29,6 +29,7 @@
 #![forbid(unsafe_code)]
 
 // 1. leaves
+pub mod body_budget;
 pub mod connections;
 pub mod drain;
 pub mod envelope;

@@ -38,6 +38,7 @@ use tokio::time::Instant;
 use crate::access_log::{AccessLog, AccessRecord};
 use crate::auth::Clients;
 use crate::body::{self, BodyTimedOut, BodyTooLarge, ResponseBody, UpstreamBody};
+use crate::body_budget::{BodyBudget, ConnectionBodies, Reader};
 use crate::breaker::{Admission, Breaker, State as BreakerState};
 use crate::cache::{self, CacheResult, CallerWish, ReadCache, Role};
 use crate::call_log::CallLog;
@@ -93,6 +94,10 @@ pub struct Gateway {
     cache: Arc<ReadCache>,
     /// The caller headers a cached route forwards, each in the key.
     cache_forward: Vec<http::HeaderName>,
+    /// What request bodies being read may hold, shared with the push
+    /// receiver; made once per process and handed from one config to the
+    /// next.
+    bodies: Arc<BodyBudget>,
 }
 
 /// One upstream attempt's result: the answer the caller would get.
@@ -179,6 +184,7 @@ impl Gateway {
                 .map(|name| http::HeaderName::from_bytes(name.as_bytes()))
                 .collect::<Result<_, _>>()
                 .map_err(|_| ConfigError::new("cache.forward_headers", "not a header name"))?,
+            bodies: BodyBudget::new(c.server.max_buffered_body_bytes),
         })
     }
 
@@ -211,6 +217,18 @@ impl Gateway {
 
     pub fn cache(&self) -> &Arc<ReadCache> {
         &self.cache
+    }
+
+    /// Reads bodies within `bodies` (the process's budget, kept from the
+    /// gateway this one replaces), set to this config's limit.
+    pub fn with_body_budget(mut self, bodies: Arc<BodyBudget>) -> Gateway {
+        bodies.resize(self.server.max_buffered_body_bytes);
+        self.bodies = bodies;
+        self
+    }
+
+    pub fn body_budget(&self) -> &Arc<BodyBudget> {
+        &self.bodies
     }
 
     pub fn access_log(&self) -> &AccessLog {
@@ -338,11 +356,15 @@ impl Gateway {
             deadline: Instant::now() + Duration::from_millis(self.server.body_read_timeout_ms),
             timeout_ms: self.server.body_read_timeout_ms,
         };
+        let connection = req.extensions().get::<Arc<ConnectionBodies>>().cloned();
         let (parts, incoming) = req.into_parts();
         let call = self.prepare(parts, x_request_id, record)?;
         // Small bodies are read whole, so an over-limit body is refused
-        // before anything is sent, and the bytes can be sent again.
-        let body = body::read_request(incoming, call.declared, body_limits).await?;
+        // before anything is sent, and the bytes can be sent again. Their
+        // hold on the body budget lasts as long as the call's attempts,
+        // which may send them again.
+        let held = self.bodies.hold(Reader::Call, connection);
+        let (body, _held) = body::read_request(incoming, call.declared, body_limits, held).await?;
         match (&self.idempotency, call.key, call.route.cache) {
             (Some(idempotency), Some(key), _) => {
                 self.keyed(idempotency, &call, key, body, gateway_id, record)

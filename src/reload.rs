@@ -12,7 +12,8 @@
 //!   store and settings stay as started, but it verifies each push with the
 //!   running config's secret ([`profile_secret`]). So do the idempotency
 //!   store, the trace exporter and the read cache (its entries and
-//!   `[cache]` settings; the routes' TTLs follow the new config).
+//!   `[cache]` settings; the routes' TTLs follow the new config), and the
+//!   body budget (the bodies it holds; its size follows the new config).
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -139,7 +140,8 @@ pub fn reload(
             let gateway = gateway
                 .with_idempotency(running.idempotency().cloned())
                 .with_traces(running.traces().cloned())
-                .with_cache(running.cache().clone());
+                .with_cache(running.cache().clone())
+                .with_body_budget(running.body_budget().clone());
             current.store(Arc::new(gateway));
             metrics.config_reloaded();
             tracing::info!(profiles = loaded.profiles.len(), "config reloaded");

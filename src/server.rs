@@ -8,12 +8,20 @@
 //!   byte has ([`Activity`]);
 //! * a request body must arrive within `body_read_timeout` (the handlers,
 //!   which answer 408);
-//! * with no request being handled, a connection on which no byte moved
-//!   for `idle_timeout` is closed ([`Activity`]): one that never sends a
-//!   byte, a kept-alive one left unused, and one whose peer stopped reading
-//!   its answer;
+//! * with no request being handled, a connection that did nothing for
+//!   `idle_timeout` is closed ([`Activity`]): one that never sends a byte,
+//!   a kept-alive one left unused, and one whose peer stopped reading its
+//!   answer. On HTTP/1 doing something is moving a byte; on HTTP/2 it is
+//!   a stream beginning or ending, or a byte of an answer's body (a DATA
+//!   frame) written: control frames (PING, SETTINGS, WINDOW_UPDATE,
+//!   PRIORITY...) keep no connection open;
 //! * a listener holds at most `max_connections` ([`Connections`]); HTTP/2
-//!   allows `http2_max_concurrent_streams` streams per connection.
+//!   allows `http2_max_concurrent_streams` streams per connection, each
+//!   with a head of at most `max_header_bytes`, 64 KiB of unread request
+//!   data (1 MiB for the whole connection) and 64 KiB of answer queued;
+//! * the bodies its requests read whole hold at most a quarter of the
+//!   process's body budget ([`ConnectionBodies`], handed to each request as
+//!   an extension).
 //!
 //! A request being handled (its body read, or the provider's answer awaited)
 //! is never cut by the idle timer: the handlers bound their own time.
@@ -45,6 +53,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 
+use crate::body_budget::ConnectionBodies;
 use crate::config::ServerConfig;
 use crate::connections::Connections;
 
@@ -60,6 +69,8 @@ pub struct ServerOptions {
     pub max_connections: usize,
     pub http2_max_concurrent_streams: u32,
     pub shutdown_grace: Duration,
+    /// Speak HTTP/1.1 only (no h2c): one request at a time per connection.
+    pub http1_only: bool,
 }
 
 impl From<&ServerConfig> for ServerOptions {
@@ -72,6 +83,7 @@ impl From<&ServerConfig> for ServerOptions {
             max_connections: c.max_connections,
             http2_max_concurrent_streams: c.http2_max_concurrent_streams,
             shutdown_grace: Duration::from_millis(c.shutdown_grace_ms),
+            http1_only: false,
         }
     }
 }
@@ -80,6 +92,10 @@ impl From<&ServerConfig> for ServerOptions {
 /// have sent that the gateway has not read yet (Envoy's edge settings).
 const H2_STREAM_WINDOW: u32 = 64 * 1024;
 const H2_CONNECTION_WINDOW: u32 = 1024 * 1024;
+/// What an HTTP/2 stream's answer may have queued that the peer has not
+/// taken yet (hyper's default is 400 KiB): a stream's window's worth,
+/// so a hundred slow-reading streams hold 6.4 MiB, not 40.
+const H2_SEND_BUFFER: usize = H2_STREAM_WINDOW as usize;
 
 /// Serves `handler` on `listener` until `shutdown` completes, then stops
 /// accepting and gives open connections `shutdown_grace` to finish.
@@ -140,7 +156,9 @@ pub async fn serve_counted<H, F, B>(
                 let activity = Arc::new(Activity::new());
                 let handler = handler.clone();
                 let calls = activity.clone();
-                let service = service_fn(move |req| {
+                let bodies = ConnectionBodies::new();
+                let service = service_fn(move |mut req: Request<Incoming>| {
+                    req.extensions_mut().insert(bodies.clone());
                     let handling = Handling::enter(calls.clone());
                     // Boxed: hyper keeps the call's future in its own slot,
                     // which then moves a pointer, not the whole call.
@@ -182,6 +200,9 @@ pub async fn serve_counted<H, F, B>(
 /// HTTP/1.1 and HTTP/2 with the listener's limits.
 fn connection_builder(opts: &ServerOptions) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    if opts.http1_only {
+        builder = builder.http1_only();
+    }
     // No timer for HTTP/1: the head's deadline is the connection watcher's
     // (hyper's would arm a timer per request).
     builder
@@ -194,7 +215,8 @@ fn connection_builder(opts: &ServerOptions) -> auto::Builder<TokioExecutor> {
         .max_header_list_size(opts.max_header_bytes as u32)
         .max_concurrent_streams(opts.http2_max_concurrent_streams)
         .initial_stream_window_size(H2_STREAM_WINDOW)
-        .initial_connection_window_size(H2_CONNECTION_WINDOW);
+        .initial_connection_window_size(H2_CONNECTION_WINDOW)
+        .max_send_buf_size(H2_SEND_BUFFER);
     builder
 }
 
@@ -209,13 +231,15 @@ async fn drain(listener: &str, graceful: GracefulShutdown, grace: Duration) {
     }
 }
 
-/// What a connection did last: requests being handled, when a byte last
-/// moved either way, and when the head being read began.
+/// What a connection did last: requests being handled, when it was last
+/// active, and when the head being read began.
 struct Activity {
     started: Instant,
     /// Requests whose handler has not answered yet.
     handling: AtomicUsize,
-    /// Nanoseconds after `started`.
+    /// Nanoseconds after `started`: when a byte last moved either way
+    /// (HTTP/1), or a stream began or ended or an answer's DATA was
+    /// written (HTTP/2).
     last_io: AtomicU64,
     /// Nanoseconds after `started`, plus one, when the first byte of the
     /// HTTP/1 head being read arrived; 0 when no head is being read.
@@ -260,13 +284,17 @@ impl Activity {
     }
 
     /// Bytes were read: with no request being handled, they begin a head
-    /// (unless one is already being read).
+    /// (unless one is already being read). On HTTP/2 reading is no
+    /// activity: a stream's frames count once hyper hands it over as a
+    /// request, and control frames never do.
     fn read(&self) {
+        if self.is_http2() {
+            return;
+        }
         let now = self.now();
         self.last_io.store(now, Ordering::Relaxed);
         if self.handling.load(Ordering::Acquire) == 0
             && self.head_since.load(Ordering::Relaxed) == 0
-            && !self.h2.load(Ordering::Relaxed)
         {
             self.head_since.store(now + 1, Ordering::Relaxed);
         }
@@ -276,6 +304,10 @@ impl Activity {
     fn http2(&self) {
         self.h2.store(true, Ordering::Relaxed);
         self.head_since.store(0, Ordering::Relaxed);
+    }
+
+    fn is_http2(&self) -> bool {
+        self.h2.load(Ordering::Relaxed)
     }
 
     fn at(&self, nanos: u64, plus: Duration) -> tokio::time::Instant {
@@ -397,13 +429,16 @@ impl<B: Body + Unpin> Body for Tracked<B> {
     }
 }
 
-/// The caller's socket, noting each byte read or written in [`Activity`],
-/// and whether the connection opens with the HTTP/2 preface.
+/// The caller's socket, noting in [`Activity`] each byte read or written
+/// (HTTP/1) or each byte of answer written (HTTP/2), and whether the
+/// connection opens with the HTTP/2 preface.
 struct Watched<T> {
     io: T,
     activity: Arc<Activity>,
     /// Bytes of the HTTP/2 preface matched so far; `None` once decided.
     preface: Option<usize>,
+    /// The frames written, on HTTP/2.
+    frames: FrameScan,
 }
 
 /// What an HTTP/2 connection opens with (RFC 9113, section 3.4).
@@ -415,6 +450,32 @@ impl<T> Watched<T> {
             io,
             activity,
             preface: Some(0),
+            frames: FrameScan::default(),
+        }
+    }
+
+    /// `n` bytes were written, the first of `bufs`: active on HTTP/1, and
+    /// on HTTP/2 when some of them carry an answer's body.
+    fn wrote(&mut self, n: usize, bufs: &[std::io::IoSlice<'_>]) {
+        if n == 0 {
+            return;
+        }
+        if !self.activity.is_http2() {
+            self.activity.touch();
+            return;
+        }
+        let mut left = n;
+        let mut data = false;
+        for buf in bufs {
+            let take = left.min(buf.len());
+            data |= self.frames.written(&buf[..take]);
+            left -= take;
+            if left == 0 {
+                break;
+            }
+        }
+        if data {
+            self.activity.touch();
         }
     }
 
@@ -458,8 +519,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let polled = Pin::new(&mut self.io).poll_write(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
+        if let Poll::Ready(Ok(n)) = polled {
+            self.wrote(n, &[std::io::IoSlice::new(buf)]);
         }
         polled
     }
@@ -470,8 +531,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
         let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
+        if let Poll::Ready(Ok(n)) = polled {
+            self.wrote(n, bufs);
         }
         polled
     }
@@ -486,6 +547,51 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// Follows the frames a server writes on an HTTP/2 connection (its first
+/// byte is a frame's), to tell an answer's DATA from control frames.
+#[derive(Debug, Default)]
+struct FrameScan {
+    /// The head of the frame being written, as far as it has been.
+    head: [u8; FRAME_HEAD],
+    have: usize,
+    /// Payload bytes of the frame being written still to come.
+    left: usize,
+    /// The frame being written is DATA.
+    data: bool,
+}
+
+/// Length of an HTTP/2 frame's head (RFC 9113, section 4.1).
+const FRAME_HEAD: usize = 9;
+const FRAME_DATA: u8 = 0x0;
+
+impl FrameScan {
+    /// Follows `bytes`, written next; true when some of them are DATA
+    /// payload.
+    fn written(&mut self, mut bytes: &[u8]) -> bool {
+        let mut data = false;
+        while !bytes.is_empty() {
+            if self.left > 0 {
+                let n = self.left.min(bytes.len());
+                data |= self.data;
+                self.left -= n;
+                bytes = &bytes[n..];
+                continue;
+            }
+            let n = (FRAME_HEAD - self.have).min(bytes.len());
+            self.head[self.have..self.have + n].copy_from_slice(&bytes[..n]);
+            self.have += n;
+            bytes = &bytes[n..];
+            if self.have == FRAME_HEAD {
+                let [a, b, c, kind, ..] = self.head;
+                self.left = usize::from(a) << 16 | usize::from(b) << 8 | usize::from(c);
+                self.data = kind == FRAME_DATA;
+                self.have = 0;
+            }
+        }
+        data
     }
 }
 
@@ -581,5 +687,62 @@ pub async fn shutdown_signal() {
             tracing::warn!(error = %e, "cannot watch signals");
             std::future::pending::<()>().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(kind: u8, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len();
+        let mut f = vec![
+            (len >> 16) as u8,
+            (len >> 8) as u8,
+            len as u8,
+            kind,
+            0,
+            0,
+            0,
+            0,
+            1,
+        ];
+        f.extend_from_slice(payload);
+        f
+    }
+
+    /// Whatever the write boundaries, only DATA payload counts.
+    #[test]
+    fn frame_scan_tells_data_from_control_frames_across_writes() {
+        let settings = frame(0x4, &[0, 3, 0, 0, 0, 100]);
+        let ping_ack = frame(0x6, &[7; 8]);
+        let data = frame(FRAME_DATA, &[b'x'; 20]);
+        let empty_data = frame(FRAME_DATA, &[]);
+        let headers = frame(0x1, &[0x88]);
+
+        let mut scan = FrameScan::default();
+        assert!(!scan.written(&[settings.clone(), ping_ack.clone(), headers.clone()].concat()));
+        assert!(!scan.written(&empty_data));
+        assert!(scan.written(&data));
+        assert!(!scan.written(&ping_ack));
+
+        // The same frames one byte at a time: only DATA's payload bytes.
+        let all = [settings, data.clone(), ping_ack, empty_data, headers].concat();
+        let mut scan = FrameScan::default();
+        let payload_at = 15 + FRAME_HEAD..15 + FRAME_HEAD + 20;
+        for (i, byte) in all.iter().enumerate() {
+            assert_eq!(
+                scan.written(std::slice::from_ref(byte)),
+                payload_at.contains(&i),
+                "byte {i}"
+            );
+        }
+        // Split mid-head and mid-payload.
+        let mut scan = FrameScan::default();
+        assert!(!scan.written(&data[..4]));
+        assert!(!scan.written(&data[4..9]));
+        assert!(scan.written(&data[9..12]));
+        assert!(scan.written(&data[12..]));
+        assert!(!scan.written(&frame(0x8, &[0, 0, 1, 0])));
     }
 }

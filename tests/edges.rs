@@ -518,3 +518,203 @@ async fn upgrade_requests_are_not_tunnelled() {
     assert!(!head.contains("upgrade"), "{head}");
     gw.stop().await;
 }
+
+/// HTTP/2 frame types and flags these tests use.
+const DATA: u8 = 0x0;
+const HEADERS: u8 = 0x1;
+const PRIORITY: u8 = 0x2;
+const SETTINGS: u8 = 0x4;
+const PING: u8 = 0x6;
+const WINDOW_UPDATE: u8 = 0x8;
+const ACK: u8 = 0x1;
+const END_STREAM: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+
+/// The control frames a client may send on a connection with no stream,
+/// in turn: none of them is a call.
+fn control_frame(i: u32) -> Vec<u8> {
+    match i % 4 {
+        0 => h2_frame(PING, 0, 0, &u64::from(i).to_be_bytes()),
+        1 => h2_frame(WINDOW_UPDATE, 0, 0, &1u32.to_be_bytes()),
+        2 => h2_frame(PRIORITY, 0, 101, &[0, 0, 0, 0, 15]),
+        _ => h2_frame(SETTINGS, 0, 0, &[]),
+    }
+}
+
+/// Reads what the gateway sent in the last `within` and answers its
+/// SETTINGS; says whether the connection is still open.
+async fn h2_take(h2: &mut RawH2, within: Duration, frames: &mut Vec<H2Frame>) -> bool {
+    loop {
+        match h2.next(within).await {
+            H2Read::Closed => return false,
+            H2Read::Quiet => return true,
+            H2Read::Frame(f) => {
+                if f.kind == SETTINGS && f.flags & ACK == 0 {
+                    h2.send(&h2_frame(SETTINGS, ACK, 0, &[])).await;
+                }
+                frames.push(f);
+            }
+        }
+    }
+}
+
+/// Sends a control frame every 100 ms until the gateway closes the
+/// connection (or `limit` passes); returns when it closed, after `since`.
+async fn ping_until_closed(
+    h2: &mut RawH2,
+    since: std::time::Instant,
+    limit: Duration,
+    frames: &mut Vec<H2Frame>,
+) -> Option<Duration> {
+    let mut i = 0;
+    while since.elapsed() < limit {
+        if !h2.send(&control_frame(i)).await
+            || !h2_take(h2, Duration::from_millis(100), frames).await
+        {
+            return Some(since.elapsed());
+        }
+        i += 1;
+    }
+    None
+}
+
+/// An HTTP/2 connection with no stream open is closed `idle_timeout_ms`
+/// after its last stream (or its preface), however many PING, SETTINGS,
+/// WINDOW_UPDATE or PRIORITY frames it keeps sending: control frames are
+/// not calls.
+#[tokio::test]
+async fn an_http2_connection_sending_only_control_frames_is_closed_when_idle() {
+    let upstream = RawUpstream::start(OK).await;
+    let mut c = config(&format!("http://{}", upstream.addr));
+    c.server.idle_timeout_ms = 400;
+    let gw = spawn_gateway(c).await;
+    for _ in 0..3 {
+        let started = std::time::Instant::now();
+        let mut h2 = RawH2::connect(gw.addr, &[]).await;
+        let mut frames = Vec::new();
+        let closed = ping_until_closed(&mut h2, started, Duration::from_secs(3), &mut frames).await;
+        let closed = closed.expect("still open 3 s later, kept by control frames");
+        assert!(closed >= Duration::from_millis(350), "{closed:?}");
+        assert!(closed < Duration::from_millis(1_500), "{closed:?}");
+        assert!(
+            frames.iter().any(|f| f.kind == PING && f.flags & ACK != 0),
+            "the pings were answered: {frames:?}"
+        );
+    }
+    assert!(upstream.requests().is_empty());
+    gw.stop().await;
+}
+
+/// A call slower than the idle timeout keeps its HTTP/2 connection open
+/// to its answer; once the answer is sent, the connection is idle, PINGs
+/// or not.
+#[tokio::test]
+async fn an_http2_connection_with_a_call_in_progress_is_not_closed() {
+    let upstream = upstream_answering(
+        wiremock::ResponseTemplate::new(200)
+            .set_body_string("{}")
+            .set_delay(Duration::from_millis(1_200)),
+    )
+    .await;
+    let mut c = config(&upstream.uri());
+    c.server.idle_timeout_ms = 400;
+    let gw = spawn_gateway(c).await;
+    let started = std::time::Instant::now();
+    let mut h2 = RawH2::connect(gw.addr, &[]).await;
+    let get = h2_frame(
+        HEADERS,
+        END_STREAM | END_HEADERS,
+        1,
+        &h2_get("/open/product/get"),
+    );
+    assert!(h2.send(&get).await);
+    let mut frames = Vec::new();
+    let mut i = 0;
+    let answered = loop {
+        let open = h2.send(&control_frame(i)).await
+            && h2_take(&mut h2, Duration::from_millis(100), &mut frames).await;
+        if frames
+            .iter()
+            .any(|f| f.stream == 1 && f.flags & END_STREAM != 0)
+        {
+            break std::time::Instant::now();
+        }
+        assert!(
+            open,
+            "closed after {:?} with the call in progress",
+            started.elapsed()
+        );
+        assert!(started.elapsed() < Duration::from_secs(5), "no answer");
+        i += 1;
+    };
+    assert!(answered - started >= Duration::from_millis(1_100));
+    let head = frames.iter().find(|f| f.stream == 1 && f.kind == HEADERS);
+    // :status 200 is entry 8 of HPACK's static table.
+    assert_eq!(
+        head.map(|f| f.payload.first()),
+        Some(Some(&0x88)),
+        "{frames:?}"
+    );
+
+    let closed = ping_until_closed(&mut h2, answered, Duration::from_secs(3), &mut frames).await;
+    let closed = closed.expect("still open 3 s after the answer, kept by control frames");
+    // Counted from when the answer's end was seen, up to 100 ms late.
+    assert!(closed >= Duration::from_millis(250), "{closed:?}");
+    assert!(closed < Duration::from_millis(1_500), "{closed:?}");
+    gw.stop().await;
+}
+
+/// An answer read slowly over HTTP/2 (a 16 KiB window opened every 150 ms,
+/// 2.4 s for 256 KiB) is sent to its end: each piece of it written is
+/// activity, so the 400 ms idle timeout never cuts it.
+#[tokio::test]
+async fn a_slowly_read_http2_answer_is_not_cut_by_the_idle_timeout() {
+    const LEN: usize = 256 * 1024;
+    const WINDOW: u32 = 16 * 1024;
+    let upstream =
+        upstream_answering(wiremock::ResponseTemplate::new(200).set_body_bytes(vec![b'x'; LEN]))
+            .await;
+    let mut c = config(&upstream.uri());
+    c.server.idle_timeout_ms = 400;
+    let gw = spawn_gateway(c).await;
+    // SETTINGS_INITIAL_WINDOW_SIZE: the gateway may send 16 KiB per stream
+    // until told more.
+    let mut h2 = RawH2::connect(gw.addr, &[(0x4, WINDOW)]).await;
+    let get = h2_frame(
+        HEADERS,
+        END_STREAM | END_HEADERS,
+        1,
+        &h2_get("/open/product/get"),
+    );
+    assert!(h2.send(&get).await);
+    let started = std::time::Instant::now();
+    let mut frames = Vec::new();
+    let received = loop {
+        let open = h2_take(&mut h2, Duration::from_millis(150), &mut frames).await;
+        let data: Vec<&H2Frame> = frames
+            .iter()
+            .filter(|f| f.kind == DATA && f.stream == 1)
+            .collect();
+        let received = data.iter().map(|f| f.payload.len()).sum::<usize>();
+        if data.iter().any(|f| f.flags & END_STREAM != 0) {
+            break received;
+        }
+        assert!(
+            open,
+            "closed after {:?} with {received} of {LEN} bytes read",
+            started.elapsed()
+        );
+        assert!(started.elapsed() < Duration::from_secs(10), "{received}");
+        for stream in [0, 1] {
+            h2.send(&h2_frame(WINDOW_UPDATE, 0, stream, &WINDOW.to_be_bytes()))
+                .await;
+        }
+    };
+    assert_eq!(received, LEN);
+    assert!(
+        started.elapsed() >= Duration::from_millis(1_500),
+        "read too fast to test anything: {:?}",
+        started.elapsed()
+    );
+    gw.stop().await;
+}

@@ -216,3 +216,40 @@ async fn after_a_reload_pushes_are_verified_with_the_rotated_secret() {
         "the running config stays"
     );
 }
+
+/// The body budget is the process's: a reload keeps it, with the bytes its
+/// bodies hold, and sizes it to the new config.
+#[tokio::test]
+async fn a_reload_keeps_the_body_budget_and_resizes_it() {
+    use pandagate::body_budget::Reader;
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pandagate.toml");
+    let env = |name: &str| match name {
+        "PANDAPON_ACCESS_KEY" => Some("ak-budget".to_owned()),
+        "PANDAPON_ACCESS_SECRET" => Some("sk-budget".to_owned()),
+        _ => None,
+    };
+    std::fs::write(&path, "[server]\nmax_buffered_body_bytes = 8388608\n").unwrap();
+    let loaded = pandagate::loaded::load(Some(&path), &env).unwrap();
+    let (log, _writer) = pandagate::access_log::AccessLog::spawn(
+        pandagate::config::LogFormat::Json,
+        Box::new(std::io::sink()),
+    );
+    let metrics = Arc::new(pandagate::metrics::Metrics::default());
+    let gateway =
+        pandagate::proxy::Gateway::with_metrics(&loaded, log.clone(), metrics.clone()).unwrap();
+    let budget = gateway.body_budget().clone();
+    let mut held = budget.hold(Reader::Call, None);
+    held.grow_to(1000).unwrap();
+    let current = Arc::new(arc_swap::ArcSwap::from_pointee(gateway));
+
+    std::fs::write(&path, "[server]\nmax_buffered_body_bytes = 16777216\n").unwrap();
+    pandagate::reload::reload(Some(&path), &env, &current, &log, &metrics, None);
+    assert_eq!(metrics.config_reloads(), 1, "the reload was applied");
+    assert!(Arc::ptr_eq(current.load().body_budget(), &budget));
+    assert_eq!((budget.limit(), budget.used()), (16_777_216, 1000));
+    drop(held);
+    assert_eq!(budget.used(), 0);
+}

@@ -53,6 +53,12 @@ async fn launch_with_callbacks(
     (gw, found.expect("callback listener within 10 s"))
 }
 
+/// An `Authorization` line shaped like a push's signature (hex of an
+/// HMAC-SHA256) but signing nothing: the receiver must read the body to
+/// find that out. A push without one is refused before its body is read.
+const SIGNED: &str =
+    "Authorization: 00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\r\n";
+
 /// User plus system CPU time of `pid`, in clock ticks (1/100 s).
 fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
@@ -121,7 +127,9 @@ async fn no_stalled_connection_spins_a_core() {
         .await,
         park(
             callbacks,
-            "POST /callbacks/pandapon HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n",
+            &format!(
+                "POST /callbacks/pandapon HTTP/1.1\r\nHost: x\r\n{SIGNED}Content-Length: 1000000\r\n\r\n"
+            ),
             b"0123456789",
         )
         .await,
@@ -244,7 +252,9 @@ async fn slow_bodies_get_408_and_nothing_is_forwarded_or_stored() {
             "push body, stalled",
             park(
                 callbacks,
-                "POST /callbacks/pandapon HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n",
+                &format!(
+                    "POST /callbacks/pandapon HTTP/1.1\r\nHost: x\r\n{SIGNED}Content-Length: 100000\r\n\r\n"
+                ),
                 &[b'x'; 10_000],
             )
             .await,
@@ -317,8 +327,9 @@ async fn connections_over_the_cap_are_closed_and_admin_keeps_answering() {
     )
     .await;
     let traffic: SocketAddr = gw.gateway.parse().unwrap();
-    let upload =
-        |path: &str| format!("POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n");
+    let upload = |path: &str| {
+        format!("POST {path} HTTP/1.1\r\nHost: x\r\n{SIGNED}Content-Length: 1000000\r\n\r\n")
+    };
     let mut uploads = Vec::new();
     for _ in 0..8 {
         uploads.push(park(callbacks, &upload("/callbacks/pandapon"), &[b'x'; 100_000]).await);
@@ -362,25 +373,6 @@ async fn connections_over_the_cap_are_closed_and_admin_keeps_answering() {
     assert_eq!(status, 200, "a push once the cap freed up");
     let answer = get(&format!("http://{}/open/product/get", gw.gateway)).await;
     assert_eq!(answer.status, 200);
-}
-
-/// One HTTP/2 frame: type, flags, stream and payload.
-fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-    let len = payload.len() as u32;
-    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
-    f.extend_from_slice(&stream.to_be_bytes());
-    f.extend_from_slice(payload);
-    f
-}
-
-/// A GET request's header block in HPACK, literals only.
-fn h2_get(path: &str) -> Vec<u8> {
-    // :method GET and :scheme http from the static table; :path and
-    // :authority as literals without indexing, names from the static table.
-    let mut block = vec![0x82, 0x86, 0x04, path.len() as u8];
-    block.extend_from_slice(path.as_bytes());
-    block.extend_from_slice(&[0x01, 1, b'x']);
-    block
 }
 
 /// A client that ignores the gateway's SETTINGS and opens more streams

@@ -20,15 +20,15 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use hmac::{KeyInit, Mac};
 use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
 
-use crate::body::ResponseBody;
+use crate::body::{self, BodyLimits, ResponseBody, UpstreamBody};
+use crate::body_budget::{BodyBudget, ConnectionBodies, Held, Reader};
 use crate::config::{CallbacksConfig, ConfigError, SubscriberConfig};
-use crate::error::envelope_response;
+use crate::error::{GatewayError, envelope_response};
 use crate::ids;
 use crate::profiles::Profiles;
 use crate::secret::Secret;
@@ -65,6 +65,14 @@ pub enum CallbackError {
     /// The subscriber did not answer within `delivery_timeout_ms`.
     #[error("timed out")]
     Timeout,
+}
+
+fn bad_signature() -> Refusal {
+    Refusal::rejected(
+        StatusCode::UNAUTHORIZED,
+        "bad_signature",
+        "missing or invalid Authorization signature",
+    )
 }
 
 /// Whether subscriber `s` takes message `m`.
@@ -161,6 +169,9 @@ struct Refusal {
     /// Counted in `callbacks_rejected` and logged: the push itself was at
     /// fault (as opposed to the gateway being unable to take it).
     rejected: bool,
+    /// A refusal the gateway answers as it does for calls (with the
+    /// headers that go with it, such as `Retry-After`).
+    gateway: Option<GatewayError>,
 }
 
 impl Refusal {
@@ -170,6 +181,18 @@ impl Refusal {
             error,
             msg,
             rejected: true,
+            gateway: None,
+        }
+    }
+
+    /// The gateway cannot take the push now (not counted as rejected).
+    fn gateway(e: GatewayError) -> Refusal {
+        Refusal {
+            status: e.status(),
+            error: e.kind(),
+            msg: e.kind(),
+            rejected: false,
+            gateway: Some(e),
         }
     }
 
@@ -186,6 +209,8 @@ pub struct Callbacks {
     config: CallbacksConfig,
     secret: SecretSource,
     body_read_timeout: Duration,
+    /// The process's budget for bodies being read, shared with the gateway.
+    bodies: Arc<BodyBudget>,
     store: Backend,
     wake: Notify,
     /// Spans of each push received and each delivery, when traces are on.
@@ -245,10 +270,7 @@ pub fn verify_push(
     authorization: Option<&header::HeaderValue>,
     body: &[u8],
 ) -> Result<Push, PushRejected> {
-    let signature = authorization
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| hex::decode(v.trim()).ok())
-        .ok_or(PushRejected::BadSignature)?;
+    let signature = signature_of(authorization)?;
     let mut mac = <hmac::Hmac<Sha256> as KeyInit>::new_from_slice(secret.expose().as_bytes())
         .expect("HMAC takes keys of any length");
     mac.update(body);
@@ -257,10 +279,27 @@ pub fn verify_push(
     serde_json::from_slice(body).map_err(|_| PushRejected::NotEnvelope)
 }
 
+/// Length of an HMAC-SHA256, in bytes.
+const SIGNATURE_BYTES: usize = 32;
+
+/// The signature an `Authorization` header carries: hex of exactly an
+/// HMAC-SHA256. Anything else cannot verify, whatever the body.
+fn signature_of(
+    authorization: Option<&header::HeaderValue>,
+) -> Result<[u8; SIGNATURE_BYTES], PushRejected> {
+    let mut signature = [0u8; SIGNATURE_BYTES];
+    let hex = authorization
+        .and_then(|v| v.to_str().ok())
+        .ok_or(PushRejected::BadSignature)?;
+    hex::decode_to_slice(hex.trim(), &mut signature).map_err(|_| PushRejected::BadSignature)?;
+    Ok(signature)
+}
+
 impl Callbacks {
     /// Opens the store; the verifying secret is that of `config.profile` in
     /// `profiles` (following its rotation, not a reload: see
-    /// [`Callbacks::with_secret_source`]), bodies must arrive within 30 s.
+    /// [`Callbacks::with_secret_source`]), bodies must arrive within 30 s,
+    /// within a body budget of its own of the default size.
     pub fn new(
         config: CallbacksConfig,
         profiles: &Profiles,
@@ -270,19 +309,22 @@ impl Callbacks {
             .map(|p| p.secret.clone())
             .ok_or_else(|| no_profile(&config.profile))?;
         let source: SecretSource = Arc::new(move || Some(Arc::clone(&cell.current())));
-        let timeout =
-            Duration::from_millis(crate::config::ServerConfig::default().body_read_timeout_ms);
+        let defaults = crate::config::ServerConfig::default();
+        let timeout = Duration::from_millis(defaults.body_read_timeout_ms);
+        let bodies = BodyBudget::new(defaults.max_buffered_body_bytes);
         let store = Backend::open_local(&config)?;
-        Self::with_secret_source(config, source, timeout, store, None)
+        Self::with_secret_source(config, source, timeout, bodies, store, None)
     }
 
     /// A receiver on `store` (see [`Backend::open`]); pushes are verified
     /// with whatever `secret` gives at the time, and their bodies must
-    /// arrive within `body_read_timeout`.
+    /// arrive within `body_read_timeout` and fit in `bodies` (the process's
+    /// body budget).
     pub fn with_secret_source(
         config: CallbacksConfig,
         secret: SecretSource,
         body_read_timeout: Duration,
+        bodies: Arc<BodyBudget>,
         store: Backend,
         traces: Option<Arc<Traces>>,
     ) -> Result<Arc<Callbacks>, ConfigError> {
@@ -292,6 +334,7 @@ impl Callbacks {
         Ok(Arc::new(Callbacks {
             secret,
             body_read_timeout,
+            bodies,
             store,
             wake: Notify::new(),
             traces,
@@ -393,8 +436,11 @@ impl Callbacks {
                     );
                 }
                 let id = ids::request_id();
-                envelope_response(refusal.status, &id, refusal.error, refusal.msg)
-                    .map(ResponseBody::local)
+                let response = match &refusal.gateway {
+                    Some(e) => e.to_response(&id),
+                    None => envelope_response(refusal.status, &id, refusal.error, refusal.msg),
+                };
+                response.map(ResponseBody::local)
             }
         }
     }
@@ -414,7 +460,10 @@ impl Callbacks {
         }
         self.counts.received.fetch_add(1, Ordering::Relaxed);
         let (parts, body) = req.into_parts();
-        let body = self.read_body(body).await?;
+        // What cannot verify is refused before a byte of its body is read.
+        signature_of(parts.headers.get(header::AUTHORIZATION)).map_err(|_| bad_signature())?;
+        let connection = parts.extensions.get::<Arc<ConnectionBodies>>().cloned();
+        let (body, _held) = self.read_body(body, connection).await?;
         let Some(secret) = (self.secret)() else {
             // Not acknowledged: once the profile is back, the provider's
             // next try is verified.
@@ -427,11 +476,7 @@ impl Callbacks {
         };
         let push = verify_push(&secret, parts.headers.get(header::AUTHORIZATION), &body).map_err(
             |rejected| match rejected {
-                PushRejected::BadSignature => Refusal::rejected(
-                    StatusCode::UNAUTHORIZED,
-                    "bad_signature",
-                    "missing or invalid Authorization signature",
-                ),
+                PushRejected::BadSignature => bad_signature(),
                 PushRejected::NotEnvelope => Refusal::rejected(
                     StatusCode::BAD_REQUEST,
                     "not_envelope",
@@ -475,25 +520,55 @@ impl Callbacks {
         Ok(())
     }
 
-    /// The push's body, whole: within `max_body_bytes` and the body deadline.
-    async fn read_body(&self, body: Incoming) -> Result<Bytes, Refusal> {
-        let read = Limited::new(body, self.config.max_body_bytes).collect();
-        match tokio::time::timeout(self.body_read_timeout, read).await {
-            Ok(Ok(b)) => Ok(b.to_bytes()),
-            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(Refusal::rejected(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "body_too_large",
-                "push body too large",
-            )),
-            Ok(Err(_)) => Err(Refusal::rejected(
-                StatusCode::BAD_REQUEST,
-                "body_read",
-                "push body could not be read",
-            )),
-            Err(_) => Err(Refusal::rejected(
+    /// The push's body, whole, with its hold on the body budget: within
+    /// `max_body_bytes`, the body deadline and the budget, and the only
+    /// push read on its `connection` at the time.
+    async fn read_body(
+        &self,
+        body: Incoming,
+        connection: Option<Arc<ConnectionBodies>>,
+    ) -> Result<(Bytes, Held), Refusal> {
+        // One push body at a time per connection: HTTP/2 streams cannot
+        // make one connection read a hundred.
+        let _turn = match &connection {
+            None => None,
+            Some(c) => match c.push_turn() {
+                Some(turn) => Some(turn),
+                None => {
+                    self.bodies.count_refusal(Reader::Push);
+                    return Err(Refusal::gateway(GatewayError::Overloaded));
+                }
+            },
+        };
+        let max = self.config.max_body_bytes as u64;
+        let limits = BodyLimits {
+            buffer: max,
+            max,
+            deadline: tokio::time::Instant::now() + self.body_read_timeout,
+            timeout_ms: self.body_read_timeout.as_millis() as u64,
+        };
+        let declared = http_body::Body::size_hint(&body).exact();
+        let held = self.bodies.hold(Reader::Push, connection);
+        match body::read_request(body, declared, limits, held).await {
+            Ok((UpstreamBody::Full(bytes), held)) => Ok((bytes.unwrap_or_default(), held)),
+            // Read whole up to the maximum: a body streams only past it.
+            Ok((UpstreamBody::Stream { .. }, _)) | Err(GatewayError::BodyTooLarge { .. }) => {
+                Err(Refusal::rejected(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body_too_large",
+                    "push body too large",
+                ))
+            }
+            Err(GatewayError::BodyTimeout(_)) => Err(Refusal::rejected(
                 StatusCode::REQUEST_TIMEOUT,
                 "body_timeout",
                 "push body not received within server.body_read_timeout_ms",
+            )),
+            Err(GatewayError::Overloaded) => Err(Refusal::gateway(GatewayError::Overloaded)),
+            Err(_) => Err(Refusal::rejected(
+                StatusCode::BAD_REQUEST,
+                "body_read",
+                "push body could not be read",
             )),
         }
     }

@@ -272,6 +272,17 @@ impl Config {
         if let Some(callbacks) = &self.callbacks {
             let names: Vec<String> = self.profiles.iter().map(|p| p.name.clone()).collect();
             callbacks.validate(&names)?;
+            // Pushes together may hold a quarter of the body budget: it
+            // must fit one push.
+            let share = self.server.max_buffered_body_bytes / crate::body_budget::SHARE_DIVISOR;
+            if callbacks.max_body_bytes as u64 > share {
+                return Err(ConfigError::new(
+                    "callbacks.max_body_bytes",
+                    format_args!(
+                        "must be at most a quarter of server.max_buffered_body_bytes ({share})"
+                    ),
+                ));
+            }
         }
         let listen = self.server.listen;
         if self.clients.is_empty() && !self.allow_unauthenticated && !listen.ip().is_loopback() {
@@ -429,6 +440,32 @@ mod tests {
         assert_eq!(c.callbacks.unwrap().retain_ms, 5000);
         let e = err("[callbacks]\nretain_ms = 0\n");
         assert_eq!(e.key, "callbacks.retain_ms", "{e}");
+    }
+
+    /// A connection, and all pushes, may hold a quarter of the body
+    /// budget: each must fit one body read whole.
+    #[test]
+    fn a_body_budget_too_small_for_one_body_per_share_is_named() {
+        let e = err("[server]\nmax_buffered_body_bytes = 0\n");
+        assert_eq!(e.key, "server.max_buffered_body_bytes", "{e}");
+        let e = err("[server]\nbuffer_body_bytes = 1000\nmax_buffered_body_bytes = 3999\n");
+        assert_eq!(e.key, "server.max_buffered_body_bytes", "{e}");
+        assert!(
+            e.message.contains("4 × server.buffer_body_bytes (4000)"),
+            "{e}"
+        );
+        let e = err(
+            "[server]\nbuffer_body_bytes = 1000\nmax_buffered_body_bytes = 4000\n\
+             [callbacks]\nmax_body_bytes = 1001\n",
+        );
+        assert_eq!(e.key, "callbacks.max_body_bytes", "{e}");
+        let mut ok = Config::from_toml(
+            "[server]\nbuffer_body_bytes = 1000\nmax_buffered_body_bytes = 4000\n\
+             [callbacks]\nmax_body_bytes = 1000\n",
+        )
+        .unwrap();
+        ok.apply_env(&env_of(CREDS)).unwrap();
+        ok.validate().unwrap();
     }
 
     #[test]

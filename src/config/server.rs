@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::{ConfigError, at_most, positive};
 use super::secrets::SecretSource;
+use crate::body_budget::SHARE_DIVISOR;
 
 /// The listener that internal services call.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -59,6 +60,12 @@ pub struct ServerConfig {
     /// upstream, so an over-limit body is refused before a byte is forwarded
     /// and the body can be re-sent. Larger bodies stream.
     pub buffer_body_bytes: u64,
+    /// Most bytes of request bodies the process holds while reading them
+    /// (calls' buffered bodies and push bodies, all listeners and threads
+    /// together). A body that would pass it gets 503 `overloaded` with
+    /// `Retry-After`; one connection's bodies, and all pushes together,
+    /// may hold a quarter of it each. At least 4 × `buffer_body_bytes`.
+    pub max_buffered_body_bytes: u64,
     /// On SIGTERM/SIGINT, how long calls in flight may take to finish, in milliseconds.
     pub shutdown_grace_ms: u64,
     /// How often secret files are re-read for rotation, in milliseconds.
@@ -110,6 +117,7 @@ impl Default for ServerConfig {
             ambiguous_paths: AmbiguousPaths::Refuse,
             max_request_body_bytes: 8 * 1024 * 1024,
             buffer_body_bytes: 1024 * 1024,
+            max_buffered_body_bytes: 64 * 1024 * 1024,
             shutdown_grace_ms: 20_000,
             secret_poll_ms: 1_000,
             worker_threads: 0,
@@ -133,6 +141,10 @@ impl ServerConfig {
             ),
             ("server.max_request_body_bytes", self.max_request_body_bytes),
             ("server.buffer_body_bytes", self.buffer_body_bytes),
+            (
+                "server.max_buffered_body_bytes",
+                self.max_buffered_body_bytes,
+            ),
             ("server.shutdown_grace_ms", self.shutdown_grace_ms),
             ("server.secret_poll_ms", self.secret_poll_ms),
         ] {
@@ -189,6 +201,17 @@ impl ServerConfig {
             return Err(ConfigError::new(
                 "server.buffer_body_bytes",
                 "must not exceed server.max_request_body_bytes",
+            ));
+        }
+        // A connection may hold a quarter of the budget: it must fit one
+        // body read whole.
+        if self.max_buffered_body_bytes / SHARE_DIVISOR < self.buffer_body_bytes {
+            return Err(ConfigError::new(
+                "server.max_buffered_body_bytes",
+                format_args!(
+                    "must be at least {SHARE_DIVISOR} × server.buffer_body_bytes ({})",
+                    self.buffer_body_bytes.saturating_mul(SHARE_DIVISOR)
+                ),
             ));
         }
         Ok(())
