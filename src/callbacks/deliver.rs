@@ -13,7 +13,6 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use opentelemetry::KeyValue;
 use opentelemetry::trace::SpanKind;
-use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
@@ -31,11 +30,6 @@ const PRUNE_EVERY_MIN: Duration = Duration::from_secs(1);
 const PRUNE_EVERY_MAX: Duration = Duration::from_secs(60);
 /// Wait after the store failed before the same work is tried again.
 const STORE_RETRY: Duration = Duration::from_secs(1);
-
-/// Stable per (message, subscriber): receivers deduplicate on it.
-pub fn delivery_id(d: &Delivery) -> String {
-    hex::encode(&Sha256::digest(d.key().as_bytes())[..16])
-}
 
 /// The instant `at_ms` (Unix milliseconds) falls on, by the monotonic clock.
 fn instant_of(at_ms: u64) -> Instant {
@@ -182,7 +176,7 @@ impl Callbacks {
                 "callback delivery",
                 SpanKind::Client,
                 vec![
-                    KeyValue::new("pandagate.delivery_id", delivery_id(&d)),
+                    KeyValue::new("pandagate.delivery_id", d.id()),
                     KeyValue::new("pandagate.delivery_attempt", i64::from(d.attempts + 1)),
                     KeyValue::new(
                         "server.address",
@@ -224,7 +218,7 @@ impl Callbacks {
                 let lag_ms = now.saturating_sub(message.received_at_ms);
                 self.counts.lag.observe(lag_ms as f64 / 1000.0);
                 tracing::info!(
-                    delivery_id = %delivery_id(&d),
+                    delivery_id = %d.id(),
                     subscriber = %crate::redact::url(&d.subscriber),
                     message_type = %message.message_type,
                     attempts = d.attempts + 1,
@@ -240,7 +234,7 @@ impl Callbacks {
                 if now.saturating_sub(d.first_at_ms) >= self.config.max_age_ms {
                     self.counts.dead_lettered.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(
-                        delivery_id = %delivery_id(&d),
+                        delivery_id = %d.id(),
                         subscriber = %crate::redact::url(&d.subscriber),
                         attempts = d.attempts,
                         "callback delivery gave up: dead letter"
@@ -278,7 +272,7 @@ impl Callbacks {
         });
         let req = Request::post(&d.subscriber)
             .header(header::CONTENT_TYPE, "application/json")
-            .header("x-pandagate-delivery-id", delivery_id(d))
+            .header("x-pandagate-delivery-id", d.id())
             .body(Full::new(Bytes::from(payload.to_string())))?;
         let timeout = Duration::from_millis(self.config.delivery_timeout_ms);
         match tokio::time::timeout(timeout, client.request(req)).await {

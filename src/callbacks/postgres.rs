@@ -9,6 +9,10 @@
 //!   random claim token: two replicas never hold the same delivery, and a
 //!   replica killed mid-delivery loses only its lease. Its updates
 //!   (delivered, rescheduled, dead) apply only while the token is still its.
+//! * Operators' listings page through an index in a fixed order, and a dead
+//!   letter is found by its key (the primary key) or its delivery id (an
+//!   index on `pandagate_delivery_id(message_id, subscriber)`): no
+//!   statement reads every row.
 //! * The schema is created and migrated by [`PgStore::open`], under a
 //!   transaction-scoped advisory lock, so replicas starting together apply
 //!   each migration once.
@@ -23,7 +27,7 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio::sync::Notify;
 use tokio_postgres::{AsyncMessage, NoTls};
 
-use super::store::{Delivery, Due, Message, Pruned};
+use super::store::{Cursor, Delivery, Due, Message, Page, Pruned};
 use crate::config::{CallbacksConfig, PostgresUrl};
 use crate::redact;
 
@@ -31,7 +35,8 @@ use crate::redact;
 /// `i + 1`.
 pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
 
-const MIGRATIONS: [&str; 1] = [r"
+pub const MIGRATIONS: [&str; 2] = [
+    r"
 CREATE TABLE pandagate_callback_messages (
     id text PRIMARY KEY,
     received_at_ms bigint NOT NULL,
@@ -53,7 +58,33 @@ CREATE TABLE pandagate_callback_deliveries (
 );
 CREATE INDEX pandagate_callback_deliveries_due
     ON pandagate_callback_deliveries (next_at_ms) WHERE NOT dead;
-"];
+",
+    // Version 2: listings in pages, replay by delivery id and the next lease
+    // to pass, each found through an index; and when a claim was made. On a
+    // table of 1 M deliveries the indexes take seconds to build, during
+    // which writes wait. `claimed_at_ms` is 0 for claims made by a binary
+    // older than this version.
+    r"
+CREATE FUNCTION pandagate_delivery_id(message_id text, subscriber text) RETURNS text
+    LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+    AS $$ SELECT substr(encode(sha256(convert_to(message_id || '|' || subscriber, 'UTF8')), 'hex'), 1, 32) $$;
+ALTER TABLE pandagate_callback_deliveries ADD COLUMN claimed_at_ms bigint NOT NULL DEFAULT 0;
+CREATE INDEX pandagate_callback_deliveries_listed
+    ON pandagate_callback_deliveries (dead, first_at_ms, pandagate_delivery_id(message_id, subscriber));
+CREATE INDEX pandagate_callback_deliveries_dead_id
+    ON pandagate_callback_deliveries (pandagate_delivery_id(message_id, subscriber)) WHERE dead;
+CREATE INDEX pandagate_callback_deliveries_claimed
+    ON pandagate_callback_deliveries (locked_until_ms) WHERE locked_until_ms > 0;
+",
+];
+
+/// Most dead letters put back in line per transaction by a replay of all:
+/// each batch stays far within the statement timeout, however many there are.
+const REPLAY_BATCH: i64 = 500;
+
+/// Longest a migration may take (its statements run without the statement
+/// timeout: building an index on a large table takes seconds).
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Serialises migrations of replicas starting at once.
 const MIGRATION_LOCK: i64 = 0x7061_6e64_6167_6174; // "pandagat"
@@ -195,21 +226,31 @@ impl PgStore {
         &self,
         op: impl AsyncFnOnce(&mut deadpool_postgres::Object) -> Result<T, tokio_postgres::Error>,
     ) -> Result<T, PgError> {
+        self.run_within(self.timeout, op).await
+    }
+
+    /// Runs `op` on a pooled connection within `timeout`.
+    async fn run_within<T>(
+        &self,
+        timeout: Duration,
+        op: impl AsyncFnOnce(&mut deadpool_postgres::Object) -> Result<T, tokio_postgres::Error>,
+    ) -> Result<T, PgError> {
         let run = async {
             let mut conn = self.pool.get().await.map_err(|e| self.db(e))?;
             op(&mut conn).await.map_err(|e| self.db(e))
         };
-        tokio::time::timeout(self.timeout, run)
+        tokio::time::timeout(timeout, run)
             .await
-            .unwrap_or(Err(PgError::Timeout(self.timeout.as_millis() as u64)))
+            .unwrap_or(Err(PgError::Timeout(timeout.as_millis() as u64)))
     }
 
     /// Applies the migrations this database lacks, once, whoever starts
     /// first.
     async fn migrate(&self) -> Result<(), PgError> {
         let found = self
-            .run(async |conn| {
+            .run_within(MIGRATION_TIMEOUT, async |conn| {
                 let tx = conn.transaction().await?;
+                tx.batch_execute("SET LOCAL statement_timeout = 0").await?;
                 tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
                     .await?;
                 tx.batch_execute(
@@ -313,34 +354,55 @@ impl PgStore {
             .transpose()
     }
 
-    async fn list(&self, dead: bool) -> Result<Vec<Delivery>, PgError> {
+    /// A page of the pending (or, with `dead`, dead) deliveries in listing
+    /// order (see [`Cursor`]), after `after`: one index range scan of
+    /// `limit + 1` rows, however many there are.
+    pub async fn page(
+        &self,
+        dead: bool,
+        after: Option<&Cursor>,
+        limit: usize,
+    ) -> Result<Page, PgError> {
+        let (at, id) = after.map_or((-1, ""), |c| {
+            (
+                i64::try_from(c.first_at_ms).unwrap_or(i64::MAX),
+                c.delivery_id.as_str(),
+            )
+        });
+        let fetch = limit as i64 + 1;
         let rows = self
             .with(async |conn| {
                 conn.query(
                     "SELECT message_id, subscriber, attempts, first_at_ms, next_at_ms, last_error, \
-                     claim FROM pandagate_callback_deliveries WHERE dead = $1 \
-                     ORDER BY next_at_ms, message_id, subscriber",
-                    &[&dead],
+                       claim, pandagate_delivery_id(message_id, subscriber) \
+                     FROM pandagate_callback_deliveries \
+                     WHERE dead = $1 \
+                       AND (first_at_ms, pandagate_delivery_id(message_id, subscriber)) > ($2, $3) \
+                     ORDER BY first_at_ms, pandagate_delivery_id(message_id, subscriber) LIMIT $4",
+                    &[&dead, &at, &id, &fetch],
                 )
                 .await
             })
             .await?;
-        Ok(rows.iter().map(delivery).collect())
-    }
-
-    pub async fn pending(&self) -> Result<Vec<Delivery>, PgError> {
-        self.list(false).await
-    }
-
-    pub async fn dead(&self) -> Result<Vec<Delivery>, PgError> {
-        self.list(true).await
+        let rows = rows
+            .iter()
+            .map(|r| {
+                let d = delivery(r);
+                let cursor = Cursor {
+                    first_at_ms: d.first_at_ms,
+                    delivery_id: r.get(7),
+                };
+                (cursor, d)
+            })
+            .collect();
+        Ok(Page::cut(rows, limit))
     }
 
     /// Claims up to `limit` deliveries due at `now_ms` that no replica
     /// holds, each for `lease` (the claimer's alone until then), and says
-    /// when the next one not claimed falls due (or its lease passes).
-    /// Leases are measured on the database's clock, so replicas whose
-    /// clocks disagree still never hold a delivery at once.
+    /// when the next one not claimed falls due (or a lease passes). Leases
+    /// are measured on the database's clock, so replicas whose clocks
+    /// disagree still never hold a delivery at once.
     pub async fn claim(&self, now_ms: u64, limit: usize, lease: Duration) -> Result<Due, PgError> {
         let now = now_ms as i64;
         let lease = lease.as_millis() as i64;
@@ -358,17 +420,24 @@ impl PgStore {
                              AND locked_until_ms <= (SELECT ms FROM clock) \
                            ORDER BY next_at_ms LIMIT $2 FOR UPDATE SKIP LOCKED) \
                          UPDATE pandagate_callback_deliveries d \
-                         SET locked_until_ms = (SELECT ms FROM clock) + $3, claim = $4 FROM due \
+                         SET locked_until_ms = (SELECT ms FROM clock) + $3, claim = $4, \
+                           claimed_at_ms = (SELECT ms FROM clock) FROM due \
                          WHERE d.message_id = due.message_id AND d.subscriber = due.subscriber \
                          RETURNING d.message_id, d.subscriber, d.attempts, d.first_at_ms, \
                            d.next_at_ms, d.last_error, d.claim",
                         &[&now, &limit, &lease, &claim],
                     )
                     .await?;
+                // The earlier of: the first unclaimed delivery to fall due
+                // (the front of the due index), and the first lease to pass
+                // (the few claimed rows, by their index).
                 let next = conn
                     .query_one(
-                        "SELECT min(greatest(next_at_ms, locked_until_ms)) \
-                         FROM pandagate_callback_deliveries WHERE NOT dead",
+                        "SELECT least( \
+                           (SELECT next_at_ms FROM pandagate_callback_deliveries \
+                            WHERE NOT dead AND locked_until_ms = 0 ORDER BY next_at_ms LIMIT 1), \
+                           (SELECT min(locked_until_ms) FROM pandagate_callback_deliveries \
+                            WHERE locked_until_ms > 0 AND NOT dead))",
                         &[],
                     )
                     .await?;
@@ -400,7 +469,7 @@ impl PgStore {
             .await?;
         if changed == 0 {
             tracing::warn!(
-                delivery_id = %super::deliver::delivery_id(d),
+                delivery_id = %d.id(),
                 subscriber = %redact::url(&d.subscriber),
                 "callback delivery: its claim had passed to another replica; outcome not recorded"
             );
@@ -445,24 +514,80 @@ impl PgStore {
     /// Dead deliveries (all, or the one with `key`) back to pending, due
     /// now, with a fresh age. Returns how many.
     pub async fn replay(&self, key: Option<&str>, now_ms: u64) -> Result<usize, PgError> {
+        match key {
+            Some(key) => self.replay_one(key, now_ms).await,
+            None => self.replay_all(now_ms).await,
+        }
+    }
+
+    /// The dead letter whose key (`message_id|subscriber`: the primary key)
+    /// or delivery id (its index) is `id`, back to pending, due now, with a
+    /// fresh age. Returns how many (0 or 1).
+    pub async fn replay_one(&self, id: &str, now_ms: u64) -> Result<usize, PgError> {
+        const SET: &str = "UPDATE pandagate_callback_deliveries SET dead = false, \
+            first_at_ms = $1, next_at_ms = $1, locked_until_ms = 0, claim = NULL WHERE dead AND ";
         let now = now_ms as i64;
         let moved = self
             .with(async |conn| {
                 let tx = conn.transaction().await?;
-                let moved = tx
-                    .execute(
-                        "UPDATE pandagate_callback_deliveries SET dead = false, first_at_ms = $1, \
-                         next_at_ms = $1, locked_until_ms = 0, claim = NULL \
-                         WHERE dead AND ($2::text IS NULL OR message_id || '|' || subscriber = $2)",
-                        &[&now, &key],
-                    )
-                    .await?;
-                tx.batch_execute(&format!("NOTIFY {CHANNEL}")).await?;
+                let moved = match id.split_once('|') {
+                    Some((message_id, subscriber)) => {
+                        let sql = format!("{SET}message_id = $2 AND subscriber = $3");
+                        tx.execute(&sql, &[&now, &message_id, &subscriber]).await?
+                    }
+                    None => {
+                        let sql =
+                            format!("{SET}pandagate_delivery_id(message_id, subscriber) = $2");
+                        tx.execute(&sql, &[&now, &id]).await?
+                    }
+                };
+                if moved > 0 {
+                    tx.batch_execute(&format!("NOTIFY {CHANNEL}")).await?;
+                }
                 tx.commit().await?;
                 Ok(moved)
             })
             .await?;
         Ok(moved as usize)
+    }
+
+    /// Every dead letter that died before `now_ms` back to pending, in
+    /// batches of [`REPLAY_BATCH`], oldest first, each its own transaction
+    /// (so none nears the statement timeout, and other replicas start on a
+    /// batch while the next is moved). Replayed deliveries get `now_ms` as
+    /// their age, so one that dies again meanwhile is not taken twice; rows
+    /// another transaction holds are left (the pass ends at the first short
+    /// batch). Returns how many.
+    async fn replay_all(&self, now_ms: u64) -> Result<usize, PgError> {
+        let now = now_ms as i64;
+        let mut total = 0;
+        loop {
+            let moved = self
+                .with(async |conn| {
+                    let tx = conn.transaction().await?;
+                    let moved = tx
+                        .execute(
+                            "UPDATE pandagate_callback_deliveries d SET dead = false, \
+                               first_at_ms = $1, next_at_ms = $1, locked_until_ms = 0, claim = NULL \
+                             FROM (SELECT message_id, subscriber FROM pandagate_callback_deliveries \
+                               WHERE dead AND first_at_ms < $1 ORDER BY first_at_ms LIMIT $2 \
+                               FOR UPDATE SKIP LOCKED) b \
+                             WHERE d.message_id = b.message_id AND d.subscriber = b.subscriber",
+                            &[&now, &REPLAY_BATCH],
+                        )
+                        .await?;
+                    if moved > 0 {
+                        tx.batch_execute(&format!("NOTIFY {CHANNEL}")).await?;
+                    }
+                    tx.commit().await?;
+                    Ok(moved)
+                })
+                .await?;
+            total += moved as usize;
+            if (moved as i64) < REPLAY_BATCH {
+                return Ok(total);
+            }
+        }
     }
 
     /// Removes up to `limit` messages received before `before_ms` whose
