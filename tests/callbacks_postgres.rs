@@ -47,7 +47,6 @@ fn delivery(id: &str, subscriber: &str, at: u64) -> Delivery {
         first_at_ms: at,
         next_at_ms: at,
         last_error: None,
-        claim: None,
     }
 }
 
@@ -557,6 +556,134 @@ async fn a_gateway_started_while_the_database_is_down_serves_and_takes_pushes_on
     assert!(taken, "pushes taken within 10 s of the database coming up");
     let ids = delivered(&seen, 1, Duration::from_secs(10)).await;
     assert_eq!(ids.len(), 1, "{ids:?}");
+}
+
+/// A subscriber that, at the first POST it gets, stops the database, then
+/// answers 200 (the gateway has its acknowledgement while the database is
+/// down) and starts the database again `down` later; it records every POST
+/// like [`subscriber`]. Also gives when the database was started again.
+async fn subscriber_stopping_the_database(
+    pg: Arc<Mutex<PostgresServer>>,
+    down: Duration,
+) -> (String, Seen, Arc<Mutex<Option<Instant>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Seen::default();
+    let back = Arc::new(Mutex::new(None));
+    let (record, resumed) = (seen.clone(), back.clone());
+    let first = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let (record, resumed, first, pg) =
+                (record.clone(), resumed.clone(), first.clone(), pg.clone());
+            tokio::spawn(async move {
+                while let Some((head, _)) = support::read_request(&mut stream).await {
+                    let came = Instant::now();
+                    if first.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                        let stopping = pg.clone();
+                        tokio::task::spawn_blocking(move || stopping.lock().unwrap().stop())
+                            .await
+                            .unwrap();
+                        let (starting, resumed) = (pg.clone(), resumed.clone());
+                        tokio::spawn(async move {
+                            tokio::time::sleep(down).await;
+                            tokio::task::spawn_blocking(move || starting.lock().unwrap().resume())
+                                .await
+                                .unwrap();
+                            *resumed.lock().unwrap() = Some(Instant::now());
+                        });
+                    }
+                    let id = support::head_field(&head, "x-pandagate-delivery-id")
+                        .unwrap_or_default()
+                        .to_owned();
+                    record.0.lock().unwrap().push((id, came, Instant::now()));
+                    let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+                    if stream.write_all(ok).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (format!("http://{addr}/events"), seen, back)
+}
+
+/// The value of counter `name` in one replica's `/metrics`.
+async fn counter(admin: &str, name: &str) -> u64 {
+    let metrics = support::get(&format!("http://{admin}/metrics")).await;
+    let text = String::from_utf8(metrics.body.to_vec()).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} not in {text}"))
+}
+
+/// Rows left in the deliveries table, read straight from the database.
+async fn rows_left(url: &str) -> i64 {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let driver = tokio::spawn(connection);
+    let n = client
+        .query_one("SELECT count(*) FROM pandagate_callback_deliveries", &[])
+        .await
+        .unwrap()
+        .get(0);
+    driver.abort();
+    n
+}
+
+/// Two replicas; the one delivering gets its subscriber's 200 while the
+/// database is down for `down`. Watched until well past the delivery's
+/// lease and the database's return: the subscriber gets that delivery
+/// once, and the database ends with it recorded as delivered.
+async fn acknowledged_while_the_database_is_down(down: Duration) {
+    let pg = Arc::new(Mutex::new(PostgresServer::start()));
+    let (sub, seen, back) = subscriber_stopping_the_database(pg.clone(), down).await;
+    let dir = tempfile::tempdir().unwrap();
+    // A lease of delivery_timeout_ms + 5 s = 7 s.
+    let lease = Duration::from_secs(7);
+    let config = gateway_config_timing(dir.path(), &pg.lock().unwrap(), &sub, 2_000);
+    let pg_url = pg.lock().unwrap().url();
+    let a = replica_of(&config, &pg_url).await;
+    let b = replica_of(&config, &pg_url).await;
+    assert_eq!(support::push_signed(&a.gateway, SECRET, "B1").await, 200);
+    let ids = delivered(&seen, 1, Duration::from_secs(10)).await;
+    assert_eq!(ids.len(), 1, "posted once the push was stored");
+    let answered = seen.0.lock().unwrap()[0].2;
+
+    // Past the lease's end and the database's return, by the takeover
+    // grace after that, plus the loops' longest sleep (5 s) and a second.
+    let until = Instant::now() + Duration::from_secs(40);
+    while back.lock().unwrap().is_none() && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let resumed = back.lock().unwrap().expect("the database started again");
+    let watch_until =
+        (answered + lease).max(resumed + Duration::from_secs(5)) + Duration::from_secs(6);
+    tokio::time::sleep_until(watch_until).await;
+
+    let ids = seen.ids();
+    assert_eq!(
+        ids.values().copied().collect::<Vec<_>>(),
+        [1],
+        "the acknowledged delivery was posted once: {ids:?}"
+    );
+    assert_eq!(rows_left(&pg_url).await, 0, "recorded as delivered");
+    let counted = counter(&a.admin, "pandagate_callbacks_delivered_total").await
+        + counter(&b.admin, "pandagate_callbacks_delivered_total").await;
+    assert_eq!(counted, 1, "counted once");
+    drop((a, b));
+    pg.lock().unwrap().stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acknowledged_delivery_is_posted_once_when_the_database_blips_before_it_is_recorded() {
+    acknowledged_while_the_database_is_down(Duration::from_secs(2)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acknowledged_delivery_is_posted_once_when_the_database_is_down_past_its_lease() {
+    acknowledged_while_the_database_is_down(Duration::from_secs(10)).await;
 }
 
 /// A connection of the test's own, without the store's statement timeout.

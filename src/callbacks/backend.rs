@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use super::CallbackError;
 use super::postgres::PgStore;
-use super::store::{Cursor, Delivery, Due, Message, Page, Pruned, Store, StoreError};
+use super::store::{Cursor, Delivery, Due, Message, Outcome, Page, Pruned, Store, StoreError};
 use crate::config::{CallbackBackend, CallbacksConfig, ConfigError, PostgresUrl};
 
 #[derive(Debug)]
@@ -172,24 +172,23 @@ impl Backend {
         }
     }
 
-    pub async fn delivered(&self, d: Delivery) -> Result<(), CallbackError> {
+    /// Records what an attempt decided. `false`: the shared store's row is
+    /// no longer this replica's claim, and nothing changed (the local store
+    /// always applies: a delivery no longer pending is left alone).
+    pub async fn record(&self, outcome: Outcome) -> Result<bool, CallbackError> {
         match self {
-            Backend::Local(s) => Self::blocking(s, move |s| s.delivered(&d)).await,
-            Backend::Postgres(p) => Ok(p.delivered(&d).await?),
-        }
-    }
-
-    pub async fn reschedule(&self, d: Delivery) -> Result<(), CallbackError> {
-        match self {
-            Backend::Local(s) => Self::blocking(s, move |s| s.reschedule(&d)).await,
-            Backend::Postgres(p) => Ok(p.reschedule(&d).await?),
-        }
-    }
-
-    pub async fn bury(&self, d: Delivery) -> Result<(), CallbackError> {
-        match self {
-            Backend::Local(s) => Self::blocking(s, move |s| s.bury(&d)).await,
-            Backend::Postgres(p) => Ok(p.bury(&d).await?),
+            Backend::Local(s) => {
+                Self::blocking(s, move |s| {
+                    match &outcome {
+                        Outcome::Delivered(d) => s.delivered(d)?,
+                        Outcome::Rescheduled(d) => s.reschedule(d)?,
+                        Outcome::Buried(d) => s.bury(d)?,
+                    }
+                    Ok(true)
+                })
+                .await
+            }
+            Backend::Postgres(p) => Ok(p.record(&outcome).await?),
         }
     }
 

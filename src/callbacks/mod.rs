@@ -542,7 +542,6 @@ impl Callbacks {
                 first_at_ms: now,
                 next_at_ms: now,
                 last_error: None,
-                claim: None,
             })
             .collect();
         self.store.insert(id, message, deliveries).await

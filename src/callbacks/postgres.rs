@@ -5,10 +5,16 @@
 //!   subscriber, then `NOTIFY`; the receiver answers 200 only after the
 //!   commit.
 //! * Each replica's delivery loop claims due deliveries with
-//!   `FOR UPDATE SKIP LOCKED`, setting a lease (`locked_until_ms`) and a
-//!   random claim token: two replicas never hold the same delivery, and a
-//!   replica killed mid-delivery loses only its lease. Its updates
-//!   (delivered, rescheduled, dead) apply only while the token is still its.
+//!   `FOR UPDATE SKIP LOCKED`, setting a lease (`locked_until_ms`) and the
+//!   replica's claim token (random, one per process): two replicas never
+//!   hold the same delivery, and a replica killed mid-delivery loses only
+//!   its lease. Its updates (delivered, rescheduled, dead) apply while the
+//!   row is still its claim, whatever the lease says: an outcome that could
+//!   not be written before the lease ran out still lands if no other replica
+//!   took the row meanwhile.
+//! * After the server (re)starts, a claim made before the start is not
+//!   taken over for [`TAKEOVER_GRACE`]: its holder, which could not record
+//!   its outcome while the database was down, gets to record it first.
 //! * Operators' listings page through an index in a fixed order, and a dead
 //!   letter is found by its key (the primary key) or its delivery id (an
 //!   index on `pandagate_delivery_id(message_id, subscriber)`): no
@@ -27,7 +33,7 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio::sync::Notify;
 use tokio_postgres::{AsyncMessage, NoTls};
 
-use super::store::{Cursor, Delivery, Due, Message, Page, Pruned};
+use super::store::{Cursor, Delivery, Due, Message, Outcome, Page, Pruned};
 use crate::config::{CallbacksConfig, PostgresUrl};
 use crate::redact;
 
@@ -78,6 +84,14 @@ CREATE INDEX pandagate_callback_deliveries_claimed
 ",
 ];
 
+/// How long after the server starts a claim made before the start stays
+/// its holder's, expired lease or not: time for the holder to record an
+/// outcome it could not write while the database was down (its tries come
+/// every half second at most), before another replica posts the delivery
+/// again. Shorter than any lease, so claims made since the start are never
+/// held back.
+pub const TAKEOVER_GRACE: Duration = Duration::from_secs(5);
+
 /// Most dead letters put back in line per transaction by a replay of all:
 /// each batch stays far within the statement timeout, however many there are.
 const REPLAY_BATCH: i64 = 500;
@@ -113,6 +127,8 @@ pub struct PgStore {
     changed: Arc<Notify>,
     /// The schema was found current (or made so): the store may be used.
     ready: AtomicBool,
+    /// This replica's claim token: the `claim` of every row it claims.
+    token: i64,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -166,6 +182,7 @@ impl PgStore {
             timeout,
             changed: Arc::new(Notify::new()),
             ready: AtomicBool::new(false),
+            token: rand::random(),
         });
         match store.migrate().await {
             Ok(()) => store.ready.store(true, Ordering::Release),
@@ -374,7 +391,7 @@ impl PgStore {
             .with(async |conn| {
                 conn.query(
                     "SELECT message_id, subscriber, attempts, first_at_ms, next_at_ms, last_error, \
-                       claim, pandagate_delivery_id(message_id, subscriber) \
+                       pandagate_delivery_id(message_id, subscriber) \
                      FROM pandagate_callback_deliveries \
                      WHERE dead = $1 \
                        AND (first_at_ms, pandagate_delivery_id(message_id, subscriber)) > ($2, $3) \
@@ -390,7 +407,7 @@ impl PgStore {
                 let d = delivery(r);
                 let cursor = Cursor {
                     first_at_ms: d.first_at_ms,
-                    delivery_id: r.get(7),
+                    delivery_id: r.get(6),
                 };
                 (cursor, d)
             })
@@ -402,43 +419,56 @@ impl PgStore {
     /// holds, each for `lease` (the claimer's alone until then), and says
     /// when the next one not claimed falls due (or a lease passes). Leases
     /// are measured on the database's clock, so replicas whose clocks
-    /// disagree still never hold a delivery at once.
+    /// disagree still never hold a delivery at once. A claim made before
+    /// the server started is taken over only [`TAKEOVER_GRACE`] after the
+    /// start.
     pub async fn claim(&self, now_ms: u64, limit: usize, lease: Duration) -> Result<Due, PgError> {
         let now = now_ms as i64;
         let lease = lease.as_millis() as i64;
         let limit = limit as i64;
-        let claim: i64 = rand::random();
+        let grace = TAKEOVER_GRACE.as_millis() as i64;
         let (rows, next) = self
             .with(async |conn| {
                 let rows = conn
                     .query(
                         "WITH clock AS ( \
-                           SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint AS ms), \
+                           SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint AS ms, \
+                             (extract(epoch FROM pg_postmaster_start_time()) * 1000)::bigint \
+                               AS started_ms), \
                          due AS ( \
                            SELECT message_id, subscriber FROM pandagate_callback_deliveries \
                            WHERE NOT dead AND next_at_ms <= $1 \
                              AND locked_until_ms <= (SELECT ms FROM clock) \
+                             AND (locked_until_ms = 0 \
+                               OR claimed_at_ms >= (SELECT started_ms FROM clock) \
+                               OR (SELECT ms >= started_ms + $5 FROM clock)) \
                            ORDER BY next_at_ms LIMIT $2 FOR UPDATE SKIP LOCKED) \
                          UPDATE pandagate_callback_deliveries d \
                          SET locked_until_ms = (SELECT ms FROM clock) + $3, claim = $4, \
                            claimed_at_ms = (SELECT ms FROM clock) FROM due \
                          WHERE d.message_id = due.message_id AND d.subscriber = due.subscriber \
                          RETURNING d.message_id, d.subscriber, d.attempts, d.first_at_ms, \
-                           d.next_at_ms, d.last_error, d.claim",
-                        &[&now, &limit, &lease, &claim],
+                           d.next_at_ms, d.last_error",
+                        &[&now, &limit, &lease, &self.token, &grace],
                     )
                     .await?;
-                // The earlier of: the first unclaimed delivery to fall due
-                // (the front of the due index), and the first lease to pass
-                // (the few claimed rows, by their index).
+                // The earliest of: the first unclaimed delivery to fall due
+                // (the front of the due index), and the first claim to be
+                // up for taking over (the few claimed rows, by their index).
                 let next = conn
                     .query_one(
-                        "SELECT least( \
+                        "WITH started AS ( \
+                           SELECT (extract(epoch FROM pg_postmaster_start_time()) * 1000)::bigint \
+                             AS ms) \
+                         SELECT least( \
                            (SELECT next_at_ms FROM pandagate_callback_deliveries \
                             WHERE NOT dead AND locked_until_ms = 0 ORDER BY next_at_ms LIMIT 1), \
-                           (SELECT min(locked_until_ms) FROM pandagate_callback_deliveries \
+                           (SELECT min(CASE WHEN claimed_at_ms >= (SELECT ms FROM started) \
+                                  THEN locked_until_ms \
+                                  ELSE greatest(locked_until_ms, (SELECT ms FROM started) + $1) END) \
+                            FROM pandagate_callback_deliveries \
                             WHERE locked_until_ms > 0 AND NOT dead))",
-                        &[],
+                        &[&grace],
                     )
                     .await?;
                 Ok((rows, next.get::<_, Option<i64>>(0)))
@@ -452,36 +482,40 @@ impl PgStore {
         })
     }
 
-    /// Runs `sql` (which names the delivery as `$1`, `$2` and its claim as
-    /// `$3`) while `d`'s claim is still the holder's; a lost claim changes
-    /// nothing.
+    /// Runs `sql` (which names the delivery as `$1`, `$2` and this
+    /// replica's claim token as `$3`), applying only while the row is still
+    /// this replica's claim. `false`: it is not (another replica took it
+    /// after its lease passed, or an earlier try already applied); nothing
+    /// changed.
     async fn settle(
         &self,
         sql: &str,
         d: &Delivery,
         more: &[&(dyn tokio_postgres::types::ToSql + Sync)],
-    ) -> Result<(), PgError> {
+    ) -> Result<bool, PgError> {
         let mut args: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
-            vec![&d.message_id, &d.subscriber, &d.claim];
+            vec![&d.message_id, &d.subscriber, &self.token];
         args.extend_from_slice(more);
         let changed = self
             .with(async |conn| conn.execute(sql, &args).await)
             .await?;
-        if changed == 0 {
-            tracing::warn!(
-                delivery_id = %d.id(),
-                subscriber = %redact::url(&d.subscriber),
-                "callback delivery: its claim had passed to another replica; outcome not recorded"
-            );
+        Ok(changed > 0)
+    }
+
+    /// Records what an attempt decided; see [`PgStore::settle`].
+    pub async fn record(&self, outcome: &Outcome) -> Result<bool, PgError> {
+        match outcome {
+            Outcome::Delivered(d) => self.delivered(d).await,
+            Outcome::Rescheduled(d) => self.reschedule(d).await,
+            Outcome::Buried(d) => self.bury(d).await,
         }
-        Ok(())
     }
 
     /// The subscriber acknowledged: the delivery is done.
-    pub async fn delivered(&self, d: &Delivery) -> Result<(), PgError> {
+    pub async fn delivered(&self, d: &Delivery) -> Result<bool, PgError> {
         self.settle(
             "DELETE FROM pandagate_callback_deliveries WHERE message_id = $1 AND subscriber = $2 \
-             AND claim IS NOT DISTINCT FROM $3",
+             AND claim = $3",
             d,
             &[],
         )
@@ -490,24 +524,23 @@ impl PgStore {
 
     /// Another attempt failed (`dead`: too old to keep trying, a dead
     /// letter; otherwise pending again at `d.next_at_ms`).
-    async fn failed(&self, d: &Delivery, dead: bool) -> Result<(), PgError> {
+    async fn failed(&self, d: &Delivery, dead: bool) -> Result<bool, PgError> {
         let (attempts, next) = (d.attempts as i32, d.next_at_ms as i64);
         self.settle(
             "UPDATE pandagate_callback_deliveries SET attempts = $4, next_at_ms = $5, \
              last_error = $6, dead = $7, locked_until_ms = 0, claim = NULL \
-             WHERE message_id = $1 AND subscriber = $2 AND claim IS NOT DISTINCT FROM $3 \
-             AND NOT dead",
+             WHERE message_id = $1 AND subscriber = $2 AND claim = $3 AND NOT dead",
             d,
             &[&attempts, &next, &d.last_error, &dead],
         )
         .await
     }
 
-    pub async fn reschedule(&self, d: &Delivery) -> Result<(), PgError> {
+    pub async fn reschedule(&self, d: &Delivery) -> Result<bool, PgError> {
         self.failed(d, false).await
     }
 
-    pub async fn bury(&self, d: &Delivery) -> Result<(), PgError> {
+    pub async fn bury(&self, d: &Delivery) -> Result<bool, PgError> {
         self.failed(d, true).await
     }
 
@@ -677,7 +710,6 @@ fn delivery(r: &tokio_postgres::Row) -> Delivery {
         first_at_ms: r.get::<_, i64>(3).max(0) as u64,
         next_at_ms: r.get::<_, i64>(4).max(0) as u64,
         last_error: r.get(5),
-        claim: r.get(6),
     }
 }
 

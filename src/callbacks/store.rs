@@ -56,10 +56,6 @@ pub struct Delivery {
     pub next_at_ms: u64,
     #[serde(default)]
     pub last_error: Option<String>,
-    /// The claim this replica holds on it (the shared store's; never
-    /// stored as part of the row's JSON).
-    #[serde(skip)]
-    pub claim: Option<i64>,
 }
 
 impl Delivery {
@@ -160,6 +156,26 @@ impl Page {
         Page {
             deliveries: rows.into_iter().map(|(_, d)| d).collect(),
             next,
+        }
+    }
+}
+
+/// What one delivery attempt decided, for the store to record.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    /// The subscriber answered 2xx: the delivery is done.
+    Delivered(Delivery),
+    /// The attempt failed; the delivery is due again at its `next_at_ms`.
+    Rescheduled(Delivery),
+    /// The attempt failed and the delivery is too old to try again: a dead
+    /// letter.
+    Buried(Delivery),
+}
+
+impl Outcome {
+    pub fn delivery(&self) -> &Delivery {
+        match self {
+            Outcome::Delivered(d) | Outcome::Rescheduled(d) | Outcome::Buried(d) => d,
         }
     }
 }
@@ -706,7 +722,6 @@ mod tests {
             first_at_ms: 1,
             next_at_ms: 1,
             last_error: None,
-            claim: None,
         }
     }
 
