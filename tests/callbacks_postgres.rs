@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use pandagate::callbacks::postgres::{PgStore, SCHEMA_VERSION, probe};
+use pandagate::callbacks::postgres::{PgStore, SCHEMA_VERSION, TAKEOVER_GRACE, probe};
 use pandagate::callbacks::store::{Delivery, Message};
 use pandagate::config::{CallbackBackend, CallbacksConfig, PostgresUrl};
 use support::PostgresServer;
@@ -684,6 +684,98 @@ async fn an_acknowledged_delivery_is_posted_once_when_the_database_blips_before_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_acknowledged_delivery_is_posted_once_when_the_database_is_down_past_its_lease() {
     acknowledged_while_the_database_is_down(Duration::from_secs(10)).await;
+}
+
+/// `op` once the store answers again after a restart (its pooled
+/// connections were broken), within 10 s.
+async fn once_back<
+    T,
+    F: std::future::Future<Output = Result<T, pandagate::callbacks::postgres::PgError>>,
+>(
+    mut op: impl FnMut() -> F,
+) -> T {
+    for _ in 0..100 {
+        if let Ok(v) = op().await {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the store did not answer within 10 s");
+}
+
+#[tokio::test]
+async fn an_outcome_lands_while_the_row_is_this_replicas_claim_whatever_the_lease() {
+    let pg = PostgresServer::start();
+    let (c, u) = (store_config(), url(&pg));
+    let a = PgStore::open(&c, &u).await.unwrap();
+    let b = PgStore::open(&c, &u).await.unwrap();
+    let now = pandagate::idempotency::now_ms();
+    let d = delivery("m1", "http://s/1", now);
+    a.insert("m1", &message(now), std::slice::from_ref(&d))
+        .await
+        .unwrap();
+    let lease = Duration::from_millis(200);
+    let first = a.claim(now, 10, lease).await.unwrap().deliveries;
+    assert_eq!(first.len(), 1);
+    // The lease passes; a claims its own row again: still a's, so the
+    // outcome of the first attempt, written now, applies.
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let again = a
+        .claim(pandagate::idempotency::now_ms(), 10, lease)
+        .await
+        .unwrap();
+    assert_eq!(again.deliveries.len(), 1);
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert!(
+        a.delivered(&first[0]).await.unwrap(),
+        "applied past the lease"
+    );
+    assert!(listed(&b, false).await.is_empty());
+    assert!(
+        !a.delivered(&first[0]).await.unwrap(),
+        "nothing left to apply"
+    );
+}
+
+#[tokio::test]
+async fn after_a_database_restart_a_claim_from_before_is_not_taken_over_for_the_grace() {
+    let mut pg = PostgresServer::start();
+    let (c, u) = (store_config(), url(&pg));
+    let a = PgStore::open(&c, &u).await.unwrap();
+    let b = PgStore::open(&c, &u).await.unwrap();
+    let now = pandagate::idempotency::now_ms();
+    let ds = [
+        delivery("m1", "http://s/1", now),
+        delivery("m1", "http://s/2", now),
+    ];
+    a.insert("m1", &message(now), &ds).await.unwrap();
+    let held = a.claim(now, 10, Duration::from_millis(200)).await.unwrap();
+    assert_eq!(held.deliveries.len(), 2);
+    pg.stop();
+    pg.resume();
+    let restarted = Instant::now();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Both leases have passed; neither is b's to take yet, and b is told
+    // to look again when the grace ends, not sooner.
+    let at = pandagate::idempotency::now_ms();
+    let on_b = once_back(|| b.claim(at, 10, Duration::from_secs(30))).await;
+    assert!(on_b.deliveries.is_empty(), "held for a: {on_b:?}");
+    let next = on_b.next_at_ms.expect("when the grace ends");
+    assert!(next >= at + 3_000 && next <= at + 6_000, "{next} vs {at}");
+    // a records one outcome in the meantime; the other a never records.
+    assert!(once_back(|| a.delivered(&held.deliveries[0])).await);
+    tokio::time::sleep_until(restarted + TAKEOVER_GRACE + Duration::from_millis(200)).await;
+    let on_b = b
+        .claim(
+            pandagate::idempotency::now_ms(),
+            10,
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    assert_eq!(on_b.deliveries.len(), 1, "taken over once the grace passed");
+    assert_eq!(on_b.deliveries[0].key(), held.deliveries[1].key());
+    assert!(!a.reschedule(&held.deliveries[1]).await.unwrap(), "b's now");
 }
 
 /// A connection of the test's own, without the store's statement timeout.
