@@ -41,6 +41,9 @@ use crate::redact;
 /// `i + 1`.
 pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
 
+/// Each schema version's SQL, applied in order, each once (public so
+/// tests can build an older schema). A released version is never edited:
+/// a change is the next version.
 pub const MIGRATIONS: [&str; 2] = [
     r"
 CREATE TABLE pandagate_callback_messages (
