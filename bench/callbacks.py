@@ -480,11 +480,20 @@ def admin_get(port, path, timeout=5):
 
 
 def pending_count(admin_port):
+    """Pending deliveries, counted through the pages of GET /callbacks (at
+    most 1000 pages of 1000); None when a page could not be read."""
+    total, after = 0, None
     try:
-        status, body = admin_get(admin_port, "/callbacks")
-        if status == 200:
-            return len(json.loads(body))
-    except (OSError, ValueError, http.client.HTTPException):
+        for _ in range(1000):
+            status, body = admin_get(admin_port, "/callbacks?limit=1000" + (f"&after={after}" if after else ""))
+            if status != 200:
+                return None
+            page = json.loads(body)
+            total += len(page["deliveries"])
+            after = page["next"]
+            if after is None:
+                return total
+    except (OSError, ValueError, KeyError, TypeError, http.client.HTTPException):
         pass
     return None
 

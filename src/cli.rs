@@ -107,10 +107,17 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum CallbacksAction {
-    /// Deliveries still pending (or, with --dead, given up).
+    /// Deliveries still pending (or, with --dead, given up), a page at a
+    /// time, oldest first.
     List {
         #[arg(long)]
         dead: bool,
+        /// Deliveries per page (default 100, at most 1000).
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Where the page starts: the `next` of the page before.
+        #[arg(long)]
+        after: Option<String>,
     },
     /// Put dead letters back in line: one (by delivery id or key), or all.
     Replay {
@@ -391,10 +398,21 @@ async fn callbacks_command(
         CallbacksAction::Replay { .. } => (control, "control"),
     };
     let (method, target) = match &action {
-        CallbacksAction::List { dead } => (
-            http::Method::GET,
-            format!("/callbacks{}", if *dead { "?dead=1" } else { "" }),
-        ),
+        CallbacksAction::List { dead, limit, after } => {
+            let mut query = form_urlencoded::Serializer::new(String::new());
+            if *dead {
+                query.append_pair("dead", "1");
+            }
+            if let Some(limit) = limit {
+                query.append_pair("limit", &limit.to_string());
+            }
+            if let Some(after) = after {
+                query.append_pair("after", after);
+            }
+            let query = query.finish();
+            let sep = if query.is_empty() { "" } else { "?" };
+            (http::Method::GET, format!("/callbacks{sep}{query}"))
+        }
         CallbacksAction::Replay { id: Some(id), .. } => (
             http::Method::POST,
             format!(

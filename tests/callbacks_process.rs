@@ -114,11 +114,15 @@ async fn operators_list_and_replay_dead_letters() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let dead: Vec<serde_json::Value> = serde_json::from_str(&listed).expect("a JSON list");
+    let page: serde_json::Value = serde_json::from_str(&listed).expect("a JSON page");
+    let dead = page["deliveries"].as_array().expect("a JSON list");
     assert_eq!(dead.len(), 1, "{listed}");
+    assert_eq!(page["next"], serde_json::Value::Null, "{listed}");
     assert!(dead[0]["attempts"].as_u64().unwrap() >= 1);
     let (_, pending) = cli(&["callbacks", "list"], &gw);
-    assert_eq!(pending.trim(), "[]");
+    assert_eq!(pending.trim(), r#"{"deliveries":[],"next":null}"#);
+    let (ok, refused) = cli(&["callbacks", "list", "--dead", "--limit", "0"], &gw);
+    assert!(!ok && refused.contains("limit must be"), "{refused}");
 
     subscriber.reset().await;
     Mock::given(any())
@@ -150,7 +154,8 @@ async fn operators_list_and_replay_dead_letters() {
 async fn dead_key(gw: &support::Running) -> String {
     for _ in 0..250 {
         let answer = support::get(&format!("http://{}/callbacks?dead=1", gw.admin)).await;
-        let dead: Vec<serde_json::Value> = serde_json::from_slice(&answer.body).unwrap();
+        let page: serde_json::Value = serde_json::from_slice(&answer.body).unwrap();
+        let dead = page["deliveries"].as_array().unwrap();
         if let Some(d) = dead.first() {
             return d["key"].as_str().unwrap().to_owned();
         }

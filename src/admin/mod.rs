@@ -2,8 +2,9 @@
 //!
 //! * the admin listener (`server.admin_listen`) only reads: `GET /healthz`,
 //!   `GET /readyz`, `GET /metrics` (Prometheus text) and, with
-//!   `[callbacks]`, `GET /callbacks[?dead=1]` (pending or dead deliveries,
-//!   JSON). It may be opened to the kubelet and to Prometheus.
+//!   `[callbacks]`, `GET /callbacks[?dead=1][&limit=N][&after=NEXT]` (a page
+//!   of pending or dead deliveries, JSON `{"deliveries": [...], "next":
+//!   ...}`). It may be opened to the kubelet and to Prometheus.
 //! * the control listener (`server.control_listen`, [`control`]) changes
 //!   state: `POST /quitquitquit`, `POST /cache/purge`, `POST
 //!   /callbacks/replay`. It is on loopback, or demands a token.
@@ -20,7 +21,7 @@ use hyper::body::Incoming;
 use crate::limiter::BackendState;
 use std::sync::Arc;
 
-use crate::callbacks::Callbacks;
+use crate::callbacks::{Callbacks, Cursor, LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX, NotACursor};
 pub use crate::drain::Drain;
 use crate::exporter::{Exporter, GatewaySource, Process};
 
@@ -64,8 +65,14 @@ impl Admin {
             }
             (&Method::GET, "/callbacks") => {
                 let dead = has_flag(req.uri().query(), "dead");
+                let (limit, after) = match page_of(req.uri().query()) {
+                    Ok(page) => page,
+                    Err(why) => return text(StatusCode::BAD_REQUEST, format!("{why}\n")),
+                };
                 with_callbacks(self.callbacks.as_ref(), |cb| async move {
-                    cb.list(dead).await.map(|l| serde_json::json!(l))
+                    cb.list(dead, after, limit)
+                        .await
+                        .map(|page| serde_json::json!(page))
                 })
                 .await
             }
@@ -139,6 +146,26 @@ fn query_value(query: Option<&str>, name: &str) -> Option<String> {
         .map(|(_, v)| v.into_owned())
 }
 
+/// The page a listing asks for: `limit` (1 to `LIST_LIMIT_MAX`, default
+/// `LIST_LIMIT_DEFAULT`) and `after` (the previous page's `next`); `Err`
+/// says which is wrong.
+fn page_of(query: Option<&str>) -> Result<(usize, Option<Cursor>), String> {
+    let limit = match query_value(query, "limit") {
+        None => LIST_LIMIT_DEFAULT,
+        Some(v) => v
+            .parse()
+            .ok()
+            .filter(|n| (1..=LIST_LIMIT_MAX).contains(n))
+            .ok_or_else(|| {
+                format!("limit must be a whole number from 1 to {LIST_LIMIT_MAX}, not {v:?}")
+            })?,
+    };
+    let after = query_value(query, "after")
+        .map(|v| v.parse().map_err(|e: NotACursor| format!("after: {e}")))
+        .transpose()?;
+    Ok((limit, after))
+}
+
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
@@ -185,5 +212,26 @@ mod tests {
             assert!(!has_flag(Some(query), "dead"), "{query}");
         }
         assert!(!has_flag(None, "dead"));
+    }
+
+    #[test]
+    fn a_page_is_100_by_default_and_bad_limits_and_cursors_say_what_is_wrong() {
+        assert_eq!(page_of(None), Ok((100, None)));
+        assert_eq!(page_of(Some("dead=1&limit=1")), Ok((1, None)));
+        assert_eq!(page_of(Some("limit=1000")), Ok((1000, None)));
+        let next = format!("5-{}", "a".repeat(32));
+        let (_, after) = page_of(Some(&format!("after={next}"))).unwrap();
+        assert_eq!(after.map(|c| c.to_string()), Some(next));
+        for bad in ["0", "1001", "-1", "x", "", "2.5"] {
+            let why = page_of(Some(&format!("limit={bad}"))).unwrap_err();
+            assert_eq!(
+                why,
+                format!("limit must be a whole number from 1 to 1000, not {bad:?}")
+            );
+        }
+        assert_eq!(
+            page_of(Some("after=abc")).unwrap_err(),
+            r#"after: not a cursor from a listing's "next""#
+        );
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use super::CallbackError;
 use super::postgres::PgStore;
-use super::store::{Delivery, Due, Message, Pruned, Store, StoreError};
+use super::store::{Cursor, Delivery, Due, Message, Outcome, Page, Pruned, Store, StoreError};
 use crate::config::{CallbackBackend, CallbacksConfig, ConfigError, PostgresUrl};
 
 #[derive(Debug)]
@@ -23,6 +23,9 @@ pub enum Backend {
 /// that holds a delivery longer than `delivery_timeout_ms` plus this has
 /// died, and another may take it.
 const LEASE_MARGIN: Duration = Duration::from_secs(5);
+
+/// Most dead letters the local store puts back in line per transaction.
+const LOCAL_REPLAY_BATCH: usize = 1000;
 
 impl Backend {
     /// Opens the store `config` names: the local file, or the database
@@ -87,20 +90,49 @@ impl Backend {
         }
     }
 
-    pub async fn list(&self, dead: bool) -> Result<Vec<Delivery>, CallbackError> {
+    /// A page of the pending (or dead) deliveries, in listing order after
+    /// `after`.
+    pub async fn page(
+        &self,
+        dead: bool,
+        after: Option<Cursor>,
+        limit: usize,
+    ) -> Result<Page, CallbackError> {
         match self {
             Backend::Local(s) => {
-                Self::blocking(s, move |s| if dead { s.dead() } else { s.pending() }).await
+                Self::blocking(s, move |s| s.page(dead, after.as_ref(), limit)).await
             }
-            Backend::Postgres(p) if dead => Ok(p.dead().await?),
-            Backend::Postgres(p) => Ok(p.pending().await?),
+            Backend::Postgres(p) => Ok(p.page(dead, after.as_ref(), limit).await?),
         }
     }
 
-    pub async fn replay(&self, key: Option<String>, now_ms: u64) -> Result<usize, CallbackError> {
+    /// Puts the dead letter whose key or delivery id is `id` back in line.
+    pub async fn replay_one(&self, id: String, now_ms: u64) -> Result<usize, CallbackError> {
         match self {
-            Backend::Local(s) => Self::blocking(s, move |s| s.replay(key.as_deref(), now_ms)).await,
-            Backend::Postgres(p) => Ok(p.replay(key.as_deref(), now_ms).await?),
+            Backend::Local(s) => Self::blocking(s, move |s| s.replay_one(&id, now_ms)).await,
+            Backend::Postgres(p) => Ok(p.replay_one(&id, now_ms).await?),
+        }
+    }
+
+    /// Puts every dead letter back in line, in bounded batches.
+    pub async fn replay_all(&self, now_ms: u64) -> Result<usize, CallbackError> {
+        match self {
+            Backend::Local(s) => {
+                let mut from = None;
+                let mut total = 0;
+                loop {
+                    let (moved, next) = Self::blocking(s, move |s| {
+                        s.replay_batch(from.as_deref(), now_ms, LOCAL_REPLAY_BATCH, now_ms)
+                    })
+                    .await?;
+                    total += moved;
+                    match next {
+                        Some(key) => from = Some(key),
+                        None => return Ok(total),
+                    }
+                }
+            }
+            Backend::Postgres(p) => Ok(p.replay(None, now_ms).await?),
         }
     }
 
@@ -140,24 +172,23 @@ impl Backend {
         }
     }
 
-    pub async fn delivered(&self, d: Delivery) -> Result<(), CallbackError> {
+    /// Records what an attempt decided. `false`: the shared store's row is
+    /// no longer this replica's claim, and nothing changed (the local store
+    /// always applies: a delivery no longer pending is left alone).
+    pub async fn record(&self, outcome: Outcome) -> Result<bool, CallbackError> {
         match self {
-            Backend::Local(s) => Self::blocking(s, move |s| s.delivered(&d)).await,
-            Backend::Postgres(p) => Ok(p.delivered(&d).await?),
-        }
-    }
-
-    pub async fn reschedule(&self, d: Delivery) -> Result<(), CallbackError> {
-        match self {
-            Backend::Local(s) => Self::blocking(s, move |s| s.reschedule(&d)).await,
-            Backend::Postgres(p) => Ok(p.reschedule(&d).await?),
-        }
-    }
-
-    pub async fn bury(&self, d: Delivery) -> Result<(), CallbackError> {
-        match self {
-            Backend::Local(s) => Self::blocking(s, move |s| s.bury(&d)).await,
-            Backend::Postgres(p) => Ok(p.bury(&d).await?),
+            Backend::Local(s) => {
+                Self::blocking(s, move |s| {
+                    match &outcome {
+                        Outcome::Delivered(d) => s.delivered(d)?,
+                        Outcome::Rescheduled(d) => s.reschedule(d)?,
+                        Outcome::Buried(d) => s.bury(d)?,
+                    }
+                    Ok(true)
+                })
+                .await
+            }
+            Backend::Postgres(p) => Ok(p.record(&outcome).await?),
         }
     }
 

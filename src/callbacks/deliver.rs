@@ -13,11 +13,10 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use opentelemetry::KeyValue;
 use opentelemetry::trace::SpanKind;
-use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
-use super::store::{Delivery, Due, Message};
+use super::store::{Delivery, Due, Message, Outcome};
 use super::{CallbackError, Callbacks, now_ms};
 
 /// Deliveries in flight at once.
@@ -31,10 +30,41 @@ const PRUNE_EVERY_MIN: Duration = Duration::from_secs(1);
 const PRUNE_EVERY_MAX: Duration = Duration::from_secs(60);
 /// Wait after the store failed before the same work is tried again.
 const STORE_RETRY: Duration = Duration::from_secs(1);
+/// Wait after the store failed to record an attempt's outcome, doubling
+/// per try up to `RECORD_RETRY_CAP`: a database back after a blip gets the
+/// outcome within half a second, long before a lease (at least 5 s) ends.
+const RECORD_RETRY_FIRST: Duration = Duration::from_millis(50);
+const RECORD_RETRY_CAP: Duration = Duration::from_millis(500);
 
-/// Stable per (message, subscriber): receivers deduplicate on it.
-pub fn delivery_id(d: &Delivery) -> String {
-    hex::encode(&Sha256::digest(d.key().as_bytes())[..16])
+/// Says how recording an outcome ended when that is news: it took more
+/// than one try, or it did not apply (the delivery was no longer this
+/// replica's claim).
+fn log_recorded(d: &Delivery, applied: bool, failed: u32, since: Instant) {
+    let (id, subscriber) = (d.id(), crate::redact::url(&d.subscriber));
+    let (tries, waited_ms) = (failed + 1, since.elapsed().as_millis() as u64);
+    match (applied, failed) {
+        (true, 0) => {}
+        (true, _) => tracing::info!(
+            delivery_id = %id,
+            %subscriber,
+            tries,
+            waited_ms,
+            "callback delivery: outcome recorded once the store answered again"
+        ),
+        (false, 0) => tracing::warn!(
+            delivery_id = %id,
+            %subscriber,
+            "callback delivery: its claim had passed to another replica; outcome not recorded"
+        ),
+        (false, _) => tracing::warn!(
+            delivery_id = %id,
+            %subscriber,
+            tries,
+            waited_ms,
+            "callback delivery: outcome not recorded: the delivery is no longer this replica's \
+             claim (an earlier try whose answer was lost recorded it, or another replica took it)"
+        ),
+    }
 }
 
 /// The instant `at_ms` (Unix milliseconds) falls on, by the monotonic clock.
@@ -95,6 +125,11 @@ impl Callbacks {
                         // the row.
                         let permit = slots.clone().acquire_owned().await.expect("never closed");
                         let key = d.key();
+                        // A key still in flight here, from the shared store,
+                        // is a delivery whose task is recording its outcome
+                        // past the lease: claimed again, it stays this
+                        // replica's (the same claim token) and that task
+                        // records it. It is not posted again.
                         if !in_flight.lock().expect("not poisoned").insert(key.clone()) {
                             continue;
                         }
@@ -154,9 +189,10 @@ impl Callbacks {
     /// Delivers `d` if it is still pending and due. Only one task holds a
     /// delivery at a time (here: the in-flight set; across replicas: the
     /// shared store's claim), and the previous holder's store update has
-    /// committed, so the row it works on is current. When the store fails,
-    /// the task waits before giving the delivery back, so a failing store
-    /// is not hammered.
+    /// committed, so the row it works on is current. When the store fails
+    /// before the attempt, the task waits before giving the delivery back,
+    /// so a failing store is not hammered; after the attempt, the task
+    /// stays until its outcome is recorded (see [`Callbacks::record`]).
     async fn deliver_due(&self, client: &Client<HttpConnector, Full<Bytes>>, d: Delivery) {
         let current = self.store.current(d).await;
         let delivered = match current {
@@ -170,11 +206,12 @@ impl Callbacks {
         }
     }
 
-    /// One attempt and its store update. `Err`: the store failed.
+    /// One attempt and its store update. `Err`: the store failed before
+    /// the attempt (nothing was posted).
     async fn deliver_one(
         &self,
         client: &Client<HttpConnector, Full<Bytes>>,
-        mut d: Delivery,
+        d: Delivery,
     ) -> Result<(), CallbackError> {
         let message = self.store.message(d.message_id.clone()).await?;
         let trace = self.traces.as_ref().map(|t| {
@@ -182,7 +219,7 @@ impl Callbacks {
                 "callback delivery",
                 SpanKind::Client,
                 vec![
-                    KeyValue::new("pandagate.delivery_id", delivery_id(&d)),
+                    KeyValue::new("pandagate.delivery_id", d.id()),
                     KeyValue::new("pandagate.delivery_attempt", i64::from(d.attempts + 1)),
                     KeyValue::new(
                         "server.address",
@@ -217,21 +254,30 @@ impl Callbacks {
             });
             trace.end(error.as_deref());
         }
+        let outcome = self.outcome(d, outcome);
+        self.record(outcome).await;
+        Ok(())
+    }
+
+    /// What an attempt's result (`Ok`: the message the subscriber
+    /// acknowledged) means for its delivery; counted and logged here, once
+    /// per attempt.
+    fn outcome(&self, mut d: Delivery, result: Result<&Message, CallbackError>) -> Outcome {
         let now = now_ms();
-        match outcome {
+        match result {
             Ok(message) => {
                 self.counts.delivered.fetch_add(1, Ordering::Relaxed);
                 let lag_ms = now.saturating_sub(message.received_at_ms);
                 self.counts.lag.observe(lag_ms as f64 / 1000.0);
                 tracing::info!(
-                    delivery_id = %delivery_id(&d),
+                    delivery_id = %d.id(),
                     subscriber = %crate::redact::url(&d.subscriber),
                     message_type = %message.message_type,
                     attempts = d.attempts + 1,
                     lag_ms,
                     "callback delivered"
                 );
-                self.store.delivered(d).await
+                Outcome::Delivered(d)
             }
             Err(error) => {
                 d.attempts += 1;
@@ -240,12 +286,12 @@ impl Callbacks {
                 if now.saturating_sub(d.first_at_ms) >= self.config.max_age_ms {
                     self.counts.dead_lettered.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(
-                        delivery_id = %delivery_id(&d),
+                        delivery_id = %d.id(),
                         subscriber = %crate::redact::url(&d.subscriber),
                         attempts = d.attempts,
                         "callback delivery gave up: dead letter"
                     );
-                    self.store.bury(d).await
+                    Outcome::Buried(d)
                 } else {
                     self.counts.retried.fetch_add(1, Ordering::Relaxed);
                     let factor = 1u64 << d.attempts.saturating_sub(1).min(20);
@@ -255,7 +301,45 @@ impl Callbacks {
                         .saturating_mul(factor)
                         .min(self.config.backoff_cap_ms);
                     d.next_at_ms = now + wait;
-                    self.store.reschedule(d).await
+                    Outcome::Rescheduled(d)
+                }
+            }
+        }
+    }
+
+    /// Writes an attempt's outcome, trying again while the store fails,
+    /// however long that takes (every `RECORD_RETRY_CAP` at most). The
+    /// delivery stays in flight meanwhile, so this replica never starts it
+    /// again, not even when it claims the row once more after its lease
+    /// passed; and the shared store applies the update as long as the row
+    /// is this replica's claim, whatever the lease says. So a delivery the
+    /// subscriber acknowledged is posted again only if another replica took
+    /// it first (see `postgres::TAKEOVER_GRACE`), or this process ends
+    /// before the outcome is written.
+    async fn record(&self, outcome: Outcome) {
+        let mut wait = RECORD_RETRY_FIRST;
+        let mut failed = 0u32;
+        let since = Instant::now();
+        loop {
+            match self.store.record(outcome.clone()).await {
+                Ok(applied) => {
+                    log_recorded(outcome.delivery(), applied, failed, since);
+                    return;
+                }
+                Err(e) => {
+                    failed += 1;
+                    // Logged at the 1st, 2nd, 4th, 8th... failure: a store
+                    // down for long is seen without a line per try.
+                    if failed.is_power_of_two() {
+                        tracing::error!(
+                            error = %e,
+                            delivery_id = %outcome.delivery().id(),
+                            tries = failed,
+                            "callback store failed to record a delivery's outcome; trying again until it does"
+                        );
+                    }
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(RECORD_RETRY_CAP);
                 }
             }
         }
@@ -278,7 +362,7 @@ impl Callbacks {
         });
         let req = Request::post(&d.subscriber)
             .header(header::CONTENT_TYPE, "application/json")
-            .header("x-pandagate-delivery-id", delivery_id(d))
+            .header("x-pandagate-delivery-id", d.id())
             .body(Full::new(Bytes::from(payload.to_string())))?;
         let timeout = Duration::from_millis(self.config.delivery_timeout_ms);
         match tokio::time::timeout(timeout, client.request(req)).await {

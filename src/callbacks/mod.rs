@@ -37,6 +37,7 @@ pub use backend::Backend;
 use opentelemetry::KeyValue;
 use opentelemetry::trace::SpanKind;
 use postgres::PgError;
+pub use store::{Cursor, NotACursor};
 use store::{Delivery, Message, Store, StoreError};
 
 /// Why a callback operation failed: the store, the thread a store call ran
@@ -143,7 +144,7 @@ pub struct DeliveryView {
 impl From<Delivery> for DeliveryView {
     fn from(d: Delivery) -> Self {
         DeliveryView {
-            delivery_id: deliver::delivery_id(&d),
+            delivery_id: d.id(),
             key: d.key(),
             message_id: d.message_id,
             subscriber: d.subscriber,
@@ -154,6 +155,19 @@ impl From<Delivery> for DeliveryView {
         }
     }
 }
+
+/// One page of `GET /callbacks`: the deliveries, and the `after` that
+/// gives the next page (`None`: this is the last).
+#[derive(Debug, Serialize)]
+pub struct PageView {
+    pub deliveries: Vec<DeliveryView>,
+    pub next: Option<String>,
+}
+
+/// Deliveries per page of a listing when the caller gives no `limit`.
+pub const LIST_LIMIT_DEFAULT: usize = 100;
+/// Most deliveries per page of a listing.
+pub const LIST_LIMIT_MAX: usize = 1000;
 
 /// Where the secret that verifies pushes comes from. It is asked on every
 /// push, so that a config reload or a rotated secret file takes effect at
@@ -361,29 +375,37 @@ impl Callbacks {
         self.store.local()
     }
 
-    /// Pending (or, with `dead`, dead-lettered) deliveries.
-    pub async fn list(&self, dead: bool) -> Result<Vec<DeliveryView>, CallbackError> {
-        let list = self.store.list(dead).await?;
-        Ok(list.into_iter().map(DeliveryView::from).collect())
+    /// A page of the pending (or, with `dead`, dead-lettered) deliveries:
+    /// up to `limit` (at most [`LIST_LIMIT_MAX`]), oldest first, after
+    /// `after` (the `next` of the page before).
+    pub async fn list(
+        &self,
+        dead: bool,
+        after: Option<Cursor>,
+        limit: usize,
+    ) -> Result<PageView, CallbackError> {
+        let page = self
+            .store
+            .page(dead, after, limit.clamp(1, LIST_LIMIT_MAX))
+            .await?;
+        Ok(PageView {
+            deliveries: page
+                .deliveries
+                .into_iter()
+                .map(DeliveryView::from)
+                .collect(),
+            next: page.next.map(|c| c.to_string()),
+        })
     }
 
     /// Puts dead letters back in line: the one whose key or delivery id is
-    /// `id`, or all of them. Returns how many.
+    /// `id` (found by key or index, not by reading the others), or all of
+    /// them (in bounded batches). Returns how many.
     pub async fn replay(&self, id: Option<String>) -> Result<usize, CallbackError> {
-        let key = match id {
-            None => None,
-            Some(id) => {
-                let dead = self.store.list(true).await?;
-                match dead
-                    .iter()
-                    .find(|d| d.key() == id || deliver::delivery_id(d) == id)
-                {
-                    Some(d) => Some(d.key()),
-                    None => return Ok(0),
-                }
-            }
+        let moved = match id {
+            Some(id) => self.store.replay_one(id, now_ms()).await?,
+            None => self.store.replay_all(now_ms()).await?,
         };
-        let moved = self.store.replay(key, now_ms()).await?;
         if moved > 0 {
             tracing::info!(replayed = moved, "dead letters put back in line");
             self.wake.notify_one();
@@ -595,7 +617,6 @@ impl Callbacks {
                 first_at_ms: now,
                 next_at_ms: now,
                 last_error: None,
-                claim: None,
             })
             .collect();
         self.store.insert(id, message, deliveries).await

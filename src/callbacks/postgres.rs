@@ -5,10 +5,20 @@
 //!   subscriber, then `NOTIFY`; the receiver answers 200 only after the
 //!   commit.
 //! * Each replica's delivery loop claims due deliveries with
-//!   `FOR UPDATE SKIP LOCKED`, setting a lease (`locked_until_ms`) and a
-//!   random claim token: two replicas never hold the same delivery, and a
-//!   replica killed mid-delivery loses only its lease. Its updates
-//!   (delivered, rescheduled, dead) apply only while the token is still its.
+//!   `FOR UPDATE SKIP LOCKED`, setting a lease (`locked_until_ms`) and the
+//!   replica's claim token (random, one per process): two replicas never
+//!   hold the same delivery, and a replica killed mid-delivery loses only
+//!   its lease. Its updates (delivered, rescheduled, dead) apply while the
+//!   row is still its claim, whatever the lease says: an outcome that could
+//!   not be written before the lease ran out still lands if no other replica
+//!   took the row meanwhile.
+//! * After the server (re)starts, a claim made before the start is not
+//!   taken over for [`TAKEOVER_GRACE`]: its holder, which could not record
+//!   its outcome while the database was down, gets to record it first.
+//! * Operators' listings page through an index in a fixed order, and a dead
+//!   letter is found by its key (the primary key) or its delivery id (an
+//!   index on `pandagate_delivery_id(message_id, subscriber)`): no
+//!   statement reads every row.
 //! * The schema is created and migrated by [`PgStore::open`], under a
 //!   transaction-scoped advisory lock, so replicas starting together apply
 //!   each migration once.
@@ -23,7 +33,7 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio::sync::Notify;
 use tokio_postgres::{AsyncMessage, NoTls};
 
-use super::store::{Delivery, Due, Message, Pruned};
+use super::store::{Cursor, Delivery, Due, Message, Outcome, Page, Pruned};
 use crate::config::{CallbacksConfig, PostgresUrl};
 use crate::redact;
 
@@ -31,7 +41,11 @@ use crate::redact;
 /// `i + 1`.
 pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
 
-const MIGRATIONS: [&str; 1] = [r"
+/// Each schema version's SQL, applied in order, each once (public so
+/// tests can build an older schema). A released version is never edited:
+/// a change is the next version.
+pub const MIGRATIONS: [&str; 2] = [
+    r"
 CREATE TABLE pandagate_callback_messages (
     id text PRIMARY KEY,
     received_at_ms bigint NOT NULL,
@@ -53,7 +67,41 @@ CREATE TABLE pandagate_callback_deliveries (
 );
 CREATE INDEX pandagate_callback_deliveries_due
     ON pandagate_callback_deliveries (next_at_ms) WHERE NOT dead;
-"];
+",
+    // Version 2: listings in pages, replay by delivery id and the next lease
+    // to pass, each found through an index; and when a claim was made. On a
+    // table of 1 M deliveries the indexes take seconds to build, during
+    // which writes wait. `claimed_at_ms` is 0 for claims made by a binary
+    // older than this version.
+    r"
+CREATE FUNCTION pandagate_delivery_id(message_id text, subscriber text) RETURNS text
+    LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+    AS $$ SELECT substr(encode(sha256(convert_to(message_id || '|' || subscriber, 'UTF8')), 'hex'), 1, 32) $$;
+ALTER TABLE pandagate_callback_deliveries ADD COLUMN claimed_at_ms bigint NOT NULL DEFAULT 0;
+CREATE INDEX pandagate_callback_deliveries_listed
+    ON pandagate_callback_deliveries (dead, first_at_ms, pandagate_delivery_id(message_id, subscriber));
+CREATE INDEX pandagate_callback_deliveries_dead_id
+    ON pandagate_callback_deliveries (pandagate_delivery_id(message_id, subscriber)) WHERE dead;
+CREATE INDEX pandagate_callback_deliveries_claimed
+    ON pandagate_callback_deliveries (locked_until_ms) WHERE locked_until_ms > 0;
+",
+];
+
+/// How long after the server starts a claim made before the start stays
+/// its holder's, expired lease or not: time for the holder to record an
+/// outcome it could not write while the database was down (its tries come
+/// every half second at most), before another replica posts the delivery
+/// again. Shorter than any lease, so claims made since the start are never
+/// held back.
+pub const TAKEOVER_GRACE: Duration = Duration::from_secs(5);
+
+/// Most dead letters put back in line per transaction by a replay of all:
+/// each batch stays far within the statement timeout, however many there are.
+const REPLAY_BATCH: i64 = 500;
+
+/// Longest a migration may take (its statements run without the statement
+/// timeout: building an index on a large table takes seconds).
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Serialises migrations of replicas starting at once.
 const MIGRATION_LOCK: i64 = 0x7061_6e64_6167_6174; // "pandagat"
@@ -82,6 +130,8 @@ pub struct PgStore {
     changed: Arc<Notify>,
     /// The schema was found current (or made so): the store may be used.
     ready: AtomicBool,
+    /// This replica's claim token: the `claim` of every row it claims.
+    token: i64,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -135,6 +185,7 @@ impl PgStore {
             timeout,
             changed: Arc::new(Notify::new()),
             ready: AtomicBool::new(false),
+            token: rand::random(),
         });
         match store.migrate().await {
             Ok(()) => store.ready.store(true, Ordering::Release),
@@ -195,21 +246,31 @@ impl PgStore {
         &self,
         op: impl AsyncFnOnce(&mut deadpool_postgres::Object) -> Result<T, tokio_postgres::Error>,
     ) -> Result<T, PgError> {
+        self.run_within(self.timeout, op).await
+    }
+
+    /// Runs `op` on a pooled connection within `timeout`.
+    async fn run_within<T>(
+        &self,
+        timeout: Duration,
+        op: impl AsyncFnOnce(&mut deadpool_postgres::Object) -> Result<T, tokio_postgres::Error>,
+    ) -> Result<T, PgError> {
         let run = async {
             let mut conn = self.pool.get().await.map_err(|e| self.db(e))?;
             op(&mut conn).await.map_err(|e| self.db(e))
         };
-        tokio::time::timeout(self.timeout, run)
+        tokio::time::timeout(timeout, run)
             .await
-            .unwrap_or(Err(PgError::Timeout(self.timeout.as_millis() as u64)))
+            .unwrap_or(Err(PgError::Timeout(timeout.as_millis() as u64)))
     }
 
     /// Applies the migrations this database lacks, once, whoever starts
     /// first.
     async fn migrate(&self) -> Result<(), PgError> {
         let found = self
-            .run(async |conn| {
+            .run_within(MIGRATION_TIMEOUT, async |conn| {
                 let tx = conn.transaction().await?;
+                tx.batch_execute("SET LOCAL statement_timeout = 0").await?;
                 tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
                     .await?;
                 tx.batch_execute(
@@ -313,63 +374,104 @@ impl PgStore {
             .transpose()
     }
 
-    async fn list(&self, dead: bool) -> Result<Vec<Delivery>, PgError> {
+    /// A page of the pending (or, with `dead`, dead) deliveries in listing
+    /// order (see [`Cursor`]), after `after`: one index range scan of
+    /// `limit + 1` rows, however many there are.
+    pub async fn page(
+        &self,
+        dead: bool,
+        after: Option<&Cursor>,
+        limit: usize,
+    ) -> Result<Page, PgError> {
+        let (at, id) = after.map_or((-1, ""), |c| {
+            (
+                i64::try_from(c.first_at_ms).unwrap_or(i64::MAX),
+                c.delivery_id.as_str(),
+            )
+        });
+        let fetch = limit as i64 + 1;
         let rows = self
             .with(async |conn| {
                 conn.query(
                     "SELECT message_id, subscriber, attempts, first_at_ms, next_at_ms, last_error, \
-                     claim FROM pandagate_callback_deliveries WHERE dead = $1 \
-                     ORDER BY next_at_ms, message_id, subscriber",
-                    &[&dead],
+                       pandagate_delivery_id(message_id, subscriber) \
+                     FROM pandagate_callback_deliveries \
+                     WHERE dead = $1 \
+                       AND (first_at_ms, pandagate_delivery_id(message_id, subscriber)) > ($2, $3) \
+                     ORDER BY first_at_ms, pandagate_delivery_id(message_id, subscriber) LIMIT $4",
+                    &[&dead, &at, &id, &fetch],
                 )
                 .await
             })
             .await?;
-        Ok(rows.iter().map(delivery).collect())
-    }
-
-    pub async fn pending(&self) -> Result<Vec<Delivery>, PgError> {
-        self.list(false).await
-    }
-
-    pub async fn dead(&self) -> Result<Vec<Delivery>, PgError> {
-        self.list(true).await
+        let rows = rows
+            .iter()
+            .map(|r| {
+                let d = delivery(r);
+                let cursor = Cursor {
+                    first_at_ms: d.first_at_ms,
+                    delivery_id: r.get(6),
+                };
+                (cursor, d)
+            })
+            .collect();
+        Ok(Page::cut(rows, limit))
     }
 
     /// Claims up to `limit` deliveries due at `now_ms` that no replica
     /// holds, each for `lease` (the claimer's alone until then), and says
-    /// when the next one not claimed falls due (or its lease passes).
-    /// Leases are measured on the database's clock, so replicas whose
-    /// clocks disagree still never hold a delivery at once.
+    /// when the next one not claimed falls due (or a lease passes). Leases
+    /// are measured on the database's clock, so replicas whose clocks
+    /// disagree still never hold a delivery at once. A claim made before
+    /// the server started is taken over only [`TAKEOVER_GRACE`] after the
+    /// start.
     pub async fn claim(&self, now_ms: u64, limit: usize, lease: Duration) -> Result<Due, PgError> {
         let now = now_ms as i64;
         let lease = lease.as_millis() as i64;
         let limit = limit as i64;
-        let claim: i64 = rand::random();
+        let grace = TAKEOVER_GRACE.as_millis() as i64;
         let (rows, next) = self
             .with(async |conn| {
                 let rows = conn
                     .query(
                         "WITH clock AS ( \
-                           SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint AS ms), \
+                           SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint AS ms, \
+                             (extract(epoch FROM pg_postmaster_start_time()) * 1000)::bigint \
+                               AS started_ms), \
                          due AS ( \
                            SELECT message_id, subscriber FROM pandagate_callback_deliveries \
                            WHERE NOT dead AND next_at_ms <= $1 \
                              AND locked_until_ms <= (SELECT ms FROM clock) \
+                             AND (locked_until_ms = 0 \
+                               OR claimed_at_ms >= (SELECT started_ms FROM clock) \
+                               OR (SELECT ms >= started_ms + $5 FROM clock)) \
                            ORDER BY next_at_ms LIMIT $2 FOR UPDATE SKIP LOCKED) \
                          UPDATE pandagate_callback_deliveries d \
-                         SET locked_until_ms = (SELECT ms FROM clock) + $3, claim = $4 FROM due \
+                         SET locked_until_ms = (SELECT ms FROM clock) + $3, claim = $4, \
+                           claimed_at_ms = (SELECT ms FROM clock) FROM due \
                          WHERE d.message_id = due.message_id AND d.subscriber = due.subscriber \
                          RETURNING d.message_id, d.subscriber, d.attempts, d.first_at_ms, \
-                           d.next_at_ms, d.last_error, d.claim",
-                        &[&now, &limit, &lease, &claim],
+                           d.next_at_ms, d.last_error",
+                        &[&now, &limit, &lease, &self.token, &grace],
                     )
                     .await?;
+                // The earliest of: the first unclaimed delivery to fall due
+                // (the front of the due index), and the first claim to be
+                // up for taking over (the few claimed rows, by their index).
                 let next = conn
                     .query_one(
-                        "SELECT min(greatest(next_at_ms, locked_until_ms)) \
-                         FROM pandagate_callback_deliveries WHERE NOT dead",
-                        &[],
+                        "WITH started AS ( \
+                           SELECT (extract(epoch FROM pg_postmaster_start_time()) * 1000)::bigint \
+                             AS ms) \
+                         SELECT least( \
+                           (SELECT next_at_ms FROM pandagate_callback_deliveries \
+                            WHERE NOT dead AND locked_until_ms = 0 ORDER BY next_at_ms LIMIT 1), \
+                           (SELECT min(CASE WHEN claimed_at_ms >= (SELECT ms FROM started) \
+                                  THEN locked_until_ms \
+                                  ELSE greatest(locked_until_ms, (SELECT ms FROM started) + $1) END) \
+                            FROM pandagate_callback_deliveries \
+                            WHERE locked_until_ms > 0 AND NOT dead))",
+                        &[&grace],
                     )
                     .await?;
                 Ok((rows, next.get::<_, Option<i64>>(0)))
@@ -383,36 +485,40 @@ impl PgStore {
         })
     }
 
-    /// Runs `sql` (which names the delivery as `$1`, `$2` and its claim as
-    /// `$3`) while `d`'s claim is still the holder's; a lost claim changes
-    /// nothing.
+    /// Runs `sql` (which names the delivery as `$1`, `$2` and this
+    /// replica's claim token as `$3`), applying only while the row is still
+    /// this replica's claim. `false`: it is not (another replica took it
+    /// after its lease passed, or an earlier try already applied); nothing
+    /// changed.
     async fn settle(
         &self,
         sql: &str,
         d: &Delivery,
         more: &[&(dyn tokio_postgres::types::ToSql + Sync)],
-    ) -> Result<(), PgError> {
+    ) -> Result<bool, PgError> {
         let mut args: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
-            vec![&d.message_id, &d.subscriber, &d.claim];
+            vec![&d.message_id, &d.subscriber, &self.token];
         args.extend_from_slice(more);
         let changed = self
             .with(async |conn| conn.execute(sql, &args).await)
             .await?;
-        if changed == 0 {
-            tracing::warn!(
-                delivery_id = %super::deliver::delivery_id(d),
-                subscriber = %redact::url(&d.subscriber),
-                "callback delivery: its claim had passed to another replica; outcome not recorded"
-            );
+        Ok(changed > 0)
+    }
+
+    /// Records what an attempt decided; see [`PgStore::settle`].
+    pub async fn record(&self, outcome: &Outcome) -> Result<bool, PgError> {
+        match outcome {
+            Outcome::Delivered(d) => self.delivered(d).await,
+            Outcome::Rescheduled(d) => self.reschedule(d).await,
+            Outcome::Buried(d) => self.bury(d).await,
         }
-        Ok(())
     }
 
     /// The subscriber acknowledged: the delivery is done.
-    pub async fn delivered(&self, d: &Delivery) -> Result<(), PgError> {
+    pub async fn delivered(&self, d: &Delivery) -> Result<bool, PgError> {
         self.settle(
             "DELETE FROM pandagate_callback_deliveries WHERE message_id = $1 AND subscriber = $2 \
-             AND claim IS NOT DISTINCT FROM $3",
+             AND claim = $3",
             d,
             &[],
         )
@@ -421,48 +527,103 @@ impl PgStore {
 
     /// Another attempt failed (`dead`: too old to keep trying, a dead
     /// letter; otherwise pending again at `d.next_at_ms`).
-    async fn failed(&self, d: &Delivery, dead: bool) -> Result<(), PgError> {
+    async fn failed(&self, d: &Delivery, dead: bool) -> Result<bool, PgError> {
         let (attempts, next) = (d.attempts as i32, d.next_at_ms as i64);
         self.settle(
             "UPDATE pandagate_callback_deliveries SET attempts = $4, next_at_ms = $5, \
              last_error = $6, dead = $7, locked_until_ms = 0, claim = NULL \
-             WHERE message_id = $1 AND subscriber = $2 AND claim IS NOT DISTINCT FROM $3 \
-             AND NOT dead",
+             WHERE message_id = $1 AND subscriber = $2 AND claim = $3 AND NOT dead",
             d,
             &[&attempts, &next, &d.last_error, &dead],
         )
         .await
     }
 
-    pub async fn reschedule(&self, d: &Delivery) -> Result<(), PgError> {
+    pub async fn reschedule(&self, d: &Delivery) -> Result<bool, PgError> {
         self.failed(d, false).await
     }
 
-    pub async fn bury(&self, d: &Delivery) -> Result<(), PgError> {
+    pub async fn bury(&self, d: &Delivery) -> Result<bool, PgError> {
         self.failed(d, true).await
     }
 
     /// Dead deliveries (all, or the one with `key`) back to pending, due
     /// now, with a fresh age. Returns how many.
     pub async fn replay(&self, key: Option<&str>, now_ms: u64) -> Result<usize, PgError> {
+        match key {
+            Some(key) => self.replay_one(key, now_ms).await,
+            None => self.replay_all(now_ms).await,
+        }
+    }
+
+    /// The dead letter whose key (`message_id|subscriber`: the primary key)
+    /// or delivery id (its index) is `id`, back to pending, due now, with a
+    /// fresh age. Returns how many (0 or 1).
+    pub async fn replay_one(&self, id: &str, now_ms: u64) -> Result<usize, PgError> {
+        const SET: &str = "UPDATE pandagate_callback_deliveries SET dead = false, \
+            first_at_ms = $1, next_at_ms = $1, locked_until_ms = 0, claim = NULL WHERE dead AND ";
         let now = now_ms as i64;
         let moved = self
             .with(async |conn| {
                 let tx = conn.transaction().await?;
-                let moved = tx
-                    .execute(
-                        "UPDATE pandagate_callback_deliveries SET dead = false, first_at_ms = $1, \
-                         next_at_ms = $1, locked_until_ms = 0, claim = NULL \
-                         WHERE dead AND ($2::text IS NULL OR message_id || '|' || subscriber = $2)",
-                        &[&now, &key],
-                    )
-                    .await?;
-                tx.batch_execute(&format!("NOTIFY {CHANNEL}")).await?;
+                let moved = match id.split_once('|') {
+                    Some((message_id, subscriber)) => {
+                        let sql = format!("{SET}message_id = $2 AND subscriber = $3");
+                        tx.execute(&sql, &[&now, &message_id, &subscriber]).await?
+                    }
+                    None => {
+                        let sql =
+                            format!("{SET}pandagate_delivery_id(message_id, subscriber) = $2");
+                        tx.execute(&sql, &[&now, &id]).await?
+                    }
+                };
+                if moved > 0 {
+                    tx.batch_execute(&format!("NOTIFY {CHANNEL}")).await?;
+                }
                 tx.commit().await?;
                 Ok(moved)
             })
             .await?;
         Ok(moved as usize)
+    }
+
+    /// Every dead letter that died before `now_ms` back to pending, in
+    /// batches of [`REPLAY_BATCH`], oldest first, each its own transaction
+    /// (so none nears the statement timeout, and other replicas start on a
+    /// batch while the next is moved). Replayed deliveries get `now_ms` as
+    /// their age, so one that dies again meanwhile is not taken twice; rows
+    /// another transaction holds are left (the pass ends at the first short
+    /// batch). Returns how many.
+    async fn replay_all(&self, now_ms: u64) -> Result<usize, PgError> {
+        let now = now_ms as i64;
+        let mut total = 0;
+        loop {
+            let moved = self
+                .with(async |conn| {
+                    let tx = conn.transaction().await?;
+                    let moved = tx
+                        .execute(
+                            "UPDATE pandagate_callback_deliveries d SET dead = false, \
+                               first_at_ms = $1, next_at_ms = $1, locked_until_ms = 0, claim = NULL \
+                             FROM (SELECT message_id, subscriber FROM pandagate_callback_deliveries \
+                               WHERE dead AND first_at_ms < $1 ORDER BY first_at_ms LIMIT $2 \
+                               FOR UPDATE SKIP LOCKED) b \
+                             WHERE d.message_id = b.message_id AND d.subscriber = b.subscriber",
+                            &[&now, &REPLAY_BATCH],
+                        )
+                        .await?;
+                    if moved > 0 {
+                        tx.batch_execute(&format!("NOTIFY {CHANNEL}")).await?;
+                    }
+                    tx.commit().await?;
+                    Ok(moved)
+                })
+                .await?;
+            total += moved as usize;
+            if (moved as i64) < REPLAY_BATCH {
+                return Ok(total);
+            }
+        }
     }
 
     /// Removes up to `limit` messages received before `before_ms` whose
@@ -552,7 +713,6 @@ fn delivery(r: &tokio_postgres::Row) -> Delivery {
         first_at_ms: r.get::<_, i64>(3).max(0) as u64,
         next_at_ms: r.get::<_, i64>(4).max(0) as u64,
         last_error: r.get(5),
-        claim: r.get(6),
     }
 }
 

@@ -22,6 +22,7 @@ use redb::{
     Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle,
 };
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
 use tokio::sync::futures::Notified;
 
@@ -55,20 +56,128 @@ pub struct Delivery {
     pub next_at_ms: u64,
     #[serde(default)]
     pub last_error: Option<String>,
-    /// The claim this replica holds on it (the shared store's; never
-    /// stored as part of the row's JSON).
-    #[serde(skip)]
-    pub claim: Option<i64>,
 }
 
 impl Delivery {
     pub fn key(&self) -> String {
         key(&self.message_id, &self.subscriber)
     }
+
+    /// Its `x-pandagate-delivery-id`: stable per (message, subscriber),
+    /// receivers deduplicate on it.
+    pub fn id(&self) -> String {
+        delivery_id(&self.key())
+    }
 }
 
 pub fn key(message_id: &str, subscriber: &str) -> String {
     format!("{message_id}|{subscriber}")
+}
+
+/// The delivery id of the delivery with `key`: the first 16 bytes of its
+/// SHA-256, hex. The shared store computes the same in SQL
+/// (`pandagate_delivery_id`) to index it.
+pub fn delivery_id(key: &str) -> String {
+    hex::encode(&Sha256::digest(key.as_bytes())[..16])
+}
+
+/// Where a listing goes on from: the last delivery of a page, in listing
+/// order (oldest `first_at_ms` first, then delivery id). That order does not
+/// change while a delivery stays pending (or dead): a retry moves
+/// `next_at_ms`, never `first_at_ms`; only a replay does, and it moves the
+/// delivery from the dead to the pending list. So paging through a list that
+/// changes meanwhile shows every delivery that stays in it exactly once.
+///
+/// Written as `FIRST_AT_MS-DELIVERY_ID`; callers treat it as opaque.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Cursor {
+    pub first_at_ms: u64,
+    pub delivery_id: String,
+}
+
+impl Cursor {
+    pub fn of(d: &Delivery) -> Cursor {
+        Cursor {
+            first_at_ms: d.first_at_ms,
+            delivery_id: d.id(),
+        }
+    }
+}
+
+impl std::fmt::Display for Cursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.first_at_ms, self.delivery_id)
+    }
+}
+
+/// A string that is not a cursor a listing gave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("not a cursor from a listing's \"next\"")]
+pub struct NotACursor;
+
+impl std::str::FromStr for Cursor {
+    type Err = NotACursor;
+
+    fn from_str(s: &str) -> Result<Cursor, NotACursor> {
+        let (at, id) = s.split_once('-').ok_or(NotACursor)?;
+        let digits = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
+        let hex =
+            |t: &str| t.len() == 32 && t.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        if !digits(at) || !hex(id) {
+            return Err(NotACursor);
+        }
+        Ok(Cursor {
+            first_at_ms: at.parse().map_err(|_| NotACursor)?,
+            delivery_id: id.to_owned(),
+        })
+    }
+}
+
+/// One page of a listing.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Page {
+    pub deliveries: Vec<Delivery>,
+    /// Where the next page starts; `None`: this is the last.
+    pub next: Option<Cursor>,
+}
+
+impl Page {
+    /// The page of `limit` from `rows`, the first `limit + 1` deliveries
+    /// after the cursor in listing order, each with its place in that
+    /// order: one more than shown says whether another page follows.
+    pub fn cut(mut rows: Vec<(Cursor, Delivery)>, limit: usize) -> Page {
+        let more = rows.len() > limit;
+        rows.truncate(limit);
+        let next = if more {
+            rows.last().map(|(c, _)| c.clone())
+        } else {
+            None
+        };
+        Page {
+            deliveries: rows.into_iter().map(|(_, d)| d).collect(),
+            next,
+        }
+    }
+}
+
+/// What one delivery attempt decided, for the store to record.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    /// The subscriber answered 2xx: the delivery is done.
+    Delivered(Delivery),
+    /// The attempt failed; the delivery is due again at its `next_at_ms`.
+    Rescheduled(Delivery),
+    /// The attempt failed and the delivery is too old to try again: a dead
+    /// letter.
+    Buried(Delivery),
+}
+
+impl Outcome {
+    pub fn delivery(&self) -> &Delivery {
+        match self {
+            Outcome::Delivered(d) | Outcome::Rescheduled(d) | Outcome::Buried(d) => d,
+        }
+    }
 }
 
 /// What [`Store::due`] found.
@@ -299,6 +408,32 @@ impl Store {
         self.list(DEAD)
     }
 
+    /// A page of the pending (or, with `dead`, dead) deliveries in listing
+    /// order (see [`Cursor`]), after `after`. redb keeps no index in that
+    /// order, so each page reads, decodes and hashes the whole list and
+    /// picks the first `limit + 1` after the cursor: linear in the list's
+    /// length per page (for the one receiving replica's backlog; the shared
+    /// store answers from an index).
+    pub fn page(
+        &self,
+        dead: bool,
+        after: Option<&Cursor>,
+        limit: usize,
+    ) -> Result<Page, StoreError> {
+        let rows = if dead { self.dead()? } else { self.pending()? };
+        let mut rows: Vec<(Cursor, Delivery)> = rows
+            .into_iter()
+            .map(|d| (Cursor::of(&d), d))
+            .filter(|(c, _)| after.is_none_or(|a| c > a))
+            .collect();
+        if rows.len() > limit + 1 {
+            rows.select_nth_unstable_by(limit, |a, b| a.0.cmp(&b.0));
+            rows.truncate(limit + 1);
+        }
+        rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        Ok(Page::cut(rows, limit))
+    }
+
     /// Up to `limit` pending deliveries due at `now_ms`, earliest first,
     /// leaving out the keys in `skip` (deliveries in flight), and when the
     /// next one falls due. Reads only the front of the `due` index.
@@ -406,24 +541,33 @@ impl Store {
     /// Moves dead deliveries (all, or the one with `key`) back to pending,
     /// due now, with a fresh age. Returns how many.
     pub fn replay(&self, key: Option<&str>, now_ms: u64) -> Result<usize, StoreError> {
+        let keys: Vec<String> = match key {
+            Some(k) => vec![k.to_owned()],
+            None => {
+                let txn = self.db.begin_read()?;
+                let dead = txn.open_table(DEAD)?;
+                dead.iter()?
+                    .map(|item| item.map(|(k, _)| k.value().to_owned()))
+                    .collect::<Result<_, _>>()?
+            }
+        };
+        self.replay_keys(&keys, now_ms)
+    }
+
+    /// Moves the dead letters with `keys` (those still dead) back to
+    /// pending, due at `now_ms`, in one transaction.
+    fn replay_keys(&self, keys: &[String], now_ms: u64) -> Result<usize, StoreError> {
         let txn = self.db.begin_write()?;
         let mut moved = 0;
         {
             let mut dead = txn.open_table(DEAD)?;
             let mut pending = txn.open_table(PENDING)?;
             let mut due = txn.open_table(DUE)?;
-            let keys: Vec<String> = match key {
-                Some(k) => vec![k.to_owned()],
-                None => dead
-                    .iter()?
-                    .map(|item| item.map(|(k, _)| k.value().to_owned()))
-                    .collect::<Result<_, _>>()?,
-            };
             for k in keys {
                 let Some(v) = dead.remove(k.as_str())? else {
                     continue;
                 };
-                let mut d: Delivery = from_json(&DEAD, &k, v.value())?;
+                let mut d: Delivery = from_json(&DEAD, k, v.value())?;
                 drop(v);
                 d.first_at_ms = now_ms;
                 d.next_at_ms = now_ms;
@@ -437,6 +581,68 @@ impl Store {
             self.changed.notify_one();
         }
         Ok(moved)
+    }
+
+    /// Puts the dead letter whose key or delivery id is `id` back in line
+    /// (see [`Store::replay`]). A delivery id is found by hashing the dead
+    /// letters' keys until one matches: linear in their number, without
+    /// reading their rows.
+    pub fn replay_one(&self, id: &str, now_ms: u64) -> Result<usize, StoreError> {
+        if id.contains('|') {
+            return self.replay(Some(id), now_ms);
+        }
+        let key = {
+            let txn = self.db.begin_read()?;
+            let dead = txn.open_table(DEAD)?;
+            let mut found = None;
+            for item in dead.iter()? {
+                let (k, _) = item?;
+                if delivery_id(k.value()) == id {
+                    found = Some(k.value().to_owned());
+                    break;
+                }
+            }
+            found
+        };
+        match key {
+            Some(key) => self.replay(Some(&key), now_ms),
+            None => Ok(0),
+        }
+    }
+
+    /// Puts up to `limit` dead letters back in line, in one transaction, in
+    /// key order after `from` (the last key of the previous batch). Returns
+    /// how many moved and the key to go on from (`None`: the end was
+    /// reached). Dead letters that died after `before_ms` (a delivery
+    /// replayed by this pass and dead again) are left for the next replay.
+    pub fn replay_batch(
+        &self,
+        from: Option<&str>,
+        before_ms: u64,
+        limit: usize,
+        now_ms: u64,
+    ) -> Result<(usize, Option<String>), StoreError> {
+        let (picked, last, looked) = {
+            let txn = self.db.begin_read()?;
+            let dead = txn.open_table(DEAD)?;
+            let rows = match from {
+                Some(k) => dead.range::<&str>((Bound::Excluded(k), Bound::Unbounded))?,
+                None => dead.iter()?,
+            };
+            let (mut picked, mut last, mut looked) = (Vec::new(), None, 0);
+            for item in rows.take(limit) {
+                let (k, v) = item?;
+                let d: Delivery = from_json(&DEAD, k.value(), v.value())?;
+                if d.first_at_ms < before_ms {
+                    picked.push(k.value().to_owned());
+                }
+                last = Some(k.value().to_owned());
+                looked += 1;
+            }
+            (picked, last, looked)
+        };
+        let moved = self.replay_keys(&picked, now_ms)?;
+        Ok((moved, if looked == limit { last } else { None }))
     }
 
     /// Removes messages received before `before_ms` whose deliveries are all
@@ -516,7 +722,6 @@ mod tests {
             first_at_ms: 1,
             next_at_ms: 1,
             last_error: None,
-            claim: None,
         }
     }
 
@@ -883,5 +1088,141 @@ mod tests {
         store.reschedule(&stale).unwrap();
         assert_eq!(store.pending_one(&stale.key()).unwrap(), None);
         assert!(store.pending().unwrap().is_empty());
+    }
+
+    /// Pages of `limit` through the pending (or dead) list, checking each
+    /// page's size; the keys in the order given.
+    fn page_through(store: &Store, dead: bool, limit: usize) -> Vec<String> {
+        let mut keys = Vec::new();
+        let mut after = None;
+        loop {
+            let page = store.page(dead, after.as_ref(), limit).unwrap();
+            assert!(page.deliveries.len() <= limit);
+            keys.extend(page.deliveries.iter().map(Delivery::key));
+            match page.next {
+                Some(next) => {
+                    assert_eq!(
+                        page.deliveries.len(),
+                        limit,
+                        "a page before the last is full"
+                    );
+                    after = Some(next);
+                }
+                None => return keys,
+            }
+        }
+    }
+
+    #[test]
+    fn pages_hold_every_delivery_once_oldest_first_then_by_delivery_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut all = Vec::new();
+        for (m, at) in [("m1", 30), ("m2", 10), ("m3", 20)] {
+            let ds: Vec<_> = ["a", "b", "c", "d"]
+                .iter()
+                .map(|s| Delivery {
+                    first_at_ms: at,
+                    ..delivery_of(m, s, at)
+                })
+                .collect();
+            store.insert(m, &message_at(at), &ds).unwrap();
+            all.extend(ds);
+        }
+        for d in all.iter().filter(|d| d.subscriber == "b") {
+            store.bury(d).unwrap();
+        }
+        let order = |dead: bool| {
+            let mut want: Vec<_> = all
+                .iter()
+                .filter(|d| (d.subscriber == "b") == dead)
+                .map(|d| (Cursor::of(d), d.key()))
+                .collect();
+            want.sort();
+            want.into_iter().map(|(_, k)| k).collect::<Vec<_>>()
+        };
+        for limit in [1, 4, 5, 9, 1000] {
+            assert_eq!(page_through(&store, false, limit), order(false), "{limit}");
+        }
+        assert_eq!(page_through(&store, true, 2), order(true));
+        // A retry moves next_at_ms, not the delivery's place in the list.
+        let mut retried = all[0].clone();
+        retried.attempts = 1;
+        retried.next_at_ms = 99;
+        store.reschedule(&retried).unwrap();
+        assert_eq!(page_through(&store, false, 4), order(false));
+        let last = store.page(false, None, 1000).unwrap().deliveries;
+        let after_all = Cursor::of(last.last().unwrap());
+        assert_eq!(
+            store.page(false, Some(&after_all), 10).unwrap(),
+            Page::default()
+        );
+    }
+
+    #[test]
+    fn a_dead_letter_is_replayed_by_key_or_delivery_id_and_all_of_them_in_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let ds: Vec<_> = ["a", "b", "c", "d", "e"]
+            .iter()
+            .map(|s| delivery_of("m1", s, 1))
+            .collect();
+        store.insert("m1", &message(), &ds).unwrap();
+        for d in &ds {
+            store.bury(d).unwrap();
+        }
+        assert_eq!(store.replay_one(&ds[0].id(), 50).unwrap(), 1);
+        assert_eq!(
+            store.replay_one(&ds[0].id(), 50).unwrap(),
+            0,
+            "no longer dead"
+        );
+        assert_eq!(store.replay_one(&ds[1].key(), 50).unwrap(), 1);
+        assert_eq!(store.replay_one(&delivery_id("m1|zz"), 50).unwrap(), 0);
+        let (moved, from) = store.replay_batch(None, 60, 2, 60).unwrap();
+        assert_eq!(moved, 2);
+        let (moved, from) = store.replay_batch(from.as_deref(), 60, 2, 60).unwrap();
+        assert_eq!((moved, from), (1, None));
+        assert!(store.dead().unwrap().is_empty());
+        assert_due_index_matches_pending(&store);
+        // Those dead again after the pass began stay for the next one.
+        let mut again = ds[2].clone();
+        again.first_at_ms = 60;
+        store.bury(&again).unwrap();
+        assert_eq!(store.replay_batch(None, 60, 2, 70).unwrap(), (0, None));
+        assert_eq!(store.replay_batch(None, 61, 2, 70).unwrap(), (1, None));
+    }
+
+    #[test]
+    fn a_cursor_reads_back_as_written_and_nothing_else_reads_as_one() {
+        let c = Cursor {
+            first_at_ms: 1_700_000_000_123,
+            delivery_id: delivery_id("m1|http://s/1"),
+        };
+        assert_eq!(c.to_string().parse::<Cursor>(), Ok(c.clone()));
+        assert_eq!(
+            format!("0-{}", c.delivery_id)
+                .parse::<Cursor>()
+                .unwrap()
+                .first_at_ms,
+            0
+        );
+        let upper = format!("1-{}", c.delivery_id.to_uppercase());
+        let long = format!("1-{}0", c.delivery_id);
+        let huge = format!("99999999999999999999-{}", c.delivery_id);
+        let plus = format!("+1-{}", c.delivery_id);
+        for bad in [
+            "",
+            "-",
+            "1-",
+            "x-y",
+            &c.delivery_id,
+            &upper,
+            &long,
+            &huge,
+            &plus,
+        ] {
+            assert_eq!(bad.parse::<Cursor>(), Err(NotACursor), "{bad:?}");
+        }
     }
 }
