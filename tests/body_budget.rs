@@ -40,36 +40,13 @@ const BODY_TIMEOUT_MS: u64 = 20_000;
 /// The binary with an 8 MiB body budget and a callback listener; returns it
 /// with the callback listener's address.
 async fn launch_with_budget(dir: &Path, upstream: &str) -> (Running, SocketAddr) {
-    let config = dir.join("pandagate.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nmax_buffered_body_bytes = {BUDGET}\nbody_read_timeout_ms = {BODY_TIMEOUT_MS}\n\n\
-             [upstream]\nurl = \"{upstream}\"\n\n\
-             [callbacks]\nlisten = \"127.0.0.1:0\"\nstore = \"{}\"\n",
-            dir.join("store").display()
-        ),
-    )
-    .unwrap();
-    let mut gw = launch(
-        &["--config", config.to_str().unwrap()],
-        &[
-            ("PANDAPON_ACCESS_KEY", "ak-budget"),
-            ("PANDAPON_ACCESS_SECRET", "sk-budget"),
-        ],
-    )
-    .await;
-    let found = tokio::time::timeout(Duration::from_secs(10), async {
-        while let Some(line) = gw.stderr.next_line().await.unwrap() {
-            let v: Value = serde_json::from_str(&line).unwrap();
-            if v["message"] == "callbacks listening" {
-                return v["addr"].as_str().unwrap().parse::<SocketAddr>().unwrap();
-            }
-        }
-        panic!("exited before the callback listener was up");
-    })
-    .await;
-    (gw, found.expect("callback listener within 10 s"))
+    let server =
+        format!("max_buffered_body_bytes = {BUDGET}\nbody_read_timeout_ms = {BODY_TIMEOUT_MS}");
+    let env = [
+        ("PANDAPON_ACCESS_KEY", "ak-budget"),
+        ("PANDAPON_ACCESS_SECRET", "sk-budget"),
+    ];
+    launch_with_callback_listener(dir, upstream, &server, &env).await
 }
 
 async fn metrics(admin: &str) -> String {

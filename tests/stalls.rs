@@ -9,7 +9,6 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -22,35 +21,11 @@ async fn launch_with_callbacks(
     upstream: &str,
     server_extra: &str,
 ) -> (Running, SocketAddr) {
-    let config = dir.join("pandagate.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\n{server_extra}\n\n[upstream]\nurl = \"{upstream}\"\n\n\
-             [callbacks]\nlisten = \"127.0.0.1:0\"\nstore = \"{}\"\n",
-            dir.join("store").display()
-        ),
-    )
-    .unwrap();
-    let mut gw = launch(
-        &["--config", config.to_str().unwrap()],
-        &[
-            ("PANDAPON_ACCESS_KEY", "ak-stall"),
-            ("PANDAPON_ACCESS_SECRET", "sk-stall"),
-        ],
-    )
-    .await;
-    let found = tokio::time::timeout(Duration::from_secs(10), async {
-        while let Some(line) = gw.stderr.next_line().await.unwrap() {
-            let v: Value = serde_json::from_str(&line).unwrap();
-            if v["message"] == "callbacks listening" {
-                return v["addr"].as_str().unwrap().parse::<SocketAddr>().unwrap();
-            }
-        }
-        panic!("exited before the callback listener was up");
-    })
-    .await;
-    (gw, found.expect("callback listener within 10 s"))
+    let env = [
+        ("PANDAPON_ACCESS_KEY", "ak-stall"),
+        ("PANDAPON_ACCESS_SECRET", "sk-stall"),
+    ];
+    launch_with_callback_listener(dir, upstream, server_extra, &env).await
 }
 
 /// An `Authorization` line shaped like a push's signature (hex of an

@@ -500,6 +500,39 @@ async fn launch_with_stdout(
     }
 }
 
+/// Starts the binary with `server_extra` in `[server]`, `upstream`, a local
+/// push store in `dir` and a callback listener of its own, with `env`;
+/// returns it with the callback listener's address.
+pub async fn launch_with_callback_listener(
+    dir: &std::path::Path,
+    upstream: &str,
+    server_extra: &str,
+    env: &[(&str, &str)],
+) -> (Running, SocketAddr) {
+    let config = dir.join("pandagate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\n{server_extra}\n\n[upstream]\nurl = \"{upstream}\"\n\n\
+             [callbacks]\nlisten = \"127.0.0.1:0\"\nstore = \"{}\"\n",
+            dir.join("store").display()
+        ),
+    )
+    .unwrap();
+    let mut gw = launch(&["--config", config.to_str().unwrap()], env).await;
+    let found = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(line) = gw.stderr.next_line().await.unwrap() {
+            let v: Value = serde_json::from_str(&line).unwrap();
+            if v["message"] == "callbacks listening" {
+                return v["addr"].as_str().unwrap().parse::<SocketAddr>().unwrap();
+            }
+        }
+        panic!("exited before the callback listener was up");
+    })
+    .await;
+    (gw, found.expect("callback listener within 10 s"))
+}
+
 /// POSTs a provider-shaped push for `order` to the gateway's callback path,
 /// signed with `key` (hex HMAC-SHA256 of the body); returns the status.
 pub async fn push_signed(gateway: &str, key: &str, order: &str) -> u16 {
