@@ -17,7 +17,7 @@
 //!
 //! 1. leaves: error ids secret signer headers envelope redact connections log_queue worker drain body_budget
 //! 2. config: config
-//! 3. policies: routes retry breaker limiter profiles body telemetry idempotency traces
+//! 3. policies: routes retry breaker limiter profiles body telemetry idempotency traces tls
 //! 4. built on them: auth upstream access_log cache
 //! 5. loaded and counted: loaded metrics
 //! 6. one call's log line: call_log
@@ -52,6 +52,7 @@ pub mod profiles;
 pub mod retry;
 pub mod routes;
 pub mod telemetry;
+pub mod tls;
 pub mod traces;
 // 4. built on them
 pub mod access_log;

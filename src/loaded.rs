@@ -12,6 +12,7 @@ use crate::config::{
 };
 use crate::profiles::Profile;
 use crate::secret::Secret;
+use crate::tls::Trust;
 
 /// A validated config with every profile's secret loaded.
 #[derive(Debug, Clone)]
@@ -33,6 +34,8 @@ pub struct Loaded {
     pub cache_redis_url: Option<RedisUrl>,
     /// The token the control listener requires, if one is configured.
     pub control_token: Option<Secret>,
+    /// Whom every outgoing TLS connection trusts (`[tls]`).
+    pub tls: Trust,
 }
 
 /// Reads `path` (if any), applies the environment, validates, loads secrets.
@@ -90,7 +93,9 @@ pub fn resolve(config: Config, env: Env<'_>) -> Result<Loaded, ConfigError> {
         Some(source) => Some(source.read(env, "server.control_token")?),
         None => None,
     };
+    let tls = Trust::load(&config.tls)?;
     Ok(Loaded {
+        tls,
         control_token,
         config,
         profiles,

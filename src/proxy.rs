@@ -154,7 +154,11 @@ impl Gateway {
             routes.buckets(),
         )?;
         Ok(Gateway {
-            upstream: Upstream::new(&c.upstream, worker::count(c.server.worker_threads))?,
+            upstream: Upstream::new(
+                &c.upstream,
+                &loaded.tls,
+                worker::count(c.server.worker_threads),
+            )?,
             profiles,
             clients: Clients::new(loaded.clients.clone()),
             routes,

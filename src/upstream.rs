@@ -18,6 +18,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use crate::body::UpstreamBody;
 use crate::config::{ConfigError, UpstreamConfig, upstream_base};
 use crate::error::GatewayError;
+use crate::tls::Trust;
 use crate::worker;
 
 pub type HttpClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
@@ -36,9 +37,13 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// The provider at `cfg.url`, with a connection pool for each of
-    /// `workers` serving threads.
-    pub fn new(cfg: &UpstreamConfig, workers: usize) -> Result<Upstream, ConfigError> {
+    /// The provider at `cfg.url`, trusted as `trust` says, with a
+    /// connection pool for each of `workers` serving threads.
+    pub fn new(
+        cfg: &UpstreamConfig,
+        trust: &Trust,
+        workers: usize,
+    ) -> Result<Upstream, ConfigError> {
         let base = upstream_base(&cfg.url).map_err(|m| ConfigError::new("upstream.url", m))?;
         let parts = base.into_parts();
         let scheme = parts.scheme.expect("validated: has a scheme");
@@ -56,8 +61,7 @@ impl Upstream {
         http.set_connect_timeout(Some(Duration::from_millis(cfg.connect_timeout_ms)));
         http.set_keepalive(Some(Duration::from_secs(30)));
         let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
-            .map_err(|e| ConfigError::new("upstream.url", format_args!("TLS setup: {e}")))?
+            .with_tls_config(trust.client_config())
             .https_or_http()
             .enable_http1()
             .enable_http2()
@@ -165,6 +169,7 @@ mod tests {
                 url: url.into(),
                 ..UpstreamConfig::default()
             },
+            &Trust::load(&crate::config::TlsConfig::default()).unwrap(),
             1,
         )
         .unwrap()

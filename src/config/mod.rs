@@ -27,6 +27,7 @@ mod routes;
 mod secrets;
 mod server;
 mod signing;
+mod tls;
 mod traces;
 mod upstream;
 
@@ -52,6 +53,7 @@ pub use routes::{Class, RouteConfig, check_overlaps, v1_form};
 pub use secrets::{SecretFileError, SecretSource, read_secret_file};
 pub use server::{AmbiguousPaths, ServerConfig};
 pub use signing::SigningConfig;
+pub use tls::{Roots, TlsConfig};
 pub use traces::{TelemetryConfig, TracesEndpoint};
 pub use upstream::{BaseUrlError, UpstreamConfig, upstream_base};
 
@@ -96,6 +98,8 @@ pub struct Config {
     /// Callers' `Idempotency-Key`s; absent: the header passes through.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub idempotency: Option<IdempotencyConfig>,
+    /// Whom every outgoing TLS connection trusts.
+    pub tls: TlsConfig,
 }
 
 impl fmt::Debug for Config {
@@ -123,6 +127,7 @@ impl Default for Config {
             telemetry: TelemetryConfig::default(),
             cache: CacheConfig::default(),
             idempotency: None,
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -244,6 +249,7 @@ impl Config {
         self.circuit_breaker.validate()?;
         self.telemetry.validate()?;
         self.cache.validate()?;
+        self.tls.validate()?;
         self.check_durations()?;
         if let Some(rate_limit) = &self.rate_limit {
             rate_limit.validate()?;

@@ -2,6 +2,8 @@
 //! log, a plain HTTP client, raw-TCP helpers and an independent signature.
 #![allow(dead_code)]
 
+pub mod tls;
+
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};

@@ -1,0 +1,174 @@
+//! Whom the gateway trusts when it opens a TLS connection: the roots of
+//! `[tls] roots` (the bundled public ones, or the platform's store) plus the
+//! CA certificates of `tls.ca_file`. One [`Trust`] serves every connection
+//! the gateway opens — to the provider, subscribers, Redis, PostgreSQL and
+//! the OTLP collector — so a corporate CA is added in one place.
+//!
+//! ```
+//! use pandagate::config::TlsConfig;
+//! use pandagate::tls::Trust;
+//!
+//! let trust = Trust::load(&TlsConfig::default()).unwrap();
+//! let config = trust.client_config();
+//! assert!(config.alpn_protocols.is_empty(), "each client sets its own ALPN");
+//! ```
+
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::RootCertStore;
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+
+use crate::config::{ConfigError, Roots, TlsConfig};
+
+/// The trusted roots, loaded once per config.
+#[derive(Clone)]
+pub struct Trust {
+    roots: Arc<RootCertStore>,
+    /// `tls.ca_file`'s certificates, for clients that take them apart from
+    /// a `rustls` config.
+    extra: Arc<[CertificateDer<'static>]>,
+}
+
+impl fmt::Debug for Trust {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Trust")
+            .field("roots", &self.roots.len())
+            .field("ca_file_certificates", &self.extra.len())
+            .finish()
+    }
+}
+
+impl Trust {
+    /// The roots `config` names: an empty system store or a `ca_file`
+    /// without a certificate is an error naming its key.
+    pub fn load(config: &TlsConfig) -> Result<Trust, ConfigError> {
+        let mut roots = RootCertStore::empty();
+        match config.roots {
+            Roots::Bundled => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+            Roots::System => {
+                let found = rustls_native_certs::load_native_certs();
+                let (added, _) = roots.add_parsable_certificates(found.certs);
+                if added == 0 {
+                    return Err(ConfigError::new(
+                        "tls.roots",
+                        "the system store holds no usable certificate (install ca-certificates, \
+                         or use roots = \"bundled\")",
+                    ));
+                }
+            }
+        }
+        let extra: Vec<CertificateDer<'static>> = match &config.ca_file {
+            None => Vec::new(),
+            Some(path) => read_certificates(path)?,
+        };
+        for cert in &extra {
+            roots.add(cert.clone()).map_err(|e| {
+                ConfigError::new(
+                    "tls.ca_file",
+                    format_args!("{}: a certificate is not a usable CA: {e}", path_of(config)),
+                )
+            })?;
+        }
+        Ok(Trust {
+            roots: Arc::new(roots),
+            extra: extra.into(),
+        })
+    }
+
+    /// The trusted roots.
+    pub fn roots(&self) -> Arc<RootCertStore> {
+        self.roots.clone()
+    }
+
+    /// The certificates of `tls.ca_file` alone.
+    pub fn extra(&self) -> &[CertificateDer<'static>] {
+        &self.extra
+    }
+
+    /// A client config trusting these roots (TLS 1.2 and 1.3, the `ring`
+    /// provider, no client certificate), without ALPN: each client sets the
+    /// protocols it speaks.
+    pub fn client_config(&self) -> rustls::ClientConfig {
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .with_root_certificates(self.roots.clone())
+        .with_no_client_auth()
+    }
+}
+
+fn path_of(config: &TlsConfig) -> String {
+    config
+        .ca_file
+        .as_deref()
+        .map_or_else(String::new, |p| p.display().to_string())
+}
+
+/// Every certificate of a PEM file; none is an error naming `tls.ca_file`.
+fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
+    let fail = |m: &dyn fmt::Display| {
+        ConfigError::new("tls.ca_file", format_args!("{}: {m}", path.display()))
+    };
+    let pem = std::fs::read(path).map_err(|e| fail(&e))?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| fail(&format_args!("not PEM certificates ({e})")))?;
+    if certs.is_empty() {
+        return Err(fail(&"holds no PEM certificate"));
+    }
+    Ok(certs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bundled_roots_and_a_ca_file_are_trusted_together() {
+        let bundled = Trust::load(&TlsConfig::default()).unwrap();
+        assert!(bundled.roots().len() > 100, "{bundled:?}");
+        let ca = rcgen::generate_simple_self_signed(vec!["test-ca".into()]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("ca.pem");
+        std::fs::write(&file, ca.cert.pem()).unwrap();
+        let with = Trust::load(&TlsConfig {
+            ca_file: Some(file),
+            ..TlsConfig::default()
+        })
+        .unwrap();
+        assert_eq!(with.roots().len(), bundled.roots().len() + 1);
+        assert_eq!(with.extra().len(), 1);
+    }
+
+    #[test]
+    fn a_ca_file_that_is_not_one_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let cases = [
+            ("missing.pem", None),
+            ("empty.pem", Some("")),
+            ("junk.pem", Some("not a certificate\n")),
+            (
+                "broken.pem",
+                Some("-----BEGIN CERTIFICATE-----\n!!!\n-----END CERTIFICATE-----\n"),
+            ),
+        ];
+        for (name, content) in cases {
+            let file = dir.path().join(name);
+            if let Some(content) = content {
+                std::fs::write(&file, content).unwrap();
+            }
+            let e = Trust::load(&TlsConfig {
+                ca_file: Some(file),
+                ..TlsConfig::default()
+            })
+            .unwrap_err();
+            assert_eq!(e.key, "tls.ca_file", "{name}: {e}");
+            assert!(e.to_string().contains(name), "{e}");
+        }
+    }
+}

@@ -1,0 +1,99 @@
+//! Certificates made at test time: a CA and the server and client
+//! certificates it signs, as PEM files in a temporary directory that lives
+//! as long as the [`TestCa`]. Nothing here is ever committed.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, SanType,
+};
+
+/// A certificate and its key, as files.
+#[derive(Clone, Debug)]
+pub struct Issued {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// A CA of this test's own.
+pub struct TestCa {
+    dir: tempfile::TempDir,
+    /// The CA certificate, PEM: what `tls.ca_file` names.
+    pub ca_file: PathBuf,
+    cert: rcgen::Certificate,
+    key: KeyPair,
+}
+
+impl TestCa {
+    pub fn new() -> TestCa {
+        Self::named("pandagate test CA")
+    }
+
+    /// A CA whose subject is `name` (two CAs with different names do not
+    /// trust each other's certificates).
+    pub fn named(name: &str) -> TestCa {
+        let dir = tempfile::tempdir().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        let key = KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, cert.pem()).unwrap();
+        TestCa {
+            dir,
+            ca_file,
+            cert,
+            key,
+        }
+    }
+
+    /// A server certificate for `localhost` and 127.0.0.1, written as
+    /// `NAME.pem` and `NAME-key.pem`.
+    pub fn server(&self, name: &str) -> Issued {
+        let mut params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        params
+            .subject_alt_names
+            .push(SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)));
+        params.distinguished_name.push(DnType::CommonName, "localhost");
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        self.issue(name, params)
+    }
+
+    /// A client certificate whose SANs are `uris` (e.g. `spiffe://…`) and
+    /// `dns` names.
+    pub fn client(&self, name: &str, uris: &[&str], dns: &[&str]) -> Issued {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        for uri in uris {
+            params
+                .subject_alt_names
+                .push(SanType::URI((*uri).try_into().unwrap()));
+        }
+        for name in dns {
+            params
+                .subject_alt_names
+                .push(SanType::DnsName((*name).try_into().unwrap()));
+        }
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        self.issue(name, params)
+    }
+
+    fn issue(&self, name: &str, params: CertificateParams) -> Issued {
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
+        let issued = Issued {
+            cert: self.dir.path().join(format!("{name}.pem")),
+            key: self.dir.path().join(format!("{name}-key.pem")),
+        };
+        std::fs::write(&issued.cert, cert.pem()).unwrap();
+        std::fs::write(&issued.key, key.serialize_pem()).unwrap();
+        issued
+    }
+
+    /// The directory holding the files.
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+}
