@@ -32,6 +32,7 @@ use crate::access_log::AccessLog;
 use crate::admin::{Admin, Control, Drain};
 use crate::body_budget::BodyBudget;
 use crate::callbacks::{Backend, Callbacks};
+use crate::caller_tls::CallerTls;
 use crate::config::{ConfigError, process_env};
 use crate::connections::Connections;
 use crate::exporter::Process;
@@ -109,6 +110,8 @@ struct Serving {
     current: reload::Current,
     callbacks: Option<Arc<Callbacks>>,
     opts: ServerOptions,
+    /// TLS of the traffic and callback listeners, with `server.tls_cert_file`.
+    tls: Option<Arc<CallerTls>>,
     gateway_conns: Arc<Connections>,
     callback_conns: Option<Arc<Connections>>,
     drain: Drain,
@@ -241,10 +244,19 @@ impl App {
             control_conns,
             stopped(),
         ));
+        let tls = self.loaded.caller_tls.clone();
+        if let Some(tls) = &tls {
+            tokio::spawn(
+                tls.served
+                    .clone()
+                    .watch(Duration::from_millis(server_config.secret_poll_ms)),
+            );
+        }
         let serving = Serving {
             current: self.current.clone(),
             callbacks: self.callbacks.clone(),
             opts,
+            tls,
             gateway_conns,
             callback_conns,
             drain,
@@ -455,6 +467,7 @@ impl Serving {
                     // on the internet-facing listener.
                     ServerOptions {
                         http1_only: true,
+                        tls: self.tls.as_ref().map(|t| t.callbacks.clone()),
                         ..self.opts.clone()
                     },
                     conns,
@@ -509,7 +522,10 @@ impl Serving {
                     }
                 }
             },
-            self.opts.clone(),
+            ServerOptions {
+                tls: self.tls.as_ref().map(|t| t.traffic.clone()),
+                ..self.opts.clone()
+            },
             self.gateway_conns.clone(),
             self.drain.started(),
         )

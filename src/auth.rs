@@ -1,8 +1,10 @@
 //! Caller authentication for a shared gateway: `[[clients]]`, each with a
-//! bearer token and the profiles it may use.
+//! bearer token or a name in its TLS client certificate, and the profiles it
+//! may use.
 //!
-//! With any client configured, every proxied call must carry
-//! `Authorization: Bearer <token>`; a missing or wrong token gets 401. Tokens
+//! With any client configured, every proxied call must come from a client:
+//! on a connection whose verified client certificate names a client's
+//! `cert_san`, or with `Authorization: Bearer <token>`; otherwise 401. Tokens
 //! are kept only as SHA-256 digests and compared in constant time against
 //! every client (no early exit), and never logged. The caller's
 //! `Authorization` header is never forwarded upstream, with or without
@@ -17,13 +19,23 @@ use sha2::{Digest, Sha256};
 use crate::config::{ClientConfig, ConfigError, Env, TokenSource};
 use crate::error::GatewayError;
 use crate::profiles::{Profile, Profiles};
+use crate::tls::PeerIdentity;
 
 /// A loaded client. `Debug` shows no digest.
 #[derive(Clone)]
 pub struct Client {
     pub name: Arc<str>,
-    digest: [u8; 32],
+    proof: Proof,
     profiles: Vec<Arc<str>>,
+}
+
+/// How a client is recognised.
+#[derive(Clone)]
+enum Proof {
+    /// Its bearer token's SHA-256.
+    Token([u8; 32]),
+    /// A subject alternative name of its client certificate.
+    CertSan(Arc<str>),
 }
 
 impl std::fmt::Debug for Client {
@@ -46,22 +58,23 @@ impl Client {
                 "list at least one profile this client may use",
             ));
         }
-        let digest = match c.token_source(key)? {
+        let proof = match c.token_source(key)? {
             TokenSource::Secret(source) => {
                 let token = source.read(env, &format!("{key}.token"))?;
-                Sha256::digest(token.expose().as_bytes()).into()
+                Proof::Token(Sha256::digest(token.expose().as_bytes()).into())
             }
             TokenSource::Sha256(hex_digest) => {
                 let mut digest = [0u8; 32];
                 hex::decode_to_slice(hex_digest, &mut digest).map_err(|_| {
                     ConfigError::new(format!("{key}.token_sha256"), "must be 64 hex characters")
                 })?;
-                digest
+                Proof::Token(digest)
             }
+            TokenSource::CertSan(san) => Proof::CertSan(Arc::from(san.as_str())),
         };
         Ok(Client {
             name: Arc::from(c.name.as_str()),
-            digest,
+            proof,
             profiles: c.profiles.iter().map(|p| Arc::from(p.as_str())).collect(),
         })
     }
@@ -105,10 +118,25 @@ impl Clients {
     }
 
     /// `Ok(None)` when no client is configured (no authentication); the
-    /// caller's client when its bearer token matches one; 401 otherwise.
-    pub fn authenticate(&self, headers: &HeaderMap) -> Result<Option<&Client>, GatewayError> {
+    /// caller's client when its connection's verified certificate (`peer`)
+    /// names one's `cert_san`, or else when its bearer token matches one's;
+    /// 401 otherwise.
+    pub fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        peer: Option<&PeerIdentity>,
+    ) -> Result<Option<&Client>, GatewayError> {
         if self.list.is_empty() {
             return Ok(None);
+        }
+        if let Some(peer) = peer {
+            let named = self.list.iter().find(|c| match &c.proof {
+                Proof::CertSan(san) => peer.sans.iter().any(|s| s.as_str() == &**san),
+                Proof::Token(_) => false,
+            });
+            if let Some(client) = named {
+                return Ok(Some(client));
+            }
         }
         let token = headers
             .get(header::AUTHORIZATION)
@@ -122,7 +150,9 @@ impl Clients {
         let mut found = None;
         for client in &self.list {
             // Every client is compared, whatever matched before.
-            if crate::secret::same_digest(&client.digest, &presented) {
+            if let Proof::Token(digest) = &client.proof
+                && crate::secret::same_digest(digest, &presented)
+            {
                 found = Some(client);
             }
         }
@@ -166,18 +196,18 @@ mod tests {
         ]);
         assert_eq!(
             &*clients
-                .authenticate(&bearer("tok-b"))
+                .authenticate(&bearer("tok-b"), None)
                 .unwrap()
                 .unwrap()
                 .name,
             "b"
         );
         assert!(matches!(
-            clients.authenticate(&bearer("tok-c")),
+            clients.authenticate(&bearer("tok-c"), None),
             Err(GatewayError::Unauthenticated)
         ));
         assert!(matches!(
-            clients.authenticate(&HeaderMap::new()),
+            clients.authenticate(&HeaderMap::new(), None),
             Err(GatewayError::Unauthenticated)
         ));
         let mut basic = HeaderMap::new();
@@ -185,14 +215,14 @@ mod tests {
             header::AUTHORIZATION,
             HeaderValue::from_static("Basic dG9rLWE="),
         );
-        assert!(clients.authenticate(&basic).is_err());
+        assert!(clients.authenticate(&basic, None).is_err());
     }
 
     #[test]
     fn no_clients_means_no_authentication() {
         assert!(
             Clients::default()
-                .authenticate(&HeaderMap::new())
+                .authenticate(&HeaderMap::new(), None)
                 .unwrap()
                 .is_none()
         );
@@ -218,7 +248,7 @@ mod tests {
         let clients = Clients::new(vec![c]);
         assert_eq!(
             &*clients
-                .authenticate(&bearer("tok-a"))
+                .authenticate(&bearer("tok-a"), None)
                 .unwrap()
                 .unwrap()
                 .name,

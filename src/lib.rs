@@ -18,7 +18,7 @@
 //! 1. leaves: error ids secret signer headers envelope redact connections log_queue worker drain body_budget
 //! 2. config: config
 //! 3. policies: routes retry breaker limiter profiles body telemetry idempotency traces tls
-//! 4. built on them: auth upstream access_log cache
+//! 4. built on them: auth upstream access_log cache caller_tls
 //! 5. loaded and counted: loaded metrics
 //! 6. one call's log line: call_log
 //! 7. serving parts: proxy callbacks server sandbox
@@ -58,6 +58,7 @@ pub mod traces;
 pub mod access_log;
 pub mod auth;
 pub mod cache;
+pub mod caller_tls;
 pub mod upstream;
 // 5. loaded and counted
 pub mod loaded;

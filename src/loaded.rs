@@ -4,7 +4,10 @@
 
 use std::path::Path;
 
+use std::sync::Arc;
+
 use crate::auth::Client;
+use crate::caller_tls::CallerTls;
 use crate::config::RedisUrlKeys as _;
 use crate::config::{
     BackendKind, CacheBackend, CallbackBackend, Config, ConfigError, Env, PostgresUrl, RedisUrl,
@@ -36,6 +39,8 @@ pub struct Loaded {
     pub control_token: Option<Secret>,
     /// Whom every outgoing TLS connection trusts (`[tls]`).
     pub tls: Trust,
+    /// The traffic and callback listeners' TLS, with `server.tls_cert_file`.
+    pub caller_tls: Option<Arc<CallerTls>>,
 }
 
 /// Reads `path` (if any), applies the environment, validates, loads secrets.
@@ -94,8 +99,10 @@ pub fn resolve(config: Config, env: Env<'_>) -> Result<Loaded, ConfigError> {
         None => None,
     };
     let tls = Trust::load(&config.tls)?;
+    let caller_tls = CallerTls::load(&config.server)?.map(Arc::new);
     Ok(Loaded {
         tls,
+        caller_tls,
         control_token,
         config,
         profiles,

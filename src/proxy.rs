@@ -735,7 +735,10 @@ impl Gateway {
         // Caller: who is calling (when clients are configured), which
         // profile signs, and which user-id is sent.
         let requested = parts.headers.get(X_PANDAGATE_PROFILE);
-        let profile = match self.clients.authenticate(&parts.headers)? {
+        let profile = match self.clients.authenticate(
+            &parts.headers,
+            parts.extensions.get::<crate::tls::PeerIdentity>(),
+        )? {
             None => self.profiles.select(requested)?,
             Some(client) => {
                 record.client = Some(client.name.clone());

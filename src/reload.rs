@@ -131,6 +131,19 @@ pub fn reload(
     {
         tracing::warn!("listener addresses changed: they take effect after a restart");
     }
+    if (
+        &new.tls_cert_file,
+        &new.tls_key_file,
+        &new.tls_client_ca_file,
+    ) != (
+        &old.tls_cert_file,
+        &old.tls_key_file,
+        &old.tls_client_ca_file,
+    ) {
+        tracing::warn!(
+            "TLS file names changed: they take effect after a restart (the files named at start are re-read when they change)"
+        );
+    }
     if loaded.config.idempotency.is_some() != running.idempotency().is_some() {
         tracing::warn!("[idempotency] added or removed: that takes effect after a restart");
     }

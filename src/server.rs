@@ -51,11 +51,13 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 
 use crate::body_budget::ConnectionBodies;
+use crate::caller_tls::ListenerTls;
 use crate::config::ServerConfig;
 use crate::connections::Connections;
+use crate::tls::PeerIdentity;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -71,6 +73,9 @@ pub struct ServerOptions {
     pub shutdown_grace: Duration,
     /// Speak HTTP/1.1 only (no h2c): one request at a time per connection.
     pub http1_only: bool,
+    /// Serve TLS (`server.tls_cert_file`): the handshake must be done within
+    /// `header_read_timeout`.
+    pub tls: Option<ListenerTls>,
 }
 
 impl From<&ServerConfig> for ServerOptions {
@@ -84,6 +89,7 @@ impl From<&ServerConfig> for ServerOptions {
             http2_max_concurrent_streams: c.http2_max_concurrent_streams,
             shutdown_grace: Duration::from_millis(c.shutdown_grace_ms),
             http1_only: false,
+            tls: None,
         }
     }
 }
@@ -153,28 +159,38 @@ pub async fn serve_counted<H, F, B>(
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
-                let activity = Arc::new(Activity::new());
                 let handler = handler.clone();
-                let calls = activity.clone();
-                let bodies = ConnectionBodies::new();
-                let service = service_fn(move |mut req: Request<Incoming>| {
-                    req.extensions_mut().insert(bodies.clone());
-                    let handling = Handling::enter(calls.clone());
-                    // Boxed: hyper keeps the call's future in its own slot,
-                    // which then moves a pointer, not the whole call.
-                    let response = Box::pin(handler(req));
-                    async move {
-                        let response = response.await;
-                        let activity = handling.answered();
-                        Ok::<_, Infallible>(response.map(|body| Tracked { body, activity }))
-                    }
-                });
-                let io = TokioIo::new(Watched::new(stream, activity.clone()));
-                let conn = builder.serve_connection(io, service).into_owned();
-                let conn = graceful.watch(conn);
                 let (idle, head) = (opts.idle_timeout, opts.header_read_timeout);
+                let (tls, builder, graceful) = (opts.tls.clone(), builder.clone(), graceful.watcher());
                 tokio::spawn(async move {
                     let _slot = slot;
+                    // The handshake first, within the head's time: a peer
+                    // that stalls in it holds a slot no longer than one
+                    // that stalls in its head.
+                    let Some((io, peer)) = Io::accept(stream, tls.as_ref(), head).await else {
+                        return;
+                    };
+                    let activity = Arc::new(Activity::new());
+                    let calls = activity.clone();
+                    let bodies = ConnectionBodies::new();
+                    let service = service_fn(move |mut req: Request<Incoming>| {
+                        req.extensions_mut().insert(bodies.clone());
+                        if let Some(peer) = &peer {
+                            req.extensions_mut().insert(peer.clone());
+                        }
+                        let handling = Handling::enter(calls.clone());
+                        // Boxed: hyper keeps the call's future in its own slot,
+                        // which then moves a pointer, not the whole call.
+                        let response = Box::pin(handler(req));
+                        async move {
+                            let response = response.await;
+                            let activity = handling.answered();
+                            Ok::<_, Infallible>(response.map(|body| Tracked { body, activity }))
+                        }
+                    });
+                    let io = TokioIo::new(Watched::new(io, activity.clone()));
+                    let conn = builder.serve_connection(io, service).into_owned();
+                    let conn = graceful.watch(conn);
                     let conn = std::pin::pin!(conn);
                     tokio::select! {
                         result = conn => {
@@ -439,6 +455,105 @@ struct Watched<T> {
     preface: Option<usize>,
     /// The frames written, on HTTP/2.
     frames: FrameScan,
+}
+
+/// A caller's connection: plain TCP, or TLS over it.
+enum Io {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl Io {
+    /// The connection as served: with `tls`, after its handshake (within
+    /// `within`), with the names of the client certificate it verified.
+    /// `None`: the handshake failed or took too long; the connection is
+    /// closed.
+    async fn accept(
+        stream: TcpStream,
+        tls: Option<&ListenerTls>,
+        within: Duration,
+    ) -> Option<(Io, Option<PeerIdentity>)> {
+        let Some(tls) = tls else {
+            return Some((Io::Plain(stream), None));
+        };
+        match tokio::time::timeout(within, tls.acceptor().accept(stream)).await {
+            Ok(Ok(stream)) => {
+                let peer = tls
+                    .asks_for_certificates
+                    .then(|| stream.get_ref().1.peer_certificates())
+                    .flatten()
+                    .and_then(|certs| certs.first())
+                    .map(crate::caller_tls::peer_identity);
+                Some((Io::Tls(Box::new(stream)), peer))
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "TLS handshake failed");
+                None
+            }
+            Err(_) => {
+                tracing::debug!("TLS handshake not done in time");
+                None
+            }
+        }
+    }
+}
+
+impl AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Io::Plain(s) => s.is_write_vectored(),
+            Io::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
 }
 
 /// What an HTTP/2 connection opens with (RFC 9113, section 3.4).

@@ -172,3 +172,12 @@ mod tests {
         }
     }
 }
+
+/// Who a caller's TLS client certificate says it is: its subject
+/// alternative names (URIs such as `spiffe://…`, and DNS names), as the
+/// TLS listener found them in the certificate it verified. Each request of
+/// the connection carries it as an extension.
+#[derive(Clone, Debug, Default)]
+pub struct PeerIdentity {
+    pub sans: Arc<[String]>,
+}

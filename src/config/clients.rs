@@ -20,35 +20,54 @@ pub struct ClientConfig {
     /// ...or a file holding it (trailing whitespace ignored)...
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token_file: Option<PathBuf>,
-    /// ...or its SHA-256, 64 hex characters (the token itself nowhere on disk).
+    /// ...or its SHA-256, 64 hex characters (the token itself nowhere on disk)...
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token_sha256: Option<String>,
+    /// ...or, instead of a token, a subject alternative name of the client
+    /// certificate the caller presents (`spiffe://…` or another URI, or a
+    /// DNS name); needs `server.tls_client_ca_file`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert_san: Option<String>,
     /// Profiles this client may use; the first is its default unless the
     /// gateway's default profile is listed.
     pub profiles: Vec<String>,
 }
 
-/// How a client's token is given.
+/// How a client proves who it is.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TokenSource {
-    /// Read from a variable or a file, and hashed.
+    /// A bearer token read from a variable or a file, and hashed.
     Secret(SecretSource),
-    /// Its SHA-256, 64 hex characters: the token itself nowhere on disk.
+    /// A bearer token's SHA-256, 64 hex characters: the token itself
+    /// nowhere on disk.
     Sha256(String),
+    /// A name in its TLS client certificate.
+    CertSan(String),
 }
 
 impl ClientConfig {
-    /// Where the token comes from: exactly one of `token_env`, `token_file`
-    /// and `token_sha256`; `key` names the entry in errors.
+    /// How the client proves who it is: exactly one of `token_env`,
+    /// `token_file`, `token_sha256` and `cert_san`; `key` names the entry
+    /// in errors.
     pub fn token_source(&self, key: &str) -> Result<TokenSource, ConfigError> {
         let sources = usize::from(self.token_env.is_some())
             + usize::from(self.token_file.is_some())
-            + usize::from(self.token_sha256.is_some());
+            + usize::from(self.token_sha256.is_some())
+            + usize::from(self.cert_san.is_some());
         if sources != 1 {
             return Err(ConfigError::new(
                 format!("{key}.token_env"),
-                "set exactly one of token_env, token_file and token_sha256",
+                "set exactly one of token_env, token_file, token_sha256 and cert_san",
             ));
+        }
+        if let Some(san) = &self.cert_san {
+            if san.is_empty() || san.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(ConfigError::new(
+                    format!("{key}.cert_san"),
+                    "must be a URI (spiffe://…) or a DNS name, without spaces",
+                ));
+            }
+            return Ok(TokenSource::CertSan(san.clone()));
         }
         let prefix = format!("{key}.token");
         Ok(
@@ -64,12 +83,20 @@ impl ClientConfig {
     }
 }
 
-/// Names unique; every listed profile exists.
+/// Names unique; every listed profile exists; a client known by its
+/// certificate needs the CA that signs such certificates.
 pub fn validate_all(
     clients: &[ClientConfig],
     profiles: &[ProfileConfig],
+    client_ca: bool,
 ) -> Result<(), ConfigError> {
     for (i, c) in clients.iter().enumerate() {
+        if c.cert_san.is_some() && !client_ca {
+            return Err(ConfigError::new(
+                format!("clients[{i}].cert_san"),
+                "a client known by its certificate needs server.tls_client_ca_file",
+            ));
+        }
         if clients[..i].iter().any(|d| d.name == c.name) {
             return Err(ConfigError::new(
                 format!("clients[{i}].name"),

@@ -274,7 +274,11 @@ impl Config {
         }
         routes::validate_all(&self.routes)?;
         profiles::validate_all(&self.profiles)?;
-        clients::validate_all(&self.clients, &self.profiles)?;
+        clients::validate_all(
+            &self.clients,
+            &self.profiles,
+            self.server.tls_client_ca_file.is_some(),
+        )?;
         if let Some(callbacks) = &self.callbacks {
             let names: Vec<String> = self.profiles.iter().map(|p| p.name.clone()).collect();
             callbacks.validate(&names)?;

@@ -30,6 +30,20 @@ pub struct ServerConfig {
     /// A file holding the control listener's token.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub control_token_file: Option<PathBuf>,
+    /// Serve TLS on the traffic and callback listeners with this
+    /// certificate chain (PEM, leaf first) and `tls_key_file`; HTTP/1.1 and
+    /// HTTP/2 by ALPN. Both files are re-read when they change.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// The private key of `tls_cert_file` (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key_file: Option<PathBuf>,
+    /// With TLS: callers on the traffic listener must present a certificate
+    /// signed by a CA of this PEM file; a `[[clients]]` entry with
+    /// `cert_san` is identified by it. The callback listener does not ask
+    /// (the provider has no such certificate). Read at start.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_client_ca_file: Option<PathBuf>,
     /// Time a client has to send a complete HTTP/1 request head, from its
     /// first byte, in milliseconds.
     pub header_read_timeout_ms: u64,
@@ -107,6 +121,9 @@ impl Default for ServerConfig {
             control_listen: SocketAddr::from(([127, 0, 0, 1], 9902)),
             control_token_env: None,
             control_token_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_client_ca_file: None,
             header_read_timeout_ms: 10_000,
             body_read_timeout_ms: 30_000,
             idle_timeout_ms: 75_000,
@@ -175,6 +192,28 @@ impl ServerConfig {
             return Err(ConfigError::new(
                 "server.max_header_bytes",
                 "must be at least 8192",
+            ));
+        }
+        match (&self.tls_cert_file, &self.tls_key_file) {
+            (Some(_), None) => {
+                return Err(ConfigError::new(
+                    "server.tls_key_file",
+                    "tls_cert_file needs its key",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::new(
+                    "server.tls_cert_file",
+                    "tls_key_file needs its certificate",
+                ));
+            }
+            _ => {}
+        }
+        if self.tls_client_ca_file.is_some() && self.tls_cert_file.is_none() {
+            return Err(ConfigError::new(
+                "server.tls_client_ca_file",
+                "client certificates are asked for in a TLS handshake: set tls_cert_file and \
+                 tls_key_file too",
             ));
         }
         let token = self.control_token()?;

@@ -114,7 +114,10 @@ pub async fn spawn_gateway(config: Config) -> TestGateway {
             let gateway = gateway.clone();
             async move { gateway.handle(req).await }
         },
-        ServerOptions::from(&loaded.config.server),
+        ServerOptions {
+            tls: loaded.caller_tls.as_ref().map(|t| t.traffic.clone()),
+            ..ServerOptions::from(&loaded.config.server)
+        },
         async move {
             let _ = stopped.wait_for(|s| *s).await;
         },
@@ -538,6 +541,17 @@ pub async fn launch_with_callback_listener(
 /// POSTs a provider-shaped push for `order` to the gateway's callback path,
 /// signed with `key` (hex HMAC-SHA256 of the body); returns the status.
 pub async fn push_signed(gateway: &str, key: &str, order: &str) -> u16 {
+    let (body, signature) = signed_push(key, order);
+    let req = Request::post(format!("http://{gateway}/callbacks/pandapon"))
+        .header("authorization", signature)
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    send(req).await.status.as_u16()
+}
+
+/// A provider-shaped push for `order` and its `Authorization` (hex
+/// HMAC-SHA256 of the body with `key`).
+pub fn signed_push(key: &str, order: &str) -> (String, String) {
     use hmac::{KeyInit, Mac};
     let body = serde_json::json!({
         "messageType": "ORDER_CANCEL",
@@ -548,11 +562,7 @@ pub async fn push_signed(gateway: &str, key: &str, order: &str) -> u16 {
     .to_string();
     let mut mac = <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(key.as_bytes()).unwrap();
     mac.update(body.as_bytes());
-    let req = Request::post(format!("http://{gateway}/callbacks/pandapon"))
-        .header("authorization", hex::encode(mac.finalize().into_bytes()))
-        .body(Full::new(Bytes::from(body)))
-        .unwrap();
-    send(req).await.status.as_u16()
+    (body, hex::encode(mac.finalize().into_bytes()))
 }
 
 /// A PostgreSQL 15 server on a free loopback port, in a temporary data
