@@ -11,7 +11,8 @@ use std::time::Duration;
 use pandagate::callbacks::postgres::{PgStore, SCHEMA_VERSION, TAKEOVER_GRACE, probe};
 use pandagate::callbacks::store::{Delivery, Message};
 use pandagate::config::{CallbackBackend, CallbacksConfig, PostgresUrl};
-use support::PostgresServer;
+use pandagate::tls::WithTrust;
+use support::{PostgresServer, tls_stores};
 use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 
@@ -25,8 +26,8 @@ fn store_config() -> CallbacksConfig {
     }
 }
 
-fn url(pg: &PostgresServer) -> PostgresUrl {
-    PostgresUrl::parse(&pg.url(), "test").unwrap()
+fn url(pg: &PostgresServer) -> WithTrust<PostgresUrl> {
+    tls_stores::with_default_trust(PostgresUrl::parse(&pg.url(), "test").unwrap())
 }
 
 fn message(at: u64) -> Message {

@@ -831,7 +831,9 @@ async fn a_reservation_whose_owner_died_reads_as_an_unknown_outcome_after_its_le
     let gw = spawn_gateway(c).await;
 
     // Another replica reserves the key and dies without a word.
-    let url = pandagate::config::RedisUrl::parse(&redis.url(), "test").unwrap();
+    let url = support::tls_stores::with_default_trust(
+        pandagate::config::RedisUrl::parse(&redis.url(), "test").unwrap(),
+    );
     let other = Idempotency::open(&store, Some(&url)).unwrap();
     let body = order_body("o-18");
     let fp = fingerprint(&http::Method::POST, ORDER, body.as_bytes());

@@ -277,7 +277,7 @@ async fn a_live_redis_decides_at_every_bound() {
     };
     use pandagate::limiter::Limiter;
     let redis = RedisServer::start();
-    let url = RedisUrl::parse(&redis.url(), "test").unwrap();
+    let url = tls_stores::with_default_trust(RedisUrl::parse(&redis.url(), "test").unwrap());
     let routes = [
         (
             "/slow".to_owned(),

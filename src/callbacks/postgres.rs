@@ -31,11 +31,13 @@ use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio::sync::Notify;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 
 use super::store::{Cursor, Delivery, Due, Message, Outcome, Page, Pruned};
 use crate::config::{CallbacksConfig, PostgresUrl};
 use crate::redact;
+use crate::stores::postgres::connector;
+use crate::tls::WithTrust;
 
 /// The schema version this binary writes; [`MIGRATIONS`]`[i]` makes version
 /// `i + 1`.
@@ -142,10 +144,11 @@ impl std::fmt::Debug for PgStore {
     }
 }
 
-/// The connection settings: the URL's, a statement timeout on every
-/// statement (commits included), and a connect timeout.
+/// The connection settings: the URL's (TLS as its `sslmode` says), a
+/// statement timeout on every statement (commits included), and a connect
+/// timeout.
 fn pg_config(url: &PostgresUrl, statement_timeout_ms: u64) -> tokio_postgres::Config {
-    let mut c: tokio_postgres::Config = url.expose().parse().expect("validated at load");
+    let mut c = url.client_config();
     c.options(format!("-c statement_timeout={statement_timeout_ms}"));
     c.connect_timeout(Duration::from_millis(statement_timeout_ms.max(1_000)));
     c.application_name("pandagate");
@@ -158,14 +161,17 @@ impl PgStore {
     /// calls): pushes are answered 503 (the provider pushes again) until a
     /// retry, every second, finds it and makes the schema current. A schema
     /// newer than this binary's is an error.
+    ///
+    /// Every connection, the pool's and the `LISTEN` one, uses TLS as the
+    /// URL's `sslmode` says, trusting `url.trust()`.
     pub async fn open(
         config: &CallbacksConfig,
-        url: &PostgresUrl,
+        url: &WithTrust<PostgresUrl>,
     ) -> Result<Arc<PgStore>, PgError> {
         let statement_ms = config.postgres_statement_timeout_ms;
         let manager = Manager::from_config(
             pg_config(url, statement_ms),
-            NoTls,
+            connector(url),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -180,7 +186,7 @@ impl PgStore {
             .build()
             .map_err(|e| PgError::Db(e.to_string()))?;
         let store = Arc::new(PgStore {
-            url: url.clone(),
+            url: (**url).clone(),
             pool,
             timeout,
             changed: Arc::new(Notify::new()),
@@ -197,8 +203,9 @@ impl PgStore {
         }
         tokio::spawn(listen(
             pg_config(url, statement_ms),
+            connector(url),
             store.changed.clone(),
-            url.clone(),
+            (**url).clone(),
         ));
         Ok(store)
     }
@@ -677,9 +684,9 @@ async fn schema_version_of(pool: &Pool) -> Result<i32, PgError> {
 
 /// Connects once, without migrating, and reads the schema version: for
 /// `pandagate check`. Errors never show the URL's password.
-pub async fn probe(config: &CallbacksConfig, url: &PostgresUrl) -> Result<i32, PgError> {
+pub async fn probe(config: &CallbacksConfig, url: &WithTrust<PostgresUrl>) -> Result<i32, PgError> {
     let (client, connection) = pg_config(url, config.postgres_statement_timeout_ms)
-        .connect(NoTls)
+        .connect(connector(url))
         .await
         .map_err(|e| PgError::Db(redact::scrub(&e.to_string(), url.expose())))?;
     let driver = tokio::spawn(connection);
@@ -719,9 +726,14 @@ fn delivery(r: &tokio_postgres::Row) -> Delivery {
 /// Wakes `changed` on every `NOTIFY`, forever; a lost connection is made
 /// again after a second (the delivery loop also looks every few seconds,
 /// so nothing waits on a lost notification for long).
-async fn listen(config: tokio_postgres::Config, changed: Arc<Notify>, url: PostgresUrl) {
+async fn listen(
+    config: tokio_postgres::Config,
+    tls: tokio_postgres_rustls::MakeRustlsConnect,
+    changed: Arc<Notify>,
+    url: PostgresUrl,
+) {
     loop {
-        match config.connect(NoTls).await {
+        match config.connect(tls.clone()).await {
             Ok((client, mut connection)) => {
                 // The LISTEN goes out while the connection is read below.
                 let subscriber = tokio::spawn(async move {
