@@ -133,3 +133,15 @@ pub fn acceptor(cert: &Issued) -> tokio_rustls::TlsAcceptor {
     .unwrap();
     tokio_rustls::TlsAcceptor::from(Arc::new(config))
 }
+
+/// A connection to the Redis at `url` (`rediss://`) trusting `ca_file`,
+/// made the gateway's way: for a test to look at what the gateway wrote.
+pub fn redis_manager(url: &str, ca_file: &Path) -> redis::aio::ConnectionManager {
+    let url = pandagate::config::RedisUrl::parse(url, "test").unwrap();
+    pandagate::stores::redis::connect(
+        &WithTrust::new(url, trust(Some(ca_file))),
+        "test",
+        std::time::Duration::from_secs(5),
+    )
+    .unwrap()
+}
