@@ -35,8 +35,7 @@ use tokio_postgres::AsyncMessage;
 
 use super::store::{Cursor, Delivery, Due, Message, Outcome, Page, Pruned};
 use crate::config::{CallbacksConfig, PostgresUrl};
-use crate::redact;
-use crate::stores::postgres::connector;
+use crate::stores::postgres::{causes, connector, describe};
 use crate::tls::WithTrust;
 
 /// The schema version this binary writes; [`MIGRATIONS`]`[i]` makes version
@@ -184,7 +183,7 @@ impl PgStore {
             .create_timeout(Some(timeout))
             .recycle_timeout(Some(timeout))
             .build()
-            .map_err(|e| PgError::Db(e.to_string()))?;
+            .map_err(|e| PgError::Db(causes(&e)))?;
         let store = Arc::new(PgStore {
             url: (**url).clone(),
             pool,
@@ -210,8 +209,8 @@ impl PgStore {
         Ok(store)
     }
 
-    fn db(&self, e: impl std::fmt::Display) -> PgError {
-        PgError::Db(redact::scrub(&e.to_string(), self.url.expose()))
+    fn db(&self, e: impl std::error::Error + 'static) -> PgError {
+        PgError::Db(describe(&e, &self.url))
     }
 
     /// Tries the migrations every second until they succeed.
@@ -664,21 +663,21 @@ impl PgStore {
 }
 
 async fn schema_version_of(pool: &Pool) -> Result<i32, PgError> {
-    let conn = pool.get().await.map_err(|e| PgError::Db(e.to_string()))?;
+    let conn = pool.get().await.map_err(|e| PgError::Db(causes(&e)))?;
     let exists = conn
         .query_one(
             "SELECT to_regclass('pandagate_callback_schema') IS NOT NULL",
             &[],
         )
         .await
-        .map_err(|e| PgError::Db(e.to_string()))?;
+        .map_err(|e| PgError::Db(causes(&e)))?;
     if !exists.get::<_, bool>(0) {
         return Ok(0);
     }
     let row = conn
         .query_opt("SELECT version FROM pandagate_callback_schema", &[])
         .await
-        .map_err(|e| PgError::Db(e.to_string()))?;
+        .map_err(|e| PgError::Db(causes(&e)))?;
     Ok(row.map_or(0, |r| r.get(0)))
 }
 
@@ -688,7 +687,7 @@ pub async fn probe(config: &CallbacksConfig, url: &WithTrust<PostgresUrl>) -> Re
     let (client, connection) = pg_config(url, config.postgres_statement_timeout_ms)
         .connect(connector(url))
         .await
-        .map_err(|e| PgError::Db(redact::scrub(&e.to_string(), url.expose())))?;
+        .map_err(|e| PgError::Db(describe(&e, url)))?;
     let driver = tokio::spawn(connection);
     let exists: bool = client
         .query_one(
@@ -696,13 +695,13 @@ pub async fn probe(config: &CallbacksConfig, url: &WithTrust<PostgresUrl>) -> Re
             &[],
         )
         .await
-        .map_err(|e| PgError::Db(e.to_string()))?
+        .map_err(|e| PgError::Db(causes(&e)))?
         .get(0);
     let version = if exists {
         client
             .query_opt("SELECT version FROM pandagate_callback_schema", &[])
             .await
-            .map_err(|e| PgError::Db(e.to_string()))?
+            .map_err(|e| PgError::Db(causes(&e)))?
             .map_or(0, |r| r.get(0))
     } else {
         0
@@ -752,7 +751,7 @@ async fn listen(
                         Some(Ok(AsyncMessage::Notification(_))) => changed.notify_one(),
                         Some(Ok(_)) => {}
                         Some(Err(e)) => {
-                            tracing::warn!(error = %redact::scrub(&e.to_string(), url.expose()), "callback store: LISTEN connection lost");
+                            tracing::warn!(error = %describe(&e, &url), "callback store: LISTEN connection lost");
                             break;
                         }
                         None => break,
@@ -761,7 +760,7 @@ async fn listen(
                 subscriber.abort();
             }
             Err(e) => {
-                tracing::debug!(error = %redact::scrub(&e.to_string(), url.expose()), "callback store: LISTEN connection failed");
+                tracing::debug!(error = %describe(&e, &url), "callback store: LISTEN connection failed");
             }
         }
         tokio::time::sleep(Duration::from_secs(1)).await;

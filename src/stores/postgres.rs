@@ -24,6 +24,7 @@ use rustls::server::ParsedCertificate;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::config::{PostgresUrl, SslMode};
+use crate::redact;
 use crate::tls::{Trust, WithTrust};
 
 /// The connector for `url`'s `sslmode`, trusting `url.trust()`. Used with
@@ -31,6 +32,29 @@ use crate::tls::{Trust, WithTrust};
 /// is tried and required; with `disable` it is never called.
 pub fn connector(url: &WithTrust<PostgresUrl>) -> MakeRustlsConnect {
     MakeRustlsConnect::new(client_config(url.ssl_mode(), url.trust()))
+}
+
+/// `e` with its causes, the URL's password scrubbed: tokio-postgres says
+/// only "error performing TLS handshake", and what failed (an untrusted
+/// certificate, a name that does not match, a server without TLS) is in
+/// the causes.
+pub fn describe(e: &(dyn std::error::Error + 'static), url: &PostgresUrl) -> String {
+    redact::scrub(&causes(e), url.expose())
+}
+
+/// `e`'s text followed by each cause's that it does not already hold.
+pub fn causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        let said = cause.to_string();
+        if !text.contains(&said) {
+            text.push_str(": ");
+            text.push_str(&said);
+        }
+        next = cause.source();
+    }
+    text
 }
 
 fn client_config(mode: SslMode, trust: &Trust) -> rustls::ClientConfig {
