@@ -116,7 +116,7 @@ impl Trust {
 }
 
 /// A store's or a collector's address with the trust its TLS connections
-/// use: what [`Loaded`](crate) hands each client, so that every one of
+/// use: what [`Loaded`](crate::loaded::Loaded) hands each client, so that every one of
 /// them trusts exactly `[tls]` and nothing a client library would pick on
 /// its own. Derefs to the address.
 #[derive(Clone)]

@@ -30,6 +30,10 @@ pub fn connect(
     timeout: Duration,
 ) -> Result<ConnectionManager, ConfigError> {
     let fail = |e: redis::RedisError| ConfigError::new(key, describe(&e, url));
+    // The redis crate builds its rustls config with the process-wide
+    // provider: make it `ring`, the gateway's, whatever else the dependency
+    // tree may compile in. Already installed (by an earlier call): fine.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(timeout))
         .set_response_timeout(Some(timeout))
