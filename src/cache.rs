@@ -37,8 +37,9 @@ use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use crate::config::{CacheConfig, ConfigError, RedisUrl};
-use crate::redact;
 use crate::routes::CacheRule;
+use crate::stores;
+use crate::tls::WithTrust;
 
 /// The response header saying where an answer came from.
 pub const X_PANDAGATE_CACHE: http::HeaderName = http::HeaderName::from_static("x-pandagate-cache");
@@ -172,23 +173,11 @@ struct Shared {
 }
 
 impl Shared {
-    fn new(config: &CacheConfig, url: &RedisUrl) -> Result<Shared, ConfigError> {
-        let scrubbed = |e: redis::RedisError| {
-            ConfigError::new(
-                "cache.redis_url",
-                redact::scrub(&e.to_string(), url.expose()),
-            )
-        };
-        let client = redis::Client::open(url.expose()).map_err(scrubbed)?;
+    fn new(config: &CacheConfig, url: &WithTrust<RedisUrl>) -> Result<Shared, ConfigError> {
         let timeout = Duration::from_millis(config.redis_timeout_ms);
-        let manager = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
-            .set_number_of_retries(1);
-        let conn = redis::aio::ConnectionManager::new_lazy_with_config(client, manager)
-            .map_err(scrubbed)?;
+        let conn = stores::redis::connect(url, "cache.redis_url", timeout)?;
         Ok(Shared {
-            url: url.clone(),
+            url: (**url).clone(),
             conn,
             prefix: config.redis_key_prefix.clone(),
             timeout,
@@ -210,7 +199,7 @@ impl Shared {
         match tokio::time::timeout(self.timeout, get).await {
             Ok(Ok(found)) => found,
             Ok(Err(e)) => {
-                tracing::debug!(error = %redact::scrub(&e.to_string(), self.url.expose()), "read cache: Redis read failed; a miss");
+                tracing::debug!(error = %stores::redis::describe(&e, &self.url), "read cache: Redis read failed; a miss");
                 None
             }
             Err(_) => None,
@@ -229,7 +218,7 @@ impl Shared {
                 .arg(keep.as_millis().max(1) as u64);
             let set = cmd.query_async::<()>(&mut conn);
             if let Ok(Err(e)) = tokio::time::timeout(this.timeout, set).await {
-                tracing::debug!(error = %redact::scrub(&e.to_string(), this.url.expose()), "read cache: Redis write failed");
+                tracing::debug!(error = %stores::redis::describe(&e, &this.url), "read cache: Redis write failed");
             }
         });
     }
@@ -401,7 +390,7 @@ impl ReadCache {
     /// (`Loaded::cache_redis_url`; a lazy connection: needs a runtime).
     pub fn open(
         config: &CacheConfig,
-        redis_url: Option<&RedisUrl>,
+        redis_url: Option<&WithTrust<RedisUrl>>,
     ) -> Result<ReadCache, ConfigError> {
         let mut cache = ReadCache::new(config);
         if let Some(url) = redis_url {

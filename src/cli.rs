@@ -294,7 +294,10 @@ fn check(loaded: &Loaded) -> ExitCode {
 
 /// Whether the push store's database answers, and whether its schema is
 /// the one this binary writes (it is made current at start).
-fn postgres_status(c: &crate::config::CallbacksConfig, url: &crate::config::PostgresUrl) -> String {
+fn postgres_status(
+    c: &crate::config::CallbacksConfig,
+    url: &crate::tls::WithTrust<crate::config::PostgresUrl>,
+) -> String {
     use crate::callbacks::postgres::{SCHEMA_VERSION, probe};
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -195,7 +195,7 @@ impl StateCollector {
             counter(
                 e,
                 "trace_spans_dropped",
-                "Spans dropped because the export queue (telemetry.queue_spans) was full.",
+                "Spans dropped: the export queue (telemetry.queue_spans) was full, or their export failed.",
                 traces.dropped(),
             )?;
         }

@@ -17,15 +17,17 @@
 //!
 //! 1. leaves: error ids secret signer headers envelope redact connections log_queue worker drain body_budget
 //! 2. config: config
-//! 3. policies: routes retry breaker limiter profiles body telemetry idempotency traces tls
-//! 4. built on them: auth upstream access_log cache caller_tls
-//! 5. loaded and counted: loaded metrics
-//! 6. one call's log line: call_log
-//! 7. serving parts: proxy callbacks server sandbox
-//! 8. around the gateway: reload exporter
-//! 9. operations: admin
-//! 10. the process: app demo fuzzing
-//! 11. the command line: cli
+//! 3. trust: tls
+//! 4. reaching the stores: stores
+//! 5. policies: routes retry breaker limiter profiles body telemetry idempotency traces
+//! 6. built on them: auth upstream access_log cache caller_tls
+//! 7. loaded and counted: loaded metrics
+//! 8. one call's log line: call_log
+//! 9. serving parts: proxy callbacks server sandbox
+//! 10. around the gateway: reload exporter
+//! 11. operations: admin
+//! 12. the process: app demo fuzzing
+//! 13. the command line: cli
 #![forbid(unsafe_code)]
 
 // 1. leaves
@@ -43,7 +45,11 @@ pub mod signer;
 pub mod worker;
 // 2. config
 pub mod config;
-// 3. policies
+// 3. trust
+pub mod tls;
+// 4. reaching the stores
+pub mod stores;
+// 5. policies
 pub mod body;
 pub mod breaker;
 pub mod idempotency;
@@ -52,33 +58,32 @@ pub mod profiles;
 pub mod retry;
 pub mod routes;
 pub mod telemetry;
-pub mod tls;
 pub mod traces;
-// 4. built on them
+// 6. built on them
 pub mod access_log;
 pub mod auth;
 pub mod cache;
 pub mod caller_tls;
 pub mod upstream;
-// 5. loaded and counted
+// 7. loaded and counted
 pub mod loaded;
 pub mod metrics;
-// 6. one call's log line
+// 8. one call's log line
 pub mod call_log;
-// 7. serving parts
+// 9. serving parts
 pub mod callbacks;
 pub mod proxy;
 pub mod sandbox;
 pub mod server;
-// 8. around the gateway
+// 10. around the gateway
 pub mod exporter;
 pub mod reload;
-// 9. operations
+// 11. operations
 pub mod admin;
-// 10. the process
+// 12. the process
 pub mod app;
 pub mod demo;
 #[doc(hidden)]
 pub mod fuzzing;
-// 11. the command line
+// 13. the command line
 pub mod cli;

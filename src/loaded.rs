@@ -15,7 +15,7 @@ use crate::config::{
 };
 use crate::profiles::Profile;
 use crate::secret::Secret;
-use crate::tls::Trust;
+use crate::tls::{Trust, WithTrust};
 
 /// A validated config with every profile's secret loaded.
 #[derive(Debug, Clone)]
@@ -24,17 +24,19 @@ pub struct Loaded {
     pub profiles: Vec<Profile>,
     pub clients: Vec<Client>,
     /// The Redis URL of `[rate_limit]` with `backend = "redis"`, read from
-    /// its source (`redis_url`, `redis_url_env` or `redis_url_file`).
-    pub redis_url: Option<RedisUrl>,
+    /// its source (`redis_url`, `redis_url_env` or `redis_url_file`). Each
+    /// store URL and the traces endpoint carry [`Loaded::tls`], so that
+    /// their TLS connections trust it and nothing else.
+    pub redis_url: Option<WithTrust<RedisUrl>>,
     /// The Redis URL of `[idempotency]` with `store = "redis"`, read from
     /// its source.
-    pub idempotency_redis_url: Option<RedisUrl>,
+    pub idempotency_redis_url: Option<WithTrust<RedisUrl>>,
     /// The PostgreSQL URL of `[callbacks]` with `backend = "postgres"`.
-    pub callbacks_postgres_url: Option<PostgresUrl>,
+    pub callbacks_postgres_url: Option<WithTrust<PostgresUrl>>,
     /// Where spans go; `None`: no traces.
-    pub traces_endpoint: Option<TracesEndpoint>,
+    pub traces_endpoint: Option<WithTrust<TracesEndpoint>>,
     /// The Redis URL of `[cache]` with `backend = "redis"`.
-    pub cache_redis_url: Option<RedisUrl>,
+    pub cache_redis_url: Option<WithTrust<RedisUrl>>,
     /// The token the control listener requires, if one is configured.
     pub control_token: Option<Secret>,
     /// Whom every outgoing TLS connection trusts (`[tls]`).
@@ -100,18 +102,19 @@ pub fn resolve(config: Config, env: Env<'_>) -> Result<Loaded, ConfigError> {
     };
     let tls = Trust::load(&config.tls)?;
     let caller_tls = CallerTls::load(&config.server)?.map(Arc::new);
+    let trusting = |target| WithTrust::new(target, tls.clone());
     Ok(Loaded {
+        redis_url: redis_url.map(trusting),
+        idempotency_redis_url: idempotency_redis_url.map(trusting),
+        callbacks_postgres_url: callbacks_postgres_url.map(|u| WithTrust::new(u, tls.clone())),
+        traces_endpoint: traces_endpoint.map(|e| WithTrust::new(e, tls.clone())),
+        cache_redis_url: cache_redis_url.map(trusting),
         tls,
         caller_tls,
         control_token,
         config,
         profiles,
         clients,
-        redis_url,
-        idempotency_redis_url,
-        callbacks_postgres_url,
-        traces_endpoint,
-        cache_redis_url,
     })
 }
 

@@ -27,6 +27,9 @@ use crate::config::{ConfigError, Roots, TlsConfig};
 #[derive(Clone)]
 pub struct Trust {
     roots: Arc<RootCertStore>,
+    /// Every root of `roots` as the certificate it came from, for clients
+    /// that take certificates rather than a `rustls` config (Redis).
+    certificates: Arc<[CertificateDer<'static>]>,
     /// `tls.ca_file`'s certificates, for clients that take them apart from
     /// a `rustls` config.
     extra: Arc<[CertificateDer<'static>]>,
@@ -45,13 +48,18 @@ impl Trust {
     /// The roots `config` names: an empty system store or a `ca_file`
     /// without a certificate is an error naming its key.
     pub fn load(config: &TlsConfig) -> Result<Trust, ConfigError> {
-        let mut roots = RootCertStore::empty();
+        let mut trust = Collected::empty();
         match config.roots {
-            Roots::Bundled => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+            Roots::Bundled => {
+                for cert in webpki_root_certs::TLS_SERVER_ROOT_CERTS {
+                    trust.add_if_usable(cert.clone());
+                }
+            }
             Roots::System => {
-                let found = rustls_native_certs::load_native_certs();
-                let (added, _) = roots.add_parsable_certificates(found.certs);
-                if added == 0 {
+                for cert in rustls_native_certs::load_native_certs().certs {
+                    trust.add_if_usable(cert);
+                }
+                if trust.certificates.is_empty() {
                     return Err(ConfigError::new(
                         "tls.roots",
                         "the system store holds no usable certificate (install ca-certificates, \
@@ -65,7 +73,7 @@ impl Trust {
             Some(path) => read_certificates(path)?,
         };
         for cert in &extra {
-            roots.add(cert.clone()).map_err(|e| {
+            trust.add(cert.clone()).map_err(|e| {
                 ConfigError::new(
                     "tls.ca_file",
                     format_args!("{}: a certificate is not a usable CA: {e}", path_of(config)),
@@ -73,7 +81,8 @@ impl Trust {
             })?;
         }
         Ok(Trust {
-            roots: Arc::new(roots),
+            roots: Arc::new(trust.store),
+            certificates: trust.certificates.into(),
             extra: extra.into(),
         })
     }
@@ -81,6 +90,12 @@ impl Trust {
     /// The trusted roots.
     pub fn roots(&self) -> Arc<RootCertStore> {
         self.roots.clone()
+    }
+
+    /// Every trusted root as a certificate: the same set as
+    /// [`roots`](Self::roots), `tls.ca_file`'s included.
+    pub fn certificates(&self) -> &[CertificateDer<'static>] {
+        &self.certificates
     }
 
     /// The certificates of `tls.ca_file` alone.
@@ -92,13 +107,78 @@ impl Trust {
     /// provider, no client certificate), without ALPN: each client sets the
     /// protocols it speaks.
     pub fn client_config(&self) -> rustls::ClientConfig {
-        rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .expect("ring supports the default protocol versions")
-        .with_root_certificates(self.roots.clone())
-        .with_no_client_auth()
+        rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the default protocol versions")
+            .with_root_certificates(self.roots.clone())
+            .with_no_client_auth()
+    }
+}
+
+/// A store's or a collector's address with the trust its TLS connections
+/// use: what [`Loaded`](crate::loaded::Loaded) hands each client, so that every one of
+/// them trusts exactly `[tls]` and nothing a client library would pick on
+/// its own. Derefs to the address.
+#[derive(Clone)]
+pub struct WithTrust<T> {
+    target: T,
+    trust: Trust,
+}
+
+impl<T> WithTrust<T> {
+    pub fn new(target: T, trust: Trust) -> WithTrust<T> {
+        WithTrust { target, trust }
+    }
+
+    pub fn trust(&self) -> &Trust {
+        &self.trust
+    }
+}
+
+impl<T> std::ops::Deref for WithTrust<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.target
+    }
+}
+
+impl<T: fmt::Debug> fmt::Debug for WithTrust<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?} trusting {:?}", self.target, self.trust)
+    }
+}
+
+/// The crypto every client config of the gateway uses: `ring`'s.
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A store and the certificates it was built from, kept in step: a root
+/// that `rustls` cannot use is left out of both.
+struct Collected {
+    store: RootCertStore,
+    certificates: Vec<CertificateDer<'static>>,
+}
+
+impl Collected {
+    fn empty() -> Collected {
+        Collected {
+            store: RootCertStore::empty(),
+            certificates: Vec::new(),
+        }
+    }
+
+    fn add(&mut self, cert: CertificateDer<'static>) -> Result<(), rustls::Error> {
+        self.store.add(cert.clone())?;
+        self.certificates.push(cert);
+        Ok(())
+    }
+
+    /// A platform store may hold a certificate `rustls` cannot parse; it
+    /// is skipped, as `RootCertStore::add_parsable_certificates` would.
+    fn add_if_usable(&mut self, cert: CertificateDer<'static>) {
+        let _ = self.add(cert);
     }
 }
 
@@ -143,6 +223,10 @@ mod tests {
         .unwrap();
         assert_eq!(with.roots().len(), bundled.roots().len() + 1);
         assert_eq!(with.extra().len(), 1);
+        // The certificates are the roots, one for one, the CA file's last.
+        assert_eq!(bundled.certificates().len(), bundled.roots().len());
+        assert_eq!(with.certificates().len(), with.roots().len());
+        assert_eq!(with.certificates().last(), Some(&with.extra()[0]));
     }
 
     #[test]

@@ -15,6 +15,10 @@
 //!   query) plus the gateway's own (`pandapon.*`, `pandagate.*`). No
 //!   header value, secret, token, signature or nonce is ever recorded.
 //! * With no endpoint there is no [`Traces`] at all: no span is made.
+//! * An `https://` endpoint is reached over rustls trusting exactly `[tls]`
+//!   (the HTTP client is built here and handed to the exporter). Spans of
+//!   an export that fails — the collector away, its certificate not
+//!   trusted — are dropped and counted with the queue's.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,7 +31,7 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::{SpanKind, Status, TraceContextExt, Tracer as _, TracerProvider as _};
 use opentelemetry::{Context, KeyValue};
-use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
@@ -36,6 +40,7 @@ use opentelemetry_sdk::trace::{
 };
 
 use crate::config::{ConfigError, TelemetryConfig, TracesEndpoint};
+use crate::tls::{Trust, WithTrust};
 
 /// Most spans sent in one export.
 const BATCH: usize = 512;
@@ -50,15 +55,18 @@ pub struct Traces {
 }
 
 impl Traces {
-    /// Starts the exporter thread for `endpoint`.
+    /// Starts the exporter thread for `endpoint`, whose TLS (for an
+    /// `https://` one) trusts `endpoint.trust()`.
     pub fn start(
         config: &TelemetryConfig,
-        endpoint: &TracesEndpoint,
+        endpoint: &WithTrust<TracesEndpoint>,
     ) -> Result<Traces, ConfigError> {
+        let timeout = Duration::from_millis(config.export_timeout_ms);
         let mut exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_http()
+            .with_http_client(http_client(endpoint.trust(), timeout)?)
             .with_endpoint(endpoint.0.clone())
-            .with_timeout(Duration::from_millis(config.export_timeout_ms))
+            .with_timeout(timeout)
             .build()
             .map_err(|e| ConfigError::new("telemetry.otlp_endpoint", e))?;
         let name = std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| "pandagate".into());
@@ -90,7 +98,7 @@ impl Traces {
         })
     }
 
-    /// Spans dropped because the export queue was full.
+    /// Spans dropped: the export queue was full, or their export failed.
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
     }
@@ -346,6 +354,28 @@ impl Injector for HeadersMut<'_> {
     }
 }
 
+/// The exporter's HTTP/1.1 client: rustls with `trust`'s config (no
+/// second TLS stack, no other roots), each export within `timeout`. Built
+/// on a thread of its own: a blocking client starts a runtime, which may
+/// not happen inside the caller's.
+fn http_client(trust: &Trust, timeout: Duration) -> Result<reqwest::blocking::Client, ConfigError> {
+    let tls = trust.client_config();
+    std::thread::spawn(move || {
+        reqwest::blocking::Client::builder()
+            .tls_backend_preconfigured(tls)
+            .timeout(timeout)
+            .build()
+    })
+    .join()
+    .map_err(|_| ConfigError::new("telemetry", "building the OTLP client panicked"))?
+    .map_err(|e| {
+        ConfigError::new(
+            "telemetry",
+            format_args!("cannot build the OTLP client: {e}"),
+        )
+    })
+}
+
 /// Ended spans wait here for the exporter thread; a full queue drops.
 #[derive(Debug)]
 struct QueueProcessor {
@@ -362,9 +392,10 @@ impl QueueProcessor {
         dropped: Arc<AtomicU64>,
     ) -> std::io::Result<QueueProcessor> {
         let (queue, spans) = sync_channel(capacity);
+        let lost = dropped.clone();
         let thread = std::thread::Builder::new()
             .name("trace-export".into())
-            .spawn(move || export_loop(exporter, spans, every))?;
+            .spawn(move || export_loop(exporter, spans, every, &lost))?;
         Ok(QueueProcessor {
             queue: Mutex::new(Some(queue)),
             dropped,
@@ -401,9 +432,16 @@ impl SpanProcessor for QueueProcessor {
 }
 
 /// Sends batches of up to `BATCH` spans, at least every `every`, until the
-/// queue is closed and empty.
-fn export_loop<E: SpanExporter>(exporter: E, spans: Receiver<SpanData>, every: Duration) {
+/// queue is closed and empty. The spans of a failed export are counted in
+/// `lost`; the first failure after a success is logged as a warning.
+fn export_loop<E: SpanExporter>(
+    exporter: E,
+    spans: Receiver<SpanData>,
+    every: Duration,
+    lost: &AtomicU64,
+) {
     let mut batch = Vec::with_capacity(BATCH);
+    let mut failing = false;
     let mut next = Instant::now() + every;
     loop {
         let wait = next.saturating_duration_since(Instant::now());
@@ -418,9 +456,21 @@ fn export_loop<E: SpanExporter>(exporter: E, spans: Receiver<SpanData>, every: D
         };
         if batch.len() >= BATCH || Instant::now() >= next || closed {
             if !batch.is_empty() {
-                let sent = block_on(exporter.export(std::mem::take(&mut batch)));
-                if let Err(e) = sent {
-                    tracing::debug!(error = %e, "trace export failed; spans lost");
+                let n = batch.len() as u64;
+                match block_on(exporter.export(std::mem::take(&mut batch))) {
+                    Ok(()) if failing => {
+                        failing = false;
+                        tracing::info!("trace export works again");
+                    }
+                    Ok(()) => {}
+                    Err(e) => {
+                        lost.fetch_add(n, Ordering::Relaxed);
+                        if !std::mem::replace(&mut failing, true) {
+                            tracing::warn!(error = %e, "trace export failed; spans are dropped and counted until it works");
+                        } else {
+                            tracing::debug!(error = %e, "trace export failed; spans dropped");
+                        }
+                    }
                 }
             }
             next = Instant::now() + every;

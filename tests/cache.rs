@@ -674,3 +674,51 @@ async fn over_the_quota_or_without_a_provider_a_stale_answer_still_answers() {
     );
     gw.stop().await;
 }
+
+/// `shared` on the TLS-only Redis at `url`, trusting `ca_file` besides the
+/// bundled roots.
+fn shared_over_rediss(upstream: &str, url: &str, ca_file: &std::path::Path) -> Config {
+    let mut c = shared(upstream, url);
+    c.cache.redis_timeout_ms = 2_000;
+    c.tls.ca_file = Some(ca_file.to_owned());
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_answers_over_rediss_and_one_not_trusting_its_certificate_misses() {
+    let ca = tls::TestCa::new();
+    let redis = tls_stores::redis_tls(&ca, &ca.server("redis"), None);
+    let url = tls_stores::rediss_url(&redis, None);
+    let upstream = upstream_answering(good("prov-tls")).await;
+    let a = spawn_gateway(shared_over_rediss(&upstream.uri(), &url, &ca.ca_file)).await;
+    let b = spawn_gateway(shared_over_rediss(&upstream.uri(), &url, &ca.ca_file)).await;
+    assert_eq!(
+        cache_header(&get(&a.url(ITEM)).await).as_deref(),
+        Some("miss")
+    );
+    // The write to Redis is in the background: wait (bounded) for it.
+    let mut conn = tls_stores::redis_manager(&url, &ca.ca_file);
+    for _ in 0..100 {
+        let n: u64 = redis::cmd("DBSIZE").query_async(&mut conn).await.unwrap();
+        if n >= 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let on_b = get(&b.url(ITEM)).await;
+    assert_eq!(cache_header(&on_b).as_deref(), Some("hit"), "from Redis");
+    assert_eq!(on_b.json()["requestId"], "prov-tls");
+    assert_eq!(sent(&upstream).await, 1);
+
+    // A replica trusting another CA refuses the certificate: a miss, the
+    // provider asked again, never an error.
+    let other = tls::TestCa::named("a CA the gateway does not trust");
+    let c = spawn_gateway(shared_over_rediss(&upstream.uri(), &url, &other.ca_file)).await;
+    let on_c = get(&c.url(ITEM)).await;
+    assert_eq!(on_c.status, 200);
+    assert_eq!(cache_header(&on_c).as_deref(), Some("miss"));
+    assert_eq!(sent(&upstream).await, 2);
+    a.stop().await;
+    b.stop().await;
+    c.stop().await;
+}

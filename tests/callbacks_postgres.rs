@@ -5,13 +5,15 @@
 mod support;
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pandagate::callbacks::postgres::{PgStore, SCHEMA_VERSION, TAKEOVER_GRACE, probe};
 use pandagate::callbacks::store::{Delivery, Message};
 use pandagate::config::{CallbackBackend, CallbacksConfig, PostgresUrl};
-use support::PostgresServer;
+use pandagate::tls::WithTrust;
+use support::{PostgresServer, tls_stores};
 use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 
@@ -25,8 +27,8 @@ fn store_config() -> CallbacksConfig {
     }
 }
 
-fn url(pg: &PostgresServer) -> PostgresUrl {
-    PostgresUrl::parse(&pg.url(), "test").unwrap()
+fn url(pg: &PostgresServer) -> WithTrust<PostgresUrl> {
+    tls_stores::with_default_trust(PostgresUrl::parse(&pg.url(), "test").unwrap())
 }
 
 fn message(at: u64) -> Message {
@@ -1170,4 +1172,138 @@ async fn with_a_million_deliveries_pages_and_replay_by_id_stay_within_a_100_ms_s
         eprintln!("{what}: {t:?}");
         assert!(*t < Duration::from_secs(1), "{what}: {t:?}");
     }
+}
+
+/// `url` with its `sslmode` (and the rest of its query) in `params`,
+/// trusting `ca_file` (if any) besides the bundled roots.
+fn tls_url(pg: &PostgresServer, params: &str, ca_file: Option<&Path>) -> WithTrust<PostgresUrl> {
+    let url = format!(
+        "postgres://pandagate:pw-tls-3@127.0.0.1:{}/postgres{params}",
+        pg.port
+    );
+    WithTrust::new(
+        PostgresUrl::parse(&url, "test").unwrap(),
+        tls_stores::trust(ca_file),
+    )
+}
+
+/// What `pandagate check` would say: the schema version, or the error.
+async fn probed(pg: &PostgresServer, params: &str, ca_file: Option<&Path>) -> Result<i32, String> {
+    let result = probe(&store_config(), &tls_url(pg, params, ca_file)).await;
+    result.map_err(|e| {
+        let text = e.to_string();
+        assert!(!text.contains("pw-tls-3"), "{text}");
+        text
+    })
+}
+
+#[tokio::test]
+async fn each_sslmode_connects_as_libpq_would_to_a_server_with_tls_only() {
+    let ca = support::tls::TestCa::new();
+    let pg = tls_stores::postgres_tls(&ca.server("pg"), true);
+    let ca_file = Some(ca.ca_file.as_path());
+    // A plaintext client is refused by this server: each success is TLS.
+    for params in [
+        "?sslmode=verify-full",
+        "?sslmode=verify-ca",
+        "?sslmode=require",
+        "?sslmode=prefer",
+        "",
+    ] {
+        assert_eq!(probed(&pg, params, ca_file).await, Ok(0), "{params}");
+    }
+    // `require` without a CA file encrypts without checking, as libpq.
+    assert_eq!(probed(&pg, "?sslmode=require", None).await, Ok(0));
+    assert!(probed(&pg, "?sslmode=disable", ca_file).await.is_err());
+    // A certificate of a CA not trusted: the verifying modes refuse it,
+    // and say it was TLS.
+    for params in ["?sslmode=verify-full", "?sslmode=verify-ca"] {
+        let e = probed(&pg, params, None).await.unwrap_err();
+        assert!(e.contains("TLS"), "{params}: {e}");
+        assert!(e.contains("certificate"), "{params}: {e}");
+    }
+    let other = support::tls::TestCa::named("a CA the gateway does not trust");
+    let e = probed(&pg, "?sslmode=require", Some(&other.ca_file))
+        .await
+        .unwrap_err();
+    assert!(
+        e.contains("TLS"),
+        "require with a CA file checks the chain: {e}"
+    );
+}
+
+#[tokio::test]
+async fn verify_full_refuses_a_certificate_for_another_name_that_verify_ca_takes() {
+    let ca = support::tls::TestCa::new();
+    let pg = tls_stores::postgres_tls(&ca.server_for("pg", &["db.elsewhere.test"]), true);
+    let ca_file = Some(ca.ca_file.as_path());
+    let e = probed(&pg, "?sslmode=verify-full", ca_file)
+        .await
+        .unwrap_err();
+    assert!(e.contains("TLS") && e.contains("not valid for"), "{e}");
+    assert_eq!(probed(&pg, "?sslmode=verify-ca", ca_file).await, Ok(0));
+    assert_eq!(probed(&pg, "?sslmode=require", ca_file).await, Ok(0));
+}
+
+#[tokio::test]
+async fn a_server_without_tls_is_reached_as_before_unless_tls_is_required() {
+    let pg = PostgresServer::start();
+    for params in ["", "?sslmode=disable", "?sslmode=prefer"] {
+        assert_eq!(probed(&pg, params, None).await, Ok(0), "{params}");
+    }
+    for params in ["?sslmode=require", "?sslmode=verify-full"] {
+        let e = probed(&pg, params, None).await.unwrap_err();
+        assert!(e.contains("does not support TLS"), "{params}: {e}");
+    }
+}
+
+/// The binary with its push store behind TLS (`verify-full`, the test CA in
+/// `tls.ca_file`): pushes are stored and delivered, and every connection
+/// it holds, the `LISTEN` one included, is encrypted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_are_stored_and_delivered_over_verify_full_tls() {
+    let ca = support::tls::TestCa::new();
+    let pg = tls_stores::postgres_tls(&ca.server("pg"), true);
+    let (sub, seen) = subscriber(Duration::ZERO).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = gateway_config(dir.path(), &pg, &sub);
+    let text = std::fs::read_to_string(&config).unwrap();
+    let ca_line = format!(
+        "[tls]\nca_file = {:?}\n\n",
+        ca.ca_file.display().to_string()
+    );
+    std::fs::write(&config, format!("{ca_line}{text}")).unwrap();
+    let url = tls_url(&pg, "?sslmode=verify-full", None);
+    let a = replica_of(&config, url.expose()).await;
+    for i in 0..5 {
+        assert_eq!(
+            support::push_signed(&a.gateway, SECRET, &format!("T{i}")).await,
+            200
+        );
+    }
+    let ids = delivered(&seen, 5, Duration::from_secs(20)).await;
+    assert_eq!(ids.len(), 5, "every message delivered: {ids:?}");
+
+    // Seen from the server: the gateway's connections, all over TLS.
+    let check = tls_url(&pg, "?sslmode=verify-full", Some(&ca.ca_file));
+    let (client, connection) = check
+        .client_config()
+        .connect(pandagate::stores::postgres::connector(&check))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let row = client
+        .query_one(
+            "SELECT count(*), count(*) FILTER (WHERE s.ssl), \
+                    count(*) FILTER (WHERE a.query LIKE 'LISTEN%' AND s.ssl) \
+             FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
+             WHERE a.application_name = 'pandagate'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (all, encrypted, listening): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    assert!(all >= 2, "the pool and the LISTEN connection: {all}");
+    assert_eq!(encrypted, all);
+    assert_eq!(listening, 1, "the LISTEN connection, over TLS");
 }

@@ -831,7 +831,9 @@ async fn a_reservation_whose_owner_died_reads_as_an_unknown_outcome_after_its_le
     let gw = spawn_gateway(c).await;
 
     // Another replica reserves the key and dies without a word.
-    let url = pandagate::config::RedisUrl::parse(&redis.url(), "test").unwrap();
+    let url = support::tls_stores::with_default_trust(
+        pandagate::config::RedisUrl::parse(&redis.url(), "test").unwrap(),
+    );
     let other = Idempotency::open(&store, Some(&url)).unwrap();
     let body = order_body("o-18");
     let fp = fingerprint(&http::Method::POST, ORDER, body.as_bytes());
@@ -1001,4 +1003,41 @@ async fn a_drain_waits_for_keyed_calls_whose_callers_left() {
     assert_eq!(again.status, 200, "{:?}", again.body);
     assert!(replayed(&again));
     assert_eq!(provider.count("o-21"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_keys_over_rediss_and_one_not_trusting_its_certificate_fails_closed() {
+    const PASSWORD: &str = "rediss-idempotency-pw";
+    let ca = tls::TestCa::new();
+    let redis = tls_stores::redis_tls(&ca, &ca.server("redis"), Some(PASSWORD));
+    let provider = Provider::start(vec![], ok("o-tls")).await;
+    let config = |ca_file: &std::path::Path| {
+        let mut store = redis_store(tls_stores::rediss_url(&redis, Some(PASSWORD)));
+        store.redis_timeout_ms = 2_000;
+        let mut c = keyed_config(&provider.url(), store);
+        c.tls.ca_file = Some(ca_file.to_owned());
+        c
+    };
+    let a = spawn_gateway(config(&ca.ca_file)).await;
+    let b = spawn_gateway(config(&ca.ca_file)).await;
+    let first = create(&a, "k-tls", "o-tls").await;
+    assert_eq!(first.status, 200);
+    let on_b = create(&b, "k-tls", "o-tls").await;
+    assert!(replayed(&on_b), "{:?}", on_b.headers);
+    assert_eq!(on_b.body, first.body);
+    assert_eq!(provider.count("o-tls"), 1);
+
+    // A replica trusting another CA: the store cannot be reached, so keyed
+    // calls are refused and nothing is sent.
+    let other = tls::TestCa::named("a CA the gateway does not trust");
+    let c = spawn_gateway(config(&other.ca_file)).await;
+    let refused = create(&c, "k-tls-2", "o-tls-2").await;
+    assert_eq!(
+        refused.assert_gateway_envelope(503)["error"],
+        "idempotency_store_unavailable"
+    );
+    assert_eq!(provider.count("o-tls-2"), 0);
+    a.stop().await;
+    b.stop().await;
+    c.stop().await;
 }

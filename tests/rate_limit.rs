@@ -277,7 +277,7 @@ async fn a_live_redis_decides_at_every_bound() {
     };
     use pandagate::limiter::Limiter;
     let redis = RedisServer::start();
-    let url = RedisUrl::parse(&redis.url(), "test").unwrap();
+    let url = tls_stores::with_default_trust(RedisUrl::parse(&redis.url(), "test").unwrap());
     let routes = [
         (
             "/slow".to_owned(),
@@ -360,5 +360,158 @@ async fn a_live_redis_decides_at_every_bound() {
                 assert_eq!(limiter.backend_state(), BackendState::Redis, "{c:?}");
             }
         }
+    }
+}
+
+/// `[rate_limit]` on the TLS-only Redis of `redis`, trusting `ca_file`
+/// besides the bundled roots; Redis decides within 2 s or `fail_mode` does.
+fn over_rediss(mut c: Config, url: &str, ca_file: &std::path::Path, fail_mode: FailMode) -> Config {
+    let r = c.rate_limit.as_mut().unwrap();
+    r.backend = BackendKind::Redis;
+    r.redis_url = Some(url.to_owned());
+    r.redis_timeout_ms = 2_000;
+    r.fail_mode = fail_mode;
+    c.tls.ca_file = Some(ca_file.to_owned());
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_the_quota_over_rediss_trusting_the_ca_file() {
+    let ca = tls::TestCa::new();
+    let redis = tls_stores::redis_tls(&ca, &ca.server("redis"), None);
+    let upstream = upstream_answering(envelope()).await;
+    // One call per 1000 s: the second, on the other replica, is refused
+    // by Redis (a long Retry-After), not by the closed fail mode (1 s).
+    let c = over_rediss(
+        limited(&upstream.uri(), 0.001, 1, 0),
+        &tls_stores::rediss_url(&redis, None),
+        &ca.ca_file,
+        FailMode::Closed,
+    );
+    let a = spawn_gateway(c.clone()).await;
+    let b = spawn_gateway(c).await;
+    assert_eq!(get(&a.url("/open/product/get")).await.status, 200);
+    let second = get(&b.url("/open/product/get")).await;
+    second.assert_gateway_envelope(429);
+    let retry_after: u64 = second.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        retry_after > 900,
+        "Redis decided: Retry-After {retry_after}"
+    );
+    assert_eq!(b.gateway.limiter().backend_state(), BackendState::Redis);
+    assert_eq!(upstream.received_requests().await.unwrap().len(), 1);
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_certificate_of_a_ca_not_trusted_is_refused_and_the_fail_mode_decides() {
+    let ca = tls::TestCa::new();
+    let other = tls::TestCa::named("a CA the gateway does not trust");
+    let redis = tls_stores::redis_tls(&ca, &ca.server("redis"), None);
+    let upstream = upstream_answering(envelope()).await;
+    let url = tls_stores::rediss_url(&redis, None);
+    for (fail_mode, status, state) in [
+        (
+            FailMode::Local,
+            200,
+            BackendState::Fallback(FailMode::Local),
+        ),
+        (
+            FailMode::Closed,
+            429,
+            BackendState::Fallback(FailMode::Closed),
+        ),
+    ] {
+        let c = over_rediss(
+            limited(&upstream.uri(), 1000.0, 1000, 0),
+            &url,
+            &other.ca_file,
+            fail_mode,
+        );
+        let gw = spawn_gateway(c).await;
+        let answer = get(&gw.url("/open/product/get")).await;
+        assert_eq!(answer.status, status, "{fail_mode:?}: {:?}", answer.body);
+        assert_eq!(gw.gateway.limiter().backend_state(), state);
+        gw.stop().await;
+    }
+}
+
+/// The binary, with its rate limit and idempotency store on a Redis whose
+/// certificate it does not trust: calls go on under the fail mode, keyed
+/// calls are refused, and the log says TLS failed, never the password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_untrusted_redis_certificate_is_logged_as_tls_never_with_the_password() {
+    const PASSWORD: &str = "rediss-pw-never-logged-5";
+    let ca = tls::TestCa::new();
+    let other = tls::TestCa::named("a CA the gateway does not trust");
+    let redis = tls_stores::redis_tls(&ca, &ca.server("redis"), Some(PASSWORD));
+    let upstream = upstream_answering(envelope()).await;
+    let url = tls_stores::rediss_url(&redis, Some(PASSWORD));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pandagate.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[tls]\nca_file = {:?}\n\n\
+             [rate_limit]\nrequests_per_second = 1000\nbackend = \"redis\"\n\
+             redis_url = {url:?}\nredis_timeout_ms = 2000\n\n\
+             [idempotency]\nstore = \"redis\"\nredis_url = {url:?}\nredis_timeout_ms = 2000\n",
+            other.ca_file.display().to_string()
+        ),
+    )
+    .unwrap();
+    let env = [
+        ("PANDAPON_ACCESS_KEY", ACCESS_KEY),
+        ("PANDAPON_ACCESS_SECRET", SECRET),
+        ("PANDAGATE_UPSTREAM", &upstream.uri()),
+    ];
+    let mut running = launch(&["run", "--config", path.to_str().unwrap()], &env).await;
+    let read = get(&format!("http://{}/open/product/get", running.gateway)).await;
+    assert_eq!(
+        read.status, 200,
+        "the local fallback decides: {:?}",
+        read.body
+    );
+    let keyed = send(
+        http::Request::post(format!("http://{}/alibaba/order/create", running.gateway))
+            .header("idempotency-key", "k-untrusted")
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(b"{}")))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        keyed.assert_gateway_envelope(503)["error"],
+        "idempotency_store_unavailable"
+    );
+    running.signal("-TERM");
+    let _ = tokio::time::timeout(Duration::from_secs(20), running.child.wait()).await;
+    let mut logs = String::new();
+    while let Ok(Ok(Some(line))) =
+        tokio::time::timeout(Duration::from_secs(5), running.stderr.next_line()).await
+    {
+        logs.push_str(&line);
+        logs.push('\n');
+    }
+    assert!(
+        !logs.contains(PASSWORD),
+        "the password in the logs:\n{logs}"
+    );
+    for says in [
+        "redis rate-limit backend unavailable",
+        "idempotency store unavailable",
+    ] {
+        let line = logs
+            .lines()
+            .find(|l| l.contains(says))
+            .unwrap_or_else(|| panic!("no {says:?} in\n{logs}"));
+        assert!(
+            line.contains("TLS handshake with Redis failed"),
+            "{says}: the reason names TLS: {line}"
+        );
     }
 }

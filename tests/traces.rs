@@ -50,6 +50,42 @@ impl Receiver {
         format!("http://{addr}")
     }
 
+    /// The same receiver behind TLS with `acceptor`'s certificate; a client
+    /// that does not trust it gets nothing.
+    async fn start_tls(&self, acceptor: tokio_rustls::TlsAcceptor) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let spans = self.0.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (spans, acceptor) = (spans.clone(), acceptor.clone());
+                tokio::spawn(async move {
+                    let Ok(mut stream) = acceptor.accept(stream).await else {
+                        return;
+                    };
+                    while let Some((_, body)) = read_request(&mut stream).await {
+                        let request = ExportTraceServiceRequest::decode(body.as_slice())
+                            .expect("an OTLP/HTTP protobuf export");
+                        for resource in request.resource_spans {
+                            for scope in resource.scope_spans {
+                                spans.lock().unwrap().extend(scope.spans);
+                            }
+                        }
+                        let ok = b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n";
+                        if stream.write_all(ok).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        format!("https://{addr}")
+    }
+
+    fn received(&self) -> usize {
+        self.0.lock().unwrap().len()
+    }
+
     /// Waits (bounded) for `n` spans.
     async fn spans(&self, n: usize) -> Vec<Span> {
         for _ in 0..200 {
@@ -416,4 +452,54 @@ async fn the_push_receiver_traces_each_receive_its_store_and_each_delivery() {
             assert!(!format!("{:?}", a.value).contains(key), "{}", a.key);
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_reach_an_https_receiver_trusted_through_the_ca_file_and_no_other() {
+    let ca = tls::TestCa::new();
+    let receiver = Receiver::default();
+    let endpoint = receiver
+        .start_tls(tls_stores::acceptor(&ca.server("collector")))
+        .await;
+    let upstream = upstream_answering(
+        ResponseTemplate::new(200)
+            .set_body_raw(provider_body("prov-tls", 200, "ok"), "application/json"),
+    )
+    .await;
+    let traced_with = |ca_file: &std::path::Path| {
+        let mut c = config(&upstream.uri());
+        c.telemetry.otlp_endpoint = Some(endpoint.clone());
+        c.telemetry.export_interval_ms = 50;
+        c.telemetry.export_timeout_ms = 1_000;
+        c.tls.ca_file = Some(ca_file.to_owned());
+        c
+    };
+    let gw = spawn_gateway(traced_with(&ca.ca_file)).await;
+    assert_eq!(get(&gw.url("/open/product/get")).await.status, 200);
+    let spans = receiver.spans(2).await;
+    assert_eq!(
+        spans.len(),
+        2,
+        "the call's span and its attempt's: {spans:#?}"
+    );
+    assert_eq!(gw.gateway.traces().expect("tracing on").dropped(), 0);
+    gw.stop().await;
+
+    // Trusting another CA: the collector's certificate is refused, the
+    // spans are dropped and counted, and calls are answered as ever.
+    let other = tls::TestCa::named("a CA the gateway does not trust");
+    let gw = spawn_gateway(traced_with(&other.ca_file)).await;
+    for _ in 0..3 {
+        assert_eq!(get(&gw.url("/open/product/get")).await.status, 200);
+    }
+    let traces = gw.gateway.traces().expect("tracing on");
+    for _ in 0..200 {
+        if traces.dropped() >= 6 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(traces.dropped(), 6, "two spans per call, none sent");
+    assert_eq!(receiver.received(), 2, "nothing more arrived");
+    gw.stop().await;
 }

@@ -10,6 +10,7 @@ use super::CallbackError;
 use super::postgres::PgStore;
 use super::store::{Cursor, Delivery, Due, Message, Outcome, Page, Pruned, Store, StoreError};
 use crate::config::{CallbackBackend, CallbacksConfig, ConfigError, PostgresUrl};
+use crate::tls::WithTrust;
 
 #[derive(Debug)]
 pub enum Backend {
@@ -32,7 +33,7 @@ impl Backend {
     /// (connected, its schema created or migrated).
     pub async fn open(
         config: &CallbacksConfig,
-        postgres_url: Option<&PostgresUrl>,
+        postgres_url: Option<&WithTrust<PostgresUrl>>,
     ) -> Result<Backend, ConfigError> {
         match config.backend {
             CallbackBackend::Local => Self::open_local(config),

@@ -31,11 +31,12 @@ use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio::sync::Notify;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 
 use super::store::{Cursor, Delivery, Due, Message, Outcome, Page, Pruned};
 use crate::config::{CallbacksConfig, PostgresUrl};
-use crate::redact;
+use crate::stores::postgres::{causes, connector, describe};
+use crate::tls::WithTrust;
 
 /// The schema version this binary writes; [`MIGRATIONS`]`[i]` makes version
 /// `i + 1`.
@@ -142,10 +143,11 @@ impl std::fmt::Debug for PgStore {
     }
 }
 
-/// The connection settings: the URL's, a statement timeout on every
-/// statement (commits included), and a connect timeout.
+/// The connection settings: the URL's (TLS as its `sslmode` says), a
+/// statement timeout on every statement (commits included), and a connect
+/// timeout.
 fn pg_config(url: &PostgresUrl, statement_timeout_ms: u64) -> tokio_postgres::Config {
-    let mut c: tokio_postgres::Config = url.expose().parse().expect("validated at load");
+    let mut c = url.client_config();
     c.options(format!("-c statement_timeout={statement_timeout_ms}"));
     c.connect_timeout(Duration::from_millis(statement_timeout_ms.max(1_000)));
     c.application_name("pandagate");
@@ -158,14 +160,17 @@ impl PgStore {
     /// calls): pushes are answered 503 (the provider pushes again) until a
     /// retry, every second, finds it and makes the schema current. A schema
     /// newer than this binary's is an error.
+    ///
+    /// Every connection, the pool's and the `LISTEN` one, uses TLS as the
+    /// URL's `sslmode` says, trusting `url.trust()`.
     pub async fn open(
         config: &CallbacksConfig,
-        url: &PostgresUrl,
+        url: &WithTrust<PostgresUrl>,
     ) -> Result<Arc<PgStore>, PgError> {
         let statement_ms = config.postgres_statement_timeout_ms;
         let manager = Manager::from_config(
             pg_config(url, statement_ms),
-            NoTls,
+            connector(url),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -178,9 +183,9 @@ impl PgStore {
             .create_timeout(Some(timeout))
             .recycle_timeout(Some(timeout))
             .build()
-            .map_err(|e| PgError::Db(e.to_string()))?;
+            .map_err(|e| PgError::Db(causes(&e)))?;
         let store = Arc::new(PgStore {
-            url: url.clone(),
+            url: (**url).clone(),
             pool,
             timeout,
             changed: Arc::new(Notify::new()),
@@ -197,14 +202,15 @@ impl PgStore {
         }
         tokio::spawn(listen(
             pg_config(url, statement_ms),
+            connector(url),
             store.changed.clone(),
-            url.clone(),
+            (**url).clone(),
         ));
         Ok(store)
     }
 
-    fn db(&self, e: impl std::fmt::Display) -> PgError {
-        PgError::Db(redact::scrub(&e.to_string(), self.url.expose()))
+    fn db(&self, e: impl std::error::Error + 'static) -> PgError {
+        PgError::Db(describe(&e, &self.url))
     }
 
     /// Tries the migrations every second until they succeed.
@@ -657,31 +663,31 @@ impl PgStore {
 }
 
 async fn schema_version_of(pool: &Pool) -> Result<i32, PgError> {
-    let conn = pool.get().await.map_err(|e| PgError::Db(e.to_string()))?;
+    let conn = pool.get().await.map_err(|e| PgError::Db(causes(&e)))?;
     let exists = conn
         .query_one(
             "SELECT to_regclass('pandagate_callback_schema') IS NOT NULL",
             &[],
         )
         .await
-        .map_err(|e| PgError::Db(e.to_string()))?;
+        .map_err(|e| PgError::Db(causes(&e)))?;
     if !exists.get::<_, bool>(0) {
         return Ok(0);
     }
     let row = conn
         .query_opt("SELECT version FROM pandagate_callback_schema", &[])
         .await
-        .map_err(|e| PgError::Db(e.to_string()))?;
+        .map_err(|e| PgError::Db(causes(&e)))?;
     Ok(row.map_or(0, |r| r.get(0)))
 }
 
 /// Connects once, without migrating, and reads the schema version: for
 /// `pandagate check`. Errors never show the URL's password.
-pub async fn probe(config: &CallbacksConfig, url: &PostgresUrl) -> Result<i32, PgError> {
+pub async fn probe(config: &CallbacksConfig, url: &WithTrust<PostgresUrl>) -> Result<i32, PgError> {
     let (client, connection) = pg_config(url, config.postgres_statement_timeout_ms)
-        .connect(NoTls)
+        .connect(connector(url))
         .await
-        .map_err(|e| PgError::Db(redact::scrub(&e.to_string(), url.expose())))?;
+        .map_err(|e| PgError::Db(describe(&e, url)))?;
     let driver = tokio::spawn(connection);
     let exists: bool = client
         .query_one(
@@ -689,13 +695,13 @@ pub async fn probe(config: &CallbacksConfig, url: &PostgresUrl) -> Result<i32, P
             &[],
         )
         .await
-        .map_err(|e| PgError::Db(e.to_string()))?
+        .map_err(|e| PgError::Db(causes(&e)))?
         .get(0);
     let version = if exists {
         client
             .query_opt("SELECT version FROM pandagate_callback_schema", &[])
             .await
-            .map_err(|e| PgError::Db(e.to_string()))?
+            .map_err(|e| PgError::Db(causes(&e)))?
             .map_or(0, |r| r.get(0))
     } else {
         0
@@ -719,9 +725,14 @@ fn delivery(r: &tokio_postgres::Row) -> Delivery {
 /// Wakes `changed` on every `NOTIFY`, forever; a lost connection is made
 /// again after a second (the delivery loop also looks every few seconds,
 /// so nothing waits on a lost notification for long).
-async fn listen(config: tokio_postgres::Config, changed: Arc<Notify>, url: PostgresUrl) {
+async fn listen(
+    config: tokio_postgres::Config,
+    tls: tokio_postgres_rustls::MakeRustlsConnect,
+    changed: Arc<Notify>,
+    url: PostgresUrl,
+) {
     loop {
-        match config.connect(NoTls).await {
+        match config.connect(tls.clone()).await {
             Ok((client, mut connection)) => {
                 // The LISTEN goes out while the connection is read below.
                 let subscriber = tokio::spawn(async move {
@@ -740,7 +751,7 @@ async fn listen(config: tokio_postgres::Config, changed: Arc<Notify>, url: Postg
                         Some(Ok(AsyncMessage::Notification(_))) => changed.notify_one(),
                         Some(Ok(_)) => {}
                         Some(Err(e)) => {
-                            tracing::warn!(error = %redact::scrub(&e.to_string(), url.expose()), "callback store: LISTEN connection lost");
+                            tracing::warn!(error = %describe(&e, &url), "callback store: LISTEN connection lost");
                             break;
                         }
                         None => break,
@@ -749,7 +760,7 @@ async fn listen(config: tokio_postgres::Config, changed: Arc<Notify>, url: Postg
                 subscriber.abort();
             }
             Err(e) => {
-                tracing::debug!(error = %redact::scrub(&e.to_string(), url.expose()), "callback store: LISTEN connection failed");
+                tracing::debug!(error = %describe(&e, &url), "callback store: LISTEN connection failed");
             }
         }
         tokio::time::sleep(Duration::from_secs(1)).await;

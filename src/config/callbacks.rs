@@ -215,7 +215,58 @@ impl CallbacksConfig {
 /// password, so `Debug` shows it redacted; [`PostgresUrl::expose`] is the
 /// only way to it.
 #[derive(Clone, PartialEq, Eq)]
-pub struct PostgresUrl(crate::secret::Secret);
+pub struct PostgresUrl {
+    url: crate::secret::Secret,
+    ssl_mode: SslMode,
+}
+
+/// The URL's `sslmode`, with libpq's meanings. tokio-postgres reads only
+/// `disable`, `prefer` and `require`; the two `verify-*` modes are read
+/// here and taken off the URL before it sees it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SslMode {
+    /// Plaintext, always.
+    Disable,
+    /// TLS when the server offers it, plaintext when it does not; the
+    /// certificate is not checked (it protects against listening, not
+    /// against an active attacker). The default, as in libpq, so a URL
+    /// that says nothing works with a server with or without TLS.
+    #[default]
+    Prefer,
+    /// TLS or no connection. The chain is checked against `[tls]` when
+    /// `tls.ca_file` is set (as libpq does when it has a root file),
+    /// otherwise not at all.
+    Require,
+    /// TLS, and a chain to a root of `[tls]`; any host name.
+    VerifyCa,
+    /// TLS, a chain to a root of `[tls]`, and a certificate for the host
+    /// connected to.
+    VerifyFull,
+}
+
+impl SslMode {
+    const NAMES: [(&'static str, SslMode); 5] = [
+        ("disable", SslMode::Disable),
+        ("prefer", SslMode::Prefer),
+        ("require", SslMode::Require),
+        ("verify-ca", SslMode::VerifyCa),
+        ("verify-full", SslMode::VerifyFull),
+    ];
+
+    /// What tokio-postgres is told: whether TLS is tried, and required.
+    fn negotiated(self) -> tokio_postgres::config::SslMode {
+        use tokio_postgres::config::SslMode as Pg;
+        match self {
+            SslMode::Disable => Pg::Disable,
+            SslMode::Prefer => Pg::Prefer,
+            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => Pg::Require,
+        }
+    }
+}
+
+/// libpq's TLS file options: the roots are `[tls]`'s, and client
+/// certificates are not supported.
+const LIBPQ_FILE_OPTIONS: [&str; 4] = ["sslrootcert", "sslcert", "sslkey", "sslcrl"];
 
 impl PostgresUrl {
     /// Checks `url` the way the client will read it. The error names `key`
@@ -227,8 +278,13 @@ impl PostgresUrl {
                 "must be a postgres:// or postgresql:// URL",
             ));
         }
-        match url.parse::<tokio_postgres::Config>() {
-            Ok(_) => Ok(PostgresUrl(crate::secret::Secret::new(url))),
+        let (_, ssl_mode) = split_ssl_mode(url).map_err(|m| ConfigError::new(key, m))?;
+        let parsed = PostgresUrl {
+            url: crate::secret::Secret::new(url),
+            ssl_mode,
+        };
+        match parsed.without_ssl_mode().parse::<tokio_postgres::Config>() {
+            Ok(_) => Ok(parsed),
             Err(e) => Err(ConfigError::new(
                 key,
                 format_args!(
@@ -240,19 +296,92 @@ impl PostgresUrl {
     }
 
     pub fn expose(&self) -> &str {
-        self.0.expose()
+        self.url.expose()
     }
+
+    /// The URL's `sslmode` (absent: [`SslMode::Prefer`]).
+    pub fn ssl_mode(&self) -> SslMode {
+        self.ssl_mode
+    }
+
+    /// The connection settings the URL names, its `sslmode` as
+    /// tokio-postgres understands it.
+    pub fn client_config(&self) -> tokio_postgres::Config {
+        let mut c: tokio_postgres::Config = self
+            .without_ssl_mode()
+            .parse()
+            .expect("checked by PostgresUrl::parse");
+        c.ssl_mode(self.ssl_mode.negotiated());
+        c
+    }
+
+    fn without_ssl_mode(&self) -> String {
+        split_ssl_mode(self.url.expose())
+            .expect("checked by PostgresUrl::parse")
+            .0
+    }
+}
+
+/// The URL without its `sslmode` parameters, and the mode the last one
+/// names. The query is found as tokio-postgres finds it: after the
+/// credentials (up to the first `@`), at the first `?`.
+fn split_ssl_mode(url: &str) -> Result<(String, SslMode), String> {
+    let after_credentials = url.find('@').map_or(0, |at| at + 1);
+    let Some(q) = url[after_credentials..]
+        .find('?')
+        .map(|q| after_credentials + q)
+    else {
+        return Ok((url.to_owned(), SslMode::default()));
+    };
+    let mut mode = SslMode::default();
+    let mut kept = Vec::new();
+    for param in url[q + 1..].split('&') {
+        let (name, value) = param.split_once('=').unwrap_or((param, ""));
+        let name = percent_decoded(name);
+        if name == "sslmode" {
+            let value = percent_decoded(value);
+            mode = SslMode::NAMES
+                .iter()
+                .find(|(n, _)| *n == value)
+                .map(|(_, m)| *m)
+                .ok_or_else(|| {
+                    "sslmode must be disable, prefer, require, verify-ca or verify-full".to_owned()
+                })?;
+        } else if LIBPQ_FILE_OPTIONS.contains(&name.as_str()) {
+            return Err(format!(
+                "{name} is not read: TLS connections trust the roots of [tls] (tls.ca_file for a \
+                 CA of your own), and client certificates are not supported"
+            ));
+        } else {
+            kept.push(param);
+        }
+    }
+    let mut out = url[..q].to_owned();
+    if !kept.is_empty() {
+        out.push('?');
+        out.push_str(&kept.join("&"));
+    }
+    Ok((out, mode))
+}
+
+fn percent_decoded(text: &str) -> String {
+    form_urlencoded::parse(format!("x={text}").as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default()
 }
 
 impl std::fmt::Debug for PostgresUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "PostgresUrl({})", redact::url(self.0.expose()))
+        write!(f, "PostgresUrl({})", redact::url(self.url.expose()))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+
     use crate::config::Config;
     use crate::config::testing::env_of;
 
@@ -294,5 +423,56 @@ mod tests {
         assert!(!format!("{url:?} {c:?}").contains("pw-6"));
         let e = c.resolve_postgres_url(&env_of(&[])).unwrap_err();
         assert_eq!(e.key, "callbacks.postgres_url_env", "{e}");
+    }
+
+    #[test]
+    fn sslmode_is_read_with_libpqs_five_values_and_taken_off_the_url() {
+        use tokio_postgres::config::SslMode as Pg;
+        let base = "postgres://u:pw-7@db.internal:5432/app";
+        for (query, mode, negotiated) in [
+            ("", SslMode::Prefer, Pg::Prefer),
+            ("?sslmode=disable", SslMode::Disable, Pg::Disable),
+            ("?sslmode=prefer", SslMode::Prefer, Pg::Prefer),
+            ("?sslmode=require", SslMode::Require, Pg::Require),
+            ("?sslmode=verify-ca", SslMode::VerifyCa, Pg::Require),
+            (
+                "?application_name=x&sslmode=verify-full&connect_timeout=3",
+                SslMode::VerifyFull,
+                Pg::Require,
+            ),
+            // The last one counts, as with tokio-postgres.
+            (
+                "?sslmode=disable&sslmode=verify-full",
+                SslMode::VerifyFull,
+                Pg::Require,
+            ),
+        ] {
+            let url = PostgresUrl::parse(&format!("{base}{query}"), "k").unwrap();
+            assert_eq!(url.ssl_mode(), mode, "{query}");
+            let c = url.client_config();
+            assert_eq!(c.get_ssl_mode(), negotiated, "{query}");
+            assert_eq!(c.get_password(), Some(&b"pw-7"[..]));
+            assert_eq!(c.get_dbname(), Some("app"));
+            if query.contains("connect_timeout") {
+                assert_eq!(c.get_application_name(), Some("x"));
+                assert_eq!(c.get_connect_timeout(), Some(&Duration::from_secs(3)));
+            }
+        }
+        // A `?` in the password is the password's, not a query.
+        let url = PostgresUrl::parse("postgres://u:p?w-8@h/db?sslmode=require", "k").unwrap();
+        assert_eq!(url.ssl_mode(), SslMode::Require);
+        assert_eq!(url.client_config().get_password(), Some(&b"p?w-8"[..]));
+
+        for (query, says) in [
+            ("?sslmode=allow", "sslmode must be"),
+            ("?sslmode=VERIFY-FULL", "sslmode must be"),
+            ("?sslmode=verify-full&sslrootcert=/ca.pem", "tls.ca_file"),
+            ("?sslcert=/c.pem", "client certificates"),
+        ] {
+            let e = PostgresUrl::parse(&format!("{base}{query}"), "k").unwrap_err();
+            assert_eq!(e.key, "k");
+            assert!(e.message.contains(says), "{query}: {e}");
+            assert!(!e.to_string().contains("pw-7"), "{e}");
+        }
     }
 }

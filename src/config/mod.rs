@@ -38,7 +38,7 @@ use serde::{Deserialize, Serialize};
 
 pub use breaker::BreakerConfig;
 pub use cache::{CacheBackend, CacheConfig};
-pub use callbacks::{CallbackBackend, CallbacksConfig, PostgresUrl, SubscriberConfig};
+pub use callbacks::{CallbackBackend, CallbacksConfig, PostgresUrl, SslMode, SubscriberConfig};
 pub use clients::{ClientConfig, TokenSource};
 pub use error::{ConfigError, Env, MAX_DURATION_MS, check_duration_ms, process_env};
 pub use idempotency::{IdempotencyConfig, StoreKind};
@@ -523,7 +523,11 @@ mod tests {
             ),
             ("redis_url = \"redis://:pw-d@\"", "rate_limit.redis_url"),
             ("redis_url = \"redis://:p?w-e@h\"", "rate_limit.redis_url"),
-            ("redis_url = \"rediss://:pw-f@h\"", "rate_limit.redis_url"),
+            // TLS without certificate checks is refused.
+            (
+                "redis_url = \"rediss://:pw-f@h/#insecure\"",
+                "rate_limit.redis_url",
+            ),
             // A URL where no URL belongs: serde quotes the value it refused.
             ("redis_url = [\"redis://:pw-g@h\"]", "rate_limit.redis_url"),
             ("fail_mode = \"redis://:pw-h@h\"", "rate_limit.fail_mode"),

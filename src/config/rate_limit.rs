@@ -282,9 +282,21 @@ pub struct RedisUrl(crate::secret::Secret);
 impl RedisUrl {
     /// Checks `url` the way the Redis client will read it. The error names
     /// `key` and quotes neither the URL nor its password.
+    ///
+    /// `rediss://` connects over TLS, trusting `[tls]`; its `#insecure`
+    /// fragment, which would turn certificate checks off, is refused: a
+    /// server with a certificate of its own CA is trusted through
+    /// `tls.ca_file` instead.
     pub fn parse(url: &str, key: &str) -> Result<RedisUrl, ConfigError> {
         match redis::Client::open(url) {
-            Ok(_) => Ok(RedisUrl(crate::secret::Secret::new(url))),
+            Ok(client) => match client.get_connection_info().addr() {
+                redis::ConnectionAddr::TcpTls { insecure: true, .. } => Err(ConfigError::new(
+                    key,
+                    "a rediss:// URL ending in #insecure would accept any certificate; \
+                     drop #insecure and trust the server's CA with tls.ca_file",
+                )),
+                _ => Ok(RedisUrl(crate::secret::Secret::new(url))),
+            },
             Err(e) => Err(ConfigError::new(
                 key,
                 format_args!(
@@ -389,6 +401,31 @@ impl Rate {
         Rate {
             per_second: self.per_second * share,
             burst: ((f64::from(self.burst) * share).floor() as u32).max(1),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rediss_is_accepted_and_its_insecure_fragment_refused() {
+        for url in [
+            "redis://127.0.0.1:6379",
+            "rediss://:pw-1@redis.internal:6380/2",
+            "rediss://redis.internal",
+        ] {
+            RedisUrl::parse(url, "k").unwrap();
+        }
+        for url in [
+            "rediss://:pw-2@redis.internal:6380/#insecure",
+            "rediss://:pw-2@redis.internal/0#insecure",
+        ] {
+            let e = RedisUrl::parse(url, "k").unwrap_err();
+            assert_eq!(e.key, "k");
+            assert!(e.message.contains("tls.ca_file"), "{e}");
+            assert!(!e.to_string().contains("pw-2"), "{e}");
         }
     }
 }

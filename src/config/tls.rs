@@ -12,7 +12,7 @@ use super::error::ConfigError;
 #[serde(rename_all = "snake_case")]
 pub enum Roots {
     /// The public roots compiled into the binary (Mozilla's, via
-    /// `webpki-roots`): the same on every machine.
+    /// `webpki-root-certs`): the same on every machine.
     #[default]
     Bundled,
     /// The platform's store (on Linux, the distribution's CA bundle), which

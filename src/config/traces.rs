@@ -9,8 +9,9 @@ use super::error::{ConfigError, Env};
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TelemetryConfig {
-    /// Base URL of an OTLP/HTTP receiver (`http://collector:4318`); spans
-    /// go to its `/v1/traces`. Unset: the standard `OTEL_*` variables.
+    /// Base URL of an OTLP/HTTP receiver (`http://collector:4318`, or
+    /// `https://…`, whose certificate must chain to a root of `[tls]`);
+    /// spans go to its `/v1/traces`. Unset: the standard `OTEL_*` variables.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub otlp_endpoint: Option<String>,
     /// Share of new traces sampled, 0 to 1; a call that carries a
@@ -93,13 +94,13 @@ impl TelemetryConfig {
 fn check_url(url: &str, key: &str) -> Result<(), ConfigError> {
     let ok = url
         .parse::<http::Uri>()
-        .is_ok_and(|u| u.scheme_str() == Some("http") && u.host().is_some());
+        .is_ok_and(|u| matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some());
     if ok {
         Ok(())
     } else {
         Err(ConfigError::new(
             key,
-            "must be an http:// URL of an OTLP/HTTP receiver (https is not built in)",
+            "must be an http:// or https:// URL of an OTLP/HTTP receiver",
         ))
     }
 }
@@ -134,6 +135,15 @@ mod tests {
         let bad = env_of(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "grpc-only")]);
         let e = TelemetryConfig::default().endpoint(&bad).unwrap_err();
         assert_eq!(e.key, "OTEL_EXPORTER_OTLP_ENDPOINT");
+        let tls = env_of(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "https://otel:4318")]);
+        assert_eq!(
+            TelemetryConfig::default().endpoint(&tls).unwrap(),
+            Some(TracesEndpoint("https://otel:4318/v1/traces".into()))
+        );
+        for other in ["grpc://otel:4317", "ftp://otel"] {
+            c.otlp_endpoint = Some(other.into());
+            assert_eq!(c.validate().unwrap_err().key, "telemetry.otlp_endpoint");
+        }
     }
 
     #[test]
@@ -155,7 +165,7 @@ mod tests {
             ),
             (
                 TelemetryConfig {
-                    otlp_endpoint: Some("https://c:4318".into()),
+                    otlp_endpoint: Some("grpc://c:4317".into()),
                     ..Default::default()
                 },
                 "telemetry.otlp_endpoint",

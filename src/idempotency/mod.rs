@@ -37,6 +37,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::{Class, ConfigError, IdempotencyConfig, RedisUrl, StoreKind};
 use crate::error::GatewayError;
+use crate::tls::WithTrust;
 
 pub use local::LocalStore;
 pub use redis::RedisStore;
@@ -432,7 +433,7 @@ impl Idempotency {
     /// connection to Redis (`redis_url` is `Loaded::idempotency_redis_url`).
     pub fn open(
         config: &IdempotencyConfig,
-        redis_url: Option<&RedisUrl>,
+        redis_url: Option<&WithTrust<RedisUrl>>,
     ) -> Result<Idempotency, ConfigError> {
         let store = match config.store {
             StoreKind::Local => Store::Local(LocalStore::open(&config.path).map_err(|e| {

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use super::StoreError;
 use crate::config::{ConfigError, IdempotencyConfig, RedisUrl};
-use crate::redact;
+use crate::stores;
+use crate::tls::WithTrust;
 
 /// Returns the entry, or stores ARGV[1] for ARGV[2] ms and returns nil.
 const INSERT_IF_VACANT: &str = r"
@@ -57,23 +58,14 @@ impl std::fmt::Debug for RedisStore {
 impl RedisStore {
     /// A lazy connection: nothing is dialled until the first keyed call.
     /// Needs a tokio runtime.
-    pub fn new(c: &IdempotencyConfig, url: &RedisUrl) -> Result<RedisStore, ConfigError> {
-        let scrubbed = |e: redis::RedisError| {
-            ConfigError::new(
-                "idempotency.redis_url",
-                redact::scrub(&e.to_string(), url.expose()),
-            )
-        };
-        let client = redis::Client::open(url.expose()).map_err(scrubbed)?;
+    pub fn new(
+        c: &IdempotencyConfig,
+        url: &WithTrust<RedisUrl>,
+    ) -> Result<RedisStore, ConfigError> {
         let timeout = Duration::from_millis(c.redis_timeout_ms);
-        let manager_config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
-            .set_number_of_retries(1);
-        let conn = redis::aio::ConnectionManager::new_lazy_with_config(client, manager_config)
-            .map_err(scrubbed)?;
+        let conn = stores::redis::connect(url, "idempotency.redis_url", timeout)?;
         Ok(RedisStore {
-            url: url.clone(),
+            url: (**url).clone(),
             conn,
             prefix: c.redis_key_prefix.clone(),
             timeout,
@@ -101,10 +93,7 @@ impl RedisStore {
         let mut conn = self.conn.clone();
         match tokio::time::timeout(self.timeout, call.invoke_async::<T>(&mut conn)).await {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(StoreError::Redis(redact::scrub(
-                &e.to_string(),
-                self.url.expose(),
-            ))),
+            Ok(Err(e)) => Err(StoreError::Redis(stores::redis::describe(&e, &self.url))),
             Err(_) => Err(StoreError::RedisTimeout(self.timeout.as_millis() as u64)),
         }
     }

@@ -32,9 +32,10 @@ use self::local::LocalBuckets;
 use self::redis::RedisBackend;
 use crate::config::RedisUrlKeys as _;
 use crate::config::{
-    BackendKind, ConfigError, FailMode, Rate, RateLimitConfig, RedisUrl, RedisUrlSource,
+    BackendKind, ConfigError, FailMode, Rate, RateLimitConfig, RedisUrl, RedisUrlSource, TlsConfig,
 };
 use crate::error::GatewayError;
+use crate::tls::{Trust, WithTrust};
 
 impl From<RateLimited> for GatewayError {
     fn from(limited: RateLimited) -> GatewayError {
@@ -78,13 +79,14 @@ pub struct Limiter {
 impl Limiter {
     /// `keys`: names of the distinct AccessKeys (their index is the quota
     /// key); `routes`: the route buckets' patterns and rates; `redis_url`:
-    /// the URL `config::resolve` read for `backend = "redis"` (`None`: the
-    /// config's `redis_url`, or the default). The config is validated here
+    /// the URL `config::resolve` read for `backend = "redis"`, with the
+    /// `[tls]` trust (`None`: the config's `redis_url`, or the default,
+    /// trusting the default `[tls]`). The config is validated here
     /// too, so that no config, however it was made, builds a limiter that
     /// fails at its first use. Needs a tokio runtime for `backend = "redis"`.
     pub fn new(
         config: Option<&RateLimitConfig>,
-        redis_url: Option<&RedisUrl>,
+        redis_url: Option<&WithTrust<RedisUrl>>,
         keys: &[Arc<str>],
         routes: &[(String, Rate)],
     ) -> Result<Limiter, ConfigError> {
@@ -101,9 +103,10 @@ impl Limiter {
                 let url = match redis_url {
                     Some(url) => url.clone(),
                     None => match c.redis_url_source()? {
-                        RedisUrlSource::Inline(_) | RedisUrlSource::Default => {
-                            c.resolve_redis_url(&|_| None)?
-                        }
+                        RedisUrlSource::Inline(_) | RedisUrlSource::Default => WithTrust::new(
+                            c.resolve_redis_url(&|_| None)?,
+                            Trust::load(&TlsConfig::default())?,
+                        ),
                         RedisUrlSource::Env(_) => {
                             return Err(ConfigError::new(
                                 "rate_limit.redis_url_env",
@@ -384,13 +387,16 @@ mod tests {
         b.is_none_or(|b| (1..=MAX_BURST).contains(&b))
     }
 
-    fn dead_redis_url() -> RedisUrl {
+    fn dead_redis_url() -> WithTrust<RedisUrl> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
-        RedisUrl::parse(&format!("redis://:pw@127.0.0.1:{port}"), "t").unwrap()
+        WithTrust::new(
+            RedisUrl::parse(&format!("redis://:pw@127.0.0.1:{port}"), "t").unwrap(),
+            Trust::load(&TlsConfig::default()).unwrap(),
+        )
     }
 
     /// The keys of `c` out of bounds, by an oracle independent of `validate`.

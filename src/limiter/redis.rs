@@ -11,6 +11,8 @@ use super::RateLimited;
 use super::local::LocalBuckets;
 use crate::config::{ConfigError, FailMode, Rate, RateLimitConfig, RedisUrl};
 use crate::redact;
+use crate::stores;
+use crate::tls::WithTrust;
 
 /// The GCRA decision over a call's buckets; its arguments and answer are described atop the script.
 const GCRA_LUA: &str = include_str!("gcra.lua");
@@ -37,35 +39,19 @@ pub(super) struct RedisBackend {
 impl RedisBackend {
     pub(super) fn new(
         c: &RateLimitConfig,
-        url: &RedisUrl,
+        url: &WithTrust<RedisUrl>,
         keys: &[Arc<str>],
         routes: &[(String, Rate)],
         key_rate: Option<Rate>,
         route_rates: &[Rate],
     ) -> Result<RedisBackend, ConfigError> {
-        let client = redis::Client::open(url.expose()).map_err(|e| {
-            ConfigError::new(
-                "rate_limit.redis_url",
-                redact::scrub(&e.to_string(), url.expose()),
-            )
-        })?;
         let timeout = Duration::from_millis(c.redis_timeout_ms);
-        let manager_config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
-            .set_number_of_retries(1);
-        let conn = redis::aio::ConnectionManager::new_lazy_with_config(client, manager_config)
-            .map_err(|e| {
-                ConfigError::new(
-                    "rate_limit.redis_url",
-                    redact::scrub(&e.to_string(), url.expose()),
-                )
-            })?;
+        let conn = stores::redis::connect(url, "rate_limit.redis_url", timeout)?;
         // `{key}` is a hash tag: a key's buckets share a Redis Cluster slot,
         // as one script call must.
         let name = |k: &str, suffix: &str| format!("{}:{{{k}}}:{suffix}", c.redis_key_prefix);
         Ok(RedisBackend {
-            url: url.clone(),
+            url: (**url).clone(),
             conn,
             script: redis::Script::new(GCRA_LUA),
             timeout,
@@ -141,7 +127,7 @@ impl RedisBackend {
                 }
             }
             Ok(Err(e)) => {
-                self.mark_unhealthy(&e.to_string());
+                self.mark_unhealthy(&stores::redis::describe(&e, &self.url));
                 self.fall_back(key, route, deadline).await
             }
             Err(_) => {

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod tls;
+pub mod tls_stores;
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -686,7 +687,9 @@ impl Drop for PostgresServer {
 /// One HTTP/1.1 request read off `stream`: its head as sent and its
 /// `Content-Length` body; `None` at EOF or when the connection breaks. For
 /// the stand-ins (providers, subscribers, collectors) the tests write.
-pub async fn read_request(stream: &mut TcpStream) -> Option<(String, Vec<u8>)> {
+pub async fn read_request<S: tokio::io::AsyncRead + Unpin>(
+    stream: &mut S,
+) -> Option<(String, Vec<u8>)> {
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {

@@ -63,6 +63,16 @@ impl TestCa {
         self.issue(name, params)
     }
 
+    /// A server certificate for the DNS names `dns` only, written as
+    /// `NAME.pem` and `NAME-key.pem`.
+    pub fn server_for(&self, name: &str, dns: &[&str]) -> Issued {
+        let names = dns.iter().map(|d| (*d).to_owned()).collect::<Vec<_>>();
+        let mut params = CertificateParams::new(names).unwrap();
+        params.distinguished_name.push(DnType::CommonName, dns[0]);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        self.issue(name, params)
+    }
+
     /// A client certificate whose SANs are `uris` (e.g. `spiffe://…`) and
     /// `dns` names.
     pub fn client(&self, name: &str, uris: &[&str], dns: &[&str]) -> Issued {
