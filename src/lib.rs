@@ -17,7 +17,7 @@
 //!
 //! 1. leaves: error ids secret signer headers envelope redact connections log_queue worker drain body_budget
 //! 2. config: config
-//! 3. policies: routes retry breaker limiter profiles body telemetry idempotency traces tls
+//! 3. policies: routes retry breaker limiter profiles body telemetry idempotency traces tls egress
 //! 4. built on them: auth upstream access_log cache
 //! 5. loaded and counted: loaded metrics
 //! 6. one call's log line: call_log
@@ -46,6 +46,7 @@ pub mod config;
 // 3. policies
 pub mod body;
 pub mod breaker;
+pub mod egress;
 pub mod idempotency;
 pub mod limiter;
 pub mod profiles;
