@@ -10,6 +10,7 @@ use crate::config::{
     BackendKind, CacheBackend, CallbackBackend, Config, ConfigError, Env, PostgresUrl, RedisUrl,
     StoreKind, TracesEndpoint,
 };
+use crate::egress::Egress;
 use crate::profiles::Profile;
 use crate::secret::Secret;
 use crate::tls::Trust;
@@ -36,6 +37,9 @@ pub struct Loaded {
     pub control_token: Option<Secret>,
     /// Whom every outgoing TLS connection trusts (`[tls]`).
     pub tls: Trust,
+    /// The way to the provider: `upstream.proxy` or the environment's
+    /// proxy, or none.
+    pub egress: Egress,
 }
 
 /// Reads `path` (if any), applies the environment, validates, loads secrets.
@@ -94,8 +98,10 @@ pub fn resolve(config: Config, env: Env<'_>) -> Result<Loaded, ConfigError> {
         None => None,
     };
     let tls = Trust::load(&config.tls)?;
+    let egress = Egress::resolve(&config.upstream, env)?;
     Ok(Loaded {
         tls,
+        egress,
         control_token,
         config,
         profiles,

@@ -111,7 +111,8 @@ async fn start(cfg: CallbacksConfig) -> Receiver {
         pandagate::server::ServerOptions::from(&pandagate::config::ServerConfig::default()),
         std::future::pending(),
     ));
-    let deliveries = tokio::spawn(callbacks.clone().run_deliveries());
+    let trust = pandagate::tls::Trust::load(&pandagate::config::TlsConfig::default()).unwrap();
+    let deliveries = tokio::spawn(callbacks.clone().run_deliveries(trust));
     Receiver {
         callbacks,
         addr,
