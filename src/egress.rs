@@ -249,13 +249,11 @@ type BoxError = Box<dyn Error + Send + Sync>;
 /// A connector that goes to the provider the [`Egress`] way: straight, or
 /// to the proxy (a `CONNECT` tunnel for `https://` destinations, the bare
 /// connection for `http://` ones, marked as proxied so that the client
-/// writes absolute-form requests). Opening the tunnel, TCP and `CONNECT`
-/// together, is bounded by the connect timeout.
+/// writes absolute-form requests).
 #[derive(Clone, Debug)]
 pub struct Connector {
     http: HttpConnector,
     via: Option<Via>,
-    connect_timeout: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -269,7 +267,7 @@ struct Via {
 impl Connector {
     /// `http` is used for every TCP connection, to the provider or to the
     /// proxy; it must not enforce the `http` scheme.
-    pub fn new(http: HttpConnector, egress: &Egress, connect_timeout: Duration) -> Connector {
+    pub fn new(http: HttpConnector, egress: &Egress) -> Connector {
         let via = egress.proxy.as_ref().map(|p| {
             let mut tunnel = Tunnel::new(p.uri.clone(), http.clone());
             if let Some(auth) = &p.authorization {
@@ -281,11 +279,7 @@ impl Connector {
                 shown: p.authority().into(),
             }
         });
-        Connector {
-            http,
-            via,
-            connect_timeout,
-        }
+        Connector { http, via }
     }
 }
 
@@ -308,7 +302,6 @@ impl Service<Uri> for Connector {
             });
         };
         let shown = via.shown.clone();
-        let timeout = self.connect_timeout;
         let tunnelled = dst.scheme_str() != Some("http");
         let connecting: Pin<Box<dyn Future<Output = Result<_, BoxError>> + Send>> = if tunnelled {
             let f = via.tunnel.clone().call(dst);
@@ -318,21 +311,58 @@ impl Service<Uri> for Connector {
             Box::pin(async move { f.await.map_err(BoxError::from) })
         };
         Box::pin(async move {
-            let io = match tokio::time::timeout(timeout, connecting).await {
-                Ok(Ok(io)) => io,
-                Ok(Err(e)) => return Err(ProxyError::new(&shown, &*e).into()),
-                Err(_) => {
-                    return Err(ProxyError {
-                        proxy: shown.to_string(),
-                        detail: format!("no connection within {} ms", timeout.as_millis()),
-                    }
-                    .into());
-                }
-            };
+            let io = connecting.await.map_err(|e| ProxyError::new(&shown, &*e))?;
             Ok(Stream {
                 io,
                 proxied: !tunnelled,
             })
+        })
+    }
+}
+
+/// A connector whose connections must be ready within `limit`: TCP, the
+/// proxy's `CONNECT` and the TLS handshake together. Past it nothing was
+/// sent, so it is a connect failure, which any call may retry; left to the
+/// attempt's timeout, a handshake that hangs would count as a call that
+/// may have reached the provider.
+#[derive(Clone, Debug)]
+pub struct Within<C> {
+    inner: C,
+    limit: Duration,
+}
+
+impl<C> Within<C> {
+    pub fn new(inner: C, limit: Duration) -> Within<C> {
+        Within { inner, limit }
+    }
+}
+
+/// No connection within the connect timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("no connection within {0} ms")]
+pub struct ConnectTimedOut(u128);
+
+impl<C> Service<Uri> for Within<C>
+where
+    C: Service<Uri>,
+    C::Future: Send + 'static,
+    C::Error: Into<BoxError>,
+{
+    type Response = C::Response;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<C::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, dst: Uri) -> Self::Future {
+        let (connecting, limit) = (self.inner.call(dst), self.limit);
+        Box::pin(async move {
+            match tokio::time::timeout(limit, connecting).await {
+                Ok(connected) => connected.map_err(Into::into),
+                Err(_) => Err(ConnectTimedOut(limit.as_millis()).into()),
+            }
         })
     }
 }

@@ -23,7 +23,7 @@ use crate::error::GatewayError;
 use crate::tls::{FailureLog, Trust};
 use crate::worker;
 
-pub type HttpClient = Client<HttpsConnector<egress::Connector>, UpstreamBody>;
+pub type HttpClient = Client<egress::Within<HttpsConnector<egress::Connector>>, UpstreamBody>;
 
 /// Where calls go, and the client that takes them there.
 #[derive(Clone, Debug)]
@@ -76,7 +76,10 @@ impl Upstream {
             .https_or_http()
             .enable_http1()
             .enable_http2()
-            .wrap_connector(egress::Connector::new(http, egress, connect_timeout));
+            .wrap_connector(egress::Connector::new(http, egress));
+        // TCP, the proxy's CONNECT and the TLS handshake, all within the
+        // connect timeout.
+        let https = egress::Within::new(https, connect_timeout);
         let proxy_authorization = egress
             .proxy()
             .filter(|_| scheme == Scheme::HTTP)

@@ -150,3 +150,38 @@ async fn a_tls_failure_is_logged_once_for_many_calls_and_never_with_a_secret() {
     assert!(provider.requests().is_empty());
     assert_eq!(provider.accepted(), CALLS);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_that_never_ends_is_a_connect_failure_within_connect_timeout() {
+    // Accepts connections and never answers a ClientHello.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((tcp, _)) = silent.accept().await {
+            open.push(tcp);
+        }
+    });
+    let mut cfg = config(&format!("https://localhost:{port}"));
+    cfg.upstream.connect_timeout_ms = 200;
+    let gw = spawn_gateway(cfg).await;
+    let started = std::time::Instant::now();
+    // A write: were the handshake counted against the attempt's timeout,
+    // it would be a 504 after request_timeout_ms (5 s), never retried.
+    let answer = send(
+        http::Request::post(gw.url("/open/cart/add"))
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(b"{}")))
+            .unwrap(),
+    )
+    .await;
+    let elapsed = started.elapsed();
+    assert_eq!(
+        answer.assert_gateway_envelope(502)["error"],
+        "upstream_connect"
+    );
+    assert!(elapsed < std::time::Duration::from_secs(3), "{elapsed:?}");
+    let line = &gw.access_log_of(1).await[0];
+    assert_eq!(line["attempts"], 3, "nothing was sent: retried {line}");
+    held.abort();
+    gw.stop().await;
+}

@@ -14,7 +14,9 @@ pub struct UpstreamConfig {
     /// Base URL (env `PANDAGATE_UPSTREAM`): `https://` in production, `http://`
     /// for local sandboxes. A path here is prefixed to every forwarded path.
     pub url: String,
-    /// Time to establish a TCP (and TLS) connection, in milliseconds.
+    /// Time to establish a connection, in milliseconds: TCP, the egress
+    /// proxy's `CONNECT` and the TLS handshake together. Past it nothing
+    /// was sent: a connect failure, which any call may retry.
     pub connect_timeout_ms: u64,
     /// Time from sending a request to receiving the response head, in
     /// milliseconds: the one attempt of a call that cannot be repeated, and
