@@ -7,7 +7,7 @@
 
 mod support;
 
-use support::finished::finish;
+use support::finished::watch;
 use support::provider_tls::TlsServer;
 use support::tinyproxy::Tinyproxy;
 use support::tls::TestCa;
@@ -16,6 +16,8 @@ use wiremock::ResponseTemplate;
 
 const PROXY_USER: &str = "gw-egress";
 const PROXY_PASSWORD: &str = "pr0xy-pw-never-log-me";
+/// base64 of `PROXY_USER:PROXY_PASSWORD`: what `Proxy-Authorization` carries.
+const PROXY_BASIC: &str = "Z3ctZWdyZXNzOnByMHh5LXB3LW5ldmVyLWxvZy1tZQ==";
 
 /// Three calls, each answered 200 by the provider.
 async fn three_calls(gw: &TestGateway) {
@@ -173,12 +175,20 @@ async fn proxy_credentials_let_the_gateway_through_and_never_show() {
         checked.contains(&format!("proxy = \"{shown}\"")),
         "{checked}"
     );
-    let gw = launch_stdout_unread(&["--config", &config], &CREDS).await;
+    // Every diagnostic there is, read as it comes.
+    let mut env = CREDS.to_vec();
+    env.push(("RUST_LOG", "trace"));
+    let gw = watch(launch_stdout_unread(&["--config", &config], &env).await);
     for _ in 0..3 {
         let answer = get(&format!("http://{}/open/product/get?itemId=1", gw.gateway)).await;
         assert_eq!(answer.status, 200, "{:?}", answer.body);
     }
-    let finished = finish(gw).await;
+    let finished = gw.finish().await;
+    assert!(
+        finished.diagnostics.len() > 100,
+        "traced: {}",
+        finished.diagnostics.len()
+    );
     proxy.requests_of(1).await;
     assert_eq!(
         proxy.connects(),
@@ -188,6 +198,7 @@ async fn proxy_credentials_let_the_gateway_through_and_never_show() {
     );
     for output in [&finished.stderr, &finished.stdout] {
         assert!(!output.contains(PROXY_PASSWORD), "{output}");
+        assert!(!output.contains(PROXY_BASIC), "{output}");
     }
     assert_eq!(
         finished.stdout.lines().count(),

@@ -1,6 +1,7 @@
 //! The binary stopped with SIGTERM, and everything it wrote: its
-//! diagnostics (stderr, JSON lines) and, when it was launched with a piped
-//! stdout, its access log.
+//! diagnostics (stderr, JSON lines, read as they come so that none is
+//! dropped for a full pipe, even at `RUST_LOG=trace`) and, when it was
+//! launched with a piped stdout, its access log.
 
 use std::time::Duration;
 
@@ -28,33 +29,71 @@ impl Finished {
     }
 }
 
-/// Sends SIGTERM, waits (at most 20 s) for the exit, and reads what is left
-/// of its output.
-pub async fn finish(mut gw: Running) -> Finished {
-    let mut stdout_pipe = gw.child.stdout.take();
-    gw.signal("-TERM");
-    let read = async {
-        let mut stderr = String::new();
-        while let Ok(Some(line)) = gw.stderr.next_line().await {
-            stderr.push_str(&line);
-            stderr.push('\n');
+/// A running gateway whose output is being read.
+pub struct Watched {
+    pub child: tokio::process::Child,
+    /// The traffic listener's address.
+    pub gateway: String,
+    stderr: tokio::task::JoinHandle<String>,
+    stdout: tokio::task::JoinHandle<String>,
+}
+
+/// Starts reading everything `gw` writes.
+pub fn watch(gw: Running) -> Watched {
+    let Running {
+        mut child,
+        mut stderr,
+        gateway,
+        ..
+    } = gw;
+    let stderr = tokio::spawn(async move {
+        let mut all = String::new();
+        while let Ok(Some(line)) = stderr.next_line().await {
+            all.push_str(&line);
+            all.push('\n');
         }
-        let mut stdout = String::new();
-        if let Some(pipe) = stdout_pipe.as_mut() {
-            let _ = pipe.read_to_string(&mut stdout).await;
+        all
+    });
+    let stdout_pipe = child.stdout.take();
+    let stdout = tokio::spawn(async move {
+        let mut all = String::new();
+        if let Some(mut pipe) = stdout_pipe {
+            let _ = pipe.read_to_string(&mut all).await;
         }
-        let _ = gw.child.wait().await;
-        (stderr, stdout)
-    };
-    let (stderr, stdout) = tokio::time::timeout(Duration::from_secs(20), read)
-        .await
-        .expect("the gateway exits within 20 s of SIGTERM");
-    Finished {
-        diagnostics: stderr
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect(),
+        all
+    });
+    Watched {
+        child,
+        gateway,
         stderr,
         stdout,
     }
+}
+
+impl Watched {
+    /// Sends SIGTERM, waits (at most 20 s) for the exit and for the end of
+    /// its output.
+    pub async fn finish(mut self) -> Finished {
+        super::signal(self.child.id().expect("still running"), "-TERM");
+        let done = async {
+            let _ = self.child.wait().await;
+            (self.stderr.await.unwrap(), self.stdout.await.unwrap())
+        };
+        let (stderr, stdout) = tokio::time::timeout(Duration::from_secs(20), done)
+            .await
+            .expect("the gateway exits within 20 s of SIGTERM");
+        Finished {
+            diagnostics: stderr
+                .lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect(),
+            stderr,
+            stdout,
+        }
+    }
+}
+
+/// Stops `gw` and returns what it wrote from now on.
+pub async fn finish(gw: Running) -> Finished {
+    watch(gw).finish().await
 }
