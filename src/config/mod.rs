@@ -525,6 +525,12 @@ mod tests {
             assert_eq!(e.key, "upstream.proxy", "{bad}: {e}");
             assert!(!e.to_string().contains("pw-"), "{e}");
         }
+        // Printed, its password is redacted.
+        let c = Config::from_toml("[upstream]\nproxy = \"http://gw:pw-5@proxy:3128\"\n").unwrap();
+        for shown in [format!("{c:?}"), format!("{:?}", c.upstream), c.to_toml()] {
+            assert!(!shown.contains("pw-5"), "{shown}");
+            assert!(shown.contains("http://gw:<redacted>@proxy:3128"), "{shown}");
+        }
     }
 
     #[test]
