@@ -7,6 +7,10 @@
 //! them; and `no_proxy`/`NO_PROXY` exempts the provider from either (curl's
 //! rules, through hyper-util's [`Matcher`]). `upstream.proxy = "none"` turns
 //! the proxy off whatever the environment says. `ALL_PROXY` is not read.
+//! Unlike curl, upper-case `HTTP_PROXY` is read too: curl skips it because
+//! a CGI program's environment holds the caller's headers (httpoxy), and
+//! the gateway's never does. As for curl, loopback hosts are not exempt: a
+//! local `http://` sandbox with `http_proxy` set needs `NO_PROXY=localhost`.
 //!
 //! For an `https://` provider the proxy is asked to `CONNECT` to it and TLS
 //! runs inside the tunnel, so the proxy sees the host and port, never a
@@ -14,6 +18,9 @@
 //! form. Credentials in the proxy's URL become a `Proxy-Authorization:
 //! Basic` header, marked sensitive, and are never shown: [`Egress`]
 //! displays the URL redacted.
+//!
+//! [`Within`] bounds the whole connection — TCP, `CONNECT` and the TLS
+//! handshake above it — by `upstream.connect_timeout_ms`.
 //!
 //! Subscribers are reached directly, never through the proxy: they are
 //! internal services, which an egress proxy usually cannot reach, and
