@@ -172,7 +172,7 @@ impl App {
                     store,
                     traces.clone(),
                 )?;
-                tokio::spawn(cb.clone().run_deliveries());
+                tokio::spawn(cb.clone().run_deliveries(loaded.tls.clone()));
                 Some(cb)
             }
         };

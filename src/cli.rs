@@ -266,6 +266,9 @@ fn check(loaded: &Loaded) -> ExitCode {
             p.secret.current().len()
         );
     }
+    // The proxy in use, wherever it was set (the environment's does not
+    // show in the TOML below), its credentials redacted.
+    println!("# upstream: {}", loaded.egress);
     if let Some(r) = &loaded.config.rate_limit
         && r.backend == BackendKind::Redis
         && let Ok(source) = r.redis_url_source()

@@ -50,6 +50,15 @@ pub enum GatewayError {
     Overloaded,
     #[error("upstream unreachable")]
     UpstreamConnect,
+    /// The TLS handshake with the provider failed: nothing was sent.
+    #[error("TLS with {host} failed: {reason}; nothing was sent")]
+    UpstreamTls { host: String, reason: TlsReason },
+    /// The egress proxy did not open a tunnel to the provider: nothing was
+    /// sent. `detail` is the tunnel's own account, which holds no header.
+    #[error(
+        "the egress proxy {proxy} did not open a way to the provider: {detail}; nothing was sent"
+    )]
+    UpstreamProxy { proxy: String, detail: String },
     #[error("upstream did not answer within {0} ms")]
     UpstreamTimeout(u64),
     #[error("upstream connection failed")]
@@ -121,7 +130,10 @@ impl GatewayError {
             }
             Self::IdempotencyUnavailable | Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
-            Self::UpstreamConnect | Self::UpstreamFailed => StatusCode::BAD_GATEWAY,
+            Self::UpstreamConnect
+            | Self::UpstreamTls { .. }
+            | Self::UpstreamProxy { .. }
+            | Self::UpstreamFailed => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::CircuitOpen { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -144,6 +156,8 @@ impl GatewayError {
             Self::BodyTimeout(_) => "body_timeout",
             Self::Overloaded => "overloaded",
             Self::UpstreamConnect => "upstream_connect",
+            Self::UpstreamTls { .. } => "upstream_tls",
+            Self::UpstreamProxy { .. } => "upstream_proxy",
             Self::UpstreamTimeout(_) => "upstream_timeout",
             Self::UpstreamFailed => "upstream_failed",
             Self::CircuitOpen { .. } => "circuit_open",
@@ -184,6 +198,68 @@ impl GatewayError {
             _ => {}
         }
         response
+    }
+}
+
+/// Why a TLS handshake with a peer (the provider, a subscriber) failed, as
+/// far as the gateway can tell; `crate::tls` reads it off the TLS library's
+/// error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TlsReason {
+    /// The certificate chains to no root the gateway trusts.
+    UnknownIssuer,
+    /// The certificate does not name the host the gateway asked for.
+    WrongName,
+    Expired,
+    NotYetValid,
+    Revoked,
+    /// Another fault of the certificate (signature, encoding, purpose...).
+    BadCertificate,
+    /// The peer presented no certificate.
+    NoCertificate,
+    /// The peer ended the handshake with an alert.
+    Refused,
+    /// What came back was not TLS (a plain HTTP port, say).
+    NotTls,
+    /// Anything else the TLS library refused.
+    Other,
+}
+
+impl TlsReason {
+    /// A short stable name, for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::UnknownIssuer => "unknown_ca",
+            Self::WrongName => "wrong_name",
+            Self::Expired => "expired",
+            Self::NotYetValid => "not_yet_valid",
+            Self::Revoked => "revoked",
+            Self::BadCertificate => "bad_certificate",
+            Self::NoCertificate => "no_certificate",
+            Self::Refused => "handshake_refused",
+            Self::NotTls => "not_tls",
+            Self::Other => "handshake_failed",
+        }
+    }
+}
+
+impl std::fmt::Display for TlsReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::UnknownIssuer => {
+                "its certificate is issued by a CA the gateway does not trust \
+                 (tls.roots, tls.ca_file)"
+            }
+            Self::WrongName => "its certificate is not valid for that host name",
+            Self::Expired => "its certificate has expired",
+            Self::NotYetValid => "its certificate is not valid yet",
+            Self::Revoked => "its certificate is revoked",
+            Self::BadCertificate => "its certificate is not acceptable",
+            Self::NoCertificate => "it presented no certificate",
+            Self::Refused => "it refused the handshake",
+            Self::NotTls => "it did not answer in TLS",
+            Self::Other => "the handshake failed",
+        })
     }
 }
 
@@ -295,6 +371,20 @@ mod tests {
             (BodyTooLarge { limit: 1 }, 413),
             (BodyTimeout(1), 408),
             (UpstreamConnect, 502),
+            (
+                UpstreamTls {
+                    host: "h".into(),
+                    reason: TlsReason::UnknownIssuer,
+                },
+                502,
+            ),
+            (
+                UpstreamProxy {
+                    proxy: "p:1".into(),
+                    detail: "d".into(),
+                },
+                502,
+            ),
             (UpstreamFailed, 502),
             (UpstreamTimeout(5), 504),
             (BadIdempotencyKey, 400),

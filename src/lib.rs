@@ -19,7 +19,7 @@
 //! 2. config: config
 //! 3. trust: tls
 //! 4. reaching the stores: stores
-//! 5. policies: routes retry breaker limiter profiles body telemetry idempotency traces
+//! 5. policies: routes retry breaker limiter profiles body telemetry idempotency traces egress
 //! 6. built on them: auth upstream access_log cache caller_tls
 //! 7. loaded and counted: loaded metrics
 //! 8. one call's log line: call_log
@@ -52,6 +52,7 @@ pub mod stores;
 // 5. policies
 pub mod body;
 pub mod breaker;
+pub mod egress;
 pub mod idempotency;
 pub mod limiter;
 pub mod profiles;

@@ -13,6 +13,7 @@ use crate::config::{
     BackendKind, CacheBackend, CallbackBackend, Config, ConfigError, Env, PostgresUrl, RedisUrl,
     StoreKind, TracesEndpoint,
 };
+use crate::egress::Egress;
 use crate::profiles::Profile;
 use crate::secret::Secret;
 use crate::tls::{Trust, WithTrust};
@@ -43,6 +44,9 @@ pub struct Loaded {
     pub tls: Trust,
     /// The traffic and callback listeners' TLS, with `server.tls_cert_file`.
     pub caller_tls: Option<Arc<CallerTls>>,
+    /// The way to the provider: `upstream.proxy` or the environment's
+    /// proxy, or none.
+    pub egress: Egress,
 }
 
 /// Reads `path` (if any), applies the environment, validates, loads secrets.
@@ -103,6 +107,7 @@ pub fn resolve(config: Config, env: Env<'_>) -> Result<Loaded, ConfigError> {
     let tls = Trust::load(&config.tls)?;
     let caller_tls = CallerTls::load(&config.server)?.map(Arc::new);
     let trusting = |target| WithTrust::new(target, tls.clone());
+    let egress = Egress::resolve(&config.upstream, env)?;
     Ok(Loaded {
         redis_url: redis_url.map(trusting),
         idempotency_redis_url: idempotency_redis_url.map(trusting),
@@ -111,6 +116,7 @@ pub fn resolve(config: Config, env: Env<'_>) -> Result<Loaded, ConfigError> {
         cache_redis_url: cache_redis_url.map(trusting),
         tls,
         caller_tls,
+        egress,
         control_token,
         config,
         profiles,

@@ -157,6 +157,7 @@ impl Gateway {
             upstream: Upstream::new(
                 &c.upstream,
                 &loaded.tls,
+                &loaded.egress,
                 worker::count(c.server.worker_threads),
             )?,
             profiles,
@@ -785,6 +786,9 @@ impl Gateway {
             headers.remove(IDEMPOTENCY_KEY);
         }
         headers.insert(header::HOST, self.upstream.host.clone());
+        if let Some(auth) = self.upstream.proxy_authorization() {
+            headers.insert(header::PROXY_AUTHORIZATION, auth.clone());
+        }
         headers.insert(X_REQUEST_ID, x_request_id.clone());
         if let Some(user_id) = user_id {
             headers.insert(headers::USER_ID, user_id);
@@ -812,9 +816,16 @@ impl Gateway {
             let mut response = match self.upstream.client().request(req).await {
                 Ok(response) => response,
                 Err(e) => {
-                    let error = classify(&e, self.max_body, self.server.body_read_timeout_ms);
+                    // TLS and the egress proxy fail while connecting.
+                    let known = e.is_connect().then(|| self.upstream.connect_failure(&e));
+                    let error = known.flatten().unwrap_or_else(|| {
+                        classify(&e, self.max_body, self.server.body_read_timeout_ms)
+                    });
                     let outcome = match error {
-                        GatewayError::UpstreamConnect => Outcome::ConnectFailed,
+                        GatewayError::UpstreamConnect | GatewayError::UpstreamProxy { .. } => {
+                            Outcome::ConnectFailed
+                        }
+                        GatewayError::UpstreamTls { .. } => Outcome::TlsFailed,
                         GatewayError::BodyTooLarge { .. } | GatewayError::BodyTimeout(_) => {
                             Outcome::Refused
                         }

@@ -6,6 +6,9 @@
 //! again; after that, only calls whose class is `read` may be. A write that
 //! timed out or lost its connection may have bought something: the caller
 //! gets the provider's answer, or the gateway's 502/504, never a second try.
+//! A connection whose TLS handshake failed sent nothing either, but is not
+//! tried again: the next handshake meets the same certificate and the same
+//! trust.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,6 +24,9 @@ use crate::config::Class;
 pub enum Outcome {
     /// No connection: nothing reached the provider.
     ConnectFailed,
+    /// No connection because its TLS handshake failed: nothing reached the
+    /// provider, and another try would fail alike.
+    TlsFailed,
     /// The connection failed after the request may have been sent.
     Dropped,
     /// No response head within the attempt's time.
@@ -48,7 +54,7 @@ impl Outcome {
                 matches!(status, 429 | 502 | 503 | 504).then_some(RetryReason::Status(*status))
             }
             Outcome::TransientCode(code) => Some(RetryReason::TransientCode(code.clone())),
-            Outcome::Refused => None,
+            Outcome::TlsFailed | Outcome::Refused => None,
         }
     }
 
@@ -56,20 +62,22 @@ impl Outcome {
     /// failed connection. A call with such an attempt behind it has an
     /// outcome that must not be forgotten (nor the call sent again).
     pub fn may_have_reached(&self) -> bool {
-        !matches!(self, Outcome::ConnectFailed)
+        !matches!(self, Outcome::ConnectFailed | Outcome::TlsFailed)
     }
 
     /// What this outcome says about the provider's health, for the circuit
     /// breaker: `Some(false)` a failure (no connection, a dropped one, a
     /// timeout, a 5xx), `Some(true)` a sign of health, `None` nothing either
     /// way (a 429, which is the quota, not an outage; a transient `code`,
-    /// which is the provider answering; the gateway refusing an upload).
+    /// which is the provider answering; the gateway refusing an upload; a
+    /// failed TLS handshake, which is a matter of certificates and trust,
+    /// and whose cause an open circuit would hide behind `circuit_open`).
     pub fn health(&self) -> Option<bool> {
         match self {
             Outcome::ConnectFailed | Outcome::Dropped | Outcome::TimedOut => Some(false),
             Outcome::Response { status: 429, .. } => None,
             Outcome::Response { status, .. } => Some(*status < 500),
-            Outcome::TransientCode(_) | Outcome::Refused => None,
+            Outcome::TransientCode(_) | Outcome::Refused | Outcome::TlsFailed => None,
         }
     }
 }
@@ -396,6 +404,19 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_failed_tls_handshake_is_final_sent_nothing_and_leaves_the_breaker_alone() {
+        for class in [Class::Read, Class::Write, Class::Unknown] {
+            assert_eq!(
+                decide(&Outcome::TlsFailed, attempt(class, 1), B),
+                Decision::Done { skipped: None },
+                "{class:?}"
+            );
+        }
+        assert!(!Outcome::TlsFailed.may_have_reached());
+        assert_eq!(Outcome::TlsFailed.health(), None);
     }
 
     #[test]

@@ -13,15 +13,18 @@
 //! assert!(config.alpn_protocols.is_empty(), "each client sets its own ALPN");
 //! ```
 
+use std::collections::HashSet;
+use std::error::Error;
 use std::fmt;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use rustls::RootCertStore;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
+use rustls::{CertificateError, RootCertStore};
 
 use crate::config::{ConfigError, Roots, TlsConfig};
+use crate::error::TlsReason;
 
 /// The trusted roots, loaded once per config.
 #[derive(Clone)]
@@ -182,6 +185,97 @@ impl Collected {
     }
 }
 
+/// The TLS failure behind a connection error, if that is what it was: the
+/// TLS library's error, found in the error's chain of sources. An
+/// `io::Error` hides the error it wraps from `source()` (it skips to that
+/// error's own source), so each one is opened as well.
+pub fn failure(error: &(dyn Error + 'static)) -> Option<TlsReason> {
+    let mut next = Some(error);
+    // Bounded: a chain is a few links long; a cycle would be a bug elsewhere.
+    for _ in 0..32 {
+        let e = next?;
+        if let Some(reason) = reason_in(e) {
+            return Some(reason);
+        }
+        next = e.source();
+    }
+    None
+}
+
+/// `e` itself, or the error an `io::Error` wraps (at any depth of
+/// `io::Error`s), as a TLS failure.
+fn reason_in(mut e: &(dyn Error + 'static)) -> Option<TlsReason> {
+    for _ in 0..8 {
+        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+            return Some(reason_of(tls));
+        }
+        e = e.downcast_ref::<std::io::Error>()?.get_ref()?;
+    }
+    None
+}
+
+fn reason_of(e: &rustls::Error) -> TlsReason {
+    use rustls::Error as E;
+    match e {
+        E::InvalidCertificate(c) => match c {
+            CertificateError::UnknownIssuer => TlsReason::UnknownIssuer,
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
+                TlsReason::WrongName
+            }
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+                TlsReason::Expired
+            }
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                TlsReason::NotYetValid
+            }
+            CertificateError::Revoked => TlsReason::Revoked,
+            _ => TlsReason::BadCertificate,
+        },
+        E::NoCertificatesPresented => TlsReason::NoCertificate,
+        E::AlertReceived(_) => TlsReason::Refused,
+        E::InvalidMessage(_) | E::InappropriateMessage { .. } => TlsReason::NotTls,
+        _ => TlsReason::Other,
+    }
+}
+
+/// Most (host, reason) pairs remembered; past it the set starts afresh, so
+/// a pair may be told again, but memory stays bounded.
+const REMEMBERED: usize = 256;
+
+/// Tells each TLS failure once per host and reason, not once per call: a
+/// wrong trust setting fails every call alike, and its cause needs saying
+/// once. Each call still carries its own failure (its answer, its
+/// access-log line, a delivery's `last_error`).
+#[derive(Debug, Default)]
+pub struct FailureLog {
+    told: Mutex<HashSet<(String, TlsReason)>>,
+}
+
+impl FailureLog {
+    /// Logs a warning about TLS with `peer` (what the host is to the
+    /// gateway: "the provider", "a subscriber") at `host`, the first time
+    /// this host fails for this reason. Returns whether it did.
+    pub fn tell(&self, peer: &str, host: &str, reason: TlsReason) -> bool {
+        let mut told = self.told.lock().expect("not poisoned");
+        if told.contains(&(host.to_owned(), reason)) {
+            return false;
+        }
+        if told.len() >= REMEMBERED {
+            told.clear();
+        }
+        told.insert((host.to_owned(), reason));
+        drop(told);
+        tracing::warn!(
+            peer,
+            host,
+            reason = reason.as_str(),
+            "TLS with {peer} at {host} failed: {reason}; every connection fails so until \
+             that changes (logged once per host and reason)"
+        );
+        true
+    }
+}
+
 fn path_of(config: &TlsConfig) -> String {
     config
         .ca_file
@@ -207,6 +301,75 @@ fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, Config
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tls_error_is_found_through_io_errors_and_sources() {
+        #[derive(Debug)]
+        struct Outer(Box<dyn Error + Send + Sync>);
+        impl fmt::Display for Outer {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("client error (Connect)")
+            }
+        }
+        impl Error for Outer {
+            fn source(&self) -> Option<&(dyn Error + 'static)> {
+                Some(&*self.0)
+            }
+        }
+        // As hyper-rustls hands it over: io::Error::other(io::Error(rustls::Error)).
+        let wrapped = |e: rustls::Error| {
+            Outer(Box::new(std::io::Error::other(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                e,
+            ))))
+        };
+        let cases = [
+            (
+                rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer),
+                TlsReason::UnknownIssuer,
+            ),
+            (
+                rustls::Error::InvalidCertificate(CertificateError::NotValidForName),
+                TlsReason::WrongName,
+            ),
+            (
+                rustls::Error::InvalidCertificate(CertificateError::Expired),
+                TlsReason::Expired,
+            ),
+            (
+                rustls::Error::InvalidCertificate(CertificateError::BadSignature),
+                TlsReason::BadCertificate,
+            ),
+            (
+                rustls::Error::AlertReceived(rustls::AlertDescription::HandshakeFailure),
+                TlsReason::Refused,
+            ),
+            (
+                rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType),
+                TlsReason::NotTls,
+            ),
+        ];
+        for (error, reason) in cases {
+            assert_eq!(failure(&wrapped(error.clone())), Some(reason), "{error}");
+        }
+        let refused = Outer(Box::new(std::io::Error::from(
+            std::io::ErrorKind::ConnectionRefused,
+        )));
+        assert_eq!(failure(&refused), None);
+    }
+
+    #[test]
+    fn a_failure_is_told_once_per_host_and_reason() {
+        let log = FailureLog::default();
+        assert!(log.tell("the provider", "a:443", TlsReason::UnknownIssuer));
+        assert!(!log.tell("the provider", "a:443", TlsReason::UnknownIssuer));
+        assert!(log.tell("the provider", "a:443", TlsReason::Expired));
+        assert!(log.tell("the provider", "b:443", TlsReason::UnknownIssuer));
+        for i in 0..2 * REMEMBERED {
+            log.tell("a subscriber", &format!("h{i}"), TlsReason::Other);
+        }
+        assert!(log.told.lock().unwrap().len() <= REMEMBERED);
+    }
 
     #[test]
     fn bundled_roots_and_a_ca_file_are_trusted_together() {

@@ -1,6 +1,7 @@
 //! The provider connection: a pooled HTTPS (or, for sandboxes, HTTP) client
-//! per serving thread, shared by the caller connections of that thread, and
-//! the mapping from the caller's request target to the provider's URL.
+//! per serving thread, shared by the caller connections of that thread,
+//! straight or through the egress proxy ([`crate::egress`]), and the
+//! mapping from the caller's request target to the provider's URL.
 //!
 //! Each worker thread takes its connections from its own pool, so a call
 //! never hands its request to a connection driven by another thread, and
@@ -17,11 +18,12 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::body::UpstreamBody;
 use crate::config::{ConfigError, UpstreamConfig, upstream_base};
+use crate::egress::{self, Egress};
 use crate::error::GatewayError;
-use crate::tls::Trust;
+use crate::tls::{FailureLog, Trust};
 use crate::worker;
 
-pub type HttpClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
+pub type HttpClient = Client<egress::Within<HttpsConnector<egress::Connector>>, UpstreamBody>;
 
 /// Where calls go, and the client that takes them there.
 #[derive(Clone, Debug)]
@@ -34,14 +36,22 @@ pub struct Upstream {
     base_path: String,
     /// `Host` for upstream requests.
     pub host: HeaderValue,
+    /// `Proxy-Authorization` for each request, when requests go to an
+    /// egress proxy in absolute form (an `http://` upstream) and its URL
+    /// carries credentials. (A tunnel sends its own, on `CONNECT`.)
+    proxy_authorization: Option<HeaderValue>,
+    /// TLS failures already told.
+    tls_failures: std::sync::Arc<FailureLog>,
 }
 
 impl Upstream {
-    /// The provider at `cfg.url`, trusted as `trust` says, with a
-    /// connection pool for each of `workers` serving threads.
+    /// The provider at `cfg.url`, trusted as `trust` says, reached the
+    /// `egress` way, with a connection pool for each of `workers` serving
+    /// threads.
     pub fn new(
         cfg: &UpstreamConfig,
         trust: &Trust,
+        egress: &Egress,
         workers: usize,
     ) -> Result<Upstream, ConfigError> {
         let base = upstream_base(&cfg.url).map_err(|m| ConfigError::new("upstream.url", m))?;
@@ -55,17 +65,25 @@ impl Upstream {
         let host = HeaderValue::from_str(authority.as_str())
             .map_err(|_| ConfigError::new("upstream.url", "host is not a valid header value"))?;
 
+        let connect_timeout = Duration::from_millis(cfg.connect_timeout_ms);
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
-        http.set_connect_timeout(Some(Duration::from_millis(cfg.connect_timeout_ms)));
+        http.set_connect_timeout(Some(connect_timeout));
         http.set_keepalive(Some(Duration::from_secs(30)));
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(trust.client_config())
             .https_or_http()
             .enable_http1()
             .enable_http2()
-            .wrap_connector(http);
+            .wrap_connector(egress::Connector::new(http, egress));
+        // TCP, the proxy's CONNECT and the TLS handshake, all within the
+        // connect timeout.
+        let https = egress::Within::new(https, connect_timeout);
+        let proxy_authorization = egress
+            .proxy()
+            .filter(|_| scheme == Scheme::HTTP)
+            .and_then(|p| p.authorization().cloned());
         let client = || {
             Client::builder(TokioExecutor::new())
                 .timer(TokioTimer::new())
@@ -82,6 +100,37 @@ impl Upstream {
             authority,
             base_path,
             host,
+            proxy_authorization,
+            tls_failures: std::sync::Arc::default(),
+        })
+    }
+
+    /// The provider's `host[:port]`, as in its URL.
+    pub fn authority(&self) -> &str {
+        self.authority.as_str()
+    }
+
+    /// `Proxy-Authorization` for each request, when the egress proxy takes
+    /// them in absolute form and needs credentials.
+    pub fn proxy_authorization(&self) -> Option<&HeaderValue> {
+        self.proxy_authorization.as_ref()
+    }
+
+    /// The answer for a connection to the provider that failed, when TLS
+    /// or the egress proxy is why; a TLS failure is also logged, once per
+    /// reason.
+    pub fn connect_failure(&self, e: &(dyn std::error::Error + 'static)) -> Option<GatewayError> {
+        if let Some(reason) = crate::tls::failure(e) {
+            self.tls_failures
+                .tell("the provider", self.authority(), reason);
+            return Some(GatewayError::UpstreamTls {
+                host: self.authority().to_owned(),
+                reason,
+            });
+        }
+        egress::failure(e).map(|p| GatewayError::UpstreamProxy {
+            proxy: p.proxy.clone(),
+            detail: p.detail.clone(),
         })
     }
 
@@ -170,6 +219,7 @@ mod tests {
                 ..UpstreamConfig::default()
             },
             &Trust::load(&crate::config::TlsConfig::default()).unwrap(),
+            &Egress::direct(),
             1,
         )
         .unwrap()

@@ -86,6 +86,12 @@ async fn receiver(store: &std::path::Path, subscriber: &str, max_age_ms: u64) ->
 }
 
 async fn start(cfg: CallbacksConfig) -> Receiver {
+    start_trusting(cfg, &pandagate::config::TlsConfig::default()).await
+}
+
+/// A receiver whose deliveries to `https://` subscribers trust what `tls`
+/// says.
+async fn start_trusting(cfg: CallbacksConfig, tls: &pandagate::config::TlsConfig) -> Receiver {
     let gw = spawn_gateway(config("http://127.0.0.1:9")).await;
     // A receiver stopped just before may still hold the store for a moment
     // (a store call it started runs on a blocking thread): wait for it.
@@ -111,7 +117,8 @@ async fn start(cfg: CallbacksConfig) -> Receiver {
         pandagate::server::ServerOptions::from(&pandagate::config::ServerConfig::default()),
         std::future::pending(),
     ));
-    let deliveries = tokio::spawn(callbacks.clone().run_deliveries());
+    let trust = pandagate::tls::Trust::load(tls).unwrap();
+    let deliveries = tokio::spawn(callbacks.clone().run_deliveries(trust));
     Receiver {
         callbacks,
         addr,
@@ -627,5 +634,90 @@ async fn a_message_with_a_pending_delivery_is_kept_past_retain_ms() {
     assert!(failed, "first attempt failed, next one a minute away");
     pruned_while_kept(&r, "G2", &kept, "the pending delivery's message is kept").await;
     assert!(store.pending_one(&key).unwrap().is_some());
+    r.stop().await;
+}
+
+/// An `https://` subscriber: a TLS stand-in with a certificate of the test
+/// CA, which answers 200.
+async fn tls_subscriber(ca: &support::tls::TestCa) -> support::provider_tls::TlsServer {
+    support::provider_tls::TlsServer::start(&ca.server("subscriber"), 200, "{}".into()).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_subscriber_trusted_through_ca_file_gets_its_delivery() {
+    let ca = support::tls::TestCa::new();
+    let subscriber = tls_subscriber(&ca).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = callbacks_config(dir.path(), &format!("{}/events", subscriber.url()), 60_000);
+    let tls = pandagate::config::TlsConfig {
+        ca_file: Some(ca.ca_file.clone()),
+        ..Default::default()
+    };
+    let r = start_trusting(cfg, &tls).await;
+    let body = push_body("TLS-1");
+    assert_eq!(
+        push(&r, &body, Some(&sign(&body, SECRET))).await.status,
+        200
+    );
+
+    assert!(
+        eventually(Duration::from_secs(5), || !subscriber.requests().is_empty()).await,
+        "delivered over TLS within 5 s"
+    );
+    let got = subscriber.requests();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].sni.as_deref(), Some("localhost"));
+    assert_eq!(got[0].method, http::Method::POST);
+    assert_eq!(got[0].uri.path(), "/events");
+    assert_eq!(got[0].header("x-pandagate-delivery-id").len(), 32);
+    let delivered: serde_json::Value = serde_json::from_slice(&got[0].body).unwrap();
+    assert_eq!(delivered["messageBody"]["orderId"], "TLS-1");
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            r.callbacks
+                .local_store()
+                .unwrap()
+                .pending()
+                .unwrap()
+                .is_empty()
+        })
+        .await
+    );
+    r.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_subscriber_with_an_untrusted_certificate_gets_nothing_and_the_delivery_says_why()
+{
+    let ca = support::tls::TestCa::new();
+    let subscriber = tls_subscriber(&ca).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = callbacks_config(dir.path(), &format!("{}/events", subscriber.url()), 60_000);
+    // The bundled roots alone: the test CA is not among them.
+    let r = start(cfg).await;
+    let body = push_body("TLS-2");
+    assert_eq!(
+        push(&r, &body, Some(&sign(&body, SECRET))).await.status,
+        200
+    );
+
+    let store = r.callbacks.local_store().unwrap();
+    let tried = |min: u32| {
+        let pending = store.pending().unwrap();
+        pending.first().is_some_and(|d| d.attempts >= min)
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || tried(2)).await,
+        "tried twice within 5 s"
+    );
+    let pending = store.pending().unwrap();
+    let last_error = pending[0].last_error.clone().unwrap_or_default();
+    assert!(
+        last_error.contains(&format!("TLS with {} failed", subscriber.authority()))
+            && last_error.contains("does not trust"),
+        "{last_error}"
+    );
+    assert!(subscriber.requests().is_empty(), "nothing was posted");
+    assert_eq!(subscriber.handshakes(), 0);
     r.stop().await;
 }

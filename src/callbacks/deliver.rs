@@ -8,6 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, header};
 use http_body_util::Full;
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -18,6 +19,37 @@ use tokio::time::Instant;
 
 use super::store::{Delivery, Due, Message, Outcome};
 use super::{CallbackError, Callbacks, now_ms};
+use crate::tls::Trust;
+
+/// The client that posts to subscribers: `http://` or `https://` (trusted
+/// as `[tls]` says, HTTP/1.1 by ALPN), straight to them, never through the
+/// egress proxy (they are internal; see `crate::egress`).
+type SubscriberClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+fn subscriber_client(trust: &Trust) -> SubscriberClient {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(trust.client_config())
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Client::builder(TokioExecutor::new()).build(https)
+}
+
+/// A subscriber URL's `host[:port]`, without its credentials: for messages.
+fn host_of(url: &str) -> String {
+    url.parse::<http::Uri>()
+        .ok()
+        .and_then(|u| {
+            let host = u.host()?.to_owned();
+            Some(match u.port_u16() {
+                Some(port) => format!("{host}:{port}"),
+                None => host,
+            })
+        })
+        .unwrap_or_default()
+}
 
 /// Deliveries in flight at once.
 const PARALLEL: usize = 16;
@@ -82,9 +114,10 @@ impl Callbacks {
     /// a wake-up: new work in the store, a replay, or a delivery task
     /// finishing (its row leaves the due set only when its task updates it,
     /// so the round that follows finds out where it went).
-    pub async fn run_deliveries(self: Arc<Self>) {
-        let client: Client<HttpConnector, Full<Bytes>> =
-            Client::builder(TokioExecutor::new()).build_http();
+    ///
+    /// `https://` subscribers are trusted as `trust` says.
+    pub async fn run_deliveries(self: Arc<Self>, trust: Trust) {
+        let client = subscriber_client(&trust);
         let in_flight: Arc<Mutex<HashSet<String>>> = Arc::default();
         let slots = Arc::new(Semaphore::new(PARALLEL));
         let prune_every =
@@ -193,7 +226,7 @@ impl Callbacks {
     /// before the attempt, the task waits before giving the delivery back,
     /// so a failing store is not hammered; after the attempt, the task
     /// stays until its outcome is recorded (see [`Callbacks::record`]).
-    async fn deliver_due(&self, client: &Client<HttpConnector, Full<Bytes>>, d: Delivery) {
+    async fn deliver_due(&self, client: &SubscriberClient, d: Delivery) {
         let current = self.store.current(d).await;
         let delivered = match current {
             Ok(Some(d)) if d.next_at_ms <= now_ms() => self.deliver_one(client, d).await,
@@ -210,7 +243,7 @@ impl Callbacks {
     /// the attempt (nothing was posted).
     async fn deliver_one(
         &self,
-        client: &Client<HttpConnector, Full<Bytes>>,
+        client: &SubscriberClient,
         d: Delivery,
     ) -> Result<(), CallbackError> {
         let message = self.store.message(d.message_id.clone()).await?;
@@ -250,6 +283,7 @@ impl Callbacks {
                 CallbackError::Status(status) => status.as_str().to_owned(),
                 CallbackError::Timeout => "timeout".to_owned(),
                 CallbackError::Transport(_) => "transport".to_owned(),
+                CallbackError::Tls { .. } => "tls".to_owned(),
                 _ => "message_missing".to_owned(),
             });
             trace.end(error.as_deref());
@@ -347,7 +381,7 @@ impl Callbacks {
 
     async fn post(
         &self,
-        client: &Client<HttpConnector, Full<Bytes>>,
+        client: &SubscriberClient,
         d: &Delivery,
         m: &Message,
     ) -> Result<(), CallbackError> {
@@ -368,7 +402,14 @@ impl Callbacks {
         match tokio::time::timeout(timeout, client.request(req)).await {
             Ok(Ok(resp)) if resp.status().is_success() => Ok(()),
             Ok(Ok(resp)) => Err(CallbackError::Status(resp.status())),
-            Ok(Err(e)) => Err(CallbackError::Transport(e)),
+            Ok(Err(e)) => match crate::tls::failure(&e) {
+                Some(reason) => {
+                    let host = host_of(&d.subscriber);
+                    self.tls_failures.tell("a subscriber", &host, reason);
+                    Err(CallbackError::Tls { host, reason })
+                }
+                None => Err(CallbackError::Transport(e)),
+            },
             Err(_) => Err(CallbackError::Timeout),
         }
     }

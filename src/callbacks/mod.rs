@@ -32,6 +32,7 @@ use crate::error::{GatewayError, envelope_response};
 use crate::ids;
 use crate::profiles::Profiles;
 use crate::secret::Secret;
+use crate::tls::FailureLog;
 use crate::traces::{Operation, Traces};
 pub use backend::Backend;
 use opentelemetry::KeyValue;
@@ -63,6 +64,12 @@ pub enum CallbackError {
     /// The subscriber could not be reached, or the exchange broke off.
     #[error("{0}")]
     Transport(#[from] hyper_util::client::legacy::Error),
+    /// The TLS handshake with the subscriber failed: nothing was posted.
+    #[error("TLS with {host} failed: {reason}")]
+    Tls {
+        host: String,
+        reason: crate::error::TlsReason,
+    },
     /// The subscriber did not answer within `delivery_timeout_ms`.
     #[error("timed out")]
     Timeout,
@@ -229,6 +236,8 @@ pub struct Callbacks {
     wake: Notify,
     /// Spans of each push received and each delivery, when traces are on.
     traces: Option<Arc<Traces>>,
+    /// TLS failures with subscribers already told.
+    tls_failures: FailureLog,
     pub counts: CallbackCounts,
 }
 
@@ -352,6 +361,7 @@ impl Callbacks {
             store,
             wake: Notify::new(),
             traces,
+            tls_failures: FailureLog::default(),
             counts: CallbackCounts::default(),
             config,
         }))

@@ -55,7 +55,7 @@ pub use server::{AmbiguousPaths, ServerConfig};
 pub use signing::SigningConfig;
 pub use tls::{Roots, TlsConfig};
 pub use traces::{TelemetryConfig, TracesEndpoint};
-pub use upstream::{BaseUrlError, UpstreamConfig, upstream_base};
+pub use upstream::{BaseUrlError, PROXY_NONE, UpstreamConfig, proxy_url, upstream_base};
 
 /// `*_ms` keys with a tighter bound than [`MAX_DURATION_MS`], and why.
 const DURATION_BOUNDS: [(&str, u64, &str); 1] = [(
@@ -503,6 +503,38 @@ mod tests {
         assert_eq!(e.key, "upstream.url", "{e}");
         assert!(e.message.contains("must not carry credentials"), "{e}");
         assert!(!e.to_string().contains("up-pw-1"), "{e}");
+    }
+
+    #[test]
+    fn an_upstream_proxy_is_an_http_url_or_none() {
+        for ok in [
+            "none",
+            "http://127.0.0.1:3128",
+            "http://u:p@proxy.corp:8080/",
+            "HTTP://p",
+        ] {
+            let mut c = Config::from_toml(&format!("[upstream]\nproxy = \"{ok}\"\n")).unwrap();
+            c.apply_env(&env_of(CREDS)).unwrap();
+            c.validate().unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        // Without a scheme it would be printed unredacted: refused.
+        for bad in [
+            "u:pw-1@proxy:3128",
+            "https://u:pw-2@proxy:3128",
+            "socks5h://u:pw-3@proxy:1080",
+            "http://u:pw-4@proxy:3128/x",
+            "",
+        ] {
+            let e = err(&format!("[upstream]\nproxy = \"{bad}\"\n"));
+            assert_eq!(e.key, "upstream.proxy", "{bad}: {e}");
+            assert!(!e.to_string().contains("pw-"), "{e}");
+        }
+        // Printed, its password is redacted.
+        let c = Config::from_toml("[upstream]\nproxy = \"http://gw:pw-5@proxy:3128\"\n").unwrap();
+        for shown in [format!("{c:?}"), format!("{:?}", c.upstream), c.to_toml()] {
+            assert!(!shown.contains("pw-5"), "{shown}");
+            assert!(shown.contains("http://gw:<redacted>@proxy:3128"), "{shown}");
+        }
     }
 
     #[test]

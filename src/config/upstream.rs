@@ -14,7 +14,9 @@ pub struct UpstreamConfig {
     /// Base URL (env `PANDAGATE_UPSTREAM`): `https://` in production, `http://`
     /// for local sandboxes. A path here is prefixed to every forwarded path.
     pub url: String,
-    /// Time to establish a TCP (and TLS) connection, in milliseconds.
+    /// Time to establish a connection, in milliseconds: TCP, the egress
+    /// proxy's `CONNECT` and the TLS handshake together. Past it nothing
+    /// was sent: a connect failure, which any call may retry.
     pub connect_timeout_ms: u64,
     /// Time from sending a request to receiving the response head, in
     /// milliseconds: the one attempt of a call that cannot be repeated, and
@@ -25,6 +27,13 @@ pub struct UpstreamConfig {
     /// Most idle connections kept to the provider, by each serving thread
     /// (see `server.worker_threads`).
     pub pool_max_idle: usize,
+    /// The egress proxy to the provider: `http://[user:password@]host:port`,
+    /// or `"none"` for none whatever the environment says. Unset: the
+    /// environment's `https_proxy`/`HTTPS_PROXY` (`http_proxy`/`HTTP_PROXY`
+    /// for an `http://` upstream), as curl reads them. `NO_PROXY` applies to
+    /// either. Subscribers are never reached through it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proxy: Option<String>,
 }
 
 impl fmt::Debug for UpstreamConfig {
@@ -41,6 +50,7 @@ impl Default for UpstreamConfig {
             request_timeout_ms: 30_000,
             pool_idle_timeout_ms: 60_000,
             pool_max_idle: 256,
+            proxy: None,
         }
     }
 }
@@ -68,8 +78,76 @@ impl UpstreamConfig {
                 ),
             ));
         }
+        match self.proxy.as_deref() {
+            None | Some(PROXY_NONE) => {}
+            Some(url) if !url.contains("://") => {
+                return Err(ConfigError::new(
+                    "upstream.proxy",
+                    "must be http://[user:password@]host:port, or \"none\"",
+                ));
+            }
+            Some(url) => {
+                proxy_url(url).map_err(|m| ConfigError::new("upstream.proxy", m))?;
+            }
+        }
         Ok(())
     }
+}
+
+/// `upstream.proxy` saying that no proxy is used, whatever the environment
+/// says.
+pub const PROXY_NONE: &str = "none";
+
+/// An egress proxy's URL as curl reads one: `[http://][user:password@]host[:port]`,
+/// the port 1080 when none is given. The gateway speaks plain HTTP to its
+/// proxy (TLS to the provider runs inside the tunnel), so `https://` and
+/// SOCKS proxies are refused. Returns the URL with its scheme and port
+/// written out, credentials as given; errors show it redacted.
+pub fn proxy_url(text: &str) -> Result<String, String> {
+    let text = text.trim();
+    let (scheme, rest) = match text.split_once("://") {
+        Some((scheme, rest)) => (scheme.to_ascii_lowercase(), rest),
+        None => ("http".to_owned(), text),
+    };
+    let shown = crate::redact::url(&format!("{scheme}://{rest}")).into_owned();
+    match scheme.as_str() {
+        "http" => {}
+        "https" => {
+            return Err(format!(
+                "{shown:?}: a proxy spoken to over TLS is not supported; use http:// (calls \
+                 to the provider stay TLS inside the tunnel)"
+            ));
+        }
+        _ => {
+            return Err(format!(
+                "{shown:?}: only http:// proxies are supported (HTTP CONNECT)"
+            ));
+        }
+    }
+    let authority = rest.strip_suffix('/').unwrap_or(rest);
+    if authority.contains(['/', '?', '#']) {
+        return Err(format!(
+            "{shown:?}: must be http://[user:password@]host:port, without a path"
+        ));
+    }
+    let (userinfo, host_port) = match authority.rsplit_once('@') {
+        Some((userinfo, host_port)) => (Some(userinfo), host_port),
+        None => (None, authority),
+    };
+    let parsed: http::uri::Authority = host_port
+        .parse()
+        .map_err(|_| format!("{shown:?}: not a host:port"))?;
+    if parsed.host().is_empty() {
+        return Err(format!("{shown:?}: has no host"));
+    }
+    let given_port = host_port.len() > parsed.host().len();
+    let port = match parsed.port_u16() {
+        Some(port) => port,
+        None if given_port => return Err(format!("{shown:?}: the port is not a number")),
+        None => 1080,
+    };
+    let userinfo = userinfo.map_or_else(String::new, |u| format!("{u}@"));
+    Ok(format!("http://{userinfo}{}:{port}", parsed.host()))
 }
 
 /// A base URL that cannot be one. Shows the URL with its credentials

@@ -2,6 +2,9 @@
 //! log, a plain HTTP client, raw-TCP helpers and an independent signature.
 #![allow(dead_code)]
 
+pub mod finished;
+pub mod provider_tls;
+pub mod tinyproxy;
 pub mod tls;
 pub mod tls_stores;
 
@@ -99,7 +102,20 @@ pub struct TestGateway {
 
 /// Starts a gateway for `config` on a free loopback port.
 pub async fn spawn_gateway(config: Config) -> TestGateway {
-    let loaded = pandagate::loaded::resolve(config, &test_env).expect("test config is valid");
+    spawn_gateway_with_env(config, &[]).await
+}
+
+/// Like [`spawn_gateway`], with `extra` variables in the environment the
+/// config reads (besides the profiles' secrets): `HTTPS_PROXY`, say.
+pub async fn spawn_gateway_with_env(config: Config, extra: &[(&str, &str)]) -> TestGateway {
+    let env = |name: &str| {
+        extra
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| (*v).to_owned())
+            .or_else(|| test_env(name))
+    };
+    let loaded = pandagate::loaded::resolve(config, &env).expect("test config is valid");
     let captured = Captured::default();
     let (log, _writer) = AccessLog::spawn(LogFormat::Json, Box::new(captured.clone()));
     let gateway = pandagate::proxy::build(&loaded, log.clone()).expect("gateway builds");
