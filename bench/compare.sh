@@ -403,8 +403,12 @@ hs_mark() {
 run_load_start() { # out seconds conns url
   if [ "$tool" = oha ]; then
     # JSON on stdout; oha's own messages apart, so that the JSON stays whole.
-    "$oha_bin" -z "${2}s" -c "$3" --worker-threads "$threads" -t 2s --no-tui --output-format json "$4" \
-      >"$1" 2>"$1.err" </dev/null &
+    # The direct row over TLS: oha checks certificates and the test CA is
+    # not in its roots (wrk checks none).
+    local insecure=()
+    [[ $4 != https://* ]] || insecure=(--insecure)
+    "$oha_bin" -z "${2}s" -c "$3" --worker-threads "$threads" -t 2s --no-tui --output-format json \
+      "${insecure[@]}" "$4" >"$1" 2>"$1.err" </dev/null &
   else
     wrk -t"$threads" -c"$3" -d"${2}s" --latency "$4" >"$1" 2>&1 &
   fi
