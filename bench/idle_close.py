@@ -86,6 +86,8 @@ from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+# No __pycache__ in the work tree (it would mark the commit dirty in reports).
+sys.dont_write_bytecode = True
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import git_version, hist, quantile, stop  # noqa: E402
 from benchlib import start_gateway  # noqa: E402

@@ -24,6 +24,8 @@ import threading
 import time
 from urllib.parse import urlsplit
 
+# No __pycache__ in the work tree (it would mark the commit dirty in reports).
+sys.dont_write_bytecode = True
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from compare_report import parse_wrk, read_meta  # noqa: E402
 
