@@ -25,7 +25,7 @@
 #   --strict     exit 1 when the target is missed
 #   --keep       keep the work directory (configs, logs, raw wrk output)
 #
-# Defaults take about 8 minutes (3 runs x 2 levels x 3 targets x 24 s).
+# Defaults take about 7 minutes (3 runs x 2 levels x 3 targets x 23 s and the checks).
 # Without --binary, builds with `cargo build --release -q`. Installs wrk,
 # nginx, curl and openssl from Debian when missing. Talks only to 127.0.0.1;
 # every process it starts is stopped by its pid on exit.
