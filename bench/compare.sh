@@ -17,6 +17,7 @@
 #   bench/compare.sh [--seconds 10] [--warmup 3] [--conns "16 64 256"] [--runs 3]
 #                    [--threads 2] [--binary PATH] [--out FILE] [--strict]
 #                    [--nginx-log-buffer SIZE] [--keep] [--tool wrk|oha] [--no-single]
+#                    [--upstream-tls] [--tls-settle 1] [--nginx-keepalive 64]
 #
 #   --out FILE               write the report there instead of bench/results/
 #   --strict                 exit 1 when a target was missed (by either pandagate row)
@@ -29,14 +30,36 @@
 #                            --threads is wrk's -t or oha's --worker-threads; the warm-up
 #                            uses the same tool
 #   --no-single              leave out the pandagate-1t row
+#   --nginx-keepalive N      idle upstream connections the nginx proxy keeps per worker
+#                            (`upstream { keepalive N; }`, default 64): beyond that,
+#                            nginx closes a connection after its call (with
+#                            --upstream-tls, a new handshake for a later one)
+#   --upstream-tls           the upstream serves TLS (a test CA and certificate for
+#                            localhost / 127.0.0.1 made in the work directory with
+#                            openssl, never kept): direct is https to it; nginx
+#                            proxies with proxy_pass https, proxy_ssl_verify on against
+#                            the test CA, proxy_ssl_session_reuse on and keepalive 64;
+#                            pandagate has PANDAGATE_UPSTREAM=https://localhost:PORT and
+#                            [tls] ca_file = the test CA. Adds TLS handshakes per 10 000
+#                            calls after the warm-up (connections the upstream accepted,
+#                            from its stub_status, split into full handshakes and resumed
+#                            sessions from $ssl_session_reused in its per-connection log)
+#                            and the target: pandagate makes no more than nginx.
+#                            The report goes to bench/results/YYYY-MM-DD-compare-tls.md.
+#   --tls-settle S           with --upstream-tls: the handshakes judged are those from S
+#                            seconds into the measured run to its end (default 1, less
+#                            than --seconds), per 10 000 calls the upstream answered in
+#                            that time: a new load run first replaces the upstream
+#                            connections the previous run's cut left broken. The whole
+#                            measured run's count is reported too.
 #
 # The same settings can come from the environment: BENCH_SECONDS, BENCH_WARMUP,
 # BENCH_CONNS, BENCH_RUNS, BENCH_THREADS, BENCH_BINARY, BENCH_TOOL,
-# UPSTREAM_WORKERS (nginx workers of the upstream, default 1).
+# BENCH_UPSTREAM_TLS=1, BENCH_NGINX_KEEPALIVE, UPSTREAM_WORKERS (nginx workers of the upstream, default 1).
 # PANDAGATE_WORKER_THREADS, when set, reaches the pandagate row and is recorded
 # in the report; the pandagate-1t row always runs with 1.
 # Without --binary, builds with `cargo build --release -q`.
-# Installs wrk and nginx from Debian when missing, and oha with
+# Installs wrk, nginx, curl (and openssl with --upstream-tls) from Debian when missing, and oha with
 # `cargo install oha --locked` when --tool oha and oha is not on PATH (a few
 # minutes on 2 cores). Talks only to 127.0.0.1.
 # Exit status: 0 when the harness ran (targets met or not), 1 when --strict and
@@ -56,6 +79,9 @@ binary=${BENCH_BINARY:-}
 upstream_workers=${UPSTREAM_WORKERS:-1}
 tool=${BENCH_TOOL:-wrk}
 single=1
+upstream_tls=${BENCH_UPSTREAM_TLS:-0}
+tls_settle=1
+nginx_keepalive=${BENCH_NGINX_KEEPALIVE:-64}
 out=""
 strict=0
 keep=0
@@ -66,7 +92,7 @@ usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e 's/^# \{0
 bad_usage() { echo "compare.sh: $* (see --help)" >&2; exit 2; }
 while [ $# -gt 0 ]; do
   case "$1" in
-    --seconds|--warmup|--conns|--runs|--threads|--binary|--out|--nginx-log-buffer|--tool)
+    --seconds|--warmup|--conns|--runs|--threads|--binary|--out|--nginx-log-buffer|--tool|--tls-settle|--nginx-keepalive)
       [ $# -ge 2 ] || bad_usage "$1 needs a value" ;;
   esac
   case "$1" in
@@ -80,6 +106,9 @@ while [ $# -gt 0 ]; do
     --nginx-log-buffer) nginx_log_buffer=$2; shift 2 ;;
     --tool) tool=$2; shift 2 ;;
     --no-single) single=0; shift ;;
+    --upstream-tls) upstream_tls=1; shift ;;
+    --tls-settle) tls_settle=$2; shift 2 ;;
+    --nginx-keepalive) nginx_keepalive=$2; shift 2 ;;
     --strict) strict=1; shift ;;
     --keep) keep=1; shift ;;
     -h|--help) usage; exit 0 ;;
@@ -95,6 +124,10 @@ fi
 [[ $upstream_workers =~ ^([1-9][0-9]*|auto)$ ]] || bad_usage "UPSTREAM_WORKERS: a number or auto, not $upstream_workers"
 [[ -z $nginx_log_buffer || $nginx_log_buffer =~ ^[0-9]+[kKmM]?$ ]] || bad_usage "--nginx-log-buffer: a size like 64k"
 [[ $tool == wrk || $tool == oha ]] || bad_usage "--tool: wrk or oha, not $tool"
+[[ $upstream_tls == 0 || $upstream_tls == 1 ]] || bad_usage "BENCH_UPSTREAM_TLS: 0 or 1, not $upstream_tls"
+[[ $tls_settle =~ ^[0-9]+$ ]] || bad_usage "--tls-settle: whole seconds, not $tls_settle"
+[[ $nginx_keepalive =~ ^[1-9][0-9]*$ ]] || bad_usage "--nginx-keepalive: a whole number > 0, not $nginx_keepalive"
+[ "$upstream_tls" = 0 ] || [ "$tls_settle" -lt "$secs" ] || bad_usage "--tls-settle must be less than --seconds"
 read -r -a levels <<< "$conns"
 [ ${#levels[@]} -gt 0 ] || bad_usage "--conns is empty"
 for c in "${levels[@]}"; do
@@ -117,6 +150,7 @@ need() {
 [ "$tool" != wrk ] || need wrk wrk
 need nginx nginx
 need curl curl
+[ "$upstream_tls" = 0 ] || need openssl openssl
 command -v python3 >/dev/null || die "python3 is needed"
 oha_bin=""
 if [ "$tool" = oha ]; then
@@ -171,6 +205,14 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 up_port=$(free_port); nx_port=$(free_port); gw_port=$(free_port); admin_port=$(free_port)
 gw1_port=$(free_port); admin1_port=$(free_port)
 mkdir -p "$work/up" "$work/px" "$work/raw"
+. "$root/bench/confs.sh"
+# With --upstream-tls: the test CA and the upstream's certificate, made here
+# for this run only; curl checks the upstream against that CA.
+up_scheme=http tls_ca="" status_port="" curl_tls=()
+if [ "$upstream_tls" = 1 ]; then
+  make_test_certs "$work/tls" || die "openssl could not make the test certificates: $(cat "$work/tls/openssl.err")"
+  up_scheme=https tls_ca="$work/tls/ca.pem" status_port=$(free_port) curl_tls=(--cacert "$tls_ca")
+fi
 
 load_start=$(cut -d' ' -f1-3 /proc/loadavg)
 started=$(date -u '+%Y-%m-%d %H:%M:%S UTC')
@@ -194,8 +236,12 @@ fi
 gw_bin="$work/pandagate"
 
 # ------------------------------------------------------------------ upstream
-. "$root/bench/confs.sh"
-nginx_upstream_conf "$work/up" "$up_port" "$upstream_workers" "$nofile" > "$work/up/nginx.conf"
+if [ "$upstream_tls" = 1 ]; then
+  nginx_upstream_conf "$work/up" "$up_port" "$upstream_workers" "$nofile" \
+    "$work/tls/server.pem" "$work/tls/server.key" "$status_port" > "$work/up/nginx.conf"
+else
+  nginx_upstream_conf "$work/up" "$up_port" "$upstream_workers" "$nofile" > "$work/up/nginx.conf"
+fi
 nginx -p "$work/up" -e "$work/up/error.log" -c "$work/up/nginx.conf" -g 'daemon off;' </dev/null >/dev/null 2>&1 &
 up_pid=$!
 
@@ -207,13 +253,19 @@ else
   nx_log_opts=""
   nx_log_desc="access_log unbuffered, nginx's default: one write() per call"
 fi
-nginx_proxy_conf "$work/px" "$nx_port" "$up_port" "$nofile" "$nx_log_opts" > "$work/px/nginx.conf"
+nginx_proxy_conf "$work/px" "$nx_port" "$up_port" "$nofile" "$nx_log_opts" "$tls_ca" "$nginx_keepalive" > "$work/px/nginx.conf"
 
 # ------------------------------------------------------------------ pandagate
-pandagate_bench_conf > "$work/pandagate.toml"
+pandagate_bench_conf "$tls_ca" > "$work/pandagate.toml"
+if [ "$upstream_tls" = 1 ]; then
+  # The name the certificate is for, as a provider's URL names its host.
+  gw_upstream="https://localhost:$up_port"
+else
+  gw_upstream="http://127.0.0.1:$up_port"
+fi
 gw_common_env=(
   PANDAPON_ACCESS_KEY=bench-key PANDAPON_ACCESS_SECRET=bench-secret PANDAPON_USER_ID=bench-user
-  PANDAGATE_UPSTREAM="http://127.0.0.1:$up_port" PANDAGATE_LOG_FORMAT=json
+  PANDAGATE_UPSTREAM="$gw_upstream" PANDAGATE_LOG_FORMAT=json
 )
 # The pandagate row keeps PANDAGATE_WORKER_THREADS as the caller set it (unset:
 # the default); pandagate-1t is the same binary and config on one worker thread.
@@ -234,7 +286,7 @@ binary_sha=$(sha256sum "$gw_bin" | cut -c1-12)
 proxies=(nginx pandagate)
 [ "$single" = 0 ] || proxies+=(pandagate-1t)
 declare -A base=(
-  [direct]="http://127.0.0.1:$up_port"
+  [direct]="$up_scheme://127.0.0.1:$up_port"
   [nginx]="http://127.0.0.1:$nx_port"
   [pandagate]="http://127.0.0.1:$gw_port"
   [pandagate-1t]="http://127.0.0.1:$gw1_port"
@@ -249,7 +301,7 @@ pid_of() {
 }
 wait_ok() { # target: 200 within 10 s
   for _ in $(seq 1 200); do
-    [ "$(curl -s -o /dev/null -w '%{http_code}' "${url[$1]}" || true)" = 200 ] && return 0
+    [ "$(curl -s "${curl_tls[@]}" -o /dev/null -w '%{http_code}' "${url[$1]}" || true)" = 200 ] && return 0
     kill -0 "$(pid_of "$1")" 2>/dev/null || die "$1 exited at start"
     sleep 0.05
   done
@@ -291,7 +343,7 @@ stop_proxy() {
 wait_ok direct
 for t in "${proxies[@]}"; do start_proxy "$t"; done
 for t in direct "${proxies[@]}"; do
-  body=$(curl -s "${url[$t]}")
+  body=$(curl -s "${curl_tls[@]}" "${url[$t]}")
   [[ $body == *4cfda0b725184ab8a1e3ee3b9051ec35* ]] || die "$t answered an unexpected body: $body"
 done
 # Every proxy must really add the credential headers, or the comparison is moot.
@@ -331,18 +383,39 @@ pids_of() { # the processes whose memory counts for a target
 }
 upstream_hwm_reset=1
 
+# With --upstream-tls: how many connections the upstream has accepted and
+# how many requests it has had (its stub_status; both include the query's
+# own), and how many lines its per-connection log has (one per connection
+# that sent a request, with $ssl_session_reused), at one moment:
+# "ACCEPTS REQUESTS LINES".
+hs_mark() {
+  local counts lines=0
+  counts=$(curl -s "http://127.0.0.1:$status_port/status" | awk 'NR == 3 { print $1, $3 }' || true)
+  [[ $counts =~ ^[0-9]+\ [0-9]+$ ]] || die "the upstream's stub_status gave no accepts/requests counts"
+  if [ -f "$work/up/conns.log" ]; then lines=$(wc -l < "$work/up/conns.log"); fi
+  echo "$counts $lines"
+}
+
 # Runs the load generator in the background and waits for it, so that a signal
 # to the script is acted on at once. Keep-alive is on with both tools.
-run_load() { # out seconds conns url
+# run_load_start and run_load_wait are the two halves, for a look at the
+# upstream while the load runs.
+run_load_start() { # out seconds conns url
   if [ "$tool" = oha ]; then
     # JSON on stdout; oha's own messages apart, so that the JSON stays whole.
-    "$oha_bin" -z "${2}s" -c "$3" --worker-threads "$threads" -t 2s --no-tui --output-format json "$4" \
-      >"$1" 2>"$1.err" </dev/null &
+    # The direct row over TLS: oha checks certificates and the test CA is
+    # not in its roots (wrk checks none).
+    local insecure=()
+    [[ $4 != https://* ]] || insecure=(--insecure)
+    "$oha_bin" -z "${2}s" -c "$3" --worker-threads "$threads" -t 2s --no-tui --output-format json \
+      "${insecure[@]}" "$4" >"$1" 2>"$1.err" </dev/null &
   else
     wrk -t"$threads" -c"$3" -d"${2}s" --latency "$4" >"$1" 2>&1 &
   fi
-  load_pid=$!; wait "$load_pid" || true; load_pid=""
+  load_pid=$!
 }
+run_load_wait() { wait "$load_pid" || true; load_pid=""; }
+run_load() { run_load_start "$@"; run_load_wait; }
 
 measure() { # run target conns
   local run=$1 t=$2 c=$3 base pids reset=ok
@@ -363,12 +436,36 @@ measure() { # run target conns
     python3 "$helper" sample "$base.sample" --tree "$(pid_of "$t")" &
   fi
   sampler_pid=$!
+  local hs0="" hs1="" hs_steady="" hs2=""
+  [ "$upstream_tls" = 0 ] || hs0=$(hs_mark)
   if [ "$warmup" -gt 0 ]; then run_load "$base.warmup" "$warmup" "$c" "${url[$t]}"; fi
+  [ "$upstream_tls" = 0 ] || hs1=$(hs_mark)
   # Listed again: every nginx worker is surely forked by now.
   mapfile -t pids < <(pids_of "$t")
   local cpu_before; cpu_before=$(python3 "$helper" cpu "${pids[@]}")
-  run_load "$result" "$secs" "$c" "${url[$t]}"
+  run_load_start "$result" "$secs" "$c" "${url[$t]}"
+  if [ "$upstream_tls" = 1 ]; then
+    # The steady part of the measured seconds starts tls_settle seconds in:
+    # the load generator of the warm-up cut its calls in flight when it
+    # stopped, and each proxy closed those upstream connections (a
+    # connection cannot be reused mid-answer), so the first moments of the
+    # new run reconnect. Counted apart.
+    sleep "$tls_settle"
+    hs_steady=$(hs_mark)
+  fi
+  run_load_wait
   awk -v a="$cpu_before" -v b="$(python3 "$helper" cpu "${pids[@]}")" 'BEGIN { printf "%.2f\n", b - a }' > "$base.cpu"
+  if [ "$upstream_tls" = 1 ]; then
+    hs2=$(hs_mark)
+    # The marks, and the upstream's per-connection lines of the warm-up, of
+    # the measured seconds and of their steady part, for the report.
+    echo "$hs0 $hs1 $hs_steady $hs2" > "$base.hs"
+    local l0 l1 ls l2
+    read -r _ _ l0 _ _ l1 _ _ ls _ _ l2 <<< "$hs0 $hs1 $hs_steady $hs2"
+    awk -v a="$l0" -v b="$l1" 'NR > a && NR <= b' "$work/up/conns.log" > "$base.conns-warmup"
+    awk -v a="$l1" -v b="$l2" 'NR > a && NR <= b' "$work/up/conns.log" > "$base.conns-measured"
+    awk -v a="$ls" -v b="$l2" 'NR > a && NR <= b' "$work/up/conns.log" > "$base.conns-steady"
+  fi
   local hwm; hwm=$(python3 "$helper" hwm "${pids[@]}")
   kill "$sampler_pid" 2>/dev/null || true; wait "$sampler_pid" 2>/dev/null || true; sampler_pid=""
   local sampled="0 0 0"; [ -s "$base.sample" ] && sampled=$(cat "$base.sample")
@@ -443,6 +540,14 @@ awk -v l="${load_start%% *}" -v n="$(nproc)" 'BEGIN { exit !(l > n / 2) }' \
   printf 'seconds\t%s\n' "$secs"
   printf 'runs\t%s\n' "$runs"
   printf 'upstream_workers\t%s\n' "$upstream_workers"
+  printf 'upstream_tls\t%s\n' "$upstream_tls"
+  printf 'tls_settle\t%s\n' "$tls_settle"
+  printf 'nginx_keepalive\t%s\n' "$nginx_keepalive"
+  if [ "$upstream_tls" = 1 ]; then
+    printf 'tls_cert\t%s\n' "$(openssl x509 -in "$work/tls/server.pem" -noout -text \
+      | awk '/Public Key Algorithm|ASN1 OID|NIST CURVE/ { sub(/^ +/, ""); printf "%s%s", sep, $0; sep = ", " }')"
+    printf 'openssl_version\t%s\n' "$(openssl version)"
+  fi
   printf 'pandagate_worker_threads\t%s\n' "${PANDAGATE_WORKER_THREADS:-}"
   printf 'gateway_threads\t%s\n' "$gw_threads"
   printf 'nginx_log_buffer\t%s\n' "$nx_log_desc"
@@ -456,9 +561,11 @@ python3 "$helper" report "$work/raw" "$work/meta.tsv" > "$work/report.md" || rep
 
 if [ -z "$out" ]; then
   mkdir -p "$root/bench/results"
-  out="$root/bench/results/$day-compare.md"
+  stem="$day-compare"
+  [ "$upstream_tls" = 0 ] || stem="$day-compare-tls"
+  out="$root/bench/results/$stem.md"
   n=2
-  while [ -e "$out" ]; do out="$root/bench/results/$day-compare-$n.md"; n=$((n + 1)); done
+  while [ -e "$out" ]; do out="$root/bench/results/$stem-$n.md"; n=$((n + 1)); done
 fi
 mkdir -p "$(dirname "$out")"
 cp "$work/report.md" "$out"

@@ -17,6 +17,14 @@ Not meant to be run by hand.
     compare_report.py report RAW_DIR META      Markdown report on stdout; exit 3 when a
                                                target was missed
 
+With --upstream-tls, each measurement also has FILE.hs (the marks "ACCEPTS
+LINES" before the warm-up, after it and after the measured seconds: the
+upstream's stub_status accepts, its query included, and the lines of its
+per-connection log) and FILE.conns-warmup / FILE.conns-measured (those
+lines: `$connection $ssl_session_reused ...`); the report adds TLS
+handshakes per 10 000 calls and the target that pandagate makes no more
+than nginx.
+
 Python 3 standard library only.
 """
 
@@ -227,8 +235,55 @@ def load(raw):
             cpu = float(f.read())
         fig.update(hwm=hwm, sampled_rss=sampled_rss, sampled_pss=sampled_pss,
                    cpu_us=cpu * 1e6 / fig["requests"] if fig["requests"] else None)
+        hs = load_handshakes(stem)
+        fig["hs"] = hs
+        if hs is not None:
+            m = hs["steady"]
+            fig.update(hs_10k=per_10k(m["accepted"], m["calls"]),
+                       hs_full_10k=per_10k(m["full"], m["calls"]),
+                       hs_resumed_10k=per_10k(m["resumed"], m["calls"]),
+                       hs_run_10k=per_10k(hs["measured"]["accepted"], hs["measured"]["calls"]))
         data[(run, target, conns)] = fig
     return data
+
+
+def load_handshakes(stem):
+    """TLS connections the upstream accepted (each is one handshake) and
+    calls it answered, in the warm-up, in the measured seconds and in their
+    steady part (from --tls-settle seconds in), with the split of those
+    connections that sent a request into full handshakes and resumed
+    sessions; None without --upstream-tls."""
+    try:
+        with open(stem + ".hs") as f:
+            v = [int(x) for x in f.read().split()]
+    except OSError:
+        return None
+    # Marks: before the warm-up, after it, `settle` seconds into the
+    # measured run, after it; each "ACCEPTS REQUESTS LINES", each counting
+    # its own stub_status connection and request.
+    marks = [v[i:i + 3] for i in range(0, 12, 3)]
+    out = {}
+    for name, i, j in (("warmup", 0, 1), ("measured", 1, 3), ("steady", 2, 3)):
+        full = resumed = 0
+        with open(f"{stem}.conns-{name}") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) < 2:
+                    continue
+                if fields[1] == "r":
+                    resumed += 1
+                else:
+                    full += 1
+        # The marks taken after mark i up to mark j are not the proxy's.
+        queries = j - i
+        out[name] = {"accepted": max(0, marks[j][0] - marks[i][0] - queries),
+                     "calls": max(0, marks[j][1] - marks[i][1] - queries),
+                     "full": full, "resumed": resumed}
+    return out
+
+
+def per_10k(n, calls):
+    return None if n is None or not calls else n * 10_000 / calls
 
 
 def med(values):
@@ -286,9 +341,10 @@ def report(raw, meta_path):
     targets = [t for t in TARGETS if any(k[1] == t for k in data)]
     gateways = [t for t in GATEWAYS if t in targets]
     tool = meta.get("tool", "wrk")
+    tls = meta.get("upstream_tls") == "1"
 
     def series(target, conns, key):
-        return [data[(r, target, conns)][key] for r in runs if (r, target, conns) in data]
+        return [data[(r, target, conns)].get(key) for r in runs if (r, target, conns) in data]
 
     summary = {}
     for c in levels:
@@ -303,11 +359,15 @@ def report(raw, meta_path):
                 "rss": mib(med(series(t, c, "hwm"))),
                 "cpu_us": med(series(t, c, "cpu_us")),
                 "per_run": series(t, c, "rps"),
+                "hs_10k": med(series(t, c, "hs_10k")),
+                "hs_full_10k": med(series(t, c, "hs_full_10k")),
+                "hs_resumed_10k": med(series(t, c, "hs_resumed_10k")),
+                "hs_run_10k": med(series(t, c, "hs_run_10k")),
             }
 
     o = []
     w = o.append
-    w(f"# pandagate vs nginx vs direct — {meta['date']}")
+    w(f"# pandagate vs nginx vs direct{' — upstream over TLS' if tls else ''} — {meta['date']}")
     w("")
     w("## Machine and build")
     w("")
@@ -329,23 +389,63 @@ def report(raw, meta_path):
       f"{meta['seconds']} s measured, per target and level")
     w(f"- runs: {meta['runs']}; within a run each level measures all {len(targets)} targets back "
       f"to back, in an order rotated from run to run; figures below are medians over runs")
-    w(f"- upstream (direct): nginx `return 200` with the provider envelope, "
-      f"`worker_processes {meta['upstream_workers']}`, access_log off, keepalive_requests 1000000")
-    w(f"- nginx proxy: `worker_processes auto`, `upstream {{ keepalive 64; }}`, "
-      f"`proxy_http_version 1.1`, `Connection \"\"`, static access-key / user-id / signature "
-      f"headers plus timestamp=`$msec` and nonce-str=`$request_id`, JSON access log to a file "
-      f"({meta['nginx_log_buffer']})")
-    w(f"- pandagate: signing on (MD5, recipe concat), `PANDAGATE_LOG_FORMAT=json` with stdout "
-      f"to a file, `[rate_limit] requests_per_second = 1000000` (local, does not bind), "
-      f"admin listener on a free loopback port, other settings at their defaults. Rows: "
-      f"{gateway_text(meta, gateways)}")
+    if tls:
+        w(f"- upstream (direct): nginx `return 200` with the provider envelope over TLS "
+          f"(`listen ... ssl`, TLS 1.2 and 1.3, `ssl_session_cache shared:SSL:10m`, session "
+          f"tickets on; a test CA and a certificate for localhost / 127.0.0.1 made for this run "
+          f"with openssl: {meta.get('tls_cert', '?')}; {meta.get('openssl_version', '')}), "
+          f"`worker_processes {meta['upstream_workers']}`, keepalive_requests 1000000, one "
+          f"access-log line per connection (at the end of its first request: "
+          f"`$ssl_session_reused`) and stub_status on a plain port; direct is "
+          f"{tool} to `https://127.0.0.1:PORT`")
+        w(f"- nginx proxy: `worker_processes auto`, `upstream {{ keepalive {meta.get('nginx_keepalive', '64')}; }}` (idle connections kept per worker), "
+          f"`proxy_pass https://provider`, `proxy_ssl_verify on` against the test CA, "
+          f"`proxy_ssl_name localhost`, `proxy_ssl_server_name on`, `proxy_ssl_protocols TLSv1.2 "
+          f"TLSv1.3`, `proxy_ssl_session_reuse on`, "
+          f"`proxy_http_version 1.1`, `Connection \"\"`, static access-key / user-id / signature "
+          f"headers plus timestamp=`$msec` and nonce-str=`$request_id`, JSON access log to a file "
+          f"({meta['nginx_log_buffer']})")
+        w(f"- pandagate: `PANDAGATE_UPSTREAM=https://localhost:PORT`, `[tls] ca_file` = the test "
+          f"CA (rustls, its default session resumption), signing on (MD5, recipe concat), "
+          f"`PANDAGATE_LOG_FORMAT=json` with stdout to a file, `[rate_limit] requests_per_second "
+          f"= 1000000` (local, does not bind), admin listener on a free loopback port, other "
+          f"settings at their defaults. Rows: {gateway_text(meta, gateways)}")
+        w(f"- TLS handshakes: each connection the upstream accepts is one handshake. Counted "
+          f"from its stub_status (`accepts`, and `requests` for the calls; the queries' own "
+          f"connections and requests taken off) from {meta.get('tls_settle', '?')} s into the "
+          f"measured run to its end (**steady**: the warm-up's load generator cut its calls in "
+          f"flight when it stopped, each proxy closed those upstream connections, and the new "
+          f"run first replaces them; the whole measured run is shown too), per 10 000 calls the "
+          f"upstream answered in that time; the split into full handshakes and resumed "
+          f"sessions comes from the per-connection log lines (`$ssl_session_reused`) of the "
+          f"connections whose first request ended in that time (the line is written then: a "
+          f"connection opened earlier and first used in the window is counted there, one "
+          f"that never sent a request has no line, so full + resumed need not add up to "
+          f"all). The warm-up's handshakes "
+          f"(where a pool fills) are in the last table. For direct they are {tool}'s own "
+          f"connections")
+    else:
+        w(f"- upstream (direct): nginx `return 200` with the provider envelope, "
+          f"`worker_processes {meta['upstream_workers']}`, access_log off, keepalive_requests "
+          f"1000000")
+        w(f"- nginx proxy: `worker_processes auto`, `upstream {{ keepalive {meta.get('nginx_keepalive', '64')}; }}` (idle connections kept per worker), "
+          f"`proxy_http_version 1.1`, `Connection \"\"`, static access-key / user-id / signature "
+          f"headers plus timestamp=`$msec` and nonce-str=`$request_id`, JSON access log to a file "
+          f"({meta['nginx_log_buffer']})")
+        w(f"- pandagate: signing on (MD5, recipe concat), `PANDAGATE_LOG_FORMAT=json` with stdout "
+          f"to a file, `[rate_limit] requests_per_second = 1000000` (local, does not bind), "
+          f"admin listener on a free loopback port, other settings at their defaults. Rows: "
+          f"{gateway_text(meta, gateways)}")
     w(f"- peak RSS: {meta['rss_method']}")
     w("")
     w("## Results (medians)")
     w("")
-    w("| conns | target | calls/s | p50 ms | p99 ms | errors | peak RSS MiB | CPU µs/call "
-      "| calls/s per run |")
-    w("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    hs_head = (" TLS handshakes per 10k calls, steady: all (full + resumed) | the same, whole "
+               "measured run |" if tls else "")
+    w("| conns | target | calls/s | p50 ms | p99 ms | errors | peak RSS MiB | CPU µs/call |"
+      f"{hs_head} calls/s per run |")
+    w("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: | ---: |" if tls else "")
+      + " --- |")
     for c in levels:
         for t in targets:
             s = summary[(t, c)]
@@ -356,8 +456,12 @@ def report(raw, meta_path):
             if t == "direct" and s["rss"] is not None:
                 rss += " (upstream)"
             per_run = ", ".join(f"{v:.0f}" for v in s["per_run"] if v is not None)
+            hs = ""
+            if tls:
+                hs = (f" {fmt(s['hs_10k'], 1)} ({fmt(s['hs_full_10k'], 1)} + "
+                      f"{fmt(s['hs_resumed_10k'], 1)}) | {fmt(s['hs_run_10k'], 1)} |")
             w(f"| {c} | {t} | {fmt(s['rps'], 0)} | {fmt(s['p50'], 3)} | {fmt(s['p99'], 3)} "
-              f"| {errors} | {rss} | {fmt(s['cpu_us'], 1)} | {per_run} |")
+              f"| {errors} | {rss} | {fmt(s['cpu_us'], 1)} |{hs} {per_run} |")
     w("")
 
     w("## Ratios")
@@ -394,7 +498,9 @@ def report(raw, meta_path):
     w("## Targets")
     w("")
     w("Judged on the medians, for each pandagate row: calls/s ≥ nginx, CPU per call ≤ nginx "
-      "and p99 ≤ 1.1 × nginx at every level; peak RSS ≤ 30 MiB at 256 connections.")
+      "and p99 ≤ 1.1 × nginx at every level; peak RSS ≤ 30 MiB at 256 connections"
+      + ("; TLS handshakes per 10 000 calls after the warm-up (steady part) ≤ nginx's at "
+         "every level." if tls else "."))
     w("")
     missed_rows = {}
     rss_level = 256 if 256 in levels else max(levels)
@@ -421,6 +527,13 @@ def report(raw, meta_path):
               or gv(c, "p99") > 1.1 * nx(c, "p99")],
              lambda c, gv=gv: f"{fmt(gv(c, 'p99'), 3)} ms vs 1.1 × {fmt(nx(c, 'p99'), 3)} ms"),
         ]
+        if tls:
+            checks.append(
+                (f"{g} TLS handshakes per 10 000 calls ≤ nginx's",
+                 [c for c in levels if gv(c, "hs_10k") is None or nx(c, "hs_10k") is None
+                  or gv(c, "hs_10k") > nx(c, "hs_10k")],
+                 lambda c, gv=gv: f"{fmt(gv(c, 'hs_10k'), 1)} vs {fmt(nx(c, 'hs_10k'), 1)}"))
+        n_targets = len(checks) + 1
         missed = 0
         w(f"**{g}**")
         w("")
@@ -439,11 +552,12 @@ def report(raw, meta_path):
             w(f"- **MISSED** {g} peak RSS ≤ 30 MiB at {rss_level} conns — {fmt(rss, 1)} MiB"
               f"{rss_note}")
         w("")
-        w(f"{g}: {4 - missed} of 4 targets held.")
+        w(f"{g}: {n_targets - missed} of {n_targets} targets held.")
         w("")
         missed_rows[g] = missed
     if len(gateways) > 1:
-        w("All rows: " + "; ".join(f"{g} {4 - m} of 4" for g, m in missed_rows.items()) + ".")
+        w("All rows: " + "; ".join(f"{g} {n_targets - m} of {n_targets}"
+                                   for g, m in missed_rows.items()) + ".")
         w("")
 
     w("## How to read")
@@ -469,7 +583,13 @@ def report(raw, meta_path):
       "µs/call is the CPU time (user + system) the proxy processes used during the measured "
       "seconds divided by the calls answered (for direct: the upstream's): the figure least "
       "disturbed by other work on the box, since it counts only the proxy's own cycles; it "
-      f"leaves out the upstream's and {tool}'s share.")
+      f"leaves out the upstream's and {tool}'s share."
+      + (" With the upstream over TLS, each proxy's CPU per call includes its TLS work "
+         "(encrypting requests, decrypting answers, and any handshake); a handshake after the "
+         "warm-up means a pooled connection was not reused: closed, or never pooled (nginx "
+         "keeps at most `keepalive` idle connections per worker and closes the rest after "
+         "their call). A resumed session skips the certificate check but still costs a "
+         "round trip and a key exchange." if tls else ""))
     w("")
 
     w("## Every measurement")
@@ -478,8 +598,11 @@ def report(raw, meta_path):
                    else "other errors (oha's messages)")
     w("| run | conns | target | calls/s | p50 ms | p99 ms | requests | non-2xx | "
       f"{errors_head} | peak RSS (VmHWM) MiB | sampled RSS MiB | "
-      "sampled PSS MiB | CPU µs/call |")
-    w("| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |")
+      "sampled PSS MiB | CPU µs/call |"
+      + (" TLS handshakes, warm-up: all (full + resumed) / calls | whole measured run | "
+         "steady part |" if tls else ""))
+    w("| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |"
+      + (" ---: | ---: | ---: |" if tls else ""))
     for r in runs:
         for c in levels:
             for t in targets:
@@ -490,7 +613,8 @@ def report(raw, meta_path):
                   f"{fmt(d['p99'], 3)} | {d['requests']} | {d['non2xx']} | "
                   f"{d['detail']} | "
                   f"{fmt(mib(d['hwm']), 1)} | {fmt(mib(d['sampled_rss']), 1)} | "
-                  f"{fmt(mib(d['sampled_pss']), 1)} | {fmt(d['cpu_us'], 1)} |")
+                  f"{fmt(mib(d['sampled_pss']), 1)} | {fmt(d['cpu_us'], 1)} |"
+                  + (hs_cells(d.get("hs")) if tls else ""))
     if meta.get("notes"):
         w("")
         w("## Notes")
@@ -499,6 +623,13 @@ def report(raw, meta_path):
             w(f"- {n}")
     print("\n".join(o))
     return 3 if any(missed_rows.values()) else 0
+
+
+def hs_cells(hs):
+    if not hs:
+        return " — | — | — |"
+    return "".join(f" {hs[k]['accepted']} ({hs[k]['full']} + {hs[k]['resumed']}) / "
+                   f"{hs[k]['calls']} |" for k in ("warmup", "measured", "steady"))
 
 
 def main(argv):
