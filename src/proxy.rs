@@ -813,7 +813,7 @@ impl Gateway {
         class: Class,
     ) -> (Outcome, Answer) {
         let exchange = async {
-            let mut response = match self.upstream.client().request(req).await {
+            let mut response = match self.upstream.client(class).request(req).await {
                 Ok(response) => response,
                 Err(e) => {
                     // TLS and the egress proxy fail while connecting.

@@ -17,7 +17,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::body::UpstreamBody;
-use crate::config::{ConfigError, UpstreamConfig, upstream_base};
+use crate::config::{Class, ConfigError, UpstreamConfig, upstream_base};
 use crate::egress::{self, Egress};
 use crate::error::GatewayError;
 use crate::tls::{FailureLog, Trust};
@@ -30,6 +30,8 @@ pub type HttpClient = Client<egress::Within<HttpsConnector<egress::Connector>>, 
 pub struct Upstream {
     /// One per serving thread, indexed by [`worker::index`].
     clients: Box<[HttpClient]>,
+    /// The same, for calls that are never sent twice.
+    write_clients: Box<[HttpClient]>,
     scheme: Scheme,
     authority: Authority,
     /// Path of the base URL without its trailing `/`; empty for most setups.
@@ -84,18 +86,24 @@ impl Upstream {
             .proxy()
             .filter(|_| scheme == Scheme::HTTP)
             .and_then(|p| p.authorization().cloned());
-        let client = || {
+        let client = |idle_ms: u64| {
             Client::builder(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .pool_timer(TokioTimer::new())
-                .pool_idle_timeout(Duration::from_millis(cfg.pool_idle_timeout_ms))
+                .pool_idle_timeout(Duration::from_millis(idle_ms))
                 .pool_max_idle_per_host(cfg.pool_max_idle)
                 // The gateway sets Host itself, to the upstream's authority.
                 .set_host(false)
                 .build(https.clone())
         };
+        let workers = workers.max(1);
         Ok(Upstream {
-            clients: (0..workers.max(1)).map(|_| client()).collect(),
+            clients: (0..workers)
+                .map(|_| client(cfg.pool_idle_timeout_ms))
+                .collect(),
+            write_clients: (0..workers)
+                .map(|_| client(cfg.write_pool_idle_timeout_ms))
+                .collect(),
             scheme,
             authority,
             base_path,
@@ -134,9 +142,17 @@ impl Upstream {
         })
     }
 
-    /// The calling worker's client: its pool, its connections.
-    pub fn client(&self) -> &HttpClient {
-        &self.clients[worker::index() % self.clients.len()]
+    /// The calling worker's client for a call of `class`: its pool, its
+    /// connections. A call that is never sent twice takes its connection
+    /// from a pool of its own, whose connections idle for at most
+    /// `write_pool_idle_timeout_ms` (see `UpstreamConfig`).
+    pub fn client(&self, class: Class) -> &HttpClient {
+        let clients = if class.repeatable() {
+            &self.clients
+        } else {
+            &self.write_clients
+        };
+        &clients[worker::index() % clients.len()]
     }
 
     /// The provider URL for a caller's request target.

@@ -460,3 +460,69 @@ async fn a_caller_leaving_during_the_probe_does_not_wedge_the_circuit() {
     );
     gw.stop().await;
 }
+
+/// A provider that closes a kept-alive connection idle for `idle` when the
+/// next request arrives on it — what a request meets when it is written just
+/// as the provider's idle timeout closes the connection: read by nobody, no
+/// answer. Counts the requests it answered.
+async fn closing_when_idle(idle: Duration) -> (String, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let answered = Arc::new(AtomicUsize::new(0));
+    let count = answered.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let mut last = Instant::now();
+                while read_request(&mut stream).await.is_some() {
+                    if last.elapsed() >= idle && count.load(Ordering::SeqCst) > 0 {
+                        // Closed by the idle timeout before this request
+                        // was read.
+                        return;
+                    }
+                    count.fetch_add(1, Ordering::SeqCst);
+                    let body = provider_body("rid-idle", 200, "ok");
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if stream.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    last = Instant::now();
+                }
+            });
+        }
+    });
+    (format!("http://{addr}"), answered)
+}
+
+/// A write after a pause near the provider's idle timeout: on a connection
+/// the provider is closing it would be lost (and, rightly, not sent again),
+/// so writes take no connection idle for longer than
+/// `write_pool_idle_timeout_ms`; reads keep their long-lived pool.
+#[tokio::test]
+async fn a_write_after_a_pause_takes_a_connection_the_provider_still_keeps() {
+    for (write_idle_ms, expected) in [(150, 200), (60_000, 502)] {
+        let (url, answered) = closing_when_idle(Duration::from_millis(300)).await;
+        let mut c = fast(&url);
+        c.upstream.write_pool_idle_timeout_ms = write_idle_ms;
+        let gw = spawn_gateway(c).await;
+        let order = r#"{"outOrderId":"pause-1"}"#;
+        assert_eq!(post(&gw, "/alibaba/order/create", order).await.status, 200);
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let after = post(&gw, "/alibaba/order/create", r#"{"outOrderId":"pause-2"}"#).await;
+        assert_eq!(
+            after.status, expected,
+            "write_pool_idle_timeout_ms = {write_idle_ms}"
+        );
+        // A read in the same spot is retried on a new connection either way.
+        assert_eq!(get(&gw.url("/open/product/get")).await.status, 200);
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(get(&gw.url("/open/product/get")).await.status, 200);
+        let sent = if expected == 200 { 4 } else { 3 };
+        assert_eq!(answered.load(Ordering::SeqCst), sent);
+        gw.stop().await;
+    }
+}

@@ -24,6 +24,13 @@ pub struct UpstreamConfig {
     pub request_timeout_ms: u64,
     /// How long an idle pooled connection is kept, in milliseconds.
     pub pool_idle_timeout_ms: u64,
+    /// How long an idle connection may still carry a call that is never
+    /// sent twice (a write or an unknown path), in milliseconds: such calls
+    /// have a pool of their own. A provider that closes idle connections
+    /// closes one now and then just as a call is written to it; a read
+    /// caught so is retried, a write is not (it may have arrived), so writes
+    /// take a connection that has been idle for less than this or a new one.
+    pub write_pool_idle_timeout_ms: u64,
     /// Most idle connections kept to the provider, by each serving thread
     /// (see `server.worker_threads`).
     pub pool_max_idle: usize,
@@ -49,6 +56,7 @@ impl Default for UpstreamConfig {
             connect_timeout_ms: 3_000,
             request_timeout_ms: 30_000,
             pool_idle_timeout_ms: 60_000,
+            write_pool_idle_timeout_ms: 1_000,
             pool_max_idle: 256,
             proxy: None,
         }
@@ -62,6 +70,10 @@ impl UpstreamConfig {
             ("upstream.connect_timeout_ms", self.connect_timeout_ms),
             ("upstream.request_timeout_ms", self.request_timeout_ms),
             ("upstream.pool_idle_timeout_ms", self.pool_idle_timeout_ms),
+            (
+                "upstream.write_pool_idle_timeout_ms",
+                self.write_pool_idle_timeout_ms,
+            ),
         ] {
             positive(key, value)?;
         }
