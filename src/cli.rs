@@ -8,18 +8,18 @@ use std::time::SystemTime;
 
 use clap::{Parser, Subcommand};
 
-use crate::access_log::AccessLog;
-use crate::app::{App, EXIT_FLUSH, StartError};
+use crate::base::secret::Secret;
 use crate::config::RedisUrlKeys as _;
 use crate::config::{self, BackendKind, ConfigError, LogConfig, StoreKind, process_env};
-use crate::loaded::{self, Loaded};
-use crate::metrics::Metrics;
-use crate::proxy::Gateway;
-use crate::sandbox::{DEMO_ACCESS_KEY, DEMO_SECRET, Sandbox};
-use crate::secret::Secret;
-use crate::server::{self, ServerOptions};
-use crate::signer::{self, Recipe, TimestampUnit};
-use crate::{ids, telemetry};
+use crate::gateway::Gateway;
+use crate::net::server::{self, ServerOptions};
+use crate::observe::access_log::AccessLog;
+use crate::observe::metrics::Metrics;
+use crate::pandapon::sandbox::{DEMO_ACCESS_KEY, DEMO_SECRET, Sandbox};
+use crate::pandapon::signer::{self, Recipe, TimestampUnit};
+use crate::policy::loaded::{self, Loaded};
+use crate::process::app::{App, EXIT_FLUSH, StartError};
+use crate::{base::ids, observe::diagnostics};
 
 /// Exit status for an invalid configuration (EX_CONFIG... sysexits' EX_USAGE, 64).
 pub const EXIT_CONFIG: u8 = 64;
@@ -161,10 +161,10 @@ pub fn main() -> ExitCode {
             sign(&loaded, explain, profile, timestamp, nonce)
         }),
         Command::Demo => {
-            let format = telemetry::resolve_format(None);
-            telemetry::init(format, LogConfig::default().queue_lines);
+            let format = diagnostics::resolve_format(None);
+            diagnostics::init(format, LogConfig::default().queue_lines);
             on_runtime(0, async move {
-                match crate::demo::run(format).await {
+                match crate::process::demo::run(format).await {
                     Ok(true) => ExitCode::SUCCESS,
                     Ok(false) => ExitCode::FAILURE,
                     Err(e) => {
@@ -188,14 +188,14 @@ pub fn main() -> ExitCode {
         } => on_runtime(0, sandbox(listen, access_key, recipe, timestamp_unit)),
     };
     // Diagnostics still queued ("exiting" among them) are lost otherwise.
-    telemetry::flush_within(EXIT_FLUSH);
+    diagnostics::flush_within(EXIT_FLUSH);
     code
 }
 
 /// Prints a message on the way out, after the diagnostics queued before it
 /// (waiting at most `EXIT_FLUSH` for stderr's reader).
 fn exit_message(msg: std::fmt::Arguments<'_>) {
-    telemetry::flush_within(EXIT_FLUSH);
+    diagnostics::flush_within(EXIT_FLUSH);
     eprintln!("{msg}");
 }
 
@@ -232,7 +232,7 @@ fn config_failure(e: &ConfigError) -> ExitCode {
 
 async fn run(loaded: Loaded, config_path: Option<PathBuf>) -> ExitCode {
     let log = &loaded.config.log;
-    telemetry::init(telemetry::resolve_format(log.format), log.queue_lines);
+    diagnostics::init(diagnostics::resolve_format(log.format), log.queue_lines);
     let served = match App::build(loaded, config_path).await {
         Ok(app) => app.serve().await,
         Err(e) => Err(e),
@@ -278,7 +278,7 @@ fn check(loaded: &Loaded) -> ExitCode {
     match &loaded.traces_endpoint {
         Some(endpoint) => println!(
             "# telemetry: spans exported to {}",
-            crate::redact::url(&endpoint.0)
+            crate::base::redact::url(&endpoint.0)
         ),
         None => println!("# telemetry: no OTLP endpoint; no spans are made"),
     }
@@ -299,7 +299,7 @@ fn check(loaded: &Loaded) -> ExitCode {
 /// the one this binary writes (it is made current at start).
 fn postgres_status(
     c: &crate::config::CallbacksConfig,
-    url: &crate::tls::WithTrust<crate::config::PostgresUrl>,
+    url: &crate::net::tls::WithTrust<crate::config::PostgresUrl>,
 ) -> String {
     use crate::callbacks::postgres::{SCHEMA_VERSION, probe};
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -484,8 +484,8 @@ async fn sandbox(
     recipe: RecipeArg,
     unit: UnitArg,
 ) -> ExitCode {
-    telemetry::init(
-        telemetry::resolve_format(None),
+    diagnostics::init(
+        diagnostics::resolve_format(None),
         LogConfig::default().queue_lines,
     );
     let secret = process_env("PANDAPON_ACCESS_SECRET").unwrap_or_else(|| DEMO_SECRET.to_owned());

@@ -5,86 +5,57 @@
 //! forwards over HTTPS and writes one access-log line per call carrying the
 //! provider's `requestId` and `code`.
 //!
-//! Reading order: [`config`] (what can be set) → [`proxy`] (the request phases,
-//! top to bottom) → [`signer`] (the signature recipe) → [`error`] (the one
-//! mapping from failures to HTTP answers) → [`app`] (how the process is put
-//! together).
+//! # Layout
 //!
-//! # Layers
+//! The folders are the layers, lowest first, in the order they are declared
+//! below. A folder uses only folders declared before it, never one after;
+//! `scripts/layers.py` checks it in CI, so no import can close a cycle.
 //!
-//! Lowest first. A module uses only modules of lower layers, never one of
-//! its own layer or above; `scripts/layers.py` checks it in CI.
+//! * `base/`: the error type and its one mapping to answers, ids, secrets,
+//!   redaction, the body budget. No knowledge of an HTTP call.
+//! * `pandapon/`: the provider's rules: signer, envelope, headers, sandbox.
+//! * `config/`: one file per section of the TOML, each with its `validate`.
+//! * `net/`: bytes and connections: TLS trust, the accept loop, TLS for
+//!   callers, bodies, the provider connection and the egress proxy.
+//! * `policy/`: decisions: routes, retry, breaker, profiles, caller auth, a
+//!   config loaded with its secrets.
+//! * `state/`: what outlives a call: read cache, idempotency keys, quota;
+//!   each in this process or in Redis; the one Redis and PostgreSQL setup.
+//! * `observe/`: access log, per-call metrics, traces, diagnostics.
+//! * `gateway/`: one call from the caller to the provider and back, a file
+//!   per phase.
+//! * `callbacks/`: pushed messages: verified, stored, delivered.
+//! * `process/`: the process around them: app, reload, `/metrics`, admin,
+//!   demo, fuzz entry points.
+//! * `cli`: the command line.
 //!
-//! 1. leaves: error ids secret signer headers envelope redact connections log_queue worker drain body_budget
-//! 2. config: config
-//! 3. trust: tls
-//! 4. reaching the stores: stores
-//! 5. policies: routes retry breaker limiter profiles body telemetry idempotency traces egress
-//! 6. built on them: auth upstream access_log cache caller_tls
-//! 7. loaded and counted: loaded metrics
-//! 8. one call's log line: call_log
-//! 9. serving parts: proxy callbacks server sandbox
-//! 10. around the gateway: reload exporter
-//! 11. operations: admin
-//! 12. the process: app demo fuzzing
-//! 13. the command line: cli
+//! Reading order: [`config`] (what can be set) → `gateway` (the request
+//! phases, top to bottom) → `pandapon::signer` (the signature recipe) →
+//! `base::error` (the one mapping from failures to HTTP answers) →
+//! `process::app` (how the process is put together).
 #![forbid(unsafe_code)]
 
-// 1. leaves
-pub mod body_budget;
-pub mod connections;
-pub mod drain;
-pub mod envelope;
-pub mod error;
-pub mod headers;
-pub mod ids;
-pub mod log_queue;
-pub mod redact;
-pub mod secret;
-pub mod signer;
-pub mod worker;
-// 2. config
+// Each declaration is a layer; a comment between them keeps rustfmt from
+// sorting them out of order.
+// 1.
+pub mod base;
+// 2.
+pub mod pandapon;
+// 3.
 pub mod config;
-// 3. trust
-pub mod tls;
-// 4. reaching the stores
-pub mod stores;
-// 5. policies
-pub mod body;
-pub mod breaker;
-pub mod egress;
-pub mod idempotency;
-pub mod limiter;
-pub mod profiles;
-pub mod retry;
-pub mod routes;
-pub mod telemetry;
-pub mod traces;
-// 6. built on them
-pub mod access_log;
-pub mod auth;
-pub mod cache;
-pub mod caller_tls;
-pub mod upstream;
-// 7. loaded and counted
-pub mod loaded;
-pub mod metrics;
-// 8. one call's log line
-pub mod call_log;
-// 9. serving parts
+// 4.
+pub mod net;
+// 5.
+pub mod policy;
+// 6.
+pub mod state;
+// 7.
+pub mod observe;
+// 8.
+pub mod gateway;
+// 9.
 pub mod callbacks;
-pub mod proxy;
-pub mod sandbox;
-pub mod server;
-// 10. around the gateway
-pub mod exporter;
-pub mod reload;
-// 11. operations
-pub mod admin;
-// 12. the process
-pub mod app;
-pub mod demo;
-#[doc(hidden)]
-pub mod fuzzing;
-// 13. the command line
+// 10.
+pub mod process;
+// 11.
 pub mod cli;

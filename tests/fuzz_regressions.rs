@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use pandagate::fuzzing;
+use pandagate::process::fuzzing;
 
 type Target = fn(&[u8]);
 

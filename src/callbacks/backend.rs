@@ -10,7 +10,7 @@ use super::CallbackError;
 use super::postgres::PgStore;
 use super::store::{Cursor, Delivery, Due, Message, Outcome, Page, Pruned, Store, StoreError};
 use crate::config::{CallbackBackend, CallbacksConfig, ConfigError, PostgresUrl};
-use crate::tls::WithTrust;
+use crate::net::tls::WithTrust;
 
 #[derive(Debug)]
 pub enum Backend {

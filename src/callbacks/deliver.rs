@@ -19,11 +19,11 @@ use tokio::time::Instant;
 
 use super::store::{Delivery, Due, Message, Outcome};
 use super::{CallbackError, Callbacks, now_ms};
-use crate::tls::Trust;
+use crate::net::tls::Trust;
 
 /// The client that posts to subscribers: `http://` or `https://` (trusted
 /// as `[tls]` says, HTTP/1.1 by ALPN), straight to them, never through the
-/// egress proxy (they are internal; see `crate::egress`).
+/// egress proxy (they are internal; see `crate::net::egress`).
 type SubscriberClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 fn subscriber_client(trust: &Trust) -> SubscriberClient {
@@ -72,7 +72,7 @@ const RECORD_RETRY_CAP: Duration = Duration::from_millis(500);
 /// than one try, or it did not apply (the delivery was no longer this
 /// replica's claim).
 fn log_recorded(d: &Delivery, applied: bool, failed: u32, since: Instant) {
-    let (id, subscriber) = (d.id(), crate::redact::url(&d.subscriber));
+    let (id, subscriber) = (d.id(), crate::base::redact::url(&d.subscriber));
     let (tries, waited_ms) = (failed + 1, since.elapsed().as_millis() as u64);
     match (applied, failed) {
         (true, 0) => {}
@@ -305,7 +305,7 @@ impl Callbacks {
                 self.counts.lag.observe(lag_ms as f64 / 1000.0);
                 tracing::info!(
                     delivery_id = %d.id(),
-                    subscriber = %crate::redact::url(&d.subscriber),
+                    subscriber = %crate::base::redact::url(&d.subscriber),
                     message_type = %message.message_type,
                     attempts = d.attempts + 1,
                     lag_ms,
@@ -321,7 +321,7 @@ impl Callbacks {
                     self.counts.dead_lettered.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(
                         delivery_id = %d.id(),
-                        subscriber = %crate::redact::url(&d.subscriber),
+                        subscriber = %crate::base::redact::url(&d.subscriber),
                         attempts = d.attempts,
                         "callback delivery gave up: dead letter"
                     );
@@ -402,7 +402,7 @@ impl Callbacks {
         match tokio::time::timeout(timeout, client.request(req)).await {
             Ok(Ok(resp)) if resp.status().is_success() => Ok(()),
             Ok(Ok(resp)) => Err(CallbackError::Status(resp.status())),
-            Ok(Err(e)) => match crate::tls::failure(&e) {
+            Ok(Err(e)) => match crate::net::tls::failure(&e) {
                 Some(reason) => {
                     let host = host_of(&d.subscriber);
                     self.tls_failures.tell("a subscriber", &host, reason);

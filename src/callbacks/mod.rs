@@ -25,15 +25,15 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
 
-use crate::body::{self, BodyLimits, ResponseBody, UpstreamBody};
-use crate::body_budget::{BodyBudget, ConnectionBodies, Held, Reader};
+use crate::base::body_budget::{BodyBudget, ConnectionBodies, Held, Reader};
+use crate::base::error::{GatewayError, envelope_response};
+use crate::base::ids;
+use crate::base::secret::Secret;
 use crate::config::{CallbacksConfig, ConfigError, SubscriberConfig};
-use crate::error::{GatewayError, envelope_response};
-use crate::ids;
-use crate::profiles::Profiles;
-use crate::secret::Secret;
-use crate::tls::FailureLog;
-use crate::traces::{Operation, Traces};
+use crate::net::body::{self, BodyLimits, ResponseBody, UpstreamBody};
+use crate::net::tls::FailureLog;
+use crate::observe::traces::{Operation, Traces};
+use crate::policy::profiles::Profiles;
 pub use backend::Backend;
 use opentelemetry::KeyValue;
 use opentelemetry::trace::SpanKind;
@@ -68,7 +68,7 @@ pub enum CallbackError {
     #[error("TLS with {host} failed: {reason}")]
     Tls {
         host: String,
-        reason: crate::error::TlsReason,
+        reason: crate::base::error::TlsReason,
     },
     /// The subscriber did not answer within `delivery_timeout_ms`.
     #[error("timed out")]

@@ -35,8 +35,8 @@ use tokio_postgres::AsyncMessage;
 
 use super::store::{Cursor, Delivery, Due, Message, Outcome, Page, Pruned};
 use crate::config::{CallbacksConfig, PostgresUrl};
-use crate::stores::postgres::{causes, connector, describe};
-use crate::tls::WithTrust;
+use crate::net::tls::WithTrust;
+use crate::state::postgres::{causes, connector, describe};
 
 /// The schema version this binary writes; [`MIGRATIONS`]`[i]` makes version
 /// `i + 1`.

@@ -255,7 +255,7 @@ from_redb!(
 /// (`message id|subscriber url`) with the URL's credentials redacted.
 fn shown_key(key: &str) -> String {
     match key.split_once('|') {
-        Some((id, url)) => format!("{:?}", format!("{id}|{}", crate::redact::url(url))),
+        Some((id, url)) => format!("{:?}", format!("{id}|{}", crate::base::redact::url(url))),
         None => format!("{key:?}"),
     }
 }

@@ -111,7 +111,7 @@ impl CacheConfig {
             if header.as_str() != name {
                 return Err(ConfigError::new(key, "write header names in lower case"));
             }
-            if crate::headers::never_forwarded(&header) {
+            if crate::pandapon::headers::never_forwarded(&header) {
                 return Err(ConfigError::new(
                     key,
                     format_args!(

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::{ConfigError, Env};
 use super::secrets::SecretSource;
-use crate::redact;
+use crate::base::redact;
 
 /// Where pushed messages are kept.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -109,13 +109,13 @@ pub struct SubscriberConfig {
 
 impl std::fmt::Debug for CallbacksConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        crate::redact::debug("CallbacksConfig", self, f)
+        crate::base::redact::debug("CallbacksConfig", self, f)
     }
 }
 
 impl std::fmt::Debug for SubscriberConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        crate::redact::debug("SubscriberConfig", self, f)
+        crate::base::redact::debug("SubscriberConfig", self, f)
     }
 }
 
@@ -216,7 +216,7 @@ impl CallbacksConfig {
 /// only way to it.
 #[derive(Clone, PartialEq, Eq)]
 pub struct PostgresUrl {
-    url: crate::secret::Secret,
+    url: crate::base::secret::Secret,
     ssl_mode: SslMode,
 }
 
@@ -280,7 +280,7 @@ impl PostgresUrl {
         }
         let (_, ssl_mode) = split_ssl_mode(url).map_err(|m| ConfigError::new(key, m))?;
         let parsed = PostgresUrl {
-            url: crate::secret::Secret::new(url),
+            url: crate::base::secret::Secret::new(url),
             ssl_mode,
         };
         match parsed.without_ssl_mode().parse::<tokio_postgres::Config>() {

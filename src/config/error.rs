@@ -40,7 +40,7 @@ impl ConfigError {
     /// error may quote the value it refused).
     pub fn new(key: impl Into<String>, message: impl fmt::Display) -> Self {
         let message = message.to_string();
-        let message = crate::redact::urls_in(&message).replace('\n', " ");
+        let message = crate::base::redact::urls_in(&message).replace('\n', " ");
         Self {
             key: key.into(),
             message: message.trim().to_owned(),

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::ConfigError;
 use super::rate_limit::RedisUrlKeys;
-use crate::redact;
+use crate::base::redact;
 
 /// Largest `max_response_bytes`.
 pub const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;

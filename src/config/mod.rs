@@ -11,7 +11,7 @@
 //!
 //! URLs may carry credentials (`redis://:password@host`): whatever prints
 //! the config ([`Config::to_toml`], `Debug`, [`ConfigError`]) shows them
-//! through [`crate::redact`].
+//! through [`crate::base::redact`].
 
 mod breaker;
 mod cache;
@@ -104,7 +104,7 @@ pub struct Config {
 
 impl fmt::Debug for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        crate::redact::debug("Config", self, f)
+        crate::base::redact::debug("Config", self, f)
     }
 }
 
@@ -284,7 +284,8 @@ impl Config {
             callbacks.validate(&names)?;
             // Pushes together may hold a quarter of the body budget: it
             // must fit one push.
-            let share = self.server.max_buffered_body_bytes / crate::body_budget::SHARE_DIVISOR;
+            let share =
+                self.server.max_buffered_body_bytes / crate::base::body_budget::SHARE_DIVISOR;
             if callbacks.max_body_bytes as u64 > share {
                 return Err(ConfigError::new(
                     "callbacks.max_body_bytes",
@@ -358,11 +359,11 @@ impl Config {
     }
 
     /// The effective config as TOML, for `pandagate check`: URLs are shown
-    /// with their credentials redacted ([`crate::redact`]), and profiles only
+    /// with their credentials redacted ([`crate::base::redact`]), and profiles only
     /// name where their secret comes from.
     pub fn to_toml(&self) -> String {
         let rendered = toml::Value::try_from(self).and_then(|mut v| {
-            crate::redact::value(&mut v);
+            crate::base::redact::value(&mut v);
             toml::to_string_pretty(&v)
         });
         rendered.unwrap_or_else(|e| format!("# cannot render: {e}\n"))

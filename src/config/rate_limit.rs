@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::{self, ConfigError, Env};
 use super::secrets::SecretSource;
-use crate::redact;
+use crate::base::redact;
 
 /// Slowest rate a bucket may have: one request every 1000 seconds.
 pub const MIN_PER_SECOND: f64 = 0.001;
@@ -277,7 +277,7 @@ impl<'a> RedisUrlSource<'a> {
 /// A Redis URL the backend connects with. It may hold a password, so
 /// `Debug` shows it redacted; [`RedisUrl::expose`] is the only way to it.
 #[derive(Clone, PartialEq, Eq)]
-pub struct RedisUrl(crate::secret::Secret);
+pub struct RedisUrl(crate::base::secret::Secret);
 
 impl RedisUrl {
     /// Checks `url` the way the Redis client will read it. The error names
@@ -295,7 +295,7 @@ impl RedisUrl {
                     "a rediss:// URL ending in #insecure would accept any certificate; \
                      drop #insecure and trust the server's CA with tls.ca_file",
                 )),
-                _ => Ok(RedisUrl(crate::secret::Secret::new(url))),
+                _ => Ok(RedisUrl(crate::base::secret::Secret::new(url))),
             },
             Err(e) => Err(ConfigError::new(
                 key,

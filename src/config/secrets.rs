@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use super::error::{ConfigError, Env};
-use crate::secret::Secret;
+use crate::base::secret::Secret;
 
 /// An environment variable, or a file.
 #[derive(Clone, Debug, PartialEq, Eq)]

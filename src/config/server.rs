@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::{ConfigError, at_most, positive};
 use super::secrets::SecretSource;
-use crate::body_budget::SHARE_DIVISOR;
+use crate::base::body_budget::SHARE_DIVISOR;
 
 /// The listener that internal services call.
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::signer::{Recipe, TimestampUnit};
+use crate::pandapon::signer::{Recipe, TimestampUnit};
 
 /// How requests are signed.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

@@ -45,7 +45,7 @@ pub struct UpstreamConfig {
 
 impl fmt::Debug for UpstreamConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        crate::redact::debug("UpstreamConfig", self, f)
+        crate::base::redact::debug("UpstreamConfig", self, f)
     }
 }
 
@@ -86,7 +86,7 @@ impl UpstreamConfig {
                 format_args!(
                     "must not carry credentials (user:password@): calls are authenticated \
                      by their signature; {}",
-                    crate::redact::url(&self.url)
+                    crate::base::redact::url(&self.url)
                 ),
             ));
         }
@@ -121,7 +121,7 @@ pub fn proxy_url(text: &str) -> Result<String, String> {
         Some((scheme, rest)) => (scheme.to_ascii_lowercase(), rest),
         None => ("http".to_owned(), text),
     };
-    let shown = crate::redact::url(&format!("{scheme}://{rest}")).into_owned();
+    let shown = crate::base::redact::url(&format!("{scheme}://{rest}")).into_owned();
     match scheme.as_str() {
         "http" => {}
         "https" => {
@@ -178,9 +178,9 @@ pub enum BaseUrlError {
 
 /// Splits and checks an upstream base URL: `http(s)://authority[/path]`.
 pub fn upstream_base(url: &str) -> Result<Uri, BaseUrlError> {
-    let shown = crate::redact::url(url).into_owned();
+    let shown = crate::base::redact::url(url).into_owned();
     let uri: Uri = url.parse().map_err(|e| BaseUrlError::NotAUrl {
-        reason: crate::redact::scrub(&format!("{e}"), url),
+        reason: crate::base::redact::scrub(&format!("{e}"), url),
         shown: shown.clone(),
     })?;
     match uri.scheme_str() {

@@ -1,0 +1,10 @@
+//! What every other part stands on, with no knowledge of an HTTP call: the
+//! gateway's one error type and its mapping to answers, the ids it makes up,
+//! secrets that never print, credentials cut out of URLs, and the byte budget
+//! that bounds the memory request bodies may hold.
+
+pub mod body_budget;
+pub mod error;
+pub mod ids;
+pub mod redact;
+pub mod secret;

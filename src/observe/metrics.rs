@@ -1,0 +1,486 @@
+//! The per-call Prometheus series: recorded once, when a call's access-log
+//! line is written, from the same record. `crate::process::exporter` adds the state
+//! of the other components at scrape time and renders them all.
+//!
+//! Every serving thread records into the same series, so nothing here
+//! takes a lock per call: the latency histograms are atomic counters (not
+//! `prometheus_client`'s histogram, which locks on every observation), the
+//! series of each route class are looked up once and kept, and the call
+//! counters (labelled with the provider's `code`, known only per call) are
+//! kept by each thread in a small cache of its own.
+
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::exponential_buckets;
+use prometheus_client::metrics::{MetricType, TypedMetric};
+use prometheus_client::registry::Registry;
+
+use crate::config::Class;
+use crate::observe::access_log::AccessRecord;
+use crate::pandapon::envelope::EnvelopeFields;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallLabels {
+    class: &'static str,
+    status: u16,
+    /// The provider's body `code`, or `none`.
+    code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClassLabels {
+    class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: String,
+}
+
+/// Counters and histograms the request path updates.
+#[derive(Debug)]
+pub struct Metrics {
+    /// Tells this set of series from another in the threads' caches.
+    id: u64,
+    calls: Family<CallLabels, Counter>,
+    duration: Family<ClassLabels, Latency>,
+    upstream_duration: Family<ClassLabels, Latency>,
+    attempts: Family<ClassLabels, Counter>,
+    /// The series of each class (and of calls with none), once looked up.
+    by_class: [OnceLock<ClassSeries>; 4],
+    retries: Family<ReasonLabels, Counter>,
+    /// Calls with an `Idempotency-Key`, by what became of the key.
+    idempotency: Family<ResultLabels, Counter>,
+    /// Calls on cached routes, by what the cache did.
+    cache: Family<ResultLabels, Counter>,
+    in_flight: AtomicI64,
+    secret_reloads: AtomicU64,
+    secret_reload_failures: AtomicU64,
+    config_reloads: AtomicU64,
+}
+
+/// One class's series, shared with the families that export them.
+#[derive(Debug)]
+struct ClassSeries {
+    duration: Latency,
+    upstream_duration: Latency,
+    attempts: Counter,
+}
+
+/// Latency buckets: 100 µs to ~52 s, doubling, then +Inf.
+const LATENCY_BUCKETS: usize = 20;
+const LATENCY_FIRST_NANOS: u64 = 100_000;
+
+/// A latency histogram of atomic counters: observing takes no lock, so
+/// threads recording at once never wait for one another.
+#[derive(Clone, Debug, Default)]
+pub struct Latency(Arc<LatencyCounts>);
+
+#[derive(Debug, Default)]
+struct LatencyCounts {
+    /// Per bucket, not cumulative; the last is +Inf.
+    buckets: [AtomicU64; LATENCY_BUCKETS + 1],
+    sum_nanos: AtomicU64,
+}
+
+impl Latency {
+    pub fn observe(&self, took: Duration) {
+        let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        self.0.buckets[latency_bucket(nanos)].fetch_add(1, Ordering::Relaxed);
+        self.0.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+}
+
+/// The first bucket whose upper bound (100 µs × 2^i) is at least `nanos`.
+fn latency_bucket(nanos: u64) -> usize {
+    let units = nanos.div_ceil(LATENCY_FIRST_NANOS);
+    let bucket = if units <= 1 {
+        0
+    } else {
+        (u64::BITS - (units - 1).leading_zeros()) as usize
+    };
+    bucket.min(LATENCY_BUCKETS)
+}
+
+impl TypedMetric for Latency {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for Latency {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let bounds = exponential_buckets(
+            LATENCY_FIRST_NANOS as f64 / 1e9,
+            2.0,
+            LATENCY_BUCKETS as u16,
+        )
+        .chain(std::iter::once(f64::INFINITY));
+        let buckets: Vec<(f64, u64)> = bounds
+            .zip(&self.0.buckets)
+            .map(|(bound, n)| (bound, n.load(Ordering::Relaxed)))
+            .collect();
+        // The count is the buckets' sum, so the two always agree.
+        let count = buckets.iter().map(|(_, n)| n).sum();
+        let sum = self.0.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+        encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
+
+/// Call counters this thread has used, by (metrics id, class, status, code).
+struct CachedCall {
+    metrics: u64,
+    class: &'static str,
+    status: u16,
+    code: Box<str>,
+    counter: Counter,
+}
+
+/// Beyond this many label sets a thread looks counters up in the family.
+const CACHED_CALLS: usize = 64;
+
+thread_local! {
+    static CALLS: RefCell<Vec<CachedCall>> = const { RefCell::new(Vec::new()) };
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            calls: Family::default(),
+            duration: Family::default(),
+            upstream_duration: Family::default(),
+            attempts: Family::default(),
+            by_class: Default::default(),
+            retries: Family::default(),
+            idempotency: Family::default(),
+            cache: Family::default(),
+            in_flight: AtomicI64::new(0),
+            secret_reloads: AtomicU64::new(0),
+            secret_reload_failures: AtomicU64::new(0),
+            config_reloads: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Metrics {
+    /// A call was received.
+    pub fn call_started(&self) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A call finished: its access-log record and envelope fields.
+    pub fn call_finished(&self, r: &AccessRecord, found: &EnvelopeFields) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.count_call(r.class, r.status, found.code.as_ref());
+        self.class(r.class).duration.observe(r.started.elapsed());
+        for reason in &r.retry_reasons {
+            self.retries
+                .get_or_create(&ReasonLabels {
+                    reason: reason.to_string(),
+                })
+                .inc();
+        }
+        if let Some(result) = r.cache {
+            self.cache.get_or_create(&ResultLabels { result }).inc();
+        }
+        if let Some(logged) = r.idempotency {
+            self.idempotency
+                .get_or_create(&ResultLabels {
+                    result: logged.as_str(),
+                })
+                .inc();
+        }
+    }
+
+    /// One upstream attempt took `took` to its response head (or failure).
+    pub fn attempt(&self, class: Class, took: Duration) {
+        let series = self.class(Some(class));
+        series.attempts.inc();
+        series.upstream_duration.observe(took);
+    }
+
+    /// The series of `class` (`none`: calls refused before routing).
+    fn class(&self, class: Option<Class>) -> &ClassSeries {
+        let slot = match class {
+            None => 0,
+            Some(Class::Read) => 1,
+            Some(Class::Write) => 2,
+            Some(Class::Unknown) => 3,
+        };
+        self.by_class[slot].get_or_init(|| {
+            let labels = ClassLabels {
+                class: class.map_or("none", Class::as_str),
+            };
+            ClassSeries {
+                duration: self.duration.get_or_create(&labels).clone(),
+                upstream_duration: self.upstream_duration.get_or_create(&labels).clone(),
+                attempts: self.attempts.get_or_create(&labels).clone(),
+            }
+        })
+    }
+
+    /// `pandagate_calls_total{class, status, code}` + 1, through this
+    /// thread's cache of counters: no lock, no allocation once seen.
+    fn count_call(&self, class: Option<Class>, status: u16, code: Option<&serde_json::Value>) {
+        let class = class.map_or("none", Class::as_str);
+        let mut number = [0u8; 40];
+        let code: std::borrow::Cow<'_, str> = match code {
+            None => "none".into(),
+            Some(serde_json::Value::String(s)) => s.as_str().into(),
+            Some(serde_json::Value::Number(n)) => {
+                let mut w = &mut number[..];
+                match std::io::Write::write_fmt(&mut w, format_args!("{n}")) {
+                    Ok(()) => {
+                        let len = 40 - w.len();
+                        std::str::from_utf8(&number[..len])
+                            .expect("a number is ASCII")
+                            .into()
+                    }
+                    Err(_) => n.to_string().into(),
+                }
+            }
+            Some(other) => other.to_string().into(),
+        };
+        CALLS.with_borrow_mut(|cache| {
+            let hit = cache.iter().find(|c| {
+                c.metrics == self.id && c.status == status && c.class == class && *c.code == *code
+            });
+            if let Some(hit) = hit {
+                hit.counter.inc();
+                return;
+            }
+            let counter = self
+                .calls
+                .get_or_create(&CallLabels {
+                    class,
+                    status,
+                    code: code.to_string(),
+                })
+                .clone();
+            counter.inc();
+            if cache.first().is_some_and(|c| c.metrics != self.id) {
+                cache.clear();
+            }
+            if cache.len() < CACHED_CALLS {
+                cache.push(CachedCall {
+                    metrics: self.id,
+                    class,
+                    status,
+                    code: code.into(),
+                    counter,
+                });
+            }
+        });
+    }
+
+    pub fn secret_reloaded(&self, ok: bool) {
+        if ok {
+            self.secret_reloads.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.secret_reload_failures.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn config_reloaded(&self) {
+        self.config_reloads.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn in_flight(&self) -> i64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Secrets reloaded from their files, and files that changed but could
+    /// not be used.
+    pub fn secret_reloads(&self) -> (u64, u64) {
+        (
+            self.secret_reloads.load(Ordering::Relaxed),
+            self.secret_reload_failures.load(Ordering::Relaxed),
+        )
+    }
+
+    pub fn config_reloads(&self) -> u64 {
+        self.config_reloads.load(Ordering::Relaxed)
+    }
+
+    /// Adds the per-call series to `registry`.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "calls",
+            "Calls answered, by route class, HTTP status and provider code",
+            self.calls.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time from a call's arrival to the end of its response",
+            self.duration.clone(),
+        );
+        registry.register(
+            "upstream_duration_seconds",
+            "Time from sending an upstream attempt to its response head",
+            self.upstream_duration.clone(),
+        );
+        registry.register(
+            "upstream_attempts",
+            "Upstream attempts, first attempts and retries",
+            self.attempts.clone(),
+        );
+        registry.register("retries", "Retries, by reason", self.retries.clone());
+        registry.register(
+            "idempotency",
+            "Calls with an Idempotency-Key, by what became of the key",
+            self.idempotency.clone(),
+        );
+        registry.register(
+            "cache_requests",
+            "Calls on cached routes, by what the read cache did",
+            self.cache.clone(),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus_client::encoding::prometheus_text::encode;
+    use prometheus_client::metrics::histogram::Histogram;
+
+    fn text(registry: &Registry) -> String {
+        let mut out = String::new();
+        encode(&mut out, registry).unwrap();
+        out
+    }
+
+    #[test]
+    fn buckets_are_the_first_upper_bound_at_or_above() {
+        let us = |n: u64| latency_bucket(n * 1_000);
+        assert_eq!(latency_bucket(0), 0);
+        assert_eq!(us(100), 0);
+        assert_eq!(latency_bucket(100_001), 1);
+        assert_eq!(us(200), 1);
+        assert_eq!(us(201), 2);
+        assert_eq!(us(400), 2);
+        assert_eq!(us(401), 3);
+        // 100 µs × 2^19 = 52.4288 s is the last finite bound.
+        assert_eq!(latency_bucket(52_428_800_000), 19);
+        assert_eq!(latency_bucket(52_428_800_001), 20);
+        assert_eq!(latency_bucket(u64::MAX), 20);
+    }
+
+    /// The atomic histogram exports what `prometheus_client`'s own does for
+    /// the same observations, bucket for bucket.
+    #[test]
+    fn latency_exports_like_the_library_histogram() {
+        let ours = Latency::default();
+        let theirs = Histogram::new(exponential_buckets(0.0001, 2.0, 20));
+        for micros in [
+            0, 50, 100, 101, 150, 250, 999, 1_000, 12_345, 3_000_000, 99_000_000,
+        ] {
+            let took = Duration::from_micros(micros);
+            ours.observe(took);
+            theirs.observe(took.as_secs_f64());
+        }
+        let mut a = Registry::default();
+        a.register("latency", "help", ours);
+        let mut b = Registry::default();
+        b.register("latency", "help", theirs);
+        let (a, b) = (text(&a), text(&b));
+        let lines = |t: &str| -> Vec<String> {
+            t.lines()
+                .filter(|l| !l.starts_with("latency_sum"))
+                .map(str::to_owned)
+                .collect()
+        };
+        assert_eq!(lines(&a), lines(&b), "{a}\n{b}");
+        assert!(a.contains("latency_count 11"), "{a}");
+        let sum = |t: &str| -> f64 {
+            let line = t.lines().find(|l| l.starts_with("latency_sum")).unwrap();
+            line.split(' ').nth(1).unwrap().parse().unwrap()
+        };
+        assert!((sum(&a) - sum(&b)).abs() < 1e-9, "{a}\n{b}");
+    }
+
+    #[test]
+    fn calls_are_counted_by_label_set_and_by_metrics_instance() {
+        let (one, two) = (Metrics::default(), Metrics::default());
+        let code = |v: serde_json::Value| Some(v);
+        for _ in 0..3 {
+            one.count_call(Some(Class::Read), 200, code(200.into()).as_ref());
+            two.count_call(Some(Class::Read), 200, code(200.into()).as_ref());
+            one.count_call(Some(Class::Write), 200, code("E1".into()).as_ref());
+        }
+        one.count_call(None, 401, None);
+        let render = |m: &Metrics| {
+            let mut r = Registry::default();
+            m.register(&mut r);
+            text(&r)
+        };
+        let (a, b) = (render(&one), render(&two));
+        assert!(
+            a.contains(r#"calls_total{class="read",status="200",code="200"} 3"#),
+            "{a}"
+        );
+        assert!(
+            a.contains(r#"calls_total{class="write",status="200",code="E1"} 3"#),
+            "{a}"
+        );
+        assert!(
+            a.contains(r#"calls_total{class="none",status="401",code="none"} 1"#),
+            "{a}"
+        );
+        assert!(
+            b.contains(r#"calls_total{class="read",status="200",code="200"} 3"#),
+            "{b}"
+        );
+        assert!(!b.contains("E1"), "{b}");
+    }
+
+    #[test]
+    fn recording_from_many_threads_loses_nothing() {
+        let m = Arc::new(Metrics::default());
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let m = m.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..1_000 {
+                        m.attempt(Class::Read, Duration::from_micros(150));
+                        m.count_call(Some(Class::Read), 200, None);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let mut r = Registry::default();
+        m.register(&mut r);
+        let t = text(&r);
+        assert!(
+            t.contains(r#"upstream_attempts_total{class="read"} 4000"#),
+            "{t}"
+        );
+        assert!(
+            t.contains(r#"upstream_duration_seconds_count{class="read"} 4000"#),
+            "{t}"
+        );
+        assert!(
+            t.contains(r#"calls_total{class="read",status="200",code="none"} 4000"#),
+            "{t}"
+        );
+    }
+}
