@@ -13,14 +13,14 @@ use std::time::{Duration, Instant, SystemTime};
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use http::{HeaderValue, Method};
-use pandagate::base::ids;
+use pandagate::access_log::{AccessLog, AccessRecord, format_line};
 use pandagate::config::LogFormat;
 use pandagate::config::RateLimitConfig;
-use pandagate::observe::access_log::{AccessLog, AccessRecord, format_line};
-use pandagate::pandapon::envelope;
-use pandagate::pandapon::signer::{self, Recipe, TimestampUnit};
-use pandagate::policy::routes::Routes;
-use pandagate::state::quota::Limiter;
+use pandagate::envelope;
+use pandagate::ids;
+use pandagate::quota::Limiter;
+use pandagate::routes::Routes;
+use pandagate::signer::{self, Recipe, TimestampUnit};
 
 const ENVELOPE: &[u8] = br#"{"requestId":"4cfda0b725184ab8a1e3ee3b9051ec35","code":200,"developId":"1014533973088404335","msg":"ok","data":{"itemId":652874751412,"title":"a product with a long enough title","price":"19.90","skus":[{"skuId":1,"price":"19.90"},{"skuId":2,"price":"21.00"}]}}"#;
 

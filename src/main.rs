@@ -1,5 +1,5 @@
 //! `pandagate`: see `pandagate --help` and README.md.
 
 fn main() -> std::process::ExitCode {
-    pandagate::cli::main()
+    pandagate::main()
 }

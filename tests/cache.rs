@@ -62,8 +62,7 @@ async fn a_good_answer_is_kept_for_its_ttl_and_replayed_as_it_was() {
     assert_eq!(log[1]["request_id"], "prov-1");
 
     let gateway = gw.gateway.clone();
-    let text =
-        pandagate::process::exporter::Exporter::new(Arc::new(move || gateway.clone())).render();
+    let text = pandagate::exporter::Exporter::new(Arc::new(move || gateway.clone())).render();
     for line in [
         r#"pandagate_cache_requests_total{result="miss"} 1"#,
         r#"pandagate_cache_requests_total{result="hit"} 1"#,
@@ -665,7 +664,7 @@ async fn over_the_quota_or_without_a_provider_a_stale_answer_still_answers() {
     }
     assert_eq!(
         gw.gateway.breaker().state(),
-        pandagate::policy::breaker::State::Open,
+        pandagate::breaker::State::Open,
         "the later stale answers covered an open circuit"
     );
     let calls = sent(&upstream).await;

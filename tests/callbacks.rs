@@ -108,16 +108,16 @@ async fn start_trusting(cfg: CallbacksConfig, tls: &pandagate::config::TlsConfig
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let cb = callbacks.clone();
-    let server = tokio::spawn(pandagate::net::server::serve(
+    let server = tokio::spawn(pandagate::server::serve(
         listener,
         move |req| {
             let cb = cb.clone();
             async move { cb.receive(req).await }
         },
-        pandagate::net::server::ServerOptions::from(&pandagate::config::ServerConfig::default()),
+        pandagate::server::ServerOptions::from(&pandagate::config::ServerConfig::default()),
         std::future::pending(),
     ));
-    let trust = pandagate::net::tls::Trust::load(tls).unwrap();
+    let trust = pandagate::tls::Trust::load(tls).unwrap();
     let deliveries = tokio::spawn(callbacks.clone().run_deliveries(trust));
     Receiver {
         callbacks,

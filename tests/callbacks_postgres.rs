@@ -12,7 +12,7 @@ use std::time::Duration;
 use pandagate::callbacks::postgres::{PgStore, SCHEMA_VERSION, TAKEOVER_GRACE, probe};
 use pandagate::callbacks::store::{Delivery, Message};
 use pandagate::config::{CallbackBackend, CallbacksConfig, PostgresUrl};
-use pandagate::net::tls::WithTrust;
+use pandagate::tls::WithTrust;
 use support::{PostgresServer, tls_stores};
 use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
@@ -103,7 +103,7 @@ async fn a_claim_is_one_replicas_until_its_lease_passes() {
     );
 
     let lease = Duration::from_millis(300);
-    let now = pandagate::state::idempotency::now_ms();
+    let now = pandagate::idempotency::now_ms();
     let on_a = a.claim(now, 10, lease).await.unwrap();
     assert_eq!(on_a.deliveries.len(), 1);
     let on_b = b.claim(now, 10, lease).await.unwrap();
@@ -119,7 +119,7 @@ async fn a_claim_is_one_replicas_until_its_lease_passes() {
 
     // a is gone; its lease passes; b takes the delivery.
     tokio::time::sleep(Duration::from_millis(350)).await;
-    let now = pandagate::state::idempotency::now_ms();
+    let now = pandagate::idempotency::now_ms();
     let on_b = b.claim(now, 10, lease).await.unwrap();
     assert_eq!(on_b.deliveries.len(), 1);
     // a comes back with its old claim: nothing it says is recorded.
@@ -711,7 +711,7 @@ async fn an_outcome_lands_while_the_row_is_this_replicas_claim_whatever_the_leas
     let (c, u) = (store_config(), url(&pg));
     let a = PgStore::open(&c, &u).await.unwrap();
     let b = PgStore::open(&c, &u).await.unwrap();
-    let now = pandagate::state::idempotency::now_ms();
+    let now = pandagate::idempotency::now_ms();
     let d = delivery("m1", "http://s/1", now);
     a.insert("m1", &message(now), std::slice::from_ref(&d))
         .await
@@ -723,7 +723,7 @@ async fn an_outcome_lands_while_the_row_is_this_replicas_claim_whatever_the_leas
     // outcome of the first attempt, written now, applies.
     tokio::time::sleep(Duration::from_millis(250)).await;
     let again = a
-        .claim(pandagate::state::idempotency::now_ms(), 10, lease)
+        .claim(pandagate::idempotency::now_ms(), 10, lease)
         .await
         .unwrap();
     assert_eq!(again.deliveries.len(), 1);
@@ -745,7 +745,7 @@ async fn after_a_database_restart_a_claim_from_before_is_not_taken_over_for_the_
     let (c, u) = (store_config(), url(&pg));
     let a = PgStore::open(&c, &u).await.unwrap();
     let b = PgStore::open(&c, &u).await.unwrap();
-    let now = pandagate::state::idempotency::now_ms();
+    let now = pandagate::idempotency::now_ms();
     let ds = [
         delivery("m1", "http://s/1", now),
         delivery("m1", "http://s/2", now),
@@ -759,7 +759,7 @@ async fn after_a_database_restart_a_claim_from_before_is_not_taken_over_for_the_
     tokio::time::sleep(Duration::from_millis(300)).await;
     // Both leases have passed; neither is b's to take yet, and b is told
     // to look again when the grace ends, not sooner.
-    let at = pandagate::state::idempotency::now_ms();
+    let at = pandagate::idempotency::now_ms();
     let on_b = once_back(|| b.claim(at, 10, Duration::from_secs(30))).await;
     assert!(on_b.deliveries.is_empty(), "held for a: {on_b:?}");
     let next = on_b.next_at_ms.expect("when the grace ends");
@@ -769,7 +769,7 @@ async fn after_a_database_restart_a_claim_from_before_is_not_taken_over_for_the_
     tokio::time::sleep_until(restarted + TAKEOVER_GRACE + Duration::from_millis(200)).await;
     let on_b = b
         .claim(
-            pandagate::state::idempotency::now_ms(),
+            pandagate::idempotency::now_ms(),
             10,
             Duration::from_secs(30),
         )
@@ -862,7 +862,7 @@ async fn listings_come_in_pages_holding_every_delivery_once_in_a_stable_order() 
     let s = PgStore::open(&store_config(), &url(&pg)).await.unwrap();
     // 8 messages of 3 deliveries each, a message's three received at the
     // same millisecond (the delivery id orders them), none due for an hour.
-    let later = pandagate::state::idempotency::now_ms() + 3_600_000;
+    let later = pandagate::idempotency::now_ms() + 3_600_000;
     let mut rows = Vec::new();
     for m in 0..8u64 {
         let id = format!("m{m}");
@@ -901,7 +901,7 @@ async fn listings_come_in_pages_holding_every_delivery_once_in_a_stable_order() 
     // Between the first page and the rest, every pending delivery is tried
     // again (attempts, next_at_ms change) and a new push arrives: the rest
     // still shows each delivery of the first listing once, then the new one.
-    let pushed_at = pandagate::state::idempotency::now_ms();
+    let pushed_at = pandagate::idempotency::now_ms();
     let new = Delivery {
         next_at_ms: later,
         ..delivery("m9", "http://127.0.0.1:9/s0", pushed_at)
@@ -1091,7 +1091,7 @@ async fn with_a_million_deliveries_pages_and_replay_by_id_stay_within_a_100_ms_s
     const MESSAGE: &str = "6d1c0f5b7a3e9d2c4b8a1f0e6d5c4b3a2918f7e6d5c4b3a291807f6e5d4c3b2a";
     const BASE: u64 = 1_700_000_000_000;
     let db = sql(&pg).await;
-    let later = pandagate::state::idempotency::now_ms() + 86_400_000;
+    let later = pandagate::idempotency::now_ms() + 86_400_000;
     let loaded = Instant::now();
     db.batch_execute(&format!(
         "INSERT INTO pandagate_callback_messages VALUES ('{MESSAGE}', {now}, '{{}}'); \
@@ -1100,7 +1100,7 @@ async fn with_a_million_deliveries_pages_and_replay_by_id_stay_within_a_100_ms_s
          SELECT '{MESSAGE}', 'http://127.0.0.1:9/hooks/' || i, i % 2 = 0, 3, {BASE} + i / 3, \
            {later}, 'HTTP 503' FROM generate_series(1, 1000000) i; \
          ANALYZE pandagate_callback_deliveries;",
-        now = pandagate::state::idempotency::now_ms(),
+        now = pandagate::idempotency::now_ms(),
     ))
     .await
     .unwrap();
@@ -1288,7 +1288,7 @@ async fn pushes_are_stored_and_delivered_over_verify_full_tls() {
     let check = tls_url(&pg, "?sslmode=verify-full", Some(&ca.ca_file));
     let (client, connection) = check
         .client_config()
-        .connect(pandagate::state::postgres::connector(&check))
+        .connect(pandagate::postgres::connector(&check))
         .await
         .unwrap();
     tokio::spawn(connection);

@@ -361,6 +361,6 @@ fn tls_settings_that_cannot_work_are_refused() {
     c.server.tls_cert_file = Some(server.cert.clone());
     c.server.tls_key_file = Some(other.key.clone());
     let env = |name: &str| name.starts_with("TEST_").then(|| "x".to_owned());
-    let e = pandagate::policy::loaded::resolve(c, &env).unwrap_err();
+    let e = pandagate::loaded::resolve(c, &env).unwrap_err();
     assert_eq!(e.key, "server.tls_key_file", "{e}");
 }

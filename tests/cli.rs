@@ -584,7 +584,7 @@ async fn a_config_at_every_bound_that_check_accepts_serves() {
          backoff_cap_ms = {year}\ndelivery_timeout_ms = {year}\n",
         upstream = upstream.uri(),
         redis = redis.url(),
-        id = pandagate::base::ids::request_id(),
+        id = pandagate::ids::request_id(),
         store = dir.path().join("store").display().to_string(),
     );
     let path = config_file(&dir, "bounds.toml", &toml);
@@ -757,7 +757,7 @@ async fn the_redis_url_from_env_or_file_is_the_one_connected_with() {
             "[rate_limit]\nrequests_per_second = 0.001\nburst = 1\nbackend = \"redis\"\n\
              fail_mode = \"closed\"\nredis_timeout_ms = 2000\n\
              redis_key_prefix = \"cli-{}\"\n{source}\n",
-            pandagate::base::ids::request_id()
+            pandagate::ids::request_id()
         )
     };
     let dir = tempfile::tempdir().unwrap();

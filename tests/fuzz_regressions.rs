@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use pandagate::process::fuzzing;
+use pandagate::fuzzing;
 
 type Target = fn(&[u8]);
 

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
 use pandagate::config::{Config, IdempotencyConfig, RateLimitConfig, StoreKind};
-use pandagate::process::exporter::Exporter;
+use pandagate::exporter::Exporter;
 use support::*;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
@@ -820,7 +820,7 @@ async fn a_release_the_store_was_too_slow_to_take_is_made_when_it_answers() {
 
 #[tokio::test]
 async fn a_reservation_whose_owner_died_reads_as_an_unknown_outcome_after_its_lease() {
-    use pandagate::state::idempotency::{Begun, Idempotency, Key, Owner, fingerprint};
+    use pandagate::idempotency::{Begun, Idempotency, Key, Owner, fingerprint};
     let redis = RedisServer::start();
     let provider = Provider::start(vec![], ok("o-18")).await;
     let mut store = redis_store(redis.url());
@@ -837,7 +837,7 @@ async fn a_reservation_whose_owner_died_reads_as_an_unknown_outcome_after_its_le
     let other = Idempotency::open(&store, Some(&url)).unwrap();
     let body = order_body("o-18");
     let fp = fingerprint(&http::Method::POST, ORDER, body.as_bytes());
-    let account = pandagate::policy::profiles::account_of(ACCESS_KEY.as_bytes());
+    let account = pandagate::profiles::account_of(ACCESS_KEY.as_bytes());
     let owner = Owner {
         account: &account,
         user_id: Some(USER_ID.as_bytes()),

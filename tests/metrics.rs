@@ -3,7 +3,7 @@
 mod support;
 
 use pandagate::config::RateLimitConfig;
-use pandagate::process::exporter::Exporter;
+use pandagate::exporter::Exporter;
 use support::*;
 use wiremock::ResponseTemplate;
 

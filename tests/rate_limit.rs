@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use pandagate::config::Config;
 use pandagate::config::{BackendKind, FailMode, RateLimitConfig, RouteConfig};
-use pandagate::state::quota::BackendState;
+use pandagate::quota::BackendState;
 use support::*;
 use wiremock::ResponseTemplate;
 
@@ -19,7 +19,7 @@ fn limited(upstream: &str, per_second: f64, burst: u32, max_wait_ms: u64) -> Con
     c.circuit_breaker.enabled = false;
     c.rate_limit = Some(RateLimitConfig {
         max_wait_ms,
-        redis_key_prefix: format!("test-{}", pandagate::base::ids::request_id()),
+        redis_key_prefix: format!("test-{}", pandagate::ids::request_id()),
         ..RateLimitConfig::new(per_second, Some(burst))
     });
     c
@@ -275,7 +275,7 @@ async fn a_live_redis_decides_at_every_bound() {
         MAX_BURST, MAX_DURATION_MS, MAX_PER_SECOND, MIN_FALLBACK_SHARE, MIN_PER_SECOND, Rate,
         RedisUrl,
     };
-    use pandagate::state::quota::Limiter;
+    use pandagate::quota::Limiter;
     let redis = RedisServer::start();
     let url = tls_stores::with_default_trust(RedisUrl::parse(&redis.url(), "test").unwrap());
     let routes = [
@@ -343,7 +343,7 @@ async fn a_live_redis_decides_at_every_bound() {
     }
     for (mut c, refused) in cases {
         c.backend = BackendKind::Redis;
-        c.redis_key_prefix = format!("bounds-{}", pandagate::base::ids::request_id());
+        c.redis_key_prefix = format!("bounds-{}", pandagate::ids::request_id());
         let built = Limiter::new(Some(&c), Some(&url), &["ak".into()], &routes);
         match (built, refused) {
             (Err(e), Some(key)) => assert_eq!(e.key, key, "{c:?}: {e}"),

@@ -221,7 +221,7 @@ async fn after_a_reload_pushes_are_verified_with_the_rotated_secret() {
 /// bodies hold, and sizes it to the new config.
 #[tokio::test]
 async fn a_reload_keeps_the_body_budget_and_resizes_it() {
-    use pandagate::base::body_budget::Reader;
+    use pandagate::body_budget::Reader;
     use std::sync::Arc;
 
     let dir = tempfile::tempdir().unwrap();
@@ -232,12 +232,12 @@ async fn a_reload_keeps_the_body_budget_and_resizes_it() {
         _ => None,
     };
     std::fs::write(&path, "[server]\nmax_buffered_body_bytes = 8388608\n").unwrap();
-    let loaded = pandagate::policy::loaded::load(Some(&path), &env).unwrap();
-    let (log, _writer) = pandagate::observe::access_log::AccessLog::spawn(
+    let loaded = pandagate::loaded::load(Some(&path), &env).unwrap();
+    let (log, _writer) = pandagate::access_log::AccessLog::spawn(
         pandagate::config::LogFormat::Json,
         Box::new(std::io::sink()),
     );
-    let metrics = Arc::new(pandagate::observe::metrics::Metrics::default());
+    let metrics = Arc::new(pandagate::metrics::Metrics::default());
     let gateway =
         pandagate::gateway::Gateway::with_metrics(&loaded, log.clone(), metrics.clone()).unwrap();
     let budget = gateway.body_budget().clone();
@@ -246,7 +246,7 @@ async fn a_reload_keeps_the_body_budget_and_resizes_it() {
     let current = Arc::new(arc_swap::ArcSwap::from_pointee(gateway));
 
     std::fs::write(&path, "[server]\nmax_buffered_body_bytes = 16777216\n").unwrap();
-    pandagate::process::reload::reload(Some(&path), &env, &current, &log, &metrics, None);
+    pandagate::reload::reload(Some(&path), &env, &current, &log, &metrics, None);
     assert_eq!(metrics.config_reloads(), 1, "the reload was applied");
     assert!(Arc::ptr_eq(current.load().body_budget(), &budget));
     assert_eq!((budget.limit(), budget.used()), (16_777_216, 1000));

@@ -5,7 +5,7 @@ mod support;
 use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
-use pandagate::pandapon::signer::{Recipe, TimestampUnit};
+use pandagate::signer::{Recipe, TimestampUnit};
 use support::*;
 use wiremock::matchers::any;
 use wiremock::{Mock, MockServer, ResponseTemplate};

@@ -353,8 +353,7 @@ async fn a_full_export_queue_drops_spans_and_counts_them_without_slowing_calls()
     let dropped = gw.gateway.traces().expect("tracing on").dropped();
     assert!(dropped >= 40, "most spans of 40 calls dropped: {dropped}");
     let gateway = gw.gateway.clone();
-    let text =
-        pandagate::process::exporter::Exporter::new(Arc::new(move || gateway.clone())).render();
+    let text = pandagate::exporter::Exporter::new(Arc::new(move || gateway.clone())).render();
     let line = format!("pandagate_trace_spans_dropped_total {dropped}");
     assert!(text.contains(&line), "missing {line} in\n{text}");
     held.abort();

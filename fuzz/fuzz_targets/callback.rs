@@ -1,4 +1,4 @@
 #![no_main]
-//! See `pandagate::process::fuzzing::callback` for the input shape and the properties.
+//! See `pandagate::fuzzing::callback` for the input shape and the properties.
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| pandagate::process::fuzzing::callback(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| pandagate::fuzzing::callback(data));

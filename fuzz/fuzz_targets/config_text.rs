@@ -1,4 +1,4 @@
 #![no_main]
-//! See `pandagate::process::fuzzing::config_text` for the input shape and the properties.
+//! See `pandagate::fuzzing::config_text` for the input shape and the properties.
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| pandagate::process::fuzzing::config_text(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| pandagate::fuzzing::config_text(data));

@@ -1,4 +1,4 @@
 #![no_main]
-//! See `pandagate::process::fuzzing::envelope_prefix` for the input shape and the properties.
+//! See `pandagate::fuzzing::envelope_prefix` for the input shape and the properties.
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| pandagate::process::fuzzing::envelope_prefix(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| pandagate::fuzzing::envelope_prefix(data));

@@ -1,4 +1,4 @@
 #![no_main]
-//! See `pandagate::process::fuzzing::request_edge` for the input shape and the properties.
+//! See `pandagate::fuzzing::request_edge` for the input shape and the properties.
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| pandagate::process::fuzzing::request_edge(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| pandagate::fuzzing::request_edge(data));

@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{HeaderValue, Method, Request, Uri, Version};
+use http::{HeaderValue, Method, Uri, Version};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -181,11 +181,12 @@ impl Upstream {
     /// `CONNECT`, the asterisk form, and an HTTP/1 absolute-form target
     /// naming a host other than the upstream's. (HTTP/2 always carries an
     /// `:authority`, the equivalent of `Host`, so it is not a target choice.)
-    pub fn check_target<B>(&self, req: &Request<B>) -> Result<(), GatewayError> {
+    #[cfg(test)]
+    fn check_target<B>(&self, req: &http::Request<B>) -> Result<(), GatewayError> {
         self.check(req.method(), req.uri(), req.version())
     }
 
-    /// [`Upstream::check_target`] on a request's head.
+    /// The check of `check_target` on a request's head.
     pub fn check_target_parts(&self, parts: &http::request::Parts) -> Result<(), GatewayError> {
         self.check(&parts.method, &parts.uri, parts.version)
     }
@@ -227,6 +228,7 @@ fn forwarded(method: &Method) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::Request;
 
     fn upstream(url: &str) -> Upstream {
         Upstream::new(

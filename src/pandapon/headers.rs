@@ -43,8 +43,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// Removes the headers the gateway owns on the way upstream: the provider's
 /// system headers, the caller's `Authorization` and every `x-pandagate-*`
 /// control header, and any other spelling of those and of the hop-by-hop
-/// headers ([`reads_as_owned`]).
-pub fn strip_gateway_owned(headers: &mut HeaderMap) {
+/// headers ([`reads_as_owned`]). The serving path does this in one pass with
+/// the hop-by-hop removal; the tests state the rule with this function.
+#[cfg(test)]
+fn strip_gateway_owned(headers: &mut HeaderMap) {
     let owned: Vec<HeaderName> = headers
         .keys()
         .filter(|k| gateway_owned(k))
@@ -55,8 +57,8 @@ pub fn strip_gateway_owned(headers: &mut HeaderMap) {
     }
 }
 
-/// Whether only the gateway may send `name` upstream (see
-/// [`strip_gateway_owned`]).
+/// Whether only the gateway may send `name` upstream: the provider's system
+/// headers, the caller's `Authorization` and every `x-pandagate-*` header.
 fn gateway_owned(name: &HeaderName) -> bool {
     CREDENTIAL_HEADERS.contains(name)
         || name == header::EXPECT

@@ -113,10 +113,6 @@ impl Clients {
         Clients { list }
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.list.is_empty()
-    }
-
     /// `Ok(None)` when no client is configured (no authentication); the
     /// caller's client when its connection's verified certificate (`peer`)
     /// names one's `cert_san`, or else when its bearer token matches one's;

@@ -20,9 +20,9 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use md5::{Digest, Md5};
+use pandagate::access_log::AccessLog;
 use pandagate::config::{Config, LogFormat, ProfileConfig};
-use pandagate::net::server::{self, ServerOptions};
-use pandagate::observe::access_log::AccessLog;
+use pandagate::server::{self, ServerOptions};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -115,7 +115,7 @@ pub async fn spawn_gateway_with_env(config: Config, extra: &[(&str, &str)]) -> T
             .map(|(_, v)| (*v).to_owned())
             .or_else(|| test_env(name))
     };
-    let loaded = pandagate::policy::loaded::resolve(config, &env).expect("test config is valid");
+    let loaded = pandagate::loaded::resolve(config, &env).expect("test config is valid");
     let captured = Captured::default();
     let (log, _writer) = AccessLog::spawn(LogFormat::Json, Box::new(captured.clone()));
     let gateway = pandagate::gateway::build(&loaded, log.clone()).expect("gateway builds");

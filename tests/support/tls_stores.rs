@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use pandagate::config::TlsConfig;
-use pandagate::net::tls::{Trust, WithTrust};
+use pandagate::tls::{Trust, WithTrust};
 
 use super::tls::{Issued, TestCa};
 use super::{PostgresServer, RedisServer, dead_address};
@@ -138,7 +138,7 @@ pub fn acceptor(cert: &Issued) -> tokio_rustls::TlsAcceptor {
 /// made the gateway's way: for a test to look at what the gateway wrote.
 pub fn redis_manager(url: &str, ca_file: &Path) -> redis::aio::ConnectionManager {
     let url = pandagate::config::RedisUrl::parse(url, "test").unwrap();
-    pandagate::state::redis::connect(
+    pandagate::redis::connect(
         &WithTrust::new(url, trust(Some(ca_file))),
         "test",
         std::time::Duration::from_secs(5),
