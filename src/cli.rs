@@ -11,10 +11,9 @@ use clap::{Parser, Subcommand};
 use crate::base::secret::Secret;
 use crate::config::RedisUrlKeys as _;
 use crate::config::{self, BackendKind, ConfigError, LogConfig, StoreKind, process_env};
-use crate::gateway::Gateway;
+use crate::gateway::{Gateway, Lasting};
 use crate::net::server::{self, ServerOptions};
 use crate::observe::access_log::AccessLog;
-use crate::observe::metrics::Metrics;
 use crate::pandapon::sandbox::{DEMO_ACCESS_KEY, DEMO_SECRET, Sandbox};
 use crate::pandapon::signer::{self, Recipe, TimestampUnit};
 use crate::policy::loaded::{self, Loaded};
@@ -339,7 +338,7 @@ fn build_as_run_does(loaded: &Loaded) -> Result<(), ConfigError> {
     let _entered = runtime.enter();
     let (log, _writer) =
         AccessLog::spawn(crate::config::LogFormat::Json, Box::new(std::io::sink()));
-    let gateway = Gateway::with_metrics(loaded, log, Arc::new(Metrics::default()))?;
+    let gateway = Gateway::new(loaded, Lasting::without_stores(loaded, log)?)?;
     let _ = ServerOptions::from(gateway.server_config());
     Ok(())
 }

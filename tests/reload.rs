@@ -237,18 +237,18 @@ async fn a_reload_keeps_the_body_budget_and_resizes_it() {
         pandagate::config::LogFormat::Json,
         Box::new(std::io::sink()),
     );
-    let metrics = Arc::new(pandagate::metrics::Metrics::default());
-    let gateway =
-        pandagate::gateway::Gateway::with_metrics(&loaded, log.clone(), metrics.clone()).unwrap();
-    let budget = gateway.body_budget().clone();
+    let lasting = pandagate::gateway::Lasting::open(&loaded, log).unwrap();
+    let metrics = lasting.metrics.clone();
+    let gateway = pandagate::gateway::Gateway::new(&loaded, lasting).unwrap();
+    let budget = gateway.lasting().bodies.clone();
     let mut held = budget.hold(Reader::Call, None);
     held.grow_to(1000).unwrap();
     let current = Arc::new(arc_swap::ArcSwap::from_pointee(gateway));
 
     std::fs::write(&path, "[server]\nmax_buffered_body_bytes = 16777216\n").unwrap();
-    pandagate::reload::reload(Some(&path), &env, &current, &log, &metrics, None);
+    pandagate::reload::reload(Some(&path), &env, &current, None);
     assert_eq!(metrics.config_reloads(), 1, "the reload was applied");
-    assert!(Arc::ptr_eq(current.load().body_budget(), &budget));
+    assert!(Arc::ptr_eq(&current.load().lasting().bodies, &budget));
     assert_eq!((budget.limit(), budget.used()), (16_777_216, 1000));
     drop(held);
     assert_eq!(budget.used(), 0);

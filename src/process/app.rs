@@ -28,20 +28,17 @@ use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
-use crate::base::body_budget::BodyBudget;
 use crate::callbacks::{Backend, Callbacks};
 use crate::config::{ConfigError, process_env};
-use crate::gateway::Gateway;
+use crate::gateway::{Gateway, Lasting};
 use crate::net::caller_tls::CallerTls;
 use crate::net::connections::Connections;
 use crate::net::server::{self, ServerOptions};
 use crate::observe::access_log::AccessLog;
-use crate::observe::metrics::Metrics;
-use crate::observe::traces::Traces;
 use crate::policy::loaded::Loaded;
 use crate::process::admin::{Admin, Control, Drain};
 use crate::process::exporter::Process;
-use crate::state::idempotency::{self, Idempotency, LocalStore, Store};
+use crate::state::idempotency::{self, LocalStore, Store};
 use crate::{net::worker, observe::diagnostics, process::reload};
 
 /// How long logs get to reach their readers on the way out.
@@ -88,9 +85,8 @@ async fn sweep_expired_keys(store: LocalStore) {
 pub struct App {
     loaded: Loaded,
     config_path: Option<PathBuf>,
-    log: AccessLog,
-    /// Outlive config reloads; the gateway itself is swapped whole.
-    metrics: Arc<Metrics>,
+    /// Outlives config reloads; the gateway itself is swapped whole.
+    lasting: Lasting,
     current: reload::Current,
     callbacks: Option<Arc<Callbacks>>,
 }
@@ -129,32 +125,17 @@ impl App {
             Box::new(std::io::stdout()),
             log_config.queue_lines,
         );
-        let metrics = Arc::new(Metrics::default());
-        // Like the callback store, the idempotency store is opened once
-        // (a local one is a file only one process may hold) and handed
-        // from each config to the next on SIGHUP.
-        let idempotency = match &loaded.config.idempotency {
-            None => None,
-            Some(c) => {
-                let store = Arc::new(Idempotency::open(c, loaded.idempotency_redis_url.as_ref())?);
-                if let Store::Local(local) = store.store() {
-                    tokio::spawn(sweep_expired_keys(local.clone()));
-                }
-                Some(store)
-            }
-        };
-        // Spans go out through one exporter thread for the process's life.
-        let traces = match &loaded.traces_endpoint {
-            None => None,
-            Some(endpoint) => Some(Arc::new(Traces::start(&loaded.config.telemetry, endpoint)?)),
-        };
-        // One budget for the bodies being read, by every listener and
-        // thread, calls and pushes alike; handed from each config to the next.
-        let bodies = BodyBudget::new(loaded.config.server.max_buffered_body_bytes);
-        let gateway = Gateway::with_metrics(&loaded, log.clone(), metrics.clone())?
-            .with_idempotency(idempotency)
-            .with_traces(traces.clone())
-            .with_body_budget(bodies.clone());
+        // Opened once and handed from each config to the next on SIGHUP:
+        // the idempotency store (a local one is a file only one process may
+        // hold), the trace exporter's thread, the read cache, and one budget
+        // for the bodies being read by every listener and thread.
+        let lasting = Lasting::open(&loaded, log)?;
+        if let Some(idempotency) = &lasting.idempotency
+            && let Store::Local(local) = idempotency.store()
+        {
+            tokio::spawn(sweep_expired_keys(local.clone()));
+        }
+        let gateway = Gateway::new(&loaded, lasting.clone())?;
         let current: reload::Current = Arc::new(ArcSwap::from_pointee(gateway));
         // The store is a file only one process may hold: opened once, its
         // settings taken at start, not on SIGHUP. The secret that verifies a
@@ -168,9 +149,9 @@ impl App {
                     c.clone(),
                     reload::profile_secret(current.clone(), &c.profile),
                     Duration::from_millis(loaded.config.server.body_read_timeout_ms),
-                    bodies.clone(),
+                    lasting.bodies.clone(),
                     store,
-                    traces.clone(),
+                    lasting.traces.clone(),
                 )?;
                 tokio::spawn(cb.clone().run_deliveries(loaded.tls.clone()));
                 Some(cb)
@@ -179,8 +160,7 @@ impl App {
         Ok(App {
             loaded,
             config_path,
-            log,
-            metrics,
+            lasting,
             current,
             callbacks,
         })
@@ -275,12 +255,12 @@ impl App {
         let _ = traffic_done.send(true);
         let _ = admin_task.await;
         let _ = control_task.await;
-        if let Some(traces) = self.current.load().traces() {
+        if let Some(traces) = &self.lasting.traces {
             // Sends what is queued; bounded by telemetry.export_timeout_ms.
             let traces = traces.clone();
             let _ = tokio::task::spawn_blocking(move || traces.shutdown()).await;
         }
-        self.log.flush_within(EXIT_FLUSH);
+        self.lasting.access_log.flush_within(EXIT_FLUSH);
         Ok(())
     }
 
@@ -321,7 +301,7 @@ impl App {
     /// The first SIGTERM/SIGINT drains; a second one exits at once.
     fn watch_signals(&self, drain: Drain) -> Result<(), StartError> {
         let mut signals = server::Signals::new().map_err(StartError::Signals)?;
-        let log = self.log.clone();
+        let log = self.lasting.access_log.clone();
         tokio::spawn(async move {
             loop {
                 let name = signals.recv().await;
@@ -340,7 +320,7 @@ impl App {
     fn watch_reloads(&self) {
         tokio::spawn(reload::watch_secret_files(
             self.current.clone(),
-            self.metrics.clone(),
+            self.lasting.metrics.clone(),
             Duration::from_millis(self.loaded.config.server.secret_poll_ms),
         ));
         let hangup = tokio::signal::unix::SignalKind::hangup();
@@ -351,8 +331,7 @@ impl App {
                 return;
             }
         };
-        let (current, log, metrics) =
-            (self.current.clone(), self.log.clone(), self.metrics.clone());
+        let current = self.current.clone();
         let config_path = self.config_path.clone();
         let receiver_profile = self.callbacks.as_ref().map(|cb| cb.profile().to_owned());
         tokio::spawn(async move {
@@ -362,8 +341,6 @@ impl App {
                     config_path.as_deref(),
                     &process_env,
                     &current,
-                    &log,
-                    &metrics,
                     receiver_profile.as_deref(),
                 );
             }
@@ -489,7 +466,8 @@ impl Serving {
         if let Some(pushes) = pushes {
             let _ = pushes.await;
         }
-        if let Some(idempotency) = self.current.load().idempotency() {
+        let idempotency = self.current.load().lasting().idempotency.clone();
+        if let Some(idempotency) = idempotency {
             let until = deadline
                 .await
                 .unwrap_or_else(|_| tokio::time::Instant::now());

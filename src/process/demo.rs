@@ -11,7 +11,7 @@ use hyper_util::rt::TokioExecutor;
 use tokio::sync::watch;
 
 use crate::config::{self, Config, LogFormat, ProfileConfig};
-use crate::gateway;
+use crate::gateway::{Gateway, Lasting};
 use crate::net::server::{self, ServerOptions};
 use crate::observe::access_log::AccessLog;
 use crate::pandapon::envelope;
@@ -107,7 +107,7 @@ pub async fn run(format: LogFormat) -> Result<bool, DemoError> {
     let demo_env = |name: &str| (name == "PANDAGATE_DEMO_SECRET").then(|| DEMO_SECRET.to_owned());
     let loaded = crate::policy::loaded::resolve(config, &demo_env)?;
     let (log, _writer) = AccessLog::spawn(format, Box::new(std::io::stdout()));
-    let gateway = gateway::build(&loaded, log.clone())?;
+    let gateway = Arc::new(Gateway::new(&loaded, Lasting::open(&loaded, log.clone())?)?);
     let gateway_listener = server::bind(loaded.config.server.listen, "gateway").await?;
     let gateway_addr = gateway_listener.local_addr()?;
     let gateway_task = tokio::spawn(server::serve(

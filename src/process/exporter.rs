@@ -121,7 +121,7 @@ impl StateCollector {
     /// (`listener="gateway"` for calls, `"callbacks"` for pushes on either
     /// listener).
     fn encode_bodies(&self, e: &mut DescriptorEncoder) -> std::fmt::Result {
-        let bodies = (self.gateway)().body_budget().clone();
+        let bodies = (self.gateway)().lasting().bodies.clone();
         gauge(
             e,
             "body_budget_held_bytes",
@@ -147,7 +147,7 @@ impl StateCollector {
     /// in flight, reloads.
     fn encode_gateway(&self, e: &mut DescriptorEncoder) -> std::fmt::Result {
         let g = (self.gateway)();
-        let m = g.metrics();
+        let m = &g.lasting().metrics;
         counter(
             e,
             "retries_budget_refused",
@@ -226,7 +226,7 @@ impl StateCollector {
             e,
             "access_log_dropped",
             "Access-log lines dropped because stdout's reader was behind by log.queue_lines.",
-            g.access_log().dropped(),
+            g.lasting().access_log.dropped(),
         )?;
         counter(
             e,
@@ -294,7 +294,7 @@ impl Exporter {
     pub fn with_process(gateway: GatewaySource, process: Process) -> Exporter {
         let mut registry = Registry::with_prefix("pandagate");
         let current = gateway();
-        current.metrics().register(&mut registry);
+        current.lasting().metrics.register(&mut registry);
         if let Some(cb) = &process.callbacks {
             registry.register(
                 "callbacks_delivery_lag_seconds",

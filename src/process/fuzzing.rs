@@ -33,7 +33,7 @@ use crate::base::secret::Secret;
 use crate::callbacks::{PushRejected, verify_push};
 use crate::config::Class;
 use crate::config::{self, Config, LogFormat, ProfileConfig};
-use crate::gateway::Gateway;
+use crate::gateway::{Gateway, Lasting};
 use crate::observe::access_log::{AccessLog, AccessRecord};
 use crate::pandapon::envelope;
 use crate::pandapon::headers::{CREDENTIAL_HEADERS, USER_ID, X_REQUEST_ID};
@@ -99,7 +99,8 @@ fn gateways() -> &'static [Gateway; 2] {
                 }];
             }
             let loaded = crate::policy::loaded::resolve(c, &env).expect("the fuzz config is valid");
-            Gateway::new(&loaded, log.clone()).expect("the fuzz gateway builds")
+            let lasting = Lasting::open(&loaded, log.clone()).expect("the fuzz gateway opens");
+            Gateway::new(&loaded, lasting).expect("the fuzz gateway builds")
         };
         [build(false), build(true)]
     })

@@ -25,7 +25,6 @@ use arc_swap::ArcSwap;
 use crate::base::secret::Secret;
 use crate::config::{self, Env, SecretFileError};
 use crate::gateway::Gateway;
-use crate::observe::access_log::AccessLog;
 use crate::observe::metrics::Metrics;
 
 /// The gateway serving now; replaced whole on reload.
@@ -102,8 +101,6 @@ pub fn reload(
     path: Option<&std::path::Path>,
     env: Env<'_>,
     current: &Current,
-    log: &AccessLog,
-    metrics: &Arc<Metrics>,
     receiver_profile: Option<&str>,
 ) {
     let loaded = match crate::policy::loaded::load(path, env) {
@@ -144,19 +141,16 @@ pub fn reload(
             "TLS file names changed: they take effect after a restart (the files named at start are re-read when they change)"
         );
     }
-    if loaded.config.idempotency.is_some() != running.idempotency().is_some() {
+    let lasting = running.lasting();
+    if loaded.config.idempotency.is_some() != lasting.idempotency.is_some() {
         tracing::warn!("[idempotency] added or removed: that takes effect after a restart");
     }
-    match Gateway::with_metrics(&loaded, log.clone(), metrics.clone()) {
+    // The stores, the exporter, the cache and the body budget stay as
+    // opened at start; the new config brings everything else.
+    match Gateway::new(&loaded, lasting.clone()) {
         Ok(gateway) => {
-            // The idempotency store stays as opened at start.
-            let gateway = gateway
-                .with_idempotency(running.idempotency().cloned())
-                .with_traces(running.traces().cloned())
-                .with_cache(running.cache().clone())
-                .with_body_budget(running.body_budget().clone());
             current.store(Arc::new(gateway));
-            metrics.config_reloaded();
+            lasting.metrics.config_reloaded();
             tracing::info!(profiles = loaded.profiles.len(), "config reloaded");
         }
         Err(e) => tracing::warn!(error = %e, "config reload rejected; the running config stays"),
