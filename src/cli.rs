@@ -10,7 +10,9 @@ use clap::{Parser, Subcommand};
 
 use crate::base::secret::Secret;
 use crate::config::RedisUrlKeys as _;
-use crate::config::{self, BackendKind, ConfigError, LogConfig, StoreKind, process_env};
+use crate::config::{
+    self, ConfigError, IdempotencyBackend, LogConfig, RateLimitBackend, process_env,
+};
 use crate::gateway::{Gateway, Lasting};
 use crate::net::server::{self, ServerOptions};
 use crate::observe::access_log::AccessLog;
@@ -269,7 +271,7 @@ fn check(loaded: &Loaded) -> ExitCode {
     // show in the TOML below), its credentials redacted.
     println!("# upstream: {}", loaded.egress);
     if let Some(r) = &loaded.config.rate_limit
-        && r.backend == BackendKind::Redis
+        && r.backend == RateLimitBackend::Redis
         && let Ok(source) = r.redis_url_source()
     {
         println!("# rate_limit: Redis URL {source}");
@@ -285,7 +287,7 @@ fn check(loaded: &Loaded) -> ExitCode {
         println!("# callbacks: {}", postgres_status(c, url));
     }
     if let Some(i) = &loaded.config.idempotency
-        && i.store == StoreKind::Redis
+        && i.backend == IdempotencyBackend::Redis
         && let Ok(source) = i.redis_url_source()
     {
         println!("# idempotency: Redis URL {source}");

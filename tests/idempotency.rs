@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
-use pandagate::config::{Config, IdempotencyConfig, RateLimitConfig, StoreKind};
+use pandagate::config::{Config, IdempotencyBackend, IdempotencyConfig, RateLimitConfig};
 use pandagate::exporter::Exporter;
 use support::*;
 use tokio::io::AsyncWriteExt;
@@ -150,7 +150,7 @@ fn local_store(dir: &std::path::Path) -> IdempotencyConfig {
 
 fn redis_store(url: String) -> IdempotencyConfig {
     IdempotencyConfig {
-        store: StoreKind::Redis,
+        backend: IdempotencyBackend::Redis,
         redis_url: Some(url),
         ..IdempotencyConfig::default()
     }

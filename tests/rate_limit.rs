@@ -5,7 +5,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use pandagate::config::Config;
-use pandagate::config::{BackendKind, FailMode, RateLimitConfig, RouteConfig};
+use pandagate::config::{FailMode, RateLimitBackend, RateLimitConfig, RouteConfig};
 use pandagate::quota::BackendState;
 use support::*;
 use wiremock::ResponseTemplate;
@@ -27,7 +27,7 @@ fn limited(upstream: &str, per_second: f64, burst: u32, max_wait_ms: u64) -> Con
 
 fn with_redis(mut c: Config, redis: &RedisServer) -> Config {
     let r = c.rate_limit.as_mut().unwrap();
-    r.backend = BackendKind::Redis;
+    r.backend = RateLimitBackend::Redis;
     r.redis_url = Some(redis.url());
     c
 }
@@ -342,7 +342,7 @@ async fn a_live_redis_decides_at_every_bound() {
         cases.push((c, Some(key)));
     }
     for (mut c, refused) in cases {
-        c.backend = BackendKind::Redis;
+        c.backend = RateLimitBackend::Redis;
         c.redis_key_prefix = format!("bounds-{}", pandagate::ids::request_id());
         let built = Limiter::new(Some(&c), Some(&url), &["ak".into()], &routes);
         match (built, refused) {
@@ -367,7 +367,7 @@ async fn a_live_redis_decides_at_every_bound() {
 /// besides the bundled roots; Redis decides within 2 s or `fail_mode` does.
 fn over_rediss(mut c: Config, url: &str, ca_file: &std::path::Path, fail_mode: FailMode) -> Config {
     let r = c.rate_limit.as_mut().unwrap();
-    r.backend = BackendKind::Redis;
+    r.backend = RateLimitBackend::Redis;
     r.redis_url = Some(url.to_owned());
     r.redis_timeout_ms = 2_000;
     r.fail_mode = fail_mode;

@@ -16,7 +16,7 @@ pub const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
 /// Where keys are remembered.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum StoreKind {
+pub enum IdempotencyBackend {
     /// A file under `path`, held by this process; survives restarts.
     #[default]
     Local,
@@ -30,10 +30,12 @@ pub enum StoreKind {
 #[serde(deny_unknown_fields, default)]
 pub struct IdempotencyConfig {
     /// `local` (a file under `path`) or `redis` (shared by every replica).
-    pub store: StoreKind,
-    /// Directory of the local store (`store = "local"`); created if missing.
+    /// `store`, its name before the other sections' `backend`, is read too.
+    #[serde(alias = "store")]
+    pub backend: IdempotencyBackend,
+    /// Directory of the local store (`backend = "local"`); created if missing.
     pub path: PathBuf,
-    /// Redis for `store = "redis"`: the URL itself, or (at most one of the
+    /// Redis for `backend = "redis"`: the URL itself, or (at most one of the
     /// three) `redis_url_env` or `redis_url_file`; none: redis://127.0.0.1:6379.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redis_url: Option<String>,
@@ -64,7 +66,7 @@ pub struct IdempotencyConfig {
 impl Default for IdempotencyConfig {
     fn default() -> Self {
         Self {
-            store: StoreKind::Local,
+            backend: IdempotencyBackend::Local,
             path: PathBuf::from("/var/lib/pandagate/idempotency"),
             redis_url: None,
             redis_url_env: None,
@@ -109,7 +111,7 @@ impl IdempotencyConfig {
                 ),
             ));
         }
-        if self.store == StoreKind::Local && self.path.as_os_str().is_empty() {
+        if self.backend == IdempotencyBackend::Local && self.path.as_os_str().is_empty() {
             return Err(ConfigError::new("idempotency.path", "must not be empty"));
         }
         if self.redis_key_prefix.is_empty() {
@@ -134,7 +136,7 @@ impl RedisUrlKeys for IdempotencyConfig {
     }
 
     fn uses_redis(&self) -> bool {
-        self.store == StoreKind::Redis
+        self.backend == IdempotencyBackend::Redis
     }
 }
 
@@ -148,7 +150,7 @@ mod tests {
         assert!(Config::from_toml("").unwrap().idempotency.is_none());
         let c = Config::from_toml("[idempotency]\n").unwrap();
         let i = c.idempotency.unwrap();
-        assert_eq!(i.store, StoreKind::Local);
+        assert_eq!(i.backend, IdempotencyBackend::Local);
         assert_eq!(i.ttl_ms, 86_400_000);
         assert_eq!(i.max_response_bytes, 1_048_576);
         assert!(!i.require_key);
@@ -165,7 +167,7 @@ mod tests {
                 "idempotency.max_response_bytes",
             ),
             (
-                "store = \"redis\"\nredis_url = \"redis://a\"\nredis_url_env = \"X\"",
+                "backend = \"redis\"\nredis_url = \"redis://a\"\nredis_url_env = \"X\"",
                 "idempotency.redis_url",
             ),
             (
@@ -178,8 +180,23 @@ mod tests {
             assert_eq!(e.key, key, "{toml}: {e}");
             assert!(!e.to_string().contains("pw-9"), "{e}");
         }
-        let e = Config::from_toml("[idempotency]\nstore = \"memcached\"\n").unwrap_err();
-        assert_eq!(e.key, "idempotency.store", "{e}");
+        let e = Config::from_toml("[idempotency]\nbackend = \"memcached\"\n").unwrap_err();
+        assert_eq!(e.key, "idempotency.backend", "{e}");
+    }
+
+    #[test]
+    fn store_is_read_as_backend_and_both_at_once_are_refused() {
+        for (toml, backend) in [
+            ("backend = \"redis\"", IdempotencyBackend::Redis),
+            ("store = \"redis\"", IdempotencyBackend::Redis),
+            ("store = \"local\"", IdempotencyBackend::Local),
+        ] {
+            let c = Config::from_toml(&format!("[idempotency]\n{toml}\n")).unwrap();
+            assert_eq!(c.idempotency.unwrap().backend, backend, "{toml}");
+        }
+        let both = "[idempotency]\nbackend = \"redis\"\nstore = \"local\"\n";
+        let e = Config::from_toml(both).unwrap_err();
+        assert!(e.to_string().contains("backend"), "{e}");
     }
 
     #[test]

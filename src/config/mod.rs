@@ -41,12 +41,12 @@ pub use cache::{CacheBackend, CacheConfig};
 pub use callbacks::{CallbackBackend, CallbacksConfig, PostgresUrl, SslMode, SubscriberConfig};
 pub use clients::{ClientConfig, TokenSource};
 pub use error::{ConfigError, Env, MAX_DURATION_MS, check_duration_ms, process_env};
-pub use idempotency::{IdempotencyConfig, StoreKind};
+pub use idempotency::{IdempotencyBackend, IdempotencyConfig};
 pub use log::{LogConfig, LogFormat};
 pub use profiles::{ENV_PROFILE, ProfileConfig};
 pub use rate_limit::{
-    BackendKind, DEFAULT_REDIS_URL, FailMode, MAX_BURST, MAX_PER_SECOND, MIN_FALLBACK_SHARE,
-    MIN_PER_SECOND, Rate, RateError, RateLimitConfig, RedisUrl, RedisUrlKeys, RedisUrlSource,
+    DEFAULT_REDIS_URL, FailMode, MAX_BURST, MAX_PER_SECOND, MIN_FALLBACK_SHARE, MIN_PER_SECOND,
+    Rate, RateError, RateLimitBackend, RateLimitConfig, RedisUrl, RedisUrlKeys, RedisUrlSource,
 };
 pub use retry::{CodeValue, RetryConfig};
 pub use routes::{Class, RouteConfig, check_overlaps, v1_form};

@@ -40,7 +40,7 @@ pub struct RateLimitConfig {
     pub max_wait_ms: u64,
     /// `local` (this process) or `redis` (shared by every replica).
     #[serde(default)]
-    pub backend: BackendKind,
+    pub backend: RateLimitBackend,
     /// Redis for `backend = "redis"`: the URL itself, or (at most one of
     /// the three) `redis_url_env` or `redis_url_file`; none:
     /// [`DEFAULT_REDIS_URL`].
@@ -80,7 +80,7 @@ fn default_key_prefix() -> String {
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum BackendKind {
+pub enum RateLimitBackend {
     #[default]
     Local,
     Redis,
@@ -140,7 +140,7 @@ impl RateLimitConfig {
             requests_per_second,
             burst,
             max_wait_ms: 0,
-            backend: BackendKind::Local,
+            backend: RateLimitBackend::Local,
             redis_url: None,
             redis_url_env: None,
             redis_url_file: None,
@@ -228,7 +228,7 @@ impl RedisUrlKeys for RateLimitConfig {
     }
 
     fn uses_redis(&self) -> bool {
-        self.backend == BackendKind::Redis
+        self.backend == RateLimitBackend::Redis
     }
 }
 

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use crate::base::secret::Secret;
 use crate::config::RedisUrlKeys as _;
 use crate::config::{
-    BackendKind, CacheBackend, CallbackBackend, Config, ConfigError, Env, PostgresUrl, RedisUrl,
-    StoreKind, TracesEndpoint,
+    CacheBackend, CallbackBackend, Config, ConfigError, Env, IdempotencyBackend, PostgresUrl,
+    RateLimitBackend, RedisUrl, TracesEndpoint,
 };
 use crate::net::caller_tls::CallerTls;
 use crate::net::egress::Egress;
@@ -84,11 +84,11 @@ pub fn resolve(config: Config, env: Env<'_>) -> Result<Loaded, ConfigError> {
         .map(|(i, c)| Client::load(c, &format!("clients[{i}]"), env))
         .collect::<Result<Vec<_>, _>>()?;
     let redis_url = match &config.rate_limit {
-        Some(r) if r.backend == BackendKind::Redis => Some(r.resolve_redis_url(env)?),
+        Some(r) if r.backend == RateLimitBackend::Redis => Some(r.resolve_redis_url(env)?),
         _ => None,
     };
     let idempotency_redis_url = match &config.idempotency {
-        Some(i) if i.store == StoreKind::Redis => Some(i.resolve_redis_url(env)?),
+        Some(i) if i.backend == IdempotencyBackend::Redis => Some(i.resolve_redis_url(env)?),
         _ => None,
     };
     let callbacks_postgres_url = match &config.callbacks {
@@ -252,7 +252,7 @@ mod tests {
         }
         // A local backend reads no URL.
         let mut c = redis_config("redis_url_env = \"UNSET\"");
-        c.rate_limit.as_mut().unwrap().backend = BackendKind::Local;
+        c.rate_limit.as_mut().unwrap().backend = RateLimitBackend::Local;
         assert!(resolve(c, &env).unwrap().redis_url.is_none());
         // A reload reads it the same way.
         let path = dir.path().join("pandagate.toml");

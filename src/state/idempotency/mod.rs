@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::base::error::GatewayError;
-use crate::config::{Class, ConfigError, IdempotencyConfig, RedisUrl, StoreKind};
+use crate::config::{Class, ConfigError, IdempotencyBackend, IdempotencyConfig, RedisUrl};
 use crate::net::tls::WithTrust;
 
 pub use local::LocalStore;
@@ -435,18 +435,20 @@ impl Idempotency {
         config: &IdempotencyConfig,
         redis_url: Option<&WithTrust<RedisUrl>>,
     ) -> Result<Idempotency, ConfigError> {
-        let store = match config.store {
-            StoreKind::Local => Store::Local(LocalStore::open(&config.path).map_err(|e| {
-                ConfigError::new(
-                    "idempotency.path",
-                    format_args!(
-                        "{}: {e} (one process holds a local store; replicas share \
-                         store = \"redis\")",
-                        config.path.display()
-                    ),
-                )
-            })?),
-            StoreKind::Redis => {
+        let store = match config.backend {
+            IdempotencyBackend::Local => {
+                Store::Local(LocalStore::open(&config.path).map_err(|e| {
+                    ConfigError::new(
+                        "idempotency.path",
+                        format_args!(
+                            "{}: {e} (one process holds a local store; replicas share \
+                         backend = \"redis\")",
+                            config.path.display()
+                        ),
+                    )
+                })?)
+            }
+            IdempotencyBackend::Redis => {
                 let url = redis_url.ok_or_else(|| {
                     ConfigError::new("idempotency.redis_url", "no Redis URL was read")
                 })?;

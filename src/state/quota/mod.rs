@@ -33,7 +33,8 @@ use self::redis::RedisBackend;
 use crate::base::error::GatewayError;
 use crate::config::RedisUrlKeys as _;
 use crate::config::{
-    BackendKind, ConfigError, FailMode, Rate, RateLimitConfig, RedisUrl, RedisUrlSource, TlsConfig,
+    ConfigError, FailMode, Rate, RateLimitBackend, RateLimitConfig, RedisUrl, RedisUrlSource,
+    TlsConfig,
 };
 use crate::net::tls::{Trust, WithTrust};
 
@@ -99,7 +100,7 @@ impl Limiter {
             .map_err(|e| e.named("rate_limit.requests_per_second", "rate_limit.burst"))?;
         let route_rates: Vec<Rate> = routes.iter().map(|(_, r)| *r).collect();
         let redis = match config {
-            Some(c) if c.backend == BackendKind::Redis => {
+            Some(c) if c.backend == RateLimitBackend::Redis => {
                 let url = match redis_url {
                     Some(url) => url.clone(),
                     None => match c.redis_url_source()? {
@@ -434,7 +435,7 @@ mod tests {
                 configs.push(RateLimitConfig::new(r, b));
             }
         }
-        for backend in [BackendKind::Local, BackendKind::Redis] {
+        for backend in [RateLimitBackend::Local, RateLimitBackend::Redis] {
             for fail_mode in [FailMode::Local, FailMode::Open, FailMode::Closed] {
                 for (r, b) in [
                     (MIN_PER_SECOND, Some(MAX_BURST)),
@@ -496,7 +497,7 @@ mod tests {
                 Ok(l) => {
                     assert!(bad.is_empty(), "{c:?} built with {bad:?} out of bounds");
                     let first = l.acquire(0, None).await;
-                    if c.backend == BackendKind::Local {
+                    if c.backend == RateLimitBackend::Local {
                         assert!(first.is_ok(), "{c:?}: {first:?}");
                     }
                     for route in [None, Some(0), Some(1)] {
