@@ -44,6 +44,7 @@
 //! assert_eq!(budget.refused(Reader::Call), 1);
 //! ```
 
+use crate::base::families::{self, Described, DescriptorEncoder};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -118,6 +119,24 @@ impl BodyBudget {
             Reader::Call => self.refused_calls.load(Ordering::Relaxed),
             Reader::Push => self.refused_pushes.load(Ordering::Relaxed),
         }
+    }
+
+    /// Bytes held, and bodies refused by reader (`listener="gateway"` for
+    /// calls, `"callbacks"` for pushes on either listener).
+    pub fn describe(&self, e: &mut DescriptorEncoder) -> Described {
+        families::bytes_gauge(
+            e,
+            "body_budget_held_bytes",
+            "Bytes of request bodies being read or kept for replays, against server.max_buffered_body_bytes.",
+            self.used(),
+        )?;
+        families::per_listener(
+            e,
+            "body_budget_rejected",
+            "Request bodies refused (503 overloaded) because they would pass the body budget or a share of it, by reader: gateway (calls) or callbacks (pushes).",
+            families::Kind::Counter,
+            [Reader::Call, Reader::Push].map(|r| (r.label(), self.refused(r))),
+        )
     }
 
     /// A hold of 0 bytes for one body of `reader`, arrived on `connection`

@@ -5,6 +5,7 @@
 
 pub mod body_budget;
 pub mod error;
+pub mod families;
 pub mod ids;
 pub mod redact;
 pub mod secret;

@@ -13,6 +13,7 @@ mod deliver;
 pub mod postgres;
 pub mod store;
 
+use crate::base::families::{self, Described, DescriptorEncoder};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -132,6 +133,62 @@ impl Default for CallbackCounts {
             retried: AtomicU64::new(0),
             dead_lettered: AtomicU64::new(0),
         }
+    }
+}
+
+impl CallbackCounts {
+    /// The two lag histograms, kept by the registry.
+    pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
+        registry.register(
+            "callbacks_delivery_lag_seconds",
+            "Time from a push's acknowledgement to its delivery",
+            self.lag.clone(),
+        );
+        registry.register(
+            "callbacks_claim_lag_seconds",
+            "Time from a delivery falling due to its being taken up by a delivery loop",
+            self.claim_lag.clone(),
+        );
+    }
+
+    /// The counters, read at scrape time.
+    pub fn describe(&self, e: &mut DescriptorEncoder) -> Described {
+        for (name, help, v) in [
+            ("callbacks_received", "Pushes received.", &self.received),
+            (
+                "callbacks_rejected",
+                "Pushes refused (signature, size, format).",
+                &self.rejected,
+            ),
+            (
+                "callbacks_stored",
+                "Pushes stored and acknowledged.",
+                &self.stored,
+            ),
+            (
+                "callbacks_duplicates",
+                "Pushes acknowledged that were already stored.",
+                &self.duplicates,
+            ),
+            (
+                "callbacks_delivered",
+                "Deliveries a subscriber acknowledged.",
+                &self.delivered,
+            ),
+            (
+                "callbacks_retried",
+                "Delivery attempts that failed and will be retried.",
+                &self.retried,
+            ),
+            (
+                "callbacks_dead_lettered",
+                "Deliveries given up after max_age_ms.",
+                &self.dead_lettered,
+            ),
+        ] {
+            families::counter(e, name, help, v.load(Ordering::Relaxed))?;
+        }
+        Ok(())
     }
 }
 

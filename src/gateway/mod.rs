@@ -37,6 +37,7 @@ use tokio::time::Instant;
 
 use crate::base::body_budget::{BodyBudget, ConnectionBodies, Reader};
 use crate::base::error::{self, GatewayError};
+use crate::base::families::{Described, DescriptorEncoder};
 use crate::base::ids;
 use crate::config::{ConfigError, RetryConfig, ServerConfig, SigningConfig};
 use crate::net::body::{self, ResponseBody};
@@ -229,6 +230,20 @@ impl Gateway {
     /// The listener settings this gateway was built with.
     pub fn server_config(&self) -> &ServerConfig {
         &self.server
+    }
+
+    /// The series of the parts this gateway serves with, read now: retry
+    /// budget, quota, breaker, calls in flight and reloads, cache, traces.
+    pub fn describe(&self, e: &mut DescriptorEncoder) -> Described {
+        self.budget.describe(e)?;
+        self.limiter.describe(e)?;
+        self.breaker.describe(e)?;
+        self.lasting.metrics.describe_state(e)?;
+        self.lasting.cache.describe(e)?;
+        if let Some(traces) = &self.lasting.traces {
+            traces.describe(e)?;
+        }
+        Ok(())
     }
 
     /// Answers one call. Never fails: errors become envelopes. The call's

@@ -6,6 +6,7 @@
 //! `pandagate_connections_open{listener}` and
 //! `pandagate_connections_rejected_total{listener}`.
 
+use crate::base::families::{self, Described, DescriptorEncoder};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
@@ -57,6 +58,27 @@ impl Connections {
     pub fn max(&self) -> usize {
         self.max
     }
+}
+
+/// `connections_open` and `connections_rejected`, a series per listener.
+pub fn describe(listeners: &[Arc<Connections>], e: &mut DescriptorEncoder) -> Described {
+    if listeners.is_empty() {
+        return Ok(());
+    }
+    families::per_listener(
+        e,
+        "connections_open",
+        "Open connections, per listener.",
+        families::Kind::Gauge,
+        listeners.iter().map(|c| (c.listener, c.open() as u64)),
+    )?;
+    families::per_listener(
+        e,
+        "connections_rejected",
+        "Connections closed at once because the listener had max_connections open.",
+        families::Kind::Counter,
+        listeners.iter().map(|c| (c.listener, c.rejected())),
+    )
 }
 
 /// One open connection; its place is given back when dropped.

@@ -19,6 +19,7 @@
 //! `span_id` (the call's span, when traces are exported, else null) and
 //! `cache` (what the read cache did, on a cached route, else null).
 
+use crate::base::families::{self, Described, DescriptorEncoder};
 use std::io::Write;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -175,6 +176,15 @@ impl AccessLog {
     /// Lines dropped because the queue was full.
     pub fn dropped(&self) -> u64 {
         self.queue.dropped()
+    }
+
+    pub fn describe(&self, e: &mut DescriptorEncoder) -> Described {
+        families::counter(
+            e,
+            "access_log_dropped",
+            "Access-log lines dropped because stdout's reader was behind by log.queue_lines.",
+            self.dropped(),
+        )
     }
 
     /// Waits until every line queued so far has been written, however long

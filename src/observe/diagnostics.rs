@@ -12,6 +12,7 @@
 //! [`flush_within`]; messages printed on the way out with `eprintln!` come
 //! after it.
 
+use crate::base::families::{self, Described, DescriptorEncoder};
 use std::io::{IsTerminal, Write};
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -64,6 +65,17 @@ pub fn init(format: LogFormat, queue_lines: usize) {
 /// Diagnostic events dropped because stderr's reader was behind.
 pub fn dropped() -> u64 {
     DIAGNOSTICS.get().map_or(0, LogQueue::dropped)
+}
+
+/// `diagnostics_dropped`, from `dropped` (this process's [`dropped`], or
+/// nothing where diagnostics are not queued).
+pub fn describe(dropped: Option<fn() -> u64>, e: &mut DescriptorEncoder) -> Described {
+    families::counter(
+        e,
+        "diagnostics_dropped",
+        "Diagnostic log events dropped because stderr's reader was behind by log.queue_lines.",
+        dropped.map_or(0, |read| read()),
+    )
 }
 
 /// Writes the diagnostics queued so far, waiting at most `within` for

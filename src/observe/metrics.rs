@@ -9,6 +9,7 @@
 //! counters (labelled with the provider's `code`, known only per call) are
 //! kept by each thread in a small cache of its own.
 
+use crate::base::families::{self, Described, DescriptorEncoder};
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -316,6 +317,36 @@ impl Metrics {
 
     pub fn config_reloads(&self) -> u64 {
         self.config_reloads.load(Ordering::Relaxed)
+    }
+
+    /// The process-level series kept here beside the per-call ones: calls
+    /// in flight and reloads (read at scrape time, not registered).
+    pub fn describe_state(&self, e: &mut DescriptorEncoder) -> Described {
+        families::gauge(
+            e,
+            "calls_in_flight",
+            "Calls being answered.",
+            self.in_flight(),
+        )?;
+        let (reloads, failures) = self.secret_reloads();
+        families::counter(
+            e,
+            "secret_reloads",
+            "Secrets reloaded from their files.",
+            reloads,
+        )?;
+        families::counter(
+            e,
+            "secret_reload_failures",
+            "Secret files that changed but could not be used.",
+            failures,
+        )?;
+        families::counter(
+            e,
+            "config_reloads",
+            "Configs reloaded on SIGHUP.",
+            self.config_reloads(),
+        )
     }
 
     /// Adds the per-call series to `registry`.

@@ -20,6 +20,7 @@
 //!   an export that fails — the collector away, its certificate not
 //!   trusted — are dropped and counted with the queue's.
 
+use crate::base::families::{self, Described, DescriptorEncoder};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
@@ -101,6 +102,15 @@ impl Traces {
     /// Spans dropped: the export queue was full, or their export failed.
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
+    }
+
+    pub fn describe(&self, e: &mut DescriptorEncoder) -> Described {
+        families::counter(
+            e,
+            "trace_spans_dropped",
+            "Spans dropped: the export queue (telemetry.queue_spans) was full, or their export failed.",
+            self.dropped(),
+        )
     }
 
     /// Exports what is queued and stops the exporter (at exit).

@@ -7,6 +7,7 @@
 //! first success closes the circuit, a failure opens it again. Transitions
 //! are logged. State is a handful of atomics shared by all connections.
 
+use crate::base::families::{self, Described, DescriptorEncoder};
 use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -91,6 +92,20 @@ impl Breaker {
             HALF_OPEN => State::HalfOpen,
             _ => State::Closed,
         }
+    }
+
+    pub fn describe(&self, e: &mut DescriptorEncoder) -> Described {
+        let state = match self.state() {
+            State::Closed => 0,
+            State::Open => 1,
+            State::HalfOpen => 2,
+        };
+        families::gauge(
+            e,
+            "circuit_state",
+            "Circuit breaker: 0 closed, 1 open, 2 half-open.",
+            state,
+        )
     }
 
     fn millis(&self, now: Instant) -> u64 {

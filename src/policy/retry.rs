@@ -10,6 +10,7 @@
 //! tried again: the next handshake meets the same certificate and the same
 //! trust.
 
+use crate::base::families::{self, Described, DescriptorEncoder};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
@@ -289,6 +290,15 @@ impl Budget {
     /// Retries refused because the budget was spent, since start.
     pub fn refused(&self) -> u64 {
         self.refused.load(Ordering::Relaxed)
+    }
+
+    pub fn describe(&self, e: &mut DescriptorEncoder) -> Described {
+        families::counter(
+            e,
+            "retries_budget_refused",
+            "Retries not made because the retry budget was spent.",
+            self.refused(),
+        )
     }
 
     /// Counts a first attempt.

@@ -26,6 +26,7 @@
 //! stale window), and a call that finds nothing in memory looks there, so
 //! replicas share answers; Redis away or slow is a miss, never an error.
 
+use crate::base::families::{self, Described, DescriptorEncoder};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -427,6 +428,15 @@ impl ReadCache {
     pub fn bytes(&self) -> u64 {
         self.entries.run_pending_tasks();
         self.entries.weighted_size()
+    }
+
+    pub fn describe(&self, e: &mut DescriptorEncoder) -> Described {
+        families::bytes_gauge(
+            e,
+            "cache_bytes",
+            "Bytes of answers the read cache holds.",
+            self.bytes(),
+        )
     }
 
     /// The entry for `key`, by its age against `rule`.

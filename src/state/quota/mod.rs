@@ -22,6 +22,7 @@
 mod local;
 mod redis;
 
+use crate::base::families::{self, Described, DescriptorEncoder};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -161,6 +162,29 @@ impl Limiter {
     /// Calls refused since start.
     pub fn rejected(&self) -> u64 {
         self.rejected.load(Ordering::Relaxed)
+    }
+
+    /// Waits, refusals, and whether the shared limiter is away.
+    pub fn describe(&self, e: &mut DescriptorEncoder) -> Described {
+        families::counter(
+            e,
+            "rate_limit_waits",
+            "Attempts that waited for a rate-limit slot.",
+            self.waited(),
+        )?;
+        families::counter(
+            e,
+            "rate_limit_rejections",
+            "Attempts refused by the rate limiter (429).",
+            self.rejected(),
+        )?;
+        let fallback = matches!(self.backend_state(), BackendState::Fallback(_));
+        families::gauge(
+            e,
+            "rate_limit_fallback",
+            "1 while the shared (Redis) rate limiter is away and fail_mode decides.",
+            i64::from(fallback),
+        )
     }
 
     /// Takes a slot for one attempt of quota key `key` on route bucket `route`.
