@@ -26,7 +26,6 @@
 //! stale window), and a call that finds nothing in memory looks there, so
 //! replicas share answers; Redis away or slow is a miss, never an error.
 
-use crate::base::families::{self, Described, DescriptorEncoder};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -37,10 +36,13 @@ use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
+use crate::base::families::{self, Described, DescriptorEncoder};
 use crate::config::{CacheConfig, ConfigError, RedisUrl};
 use crate::net::tls::WithTrust;
 use crate::policy::routes::CacheRule;
-use crate::state;
+
+mod redis;
+use redis::Shared;
 
 /// The response header saying where an answer came from.
 pub const X_PANDAGATE_CACHE: http::HeaderName = http::HeaderName::from_static("x-pandagate-cache");
@@ -110,174 +112,12 @@ impl Entry {
     }
 }
 
-/// An entry as Redis holds it.
-#[derive(serde::Serialize, serde::Deserialize)]
-struct Wire {
-    stored_unix_ms: u64,
-    path: String,
-    headers: Vec<(String, Vec<u8>)>,
-    body: Vec<u8>,
-}
-
-impl Entry {
-    fn to_wire(&self) -> Vec<u8> {
-        let wire = Wire {
-            stored_unix_ms: self.stored_unix_ms,
-            path: self.path.to_string(),
-            headers: self
-                .headers
-                .iter()
-                .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
-                .collect(),
-            body: self.body.to_vec(),
-        };
-        postcard::to_stdvec(&wire).expect("an entry serialises")
-    }
-
-    /// An entry read from Redis, its age carried over by the wall clock.
-    fn from_wire(bytes: &[u8], now: Instant) -> Option<Entry> {
-        let wire: Wire = postcard::from_bytes(bytes).ok()?;
-        let headers = wire
-            .headers
-            .into_iter()
-            .map(|(name, value)| {
-                Some((
-                    HeaderName::from_bytes(name.as_bytes()).ok()?,
-                    HeaderValue::from_bytes(&value).ok()?,
-                ))
-            })
-            .collect::<Option<Box<[_]>>>()?;
-        let age = Duration::from_millis(unix_ms().saturating_sub(wire.stored_unix_ms));
-        Some(Entry {
-            path: wire.path.into(),
-            headers,
-            body: Bytes::from(wire.body),
-            stored: now.checked_sub(age).unwrap_or(now),
-            stored_unix_ms: wire.stored_unix_ms,
-        })
-    }
-}
-
+/// Now, in milliseconds since the Unix epoch: an entry's age across
+/// replicas.
 fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// Redis, shared by the replicas: best effort, bounded by its timeout.
-struct Shared {
-    url: RedisUrl,
-    conn: redis::aio::ConnectionManager,
-    prefix: String,
-    timeout: Duration,
-    purge_timeout: Duration,
-}
-
-impl Shared {
-    fn new(config: &CacheConfig, url: &WithTrust<RedisUrl>) -> Result<Shared, ConfigError> {
-        let timeout = Duration::from_millis(config.redis_timeout_ms);
-        let conn = state::redis::connect(url, "cache.redis_url", timeout)?;
-        Ok(Shared {
-            url: (**url).clone(),
-            conn,
-            prefix: config.redis_key_prefix.clone(),
-            timeout,
-            purge_timeout: Duration::from_millis(config.purge_timeout_ms),
-        })
-    }
-
-    /// `PREFIX:cache:PATH:KEY`: the path first, so a purge by path prefix
-    /// can find its keys.
-    fn name(&self, path: &str, key: &[u8; 32]) -> String {
-        format!("{}:cache:{}:{}", self.prefix, path, hex::encode(key))
-    }
-
-    async fn get(&self, path: &str, key: &[u8; 32]) -> Option<Vec<u8>> {
-        let mut conn = self.conn.clone();
-        let mut cmd = redis::cmd("GET");
-        cmd.arg(self.name(path, key));
-        let get = cmd.query_async::<Option<Vec<u8>>>(&mut conn);
-        match tokio::time::timeout(self.timeout, get).await {
-            Ok(Ok(found)) => found,
-            Ok(Err(e)) => {
-                tracing::debug!(error = %state::redis::describe(&e, &self.url), "read cache: Redis read failed; a miss");
-                None
-            }
-            Err(_) => None,
-        }
-    }
-
-    /// Writes in the background: the caller never waits for it.
-    fn put(self: &Arc<Self>, path: &str, key: &[u8; 32], bytes: Vec<u8>, keep: Duration) {
-        let (this, name) = (self.clone(), self.name(path, key));
-        tokio::spawn(async move {
-            let mut conn = this.conn.clone();
-            let mut cmd = redis::cmd("SET");
-            cmd.arg(name)
-                .arg(bytes)
-                .arg("PX")
-                .arg(keep.as_millis().max(1) as u64);
-            let set = cmd.query_async::<()>(&mut conn);
-            if let Ok(Err(e)) = tokio::time::timeout(this.timeout, set).await {
-                tracing::debug!(error = %state::redis::describe(&e, &this.url), "read cache: Redis write failed");
-            }
-        });
-    }
-
-    /// Deletes the keys of paths starting with `prefix`, scanning the
-    /// whole key space unless Redis fails or `deadline` passes first.
-    async fn purge(&self, prefix: &str) -> SharedPurge {
-        let deadline = tokio::time::Instant::now() + self.purge_timeout;
-        // Glob characters in the path are escaped: a prefix is literal.
-        let mut pattern = format!("{}:cache:", self.prefix);
-        for c in prefix.chars() {
-            if matches!(c, '*' | '?' | '[' | ']' | '\\') {
-                pattern.push('\\');
-            }
-            pattern.push(c);
-        }
-        pattern.push('*');
-        let mut conn = self.conn.clone();
-        let mut cursor: u64 = 0;
-        let mut removed = 0;
-        loop {
-            let mut cmd = redis::cmd("SCAN");
-            cmd.arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(1000);
-            let scan = cmd.query_async::<(u64, Vec<String>)>(&mut conn);
-            let Ok(Ok((next, keys))) = tokio::time::timeout_at(deadline, scan).await else {
-                break;
-            };
-            if !keys.is_empty() {
-                let mut cmd = redis::cmd("DEL");
-                cmd.arg(&keys);
-                let del = cmd.query_async::<usize>(&mut conn);
-                match tokio::time::timeout_at(deadline, del).await {
-                    Ok(Ok(n)) => removed += n,
-                    _ => break,
-                }
-            }
-            cursor = next;
-            if cursor == 0 {
-                return SharedPurge {
-                    removed,
-                    complete: true,
-                };
-            }
-        }
-        tracing::warn!(
-            prefix,
-            removed,
-            "read cache: purge in Redis not finished; purge again to go on"
-        );
-        SharedPurge {
-            removed,
-            complete: false,
-        }
-    }
 }
 
 impl Entry {
