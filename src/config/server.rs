@@ -64,8 +64,8 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Most concurrent HTTP/2 streams (calls) on one connection.
     pub http2_max_concurrent_streams: u32,
-    /// A path a server could resolve to another one (see the README's route
-    /// section): `refuse` (400, nothing sent) or `forward` (sent byte for
+    /// A path a server could resolve to another one (docs/requests.md,
+    /// "Ambiguous paths"): `refuse` (400, nothing sent) or `forward` (sent byte for
     /// byte, classified `unknown`, matching no `[[routes]]` entry).
     pub ambiguous_paths: AmbiguousPaths,
     /// Largest request body, in bytes; larger bodies get 413.
