@@ -662,7 +662,7 @@ def report(args, argv, started, binary, r, a, lat):
     w("")
     for g in r["gateways"]:
         lines = g.access_log()
-        diag = g.events("gateway.err")
+        diag = g.log_events("gateway.err")
         levels = Counter(str(e.get("level", "?")).upper() for e in diag)
         warn = Counter(e.get("message") for e in diag if str(e.get("level", "")).upper() in ("WARN", "ERROR"))
         w(f"- {g.name}: {len(lines)} lines; idempotency "
