@@ -11,6 +11,8 @@
 # Installs nothing: needs wrk, nginx and curl (bench/compare.sh installs the
 # first two). Talks only to 127.0.0.1, on free ports; stops what it started.
 set -euo pipefail
+# shellcheck source=bench/lib.sh
+. "$(dirname "$0")/lib.sh"
 
 rounds=5 secs=8 conns=64
 while [ $# -gt 0 ]; do
@@ -18,7 +20,7 @@ while [ $# -gt 0 ]; do
     --rounds) rounds=$2; shift 2 ;;
     --seconds) secs=$2; shift 2 ;;
     --conns) conns=$2; shift 2 ;;
-    --help|-h) sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 0 ;;
+    --help|-h) usage; exit 0 ;;
     *) break ;;
   esac
 done
@@ -28,7 +30,6 @@ for tool in wrk nginx curl python3; do
   command -v "$tool" >/dev/null || { echo "ab.sh: $tool is missing" >&2; exit 2; }
 done
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 work=$(mktemp -d /tmp/pandagate-ab.XXXXXX)
 up_port=$(free_port) gw_port=$(free_port) admin_port=$(free_port)
 up_pid="" gw_pid=""

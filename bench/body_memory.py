@@ -44,46 +44,27 @@ import argparse
 import json
 import select
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import ROOT, git_version, start_gateway, stop  # noqa: E402
+from benchlib import RELEASE_BINARY, build_release, git_version, log, memory_kib, scrape_metrics  # noqa: E402
+from benchlib import start_gateway, stop  # noqa: E402
 
 FORGED = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"
 PUSH_PATH = "/callbacks/pandapon"
 
 
-def log(*a):
-    print(*a, file=sys.stderr, flush=True)
-
-
 def memory_kb(pid):
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        name, _, value = line.partition(":")
-        if name in ("VmRSS", "VmHWM"):
-            fields[name] = int(value.split()[0])
+    fields = memory_kib(pid)
     return fields["VmRSS"], fields["VmHWM"]
 
 
 def metrics(admin_port):
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=5) as r:
-            text = r.read().decode()
-    except OSError:
-        return {}
-    found = {}
-    for line in text.splitlines():
-        if line.startswith("pandagate_body_budget") or line.startswith("pandagate_callbacks_stored_total"):
-            name, _, value = line.rpartition(" ")
-            found[name] = float(value)
-    return found
+    return scrape_metrics(admin_port, "pandagate_body_budget", "pandagate_callbacks_stored_total")
 
 
 # ----------------------------------------------------------------- HTTP/1
@@ -380,10 +361,9 @@ def main():
     p.add_argument("--config-extra", default="")
     a = p.parse_args()
 
-    binary = Path(a.binary) if a.binary else ROOT / "target" / "release" / "pandagate"
+    binary = Path(a.binary) if a.binary else RELEASE_BINARY
     if not a.binary and not a.no_build:
-        log("building: cargo build --release")
-        subprocess.run(["cargo", "build", "--release", "-q"], cwd=ROOT, check=True, timeout=3600)
+        build_release()
     if not binary.exists():
         sys.exit(f"no binary at {binary}; run without --no-build")
 

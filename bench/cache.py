@@ -73,8 +73,6 @@ import json
 import os
 import random
 import shlex
-import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -86,11 +84,10 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import git_version, hist, quantile, stop  # noqa: E402
-from benchlib import LoopbackServer, QuietHandler  # noqa: E402
-from benchlib import start_gateway as benchlib_start_gateway  # noqa: E402
+from benchlib import binary_option, git_version, hist, leave_work, logger, ms, prebuilt_binary, quantile  # noqa: E402
+from benchlib import Gateway, LoopbackServer, QuietHandler, scrape_metrics, serve_in_thread, stop  # noqa: E402
+from benchlib import ensure_redis, redis_version, resp_command, start_redis, stop_server  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 READ_PATH = "/open/product/get"
 PROBE_HOT_ID = 900_000_000          # the probe's own hot id
 PROBE_FRESH_BASE = 900_000_001      # the probe's never-repeated ids start here
@@ -98,8 +95,7 @@ CALL_TIMEOUT_S = 15.0
 BODY_TARGET_BYTES = 1024
 
 
-def log(*a):
-    print("cache:", *a, file=sys.stderr, flush=True)
+log = logger("cache:")
 
 
 # --------------------------------------------------------------------------
@@ -190,39 +186,6 @@ class ProviderHandler(QuietHandler):
         self.answer_json(200, product_body(item_id))
 
 
-def start_provider(seed, outage_mode):
-    provider = Provider(seed, outage_mode)
-    thread = threading.Thread(target=provider.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
-    thread.start()
-    return provider, thread
-
-
-def stop_provider(provider, thread):
-    if thread is not None:
-        provider.shutdown()
-        thread.join(timeout=5)
-    if provider is not None:
-        provider.server_close()
-
-
-# --------------------------------------------------------------------------
-# Redis (only for the shared-cache run)
-# --------------------------------------------------------------------------
-
-def redis_helpers():
-    """quota.py's redis-server helpers, imported only when needed."""
-    from quota import ensure_redis, resp_command, start_redis  # noqa: E402
-    return ensure_redis, resp_command, start_redis
-
-
-def redis_version():
-    try:
-        return subprocess.run(["redis-server", "--version"], capture_output=True,
-                              text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "?"
-
-
 # --------------------------------------------------------------------------
 # Gateways
 # --------------------------------------------------------------------------
@@ -239,68 +202,6 @@ def gateway_toml(args, cached, redis_port=None, prefix=None):
                       f'redis_url = "redis://127.0.0.1:{redis_port}"',
                       f'redis_key_prefix = "{prefix}"']
     return "\n".join(lines) + "\n"
-
-
-class Gateway:
-    """One pandagate process in a directory of its own (config, access.log,
-    gateway.err), started with benchlib.start_gateway."""
-
-    def __init__(self, name, binary, work, toml, upstream_port):
-        self.name = name
-        self.dir = work / name
-        self.dir.mkdir()
-        self.proc, ports = benchlib_start_gateway(
-            binary, self.dir, toml, PANDAGATE_UPSTREAM=f"http://127.0.0.1:{upstream_port}")
-        self.port = ports["gateway"]
-        self.admin_port = ports["admin"]
-
-    def alive(self):
-        return self.proc.poll() is None
-
-    def stop(self):
-        stop(self.proc)
-
-    def events(self, name):
-        out = []
-        try:
-            text = (self.dir / name).read_text(errors="replace")
-        except OSError:
-            return out
-        for line in text.splitlines():
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(event, dict):
-                out.append(event)
-        return out
-
-    def access_log(self):
-        return [e for e in self.events("access.log") if e.get("event", "access") == "access"]
-
-
-def cache_metrics(admin_port):
-    """The pandagate_cache_* samples of GET /metrics on the admin port."""
-    out = {}
-    conn = http.client.HTTPConnection("127.0.0.1", admin_port, timeout=5)
-    try:
-        conn.request("GET", "/metrics")
-        resp = conn.getresponse()
-        body = resp.read().decode(errors="replace")
-        if resp.status != 200:
-            return out
-    except (OSError, http.client.HTTPException):
-        return out
-    finally:
-        conn.close()
-    for line in body.splitlines():
-        if line.startswith("pandagate_cache"):
-            name, _, value = line.rpartition(" ")
-            try:
-                out[name] = float(value)
-            except ValueError:
-                pass
-    return out
 
 
 # --------------------------------------------------------------------------
@@ -437,8 +338,8 @@ def one_run(name, args, binary, work, provider, ids, cached, redis_port=None, re
     try:
         for r in range(replicas):
             try:
-                gateways.append(Gateway(f"{name.replace(' ', '-').replace(',', '')}-{r}", binary, work,
-                                        toml, provider.server_address[1]))
+                gateways.append(Gateway(f"{name.replace(' ', '-').replace(',', '')}-{r}", binary, work, toml,
+                                        PANDAGATE_UPSTREAM=f"http://127.0.0.1:{provider.server_address[1]}"))
             except RuntimeError as e:
                 return {"refused": str(e), "toml": toml}
         ports = [g.port for g in gateways]
@@ -473,7 +374,7 @@ def one_run(name, args, binary, work, provider, ids, cached, redis_port=None, re
             probe_thread.start()
         log(f"run '{name}': {args.rate}/s for {args.seconds} s, then {args.outage} s of outage")
         time.sleep(max(0.0, switch_at - time.monotonic()))
-        metrics_before = [cache_metrics(g.admin_port) for g in gateways]
+        metrics_before = [scrape_metrics(g.admin_port, "pandagate_cache") for g in gateways]
         provider.set_down(True)
         switched = time.monotonic()
         log(f"run '{name}': provider down ({args.outage_mode})")
@@ -483,7 +384,7 @@ def one_run(name, args, binary, work, provider, ids, cached, redis_port=None, re
         hung = sum(t.is_alive() for t in threads)
         if probe_thread is not None:
             probe_thread.join(timeout=CALL_TIMEOUT_S + 5)
-        metrics_after = [cache_metrics(g.admin_port) for g in gateways]
+        metrics_after = [scrape_metrics(g.admin_port, "pandagate_cache") for g in gateways]
         died = [g.name for g in gateways if not g.alive()]
         arrivals = provider.take()
         provider.set_down(False)
@@ -494,7 +395,7 @@ def one_run(name, args, binary, work, provider, ids, cached, redis_port=None, re
     diag = []
     for g, skip in zip(gateways, warm_access):
         access.append(g.access_log()[skip:])
-        diag.append(g.events("gateway.err"))
+        diag.append(g.log_events("gateway.err"))
     return {"name": name, "toml": toml, "results": results, "hung": hung, "died": died,
             "probe": probe_out, "start": start, "switch": switched, "end": end,
             "arrivals": arrivals, "warmup_arrivals": warmup_arrivals,
@@ -673,10 +574,6 @@ def sum_metrics(per_gateway):
 # --------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------
-
-def ms(x):
-    return f"{x * 1000:.3f}"
-
 
 def lat_cell(values):
     if not values:
@@ -932,8 +829,7 @@ def report(args, argv, started, binary, runs, analyses, redis_note):
 
 def main(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--binary", default=str(ROOT / "target" / "release" / "pandagate"),
-                   help="pandagate binary (default target/release/pandagate; not built here)")
+    binary_option(p)
     p.add_argument("--ids", type=int, default=10000, help="distinct product ids (default 10000)")
     p.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent s (default 1.1)")
     p.add_argument("--rate", type=float, default=200.0, help="calls per second (default 200)")
@@ -958,9 +854,7 @@ def main(argv):
         p.error("--ids, --workers, --replicas, --seconds must be >= 1, --rate > 0, --outage >= 0")
     if args.ttl_ms < 1 or args.stale_ms < 0 or args.probe_rate < 0:
         p.error("--ttl-ms must be >= 1, --stale-ms and --probe-rate >= 0")
-    binary = Path(args.binary).resolve()
-    if not binary.exists():
-        sys.exit(f"cache: {binary} missing (build it: cargo build --release)")
+    binary = prebuilt_binary(args.binary, "cache")
 
     started = datetime.now(timezone.utc)
     args.load_at_start = " ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -973,7 +867,8 @@ def main(argv):
     runs = []
     redis_note = "`--redis off`"
     try:
-        provider, provider_thread = start_provider(args.seed, args.outage_mode)
+        provider = Provider(args.seed, args.outage_mode)
+        provider_thread = serve_in_thread(provider, 0.1)
         log(f"fake provider on 127.0.0.1:{provider.server_address[1]}")
         for name, cached in (("no cache", False), ("cache", True)):
             run = one_run(name, args, binary, work, provider, ids, cached)
@@ -981,8 +876,7 @@ def main(argv):
                 raise RuntimeError(f"run '{name}': gateway refused to start: {run['refused']}")
             runs.append(run)
         if args.redis != "off":
-            ensure_redis, resp_command, start_redis = redis_helpers()
-            ensure_redis()
+            ensure_redis(log)
             redis_proc, redis_port = start_redis(work)
             log(f"redis-server on 127.0.0.1:{redis_port}, pid {redis_proc.pid}")
             run = one_run("cache, redis", args, binary, work, provider, ids, True,
@@ -1005,13 +899,10 @@ def main(argv):
         print(text, flush=True)
         return {"PASS": 0, "FAIL": 1}.get(verdict, 2)
     finally:
-        stop_provider(provider, provider_thread)
+        stop_server(provider, provider_thread)
         if redis_proc is not None:
             stop(redis_proc, grace=10)
-        if args.keep:
-            log(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        leave_work(work, args.keep, log)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ import argparse
 import http.client
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -30,7 +29,8 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import ROOT, LoopbackServer, QuietHandler, git_version, start_gateway, stop  # noqa: E402
+from benchlib import RELEASE_BINARY, LoopbackServer, QuietHandler, build_release, git_version, http_get  # noqa: E402
+from benchlib import memory_kib, parse_metrics, serve_in_thread, start_gateway, stop  # noqa: E402
 
 READ_PATH = "/open/product/get"
 
@@ -53,21 +53,12 @@ class Handler(QuietHandler):
 
 
 def rss_kib(pid):
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
+    return memory_kib(pid)["VmRSS"]
 
 
 def cache_bytes(admin_port):
-    conn = http.client.HTTPConnection("127.0.0.1", admin_port, timeout=5)
-    conn.request("GET", "/metrics")
-    text = conn.getresponse().read().decode()
-    conn.close()
-    for line in text.splitlines():
-        if line.startswith("pandagate_cache_bytes "):
-            return float(line.split()[1])
-    return 0.0
+    _, body = http_get(admin_port, "/metrics")
+    return parse_metrics(body.decode(), ["pandagate_cache_bytes"]).get("pandagate_cache_bytes", 0.0)
 
 
 def reads(port, ids, connections=8):
@@ -119,13 +110,13 @@ def main(argv):
     p.add_argument("--answers", type=int, default=6000)
     p.add_argument("--max-bytes", type=int, default=4 * 1024 * 1024)
     p.add_argument("--body-bytes", default="512,1024,8192")
-    p.add_argument("--binary", default=str(ROOT / "target/release/pandagate"))
+    p.add_argument("--binary", default=str(RELEASE_BINARY))
     args = p.parse_args(argv)
-    if args.binary == str(ROOT / "target/release/pandagate"):
-        subprocess.run(["cargo", "build", "--release", "--locked", "--quiet"], cwd=ROOT, check=True)
+    if args.binary == str(RELEASE_BINARY):
+        build_release()
 
     provider = LoopbackServer(Handler, seed=1)
-    threading.Thread(target=provider.serve_forever, daemon=True).start()
+    serve_in_thread(provider)
     port = provider.server_address[1]
 
     table = []

@@ -57,7 +57,6 @@ import random
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -66,14 +65,13 @@ import time
 import uuid
 from collections import Counter, defaultdict, namedtuple
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import git_version, hist, pct, quantile, stop  # noqa: E402
-from benchlib import LoopbackServer, start_gateway as benchlib_start_gateway  # noqa: E402
+from benchlib import RELEASE_BINARY, git_version, hist, pct, quantile  # noqa: E402
+from benchlib import Gateway, LoopbackServer, Postgres, QuietHandler, build_release, ensure_postgres  # noqa: E402
+from benchlib import event_time, http_get, logger, scrape_metrics, serve_in_thread, stop_server  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 SECRET = "bench-callback-secret"
 PUSH_PATH = "/callbacks/pandapon"
 SUBSCRIBER_PATH = "/pandapon/messages"
@@ -83,17 +81,13 @@ ACK_LIMIT_MS = 1000.0
 DELIVERY_TIMEOUT_MS = 10_000
 PG_POOL_SIZE = 8
 PG_STATEMENT_TIMEOUT_MS = 500
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
-PG_USER = "pandagate"
-PG_DB = "pandagate"
 PUSH_TIMEOUT_S = 30
 MAX_SENDS = 3  # per push: the first, and at most two more after a killed replica
 # A first delivery this long after its ack waited for something (a lease).
 LATE_FIRST_POST_MS = 5000.0
 
 
-def log(*a):
-    print("callbacks:", *a, file=sys.stderr, flush=True)
+log = logger("callbacks:")
 
 
 # --------------------------------------------------------------------------
@@ -197,13 +191,8 @@ class Subscriber(LoopbackServer):
         pass  # a connection closed by the gateway at shutdown is not news
 
 
-class SubscriberHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args):
-        pass
-
-    def do_POST(self):
+class SubscriberHandler(QuietHandler):
+    def serve(self):
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
         t_recv = time.monotonic()
@@ -229,163 +218,8 @@ class SubscriberHandler(BaseHTTPRequestHandler):
         if self.server.delay > 0:
             time.sleep(self.server.delay)
         t_answer = time.monotonic()
-        written = True
-        try:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(reply)))
-            self.end_headers()
-            self.wfile.write(reply)
-        except OSError:
-            written = False
-            self.close_connection = True
+        written = self.answer_json(status, reply)
         self.server.record(Post(t_recv, t_answer, delivery_id, order_id, status, sender, written))
-
-
-# --------------------------------------------------------------------------
-# PostgreSQL
-# --------------------------------------------------------------------------
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def ensure_postgres():
-    if (PG_BIN / "postgres").exists():
-        return
-    log("PostgreSQL 15 missing: installing the Debian package postgresql")
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    subprocess.run(["apt-get", "update", "-qq"], env=env, check=True, timeout=300)
-    subprocess.run(["apt-get", "install", "-y", "-qq", "postgresql"], env=env,
-                   check=True, timeout=600, stdout=subprocess.DEVNULL)
-    if not (PG_BIN / "postgres").exists():
-        sys.exit(f"callbacks: {PG_BIN / 'postgres'} still missing after installing postgresql")
-
-
-class Postgres:
-    """A PostgreSQL server of its own for the run: a temp dir owned by the
-    postgres user (the server refuses to run as root), trust auth for
-    PG_USER, 127.0.0.1 and a free port only, the Unix socket in that dir,
-    every other setting the default (fsync on)."""
-
-    def __init__(self):
-        self.dir = Path(tempfile.mkdtemp(prefix="pandagate-callbacks-pg-"))
-        self.data = self.dir / "data"
-        self.log_path = self.dir / "postgres.log"
-        self.port = None
-        self.proc = None  # runuser (as root) or postgres itself
-        self.stats_before, self.stats_after, self.errors = {}, {"tables": [], "db": None}, Counter()
-        self.as_postgres = []
-        if os.geteuid() == 0:
-            shutil.chown(self.dir, "postgres", "postgres")
-            self.as_postgres = ["runuser", "-u", "postgres", "--"]
-
-    def start(self):
-        init = subprocess.run(self.as_postgres + [str(PG_BIN / "initdb"), "-A", "trust", "-U", PG_USER,
-                                                  "-D", str(self.data), "--no-sync"],
-                              capture_output=True, text=True, timeout=120)
-        if init.returncode != 0:
-            raise RuntimeError(f"initdb failed ({init.returncode}): {init.stderr[-2000:]}")
-        self.port = free_port()
-        with open(self.log_path, "wb") as out:
-            self.proc = subprocess.Popen(
-                self.as_postgres + [str(PG_BIN / "postgres"), "-D", str(self.data), "-p", str(self.port),
-                                    "-k", str(self.dir), "-c", "listen_addresses=127.0.0.1"],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + 30
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError("postgres exited: " + self.log_tail())
-            r = subprocess.run([str(PG_BIN / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(self.port),
-                                "-U", PG_USER, "-d", "postgres"],
-                               timeout=10)
-            if r.returncode == 0:
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError("postgres did not accept connections within 30 s: " + self.log_tail())
-            time.sleep(0.1)
-        r = subprocess.run([str(PG_BIN / "createdb"), "-h", "127.0.0.1", "-p", str(self.port),
-                            "-U", PG_USER, PG_DB], capture_output=True, text=True, timeout=60)
-        if r.returncode != 0:
-            raise RuntimeError(f"createdb failed: {r.stderr.strip()}")
-
-    @property
-    def url(self):
-        return f"postgres://{PG_USER}@127.0.0.1:{self.port}/{PG_DB}"
-
-    def log_tail(self, n=2000):
-        try:
-            return self.log_path.read_text(errors="replace")[-n:]
-        except OSError:
-            return ""
-
-    def postmaster_pid(self):
-        try:
-            return int((self.data / "postmaster.pid").read_text().splitlines()[0])
-        except (OSError, ValueError, IndexError):
-            return None
-
-    def psql(self, sql):
-        """Rows of `sql` (tab-separated fields), or None when psql fails."""
-        try:
-            r = subprocess.run([str(PG_BIN / "psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U", PG_USER,
-                                "-d", PG_DB, "-XAtF", "\t", "-c", sql],
-                               capture_output=True, text=True, timeout=20)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        if r.returncode != 0:
-            return None
-        return [line.split("\t") for line in r.stdout.splitlines()]
-
-    def version(self):
-        rows = self.psql("show server_version")
-        return rows[0][0] if rows else "?"
-
-    def stats(self):
-        """Schema-agnostic figures: per table inserts/updates/deletes/live
-        rows, and the database's commits, rollbacks and deadlocks."""
-        tables = self.psql("select relname, n_tup_ins, n_tup_upd, n_tup_del, n_live_tup "
-                           "from pg_stat_user_tables order by relname") or []
-        db = self.psql("select xact_commit, xact_rollback, deadlocks from pg_stat_database "
-                       f"where datname = '{PG_DB}'")
-        settings = self.psql("select name, setting from pg_settings where name in "
-                             "('fsync', 'synchronous_commit', 'wal_sync_method')") or []
-        return {"tables": tables, "db": db[0] if db else None, "settings": dict(settings)}
-
-    def log_errors(self):
-        """ERROR / FATAL / PANIC lines of the server log, by message."""
-        out = Counter()
-        for line in self.log_tail(n=10_000_000).splitlines():
-            for level in ("ERROR:", "FATAL:", "PANIC:"):
-                at = line.find(f" {level} ")
-                if at >= 0:
-                    out[f"{level} {line[at + len(level) + 2:].strip()[:90]}"] += 1
-        return out
-
-    def stop(self):
-        """Fast shutdown: SIGINT to the postmaster (its pid is the first line
-        of postmaster.pid; runuser does not pass signals on), then waits."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        pid = self.postmaster_pid()
-        for sig, grace in ((signal.SIGINT, 30), (signal.SIGQUIT, 10), (signal.SIGKILL, 10)):
-            if pid is not None:
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            elif sig == signal.SIGKILL:
-                self.proc.kill()
-            try:
-                self.proc.wait(timeout=grace)
-                return
-            except subprocess.TimeoutExpired:
-                log(f"postgres (pid {pid}) still running after {sig.name}")
-
-    def remove(self):
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------
@@ -412,45 +246,18 @@ url = "http://127.0.0.1:{subscriber_port}{SUBSCRIBER_PATH}"
 """
 
 
-def read_events(path):
-    events = []
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return events
-    for line in text.splitlines():
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(event, dict):
-            events.append(event)
-    return events
-
-
-class Replica:
+class Replica(Gateway):
     """One pandagate process in a directory of its own (config, access.log,
-    gateway.err)."""
+    gateway.err), that the run may kill."""
 
     def __init__(self, name, binary, work, toml):
-        self.name = name
-        self.dir = work / name
-        self.dir.mkdir()
-        self.proc, ports = benchlib_start_gateway(
-            binary, self.dir, toml,
-            PANDAPON_ACCESS_SECRET=SECRET,
-            PANDAGATE_UPSTREAM="http://127.0.0.1:9")  # never called
-        self.pid = self.proc.pid
-        self.port = ports["gateway"]
-        self.admin_port = ports["admin"]
+        super().__init__(name, binary, work, toml,
+                         PANDAPON_ACCESS_SECRET=SECRET,
+                         PANDAGATE_UPSTREAM="http://127.0.0.1:9")  # never called
         self.killing = False  # set just before the SIGKILL
         self.killed_at = None  # (t before os.kill, t reaped), time.monotonic()
-        self.metrics = {}
         self.events = []
         self.exit_code = None  # read before the final stop
-
-    def alive(self):
-        return self.proc.poll() is None
 
     def kill(self):
         self.killing = True
@@ -462,21 +269,8 @@ class Replica:
             pass
         self.killed_at = (t0, time.monotonic())
 
-    def stop(self):
-        stop(self.proc)
-
     def read_logs(self):
-        self.events = read_events(self.dir / "gateway.err")
-
-
-def admin_get(port, path, timeout=5):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request("GET", path)
-        r = conn.getresponse()
-        return r.status, r.read()
-    finally:
-        conn.close()
+        self.events = self.log_events("gateway.err")
 
 
 def pending_count(admin_port):
@@ -485,7 +279,7 @@ def pending_count(admin_port):
     total, after = 0, None
     try:
         for _ in range(1000):
-            status, body = admin_get(admin_port, "/callbacks?limit=1000" + (f"&after={after}" if after else ""))
+            status, body = http_get(admin_port, "/callbacks?limit=1000" + (f"&after={after}" if after else ""))
             if status != 200:
                 return None
             page = json.loads(body)
@@ -499,19 +293,10 @@ def pending_count(admin_port):
 
 
 def callback_metrics(admin_port):
-    out = {}
-    try:
-        status, body = admin_get(admin_port, "/metrics")
-    except (OSError, http.client.HTTPException):
-        return out
-    if status != 200:
-        return out
-    for line in body.decode(errors="replace").splitlines():
-        if line.startswith("pandagate_callbacks_") and not line.startswith("pandagate_callbacks_delivery_lag"):
-            name, _, value = line.rpartition(" ")
-            if "_bucket{" not in name:  # histograms: their _sum and _count only
-                out[name] = value
-    return out
+    return {name: value
+            for name, value in scrape_metrics(admin_port, "pandagate_callbacks_", numbers=False).items()
+            if not name.startswith("pandagate_callbacks_delivery_lag")
+            and "_bucket{" not in name}  # histograms: their _sum and _count only
 
 
 # --------------------------------------------------------------------------
@@ -683,13 +468,8 @@ def counters(metrics):
 
 def mono_of(event, wall_minus_mono):
     """A log line's timestamp on the script's monotonic clock, or None."""
-    ts = event.get("timestamp")
-    if not isinstance(ts, str):
-        return None
-    try:
-        return datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp() - wall_minus_mono
-    except ValueError:
-        return None
+    t = event_time(event)
+    return None if t is None else t - wall_minus_mono
 
 
 def fmt_ms(values, qs=(0.5, 0.99)):
@@ -1123,22 +903,21 @@ def main():
         binary = Path(args.binary).resolve()
     else:
         if not args.no_build:
-            log("building: cargo build --release")
-            subprocess.run(["cargo", "build", "--release", "-q"], cwd=ROOT, check=True, timeout=3600)
-        binary = ROOT / "target" / "release" / "pandagate"
+            build_release(log)
+        binary = RELEASE_BINARY
     args.binary_path = binary
     if not binary.exists():
         sys.exit(f"no binary at {binary}; run without --no-build")
     if args.backend == "postgres":
-        ensure_postgres()
+        ensure_postgres(log)
 
     work = Path(tempfile.mkdtemp(prefix="pandagate-callbacks-bench-"))
-    subscriber = pg = None
+    subscriber = subscriber_thread = pg = None
     replicas = []
     ok = False
     try:
         subscriber = Subscriber(args.fail, args.seed, args.subscriber_delay)
-        threading.Thread(target=subscriber.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
+        subscriber_thread = serve_in_thread(subscriber, 0.1)
         sub_port = subscriber.server_address[1]
         sub_url = f"http://127.0.0.1:{sub_port}{SUBSCRIBER_PATH}"
         if args.backend == "postgres":
@@ -1234,9 +1013,7 @@ def main():
     finally:
         for r in replicas:
             r.stop()
-        if subscriber is not None:
-            subscriber.shutdown()
-            subscriber.server_close()
+        stop_server(subscriber, subscriber_thread)
         if pg is not None:
             pg.stop()
         if args.keep:

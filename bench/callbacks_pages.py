@@ -43,27 +43,16 @@ from pathlib import Path
 from urllib.parse import quote
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import git_version, start_gateway, stop  # noqa: E402
-from callbacks import PG_BIN, PG_DB, PG_USER, Postgres, ensure_postgres  # noqa: E402
+from benchlib import ROOT, Postgres, ensure_postgres, git_version, log, start_gateway, stop  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 MESSAGE = "6d1c0f5b7a3e9d2c4b8a1f0e6d5c4b3a2918f7e6d5c4b3a291807f6e5d4c3b2a"
 BASE_MS = 1_700_000_000_000
 
 
-def log(*a):
-    print(*a, file=sys.stderr, flush=True)
-
-
-def psql(pg, sql, timeout=900):
+def psql(pg, sql):
     """Rows of `sql` (tab-separated fields), on a connection without a
     statement timeout; raises when psql fails."""
-    r = subprocess.run([str(PG_BIN / "psql"), "-h", "127.0.0.1", "-p", str(pg.port), "-U", PG_USER,
-                        "-d", PG_DB, "-XAtF", "\t", "-v", "ON_ERROR_STOP=1", "-c", sql],
-                       capture_output=True, text=True, timeout=timeout)
-    if r.returncode != 0:
-        raise RuntimeError(f"psql failed: {r.stderr.strip()}")
-    return [line.split("\t") for line in r.stdout.splitlines()]
+    return pg.psql(sql, check=True, timeout=900)
 
 
 def subscriber(i):

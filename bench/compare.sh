@@ -68,6 +68,8 @@ set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 helper="$root/bench/compare_report.py"
+# shellcheck source=bench/lib.sh
+. "$root/bench/lib.sh"
 command_line="bench/compare.sh${*:+$(printf ' %q' "$@")}"
 
 secs=${BENCH_SECONDS:-10}
@@ -88,8 +90,6 @@ keep=0
 nginx_log_buffer=""
 call_path="/open/product/get?itemId=652874751412"
 
-usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e 's/^# \{0,1\}//'; }
-bad_usage() { echo "compare.sh: $* (see --help)" >&2; exit 2; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --seconds|--warmup|--conns|--runs|--threads|--binary|--out|--nginx-log-buffer|--tool|--tls-settle|--nginx-keepalive)
@@ -139,14 +139,6 @@ done
 if [ -n "$binary" ]; then binary=$(realpath "$binary"); fi
 if [ -n "$out" ]; then out=$(realpath -m "$out"); fi
 
-log() { echo "compare.sh: $*" >&2; }
-die() { log "$*"; exit 70; }
-
-need() {
-  command -v "$1" >/dev/null && return
-  log "installing $2"
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null
-}
 [ "$tool" != wrk ] || need wrk wrk
 need nginx nginx
 need curl curl
@@ -178,30 +170,16 @@ cleanup() {
   # wait, so that none outlives the script, not even as a zombie. nginx's
   # master stops its workers on TERM (fast shutdown); pandagate drains with
   # nothing in flight.
-  local p
-  for p in $load_pid $sampler_pid $gw_pid $gw1_pid $px_pid $up_pid; do kill "$p" 2>/dev/null || true; done
-  for p in $load_pid $sampler_pid $gw_pid $gw1_pid $px_pid $up_pid; do
-    for _ in $(seq 1 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$p" 2>/dev/null || true
-    wait "$p" 2>/dev/null || true
-  done
-  if [ "$rc" -ne 0 ] && [ "$rc" -ne 1 ] && [ "$rc" -ne 130 ] && [ "$rc" -ne 143 ]; then
-    for f in "$work"/up/error.log "$work"/px/error.log "$work"/gateway.err; do
-      [ -s "$f" ] && { log "--- tail of $f"; tail -n 5 "$f" >&2; }
-    done
-  fi
-  if [ "$keep" = 1 ]; then log "work files kept in $work"; else rm -rf "$work"; fi
-  exit "$rc"
+  # shellcheck disable=SC2086 # the empty ones drop out
+  stop_pids $load_pid $sampler_pid $gw_pid $gw1_pid $px_pid $up_pid
+  end_run "$rc" "$work"/up/error.log "$work"/px/error.log "$work"/gateway.err
 }
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+on_exit cleanup
 # 256 client connections plus as many upstream ones, per process: well within
 # any default, raised anyway where allowed. nginx is told the limit it really got.
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 nofile=$(ulimit -n)
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 up_port=$(free_port); nx_port=$(free_port); gw_port=$(free_port); admin_port=$(free_port)
 gw1_port=$(free_port); admin1_port=$(free_port)
 mkdir -p "$work/up" "$work/px" "$work/raw"
@@ -222,18 +200,7 @@ if awk -v l="${load_start%% *}" -v n="$(nproc)" 'BEGIN { exit !(l > n / 2) }'; t
 fi
 
 # ------------------------------------------------------------------ binary
-if [ -z "$binary" ]; then
-  log "building (cargo build --release -q)"
-  (cd "$root" && cargo build --release -q)
-  # Copied so that a rebuild during the run cannot swap the binary under test.
-  cp "${CARGO_TARGET_DIR:-$root/target}/release/pandagate" "$work/pandagate"
-  binary_shown="target/release/pandagate (cargo build --release of the work tree at the commit below)"
-else
-  [ -x "$binary" ] || die "not an executable: $binary"
-  cp "$binary" "$work/pandagate"
-  binary_shown="$binary (given with --binary: not necessarily built from the commit below)"
-fi
-gw_bin="$work/pandagate"
+bench_binary
 
 # ------------------------------------------------------------------ upstream
 if [ "$upstream_tls" = 1 ]; then
@@ -279,8 +246,6 @@ if [ "$single" = 1 ]; then
   env "${gw1_env[@]}" "$gw_bin" check --config "$work/pandagate.toml" >/dev/null 2>"$work/check.err" \
     || die "pandagate check rejected PANDAGATE_WORKER_THREADS=1: $(cat "$work/check.err")"
 fi
-binary_version=$("$gw_bin" --version 2>/dev/null || echo "version unknown")
-binary_sha=$(sha256sum "$gw_bin" | cut -c1-12)
 
 # ------------------------------------------------------------------ checks
 proxies=(nginx pandagate)
@@ -334,10 +299,7 @@ stop_proxy() {
     pandagate-1t) p=$gw1_pid; gw1_pid="" ;;
     *) return 0 ;;
   esac
-  kill "$p" 2>/dev/null || true
-  for _ in $(seq 1 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-  kill -9 "$p" 2>/dev/null || true
-  wait "$p" 2>/dev/null || true
+  stop_pids "$p"
 }
 
 wait_ok direct
@@ -499,8 +461,6 @@ done
 load_end=$(cut -d' ' -f1-3 /proc/loadavg)
 
 # ------------------------------------------------------------------ report
-commit=$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)
-if [ "$commit" != unknown ] && [ -n "$(git -C "$root" status --porcelain 2>/dev/null)" ]; then commit="$commit+dirty"; fi
 rss_method="each proxy is a fresh process for every measurement (started before the warm-up, stopped after the level); its peak RSS is VmHWM from /proc/PID/status read at the end of the level, summed over the processes (nginx: master + workers; pandagate: its one process). RSS and PSS sums sampled every 100 ms are in the last table as a cross-check"
 if [ "$upstream_hwm_reset" = 1 ]; then
   rss_method+="; the upstream (direct row) runs throughout: its VmHWM is reset (clear_refs 5) before each level"
@@ -515,16 +475,7 @@ fi
 awk -v l="${load_start%% *}" -v n="$(nproc)" 'BEGIN { exit !(l > n / 2) }' \
   && notes+=("load average at start ($load_start) above half the cores: other work was running")
 {
-  printf 'date\t%s\n' "$started"
-  printf 'commit\t%s\n' "$commit"
-  printf 'binary\t%s\n' "$binary_shown"
-  printf 'binary_version\t%s\n' "$binary_version"
-  printf 'binary_sha\t%s\n' "$binary_sha"
-  printf 'nproc\t%s\n' "$(nproc)"
-  printf 'cpu\t%s\n' "$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)"
-  printf 'kernel\t%s\n' "$(uname -sr)"
-  printf 'load_start\t%s\n' "$load_start"
-  printf 'load_end\t%s\n' "$load_end"
+  meta_common
   printf 'tool\t%s\n' "$tool"
   if [ "$tool" = oha ]; then
     printf 'tool_version\t%s\n' "$("$oha_bin" --version 2>&1 | head -n 1)"
@@ -555,22 +506,9 @@ awk -v l="${load_start%% *}" -v n="$(nproc)" 'BEGIN { exit !(l > n / 2) }' \
   printf 'notes\t%s\n' "$(IFS='|'; echo "${notes[*]}")"
 } > "$work/meta.tsv"
 
-report_rc=0
-python3 "$helper" report "$work/raw" "$work/meta.tsv" > "$work/report.md" || report_rc=$?
-[ "$report_rc" = 0 ] || [ "$report_rc" = 3 ] || die "the report failed (status $report_rc)"
-
-if [ -z "$out" ]; then
-  mkdir -p "$root/bench/results"
-  stem="$day-compare"
-  [ "$upstream_tls" = 0 ] || stem="$day-compare-tls"
-  out="$root/bench/results/$stem.md"
-  n=2
-  while [ -e "$out" ]; do out="$root/bench/results/$stem-$n.md"; n=$((n + 1)); done
-fi
-mkdir -p "$(dirname "$out")"
-cp "$work/report.md" "$out"
-cat "$work/report.md"
-log "report written to $out"
+stem="$day-compare"
+[ "$upstream_tls" = 0 ] || stem="$day-compare-tls"
+write_report "$stem"
 if [ "$report_rc" = 3 ]; then
   log "a target was missed (see Targets)"
   [ "$strict" = 0 ] || exit 1

@@ -36,6 +36,11 @@ import statistics
 import sys
 import time
 
+# No __pycache__ in the work tree (it would mark the commit dirty in reports).
+sys.dont_write_bytecode = True
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import memory_kib  # noqa: E402
+
 TARGETS = ("direct", "nginx", "pandagate", "pandagate-1t")
 # The rows judged against nginx: the default worker threads, and one thread.
 GATEWAYS = ("pandagate", "pandagate-1t")
@@ -65,28 +70,6 @@ def children(pid):
     return out
 
 
-def status_kib(pid, field):
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def pss_kib(pid):
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
 def cpu_seconds(pid):
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -111,8 +94,8 @@ def cmd_sample(out, pids, tree):
         if tree:
             # nginx's master may still be forking workers when sampling starts.
             pids = [pids[0]] + children(pids[0])
-        peak_rss = max(peak_rss, sum(status_kib(p, "VmRSS") for p in pids))
-        peak_pss = max(peak_pss, sum(pss_kib(p) for p in pids))
+        peak_rss = max(peak_rss, sum(memory_kib(p).get("VmRSS", 0) for p in pids))
+        peak_pss = max(peak_pss, sum(memory_kib(p, "smaps_rollup").get("Pss", 0) for p in pids))
         samples += 1
         # Written every time so that a kill -9 still leaves the figure so far.
         tmp = out + ".tmp"
@@ -649,7 +632,7 @@ def main(argv):
     elif cmd == "cpu":
         print(f"{sum(cpu_seconds(int(p)) for p in args):.2f}")
     elif cmd == "hwm":
-        print(sum(status_kib(int(p), "VmHWM") for p in args))
+        print(sum(memory_kib(int(p)).get("VmHWM", 0) for p in args))
     elif cmd == "sample":
         tree = args[1:2] == ["--tree"]
         cmd_sample(args[0], [int(p) for p in args[1 + tree:]], tree)

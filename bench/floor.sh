@@ -20,6 +20,8 @@
 # Installs wrk and nginx from Debian when missing. Talks only to 127.0.0.1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
 runs=3; secs=5; conns=64
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -28,12 +30,10 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-need() { command -v "$1" >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null; }; }
 need wrk wrk
 need nginx nginx
 cargo build --release -q --bin pandagate --example bare_proxy --example paired_proxy
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 work=$(mktemp -d)
 pid=""
 cleanup() {

@@ -61,8 +61,6 @@ import json
 import os
 import random
 import shlex
-import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -73,12 +71,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import git_version, hist, pct, quantile, stop  # noqa: E402
-from benchlib import LoopbackServer, QuietHandler, run_pool  # noqa: E402
-from benchlib import start_gateway as benchlib_start_gateway  # noqa: E402
-from quota import ensure_redis, resp_command, start_redis  # noqa: E402
+from benchlib import binary_option, git_version, hist, leave_work, logger, ms, pct, prebuilt_binary  # noqa: E402
+from benchlib import Gateway, LoopbackServer, QuietHandler, quantile, run_pool, scrape_metrics, stop  # noqa: E402
+from benchlib import ensure_redis, redis_version, resp_command, serve_in_thread, start_redis, stop_server  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 WRITE_PATH = "/alibaba/order/create"
 RESET_SHARE = 0.10
 SLOW_SHARE = 0.20
@@ -86,8 +82,7 @@ MAX_RETRY_AFTER_S = 5.0
 LATENCY_BLOCK = 100
 
 
-def log(*a):
-    print("idempotency:", *a, file=sys.stderr, flush=True)
+log = logger("idempotency:")
 
 
 # --------------------------------------------------------------------------
@@ -167,17 +162,7 @@ class ProviderHandler(QuietHandler):
 
 def start_provider(seed, reset_share, slow_share, slow_s):
     provider = Provider(seed, reset_share, slow_share, slow_s)
-    thread = threading.Thread(target=provider.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
-    thread.start()
-    return provider, thread
-
-
-def stop_provider(provider, thread):
-    if thread is not None:
-        provider.shutdown()
-        thread.join(timeout=5)
-    if provider is not None:
-        provider.server_close()
+    return provider, serve_in_thread(provider, 0.1)
 
 
 # --------------------------------------------------------------------------
@@ -198,66 +183,6 @@ def gateway_toml(store, request_timeout_ms, redis_port=None, path=None):
     else:
         lines.append(f'path = "{path}"')
     return "\n".join(lines) + "\n"
-
-
-class Gateway:
-    """One pandagate process in a directory of its own (config, access.log,
-    gateway.err), started with benchlib.start_gateway."""
-
-    def __init__(self, name, binary, work, toml, upstream_port):
-        self.name = name
-        self.dir = work / name
-        self.dir.mkdir()
-        self.proc, ports = benchlib_start_gateway(
-            binary, self.dir, toml, PANDAGATE_UPSTREAM=f"http://127.0.0.1:{upstream_port}")
-        self.port = ports["gateway"]
-        self.admin_port = ports["admin"]
-        self.metrics = {}
-
-    def alive(self):
-        return self.proc.poll() is None
-
-    def stop(self):
-        stop(self.proc)
-
-    def events(self, name):
-        out = []
-        try:
-            text = (self.dir / name).read_text(errors="replace")
-        except OSError:
-            return out
-        for line in text.splitlines():
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(event, dict):
-                out.append(event)
-        return out
-
-    def access_log(self):
-        return [e for e in self.events("access.log") if e.get("event", "access") == "access"]
-
-
-def idempotency_metrics(admin_port):
-    """The pandagate_idempotency_* lines of GET /metrics on the admin port."""
-    out = {}
-    conn = http.client.HTTPConnection("127.0.0.1", admin_port, timeout=5)
-    try:
-        conn.request("GET", "/metrics")
-        resp = conn.getresponse()
-        body = resp.read().decode(errors="replace")
-        if resp.status != 200:
-            return out
-    except (OSError, http.client.HTTPException):
-        return out
-    finally:
-        conn.close()
-    for line in body.splitlines():
-        if line.startswith("pandagate_idempotency"):
-            name, _, value = line.rpartition(" ")
-            out[name] = value
-    return out
 
 
 # --------------------------------------------------------------------------
@@ -413,7 +338,8 @@ def exactly_once_part(args, binary, work, redis_port, run_id):
     try:
         toml = gateway_toml("redis", args.request_timeout_ms, redis_port=redis_port)
         for i in range(2):
-            gateways.append(Gateway(f"replica{i}", binary, work, toml, provider.server_address[1]))
+            gateways.append(Gateway(f"replica{i}", binary, work, toml,
+                                    PANDAGATE_UPSTREAM=f"http://127.0.0.1:{provider.server_address[1]}"))
         log("replicas on ports", [g.port for g in gateways], "provider on", provider.server_address[1])
         ops = [f"op-{args.seed}-{i:06d}" for i in range(args.ops)]  # same seed, same draws
         log(f"sending {args.ops} ops, concurrency {args.concurrency}, at most {args.sends} sends each")
@@ -439,11 +365,11 @@ def exactly_once_part(args, binary, work, redis_port, run_id):
             pass
         died = [g.name for g in gateways if not g.alive()]
         for g in gateways:
-            g.metrics = idempotency_metrics(g.admin_port)
+            g.metrics = scrape_metrics(g.admin_port, "pandagate_idempotency", numbers=False)
     finally:
         for g in gateways:
             g.stop()
-        stop_provider(provider, provider_thread)
+        stop_server(provider, provider_thread)
     return {
         "ops": ops, "results": results, "hung": hung, "probes": probes, "t0": t0,
         "probe_receipts": probe_receipts, "load_s": load_s, "receipts": receipts,
@@ -637,7 +563,8 @@ def latency_part(args, binary, work, redis_port, run_id):
             store_dir = work / f"latency-{store}-store"
             store_dir.mkdir()
             toml = gateway_toml(store, args.request_timeout_ms, redis_port=redis_port, path=store_dir)
-            g = Gateway(f"latency-{store}", binary, work, toml, provider.server_address[1])
+            g = Gateway(f"latency-{store}", binary, work, toml,
+                        PANDAGATE_UPSTREAM=f"http://127.0.0.1:{provider.server_address[1]}")
             try:
                 log(f"latency, store = {store}: {args.latency_calls} calls per mode, "
                     f"{args.latency_threads} thread(s)")
@@ -648,17 +575,13 @@ def latency_part(args, binary, work, redis_port, run_id):
                 g.stop()
             out[store]["idem"] = Counter(json.dumps(e.get("idempotency")) for e in g.access_log())
     finally:
-        stop_provider(provider, provider_thread)
+        stop_server(provider, provider_thread)
     return out
 
 
 # --------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------
-
-def ms(x):
-    return f"{x * 1000:.3f}"
-
 
 def report(args, argv, started, binary, r, a, lat):
     out = []
@@ -739,7 +662,7 @@ def report(args, argv, started, binary, r, a, lat):
     w("")
     for g in r["gateways"]:
         lines = g.access_log()
-        diag = g.events("gateway.err")
+        diag = g.log_events("gateway.err")
         levels = Counter(str(e.get("level", "?")).upper() for e in diag)
         warn = Counter(e.get("message") for e in diag if str(e.get("level", "")).upper() in ("WARN", "ERROR"))
         w(f"- {g.name}: {len(lines)} lines; idempotency "
@@ -808,20 +731,11 @@ def fs_type(path):
     return kind
 
 
-def redis_version():
-    try:
-        return subprocess.run(["redis-server", "--version"], capture_output=True,
-                              text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "?"
-
-
 # --------------------------------------------------------------------------
 
 def main(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--binary", default=str(ROOT / "target" / "release" / "pandagate"),
-                   help="pandagate binary (default target/release/pandagate; not built here)")
+    binary_option(p)
     p.add_argument("--ops", type=int, default=1000, help="order creates (default 1000)")
     p.add_argument("--concurrency", type=int, default=50, help="caller threads (default 50)")
     p.add_argument("--sends", type=int, default=3, help="most sends per op (default 3)")
@@ -847,12 +761,10 @@ def main(argv):
         args.seed = random.randrange(1 << 30)
     # The gateway waits for slow answers; the callers give up earlier.
     args.request_timeout_ms = int(args.slow_delay * 1000) + 3000
-    binary = Path(args.binary).resolve()
-    if not binary.exists():
-        sys.exit(f"idempotency: {binary} missing (build it: cargo build --release)")
+    binary = prebuilt_binary(args.binary, "idempotency")
 
     started = datetime.now(timezone.utc)
-    ensure_redis()
+    ensure_redis(log)
     work = Path(tempfile.mkdtemp(prefix="pandagate-idempotency-"))
     redis_proc = None
     try:
@@ -869,10 +781,7 @@ def main(argv):
     finally:
         if redis_proc is not None:
             stop(redis_proc, grace=10)
-        if args.keep:
-            log(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        leave_work(work, args.keep, log)
 
 
 if __name__ == "__main__":

@@ -89,17 +89,15 @@ from pathlib import Path
 # No __pycache__ in the work tree (it would mark the commit dirty in reports).
 sys.dont_write_bytecode = True
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import git_version, hist, quantile, stop  # noqa: E402
-from benchlib import start_gateway  # noqa: E402
+from benchlib import ROOT, apt_install, binary_option, git_version, hist, leave_work, logger  # noqa: E402
+from benchlib import prebuilt_binary, quantile, read_events, serve_in_thread, start_gateway, stop, stop_server  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 READ_PATH = "/open/product/get"
 WRITE_PATH = "/alibaba/order/create"
 CALLER_TIMEOUT = 15.0
 
 
-def log(*a):
-    print("idle_close:", *a, file=sys.stderr, flush=True)
+log = logger("idle_close:")
 
 
 # --------------------------------------------------------------------------
@@ -358,13 +356,7 @@ def sweep_phase(args, port, run_id, gaps):
 # --------------------------------------------------------------------------
 
 def ensure_openssl():
-    if shutil.which("openssl"):
-        return
-    log("openssl missing: installing the Debian package")
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    subprocess.run(["apt-get", "update", "-qq"], env=env, check=True, timeout=300)
-    subprocess.run(["apt-get", "install", "-y", "-qq", "openssl"], env=env, check=True,
-                   timeout=600, stdout=subprocess.DEVNULL)
+    apt_install("openssl", lambda: shutil.which("openssl"), log=log)
 
 
 def make_certs(work):
@@ -394,19 +386,8 @@ def start_relay(work, target_port, delay_ms):
 
 
 def read_access_log(path):
-    by_xrid = {}
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return by_xrid
-    for line in text.splitlines():
-        try:
-            e = json.loads(line)
-        except ValueError:
-            continue
-        if e.get("event") == "access" and e.get("x_request_id"):
-            by_xrid[e["x_request_id"]] = e
-    return by_xrid
+    return {e["x_request_id"]: e for e in read_events(path)
+            if e.get("event") == "access" and e.get("x_request_id")}
 
 
 def relay_summary(work):
@@ -616,8 +597,7 @@ def report(args, argv, started, binary, calls, expected, provider, access, relay
 
 def main(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--binary", default=str(ROOT / "target" / "release" / "pandagate"),
-                   help="pandagate binary (default target/release/pandagate; not built here)")
+    binary_option(p)
     p.add_argument("--rate", type=float, default=5.0, help="steady phase: calls per second (5)")
     p.add_argument("--seconds", type=float, default=60.0, help="steady phase: seconds (60)")
     p.add_argument("--callers", type=int, default=4, help="steady phase: caller connections (4)")
@@ -646,23 +626,20 @@ def main(argv):
         if n > 200:
             p.error("at most 200 pauses in the sweep")
         gaps = [round(args.sweep_from + i * args.sweep_step, 6) for i in range(n)]
-    binary = Path(args.binary).resolve()
-    if not binary.exists():
-        sys.exit(f"idle_close: {binary} missing (build it: cargo build --release)")
+    binary = prebuilt_binary(args.binary, "idle_close")
     args.load_start = " ".join(open("/proc/loadavg").read().split()[:3])
 
     started = datetime.now(timezone.utc)
     ensure_openssl()
     work = Path(tempfile.mkdtemp(prefix="pandagate-idle-close-"))
-    provider = relay = gateway = None
+    provider = provider_thread = relay = gateway = None
     try:
         tls = make_certs(work)
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.load_cert_chain(tls / "server.pem", tls / "server.key")
         provider = Provider(ctx, args.idle_timeout)
-        threading.Thread(target=provider.serve_forever, kwargs={"poll_interval": 0.05},
-                         daemon=True).start()
+        provider_thread = serve_in_thread(provider, 0.05)
         provider_port = provider.server_address[1]
         if args.no_relay:
             upstream_port = provider_port
@@ -725,13 +702,8 @@ def main(argv):
     finally:
         stop(gateway, grace=10)
         stop(relay, grace=5)
-        if provider is not None:
-            provider.shutdown()
-            provider.server_close()
-        if args.keep:
-            log(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        stop_server(provider, provider_thread)
+        leave_work(work, args.keep, log)
 
 
 if __name__ == "__main__":

@@ -11,20 +11,21 @@
 #
 # Needs valgrind and python3. Talks only to 127.0.0.1, on free ports.
 set -euo pipefail
+# shellcheck source=bench/lib.sh
+. "$(dirname "$0")/lib.sh"
 
 short=500 long=2500
 while [ $# -gt 0 ]; do
   case "$1" in
     --short) short=$2; shift 2 ;;
     --long) long=$2; shift 2 ;;
-    --help|-h) sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 0 ;;
+    --help|-h) usage; exit 0 ;;
     *) break ;;
   esac
 done
 [ $# -ge 1 ] || { echo "instructions.sh: give a binary or more (see --help)" >&2; exit 2; }
 command -v valgrind >/dev/null || { echo "instructions.sh: valgrind is missing" >&2; exit 2; }
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 work=$(mktemp -d /tmp/pandagate-instr.XXXXXX)
 pids=()
 cleanup() {

@@ -14,6 +14,8 @@
 # Installs wrk and nginx from Debian when missing. Talks only to 127.0.0.1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
 
 secs=10 runs=3 binary=""
 [[ ${1:-} =~ ^[0-9]+$ ]] && { secs=$1; shift; }
@@ -22,16 +24,14 @@ while [ $# -gt 0 ]; do
     --seconds) secs=$2; shift 2 ;;
     --runs) runs=$2; shift 2 ;;
     --binary) binary=$2; shift 2 ;;
-    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) usage; exit 0 ;;
     *) echo "latency.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
 
-need() { command -v "$1" >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null; }; }
 need wrk wrk
 need nginx nginx
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 work=$(mktemp -d)
 mkdir -p "$work/up" "$work/px"
 up_port=$(free_port) nx_port=$(free_port) gw_port=$(free_port) admin_port=$(free_port)

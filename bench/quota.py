@@ -24,16 +24,12 @@ stdout (progress goes to stderr). Exit status 1 when the accuracy run FAILs,
 """
 
 import argparse
-import bisect
 import http.client
 import json
 import os
 import shlex
-import shutil
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -41,41 +37,29 @@ import time
 import uuid
 from collections import Counter
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-BINARY = ROOT / "target" / "release" / "pandagate"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import RELEASE_BINARY as BINARY, Gateway, LoopbackServer, QuietHandler, build_release  # noqa: E402
+from benchlib import command_output, ensure_redis, leave_work, logger, redis_version, resp_command  # noqa: E402
+from benchlib import serve_in_thread, start_redis, stop, stop_server  # noqa: E402
+
 PATH = "/open/product/get?itemId=652874751412"
 ACCESS_KEY = "bench-quota-key"
 TOLERANCE = 0.05
-CONNECT_TIMEOUT_S = 5.0
 CALL_TIMEOUT_S = 5.0
-READY_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 10.0
 
-
-def log(*a):
-    print("quota:", *a, file=sys.stderr, flush=True)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+log = logger("quota:")
 
 
 # --------------------------------------------------------------------------
 # Fake provider
 # --------------------------------------------------------------------------
 
-class Provider(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 512
-
+class Provider(LoopbackServer):
     def __init__(self):
-        super().__init__(("127.0.0.1", 0), ProviderHandler)
-        self.lock = threading.Lock()
+        super().__init__(ProviderHandler, seed=0)
         self.arrivals = []  # time.monotonic() of every request
 
     def snapshot(self):
@@ -87,13 +71,12 @@ class Provider(ThreadingHTTPServer):
             self.arrivals = []
 
 
-class ProviderHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class ProviderHandler(QuietHandler):
     # Headers and body go out in two writes: without TCP_NODELAY the body
     # waits for the gateway's delayed ACK (~40 ms on Linux) on every call.
     disable_nagle_algorithm = True
 
-    def _answer(self):
+    def serve(self):
         now = time.monotonic()
         with self.server.lock:
             self.server.arrivals.append(now)
@@ -102,54 +85,12 @@ class ProviderHandler(BaseHTTPRequestHandler):
             self.rfile.read(length)
         body = json.dumps({"requestId": uuid.uuid4().hex, "code": 200,
                            "msg": "ok", "data": {}}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    do_GET = _answer
-    do_POST = _answer
-
-    def log_message(self, *args):
-        pass
+        self.answer_json(200, body)
 
 
 # --------------------------------------------------------------------------
 # Redis
 # --------------------------------------------------------------------------
-
-def ensure_redis():
-    if shutil.which("redis-server"):
-        return
-    log("redis-server missing: installing the Debian package")
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    subprocess.run(["apt-get", "update", "-qq"], env=env, check=True, timeout=300)
-    subprocess.run(["apt-get", "install", "-y", "-qq", "redis-server"], env=env,
-                   check=True, timeout=600, stdout=subprocess.DEVNULL)
-
-
-def resp_command(port, *args, timeout=2.0):
-    """One RESP command on a fresh connection; returns the raw reply bytes."""
-    payload = f"*{len(args)}\r\n".encode()
-    for a in args:
-        b = str(a).encode()
-        payload += b"$%d\r\n%s\r\n" % (len(b), b)
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(payload)
-        data = b""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-            if args[0].upper() == "TIME" and data.count(b"\r\n") >= 5:
-                break
-            if args[0].upper() != "TIME" and data.endswith(b"\r\n"):
-                break
-        return data
-
 
 def redis_time_offset_us(port):
     """Redis TIME minus local wall clock (midpoint of the round trip), in µs."""
@@ -167,119 +108,20 @@ def redis_time_offset_us(port):
     return best[1], best[0] * 1e6
 
 
-def start_redis(work):
-    port = free_port()
-    out = open(work / "redis.log", "wb")
-    proc = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
-         "--save", "", "--appendonly", "no"],
-        stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    out.close()
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError("redis-server exited: "
-                               + (work / "redis.log").read_text(errors="replace")[-2000:])
-        try:
-            if resp_command(port, "PING", timeout=0.5).startswith(b"+PONG"):
-                return proc, port
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise RuntimeError("redis-server did not answer PING in time")
-
-
 # --------------------------------------------------------------------------
 # Gateways
 # --------------------------------------------------------------------------
 
-class Gateway:
-    def __init__(self, name, work, config_toml, upstream):
-        self.name = name
-        self.dir = work / name
-        self.dir.mkdir()
-        self.config = self.dir / "pandagate.toml"
-        self.config.write_text(config_toml)
-        self.stdout_path = self.dir / "access.log"
-        self.stderr_path = self.dir / "stderr.log"
-        env = dict(os.environ,
-                   PANDAPON_ACCESS_KEY=ACCESS_KEY,
-                   PANDAPON_ACCESS_SECRET="bench-quota-secret",
-                   PANDAGATE_LISTEN="127.0.0.1:0",  # the OS picks a free port
-                   # Newer builds also open an admin listener (default
-                   # 127.0.0.1:9901, which replicas would fight over).
-                   PANDAGATE_ADMIN_LISTEN="127.0.0.1:0", PANDAGATE_CONTROL_LISTEN="127.0.0.1:0",
-                   PANDAGATE_UPSTREAM=upstream,
-                   PANDAGATE_LOG_FORMAT="json")
-        env.pop("RUST_LOG", None)
-        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
-            self.proc = subprocess.Popen([str(BINARY), "--config", str(self.config)],
-                                         stdout=out, stderr=err, stdin=subprocess.DEVNULL,
-                                         env=env)
-        self.port = None
+def quota_gateway(name, work, config_toml, upstream):
+    """One replica, started and ready; all have the same AccessKey (one
+    shared quota)."""
+    return Gateway(name, BINARY, work, config_toml, PANDAGATE_UPSTREAM=upstream,
+                   PANDAPON_ACCESS_KEY=ACCESS_KEY, PANDAPON_ACCESS_SECRET="bench-quota-secret")
 
-    def diagnostics(self):
-        lines = []
-        try:
-            text = self.stderr_path.read_text(errors="replace")
-        except OSError:
-            return lines
-        for line in text.splitlines():
-            try:
-                lines.append(json.loads(line))
-            except ValueError:
-                lines.append({"message": line})
-        return lines
 
-    def wait_ready(self):
-        """Waits for "gateway listening" (its addr is the port), then for
-        "gateway ready" (builds that log it) or 1 s, and checks the process
-        is still alive and the port accepts connections: startup can still
-        fail after the listening line (e.g. another listener's port in use)."""
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        listening_at = None
-        while time.monotonic() < deadline:
-            messages = self.diagnostics()
-            for d in messages:
-                if d.get("message") == "gateway listening" and d.get("addr") and not self.port:
-                    self.port = int(str(d["addr"]).rsplit(":", 1)[1])
-                    listening_at = time.monotonic()
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}: "
-                                   + self.stderr_path.read_text(errors="replace")[-2000:])
-            ready = any(d.get("message") == "gateway ready" for d in messages)
-            if self.port and (ready or time.monotonic() - listening_at > 1.0):
-                with socket.create_connection(("127.0.0.1", self.port), timeout=2):
-                    pass
-                if self.proc.poll() is None:
-                    return
-            time.sleep(0.02)
-        raise RuntimeError(f"{self.name} did not become ready in time")
-
-    def alive(self):
-        return self.proc.poll() is None
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=STOP_TIMEOUT_S)
-
-    def access_log(self):
-        entries = []
-        try:
-            text = self.stdout_path.read_text(errors="replace")
-        except OSError:
-            return entries
-        for line in text.splitlines():
-            try:
-                entries.append(json.loads(line))
-            except ValueError:
-                pass
-        return entries
+def fallbacks_in(gateway):
+    """Lines of the gateway's diagnostics saying it fell back (Redis away)."""
+    return sum(1 for d in gateway.log_events("gateway.err") if "falling back" in str(d.get("message", "")))
 
 
 def gateway_toml(rps, burst, backend, redis_port=None, prefix="pandagate"):
@@ -399,9 +241,7 @@ def accuracy_run(args, work, provider, redis_port):
     gateways = []
     try:
         for i in range(args.replicas):
-            gateways.append(Gateway(f"replica{i}", work, toml, upstream))
-        for g in gateways:
-            g.wait_ready()
+            gateways.append(quota_gateway(f"replica{i}", work, toml, upstream))
         log(f"{len(gateways)} replicas ready on ports", [g.port for g in gateways])
 
         offered = 3 * args.quota
@@ -446,7 +286,7 @@ def accuracy_run(args, work, provider, redis_port):
         died = [g.name for g in gateways if not g.alive()]
     finally:
         for g in gateways:
-            g.stop()
+            g.stop(STOP_TIMEOUT_S)
 
     # Client side
     calls = [r for rs in results for r in rs]
@@ -472,9 +312,7 @@ def accuracy_run(args, work, provider, redis_port):
             gw_status[e.get("status")] += 1
             if e.get("error"):
                 gw_errors[e["error"]] += 1
-        for d in g.diagnostics():
-            if "falling back" in str(d.get("message", "")):
-                fallbacks += 1
+        fallbacks += fallbacks_in(g)
 
     # Provider side: bins aligned on the start of the offered load (every
     # bin is full: the load covers [start, end) exactly).
@@ -561,13 +399,11 @@ def cost_run(args, work, provider, redis_port):
     rounds = []
     started = []
     try:
-        local = Gateway("cost-local", work, gateway_toml(rps, 1000, "local"), upstream)
+        local = quota_gateway("cost-local", work, gateway_toml(rps, 1000, "local"), upstream)
         started.append(local)
-        redis = Gateway("cost-redis", work,
+        redis = quota_gateway("cost-redis", work,
                         gateway_toml(rps, 1000, "redis", redis_port, prefix="cost"), upstream)
         started.append(redis)
-        local.wait_ready()
-        redis.wait_ready()
         for i in range(args.cost_repeats):
             order = [("local", local), ("redis", redis)]
             if i % 2:
@@ -579,9 +415,8 @@ def cost_run(args, work, provider, redis_port):
             rounds.append(r)
     finally:
         for g in started:
-            g.stop()
-    fallbacks = sum(1 for d in redis.diagnostics()
-                    if "falling back" in str(d.get("message", "")))
+            g.stop(STOP_TIMEOUT_S)
+    fallbacks = fallbacks_in(redis)
     return rounds, fallbacks
 
 
@@ -702,19 +537,7 @@ def verdict(acc):
 
 
 def nproc():
-    try:
-        return subprocess.run(["nproc"], capture_output=True, text=True,
-                              timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "?"
-
-
-def redis_version():
-    try:
-        return subprocess.run(["redis-server", "--version"], capture_output=True,
-                              text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "?"
+    return command_output("nproc")
 
 
 # --------------------------------------------------------------------------
@@ -744,12 +567,10 @@ def main(argv):
         signal.signal(sig, lambda *_: sys.exit(130))
 
     if not args.no_build:
-        log("cargo build --release")
-        subprocess.run(["cargo", "build", "--release", "-q"], cwd=ROOT, check=True,
-                       timeout=1800)
+        build_release(log)
     if not BINARY.exists():
         sys.exit(f"quota: {BINARY} missing (build it, or drop --no-build)")
-    ensure_redis()
+    ensure_redis(log)
 
     work = Path(tempfile.mkdtemp(prefix="pandagate-quota-"))
     redis_proc = None
@@ -759,9 +580,7 @@ def main(argv):
         redis_proc, redis_port = start_redis(work)
         log(f"redis-server on 127.0.0.1:{redis_port}")
         provider = Provider()
-        provider_thread = threading.Thread(target=provider.serve_forever,
-                                           kwargs={"poll_interval": 0.1}, daemon=True)
-        provider_thread.start()
+        provider_thread = serve_in_thread(provider, 0.1)
         log(f"fake provider on 127.0.0.1:{provider.server_address[1]}")
 
         acc = accuracy_run(args, work, provider, redis_port)
@@ -770,22 +589,9 @@ def main(argv):
         print(report(args, argv, acc, rounds, cost_fallbacks, started), flush=True)
         return {"PASS": 0, "FAIL": 1}.get(verdict(acc), 2)
     finally:
-        if provider_thread is not None:
-            provider.shutdown()  # returns once serve_forever has stopped
-            provider_thread.join(timeout=5)
-        if provider is not None:
-            provider.server_close()
-        if redis_proc is not None and redis_proc.poll() is None:
-            redis_proc.terminate()
-            try:
-                redis_proc.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                redis_proc.kill()
-                redis_proc.wait(timeout=STOP_TIMEOUT_S)
-        if args.keep:
-            log(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        stop_server(provider, provider_thread)
+        stop(redis_proc, grace=STOP_TIMEOUT_S)
+        leave_work(work, args.keep, log)
 
 
 if __name__ == "__main__":

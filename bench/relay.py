@@ -45,9 +45,13 @@ import os
 import selectors
 import signal
 import socket
-import struct
 import sys
 import time
+
+# No __pycache__ in the work tree (it would mark the commit dirty in reports).
+sys.dont_write_bytecode = True
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import linger_zero, write_atomically  # noqa: E402
 
 EOF = object()
 RST = object()
@@ -343,7 +347,7 @@ class Relay:
 def abort(sock):
     """Closes with a reset (SO_LINGER 0) instead of a FIN."""
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        linger_zero(sock)
     except OSError:
         pass
     sock.close()
@@ -380,10 +384,7 @@ def main(argv):
     print(f"relay 127.0.0.1:{port} -> {args.target[0]}:{args.target[1]}, delay {args.delay_ms:g} ms",
           flush=True)
     if args.port_file:
-        tmp = args.port_file + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(f"{port}\n")
-        os.replace(tmp, args.port_file)
+        write_atomically(args.port_file, f"{port}\n")
     try:
         relay.run()
     finally:

@@ -16,27 +16,23 @@ call got no answer or an order create was received twice or more.
 """
 
 import argparse
-import http.client
 import json
 import os
 import random
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections import Counter
-from datetime import datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import git_version, hist, pct, quantile, stop  # noqa: E402
-from benchlib import LoopbackServer, QuietHandler, run_pool, start_gateway as benchlib_start_gateway  # noqa: E402
+from benchlib import RELEASE_BINARY, build_release, event_time, git_version, hist, pct, quantile  # noqa: E402
+from benchlib import LoopbackServer, QuietHandler, read_events, run_pool, serve_in_thread, stop, stop_server  # noqa: E402
+from benchlib import start_gateway as benchlib_start_gateway  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 WRITE_PATH = "/alibaba/order/create"
 HOLD_S = 1.5  # "timeout" outcome: longer than both attempt timeouts below
 GATEWAY_TOML = """\
@@ -245,15 +241,14 @@ def main():
     seed = args.seed if args.seed is not None else random.randrange(2**32)
 
     if not args.no_build:
-        subprocess.run(["cargo", "build", "--release", "-q"], cwd=ROOT, check=True, timeout=1800)
-    binary = ROOT / "target" / "release" / "pandagate"
+        build_release()
+    binary = RELEASE_BINARY
 
     work = Path(tempfile.mkdtemp(prefix="pandagate-retries-"))
     provider = gateway = serving = None
     try:
         provider = Provider(args.failure, seed + 1)
-        serving = threading.Thread(target=provider.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
-        serving.start()
+        serving = serve_in_thread(provider, 0.2)
         gateway, port = start_gateway(binary, work, provider.server_address[1])
 
         plan = plan_calls(args.calls, seed)
@@ -262,19 +257,11 @@ def main():
         wall = time.monotonic() - t0
 
         stop(gateway)  # counts are final: the fake counts a request when it arrives
-        log_lines = []
-        for line in (work / "access.log").read_text(errors="replace").splitlines():
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if event.get("event") == "access":
-                log_lines.append(event)
+        log_lines = [e for e in read_events(work / "access.log") if e.get("event") == "access"]
         circuit_opens = []  # seconds since the first call, for each open/re-open
         for line in (work / "gateway.err").read_text(errors="replace").splitlines():
             if '"circuit open' in line:
-                ts = datetime.fromisoformat(json.loads(line)["timestamp"].replace("Z", "+00:00"))
-                circuit_opens.append(ts.timestamp() - t0_wall)
+                circuit_opens.append(event_time(json.loads(line)) - t0_wall)
         if args.keep_logs:
             os.makedirs(args.keep_logs, exist_ok=True)
             for name in ("access.log", "gateway.err"):
@@ -285,11 +272,7 @@ def main():
         return 0 if ok else 1
     finally:
         stop(gateway)
-        if serving is not None:
-            provider.shutdown()
-            serving.join(timeout=5)
-        if provider is not None:
-            provider.server_close()
+        stop_server(provider, serving)
         shutil.rmtree(work, ignore_errors=True)
 
 

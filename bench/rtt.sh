@@ -36,13 +36,13 @@ set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 helper="$root/bench/rtt_report.py"
+# shellcheck source=bench/lib.sh
+. "$root/bench/lib.sh"
 command_line="bench/rtt.sh${*:+$(printf ' %q' "$@")}"
 
 delay_ms=20 conns="1 16" secs=20 warmup=3 runs=3 binary="" out="" strict=0 keep=0
 call_path="/open/product/get?itemId=652874751412"
 
-usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e 's/^# \{0,1\}//'; }
-bad_usage() { echo "rtt.sh: $* (see --help)" >&2; exit 2; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --delay-ms|--conns|--seconds|--warmup|--runs|--binary|--out)
@@ -71,13 +71,6 @@ for c in "${levels[@]}"; do [[ $c =~ ^[1-9][0-9]*$ ]] || bad_usage "bad connecti
 if [ -n "$binary" ]; then binary=$(realpath "$binary"); fi
 if [ -n "$out" ]; then out=$(realpath -m "$out"); fi
 
-log() { echo "rtt.sh: $*" >&2; }
-die() { log "$*"; exit 70; }
-need() {
-  command -v "$1" >/dev/null && return
-  log "installing $2"
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null
-}
 need wrk wrk
 need nginx nginx
 need curl curl
@@ -90,28 +83,14 @@ up_pid="" relay_pid="" px_pid="" gw_pid="" load_pid=""
 cleanup() {
   local rc=$?
   trap - EXIT INT TERM
-  local p
-  for p in $load_pid $gw_pid $px_pid $relay_pid $up_pid; do kill "$p" 2>/dev/null || true; done
-  for p in $load_pid $gw_pid $px_pid $relay_pid $up_pid; do
-    for _ in $(seq 1 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$p" 2>/dev/null || true
-    wait "$p" 2>/dev/null || true
-  done
-  if [ "$rc" -ne 0 ] && [ "$rc" -ne 1 ] && [ "$rc" -ne 130 ] && [ "$rc" -ne 143 ]; then
-    for f in "$work"/up/error.log "$work"/px/error.log "$work"/gateway.err "$work"/relay.err; do
-      [ -s "$f" ] && { log "--- tail of $f"; tail -n 5 "$f" >&2; }
-    done
-  fi
-  if [ "$keep" = 1 ]; then log "work files kept in $work"; else rm -rf "$work"; fi
-  exit "$rc"
+  # shellcheck disable=SC2086 # the empty ones drop out
+  stop_pids $load_pid $gw_pid $px_pid $relay_pid $up_pid
+  end_run "$rc" "$work"/up/error.log "$work"/px/error.log "$work"/gateway.err "$work"/relay.err
 }
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+on_exit cleanup
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 nofile=$(ulimit -n)
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 up_port=$(free_port) status_port=$(free_port) relay_port=$(free_port)
 nx_port=$(free_port) gw_port=$(free_port) admin_port=$(free_port)
 mkdir -p "$work/up" "$work/px" "$work/raw"
@@ -120,17 +99,7 @@ started=$(date -u '+%Y-%m-%d %H:%M:%S UTC')
 day=$(date -u +%Y-%m-%d)
 
 # ------------------------------------------------------------------ binary
-if [ -z "$binary" ]; then
-  log "building (cargo build --release -q)"
-  (cd "$root" && cargo build --release -q)
-  cp "${CARGO_TARGET_DIR:-$root/target}/release/pandagate" "$work/pandagate"
-  binary_shown="target/release/pandagate (cargo build --release of the work tree at the commit below)"
-else
-  [ -x "$binary" ] || die "not an executable: $binary"
-  cp "$binary" "$work/pandagate"
-  binary_shown="$binary (given with --binary: not necessarily built from the commit below)"
-fi
-gw_bin="$work/pandagate"
+bench_binary
 
 # ------------------------------------------------------------------ servers
 . "$root/bench/confs.sh"
@@ -226,19 +195,8 @@ done
 load_end=$(cut -d' ' -f1-3 /proc/loadavg)
 
 # ------------------------------------------------------------------ report
-commit=$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)
-if [ "$commit" != unknown ] && [ -n "$(git -C "$root" status --porcelain 2>/dev/null)" ]; then commit="$commit+dirty"; fi
 {
-  printf 'date\t%s\n' "$started"
-  printf 'commit\t%s\n' "$commit"
-  printf 'binary\t%s\n' "$binary_shown"
-  printf 'binary_version\t%s\n' "$("$gw_bin" --version 2>/dev/null || echo "version unknown")"
-  printf 'binary_sha\t%s\n' "$(sha256sum "$gw_bin" | cut -c1-12)"
-  printf 'nproc\t%s\n' "$(nproc)"
-  printf 'cpu\t%s\n' "$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)"
-  printf 'kernel\t%s\n' "$(uname -sr)"
-  printf 'load_start\t%s\n' "$load_start"
-  printf 'load_end\t%s\n' "$load_end"
+  meta_common
   printf 'tool_version\t%s\n' "$(wrk -v 2>&1 | head -n 1 | sed 's/ Copyright.*//')"
   printf 'nginx_version\t%s\n' "$(nginx -v 2>&1)"
   printf 'openssl_version\t%s\n' "$(openssl version)"
@@ -255,19 +213,7 @@ kill "$relay_pid" 2>/dev/null || true; wait "$relay_pid" 2>/dev/null || true; re
 printf 'relay\t%s\n' "$(tail -n 1 "$work/relay.err" 2>/dev/null | sed 's/^relay: //' || true)" >> "$work/meta.tsv"
 printf 'relay_check\t%s\n' "$rt" >> "$work/meta.tsv"
 
-report_rc=0
-python3 "$helper" report "$work/raw" "$work/meta.tsv" > "$work/report.md" || report_rc=$?
-[ "$report_rc" = 0 ] || [ "$report_rc" = 3 ] || die "the report failed (status $report_rc)"
-if [ -z "$out" ]; then
-  mkdir -p "$root/bench/results"
-  out="$root/bench/results/$day-rtt.md"
-  n=2
-  while [ -e "$out" ]; do out="$root/bench/results/$day-rtt-$n.md"; n=$((n + 1)); done
-fi
-mkdir -p "$(dirname "$out")"
-cp "$work/report.md" "$out"
-cat "$work/report.md"
-log "report written to $out"
+write_report "$day-rtt"
 if [ "$report_rc" = 3 ]; then
   log "the target was missed (see Target)"
   [ "$strict" = 0 ] || exit 1

@@ -18,7 +18,6 @@ import http.client
 import os
 import re
 import ssl
-import statistics
 import sys
 import threading
 import time
@@ -27,7 +26,7 @@ from urllib.parse import urlsplit
 # No __pycache__ in the work tree (it would mark the commit dirty in reports).
 sys.dont_write_bytecode = True
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from compare_report import parse_wrk, read_meta  # noqa: E402
+from compare_report import med, parse_wrk, read_meta  # noqa: E402
 
 TARGETS = ("direct", "nginx", "pandagate")
 PROXIES = ("nginx", "pandagate")
@@ -88,11 +87,6 @@ def fmt(v, digits=3):
 
 def signed(v, digits=3):
     return "—" if v is None else f"{v:+.{digits}f}"
-
-
-def med(values):
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
 
 
 def load(raw):

@@ -35,7 +35,6 @@ A Markdown section with the figures is appended to bench/soak.md (--output;
 
 import argparse
 import hashlib
-import http.client
 import json
 import os
 import random
@@ -45,7 +44,6 @@ import shutil
 import signal
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -56,10 +54,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import git_version, hist, pct, quantile, stop  # noqa: E402
-from benchlib import LoopbackServer, QuietHandler, run_pool, start_gateway as benchlib_start_gateway  # noqa: E402
+from benchlib import ROOT, RELEASE_BINARY, git_version, hist, pct, stop  # noqa: E402
+from benchlib import LoopbackServer, QuietHandler, build_release, event_time, memory_kib  # noqa: E402
+from benchlib import read_json_lines, run_pool, scrape_metrics, start_gateway, write_atomically  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 ACCESS_KEY = "bench-key"  # benchlib.start_gateway sets PANDAPON_ACCESS_KEY to this
 
 # Route mix: (weight, class, method, path). Classes as in src/routes.rs.
@@ -107,12 +105,6 @@ read_attempt_timeout_ms = {READ_ATTEMPT_MS}
 [circuit_breaker]
 open_ms = {OPEN_MS}
 """
-
-
-def write_atomically(path, text):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------
@@ -252,63 +244,8 @@ class Handler(QuietHandler):
 # Gateway helpers
 # --------------------------------------------------------------------------
 
-def admin_metrics(port):
-    """{series with labels: value} from GET /metrics, {} when unreachable."""
-    try:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-        conn.request("GET", "/metrics")
-        r = conn.getresponse()
-        text = r.read().decode(errors="replace")
-        conn.close()
-    except (OSError, http.client.HTTPException):
-        return {}
-    out = {}
-    for line in text.splitlines():
-        if line.startswith("pandagate_"):
-            name, _, value = line.rpartition(" ")
-            try:
-                out[name] = float(value)
-            except ValueError:
-                pass
-    return out
-
-
 def metric_sum(metrics, name):
     return sum(v for k, v in metrics.items() if k == name or k.startswith(name + "{"))
-
-
-def rss_kib(pid):
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def read_json_lines(path):
-    events = []
-    other = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            event = json.loads(line)
-        except ValueError:
-            if line.strip():
-                other.append(line)
-            continue
-        if isinstance(event, dict):
-            events.append(event)
-    return events, other
-
-
-def event_time(event):
-    ts = event.get("timestamp") or event.get("ts")
-    try:
-        return datetime.fromisoformat(str(ts).replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
 
 
 # --------------------------------------------------------------------------
@@ -812,10 +749,9 @@ def main():
     if args.binary:
         binary = Path(args.binary).resolve()
     else:
-        binary = ROOT / "target" / "release" / "pandagate"
+        binary = RELEASE_BINARY
         if not binary.exists():
-            print("building: cargo build --release --bin pandagate", file=sys.stderr)
-            subprocess.run(["cargo", "build", "--release", "--bin", "pandagate"], cwd=ROOT, check=True, timeout=1800)
+            build_release()
     if not binary.exists():
         sys.exit(f"no binary at {binary}")
 
@@ -829,7 +765,7 @@ def main():
     try:
         provider = Provider(seed + 1, old_secret)
         provider.start_serving()
-        gateway, ports = benchlib_start_gateway(
+        gateway, ports = start_gateway(
             binary, work, gateway_toml(WRITE_TIMEOUT_MS),
             PANDAGATE_UPSTREAM=f"http://127.0.0.1:{provider.port}",
             PANDAPON_ACCESS_SECRET=None,
@@ -905,11 +841,11 @@ def main():
             for box_, metric in ((rotation, "pandagate_secret_reloads_total"),
                                  (reload_, "pandagate_config_reloads_total")):
                 if "at_wall" in box_ and "taken_wall" not in box_ and time.time() - box_["at_wall"] < 30:
-                    if metric_sum(admin_metrics(ports["admin"]), metric) >= 1:
+                    if metric_sum(scrape_metrics(ports["admin"]), metric) >= 1:
                         box_["taken_wall"] = time.time()
                         box_["taken_after_s"] = round(box_["taken_wall"] - box_["at_wall"], 2)
             if now >= next_sample:
-                k = rss_kib(pid)
+                k = memory_kib(pid).get("VmRSS")
                 if k is not None:
                     rss.append((now, k))
                 next_sample += 1.0
@@ -927,7 +863,7 @@ def main():
             provider.outage = None
 
         alive = gateway.poll() is None
-        metrics = admin_metrics(ports["admin"])
+        metrics = scrape_metrics(ports["admin"])
         rotation["metric"] = metric_sum(metrics, "pandagate_secret_reloads_total")
         reload_["metric"] = metric_sum(metrics, "pandagate_config_reloads_total")
         stop(gateway)
