@@ -1,6 +1,6 @@
 //! One access-log event per call, with the provider's requestId and code.
 
-mod support;
+use crate::support;
 
 use bytes::Bytes;
 use http::Request;

@@ -1,6 +1,6 @@
 //! Pushed messages: verified, stored once, acknowledged, delivered.
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;

@@ -1,6 +1,6 @@
 //! The Prometheus series count what happened.
 
-mod support;
+use crate::support;
 
 use pandagate::config::RateLimitConfig;
 use pandagate::exporter::Exporter;

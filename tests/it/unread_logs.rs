@@ -2,7 +2,7 @@
 //! Linux) and the queue (`log.queue_lines`) are full, lines are dropped and
 //! counted, and calls are still answered in bounded time.
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

@@ -1,6 +1,6 @@
 //! Caller authentication for a shared gateway.
 
-mod support;
+use crate::support;
 
 use http::Request;
 use http_body_util::Full;

@@ -4,7 +4,7 @@
 //! `upstream_tls` naming the host and the reason, nothing reaches the
 //! provider's HTTP layer, and the failure is logged once.
 
-mod support;
+use crate::support;
 
 use support::finished::finish;
 use support::provider_tls::{TlsServer, self_signed};

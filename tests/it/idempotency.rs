@@ -1,7 +1,7 @@
 //! Idempotency keys: a call sent again with the same key is answered from
 //! the first call's outcome and reaches the provider at most once.
 
-mod support;
+use crate::support;
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;

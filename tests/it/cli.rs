@@ -1,7 +1,7 @@
 //! The binary as operators run it: config validation and exit codes, `check`,
 //! `sign --explain`, `demo`, and serving from the environment alone.
 
-mod support;
+use crate::support;
 
 use std::process::{Output, Stdio};
 use std::time::Duration;

@@ -4,7 +4,7 @@
 //! ambiguous paths, CR/LF injection, idle connections. Stalled bodies,
 //! connection caps and HTTP/2 streams are in `stalls.rs`.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -8,7 +8,7 @@
 //! chunk by chunk on the fly and checked byte for byte as they arrive:
 //! neither the test nor its fake provider ever holds a whole body.
 
-mod support;
+use crate::support;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

@@ -1,6 +1,6 @@
 //! What passes through the gateway, and what never does.
 
-mod support;
+use crate::support;
 
 use bytes::Bytes;
 use http::{Method, Request};

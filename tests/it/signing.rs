@@ -1,6 +1,6 @@
 //! Credentials and signature on every upstream request.
 
-mod support;
+use crate::support;
 
 use bytes::Bytes;
 use http::Request;

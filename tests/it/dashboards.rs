@@ -5,7 +5,7 @@
 //! every dashboard query. promtool is the Debian package `prometheus`
 //! (`scripts/test` installs it); without it these tests fail.
 
-mod support;
+use crate::support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};

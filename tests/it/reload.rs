@@ -1,6 +1,6 @@
 //! Secret rotation and SIGHUP, on the real binary.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 use std::time::{Duration, Instant};

@@ -1,7 +1,7 @@
 //! The operator listeners (admin: reads; control: changes) and the
 //! graceful drain, on the real binary.
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 

@@ -1,7 +1,7 @@
 //! The gateway's own answers: one envelope format, the right status, and
 //! nothing forwarded when the gateway refuses.
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 

@@ -3,7 +3,7 @@
 //! client CA it asks callers for a certificate, whose names identify
 //! `[[clients]]` entries.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 use std::sync::Arc;

@@ -2,7 +2,7 @@
 //! one client span per upstream attempt, exported over OTLP/HTTP to a
 //! receiver in this test, with no secret in any attribute.
 
-mod support;
+use crate::support;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

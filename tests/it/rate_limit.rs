@@ -1,6 +1,6 @@
 //! Holding the provider's quota: locally, and across replicas through Redis.
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 

@@ -5,7 +5,7 @@
 //! of everything it wrote (diagnostics, access log, admin answers, client
 //! answers) for those values, raw and in the encodings a log might use.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 use std::time::Duration;

@@ -10,7 +10,7 @@
 //! The budget here is 8 MiB: a connection may hold 2 MiB of it, pushes
 //! together 2 MiB, and a push or a call body is at most 1 MiB.
 
-mod support;
+use crate::support;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

@@ -2,7 +2,7 @@
 //! identical calls at the same moment ask the provider once, and a stale
 //! answer covers a provider that cannot answer.
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 use std::time::Duration;

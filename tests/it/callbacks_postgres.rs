@@ -2,7 +2,7 @@
 //! delivers, and nothing acknowledged is lost to a killed replica or a
 //! restarted database. Against a real PostgreSQL server started here.
 
-mod support;
+use crate::support;
 
 use std::collections::HashMap;
 use std::path::Path;

@@ -3,7 +3,7 @@
 //! and nothing is forwarded or stored, each listener holds at most
 //! `server.max_connections`, and the admin listener answers throughout.
 
-mod support;
+use crate::support;
 
 use std::net::SocketAddr;
 use std::path::Path;

@@ -1,7 +1,7 @@
 //! The callback receiver in the real binary: a hard kill after the
 //! acknowledgement loses nothing, and operators can list and replay.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 use std::time::Duration;

@@ -5,7 +5,7 @@
 //! gateway through and never show; absolute-form requests to an `http://`
 //! provider.
 
-mod support;
+use crate::support;
 
 use support::finished::watch;
 use support::provider_tls::TlsServer;

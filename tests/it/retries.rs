@@ -1,6 +1,6 @@
 //! Retries that never buy twice.
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
