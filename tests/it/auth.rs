@@ -5,6 +5,8 @@ use crate::support;
 use http::Request;
 use http_body_util::Full;
 use pandagate::config::ClientConfig;
+use support::client::Answer;
+use support::gateway::TestGateway;
 use support::*;
 use wiremock::ResponseTemplate;
 

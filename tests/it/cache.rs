@@ -10,6 +10,10 @@ use std::time::Duration;
 use http::Request;
 use http_body_util::Full;
 use pandagate::config::{Class, Config, RouteConfig};
+use support::client::Answer;
+use support::gateway::TestGateway;
+use support::provider::upstream_failing_first;
+use support::redis_server::RedisServer;
 use support::*;
 use wiremock::ResponseTemplate;
 
@@ -687,8 +691,8 @@ fn shared_over_rediss(upstream: &str, url: &str, ca_file: &std::path::Path) -> C
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_share_answers_over_rediss_and_one_not_trusting_its_certificate_misses() {
     let ca = tls::TestCa::new();
-    let redis = tls_stores::redis_tls(&ca, &ca.server("redis"), None);
-    let url = tls_stores::rediss_url(&redis, None);
+    let redis = redis_server::redis_tls(&ca, &ca.server("redis"), None);
+    let url = redis_server::rediss_url(&redis, None);
     let upstream = upstream_answering(good("prov-tls")).await;
     let a = spawn_gateway(shared_over_rediss(&upstream.uri(), &url, &ca.ca_file)).await;
     let b = spawn_gateway(shared_over_rediss(&upstream.uri(), &url, &ca.ca_file)).await;
@@ -697,7 +701,7 @@ async fn replicas_share_answers_over_rediss_and_one_not_trusting_its_certificate
         Some("miss")
     );
     // The write to Redis is in the background: wait (bounded) for it.
-    let mut conn = tls_stores::redis_manager(&url, &ca.ca_file);
+    let mut conn = redis_server::redis_manager(&url, &ca.ca_file);
     for _ in 0..100 {
         let n: u64 = redis::cmd("DBSIZE").query_async(&mut conn).await.unwrap();
         if n >= 1 {

@@ -12,6 +12,7 @@ use http::Request;
 use http_body_util::Full;
 use pandagate::callbacks::Callbacks;
 use pandagate::config::{CallbacksConfig, SubscriberConfig};
+use support::client::Answer;
 use support::*;
 use wiremock::matchers::any;
 use wiremock::{Mock, MockServer, ResponseTemplate};

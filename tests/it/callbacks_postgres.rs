@@ -13,7 +13,8 @@ use pandagate::callbacks::postgres::{PgStore, SCHEMA_VERSION, TAKEOVER_GRACE, pr
 use pandagate::callbacks::store::{Delivery, Message};
 use pandagate::config::{CallbackBackend, CallbacksConfig, PostgresUrl};
 use pandagate::tls::WithTrust;
-use support::{PostgresServer, tls_stores};
+use support::postgres_server::{self, PostgresServer};
+use support::tls;
 use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 
@@ -28,7 +29,7 @@ fn store_config() -> CallbacksConfig {
 }
 
 fn url(pg: &PostgresServer) -> WithTrust<PostgresUrl> {
-    tls_stores::with_default_trust(PostgresUrl::parse(&pg.url(), "test").unwrap())
+    tls::with_default_trust(PostgresUrl::parse(&pg.url(), "test").unwrap())
 }
 
 fn message(at: u64) -> Message {
@@ -216,10 +217,10 @@ async fn subscriber(delay: Duration) -> (String, Seen) {
         while let Ok((mut stream, _)) = listener.accept().await {
             let record = record.clone();
             tokio::spawn(async move {
-                while let Some((head, _)) = support::read_request(&mut stream).await {
+                while let Some((head, _)) = support::wire::read_request(&mut stream).await {
                     let came = Instant::now();
                     tokio::time::sleep(delay).await;
-                    let id = support::head_field(&head, "x-pandagate-delivery-id")
+                    let id = support::wire::head_field(&head, "x-pandagate-delivery-id")
                         .unwrap_or_default()
                         .to_owned();
                     let answered = Instant::now();
@@ -259,11 +260,11 @@ fn gateway_config_timing(
     path.to_str().unwrap().to_owned()
 }
 
-async fn replica(config: &str, pg: &PostgresServer) -> support::Running {
+async fn replica(config: &str, pg: &PostgresServer) -> support::binary::Running {
     replica_of(config, &pg.url()).await
 }
 
-async fn replica_of(config: &str, url: &str) -> support::Running {
+async fn replica_of(config: &str, url: &str) -> support::binary::Running {
     support::launch(
         &["--config", config],
         &[
@@ -579,7 +580,7 @@ async fn subscriber_stopping_the_database(
             let (record, resumed, first, pg) =
                 (record.clone(), resumed.clone(), first.clone(), pg.clone());
             tokio::spawn(async move {
-                while let Some((head, _)) = support::read_request(&mut stream).await {
+                while let Some((head, _)) = support::wire::read_request(&mut stream).await {
                     let came = Instant::now();
                     if first.swap(false, std::sync::atomic::Ordering::SeqCst) {
                         let stopping = pg.clone();
@@ -595,7 +596,7 @@ async fn subscriber_stopping_the_database(
                             *resumed.lock().unwrap() = Some(Instant::now());
                         });
                     }
-                    let id = support::head_field(&head, "x-pandagate-delivery-id")
+                    let id = support::wire::head_field(&head, "x-pandagate-delivery-id")
                         .unwrap_or_default()
                         .to_owned();
                     record.0.lock().unwrap().push((id, came, Instant::now()));
@@ -1183,7 +1184,7 @@ fn tls_url(pg: &PostgresServer, params: &str, ca_file: Option<&Path>) -> WithTru
     );
     WithTrust::new(
         PostgresUrl::parse(&url, "test").unwrap(),
-        tls_stores::trust(ca_file),
+        tls::trust(ca_file),
     )
 }
 
@@ -1200,7 +1201,7 @@ async fn probed(pg: &PostgresServer, params: &str, ca_file: Option<&Path>) -> Re
 #[tokio::test]
 async fn each_sslmode_connects_as_libpq_would_to_a_server_with_tls_only() {
     let ca = support::tls::TestCa::new();
-    let pg = tls_stores::postgres_tls(&ca.server("pg"), true);
+    let pg = postgres_server::postgres_tls(&ca.server("pg"), true);
     let ca_file = Some(ca.ca_file.as_path());
     // A plaintext client is refused by this server: each success is TLS.
     for params in [
@@ -1235,7 +1236,7 @@ async fn each_sslmode_connects_as_libpq_would_to_a_server_with_tls_only() {
 #[tokio::test]
 async fn verify_full_refuses_a_certificate_for_another_name_that_verify_ca_takes() {
     let ca = support::tls::TestCa::new();
-    let pg = tls_stores::postgres_tls(&ca.server_for("pg", &["db.elsewhere.test"]), true);
+    let pg = postgres_server::postgres_tls(&ca.server_for("pg", &["db.elsewhere.test"]), true);
     let ca_file = Some(ca.ca_file.as_path());
     let e = probed(&pg, "?sslmode=verify-full", ca_file)
         .await
@@ -1263,7 +1264,7 @@ async fn a_server_without_tls_is_reached_as_before_unless_tls_is_required() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pushes_are_stored_and_delivered_over_verify_full_tls() {
     let ca = support::tls::TestCa::new();
-    let pg = tls_stores::postgres_tls(&ca.server("pg"), true);
+    let pg = postgres_server::postgres_tls(&ca.server("pg"), true);
     let (sub, seen) = subscriber(Duration::ZERO).await;
     let dir = tempfile::tempdir().unwrap();
     let config = gateway_config(dir.path(), &pg, &sub);

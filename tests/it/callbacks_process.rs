@@ -25,7 +25,7 @@ fn config(dir: &Path, subscriber: &str, max_age_ms: u64) -> std::path::PathBuf {
     path
 }
 
-async fn launch(config: &Path) -> support::Running {
+async fn launch(config: &Path) -> support::binary::Running {
     support::launch(
         &["--config", config.to_str().unwrap()],
         &[
@@ -37,7 +37,7 @@ async fn launch(config: &Path) -> support::Running {
     .await
 }
 
-async fn push(gw: &support::Running, order: &str) -> u16 {
+async fn push(gw: &support::binary::Running, order: &str) -> u16 {
     support::push_signed(&gw.gateway, SECRET, order).await
 }
 
@@ -52,7 +52,7 @@ async fn wait_for(server: &MockServer, n: usize) -> usize {
     server.received_requests().await.unwrap().len()
 }
 
-fn cli(args: &[&str], gw: &support::Running) -> (bool, String) {
+fn cli(args: &[&str], gw: &support::binary::Running) -> (bool, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_pandagate"))
         .args(args)
         .args(["--admin", &gw.admin, "--control", &gw.control])
@@ -151,7 +151,7 @@ async fn operators_list_and_replay_dead_letters() {
 }
 
 /// Waits until the one delivery is a dead letter; its key.
-async fn dead_key(gw: &support::Running) -> String {
+async fn dead_key(gw: &support::binary::Running) -> String {
     for _ in 0..250 {
         let answer = support::get(&format!("http://{}/callbacks?dead=1", gw.admin)).await;
         let page: serde_json::Value = serde_json::from_slice(&answer.body).unwrap();
@@ -164,7 +164,7 @@ async fn dead_key(gw: &support::Running) -> String {
     panic!("no dead letter within 5 s");
 }
 
-async fn replay_by_id(gw: &support::Running, encoded_id: &str) -> String {
+async fn replay_by_id(gw: &support::binary::Running, encoded_id: &str) -> String {
     let req = http::Request::post(format!(
         "http://{}/callbacks/replay?id={encoded_id}",
         gw.control

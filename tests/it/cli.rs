@@ -314,7 +314,7 @@ async fn serves_from_the_environment_alone_and_never_logs_the_secret() {
     let nonce = r.headers["nonce-str"].to_str().unwrap();
     assert_eq!(
         r.headers["signature"],
-        support::expected_signature("ak-cli", ts, nonce, SECRET).as_str()
+        support::provider::expected_signature("ak-cli", ts, nonce, SECRET).as_str()
     );
     let req = http::Request::get(format!("http://{addr}/x"))
         .header("x-pandagate-profile", "nope")
@@ -559,7 +559,7 @@ async fn a_config_at_every_bound_that_check_accepts_serves() {
         "application/json",
     ))
     .await;
-    let redis = support::RedisServer::start();
+    let redis = support::redis_server::RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
     let year = 31_536_000_000u64;
     let toml = format!(
@@ -744,7 +744,7 @@ async fn second_call_retry_after(toml: &str, env: &[(&str, &str)], upstream: &st
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_redis_url_from_env_or_file_is_the_one_connected_with() {
     let password = "s3cret-redis-requirepass";
-    let redis = support::RedisServer::start_with_password(password);
+    let redis = support::redis_server::RedisServer::start_with_password(password);
     let upstream = support::upstream_answering(ResponseTemplate::new(200).set_body_raw(
         support::provider_body("rid-redis", 200, "ok"),
         "application/json",

@@ -177,7 +177,7 @@ fn config(dir: &Path, subscriber: &str, collector: &str) -> PathBuf {
 /// delivered.
 async fn scrape_a_busy_gateway() -> String {
     let dir = tempfile::tempdir().unwrap();
-    let upstream = support::upstream_failing_first(
+    let upstream = support::provider::upstream_failing_first(
         1,
         ResponseTemplate::new(503),
         ResponseTemplate::new(200).set_body_raw(

@@ -8,6 +8,10 @@ use crate::support;
 
 use std::time::Duration;
 
+use support::client::raw_exchange;
+use support::h2_client::{H2Frame, H2Read, RawH2, h2_frame, h2_get};
+use support::provider::RawUpstream;
+use support::wire::read_message;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

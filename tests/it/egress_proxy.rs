@@ -7,7 +7,9 @@
 
 use crate::support;
 
+use support::binary::launch_stdout_unread;
 use support::finished::watch;
+use support::gateway::{TestGateway, spawn_gateway_with_env};
 use support::provider_tls::TlsServer;
 use support::tinyproxy::Tinyproxy;
 use support::tls::TestCa;

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
+use support::client::{chunked_upload_1200, raw_exchange};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use wiremock::{MockServer, ResponseTemplate};

@@ -13,6 +13,10 @@ use http::Request;
 use http_body_util::Full;
 use pandagate::config::{Config, IdempotencyConfig, RateLimitConfig, StoreKind};
 use pandagate::exporter::Exporter;
+use support::client::Answer;
+use support::gateway::{TestGateway, USER_ID};
+use support::redis_server::RedisServer;
+use support::wire::{head_field, read_request};
 use support::*;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
@@ -831,7 +835,7 @@ async fn a_reservation_whose_owner_died_reads_as_an_unknown_outcome_after_its_le
     let gw = spawn_gateway(c).await;
 
     // Another replica reserves the key and dies without a word.
-    let url = support::tls_stores::with_default_trust(
+    let url = support::tls::with_default_trust(
         pandagate::config::RedisUrl::parse(&redis.url(), "test").unwrap(),
     );
     let other = Idempotency::open(&store, Some(&url)).unwrap();
@@ -1009,10 +1013,10 @@ async fn a_drain_waits_for_keyed_calls_whose_callers_left() {
 async fn replicas_share_keys_over_rediss_and_one_not_trusting_its_certificate_fails_closed() {
     const PASSWORD: &str = "rediss-idempotency-pw";
     let ca = tls::TestCa::new();
-    let redis = tls_stores::redis_tls(&ca, &ca.server("redis"), Some(PASSWORD));
+    let redis = redis_server::redis_tls(&ca, &ca.server("redis"), Some(PASSWORD));
     let provider = Provider::start(vec![], ok("o-tls")).await;
     let config = |ca_file: &std::path::Path| {
-        let mut store = redis_store(tls_stores::rediss_url(&redis, Some(PASSWORD)));
+        let mut store = redis_store(redis_server::rediss_url(&redis, Some(PASSWORD)));
         store.redis_timeout_ms = 2_000;
         let mut c = keyed_config(&provider.url(), store);
         c.tls.ca_file = Some(ca_file.to_owned());

@@ -29,7 +29,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::Value;
-use support::Running;
+use support::binary::Running;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const KIB: u64 = 1024;
@@ -595,7 +595,7 @@ async fn a_50_mib_download_streams_through_without_the_gateway_holding_it() {
 /// sent everything (hyper's) gets a broken pipe instead of the answer.
 /// Returns the answer and how many body bytes the gateway took before the
 /// connection broke (all of them when it fit in the socket buffers).
-async fn upload_chunked(gw: &Running, len: u64) -> (support::Answer, u64) {
+async fn upload_chunked(gw: &Running, len: u64) -> (support::client::Answer, u64) {
     let mut stream = tokio::net::TcpStream::connect(&gw.gateway).await.unwrap();
     // Borrowed halves: nothing half-closes the connection behind our back
     // (the gateway would take a half-close for the caller leaving).
@@ -666,7 +666,7 @@ async fn upload_chunked(gw: &Running, len: u64) -> (support::Answer, u64) {
             );
         }
     }
-    let answer = support::Answer {
+    let answer = support::client::Answer {
         status: http::StatusCode::from_u16(status).unwrap(),
         headers,
         body: Bytes::copy_from_slice(&raw[end + 4..]),

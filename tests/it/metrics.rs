@@ -4,6 +4,7 @@ use crate::support;
 
 use pandagate::config::RateLimitConfig;
 use pandagate::exporter::Exporter;
+use support::provider::upstream_failing_first;
 use support::*;
 use wiremock::ResponseTemplate;
 

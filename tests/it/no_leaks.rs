@@ -204,7 +204,7 @@ async fn nothing_secret_reaches_any_output_at_trace_level() {
     std::fs::write(dir.path().join("secret"), ROTATED).unwrap();
     wait_in_file(&stderr, "secret reloaded from its file").await;
     write_config(dir.path(), &upstream.uri(), &subscriber.uri(), 25);
-    support::signal(child.id().unwrap(), "-HUP");
+    support::os::signal(child.id().unwrap(), "-HUP");
     wait_in_file(&stderr, "config reloaded").await;
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(call(&gw, "/open/order", Some(TOKEN)).await.0, 200);
@@ -221,7 +221,7 @@ async fn nothing_secret_reaches_any_output_at_trace_level() {
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    support::signal(child.id().unwrap(), "-TERM");
+    support::os::signal(child.id().unwrap(), "-TERM");
     let exited = tokio::time::timeout(Duration::from_secs(20), child.wait()).await;
     assert!(exited.is_ok(), "stopped within 20 s");
 

@@ -7,6 +7,9 @@ use std::time::{Duration, Instant};
 use pandagate::config::Config;
 use pandagate::config::{BackendKind, FailMode, RateLimitConfig, RouteConfig};
 use pandagate::quota::BackendState;
+use support::gateway::TestGateway;
+use support::provider::upstream_failing_first;
+use support::redis_server::RedisServer;
 use support::*;
 use wiremock::ResponseTemplate;
 
@@ -277,7 +280,7 @@ async fn a_live_redis_decides_at_every_bound() {
     };
     use pandagate::quota::Limiter;
     let redis = RedisServer::start();
-    let url = tls_stores::with_default_trust(RedisUrl::parse(&redis.url(), "test").unwrap());
+    let url = tls::with_default_trust(RedisUrl::parse(&redis.url(), "test").unwrap());
     let routes = [
         (
             "/slow".to_owned(),
@@ -378,13 +381,13 @@ fn over_rediss(mut c: Config, url: &str, ca_file: &std::path::Path, fail_mode: F
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_share_the_quota_over_rediss_trusting_the_ca_file() {
     let ca = tls::TestCa::new();
-    let redis = tls_stores::redis_tls(&ca, &ca.server("redis"), None);
+    let redis = redis_server::redis_tls(&ca, &ca.server("redis"), None);
     let upstream = upstream_answering(envelope()).await;
     // One call per 1000 s: the second, on the other replica, is refused
     // by Redis (a long Retry-After), not by the closed fail mode (1 s).
     let c = over_rediss(
         limited(&upstream.uri(), 0.001, 1, 0),
-        &tls_stores::rediss_url(&redis, None),
+        &redis_server::rediss_url(&redis, None),
         &ca.ca_file,
         FailMode::Closed,
     );
@@ -412,9 +415,9 @@ async fn two_replicas_share_the_quota_over_rediss_trusting_the_ca_file() {
 async fn a_redis_certificate_of_a_ca_not_trusted_is_refused_and_the_fail_mode_decides() {
     let ca = tls::TestCa::new();
     let other = tls::TestCa::named("a CA the gateway does not trust");
-    let redis = tls_stores::redis_tls(&ca, &ca.server("redis"), None);
+    let redis = redis_server::redis_tls(&ca, &ca.server("redis"), None);
     let upstream = upstream_answering(envelope()).await;
-    let url = tls_stores::rediss_url(&redis, None);
+    let url = redis_server::rediss_url(&redis, None);
     for (fail_mode, status, state) in [
         (
             FailMode::Local,
@@ -449,9 +452,9 @@ async fn an_untrusted_redis_certificate_is_logged_as_tls_never_with_the_password
     const PASSWORD: &str = "rediss-pw-never-logged-5";
     let ca = tls::TestCa::new();
     let other = tls::TestCa::named("a CA the gateway does not trust");
-    let redis = tls_stores::redis_tls(&ca, &ca.server("redis"), Some(PASSWORD));
+    let redis = redis_server::redis_tls(&ca, &ca.server("redis"), Some(PASSWORD));
     let upstream = upstream_answering(envelope()).await;
-    let url = tls_stores::rediss_url(&redis, Some(PASSWORD));
+    let url = redis_server::rediss_url(&redis, Some(PASSWORD));
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("pandagate.toml");
     std::fs::write(

@@ -70,7 +70,7 @@ async fn secret_swapped_the_kubernetes_way_is_used_without_failing_a_call() {
         let (ts, nonce, sig) = (h("timestamp"), h("nonce-str"), h("signature"));
         ["secret-one", "secret-two"]
             .into_iter()
-            .find(|s| support::expected_signature("ak-rot", &ts, &nonce, s) == sig)
+            .find(|s| support::provider::expected_signature("ak-rot", &ts, &nonce, s) == sig)
             .expect("every call is signed with the old or the new secret")
     };
     let used: Vec<&str> = received.iter().map(secret_of).collect();
@@ -135,7 +135,7 @@ async fn sighup_applies_a_valid_config_and_keeps_serving_on_a_broken_one() {
 }
 
 /// Reads diagnostics until one has `message` (bounded), skipping others.
-async fn wait_for_message(gw: &mut support::Running, message: &str) {
+async fn wait_for_message(gw: &mut support::binary::Running, message: &str) {
     let found = tokio::time::timeout(Duration::from_secs(10), async {
         while let Some(line) = gw.stderr.next_line().await.unwrap() {
             let v: serde_json::Value = serde_json::from_str(&line).unwrap();

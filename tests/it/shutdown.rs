@@ -5,7 +5,7 @@ use crate::support;
 
 use std::time::{Duration, Instant};
 
-use support::Running;
+use support::binary::Running;
 use tokio::process::Child;
 use wiremock::ResponseTemplate;
 

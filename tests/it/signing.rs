@@ -6,6 +6,8 @@ use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
 use pandagate::signer::{Recipe, TimestampUnit};
+use support::gateway::{OPS_ACCESS_KEY, OPS_SECRET, USER_ID};
+use support::provider::{expected_signature, md5_upper};
 use support::*;
 use wiremock::matchers::any;
 use wiremock::{Mock, MockServer, ResponseTemplate};

@@ -9,6 +9,8 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use support::binary::{Running, launch_with_callback_listener};
+use support::h2_client::{h2_frame, h2_get};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

@@ -14,6 +14,9 @@ use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use prost::Message;
+use support::gateway::TestGateway;
+use support::provider::upstream_failing_first;
+use support::wire::read_request;
 use support::*;
 use tokio::io::AsyncWriteExt;
 use wiremock::ResponseTemplate;
@@ -459,7 +462,7 @@ async fn spans_reach_an_https_receiver_trusted_through_the_ca_file_and_no_other(
     let ca = tls::TestCa::new();
     let receiver = Receiver::default();
     let endpoint = receiver
-        .start_tls(tls_stores::acceptor(&ca.server("collector")))
+        .start_tls(collector::acceptor(&ca.server("collector")))
         .await;
     let upstream = upstream_answering(
         ResponseTemplate::new(200)

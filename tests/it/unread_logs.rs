@@ -7,7 +7,7 @@ use crate::support;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use support::Running;
+use support::binary::Running;
 use tokio::io::{BufReader, Lines};
 use tokio::process::ChildStderr;
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -107,7 +107,7 @@ fn message(line: &str) -> Option<String> {
 
 /// Sends SIGTERM and expects exit status 0 within 20 s.
 async fn terminate(child: &mut tokio::process::Child) {
-    support::signal(child.id().unwrap(), "-TERM");
+    support::os::signal(child.id().unwrap(), "-TERM");
     let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
         .await
         .expect("exits within 20 s of SIGTERM")
@@ -130,7 +130,7 @@ async fn calls_never_wait_for_an_access_log_nobody_reads() {
         gateway,
         admin,
         ..
-    } = support::launch_stdout_unread(
+    } = support::binary::launch_stdout_unread(
         &["--config", config.to_str().unwrap()],
         &[
             ("PANDAPON_ACCESS_KEY", "ak"),

@@ -7,8 +7,10 @@
 use crate::support;
 
 use support::finished::finish;
-use support::provider_tls::{TlsServer, self_signed};
+use support::provider::expected_signature;
+use support::provider_tls::TlsServer;
 use support::tls::TestCa;
+use support::tls::self_signed;
 use support::*;
 
 const CALLS: usize = 5;

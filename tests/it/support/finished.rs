@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
 
-use super::Running;
+use super::binary::Running;
 
 /// What a stopped gateway wrote.
 pub struct Finished {
@@ -74,7 +74,7 @@ impl Watched {
     /// Sends SIGTERM, waits (at most 20 s) for the exit and for the end of
     /// its output.
     pub async fn finish(mut self) -> Finished {
-        super::signal(self.child.id().expect("still running"), "-TERM");
+        super::os::signal(self.child.id().expect("still running"), "-TERM");
         let done = async {
             let _ = self.child.wait().await;
             (self.stderr.await.unwrap(), self.stdout.await.unwrap())

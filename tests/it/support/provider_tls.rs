@@ -2,11 +2,8 @@
 //! and HTTP/2, by ALPN) behind tokio-rustls, with a certificate made at test
 //! time. It counts TCP connections and completed handshakes, and keeps
 //! every request that reached its HTTP layer with the SNI it came under.
-//! Also: self-signed certificates for the failures a CA-issued one cannot
-//! show (another name, out of date).
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -69,7 +66,7 @@ pub struct TlsServer {
 impl TlsServer {
     /// A provider stand-in answering 200 with a provider envelope.
     pub async fn provider(cert: &Issued) -> TlsServer {
-        let body = super::provider_body("tls-provider-1", 200, "success");
+        let body = super::provider::provider_body("tls-provider-1", 200, "success");
         Self::start(cert, 200, body).await
     }
 
@@ -171,27 +168,4 @@ fn server_config(cert: &Issued) -> rustls::ServerConfig {
     .unwrap();
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     config
-}
-
-/// A self-signed certificate for `name` (which is its own CA: name its
-/// `cert` as `tls.ca_file` to trust it), written into `dir` as
-/// `NAME.pem` and `NAME-key.pem`; out of date when `expired`.
-pub fn self_signed(dir: &Path, name: &str, expired: bool) -> Issued {
-    let mut params = rcgen::CertificateParams::new(vec![name.to_owned()]).unwrap();
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, name);
-    if expired {
-        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
-        params.not_after = rcgen::date_time_ymd(2021, 1, 1);
-    }
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = params.self_signed(&key).unwrap();
-    let issued = Issued {
-        cert: dir.join(format!("{name}.pem")),
-        key: dir.join(format!("{name}-key.pem")),
-    };
-    std::fs::write(&issued.cert, cert.pem()).unwrap();
-    std::fs::write(&issued.key, key.serialize_pem()).unwrap();
-    issued
 }

@@ -17,7 +17,7 @@ impl Tinyproxy {
     /// `basic_auth`, serves only clients that send those credentials.
     pub fn start(connect_ports: &[u16], basic_auth: Option<(&str, &str)>) -> Tinyproxy {
         let dir = tempfile::tempdir().unwrap();
-        let port = super::dead_address().port();
+        let port = super::os::dead_address().port();
         let mut conf = format!(
             "Port {port}\nListen 127.0.0.1\nAllow 127.0.0.1\nLogLevel Connect\n\
              LogFile \"{}\"\nMaxClients 20\nTimeout 30\n",

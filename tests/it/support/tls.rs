@@ -1,10 +1,15 @@
 //! Certificates made at test time: a CA and the server and client
 //! certificates it signs, as PEM files in a temporary directory that lives
-//! as long as the [`TestCa`]. Nothing here is ever committed.
+//! as long as the [`TestCa`]. Nothing here is ever committed. Also:
+//! self-signed certificates for the failures a CA-issued one cannot show
+//! (another name, out of date), and the gateway's `[tls]` trust built from
+//! a CA file, for the stores and clients a test connects itself.
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
+use pandagate::config::TlsConfig;
+use pandagate::tls::{Trust, WithTrust};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, SanType,
 };
@@ -108,4 +113,42 @@ impl TestCa {
     pub fn dir(&self) -> &std::path::Path {
         self.dir.path()
     }
+}
+
+/// `[tls]` with the bundled roots and `ca_file` (if any).
+pub fn trust(ca_file: Option<&Path>) -> Trust {
+    Trust::load(&TlsConfig {
+        ca_file: ca_file.map(Path::to_owned),
+        ..TlsConfig::default()
+    })
+    .unwrap()
+}
+
+/// `target` trusting the default `[tls]`, as `Loaded` hands it out for a
+/// config without a `[tls]` section.
+pub fn with_default_trust<T>(target: T) -> WithTrust<T> {
+    WithTrust::new(target, trust(None))
+}
+
+/// A self-signed certificate for `name` (which is its own CA: name its
+/// `cert` as `tls.ca_file` to trust it), written into `dir` as
+/// `NAME.pem` and `NAME-key.pem`; out of date when `expired`.
+pub fn self_signed(dir: &Path, name: &str, expired: bool) -> Issued {
+    let mut params = rcgen::CertificateParams::new(vec![name.to_owned()]).unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    if expired {
+        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    }
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    let issued = Issued {
+        cert: dir.join(format!("{name}.pem")),
+        key: dir.join(format!("{name}-key.pem")),
+    };
+    std::fs::write(&issued.cert, cert.pem()).unwrap();
+    std::fs::write(&issued.key, key.serialize_pem()).unwrap();
+    issued
 }
