@@ -20,7 +20,6 @@
 //! The helpers nearly every test module uses are re-exported here (a test
 //! module's `use support::*` takes them); the rest are named from their
 //! module.
-#![allow(dead_code)]
 
 pub mod binary;
 pub mod client;

@@ -165,12 +165,3 @@ pub fn postgres_tls(cert: &Issued, tls_only: bool) -> PostgresServer {
     pg.resume();
     pg
 }
-
-/// `pg.url()` with `params` (`sslmode=…`) as its query.
-pub fn postgres_url(pg: &PostgresServer, params: &str) -> String {
-    if params.is_empty() {
-        pg.url()
-    } else {
-        format!("{}?{params}", pg.url())
-    }
-}

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use http::{HeaderMap, Method, Request, Response, Version};
+use http::{HeaderMap, Method, Request, Response};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -22,7 +22,6 @@ use super::tls::Issued;
 pub struct Seen {
     /// The server name the client asked for in its handshake.
     pub sni: Option<String>,
-    pub version: Version,
     pub method: Method,
     /// The request target (with HTTP/2, the `:authority` is in it).
     pub uri: http::Uri,
@@ -96,7 +95,6 @@ impl TlsServer {
                             let received = incoming.collect().await?.to_bytes();
                             counts.seen.lock().unwrap().push(Seen {
                                 sni,
-                                version: parts.version,
                                 method: parts.method,
                                 uri: parts.uri,
                                 headers: parts.headers,

@@ -108,11 +108,6 @@ impl TestCa {
         std::fs::write(&issued.key, key.serialize_pem()).unwrap();
         issued
     }
-
-    /// The directory holding the files.
-    pub fn dir(&self) -> &std::path::Path {
-        self.dir.path()
-    }
 }
 
 /// `[tls]` with the bundled roots and `ca_file` (if any).
