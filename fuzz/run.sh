@@ -3,14 +3,14 @@
 # time, starting from the seeds and every saved regression. Prints, and
 # writes to fuzz/results/DATE.md, a table of executions, coverage, corpus
 # size and findings. A crash is copied to fuzz/regressions/TARGET/ (replayed
-# by tests/fuzz_regressions.rs in every test run from then on) and makes the
+# by tests/it/fuzz_regressions.rs in every test run from then on) and makes the
 # script exit 1.
 #
 #   fuzz/run.sh [--seconds 300] [--jobs 1] [target ...]
 #
 # Needs the nightly toolchain (libFuzzer's sanitizer flags) and cargo-fuzz;
 # installs cargo-fuzz when missing. Not part of CI (too slow, and CI has
-# stable only); tests/fuzz_regressions.rs is the stable smoke run there.
+# stable only); tests/it/fuzz_regressions.rs is the stable smoke run there.
 set -euo pipefail
 cd "$(dirname "$0")"
 secs=300; jobs=1; targets=()

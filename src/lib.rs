@@ -64,7 +64,7 @@ mod cli;
 // reach; the rest of each folder stays inside the crate.
 pub use base::{body_budget, ids};
 pub use cli::main;
-pub use net::{server, tls};
+pub use net::{egress, server, tls};
 pub use observe::{access_log, metrics};
 pub use pandapon::{envelope, signer};
 pub use policy::{breaker, loaded, profiles, routes};

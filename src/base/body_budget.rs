@@ -30,7 +30,7 @@
 //! whichever listener the push came on).
 //!
 //! ```
-//! use pandagate::base::body_budget::{BodyBudget, Reader};
+//! use pandagate::body_budget::{BodyBudget, Reader};
 //!
 //! let budget = BodyBudget::new(4096);
 //! let mut body = budget.hold(Reader::Call, None);

@@ -29,7 +29,7 @@
 //!
 //! ```
 //! use pandagate::config::UpstreamConfig;
-//! use pandagate::net::egress::Egress;
+//! use pandagate::egress::Egress;
 //!
 //! let env = |name: &str| (name == "HTTPS_PROXY").then(|| "http://gw:pw@proxy.corp:3128".to_owned());
 //! let egress = Egress::resolve(&UpstreamConfig::default(), &env).unwrap();

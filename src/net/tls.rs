@@ -6,7 +6,7 @@
 //!
 //! ```
 //! use pandagate::config::TlsConfig;
-//! use pandagate::net::tls::Trust;
+//! use pandagate::tls::Trust;
 //!
 //! let trust = Trust::load(&TlsConfig::default()).unwrap();
 //! let config = trust.client_config();

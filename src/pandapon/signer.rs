@@ -2,7 +2,7 @@
 //! nonce) to the five system headers.
 //!
 //! ```
-//! use pandagate::pandapon::signer::{Recipe, sign};
+//! use pandagate::signer::{Recipe, sign};
 //! let sig = sign(Recipe::Concat, "AK_TEST_0001", "1715669977082",
 //!                "abcdefghijklmnopqrstuvwxyz012345", "SECRET_TEST_0001");
 //! assert_eq!(&sig, b"377FF2A66780B485EC0559F43395D0F2");

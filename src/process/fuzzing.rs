@@ -1,7 +1,7 @@
 //! Fuzz entry points: one function per edge, each turning arbitrary bytes
 //! into an input, running the gateway's own code on it and panicking when a
 //! property breaks. `fuzz/fuzz_targets/*.rs` (cargo-fuzz, libFuzzer) call
-//! them; `tests/fuzz_regressions.rs` replays the saved inputs under
+//! them; `tests/it/fuzz_regressions.rs` replays the saved inputs under
 //! `fuzz/regressions/` and the seed corpus on stable Rust in every test run.
 //!
 //! The properties, besides "does not panic":
