@@ -104,7 +104,8 @@ pub async fn spawn_gateway_with_env(config: Config, extra: &[(&str, &str)]) -> T
     let captured = Captured::default();
     let (log, _writer) = AccessLog::spawn(LogFormat::Json, Box::new(captured.clone()));
     let lasting = pandagate::gateway::Lasting::open(&loaded, log.clone()).expect("stores open");
-    let gateway = Arc::new(pandagate::gateway::Gateway::new(&loaded, lasting).expect("gateway builds"));
+    let gateway =
+        Arc::new(pandagate::gateway::Gateway::new(&loaded, lasting).expect("gateway builds"));
     let handle = gateway.clone();
     let listener = server::bind(loaded.config.server.listen, "test gateway")
         .await
