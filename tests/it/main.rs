@@ -1,10 +1,9 @@
 //! The integration tests: one binary, one module per behaviour.
 //!
-//! Each module was once a file of its own under `tests/`, and so a binary
-//! of its own, linked anew against the whole gateway after every change;
-//! as modules of one binary they are linked once. `cargo test --test it
-//! NAME` still picks tests by name, and a module's path (`cache::`, say)
-//! picks one behaviour.
+//! One binary is linked once against the whole gateway after a change,
+//! where a binary per behaviour would each be linked again. `cargo test
+//! --test it NAME` picks tests by name, and a module's path (`cache::`,
+//! say) picks one behaviour.
 //!
 //! The helpers live in `tests/it/support/`, a module of this binary like
 //! the others, rather than in `tests/support/` reached by `#[path]`: this
