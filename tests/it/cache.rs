@@ -514,6 +514,9 @@ async fn a_purge_reaches_every_entry_in_redis_or_says_it_did_not() {
     let redis = RedisServer::start();
     let client = redis::Client::open(redis.url()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    // Filling takes 50 000 SETs per EVAL: past the client's default 500 ms
+    // answer timeout on a loaded machine, though Redis is only busy.
+    conn.set_response_timeout(Duration::from_secs(30));
     const OTHERS: u64 = 1_200_000;
     const BATCH: u64 = 50_000;
     let mut filled = 0;
