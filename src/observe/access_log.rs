@@ -168,9 +168,18 @@ impl AccessLog {
     }
 
     /// Formats and queues one line; never waits (a full queue drops it).
+    /// On a thread that batches, the line is formatted straight into the
+    /// thread's batch.
     pub fn emit(&self, record: &AccessRecord, found: &EnvelopeFields) {
-        let line = format_line(self.format, record, found, SystemTime::now());
-        self.queue.push(line);
+        let now = SystemTime::now();
+        self.queue
+            .push_with(|out| format_into(out, self.format, record, found, now));
+    }
+
+    /// Lines this thread emits go into a batch of its own, handed over by
+    /// size or by a ticker (see [`LogQueue::batch_on_this_thread`]).
+    pub fn batch_on_this_thread(&self) {
+        self.queue.batch_on_this_thread();
     }
 
     /// Lines dropped because the queue was full.
@@ -207,6 +216,19 @@ pub fn format_line(
     found: &EnvelopeFields,
     now: SystemTime,
 ) -> Vec<u8> {
+    let mut out = Vec::with_capacity(320);
+    format_into(&mut out, format, r, found, now);
+    out
+}
+
+/// Appends one access-log line, newline included, to `out`.
+fn format_into(
+    out: &mut Vec<u8>,
+    format: LogFormat,
+    r: &AccessRecord,
+    found: &EnvelopeFields,
+    now: SystemTime,
+) {
     let ts_buf = timestamp(now);
     let ids = r.trace.as_ref().map(CallTrace::ids);
     let ts = std::str::from_utf8(&ts_buf).expect("RFC 3339 is ASCII");
@@ -238,13 +260,11 @@ pub fn format_line(
         span_id: ids.as_ref().map(|(_, s)| s.as_str()),
         cache: r.cache,
     };
-    let mut out = Vec::with_capacity(320);
     match format {
-        LogFormat::Json => json_line(&mut out, &line),
-        LogFormat::Text => text_line(&mut out, &line),
+        LogFormat::Json => json_line(out, &line),
+        LogFormat::Text => text_line(out, &line),
     }
     out.push(b'\n');
-    out
 }
 
 /// `now` as "2026-11-25T19:56:54.539Z". The part up to the second is

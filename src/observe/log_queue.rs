@@ -14,15 +14,25 @@
 //! writer has caught up, so a reader hovering at the limit cannot produce a
 //! warning per line.
 //!
+//! A serving thread may batch instead ([`LogQueue::batch_on_this_thread`]):
+//! its lines are formatted into one buffer of its own and handed over whole,
+//! when the buffer reaches [`BATCH_BYTES`] or when the thread's ticker
+//! ([`LogQueue::hand_over_every`]) finds lines older than its interval, as
+//! nginx's `access_log … buffer= flush=` does. A line then costs neither an
+//! allocation nor a trip through the channel. The bound stays in lines:
+//! lines queued, batched or not, never exceed the queue's capacity, and a
+//! batch that would pass it is dropped and its lines counted.
+//!
 //! The access log (stdout) and the diagnostics (stderr, through
 //! [`crate::observe::diagnostics`]) each have one. Written here rather than taken from
 //! `tracing-appender`: the access log needs this queue anyway (batched
 //! writes, `flush`), and `non_blocking` would add a second queue
 //! implementation with no hook to report a dropping episode.
 
+use std::cell::RefCell;
 use std::io::Write;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -39,8 +49,13 @@ pub struct Stream {
     pub warn_when_dropping: bool,
 }
 
+/// A batching thread hands its buffer over once it holds this much.
+pub const BATCH_BYTES: usize = 32 * 1024;
+
 enum Msg {
     Line(Vec<u8>),
+    /// Whole lines, and how many.
+    Batch(Vec<u8>, usize),
     Flush(SyncSender<()>),
 }
 
@@ -48,6 +63,8 @@ struct Shared {
     stream: Stream,
     capacity: usize,
     dropped: AtomicU64,
+    /// Lines handed over and not yet taken by the writer, batched or not.
+    queued: AtomicUsize,
     /// Set by the first line dropped, cleared by the writer once it finds
     /// the queue empty.
     dropping: AtomicBool,
@@ -84,6 +101,7 @@ impl LogQueue {
             stream,
             capacity,
             dropped: AtomicU64::new(0),
+            queued: AtomicUsize::new(0),
             dropping: AtomicBool::new(false),
         });
         let handle = std::thread::Builder::new()
@@ -99,20 +117,102 @@ impl LogQueue {
     /// Queues one whole line (newline included) without waiting; false if
     /// it was dropped.
     pub fn push(&self, line: Vec<u8>) -> bool {
-        match self.tx.try_send(Msg::Line(line)) {
+        self.send(Msg::Line(line), 1)
+    }
+
+    /// Formats one line with `write` (which appends it, newline included)
+    /// into this thread's batch when this thread batches into this queue;
+    /// otherwise into a line of its own, queued at once. False if it was
+    /// dropped (a batch's lines are counted when the batch is handed over).
+    pub fn push_with(&self, write: impl FnOnce(&mut Vec<u8>)) -> bool {
+        let write = PENDING.with(|pending| {
+            let Ok(mut pending) = pending.try_borrow_mut() else {
+                return Some(write);
+            };
+            match pending.as_mut() {
+                Some(batch) if Arc::ptr_eq(&batch.queue.shared, &self.shared) => {
+                    write(&mut batch.buf);
+                    batch.lines += 1;
+                    if batch.buf.len() >= BATCH_BYTES {
+                        batch.hand_over();
+                    }
+                    None
+                }
+                _ => Some(write),
+            }
+        });
+        match write {
+            None => true,
+            Some(write) => {
+                let mut line = Vec::with_capacity(320);
+                write(&mut line);
+                self.push(line)
+            }
+        }
+    }
+
+    /// From now on, lines this thread formats with
+    /// [`push_with`](Self::push_with) go into a batch of its own. The
+    /// thread must hand it over: a ticker ([`hand_over_every`](Self::hand_over_every))
+    /// while it serves, and [`hand_over_this_thread`](Self::hand_over_this_thread)
+    /// when it stops.
+    pub fn batch_on_this_thread(&self) {
+        Self::hand_over_this_thread();
+        PENDING.with(|pending| {
+            *pending.borrow_mut() = Some(Batch {
+                queue: self.clone(),
+                buf: Vec::with_capacity(BATCH_BYTES),
+                lines: 0,
+            });
+        });
+    }
+
+    /// Hands this thread's batch to the writer, if it holds any line.
+    pub fn hand_over_this_thread() {
+        PENDING.with(|pending| {
+            if let Ok(mut pending) = pending.try_borrow_mut()
+                && let Some(batch) = pending.as_mut()
+            {
+                batch.hand_over();
+            }
+        });
+    }
+
+    /// Hands this thread's batch over every `interval`, for as long as the
+    /// task runs; spawned on a batching thread's own runtime.
+    pub async fn hand_over_every(interval: Duration) {
+        let mut ticks = tokio::time::interval(interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            Self::hand_over_this_thread();
+        }
+    }
+
+    /// Queues `msg`, holding `lines` lines, unless that would pass the
+    /// capacity; else drops and counts them.
+    fn send(&self, msg: Msg, lines: usize) -> bool {
+        let s = &self.shared;
+        if s.queued.fetch_add(lines, Ordering::AcqRel) + lines > s.capacity {
+            s.queued.fetch_sub(lines, Ordering::AcqRel);
+            self.note_dropped(lines);
+            return false;
+        }
+        match self.tx.try_send(msg) {
             Ok(()) => true,
             // Disconnected: the writer is gone, which only a panic in it
-            // can cause; the line is lost all the same.
+            // can cause; the lines are lost all the same.
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                self.note_dropped();
+                s.queued.fetch_sub(lines, Ordering::AcqRel);
+                self.note_dropped(lines);
                 false
             }
         }
     }
 
-    fn note_dropped(&self) {
+    fn note_dropped(&self, lines: usize) {
         let s = &self.shared;
-        s.dropped.fetch_add(1, Ordering::Relaxed);
+        s.dropped.fetch_add(lines as u64, Ordering::Relaxed);
         let started =
             !s.dropping.load(Ordering::Relaxed) && !s.dropping.swap(true, Ordering::Relaxed);
         if started && s.stream.warn_when_dropping {
@@ -161,6 +261,28 @@ impl LogQueue {
     }
 }
 
+/// A batching thread's lines not yet handed over.
+struct Batch {
+    queue: LogQueue,
+    buf: Vec<u8>,
+    lines: usize,
+}
+
+impl Batch {
+    fn hand_over(&mut self) {
+        if self.lines == 0 {
+            return;
+        }
+        let buf = std::mem::replace(&mut self.buf, Vec::with_capacity(BATCH_BYTES));
+        self.queue.send(Msg::Batch(buf, self.lines), self.lines);
+        self.lines = 0;
+    }
+}
+
+thread_local! {
+    static PENDING: RefCell<Option<Batch>> = const { RefCell::new(None) };
+}
+
 /// The writer polls instead of blocking on the channel, so that sending a
 /// line never has to wake a sleeping thread (a futex call and, on a busy
 /// 2-core box, a context switch per line). A line reaches the output at
@@ -178,7 +300,20 @@ fn write_loop(rx: Receiver<Msg>, mut out: Box<dyn Write + Send>, shared: &Shared
         loop {
             match rx.try_recv() {
                 Ok(Msg::Line(line)) => {
+                    shared.queued.fetch_sub(1, Ordering::AcqRel);
                     batch.extend_from_slice(&line);
+                    received = true;
+                    if batch.len() >= 256 * 1024 {
+                        write_batch(&mut out, &mut batch);
+                    }
+                }
+                Ok(Msg::Batch(lines, count)) => {
+                    shared.queued.fetch_sub(count, Ordering::AcqRel);
+                    if batch.is_empty() {
+                        batch = lines;
+                    } else {
+                        batch.extend_from_slice(&lines);
+                    }
                     received = true;
                     if batch.len() >= 256 * 1024 {
                         write_batch(&mut out, &mut batch);
@@ -356,5 +491,111 @@ mod tests {
             "a new episode may warn again"
         );
         assert_eq!(q.dropped(), 8);
+    }
+
+    fn text(buf: &Buf) -> String {
+        String::from_utf8(buf.0.lock().unwrap().clone()).unwrap()
+    }
+
+    #[test]
+    fn a_batching_thread_hands_over_whole_lines_by_size_or_when_told() {
+        let buf = Buf::default();
+        let (q, _) = LogQueue::spawn(STREAM, 100_000, Box::new(buf.clone()));
+        let (q2, buf2) = (q.clone(), buf.clone());
+        std::thread::spawn(move || {
+            q2.batch_on_this_thread();
+            for i in 0..10 {
+                assert!(
+                    q2.push_with(|out| out.extend_from_slice(format!("line {i}\n").as_bytes()))
+                );
+            }
+            q2.flush();
+            assert_eq!(text(&buf2), "", "the lines wait in the thread's batch");
+            LogQueue::hand_over_this_thread();
+            q2.flush();
+            let expected: String = (0..10).map(|i| format!("line {i}\n")).collect();
+            assert_eq!(text(&buf2), expected);
+            // A batch that reaches BATCH_BYTES goes without being told.
+            let long = vec![b'x'; 1023];
+            let lines = BATCH_BYTES / 1024;
+            for _ in 0..lines {
+                q2.push_with(|out| {
+                    out.extend_from_slice(&long);
+                    out.push(b'\n');
+                });
+            }
+            q2.flush();
+            assert_eq!(text(&buf2).len(), expected.len() + lines * 1024);
+        })
+        .join()
+        .unwrap();
+        assert_eq!(q.dropped(), 0);
+    }
+
+    #[test]
+    fn a_batch_that_would_pass_the_capacity_is_dropped_and_its_lines_counted() {
+        let (q, _release) = stuck(4);
+        let q2 = q.clone();
+        std::thread::spawn(move || {
+            q2.batch_on_this_thread();
+            for _ in 0..3 {
+                q2.push_with(|out| out.extend_from_slice(b"kept\n"));
+            }
+            LogQueue::hand_over_this_thread();
+            for _ in 0..2 {
+                q2.push_with(|out| out.extend_from_slice(b"lost\n"));
+            }
+            LogQueue::hand_over_this_thread();
+            // One single line still fits; the bound is in lines.
+            assert!(q2.push(b"single\n".to_vec()));
+            assert!(!q2.push(b"over\n".to_vec()));
+        })
+        .join()
+        .unwrap();
+        assert_eq!(q.dropped(), 3, "the batch of 2 and the line over the bound");
+    }
+
+    #[test]
+    fn other_threads_and_other_queues_get_each_line_at_once() {
+        let (a_buf, b_buf) = (Buf::default(), Buf::default());
+        let (a, _) = LogQueue::spawn(STREAM, 1024, Box::new(a_buf.clone()));
+        let (b, _) = LogQueue::spawn(STREAM, 1024, Box::new(b_buf.clone()));
+        let (a2, b2) = (a.clone(), b.clone());
+        std::thread::spawn(move || {
+            a2.batch_on_this_thread();
+            b2.push_with(|out| out.extend_from_slice(b"to b\n"));
+            b2.flush();
+        })
+        .join()
+        .unwrap();
+        a.push_with(|out| out.extend_from_slice(b"to a, unbatched thread\n"));
+        a.flush();
+        assert_eq!(text(&b_buf), "to b\n");
+        assert_eq!(text(&a_buf), "to a, unbatched thread\n");
+    }
+
+    #[test]
+    fn the_ticker_hands_a_batch_over_within_its_interval() {
+        let buf = Buf::default();
+        let (q, _) = LogQueue::spawn(STREAM, 1024, Box::new(buf.clone()));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        q.batch_on_this_thread();
+        runtime.block_on(async {
+            let ticker = tokio::spawn(LogQueue::hand_over_every(Duration::from_millis(5)));
+            q.push_with(|out| out.extend_from_slice(b"ticked\n"));
+            for _ in 0..200 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                q.flush();
+                if !text(&buf).is_empty() {
+                    break;
+                }
+            }
+            ticker.abort();
+        });
+        assert_eq!(text(&buf), "ticked\n");
+        PENDING.with(|p| *p.borrow_mut() = None);
     }
 }

@@ -35,11 +35,16 @@ use crate::net::caller_tls::CallerTls;
 use crate::net::connections::Connections;
 use crate::net::server::{self, ServerOptions};
 use crate::observe::access_log::AccessLog;
+use crate::observe::log_queue::LogQueue;
 use crate::policy::loaded::Loaded;
 use crate::process::admin::{Admin, Control, Drain};
 use crate::process::exporter::Process;
 use crate::state::idempotency::{self, LocalStore, Store};
 use crate::{net::worker, observe::diagnostics, process::reload};
+
+/// Longest an access-log line waits in its worker's batch before the
+/// batch goes to the writer (which writes within another 20 ms).
+const ACCESS_LOG_HAND_OVER: Duration = Duration::from_millis(10);
 
 /// How long logs get to reach their readers on the way out.
 pub const EXIT_FLUSH: Duration = Duration::from_secs(2);
@@ -415,9 +420,22 @@ impl Serving {
             .name(format!("worker-{index}"))
             .spawn(move || {
                 worker::enter(index);
-                runtime.block_on(self.run(gateway, callbacks));
-                // Connections still open after the grace period end here.
+                // Access-log lines are batched per worker, handed to the
+                // writer by size or every ACCESS_LOG_HAND_OVER.
+                self.current
+                    .load()
+                    .lasting()
+                    .access_log
+                    .batch_on_this_thread();
+                runtime.block_on(async {
+                    let ticker = tokio::spawn(LogQueue::hand_over_every(ACCESS_LOG_HAND_OVER));
+                    self.run(gateway, callbacks).await;
+                    ticker.abort();
+                });
+                // Connections still open after the grace period end here,
+                // each writing its line; then the batch goes to the writer.
                 drop(runtime);
+                LogQueue::hand_over_this_thread();
                 let _ = finished.send(());
             })?;
         Ok(done)
