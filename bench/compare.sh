@@ -3,6 +3,12 @@
 # On one box, in one run:
 #   direct        load -> upstream (nginx `return 200` with a provider envelope)
 #   nginx         load -> nginx proxy_pass (keepalive 64, credential headers, access log) -> upstream
+#                 (the limit: what a proxy costs that does not sign)
+#   nginx-lua     the peer: the same nginx plus the Lua module signing each call (ms timestamp,
+#                 32-character nonce, UPPER(MD5(key + timestamp + nonce + secret))) and
+#                 putting the answer's requestId and code in its JSON access log line
+#                 (bench/confs.sh nginx_lua_proxy_conf; bench/peer_check.sh shows that a
+#                 provider stand-in accepts its signatures)
 #   pandagate     load -> pandagate (signing, json access log, local rate limit) -> upstream,
 #                 worker threads at the default (PANDAGATE_WORKER_THREADS as the caller set it)
 #   pandagate-1t  the same binary and config with PANDAGATE_WORKER_THREADS=1
@@ -11,13 +17,15 @@
 # proxy, ratios of each pandagate row against nginx and direct, and a pass/fail
 # of each pandagate row against the targets (calls/s >= nginx, CPU per call
 # <= nginx, p99 <= 1.1 x nginx at every level; peak RSS <= 30 MiB at 256
-# connections). The Markdown report goes to stdout and to
+# connections), and against the peer (calls/s >= nginx-lua, CPU per call <=
+# nginx-lua, p99 <= 1.1 x nginx-lua at every level; stretch, reported apart
+# and not counted as a target: CPU per call <= 1.15 x nginx). The Markdown report goes to stdout and to
 # bench/results/YYYY-MM-DD-compare.md (progress goes to stderr).
 #
 #   bench/compare.sh [--seconds 10] [--warmup 3] [--conns "16 64 256"] [--runs 3]
 #                    [--threads 2] [--binary PATH] [--out FILE] [--strict]
 #                    [--nginx-log-buffer SIZE] [--keep] [--tool wrk|oha] [--no-single]
-#                    [--upstream-tls] [--tls-settle 1] [--nginx-keepalive 64]
+#                    [--upstream-tls] [--tls-settle 1] [--nginx-keepalive 64] [--no-peer]
 #
 #   --out FILE               write the report there instead of bench/results/
 #   --strict                 exit 1 when a target was missed (by either pandagate row)
@@ -30,7 +38,8 @@
 #                            --threads is wrk's -t or oha's --worker-threads; the warm-up
 #                            uses the same tool
 #   --no-single              leave out the pandagate-1t row
-#   --nginx-keepalive N      idle upstream connections the nginx proxy keeps per worker
+#   --no-peer                leave out the nginx-lua row (and its targets)
+#   --nginx-keepalive N      idle upstream connections the nginx proxy (and the peer) keeps per worker
 #                            (`upstream { keepalive N; }`, default 64): beyond that,
 #                            nginx closes a connection after its call (with
 #                            --upstream-tls, a new handshake for a later one)
@@ -38,7 +47,8 @@
 #                            localhost / 127.0.0.1 made in the work directory with
 #                            openssl, never kept): direct is https to it; nginx
 #                            proxies with proxy_pass https, proxy_ssl_verify on against
-#                            the test CA, proxy_ssl_session_reuse on and keepalive 64;
+#                            the test CA, proxy_ssl_session_reuse on and keepalive 64
+#                            (the peer the same);
 #                            pandagate has PANDAGATE_UPSTREAM=https://localhost:PORT and
 #                            [tls] ca_file = the test CA. Adds TLS handshakes per 10 000
 #                            calls after the warm-up (connections the upstream accepted,
@@ -59,7 +69,8 @@
 # PANDAGATE_WORKER_THREADS, when set, reaches the pandagate row and is recorded
 # in the report; the pandagate-1t row always runs with 1.
 # Without --binary, builds with `cargo build --release -q`.
-# Installs wrk, nginx, curl (and openssl with --upstream-tls) from Debian when missing, and oha with
+# Installs wrk, nginx, curl, libnginx-mod-http-lua (for the peer; it brings the NDK module,
+# LuaJIT and lua-resty-core) (and openssl with --upstream-tls) from Debian when missing, and oha with
 # `cargo install oha --locked` when --tool oha and oha is not on PATH (a few
 # minutes on 2 cores). Talks only to 127.0.0.1.
 # Exit status: 0 when the harness ran (targets met or not), 1 when --strict and
@@ -81,6 +92,7 @@ binary=${BENCH_BINARY:-}
 upstream_workers=${UPSTREAM_WORKERS:-1}
 tool=${BENCH_TOOL:-wrk}
 single=1
+peer=1
 upstream_tls=${BENCH_UPSTREAM_TLS:-0}
 tls_settle=1
 nginx_keepalive=${BENCH_NGINX_KEEPALIVE:-64}
@@ -106,6 +118,7 @@ while [ $# -gt 0 ]; do
     --nginx-log-buffer) nginx_log_buffer=$2; shift 2 ;;
     --tool) tool=$2; shift 2 ;;
     --no-single) single=0; shift ;;
+    --no-peer) peer=0; shift ;;
     --upstream-tls) upstream_tls=1; shift ;;
     --tls-settle) tls_settle=$2; shift 2 ;;
     --nginx-keepalive) nginx_keepalive=$2; shift 2 ;;
@@ -161,7 +174,7 @@ fi
 # Every process this script starts is recorded here and stopped on exit,
 # whatever the exit (error, Ctrl-C, kill).
 work=$(mktemp -d /tmp/pg-compare.XXXXXX)
-up_pid="" px_pid="" gw_pid="" gw1_pid="" sampler_pid="" load_pid=""
+up_pid="" px_pid="" gw_pid="" gw1_pid="" sampler_pid="" load_pid="" plx_pid=""
 # shellcheck disable=SC2317  # reached through the trap below
 cleanup() {
   local rc=$?
@@ -171,8 +184,8 @@ cleanup() {
   # master stops its workers on TERM (fast shutdown); pandagate drains with
   # nothing in flight.
   # shellcheck disable=SC2086 # the empty ones drop out
-  stop_pids $load_pid $sampler_pid $gw_pid $gw1_pid $px_pid $up_pid
-  end_run "$rc" "$work"/up/error.log "$work"/px/error.log "$work"/gateway.err
+  stop_pids $load_pid $sampler_pid $gw_pid $gw1_pid $px_pid $plx_pid $up_pid
+  end_run "$rc" "$work"/up/error.log "$work"/px/error.log "$work"/plx/error.log "$work"/gateway.err
 }
 on_exit cleanup
 # 256 client connections plus as many upstream ones, per process: well within
@@ -184,6 +197,12 @@ up_port=$(free_port); nx_port=$(free_port); gw_port=$(free_port); admin_port=$(f
 gw1_port=$(free_port); admin1_port=$(free_port)
 mkdir -p "$work/up" "$work/px" "$work/raw"
 . "$root/bench/confs.sh"
+plx_port=""
+if [ "$peer" = 1 ]; then
+  need_nginx_lua
+  plx_port=$(free_port)
+  mkdir -p "$work/plx"
+fi
 # With --upstream-tls: the test CA and the upstream's certificate, made here
 # for this run only; curl checks the upstream against that CA.
 up_scheme=http tls_ca="" status_port="" curl_tls=()
@@ -222,6 +241,16 @@ else
 fi
 nginx_proxy_conf "$work/px" "$nx_port" "$up_port" "$nofile" "$nx_log_opts" "$tls_ca" "$nginx_keepalive" > "$work/px/nginx.conf"
 
+# ------------------------------------------------------------------ the peer
+# The same nginx, log settings, pool and TLS settings, plus the Lua signing
+# and envelope logging, with the credentials pandagate is given below.
+if [ "$peer" = 1 ]; then
+  nginx_lua_proxy_conf "$work/plx" "$plx_port" "$up_port" "$nofile" "$nx_log_opts" "$tls_ca" "$nginx_keepalive" \
+    bench-key bench-secret bench-user > "$work/plx/nginx.conf"
+  nginx -t -p "$work/plx" -e "$work/plx/error.log" -c "$work/plx/nginx.conf" >/dev/null 2>"$work/plx/check.err" \
+    || die "nginx rejected the peer's config: $(cat "$work/plx/check.err")"
+fi
+
 # ------------------------------------------------------------------ pandagate
 pandagate_bench_conf "$tls_ca" > "$work/pandagate.toml"
 if [ "$upstream_tls" = 1 ]; then
@@ -248,11 +277,14 @@ if [ "$single" = 1 ]; then
 fi
 
 # ------------------------------------------------------------------ checks
-proxies=(nginx pandagate)
+proxies=(nginx)
+[ "$peer" = 0 ] || proxies+=(nginx-lua)
+proxies+=(pandagate)
 [ "$single" = 0 ] || proxies+=(pandagate-1t)
 declare -A base=(
   [direct]="$up_scheme://127.0.0.1:$up_port"
   [nginx]="http://127.0.0.1:$nx_port"
+  [nginx-lua]="http://127.0.0.1:$plx_port"
   [pandagate]="http://127.0.0.1:$gw_port"
   [pandagate-1t]="http://127.0.0.1:$gw1_port"
 )
@@ -262,6 +294,7 @@ declare -A access_log=([pandagate]="$work/access.log" [pandagate-1t]="$work/acce
 pid_of() {
   case "$1" in
     direct) echo "$up_pid" ;; nginx) echo "$px_pid" ;; pandagate) echo "$gw_pid" ;; pandagate-1t) echo "$gw1_pid" ;;
+    nginx-lua) echo "$plx_pid" ;;
   esac
 }
 wait_ok() { # target: 200 within 10 s
@@ -281,6 +314,10 @@ start_proxy() {
       rm -f "$work/px/access.log"
       nginx -p "$work/px" -e "$work/px/error.log" -c "$work/px/nginx.conf" -g 'daemon off;' </dev/null >/dev/null 2>&1 &
       px_pid=$! ;;
+    nginx-lua)
+      rm -f "$work/plx/access.log"
+      nginx -p "$work/plx" -e "$work/plx/error.log" -c "$work/plx/nginx.conf" -g 'daemon off;' </dev/null >/dev/null 2>&1 &
+      plx_pid=$! ;;
     pandagate)
       env "${gw_env[@]}" "$gw_bin" --config "$work/pandagate.toml" run >"${access_log[$1]}" 2>>"$work/gateway.err" &
       gw_pid=$! ;;
@@ -295,6 +332,7 @@ stop_proxy() {
   local p
   case "$1" in
     nginx) p=$px_pid; px_pid="" ;;
+    nginx-lua) p=$plx_pid; plx_pid="" ;;
     pandagate) p=$gw_pid; gw_pid="" ;;
     pandagate-1t) p=$gw1_pid; gw1_pid="" ;;
     *) return 0 ;;
@@ -310,8 +348,10 @@ for t in direct "${proxies[@]}"; do
 done
 # Every proxy must really add the credential headers, or the comparison is moot.
 headers_re='access-key=bench-key user-id=bench-user signature=[0-9a-fA-F]{32} timestamp=[0-9.]+ nonce-str=[^ ]+'
+declare -A seen_of
 for t in "${proxies[@]}"; do
   seen=$(curl -s "${base[$t]}/open/bench/headers" || true)
+  seen_of[$t]=$seen
   if [[ $seen =~ $headers_re ]]; then
     log "$t adds: $seen"
   else
@@ -320,7 +360,7 @@ for t in "${proxies[@]}"; do
 done
 gw_threads=""
 for t in "${proxies[@]}"; do
-  [ "$t" != nginx ] || continue
+  [[ $t == pandagate* ]] || continue
   f=${access_log[$t]}
   # The access log line is written by a background thread: give it a moment.
   for _ in $(seq 1 50); do grep -q '"request_id"' "$f" && break; sleep 0.1; done
@@ -333,6 +373,23 @@ done
 log "threads after the checks: $gw_threads"
 [ -n "$nginx_log_buffer" ] || grep -q '"upstream_status":"200"' "$work/px/access.log" \
   || die "nginx proxy wrote no access line with upstream_status 200"
+# The rows that sign (all but the static nginx, whose signature is a fixed
+# string) must sign as the provider checks: a millisecond timestamp, 32
+# letters or digits, UPPER(MD5(access-key + timestamp + nonce-str +
+# secret)) of what the upstream saw. (The upstream checks nothing:
+# bench/peer_check.sh puts the peer in front of a provider stand-in that does.)
+signed_re='access-key=([^ ]+) user-id=[^ ]* signature=([^ ]+) timestamp=([0-9]+) nonce-str=([A-Za-z0-9]{32})'
+for t in "${proxies[@]}"; do
+  [ "$t" != nginx ] || continue
+  [[ ${seen_of[$t]} =~ $signed_re ]] || die "$t: no ms timestamp and 32-character nonce: ${seen_of[$t]}"
+  want=$(printf '%s' "${BASH_REMATCH[1]}${BASH_REMATCH[3]}${BASH_REMATCH[4]}bench-secret" | md5sum | cut -c1-32 | tr a-f A-F)
+  [ "${BASH_REMATCH[2]}" = "$want" ] || die "$t signed ${BASH_REMATCH[2]}, expected $want: ${seen_of[$t]}"
+done
+# The peer's access line has the provider's requestId and code from its body filter.
+if [ "$peer" = 1 ] && [ -z "$nginx_log_buffer" ]; then
+  grep -q '"request_id":"4cfda0b725184ab8a1e3ee3b9051ec35","code":"200"' "$work/plx/access.log" \
+    || die "the peer wrote no access line with the provider's requestId and code: $(tail -n 2 "$work/plx/access.log")"
+fi
 for t in "${proxies[@]}"; do stop_proxy "$t"; done
 
 # ------------------------------------------------------------------ measuring
@@ -340,6 +397,7 @@ pids_of() { # the processes whose memory counts for a target
   case "$1" in
     direct) python3 "$helper" pids "$up_pid" ;;
     nginx) python3 "$helper" pids "$px_pid" ;;
+    nginx-lua) python3 "$helper" pids "$plx_pid" ;;
     pandagate|pandagate-1t) pid_of "$1" ;;
   esac
 }
@@ -502,6 +560,8 @@ awk -v l="${load_start%% *}" -v n="$(nproc)" 'BEGIN { exit !(l > n / 2) }' \
   printf 'pandagate_worker_threads\t%s\n' "${PANDAGATE_WORKER_THREADS:-}"
   printf 'gateway_threads\t%s\n' "$gw_threads"
   printf 'nginx_log_buffer\t%s\n' "$nx_log_desc"
+  printf 'peer\t%s\n' "$peer"
+  [ "$peer" = 0 ] || printf 'lua_module\t%s\n' "$(dpkg-query -W -f='${binary:Package} ${Version}; ' libnginx-mod-http-lua libluajit2-5.1-2 lua-resty-core 2>/dev/null | sed 's/; $//' || echo unknown)"
   printf 'rss_method\t%s\n' "$rss_method"
   printf 'notes\t%s\n' "$(IFS='|'; echo "${notes[*]}")"
 } > "$work/meta.tsv"

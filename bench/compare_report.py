@@ -25,6 +25,13 @@ lines: `$connection $ssl_session_reused ...`); the report adds TLS
 handshakes per 10 000 calls and the target that pandagate makes no more
 than nginx.
 
+With the nginx-lua row (the peer: nginx plus Lua signing, see
+bench/confs.sh), the report adds each pandagate row's ratios against the
+peer and against the limit (the static nginx row), and the targets against
+the peer: calls/s >= 1.0 x, CPU per call <= 1.0 x, p99 <= 1.1 x the peer's
+at every level (counted as targets), and the stretch CPU per call <= 1.15 x
+the static nginx's (reported, not counted).
+
 Python 3 standard library only.
 """
 
@@ -41,7 +48,16 @@ sys.dont_write_bytecode = True
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchlib import memory_kib  # noqa: E402
 
-TARGETS = ("direct", "nginx", "pandagate", "pandagate-1t")
+TARGETS = ("direct", "nginx", "nginx-lua", "pandagate", "pandagate-1t")
+# The peer: nginx with the Lua module signing each call, what a team builds
+# instead of pandagate; nginx (static headers, no signature) is the limit.
+PEER = "nginx-lua"
+# The targets against the peer (ratio of pandagate to the peer) and the stretch
+# against the limit.
+PEER_RPS_MIN = 1.0
+PEER_CPU_MAX = 1.0
+PEER_P99_MAX = 1.1
+LIMIT_CPU_STRETCH = 1.15
 # The rows judged against nginx: the default worker threads, and one thread.
 GATEWAYS = ("pandagate", "pandagate-1t")
 # oha's error for the calls still in flight when -z runs out: the tool's cut,
@@ -419,6 +435,19 @@ def report(raw, meta_path):
           f"to a file, `[rate_limit] requests_per_second = 1000000` (local, does not bind), "
           f"admin listener on a free loopback port, other settings at their defaults. Rows: "
           f"{gateway_text(meta, gateways)}")
+    if PEER in targets:
+        w(f"- nginx-lua (the peer): the nginx proxy above, the same config line for line "
+          f"(`worker_processes auto`, the same pool{', TLS settings' if tls else ''} and access "
+          f"log settings: {meta['nginx_log_buffer']}), plus the Lua module "
+          f"({meta.get('lua_module', '?')}): in the access phase a millisecond timestamp "
+          f"(`ngx.now()`), a 32-character nonce of letters and digits (`math.random`, seeded per "
+          f"worker) and `UPPER(MD5(access-key + timestamp + nonce-str + secret))` (`ngx.md5`), "
+          f"sent by `proxy_set_header` with the fixed access-key and user-id (the credentials "
+          f"pandagate has: bench-key, bench-secret, bench-user); a `body_filter_by_lua_block` "
+          f"reads `requestId` and `code` from the answer's first chunk with `string.match` into "
+          f"`ngx.ctx` and into the JSON access log line (the nginx row's fields plus request_id "
+          f"and code). Signatures checked at start against the headers the upstream saw "
+          f"(`bench/peer_check.sh` checks them against the sandbox provider)")
     w(f"- peak RSS: {meta['rss_method']}")
     w("")
     w("## Results (medians)")
@@ -476,6 +505,30 @@ def report(raw, meta_path):
                     cells[i] += f" [{per_run_ratio(c, key, g, other)}]"
             w(f"| {c} | {g} | " + " | ".join(cells) + " |")
     w("")
+
+    if PEER in targets:
+        w("## Against the peer and the limit")
+        w("")
+        w("Each pandagate row against **the peer** (nginx-lua: nginx signing with Lua, what a "
+          "team builds instead) and against **the limit** (the static nginx row: a proxy that "
+          "does not sign at all); ratios of the medians, run by run in brackets.")
+        w("")
+        w("| conns | row | calls/s vs peer | CPU per call vs peer | p99 vs peer "
+          "| calls/s vs limit | CPU per call vs limit | p99 vs limit |")
+        w("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+        peer_pairs = (("rps", PEER), ("cpu_us", PEER), ("p99", PEER),
+                      ("rps", "nginx"), ("cpu_us", "nginx"), ("p99", "nginx"))
+        for c in levels:
+            for g in gateways:
+                pg = summary[(g, c)]
+                cells = []
+                for key, other in peer_pairs:
+                    cells.append(fmt(ratio(pg.get(key), summary.get((other, c), {}).get(key))))
+                if len(runs) > 1:
+                    for i, (key, other) in enumerate(peer_pairs):
+                        cells[i] += f" [{per_run_ratio(c, key, g, other)}]"
+                w(f"| {c} | {g} | " + " | ".join(cells) + " |")
+        w("")
 
     # The targets, judged on the medians, for each pandagate row.
     w("## Targets")
@@ -543,6 +596,65 @@ def report(raw, meta_path):
                                    for g, m in missed_rows.items()) + ".")
         w("")
 
+    peer_missed = {}
+    if PEER in targets:
+        w("## Targets against the peer")
+        w("")
+        w(f"Judged on the medians, for each pandagate row, at every level: calls/s ≥ "
+          f"{PEER_RPS_MIN:.1f} × the peer's, CPU per call ≤ {PEER_CPU_MAX:.1f} × the peer's, p99 ≤ "
+          f"{PEER_P99_MAX:.1f} × the peer's (these count as targets); stretch, reported but not "
+          f"counted: CPU per call ≤ {LIMIT_CPU_STRETCH:.2f} × the limit's (static nginx).")
+        w("")
+
+        def pv(c, key):
+            return summary[(PEER, c)][key]
+
+        for g in gateways:
+            def gv(c, key, g=g):
+                return summary[(g, c)][key]
+
+            def off(c, key, limit, other=pv, ge=False, gv=gv):
+                r = ratio(gv(c, key), other(c, key))
+                return r is None or (r < limit if ge else r > limit)
+
+            checks = [
+                (f"{g} calls/s ≥ {PEER_RPS_MIN:.1f} × peer",
+                 [c for c in levels if off(c, "rps", PEER_RPS_MIN, ge=True)],
+                 lambda c, gv=gv: f"{fmt(gv(c, 'rps'), 0)} vs {fmt(pv(c, 'rps'), 0)} "
+                                  f"({fmt(ratio(gv(c, 'rps'), pv(c, 'rps')))}×)"),
+                (f"{g} CPU per call ≤ {PEER_CPU_MAX:.1f} × peer",
+                 [c for c in levels if off(c, "cpu_us", PEER_CPU_MAX)],
+                 lambda c, gv=gv: f"{fmt(gv(c, 'cpu_us'), 1)} µs vs {fmt(pv(c, 'cpu_us'), 1)} µs "
+                                  f"({fmt(ratio(gv(c, 'cpu_us'), pv(c, 'cpu_us')))}×)"),
+                (f"{g} p99 ≤ {PEER_P99_MAX:.1f} × peer",
+                 [c for c in levels if off(c, "p99", PEER_P99_MAX)],
+                 lambda c, gv=gv: f"{fmt(gv(c, 'p99'), 3)} ms vs {fmt(pv(c, 'p99'), 3)} ms "
+                                  f"({fmt(ratio(gv(c, 'p99'), pv(c, 'p99')))}×)"),
+            ]
+            missed = 0
+            w(f"**{g} vs the peer**")
+            w("")
+            for name, bad, detail in checks:
+                if bad:
+                    missed += 1
+                    w(f"- **MISSED** {name} — at " + "; ".join(f"{c} conns: {detail(c)}" for c in bad)
+                      + f" (held at {len(levels) - len(bad)} of {len(levels)} levels)")
+                else:
+                    w(f"- **HELD** {name} — at every level ({', '.join(map(str, levels))} conns: "
+                      + "; ".join(detail(c) for c in levels) + ")")
+            bad = [c for c in levels if off(c, "cpu_us", LIMIT_CPU_STRETCH, other=nx)]
+            stretch = "; ".join(f"{c} conns: {fmt(gv(c, 'cpu_us'), 1)} µs vs "
+                                f"{fmt(nx(c, 'cpu_us'), 1)} µs "
+                                f"({fmt(ratio(gv(c, 'cpu_us'), nx(c, 'cpu_us')))}×)" for c in levels)
+            w(f"- stretch, not counted: **{'MISSED' if bad else 'HELD'}** {g} CPU per call ≤ "
+              f"{LIMIT_CPU_STRETCH:.2f} × static nginx — {stretch}"
+              + (f" (held at {len(levels) - len(bad)} of {len(levels)} levels)" if bad else ""))
+            w("")
+            w(f"{g}: {len(checks) - missed} of {len(checks)} targets against the peer held; "
+              f"stretch {'missed' if bad else 'held'}.")
+            w("")
+            peer_missed[g] = missed
+
     w("## How to read")
     w("")
     w("All targets answer the same call from the same upstream on the same box, in the "
@@ -555,6 +667,11 @@ def report(raw, meta_path):
       + ("**pandagate-1t** is the same pandagate on one worker thread: it can use one core at "
          "most, and spends no CPU on handing work between threads. "
          if "pandagate-1t" in gateways else "")
+      + ("**nginx-lua** is the peer: the nginx row plus what a team writes in Lua to sign "
+         "each call and log the provider's requestId and code, so the gap between nginx and "
+         "nginx-lua is what that Lua costs; pandagate is held to the peer (the alternative) "
+         "and measured against the limit (nginx, which does not sign). "
+         if PEER in targets else "")
       + "calls/s counts every HTTP answer including non-2xx ones, so read it "
       "together with the errors column (non-2xx answers + socket errors + timeouts over 2 s). "
       f"p50/p99 are {tool}'s latency percentiles in milliseconds. {tool}, the proxies and the "
@@ -605,7 +722,7 @@ def report(raw, meta_path):
         for n in meta["notes"].split("|"):
             w(f"- {n}")
     print("\n".join(o))
-    return 3 if any(missed_rows.values()) else 0
+    return 3 if any(missed_rows.values()) or any(peer_missed.values()) else 0
 
 
 def hs_cells(hs):

@@ -6,6 +6,9 @@
 #   nginx_upstream_conf DIR PORT WORKERS NOFILE [CERT KEY STATUS_PORT]  > DIR/nginx.conf
 #   nginx_proxy_conf DIR PORT UPSTREAM_PORT NOFILE [LOG_OPTS] [CA_FILE] [KEEPALIVE]
 #                                                   > DIR/nginx.conf
+#   nginx_lua_proxy_conf DIR PORT UPSTREAM_PORT NOFILE [LOG_OPTS] [CA_FILE] [KEEPALIVE]
+#                        [ACCESS_KEY SECRET USER_ID]  > DIR/nginx.conf (the peer)
+#   need_nginx_lua            installs libnginx-mod-http-lua when missing
 #   pandagate_bench_conf [CA_FILE]                  > pandagate.toml
 #   make_test_certs DIR       DIR/ca.pem, DIR/server.pem, DIR/server.key (openssl)
 #
@@ -141,6 +144,144 @@ $(nginx_temp_paths "$dir")
       proxy_set_header signature 0123456789abcdef0123456789abcdef;
       proxy_set_header timestamp \$msec;
       proxy_set_header nonce-str \$request_id;
+    }
+  }
+}
+CONF
+}
+
+# Where Debian's nginx modules are (libnginx-mod-http-lua and the
+# libnginx-mod-http-ndk it depends on): /usr/lib/nginx/modules.
+NGINX_MODULES_DIR=/usr/lib/nginx/modules
+
+# The Lua module the peer needs, from Debian when missing (with its
+# dependencies: the NDK module, LuaJIT, lua-resty-core). Needs lib.sh.
+need_nginx_lua() {
+  need_file "$NGINX_MODULES_DIR/ngx_http_lua_module.so" libnginx-mod-http-lua
+  [ -e "$NGINX_MODULES_DIR/ndk_http_module.so" ] \
+    || die "libnginx-mod-http-lua is installed but $NGINX_MODULES_DIR/ndk_http_module.so is missing"
+}
+
+# The peer: what a platform team builds instead of adopting pandagate. The
+# nginx reverse proxy above, line for line (workers, pool, TLS settings,
+# keep-alive, the JSON access log and LOG_OPTS), plus OpenResty's Lua module
+# doing per call what the gateway's signing and envelope logging do:
+#   - access phase: a millisecond timestamp (ngx.now()), a 32-character
+#     nonce of letters and digits (math.random, seeded per worker), and the
+#     signature UPPER(MD5(access-key + timestamp + nonce-str + secret))
+#     (ngx.md5, upper-cased), into variables that proxy_set_header sends as
+#     the timestamp, nonce-str and signature headers; access-key and user-id
+#     are fixed headers, as in the static row;
+#   - body filter, on the answer's first chunk: requestId and code read with
+#     string.match into ngx.ctx and into $pp_request_id / $pp_code, which
+#     the access log line (the static row's fields plus request_id and code)
+#     writes.
+# ACCESS_KEY, SECRET, USER_ID default to the bench credentials pandagate is
+# given (bench-key, bench-secret, bench-user). The modules are loaded by
+# absolute path: the proxy runs with its own prefix (-p DIR).
+nginx_lua_proxy_conf() {
+  local dir=$1 port=$2 up_port=$3 nofile=$4 log_opts=${5:-} ca_file=${6:-} keepalive=${7:-64}
+  local key=${8:-bench-key} secret=${9:-bench-secret} user=${10:-bench-user}
+  local v
+  for v in "$key" "$secret" "$user"; do
+    # Written into the config as Lua and nginx strings: nothing to escape.
+    [[ $v =~ ^[A-Za-z0-9._-]+$ ]] || { echo "nginx_lua_proxy_conf: credential with odd characters: $v" >&2; return 1; }
+  done
+  local scheme=http tls=""
+  if [ -n "$ca_file" ]; then
+    scheme=https
+    tls="
+      proxy_ssl_trusted_certificate $ca_file;
+      proxy_ssl_verify on;
+      proxy_ssl_verify_depth 2;
+      proxy_ssl_protocols TLSv1.2 TLSv1.3;
+      proxy_ssl_name localhost;
+      proxy_ssl_server_name on;
+      proxy_ssl_session_reuse on;"
+  fi
+  cat <<CONF
+load_module $NGINX_MODULES_DIR/ndk_http_module.so;
+load_module $NGINX_MODULES_DIR/ngx_http_lua_module.so;
+worker_processes auto;
+worker_rlimit_nofile $nofile;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events { worker_connections 8192; }
+http {
+$(nginx_temp_paths "$dir")
+  log_format peerjson escape=json '{"ts":"\$time_iso8601","nginx_request_id":"\$request_id","status":\$status,'
+    '"upstream_status":"\$upstream_status","method":"\$request_method","uri":"\$request_uri",'
+    '"request_time":\$request_time,"upstream_response_time":"\$upstream_response_time",'
+    '"request_id":"\$pp_request_id","code":"\$pp_code"}';
+  access_log $dir/access.log peerjson$log_opts;
+
+  # The signing module, loaded once per worker: require "pandapon" is a
+  # table lookup per call.
+  init_by_lua_block {
+    local md5, upper, char, floor, random, now = ngx.md5, string.upper, string.char, math.floor, math.random, ngx.now
+    local KEY, SECRET = "$key", "$secret"
+    local ALNUM = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+    local alnum = {}
+    local N = #ALNUM
+    for i = 1, N do alnum[i] = ALNUM:byte(i) end
+    local buf = {}
+    package.loaded.pandapon = {
+      -- timestamp (ms), nonce-str, signature for one call
+      sign = function()
+        local ts = tostring(floor(now() * 1000 + 0.5))
+        for i = 1, 32 do buf[i] = alnum[random(N)] end
+        local nonce = char(unpack(buf))
+        return ts, nonce, upper(md5(KEY .. ts .. nonce .. SECRET))
+      end,
+    }
+  }
+  # Each worker draws other nonces.
+  init_worker_by_lua_block {
+    math.randomseed(ngx.now() * 1000 + ngx.worker.pid())
+  }
+
+  upstream provider {
+    server 127.0.0.1:$up_port;
+    keepalive $keepalive;
+    keepalive_requests 1000000;
+    keepalive_timeout 300s;
+  }
+  server {
+    listen 127.0.0.1:$port backlog=4096;
+    keepalive_requests 1000000;
+    keepalive_timeout 300s;
+    location / {
+      set \$pp_timestamp '';
+      set \$pp_nonce '';
+      set \$pp_signature '';
+      set \$pp_request_id '';
+      set \$pp_code '';
+      access_by_lua_block {
+        local ts, nonce, sig = require("pandapon").sign()
+        local var = ngx.var
+        var.pp_timestamp, var.pp_nonce, var.pp_signature = ts, nonce, sig
+      }
+      body_filter_by_lua_block {
+        local ctx = ngx.ctx
+        if not ctx.seen then
+          local chunk = ngx.arg[1]
+          if chunk ~= "" then
+            ctx.seen = true
+            ctx.request_id = chunk:match('"requestId"%s*:%s*"([^"]*)"')
+            ctx.code = chunk:match('"code"%s*:%s*"?([^",}%s]*)')
+            ngx.var.pp_request_id = ctx.request_id or ""
+            ngx.var.pp_code = ctx.code or ""
+          end
+        end
+      }
+      proxy_pass $scheme://provider;$tls
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header access-key $key;
+      proxy_set_header user-id $user;
+      proxy_set_header signature \$pp_signature;
+      proxy_set_header timestamp \$pp_timestamp;
+      proxy_set_header nonce-str \$pp_nonce;
     }
   }
 }

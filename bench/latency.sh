@@ -2,16 +2,21 @@
 # Added latency on loopback, one call at a time: wrk with one connection
 # straight to a fixed-answer upstream (nginx `return 200`, "direct"),
 # through an nginx reverse proxy (keep-alive pool, credential headers,
-# access log) and through pandagate (signing, JSON access log to a file), to
-# the same upstream, in the same run. Several runs, interleaved; medians of
-# p50 and p99, and what each proxy adds to the direct p50 and p99.
+# access log), through the peer (nginx-lua: the same nginx plus Lua signing
+# each call and logging the answer's requestId and code, as bench/confs.sh
+# nginx_lua_proxy_conf makes it) and through pandagate (signing, JSON access
+# log to a file), to the same upstream, in the same run. Several runs,
+# interleaved; medians of p50 and p99, what each proxy adds to the direct
+# p50 and p99, and two judgements: pandagate adds no more to the p50 than
+# nginx, and no more than the peer.
 #
 #   bench/latency.sh [--seconds 10] [--runs 3] [--binary PATH]
 #
 # (A bare number as the first argument is taken as --seconds.) Without
 # --binary, builds with `cargo build --release -q`. GW_ENV="K=V ..." adds
 # environment to pandagate (e.g. GW_ENV=PANDAGATE_WORKER_THREADS=1).
-# Installs wrk and nginx from Debian when missing. Talks only to 127.0.0.1.
+# Installs wrk, nginx and libnginx-mod-http-lua from Debian when missing.
+# Talks only to 127.0.0.1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=bench/lib.sh
@@ -35,10 +40,11 @@ need nginx nginx
 work=$(mktemp -d)
 mkdir -p "$work/up" "$work/px"
 up_port=$(free_port) nx_port=$(free_port) gw_port=$(free_port) admin_port=$(free_port)
-up_pid="" nx_pid="" gw_pid=""
+lx_port=$(free_port)
+up_pid="" nx_pid="" gw_pid="" lx_pid=""
 cleanup() {
-  for p in $gw_pid $nx_pid $up_pid; do kill "$p" 2>/dev/null || true; done
-  for p in $gw_pid $nx_pid $up_pid; do wait "$p" 2>/dev/null || true; done
+  for p in $gw_pid $lx_pid $nx_pid $up_pid; do kill "$p" 2>/dev/null || true; done
+  for p in $gw_pid $lx_pid $nx_pid $up_pid; do wait "$p" 2>/dev/null || true; done
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -52,6 +58,13 @@ nginx -p "$work/up" -e "$work/up/error.log" -c "$work/up/nginx.conf" -g 'daemon 
 up_pid=$!
 nginx -p "$work/px" -e "$work/px/error.log" -c "$work/px/nginx.conf" -g 'daemon off;' </dev/null >/dev/null 2>&1 &
 nx_pid=$!
+# The peer: the same nginx proxy plus the Lua signing, with the credentials
+# pandagate is given below.
+need_nginx_lua
+mkdir -p "$work/lx"
+nginx_lua_proxy_conf "$work/lx" "$lx_port" "$up_port" "$nofile" "" "" 64 bench-key bench-secret bench-user > "$work/lx/nginx.conf"
+nginx -p "$work/lx" -e "$work/lx/error.log" -c "$work/lx/nginx.conf" -g 'daemon off;' </dev/null >/dev/null 2>&1 &
+lx_pid=$!
 
 if [ -z "$binary" ]; then cargo build --release -q; binary=./target/release/pandagate; fi
 # shellcheck disable=SC2086 # GW_ENV is a list of K=V words
@@ -60,15 +73,15 @@ env PANDAPON_ACCESS_KEY=bench-key PANDAPON_ACCESS_SECRET=bench-secret \
   PANDAGATE_UPSTREAM="http://127.0.0.1:$up_port" PANDAGATE_LOG_FORMAT=json ${GW_ENV:-} \
   "$binary" >"$work/access.log" 2>"$work/gateway.err" &
 gw_pid=$!
-for port in $up_port $nx_port $gw_port; do
+for port in $up_port $nx_port $lx_port $gw_port; do
   for _ in $(seq 1 100); do curl -sf -o /dev/null "http://127.0.0.1:$port/open/product/get" && break; sleep 0.05; done
   curl -sf -o /dev/null "http://127.0.0.1:$port/open/product/get" || { echo "latency.sh: nothing answers on $port" >&2; exit 1; }
 done
 
-declare -A port=([direct]=$up_port [nginx]=$nx_port [pandagate]=$gw_port)
+declare -A port=([direct]=$up_port [nginx]=$nx_port [nginx-lua]=$lx_port [pandagate]=$gw_port)
 results="$work/results.tsv"
 for run in $(seq 1 "$runs"); do
-  for t in direct nginx pandagate; do
+  for t in direct nginx nginx-lua pandagate; do
     url="http://127.0.0.1:${port[$t]}/open/product/get?itemId=1"
     wrk -t1 -c1 -d2s "$url" >/dev/null
     wrk -t1 -c1 -d"${secs}s" --latency "$url" > "$work/$t.$run.txt"
@@ -98,13 +111,17 @@ print(f"one connection, {secs} s per run, {runs} runs interleaved, {cores} cores
 print("| target | calls/s | p50 µs | p99 µs | adds to p50 | adds to p99 |")
 print("|---|---:|---:|---:|---:|---:|")
 d = med["direct"]
-for n in ("direct", "nginx", "pandagate"):
+for n in ("direct", "nginx", "nginx-lua", "pandagate"):
     rps, p50, p99 = med[n]
     add = "" if n == "direct" else f"{p50 - d[1]:.0f} µs | {p99 - d[2]:.0f} µs"
     print(f"| {n} | {rps:.0f} | {p50:.0f} | {p99:.0f} | {add or ' | '} |")
 a_pg, a_nx = med["pandagate"][1] - d[1], med["nginx"][1] - d[1]
 print(f"\npandagate adds {a_pg:.0f} µs to the p50, nginx {a_nx:.0f} µs: "
       + ("target held (pandagate adds no more than nginx)" if a_pg <= a_nx else "target missed"))
+a_lx = med["nginx-lua"][1] - d[1]
+print(f"pandagate adds {a_pg:.0f} µs to the p50 at one connection, the peer (nginx-lua) {a_lx:.0f} µs: "
+      + ("target held (pandagate adds no more than the peer)" if a_pg <= a_lx
+         else "target missed (pandagate adds more than the peer)"))
 print("per run (target, run, calls/s, p50 µs, p99 µs):")
 for r in rows:
     print("  " + "  ".join(r))

@@ -8,6 +8,7 @@
 #   bad_usage MSG          a usage error: MSG on stderr, exit 2
 #   free_port              a free TCP port on 127.0.0.1
 #   need COMMAND PACKAGE   installs the Debian PACKAGE when COMMAND is missing
+#   need_file FILE PACKAGE installs the Debian PACKAGE when FILE is missing
 #   stop_pids PID...       TERM to each, KILL after 5 s, and reaped
 #   on_exit FUNCTION       FUNCTION runs on every exit; Ctrl-C exits 130, TERM 143
 #   end_run RC FILE...     the end of an EXIT trap: see below
@@ -26,6 +27,12 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 
 need() {
   command -v "$1" >/dev/null && return
+  log "installing $2"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null
+}
+
+need_file() {
+  [ -e "$1" ] && return
   log "installing $2"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null
 }
