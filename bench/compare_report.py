@@ -493,18 +493,22 @@ def report(raw, meta_path):
                 vals.append(ratio(data[(r, a, c)][key], data[(r, b, c)][key]))
         return ", ".join(fmt(v) for v in vals)
 
-    pairs = (("rps", "nginx"), ("p99", "nginx"), ("rps", "direct"), ("cpu_us", "nginx"))
-    for c in levels:
-        for g in gateways:
-            pg = summary[(g, c)]
-            cells = []
-            for key, other in pairs:
-                cells.append(fmt(ratio(pg.get(key), summary.get((other, c), {}).get(key))))
-            if len(runs) > 1:
-                for i, (key, other) in enumerate(pairs):
-                    cells[i] += f" [{per_run_ratio(c, key, g, other)}]"
-            w(f"| {c} | {g} | " + " | ".join(cells) + " |")
-    w("")
+    def ratio_rows(pairs):
+        """One row per level and pandagate row: the ratio of each (key,
+        other target) pair's medians, run by run in brackets."""
+        for c in levels:
+            for g in gateways:
+                pg = summary[(g, c)]
+                cells = []
+                for key, other in pairs:
+                    cells.append(fmt(ratio(pg.get(key), summary.get((other, c), {}).get(key))))
+                if len(runs) > 1:
+                    for i, (key, other) in enumerate(pairs):
+                        cells[i] += f" [{per_run_ratio(c, key, g, other)}]"
+                w(f"| {c} | {g} | " + " | ".join(cells) + " |")
+        w("")
+
+    ratio_rows((("rps", "nginx"), ("p99", "nginx"), ("rps", "direct"), ("cpu_us", "nginx")))
 
     if PEER in targets:
         w("## Against the peer and the limit")
@@ -516,19 +520,8 @@ def report(raw, meta_path):
         w("| conns | row | calls/s vs peer | CPU per call vs peer | p99 vs peer "
           "| calls/s vs limit | CPU per call vs limit | p99 vs limit |")
         w("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-        peer_pairs = (("rps", PEER), ("cpu_us", PEER), ("p99", PEER),
-                      ("rps", "nginx"), ("cpu_us", "nginx"), ("p99", "nginx"))
-        for c in levels:
-            for g in gateways:
-                pg = summary[(g, c)]
-                cells = []
-                for key, other in peer_pairs:
-                    cells.append(fmt(ratio(pg.get(key), summary.get((other, c), {}).get(key))))
-                if len(runs) > 1:
-                    for i, (key, other) in enumerate(peer_pairs):
-                        cells[i] += f" [{per_run_ratio(c, key, g, other)}]"
-                w(f"| {c} | {g} | " + " | ".join(cells) + " |")
-        w("")
+        ratio_rows((("rps", PEER), ("cpu_us", PEER), ("p99", PEER),
+                    ("rps", "nginx"), ("cpu_us", "nginx"), ("p99", "nginx")))
 
     # The targets, judged on the medians, for each pandagate row.
     w("## Targets")

@@ -87,6 +87,20 @@ $(nginx_temp_paths "$dir")
 CONF
 }
 
+# The proxy_ssl lines of a proxy that reaches its upstream over TLS,
+# trusting CA_FILE (see nginx_proxy_conf); a leading newline included.
+nginx_upstream_tls() {
+  local ca_file=$1
+  printf '\n      %s' \
+    "proxy_ssl_trusted_certificate $ca_file;" \
+    "proxy_ssl_verify on;" \
+    "proxy_ssl_verify_depth 2;" \
+    "proxy_ssl_protocols TLSv1.2 TLSv1.3;" \
+    "proxy_ssl_name localhost;" \
+    "proxy_ssl_server_name on;" \
+    "proxy_ssl_session_reuse on;"
+}
+
 # A plain, production-like nginx reverse proxy doing what the gateway does
 # minus the signature computation: fixed credential headers, per-request
 # timestamp/nonce from nginx variables, pooled upstream connections, an
@@ -104,14 +118,7 @@ nginx_proxy_conf() {
   local scheme=http tls=""
   if [ -n "$ca_file" ]; then
     scheme=https
-    tls="
-      proxy_ssl_trusted_certificate $ca_file;
-      proxy_ssl_verify on;
-      proxy_ssl_verify_depth 2;
-      proxy_ssl_protocols TLSv1.2 TLSv1.3;
-      proxy_ssl_name localhost;
-      proxy_ssl_server_name on;
-      proxy_ssl_session_reuse on;"
+    tls=$(nginx_upstream_tls "$ca_file")
   fi
   cat <<CONF
 worker_processes auto;
@@ -190,14 +197,7 @@ nginx_lua_proxy_conf() {
   local scheme=http tls=""
   if [ -n "$ca_file" ]; then
     scheme=https
-    tls="
-      proxy_ssl_trusted_certificate $ca_file;
-      proxy_ssl_verify on;
-      proxy_ssl_verify_depth 2;
-      proxy_ssl_protocols TLSv1.2 TLSv1.3;
-      proxy_ssl_name localhost;
-      proxy_ssl_server_name on;
-      proxy_ssl_session_reuse on;"
+    tls=$(nginx_upstream_tls "$ca_file")
   fi
   cat <<CONF
 load_module $NGINX_MODULES_DIR/ndk_http_module.so;
