@@ -332,6 +332,23 @@ def gateway_text(meta, gateways):
     return text
 
 
+def judge(checks, w, levels, details_when_held=False):
+    """Writes one HELD or MISSED line per (name, levels missed, detail)
+    check; returns how many were missed."""
+    missed = 0
+    for name, bad, detail in checks:
+        if bad:
+            missed += 1
+            w(f"- **MISSED** {name} — at " + "; ".join(f"{c} conns: {detail(c)}" for c in bad)
+              + f" (held at {len(levels) - len(bad)} of {len(levels)} levels)")
+        elif details_when_held:
+            w(f"- **HELD** {name} — at every level ({', '.join(map(str, levels))} conns: "
+              + "; ".join(detail(c) for c in levels) + ")")
+        else:
+            w(f"- **HELD** {name} — at every level ({', '.join(map(str, levels))} conns)")
+    return missed
+
+
 def report(raw, meta_path):
     meta = read_meta(meta_path)
     data = load(raw)
@@ -563,16 +580,9 @@ def report(raw, meta_path):
                   or gv(c, "hs_10k") > nx(c, "hs_10k")],
                  lambda c, gv=gv: f"{fmt(gv(c, 'hs_10k'), 1)} vs {fmt(nx(c, 'hs_10k'), 1)}"))
         n_targets = len(checks) + 1
-        missed = 0
         w(f"**{g}**")
         w("")
-        for name, bad, detail in checks:
-            if bad:
-                missed += 1
-                w(f"- **MISSED** {name} — at " + "; ".join(f"{c} conns: {detail(c)}" for c in bad)
-                  + f" (held at {len(levels) - len(bad)} of {len(levels)} levels)")
-            else:
-                w(f"- **HELD** {name} — at every level ({', '.join(map(str, levels))} conns)")
+        missed = judge(checks, w, levels)
         rss = gv(rss_level, "rss")
         if rss is not None and rss <= 30:
             w(f"- **HELD** {g} peak RSS ≤ 30 MiB at {rss_level} conns — {rss:.1f} MiB{rss_note}")
@@ -624,17 +634,9 @@ def report(raw, meta_path):
                  lambda c, gv=gv: f"{fmt(gv(c, 'p99'), 3)} ms vs {fmt(pv(c, 'p99'), 3)} ms "
                                   f"({fmt(ratio(gv(c, 'p99'), pv(c, 'p99')))}×)"),
             ]
-            missed = 0
             w(f"**{g} vs the peer**")
             w("")
-            for name, bad, detail in checks:
-                if bad:
-                    missed += 1
-                    w(f"- **MISSED** {name} — at " + "; ".join(f"{c} conns: {detail(c)}" for c in bad)
-                      + f" (held at {len(levels) - len(bad)} of {len(levels)} levels)")
-                else:
-                    w(f"- **HELD** {name} — at every level ({', '.join(map(str, levels))} conns: "
-                      + "; ".join(detail(c) for c in levels) + ")")
+            missed = judge(checks, w, levels, details_when_held=True)
             bad = [c for c in levels if off(c, "cpu_us", LIMIT_CPU_STRETCH, other=nx)]
             stretch = "; ".join(f"{c} conns: {fmt(gv(c, 'cpu_us'), 1)} µs vs "
                                 f"{fmt(nx(c, 'cpu_us'), 1)} µs "

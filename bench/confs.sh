@@ -87,6 +87,25 @@ $(nginx_temp_paths "$dir")
 CONF
 }
 
+# The upstream pool (KEEPALIVE idle connections per worker, never closed
+# for their count or age during a run) and the opening of the server block
+# listening on PORT, as both proxies have them.
+nginx_pool_and_listener() {
+  local up_port=$1 keepalive=$2 port=$3
+  cat <<CONF
+  upstream provider {
+    server 127.0.0.1:$up_port;
+    keepalive $keepalive;
+    keepalive_requests 1000000;
+    keepalive_timeout 300s;
+  }
+  server {
+    listen 127.0.0.1:$port backlog=4096;
+    keepalive_requests 1000000;
+    keepalive_timeout 300s;
+CONF
+}
+
 # The proxy_ssl lines of a proxy that reaches its upstream over TLS,
 # trusting CA_FILE (see nginx_proxy_conf); a leading newline included.
 nginx_upstream_tls() {
@@ -132,16 +151,7 @@ $(nginx_temp_paths "$dir")
     '"upstream_status":"\$upstream_status","method":"\$request_method","uri":"\$request_uri",'
     '"request_time":\$request_time,"upstream_response_time":"\$upstream_response_time"}';
   access_log $dir/access.log benchjson$log_opts;
-  upstream provider {
-    server 127.0.0.1:$up_port;
-    keepalive $keepalive;
-    keepalive_requests 1000000;
-    keepalive_timeout 300s;
-  }
-  server {
-    listen 127.0.0.1:$port backlog=4096;
-    keepalive_requests 1000000;
-    keepalive_timeout 300s;
+$(nginx_pool_and_listener "$up_port" "$keepalive" "$port")
     location / {
       proxy_pass $scheme://provider;$tls
       proxy_http_version 1.1;
@@ -240,16 +250,7 @@ $(nginx_temp_paths "$dir")
     math.randomseed(ngx.now() * 1000 + ngx.worker.pid())
   }
 
-  upstream provider {
-    server 127.0.0.1:$up_port;
-    keepalive $keepalive;
-    keepalive_requests 1000000;
-    keepalive_timeout 300s;
-  }
-  server {
-    listen 127.0.0.1:$port backlog=4096;
-    keepalive_requests 1000000;
-    keepalive_timeout 300s;
+$(nginx_pool_and_listener "$up_port" "$keepalive" "$port")
     location / {
       set \$pp_timestamp '';
       set \$pp_nonce '';
