@@ -39,26 +39,16 @@ fn sign_once() -> [u8; 32] {
 }
 
 fn record() -> AccessRecord {
-    AccessRecord {
-        started: Instant::now(),
-        method: Method::GET,
-        path: "/open/product/get".to_owned(),
-        x_request_id: HeaderValue::from_static("41401d78477fc9964dd76502bd1b6572"),
-        profile: Some(Arc::from("default")),
-        client: None,
-        status: 200,
-        upstream_status: Some(200),
-        attempts: 1,
-        class: None,
-        retry_reasons: Vec::new(),
-        retry_skipped: None,
-        error: None,
-        gateway_msg: None,
-        idempotency: None,
-        idempotency_key: None,
-        trace: None,
-        cache: None,
-    }
+    let mut r = AccessRecord::start(
+        Method::GET,
+        "/open/product/get",
+        &HeaderValue::from_static("41401d78477fc9964dd76502bd1b6572"),
+    );
+    r.profile = Some(Arc::from("default"));
+    r.status = 200;
+    r.upstream_status = Some(200);
+    r.attempts = 1;
+    r
 }
 
 fn benches(c: &mut Criterion) {
