@@ -6,12 +6,12 @@ use std::time::{Duration, SystemTime};
 
 use http::header;
 use http::{Request, Response};
-use hyper::body::Incoming;
 
 use super::{Answer, Gateway};
 use crate::base::error::GatewayError;
 use crate::config::Class;
-use crate::net::body::{self, BodyTimedOut, BodyTooLarge, ResponseBody, UpstreamBody};
+use crate::net::body::{self, BodyTimedOut, BodyTooLarge, Provided, ResponseBody, UpstreamBody};
+use crate::net::pool::SendError;
 use crate::pandapon::envelope;
 use crate::pandapon::headers;
 use crate::policy::retry::{self, Outcome};
@@ -25,7 +25,7 @@ impl Gateway {
         class: Class,
     ) -> (Outcome, Answer) {
         let exchange = async {
-            let mut response = match self.upstream.client(class).request(req).await {
+            let mut response = match self.upstream.pool(class).send(req).await {
                 Ok(response) => response,
                 Err(e) => {
                     // TLS and the egress proxy fail while connecting.
@@ -80,7 +80,7 @@ impl Gateway {
     /// not judged (and so not retried on its code): it streams on.
     async fn look_for_transient_code(
         &self,
-        response: Response<Incoming>,
+        response: Response<Provided>,
         outcome: Outcome,
     ) -> (Outcome, Answer) {
         let (parts, incoming) = response.into_parts();
@@ -113,11 +113,7 @@ impl Gateway {
 }
 
 /// Maps a client error to the gateway's answer.
-fn classify(
-    e: &hyper_util::client::legacy::Error,
-    max_body: u64,
-    body_timeout_ms: u64,
-) -> GatewayError {
+fn classify(e: &SendError, max_body: u64, body_timeout_ms: u64) -> GatewayError {
     if e.is_connect() {
         return GatewayError::UpstreamConnect;
     }

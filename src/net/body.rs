@@ -29,8 +29,12 @@ use hyper::body::Incoming;
 
 use crate::base::body_budget::Held;
 use crate::base::error::GatewayError;
+use crate::net::pool::ProviderBody;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The provider's answer body, as the pool hands it over.
+pub type Provided = ProviderBody<UpstreamBody>;
 
 /// Raised inside a streaming upload that passes the size limit; the proxy
 /// finds it in the client error's source chain and answers 413.
@@ -228,7 +232,7 @@ impl Body for UpstreamBody {
 }
 
 /// Size of `pending` chunks followed by `rest`.
-fn queued_hint(pending: &VecDeque<Bytes>, rest: &Incoming) -> SizeHint {
+fn queued_hint(pending: &VecDeque<Bytes>, rest: &impl Body) -> SizeHint {
     let queued: u64 = pending.iter().map(|c| c.len() as u64).sum();
     let r = rest.size_hint();
     let mut hint = SizeHint::new();
@@ -241,10 +245,13 @@ fn queued_hint(pending: &VecDeque<Bytes>, rest: &Incoming) -> SizeHint {
 
 /// Reads `body` until it ends or `limit` bytes were seen. Returns the chunks
 /// read, and the rest of the body when it did not end.
-pub async fn read_prefix(
-    mut body: Incoming,
+pub async fn read_prefix<B>(
+    mut body: B,
     limit: usize,
-) -> Result<(VecDeque<Bytes>, Option<Incoming>), hyper::Error> {
+) -> Result<(VecDeque<Bytes>, Option<B>), hyper::Error>
+where
+    B: Body<Data = Bytes, Error = hyper::Error> + Unpin,
+{
     let mut chunks = VecDeque::new();
     let mut seen = 0;
     while !body.is_end_stream() {
@@ -304,19 +311,19 @@ enum Inner {
     /// (while looking for a transient `code`), sent first.
     Upstream {
         pending: VecDeque<Bytes>,
-        rest: Incoming,
+        rest: Provided,
     },
     /// A body held whole: gateway-made, or a provider body read to its end.
     Local(Option<Bytes>),
 }
 
 impl ResponseBody {
-    pub fn upstream(body: Incoming) -> Self {
+    pub fn upstream(body: Provided) -> Self {
         Self::upstream_after(VecDeque::new(), body)
     }
 
     /// A provider body of which `pending` has already been read.
-    pub fn upstream_after(pending: VecDeque<Bytes>, rest: Incoming) -> Self {
+    pub fn upstream_after(pending: VecDeque<Bytes>, rest: Provided) -> Self {
         Self {
             inner: Inner::Upstream { pending, rest },
             watch: None,

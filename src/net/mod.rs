@@ -8,6 +8,7 @@ pub mod caller_tls;
 pub mod connections;
 pub mod drain;
 pub mod egress;
+pub mod pool;
 pub mod server;
 pub mod tls;
 pub mod upstream;

@@ -12,26 +12,30 @@ use std::time::Duration;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Method, Uri, Version};
 use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::base::error::GatewayError;
 use crate::config::{Class, ConfigError, UpstreamConfig, upstream_base};
 use crate::net::body::UpstreamBody;
 use crate::net::egress::{self, Egress};
+use crate::net::pool::Pool;
 use crate::net::tls::{FailureLog, Trust};
 use crate::net::worker;
 
-pub type HttpClient = Client<egress::Within<HttpsConnector<egress::Connector>>, UpstreamBody>;
+/// How connections to the provider are made: TCP or the proxy's tunnel,
+/// then TLS, all within the connect timeout.
+pub type Connector = egress::Within<HttpsConnector<egress::Connector>>;
+
+/// One serving thread's connections to the provider.
+pub type ProviderPool = Pool<Connector, UpstreamBody>;
 
 /// Where calls go, and the client that takes them there.
 #[derive(Clone, Debug)]
 pub struct Upstream {
     /// One per serving thread, indexed by [`worker::index`].
-    clients: Box<[HttpClient]>,
+    pools: std::sync::Arc<[ProviderPool]>,
     /// The same, for calls that are never sent twice.
-    write_clients: Box<[HttpClient]>,
+    write_pools: std::sync::Arc<[ProviderPool]>,
     scheme: Scheme,
     authority: Authority,
     /// Path of the base URL without its trailing `/`; empty for most setups.
@@ -86,23 +90,20 @@ impl Upstream {
             .proxy()
             .filter(|_| scheme == Scheme::HTTP)
             .and_then(|p| p.authorization().cloned());
-        let client = |idle_ms: u64| {
-            Client::builder(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .pool_timer(TokioTimer::new())
-                .pool_idle_timeout(Duration::from_millis(idle_ms))
-                .pool_max_idle_per_host(cfg.pool_max_idle)
-                // The gateway sets Host itself, to the upstream's authority.
-                .set_host(false)
-                .build(https.clone())
+        let pool = |idle_ms: u64| {
+            Pool::new(
+                https.clone(),
+                cfg.pool_max_idle,
+                Duration::from_millis(idle_ms),
+            )
         };
         let workers = workers.max(1);
         Ok(Upstream {
-            clients: (0..workers)
-                .map(|_| client(cfg.pool_idle_timeout_ms))
+            pools: (0..workers)
+                .map(|_| pool(cfg.pool_idle_timeout_ms))
                 .collect(),
-            write_clients: (0..workers)
-                .map(|_| client(cfg.write_pool_idle_timeout_ms))
+            write_pools: (0..workers)
+                .map(|_| pool(cfg.write_pool_idle_timeout_ms))
                 .collect(),
             scheme,
             authority,
@@ -142,17 +143,17 @@ impl Upstream {
         })
     }
 
-    /// The calling worker's client for a call of `class`: its pool, its
-    /// connections. A call that is never sent twice takes its connection
-    /// from a pool of its own, whose connections idle for at most
-    /// `write_pool_idle_timeout_ms` (see `UpstreamConfig`).
-    pub fn client(&self, class: Class) -> &HttpClient {
-        let clients = if class.repeatable() {
-            &self.clients
+    /// The calling worker's connections for a call of `class`. A call
+    /// that is never sent twice takes its connection from a pool of its
+    /// own, whose connections idle for at most `write_pool_idle_timeout_ms`
+    /// (see `UpstreamConfig`).
+    pub fn pool(&self, class: Class) -> &ProviderPool {
+        let pools = if class.repeatable() {
+            &self.pools
         } else {
-            &self.write_clients
+            &self.write_pools
         };
-        &clients[worker::index() % clients.len()]
+        &pools[worker::index() % pools.len()]
     }
 
     /// The provider URL for a caller's request target.

@@ -56,6 +56,51 @@ async fn signed_calls_reach_a_provider_trusted_through_ca_file_over_one_connecti
     gw.stop().await;
 }
 
+/// The provider's ALPN answer decides the protocol: HTTP/2 when it offers
+/// it (every call on the one connection, however many at once), HTTP/1.1
+/// otherwise (a connection per concurrent call, kept for the next ones).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_provider_s_alpn_choice_decides_http2_or_http1_and_connections_are_kept() {
+    let ca = TestCa::new();
+    for (alpn, version, connections) in [
+        (&["h2", "http/1.1"][..], http::Version::HTTP_2, 1),
+        (&["http/1.1"][..], http::Version::HTTP_11, 4),
+    ] {
+        let provider = TlsServer::provider_offering(&ca.server("provider"), alpn).await;
+        let mut cfg = config(&provider.url());
+        cfg.tls.ca_file = Some(ca.ca_file.clone());
+        let gw = spawn_gateway(cfg).await;
+        let one = get(&gw.url("/open/product/get?itemId=0")).await;
+        assert_eq!(one.status, 200, "{:?}", one.body);
+        let calls: Vec<_> = (1..=4)
+            .map(|i| {
+                let url = gw.url(&format!("/open/product/get?itemId={i}"));
+                tokio::spawn(async move { get(&url).await.status })
+            })
+            .collect();
+        for call in calls {
+            assert_eq!(call.await.unwrap(), 200);
+        }
+        for i in 5..9 {
+            let url = gw.url(&format!("/open/product/get?itemId={i}"));
+            assert_eq!(get(&url).await.status, 200);
+        }
+        let seen = provider.requests();
+        assert_eq!(seen.len(), 9);
+        assert!(
+            seen.iter().all(|s| s.version == version),
+            "{alpn:?}: {seen:?}"
+        );
+        seen.iter().for_each(assert_signed);
+        let accepted = provider.accepted();
+        assert!(
+            (1..=connections).contains(&accepted),
+            "{alpn:?}: {accepted} connections for 9 calls, 4 of them at once"
+        );
+        gw.stop().await;
+    }
+}
+
 /// A gateway for `provider` trusting `ca_file` (or the bundled roots
 /// alone), and the envelope its calls get: each a 502 `upstream_tls`
 /// naming the host, with one handshake begun per call.

@@ -23,6 +23,7 @@ pub struct Seen {
     /// The server name the client asked for in its handshake.
     pub sni: Option<String>,
     pub method: Method,
+    pub version: http::Version,
     /// The request target (with HTTP/2, the `:authority` is in it).
     pub uri: http::Uri,
     pub headers: HeaderMap,
@@ -70,7 +71,19 @@ impl TlsServer {
     }
 
     pub async fn start(cert: &Issued, status: u16, body: String) -> TlsServer {
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config(cert)));
+        Self::offering(cert, &["h2", "http/1.1"], status, body).await
+    }
+
+    /// A provider stand-in offering `alpn`, in its order of preference.
+    pub async fn provider_offering(cert: &Issued, alpn: &[&str]) -> TlsServer {
+        let body = super::provider::provider_body("tls-provider-1", 200, "success");
+        Self::offering(cert, alpn, 200, body).await
+    }
+
+    async fn offering(cert: &Issued, alpn: &[&str], status: u16, body: String) -> TlsServer {
+        let mut config = server_config(cert);
+        config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let counts = Arc::new(Counts::default());
@@ -96,6 +109,7 @@ impl TlsServer {
                             counts.seen.lock().unwrap().push(Seen {
                                 sni,
                                 method: parts.method,
+                                version: parts.version,
                                 uri: parts.uri,
                                 headers: parts.headers,
                                 body: received,
@@ -156,14 +170,10 @@ fn server_config(cert: &Issued) -> rustls::ServerConfig {
         .collect::<Result<Vec<_>, _>>()
         .unwrap();
     let key = PrivateKeyDer::from_pem_file(&cert.key).unwrap();
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(chain, key)
-    .unwrap();
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    config
+    rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap()
 }
