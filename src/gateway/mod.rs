@@ -352,12 +352,14 @@ impl Gateway {
         // which may send them again.
         let held = self.lasting.bodies.hold(Reader::Call, connection);
         let (body, _held) = body::read_request(incoming, call.declared, body_limits, held).await?;
+        // Keyed and cached calls are boxed: their state (the stores' round
+        // trips around the attempts) is large, and every call's future would
+        // carry it, and copy it as it starts, if it were inline.
         match (&self.lasting.idempotency, call.key, call.route.cache) {
             (Some(idempotency), Some(key), _) => {
-                self.keyed(idempotency, &call, key, body, gateway_id, record)
-                    .await
+                Box::pin(self.keyed(idempotency, &call, key, body, gateway_id, record)).await
             }
-            (_, _, Some(rule)) => self.cached(rule, &call, body, record).await,
+            (_, _, Some(rule)) => Box::pin(self.cached(rule, &call, body, record)).await,
             _ => self.attempts(&call, body, record, &mut false).await,
         }
     }

@@ -191,7 +191,9 @@ where
                 Err(Unsent::Failed(e)) => return Err(SendError::Request(e)),
             }
         }
-        let conn = self.connect(&uri).await?;
+        // Boxed: connecting (TLS, HTTP/2's handshake) is rare and its
+        // state large, and every caller's future would carry it otherwise.
+        let conn = Box::pin(self.connect(&uri)).await?;
         match self.shelf.try_send(conn, req).await {
             Ok(response) => Ok(response),
             Err(Unsent::Failed(e)) => Err(SendError::Request(e)),

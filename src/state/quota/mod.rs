@@ -193,7 +193,8 @@ impl Limiter {
         let deadline = self.max_wait.map(|w| started + w);
         let result = match &self.redis {
             None => self.local.acquire(key, route, deadline).await,
-            Some(redis) => redis.acquire(key, route, self.max_wait, deadline).await,
+            // Boxed: a round trip's state, kept out of every call's future.
+            Some(redis) => Box::pin(redis.acquire(key, route, self.max_wait, deadline)).await,
         };
         match &result {
             Err(_) => {
