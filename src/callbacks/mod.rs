@@ -641,7 +641,7 @@ impl Callbacks {
         match body::read_request(body, declared, limits, held).await {
             Ok((UpstreamBody::Full(bytes), held)) => Ok((bytes.unwrap_or_default(), held)),
             // Read whole up to the maximum: a body streams only past it.
-            Ok((UpstreamBody::Stream { .. }, _)) | Err(GatewayError::BodyTooLarge { .. }) => {
+            Ok((UpstreamBody::Stream(_), _)) | Err(GatewayError::BodyTooLarge { .. }) => {
                 Err(Refusal::rejected(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     "body_too_large",

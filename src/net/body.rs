@@ -53,16 +53,22 @@ pub struct BodyTimedOut;
 pub enum UpstreamBody {
     /// Read whole; can be sent again.
     Full(Option<Bytes>),
-    /// Already-read chunks, then the rest of the caller's body.
-    Stream {
-        pending: VecDeque<Bytes>,
-        rest: Incoming,
-        seen: u64,
-        max: u64,
-        deadline: Pin<Box<tokio::time::Sleep>>,
-        /// The budget `pending` holds, given back once it has gone.
-        held: Held,
-    },
+    /// Already-read chunks, then the rest of the caller's body. Boxed: the
+    /// rare case, kept out of the size of every request (which hyper's
+    /// connections queue in blocks of 32).
+    Stream(Box<Streaming>),
+}
+
+/// A body that streams through.
+#[derive(Debug)]
+pub struct Streaming {
+    pending: VecDeque<Bytes>,
+    rest: Incoming,
+    seen: u64,
+    max: u64,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    /// The budget `pending` holds, given back once it has gone.
+    held: Held,
 }
 
 impl UpstreamBody {
@@ -70,7 +76,7 @@ impl UpstreamBody {
     pub fn replay(&self) -> Option<UpstreamBody> {
         match self {
             UpstreamBody::Full(b) => Some(UpstreamBody::Full(b.clone())),
-            UpstreamBody::Stream { .. } => None,
+            UpstreamBody::Stream(_) => None,
         }
     }
 }
@@ -141,14 +147,14 @@ async fn read_or_stream(
             chunks.push_back(data);
         }
         if seen > buffer {
-            let stream = UpstreamBody::Stream {
+            let stream = UpstreamBody::Stream(Box::new(Streaming {
                 pending: chunks,
                 rest: body,
                 seen,
                 max,
                 deadline: Box::pin(tokio::time::sleep_until(limits.deadline)),
                 held: held.take(),
-            };
+            }));
             return Ok((stream, held));
         }
     }
@@ -166,14 +172,15 @@ impl Body for UpstreamBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             UpstreamBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            UpstreamBody::Stream {
-                pending,
-                rest,
-                seen,
-                max,
-                deadline,
-                held,
-            } => {
+            UpstreamBody::Stream(streaming) => {
+                let Streaming {
+                    pending,
+                    rest,
+                    seen,
+                    max,
+                    deadline,
+                    held,
+                } = &mut **streaming;
                 if let Some(chunk) = pending.pop_front() {
                     if pending.is_empty() {
                         // The buffered part is on its way upstream; the
@@ -217,16 +224,14 @@ impl Body for UpstreamBody {
     fn is_end_stream(&self) -> bool {
         match self {
             UpstreamBody::Full(b) => b.is_none(),
-            UpstreamBody::Stream { pending, rest, .. } => {
-                pending.is_empty() && rest.is_end_stream()
-            }
+            UpstreamBody::Stream(s) => s.pending.is_empty() && s.rest.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             UpstreamBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            UpstreamBody::Stream { pending, rest, .. } => queued_hint(pending, rest),
+            UpstreamBody::Stream(s) => queued_hint(&s.pending, &s.rest),
         }
     }
 }

@@ -33,7 +33,7 @@ use std::cell::RefCell;
 use std::io::Write;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::mpsc::{self, Receiver, Sender, SyncSender, TryRecvError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -73,7 +73,7 @@ struct Shared {
 /// Handle to one queue and its writer; cheap to clone.
 #[derive(Clone)]
 pub struct LogQueue {
-    tx: SyncSender<Msg>,
+    tx: Sender<Msg>,
     shared: Arc<Shared>,
 }
 
@@ -96,7 +96,10 @@ impl LogQueue {
         capacity: usize,
         out: Box<dyn Write + Send>,
     ) -> (LogQueue, JoinHandle<()>) {
-        let (tx, rx) = mpsc::sync_channel(capacity);
+        // The bound is `queued`'s, counted in lines; the channel itself
+        // takes memory only for what waits in it (a bounded one would hold
+        // a slot for every line of the capacity from the start).
+        let (tx, rx) = mpsc::channel();
         let shared = Arc::new(Shared {
             stream,
             capacity,
@@ -198,11 +201,11 @@ impl LogQueue {
             self.note_dropped(lines);
             return false;
         }
-        match self.tx.try_send(msg) {
+        match self.tx.send(msg) {
             Ok(()) => true,
             // Disconnected: the writer is gone, which only a panic in it
             // can cause; the lines are lost all the same.
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+            Err(_) => {
                 s.queued.fetch_sub(lines, Ordering::AcqRel);
                 self.note_dropped(lines);
                 false
@@ -245,16 +248,8 @@ impl LogQueue {
     pub fn flush_within(&self, within: Duration) -> bool {
         let deadline = Instant::now() + within;
         let (done, wait) = mpsc::sync_channel(1);
-        let mut msg = Msg::Flush(done);
-        loop {
-            match self.tx.try_send(msg) {
-                Ok(()) => break,
-                Err(TrySendError::Full(m)) if Instant::now() < deadline => {
-                    msg = m;
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                Err(_) => return false,
-            }
+        if self.tx.send(Msg::Flush(done)).is_err() {
+            return false;
         }
         wait.recv_timeout(deadline.saturating_duration_since(Instant::now()))
             .is_ok()
