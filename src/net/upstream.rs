@@ -1,9 +1,9 @@
-//! The provider connection: a pooled HTTPS (or, for sandboxes, HTTP) client
-//! per serving thread, shared by the caller connections of that thread,
-//! straight or through the egress proxy ([`crate::net::egress`]), and the
-//! mapping from the caller's request target to the provider's URL.
+//! The provider: how connections to it are made (HTTPS, or HTTP for
+//! sandboxes; straight or through the egress proxy, [`crate::net::egress`]),
+//! the pools of them each serving thread keeps ([`crate::net::pool`]), and
+//! the mapping from the caller's request target to the provider's URL.
 //!
-//! Each worker thread takes its connections from its own pool, so a call
+//! Each worker thread takes its connections from its own pools, so a call
 //! never hands its request to a connection driven by another thread, and
 //! `upstream.pool_max_idle` applies per worker.
 
