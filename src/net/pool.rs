@@ -180,20 +180,16 @@ where
     /// one, and returns the answer's head; its body hands the connection
     /// back when read to its end.
     pub async fn send(&self, mut req: Request<B>) -> Result<Response<ProviderBody<B>>, SendError> {
-        let uri = req.uri().clone();
         while let Some(conn) = self.shelf.take().await {
             match self.shelf.try_send(conn, req).await {
                 Ok(response) => return Ok(response),
-                Err(Unsent::Back(mut back)) => {
-                    *back.uri_mut() = uri.clone();
-                    req = *back;
-                }
+                Err(Unsent::Back(back)) => req = *back,
                 Err(Unsent::Failed(e)) => return Err(SendError::Request(e)),
             }
         }
         // Boxed: connecting (TLS, HTTP/2's handshake) is rare and its
         // state large, and every caller's future would carry it otherwise.
-        let conn = Box::pin(self.connect(&uri)).await?;
+        let conn = Box::pin(self.connect(req.uri())).await?;
         match self.shelf.try_send(conn, req).await {
             Ok(response) => Ok(response),
             Err(Unsent::Failed(e)) => Err(SendError::Request(e)),
@@ -265,14 +261,7 @@ where
                     }
                     slots.h2 = None;
                 }
-                let now = Instant::now();
-                while slots
-                    .idle
-                    .front()
-                    .is_some_and(|i| now.duration_since(i.since) >= self.idle_timeout)
-                {
-                    slots.idle.pop_front();
-                }
+                slots.expire(self.idle_timeout);
                 let idle = slots.idle.pop_back()?;
                 (idle.sender, idle.absolute)
             };
@@ -284,6 +273,8 @@ where
         }
     }
 
+    /// Sends `req` on `conn`. A request that never left comes back with
+    /// its absolute URI, for another connection of either protocol.
     async fn try_send(
         self: &Arc<Self>,
         conn: Conn<B>,
@@ -294,9 +285,7 @@ where
                 mut sender,
                 absolute,
             } => {
-                if !absolute {
-                    origin_form(req.uri_mut());
-                }
+                let absolute_uri = (!absolute).then(|| origin_form(req.uri_mut()));
                 match sender.try_send_request(req).await {
                     Ok(response) => Ok(response.map(|body| {
                         let checkin = Checkin {
@@ -306,18 +295,12 @@ where
                         };
                         ProviderBody::new(body, Some(checkin))
                     })),
-                    Err(mut e) => match e.take_message() {
-                        Some(req) => Err(Unsent::Back(Box::new(req))),
-                        None => Err(Unsent::Failed(e.into_error())),
-                    },
+                    Err(e) => Err(Unsent::from_error(e, absolute_uri)),
                 }
             }
             Conn::H2(mut sender) => match sender.try_send_request(req).await {
                 Ok(response) => Ok(response.map(|body| ProviderBody::new(body, None))),
-                Err(mut e) => match e.take_message() {
-                    Some(req) => Err(Unsent::Back(Box::new(req))),
-                    None => Err(Unsent::Failed(e.into_error())),
-                },
+                Err(e) => Err(Unsent::from_error(e, None)),
             },
         }
     }
@@ -350,16 +333,47 @@ impl<B: Send + 'static> Shelf<B> {
     /// one is due, or `None` (and stops reaping) when none waits.
     fn reap_due(&self) -> Option<Instant> {
         let mut slots = self.slots.lock().expect("pool lock");
+        let due = slots.expire(self.idle_timeout);
+        if due.is_none() {
+            slots.reaping = false;
+        }
+        due
+    }
+}
+
+impl<B> Slots<B> {
+    /// Closes the connections idle for `timeout`; says when the oldest of
+    /// the others is due.
+    fn expire(&mut self, timeout: Duration) -> Option<Instant> {
         let now = Instant::now();
-        while let Some(idle) = slots.idle.front() {
-            let due = idle.since + self.idle_timeout;
+        while let Some(idle) = self.idle.front() {
+            let due = idle.since + timeout;
             if due > now {
                 return Some(due);
             }
-            slots.idle.pop_front();
+            self.idle.pop_front();
         }
-        slots.reaping = false;
         None
+    }
+}
+
+impl<B> Unsent<B> {
+    /// What a failed send left: the request, when it never left (with
+    /// `absolute_uri` put back, when it was sent in origin form), or the
+    /// error.
+    fn from_error(
+        mut e: hyper::client::conn::TrySendError<Request<B>>,
+        absolute_uri: Option<Uri>,
+    ) -> Unsent<B> {
+        match e.take_message() {
+            Some(mut req) => {
+                if let Some(uri) = absolute_uri {
+                    *req.uri_mut() = uri;
+                }
+                Unsent::Back(Box::new(req))
+            }
+            None => Unsent::Failed(e.into_error()),
+        }
     }
 }
 
@@ -374,13 +388,14 @@ async fn reap<B: Send + 'static>(shelf: Weak<Shelf<B>>) {
     }
 }
 
-/// `https://host/p?q` as `/p?q`, for a connection straight to the host.
-fn origin_form(uri: &mut Uri) {
-    let path = match uri.path_and_query() {
-        Some(pq) if pq.as_str() != "/" => pq.clone(),
-        _ => PathAndQuery::from_static("/"),
-    };
-    *uri = Uri::from(path);
+/// `https://host/p?q` as `/p?q`, for a connection straight to the host;
+/// returns the absolute form.
+fn origin_form(uri: &mut Uri) -> Uri {
+    let path = uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    std::mem::replace(uri, Uri::from(path))
 }
 
 /// An HTTP/1 connection waiting for its answer's end to go back idle.
