@@ -192,7 +192,8 @@ impl Gateway {
         timeout: Duration,
         trace: Option<&AttemptTrace>,
     ) -> (Outcome, Answer) {
-        let mut upstream_req = Request::new(body);
+        // Boxed: it passes through the pool's futures to hyper's queue.
+        let mut upstream_req = Box::new(Request::new(body));
         *upstream_req.method_mut() = call.method.clone();
         *upstream_req.uri_mut() = call.uri.clone();
         *upstream_req.headers_mut() = call.headers.clone();

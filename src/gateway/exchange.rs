@@ -20,7 +20,7 @@ impl Gateway {
     /// Sends one attempt and says how it went.
     pub(super) async fn exchange(
         &self,
-        req: Request<UpstreamBody>,
+        req: Box<Request<UpstreamBody>>,
         timeout: Duration,
         class: Class,
     ) -> (Outcome, Answer) {

@@ -47,7 +47,7 @@ use crate::observe::access_log::{AccessLog, AccessRecord};
 use crate::observe::call_log::CallLog;
 use crate::observe::metrics::Metrics;
 use crate::observe::traces::Traces;
-use crate::pandapon::headers::X_REQUEST_ID;
+use crate::pandapon::headers::{X_REQUEST_ID, detached};
 use crate::policy::auth::Clients;
 use crate::policy::breaker::Breaker;
 use crate::policy::loaded::Loaded;
@@ -57,6 +57,7 @@ use crate::policy::routes::Routes;
 use crate::state::cache::{self, CacheResult, ReadCache};
 use crate::state::idempotency::{IDEMPOTENCY_KEY, Idempotency, Logged};
 use crate::state::quota::Limiter;
+use prepare::Prepared;
 
 mod attempts;
 mod cached;
@@ -254,39 +255,50 @@ impl Gateway {
     /// is what the caller's retry with the same key will be answered with)
     /// and one on a cached route (other calls may be waiting for its
     /// answer, which it keeps).
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ResponseBody> {
+    ///
+    /// Not `async fn`s, here and in [`Gateway::answer`]: the request's head
+    /// is taken apart before the call's future is made, so that future,
+    /// which lives as long as the call, does not keep copies of it.
+    pub fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+    ) -> impl Future<Output = Response<ResponseBody>> + Send + 'static {
         let keyed = self
             .lasting
             .idempotency
             .as_ref()
             .filter(|_| req.headers().contains_key(IDEMPOTENCY_KEY));
         let cached = self.routes.caches() && self.routes.route(req.uri().path()).cache.is_some();
-        if keyed.is_none() && !cached {
-            return self.answer(req).await;
-        }
-        let running = keyed.map(|idempotency| idempotency.running());
-        let call = async move {
-            let response = self.answer(req).await;
-            drop(running);
-            response
-        };
-        match tokio::spawn(call).await {
-            Ok(response) => response,
-            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            // Cancelled: the runtime is shutting down.
-            Err(_) => error::envelope_response(
-                http::StatusCode::SERVICE_UNAVAILABLE,
-                "",
-                "shutting_down",
-                "the gateway stopped before the call finished",
-            )
-            .map(ResponseBody::local),
+        // `Some` for a call that runs as a task of its own.
+        let own_task = (keyed.is_some() || cached).then(|| keyed.map(|i| i.running()));
+        async move {
+            let Some(running) = own_task else {
+                return self.answer(req).await;
+            };
+            let call = async move {
+                let response = self.answer(req).await;
+                drop(running);
+                response
+            };
+            match tokio::spawn(call).await {
+                Ok(response) => response,
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                // Cancelled: the runtime is shutting down.
+                Err(_) => error::envelope_response(
+                    http::StatusCode::SERVICE_UNAVAILABLE,
+                    "",
+                    "shutting_down",
+                    "the gateway stopped before the call finished",
+                )
+                .map(ResponseBody::local),
+            }
         }
     }
 
-    async fn answer(&self, req: Request<Incoming>) -> Response<ResponseBody> {
+    /// The call's phases: prepare (synchronous, as the call arrives), read
+    /// the body, then the attempts; then its answer and log line.
+    fn answer(&self, req: Request<Incoming>) -> impl Future<Output = Response<ResponseBody>> + '_ {
         let id = ids::request_id_bytes();
-        let gateway_id = std::str::from_utf8(&id).expect("hex is ASCII");
         let x_request_id = caller_request_id(req.headers())
             .unwrap_or_else(|| HeaderValue::from_bytes(&id).expect("hex is a valid header value"));
         let mut call = CallLog::start(
@@ -298,8 +310,37 @@ impl Gateway {
         if let Some(traces) = &self.lasting.traces {
             record.trace = Some(traces.call(req.headers(), req.method(), req.uri().path()));
         }
-        let (mut response, inspect) =
-            match self.forward(req, &x_request_id, gateway_id, record).await {
+        // The body's deadline runs from the end of the head, before anything
+        // else can make the caller wait.
+        let body_limits = body::BodyLimits {
+            buffer: self.buffer_body,
+            max: self.max_body,
+            deadline: Instant::now() + Duration::from_millis(self.server.body_read_timeout_ms),
+            timeout_ms: self.server.body_read_timeout_ms,
+        };
+        let connection = req.extensions().get::<Arc<ConnectionBodies>>().cloned();
+        let (parts, incoming) = req.into_parts();
+        let prepared = self.prepare(parts, &x_request_id, record);
+        async move {
+            let gateway_id = std::str::from_utf8(&id).expect("hex is ASCII");
+            let record = call.record();
+            // The prepared call is used in place: moved, it would be held
+            // twice in this future.
+            let answer = match prepared.as_ref() {
+                Ok(prepared) => {
+                    self.forward(
+                        prepared,
+                        incoming,
+                        body_limits,
+                        connection,
+                        gateway_id,
+                        record,
+                    )
+                    .await
+                }
+                Err(_) => Err(prepared.expect_err("a refusal")),
+            };
+            let (mut response, inspect) = match answer {
                 Ok(response) => {
                     // A replayed answer is the provider's, but from the store.
                     if record.idempotency != Some(Logged::Replayed) {
@@ -313,39 +354,30 @@ impl Gateway {
                     (e.to_response(gateway_id).map(ResponseBody::local), 0)
                 }
             };
-        record.status = response.status().as_u16();
-        response.headers_mut().insert(X_REQUEST_ID, x_request_id);
-        // The gateway's own refusal on a cached route was a miss too.
-        if record.cache == Some(CacheResult::Miss.as_str()) {
+            record.status = response.status().as_u16();
+            response.headers_mut().insert(X_REQUEST_ID, x_request_id);
+            // The gateway's own refusal on a cached route was a miss too.
+            if record.cache == Some(CacheResult::Miss.as_str()) {
+                response
+                    .headers_mut()
+                    .entry(cache::X_PANDAGATE_CACHE)
+                    .or_insert(HeaderValue::from_static("miss"));
+            }
+            response.body_mut().watch(call.answering(inspect));
             response
-                .headers_mut()
-                .entry(cache::X_PANDAGATE_CACHE)
-                .or_insert(HeaderValue::from_static("miss"));
         }
-        response.body_mut().watch(call.answering(inspect));
-        response
     }
 
-    /// The call's phases: prepare (synchronous), read the body, then the
-    /// attempts.
+    /// A prepared call: its body read, then its attempts.
     async fn forward(
         &self,
-        req: Request<Incoming>,
-        x_request_id: &HeaderValue,
+        call: &Prepared<'_>,
+        incoming: Incoming,
+        body_limits: body::BodyLimits,
+        connection: Option<Arc<ConnectionBodies>>,
         gateway_id: &str,
         record: &mut AccessRecord,
     ) -> Answer {
-        // The body's deadline runs from the end of the head, before anything
-        // else can make the caller wait.
-        let body_limits = body::BodyLimits {
-            buffer: self.buffer_body,
-            max: self.max_body,
-            deadline: Instant::now() + Duration::from_millis(self.server.body_read_timeout_ms),
-            timeout_ms: self.server.body_read_timeout_ms,
-        };
-        let connection = req.extensions().get::<Arc<ConnectionBodies>>().cloned();
-        let (parts, incoming) = req.into_parts();
-        let call = self.prepare(parts, x_request_id, record)?;
         // Small bodies are read whole, so an over-limit body is refused
         // before anything is sent, and the bytes can be sent again. Their
         // hold on the body budget lasts as long as the call's attempts,
@@ -357,19 +389,19 @@ impl Gateway {
         // carry it, and copy it as it starts, if it were inline.
         match (&self.lasting.idempotency, call.key, call.route.cache) {
             (Some(idempotency), Some(key), _) => {
-                Box::pin(self.keyed(idempotency, &call, key, body, gateway_id, record)).await
+                Box::pin(self.keyed(idempotency, call, key, body, gateway_id, record)).await
             }
-            (_, _, Some(rule)) => Box::pin(self.cached(rule, &call, body, record)).await,
-            _ => self.attempts(&call, body, record, &mut false).await,
+            (_, _, Some(rule)) => Box::pin(self.cached(rule, call, body, record)).await,
+            _ => self.attempts(call, body, record, &mut false).await,
         }
     }
 }
 
 /// The caller's `x-request-id`, when it is one we can pass on.
-fn caller_request_id(headers: &HeaderMap) -> Option<HeaderValue> {
+pub(crate) fn caller_request_id(headers: &HeaderMap) -> Option<HeaderValue> {
     let v = headers.get(X_REQUEST_ID)?;
     let ok = !v.is_empty()
         && v.len() <= MAX_REQUEST_ID_LEN
         && v.as_bytes().iter().all(|b| b.is_ascii_graphic());
-    ok.then(|| v.clone())
+    ok.then(|| detached(v))
 }

@@ -43,6 +43,7 @@ use hyper::client::conn::{http1, http2};
 use hyper::rt::{Read, Write};
 use hyper_util::client::legacy::connect::Connection;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use pin_project_lite::pin_project;
 use tokio::time::Instant;
 use tower_service::Service;
 
@@ -179,18 +180,25 @@ where
     /// Sends `req`, whose URI is absolute, on an idle connection or a new
     /// one, and returns the answer's head; its body hands the connection
     /// back when read to its end.
-    pub async fn send(&self, mut req: Request<B>) -> Result<Response<ProviderBody<B>>, SendError> {
+    ///
+    /// The request comes boxed: it is a few hundred bytes, and every
+    /// `async` function it passes through on its way here would keep a
+    /// copy of it in the call's state until the answer came.
+    pub async fn send(
+        &self,
+        mut req: Box<Request<B>>,
+    ) -> Result<Response<ProviderBody<B>>, SendError> {
         while let Some(conn) = self.shelf.take().await {
-            match self.shelf.try_send(conn, req).await {
+            match self.shelf.try_send(conn, *req).await {
                 Ok(response) => return Ok(response),
-                Err(Unsent::Back(back)) => req = *back,
+                Err(Unsent::Back(back)) => req = back,
                 Err(Unsent::Failed(e)) => return Err(SendError::Request(e)),
             }
         }
         // Boxed: connecting (TLS, HTTP/2's handshake) is rare and its
         // state large, and every caller's future would carry it otherwise.
         let conn = Box::pin(self.connect(req.uri())).await?;
-        match self.shelf.try_send(conn, req).await {
+        match self.shelf.try_send(conn, *req).await {
             Ok(response) => Ok(response),
             Err(Unsent::Failed(e)) => Err(SendError::Request(e)),
             Err(Unsent::Back(_)) => Err(SendError::Connect(Box::new(ClosedUnused))),
@@ -217,19 +225,17 @@ where
                 .handshake(io)
                 .await
                 .map_err(|e| connect(e.into()))?;
-            tokio::spawn(async move {
-                if let Err(e) = connection.await {
-                    tracing::debug!(error = %e, "provider HTTP/2 connection ended");
-                }
+            tokio::spawn(Driven {
+                connection,
+                what: "provider HTTP/2 connection",
             });
             self.shelf.slots.lock().expect("pool lock").h2 = Some(sender.clone());
             return Ok(Conn::H2(sender));
         }
         let (sender, connection) = http1::handshake(io).await.map_err(|e| connect(e.into()))?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "provider connection ended");
-            }
+        tokio::spawn(Driven {
+            connection,
+            what: "provider connection",
         });
         Ok(Conn::H1 {
             sender,
@@ -275,32 +281,37 @@ where
 
     /// Sends `req` on `conn`. A request that never left comes back with
     /// its absolute URI, for another connection of either protocol.
-    async fn try_send(
+    fn try_send(
         self: &Arc<Self>,
         conn: Conn<B>,
         mut req: Request<B>,
-    ) -> Result<Response<ProviderBody<B>>, Unsent<B>> {
+    ) -> impl Future<Output = Result<Response<ProviderBody<B>>, Unsent<B>>> + use<B> {
+        // hyper queues the request for the connection's task as it is
+        // called: only the wait for the answer is left to the future.
         match conn {
             Conn::H1 {
                 mut sender,
                 absolute,
             } => {
                 let absolute_uri = (!absolute).then(|| origin_form(req.uri_mut()));
-                match sender.try_send_request(req).await {
-                    Ok(response) => Ok(response.map(|body| {
-                        let checkin = Checkin {
-                            shelf: Arc::downgrade(self),
-                            sender,
-                            absolute,
-                        };
-                        ProviderBody::new(body, Some(checkin))
-                    })),
-                    Err(e) => Err(Unsent::from_error(e, absolute_uri)),
+                let answer = sender.try_send_request(req);
+                let checkin = Checkin {
+                    shelf: Arc::downgrade(self),
+                    sender,
+                    absolute,
+                };
+                Answering {
+                    answer: Either::H1 { answer },
+                    checkin: Some(checkin),
+                    absolute_uri,
                 }
             }
-            Conn::H2(mut sender) => match sender.try_send_request(req).await {
-                Ok(response) => Ok(response.map(|body| ProviderBody::new(body, None))),
-                Err(e) => Err(Unsent::from_error(e, None)),
+            Conn::H2(mut sender) => Answering {
+                answer: Either::H2 {
+                    answer: sender.try_send_request(req),
+                },
+                checkin: None,
+                absolute_uri: None,
             },
         }
     }
@@ -374,6 +385,77 @@ impl<B> Unsent<B> {
             }
             None => Unsent::Failed(e.into_error()),
         }
+    }
+}
+
+pin_project! {
+    /// The wait for the answer to a request hyper has queued on a
+    /// connection. Written out rather than as an `async` block, which would
+    /// keep a second copy of hyper's future (it holds the request until
+    /// the connection takes it) in every call's state.
+    struct Answering<H1, H2, B>
+    where
+        B: Send,
+        B: 'static,
+    {
+        #[pin]
+        answer: Either<H1, H2>,
+        checkin: Option<Checkin<B>>,
+        absolute_uri: Option<Uri>,
+    }
+}
+
+pin_project! {
+    #[project = EitherProj]
+    enum Either<H1, H2> {
+        H1 { #[pin] answer: H1 },
+        H2 { #[pin] answer: H2 },
+    }
+}
+
+type Sent<B> = Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<B>>>;
+
+impl<H1, H2, B> Future for Answering<H1, H2, B>
+where
+    H1: Future<Output = Sent<B>>,
+    H2: Future<Output = Sent<B>>,
+    B: Send + 'static,
+{
+    type Output = Result<Response<ProviderBody<B>>, Unsent<B>>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let sent = match this.answer.project() {
+            EitherProj::H1 { answer } => ready!(answer.poll(cx)),
+            EitherProj::H2 { answer } => ready!(answer.poll(cx)),
+        };
+        Poll::Ready(match sent {
+            Ok(response) => Ok(response.map(|body| ProviderBody::new(body, this.checkin.take()))),
+            Err(e) => Err(Unsent::from_error(e, this.absolute_uri.take())),
+        })
+    }
+}
+
+pin_project! {
+    /// A connection's task: drives it to its end and logs an error it
+    /// ended with. Written out for the reason [`Answering`] is: an `async`
+    /// block would hold the connection twice.
+    struct Driven<F> {
+        #[pin]
+        connection: F,
+        what: &'static str,
+    }
+}
+
+impl<F: Future<Output = Result<(), hyper::Error>>> Future for Driven<F> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.project();
+        if let Err(e) = ready!(this.connection.poll(cx)) {
+            tracing::debug!(error = %e, "{} ended", this.what);
+        }
+        Poll::Ready(())
     }
 }
 
@@ -581,7 +663,7 @@ mod tests {
     }
 
     async fn read(pool: &TestPool, req: Request<Empty<Bytes>>) -> (u16, Bytes) {
-        let response = pool.send(req).await.expect("an answer");
+        let response = pool.send(Box::new(req)).await.expect("an answer");
         let status = response.status().as_u16();
         let body = response.into_body().collect().await.unwrap().to_bytes();
         (status, body)
@@ -675,7 +757,7 @@ mod tests {
     async fn an_answer_dropped_before_its_end_closes_its_connection() {
         let (addr, seen, _task) = provider(Answer::Truncated).await;
         let pool = pool(8, 60_000);
-        let response = pool.send(get(addr, "/a")).await.unwrap();
+        let response = pool.send(Box::new(get(addr, "/a"))).await.unwrap();
         let mut body = response.into_body();
         let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
         assert_eq!(&first[..], b"hello");
@@ -692,7 +774,7 @@ mod tests {
         let (addr, seen, _task) = provider(Answer::NoContent).await;
         let pool = pool(8, 60_000);
         for _ in 0..3 {
-            let response = pool.send(get(addr, "/a")).await.unwrap();
+            let response = pool.send(Box::new(get(addr, "/a"))).await.unwrap();
             assert_eq!(response.status(), 204);
             drop(response);
             assert_eq!(pool.idle(), 1);
@@ -707,7 +789,7 @@ mod tests {
             l.local_addr().unwrap()
         };
         let pool = pool(8, 60_000);
-        let e = pool.send(get(addr, "/a")).await.unwrap_err();
+        let e = pool.send(Box::new(get(addr, "/a"))).await.unwrap_err();
         assert!(e.is_connect(), "{e:?}");
         let mut source = e.source();
         let mut refused = false;

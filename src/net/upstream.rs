@@ -159,11 +159,10 @@ impl Upstream {
     /// The provider URL for a caller's request target.
     pub fn uri_for(&self, target: &Uri) -> Result<Uri, GatewayError> {
         let pq = target.path_and_query().map_or("/", PathAndQuery::as_str);
+        // Copied, never a slice of the caller's read buffer: the target is
+        // kept for the whole call.
         let pq = if self.base_path.is_empty() {
-            match target.path_and_query() {
-                Some(pq) => pq.clone(),
-                None => PathAndQuery::from_static("/"),
-            }
+            PathAndQuery::try_from(pq).map_err(|_| GatewayError::ForeignTarget)?
         } else {
             let mut joined = String::with_capacity(self.base_path.len() + pq.len());
             joined.push_str(&self.base_path);
@@ -257,6 +256,22 @@ mod tests {
         let u = upstream("http://127.0.0.1:9");
         let uri = u.uri_for(&"/a?b=c".parse().unwrap()).unwrap();
         assert_eq!(uri.to_string(), "http://127.0.0.1:9/a?b=c");
+    }
+
+    #[test]
+    fn the_target_is_copied_out_of_the_caller_s_head() {
+        // hyper parses a target as a slice of the connection's read buffer.
+        let head = bytes::Bytes::from_static(b"/open/product/get?itemId=1 HTTP/1.1");
+        let target = Uri::from_maybe_shared(head.slice(..26)).unwrap();
+        for base in ["http://127.0.0.1:9", "https://api.example.test/prefix"] {
+            let uri = upstream(base).uri_for(&target).unwrap();
+            let pq = uri.path_and_query().unwrap().as_str();
+            assert!(pq.ends_with("/open/product/get?itemId=1"), "{pq}");
+            assert!(
+                !head.as_ptr_range().contains(&pq.as_ptr()),
+                "{base}: the upstream target shares the caller's buffer"
+            );
+        }
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Header names the gateway reads, writes or removes, and hop-by-hop handling.
 
-use http::header::{self, HeaderMap, HeaderName};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 pub const ACCESS_KEY: HeaderName = HeaderName::from_static("access-key");
 pub const TIMESTAMP: HeaderName = HeaderName::from_static("timestamp");
@@ -108,9 +108,20 @@ fn connection_named(headers: &HeaderMap) -> Vec<HeaderName> {
         .collect()
 }
 
+/// A copy of `value` in its own allocation. hyper parses a request's head
+/// into slices of the connection's read buffer, so a value kept for the
+/// whole call (sent on every attempt, logged at its end) would keep that
+/// buffer too, while hyper has already taken a fresh one for the next read.
+pub fn detached(value: &HeaderValue) -> HeaderValue {
+    let mut copy = HeaderValue::from_bytes(value.as_bytes()).expect("a header value's bytes");
+    copy.set_sensitive(value.is_sensitive());
+    copy
+}
+
 /// The caller's headers as they may go upstream: [`strip_hop_by_hop`] and
 /// [`strip_gateway_owned`] in one pass over the caller's headers (a request
-/// carries a few), where those remove each listed name by lookup.
+/// carries a few), where those remove each listed name by lookup. The
+/// values are [`detached`] from the caller's read buffer.
 pub fn for_upstream(caller: HeaderMap) -> HeaderMap {
     let named = connection_named(&caller);
     let dropped = |name: &HeaderName| {
@@ -126,7 +137,7 @@ pub fn for_upstream(caller: HeaderMap) -> HeaderMap {
             current = Some((name, keep));
         }
         if let Some((name, true)) = &current {
-            out.append(name.clone(), value);
+            out.append(name.clone(), detached(&value));
         }
     }
     out

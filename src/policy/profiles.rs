@@ -108,18 +108,18 @@ impl Profile {
     }
 
     /// The `user-id` to send, given what the caller sent (if anything).
-    pub fn user_id<'a>(
-        &'a self,
-        requested: Option<&'a HeaderValue>,
-    ) -> Result<Option<&'a HeaderValue>, GatewayError> {
+    pub fn user_id(
+        &self,
+        requested: Option<&HeaderValue>,
+    ) -> Result<Option<&HeaderValue>, GatewayError> {
         match (requested, &self.allowed_user_ids) {
-            (Some(r), Some(allowed)) => {
-                if allowed.iter().any(|a| a.as_bytes() == r.as_bytes()) {
-                    Ok(Some(r))
-                } else {
-                    Err(GatewayError::UserIdNotAllowed)
-                }
-            }
+            // The configured value, equal to the caller's: it does not hold
+            // the caller's read buffer.
+            (Some(r), Some(allowed)) => allowed
+                .iter()
+                .find(|a| a.as_bytes() == r.as_bytes())
+                .map(Some)
+                .ok_or(GatewayError::UserIdNotAllowed),
             _ => Ok(self.user_id.as_ref()),
         }
     }

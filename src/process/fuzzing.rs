@@ -12,7 +12,9 @@
 //!   `x-pandagate-*` headers; every other header it carries is one the caller
 //!   sent, unchanged (data stays data), and none is another spelling of a
 //!   gateway header (`user_id`). A path a server could resolve elsewhere
-//!   is refused, and never a `read`.
+//!   is refused, and never a `read`. Neither the upstream request nor the
+//!   logged `x-request-id` shares memory with the caller's head (hyper's
+//!   read buffer, which the call would otherwise keep to its end).
 //! * [`envelope_prefix`]: on a complete JSON object the prefix reader agrees
 //!   with serde_json; on any prefix of it, it reports nothing it would not
 //!   report on the whole.
@@ -24,16 +26,17 @@
 
 use std::sync::OnceLock;
 
+use bytes::Bytes;
 use hmac::{KeyInit, Mac};
 use http::header::{self, HeaderName, HeaderValue};
-use http::{Method, Request, Version};
+use http::{Method, Request, Uri, Version};
 use sha2::Sha256;
 
 use crate::base::secret::Secret;
 use crate::callbacks::{PushRejected, verify_push};
 use crate::config::Class;
 use crate::config::{self, Config, LogFormat, ProfileConfig};
-use crate::gateway::{Gateway, Lasting};
+use crate::gateway::{Gateway, Lasting, caller_request_id};
 use crate::observe::access_log::{AccessLog, AccessRecord};
 use crate::pandapon::envelope;
 use crate::pandapon::headers::{CREDENTIAL_HEADERS, USER_ID, X_REQUEST_ID};
@@ -108,14 +111,17 @@ fn gateways() -> &'static [Gateway; 2] {
 
 /// Splits fuzz bytes into a request head: byte 0 picks the gateway and the
 /// HTTP version, then `METHOD TARGET` and `name: value` lines (`\n`).
-/// Lines that `http` refuses are dropped, as hyper would refuse them.
-fn request_from(data: &[u8]) -> Option<(usize, Request<()>)> {
+/// Lines that `http` refuses are dropped, as hyper would refuse them. As
+/// hyper does, the target and the values are slices of one buffer, which
+/// comes back with the request.
+fn request_from(data: &[u8]) -> Option<(usize, Request<()>, Bytes)> {
     let (&flags, rest) = data.split_first()?;
+    let head = Bytes::copy_from_slice(rest);
     let mut lines = rest.split(|&b| b == b'\n');
     let start = lines.next()?;
     let space = start.iter().position(|&b| b == b' ')?;
     let method = Method::from_bytes(&start[..space]).ok()?;
-    let target = std::str::from_utf8(&start[space + 1..]).ok()?;
+    let target = Uri::from_maybe_shared(slice_of(&head, rest, &start[space + 1..])).ok()?;
     let version = if flags & 2 == 0 {
         Version::HTTP_11
     } else {
@@ -131,27 +137,45 @@ fn request_from(data: &[u8]) -> Option<(usize, Request<()>)> {
         let Some(colon) = line.iter().position(|&b| b == b':') else {
             continue;
         };
+        let value = slice_of(&head, rest, line[colon + 1..].trim_ascii());
         let (Ok(name), Ok(value)) = (
             HeaderName::from_bytes(&line[..colon]),
-            HeaderValue::from_bytes(line[colon + 1..].trim_ascii()),
+            HeaderValue::from_maybe_shared(value),
         ) else {
             continue;
         };
         req.headers_mut().append(name, value);
     }
-    Some((usize::from(flags & 1), req))
+    Some((usize::from(flags & 1), req, head))
+}
+
+/// The part of `head` (a copy of `rest`) where `part` (a slice of `rest`) is.
+fn slice_of(head: &Bytes, rest: &[u8], part: &[u8]) -> Bytes {
+    let start = part.as_ptr() as usize - rest.as_ptr() as usize;
+    head.slice(start..start + part.len())
+}
+
+/// Whether `part` lies in `head`'s memory.
+fn within(head: &Bytes, part: &[u8]) -> bool {
+    let range = head.as_ptr_range();
+    !part.is_empty() && range.contains(&part.as_ptr())
 }
 
 /// The inbound request edge: target checks, credential and hop-by-hop
 /// stripping, profile and user-id choice, route classification.
 pub fn request_edge(data: &[u8]) {
-    let Some((which, req)) = request_from(data) else {
+    let Some((which, req, head)) = request_from(data) else {
         return;
     };
     let gateway = &gateways()[which];
     let (parts, ()) = req.into_parts();
     let inbound = parts.clone();
-    let x_request_id = HeaderValue::from_static("fuzz-request-id");
+    let x_request_id = caller_request_id(&parts.headers)
+        .unwrap_or_else(|| HeaderValue::from_static("fuzz-request-id"));
+    assert!(
+        !within(&head, x_request_id.as_bytes()),
+        "the kept x-request-id is a slice of the caller's head"
+    );
     let mut record = AccessRecord::start(parts.method.clone(), parts.uri.path(), &x_request_id);
     let Ok(prepared) = gateway.prepare(parts, &x_request_id, &mut record) else {
         return;
@@ -167,6 +191,21 @@ pub fn request_edge(data: &[u8]) {
         Some(format!("/base{inbound_pq}").as_str()),
         "target not passed byte for byte"
     );
+
+    // What the call keeps for its whole life holds no part of the buffer
+    // the caller's head was read into.
+    if let Some(pq) = uri.path_and_query() {
+        assert!(
+            !within(&head, pq.as_str().as_bytes()),
+            "the target is a slice of the caller's head"
+        );
+    }
+    for (name, value) in &prepared.headers {
+        assert!(
+            !within(&head, value.as_bytes()),
+            "{name} is a slice of the caller's head"
+        );
+    }
 
     let out = &prepared.headers;
     assert_eq!(out[header::HOST], "api.example.test");
