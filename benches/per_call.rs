@@ -18,7 +18,7 @@ use pandagate::config::LogFormat;
 use pandagate::config::RateLimitConfig;
 use pandagate::envelope;
 use pandagate::ids;
-use pandagate::quota::Limiter;
+use pandagate::quota::{Limiter, QuotaClient};
 use pandagate::routes::Routes;
 use pandagate::signer::{self, Recipe, TimestampUnit};
 
@@ -115,9 +115,15 @@ fn benches(c: &mut Criterion) {
         .expect("runtime");
     let config: RateLimitConfig =
         toml::from_str("requests_per_second = 1000000.0\nburst = 1000000").expect("config");
-    let limiter = Limiter::new(Some(&config), None, &[Arc::from("key")], &[]).expect("limiter");
+    let clients = [QuotaClient {
+        name: "default".into(),
+        share: 1.0,
+        max_per_second: None,
+    }];
+    let limiter =
+        Limiter::new(Some(&config), None, &[Arc::from("key")], &[], &clients).expect("limiter");
     c.bench_function("limiter_check_local", |b| {
-        b.iter(|| black_box(runtime.block_on(limiter.acquire(0, None)).is_ok()))
+        b.iter(|| black_box(runtime.block_on(limiter.acquire(0, None, 0)).is_ok()))
     });
 }
 

@@ -31,6 +31,15 @@ pub struct ClientConfig {
     /// Profiles this client may use; the first is its default unless the
     /// gateway's default profile is listed.
     pub profiles: Vec<String>,
+    /// Its weight in the quota of each AccessKey it uses (default 1): when
+    /// the clients asking want more than the quota, each gets at least
+    /// `quota × share / Σ shares of the clients asking`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota_share: Option<f64>,
+    /// At most this many attempts per second of each AccessKey's quota,
+    /// whatever is free.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota_max_per_second: Option<f64>,
 }
 
 /// How a client proves who it is.
@@ -96,6 +105,17 @@ pub fn validate_all(
                 format!("clients[{i}].cert_san"),
                 "a client known by its certificate needs server.tls_client_ca_file",
             ));
+        }
+        if let Some(share) = c.quota_share {
+            super::rate_limit::check_share(&format!("clients[{i}].quota_share"), share)?;
+        }
+        if let Some(cap) = c.quota_max_per_second {
+            super::rate_limit::Rate::new(cap, None).map_err(|e| {
+                e.named(
+                    &format!("clients[{i}].quota_max_per_second"),
+                    &format!("clients[{i}].quota_max_per_second"),
+                )
+            })?;
         }
         if clients[..i].iter().any(|d| d.name == c.name) {
             return Err(ConfigError::new(

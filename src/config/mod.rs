@@ -45,8 +45,9 @@ pub use idempotency::{IdempotencyBackend, IdempotencyConfig};
 pub use log::{LogConfig, LogFormat};
 pub use profiles::{ENV_PROFILE, ProfileConfig};
 pub use rate_limit::{
-    DEFAULT_REDIS_URL, FailMode, MAX_BURST, MAX_PER_SECOND, MIN_FALLBACK_SHARE, MIN_PER_SECOND,
-    Rate, RateError, RateLimitBackend, RateLimitConfig, RedisUrl, RedisUrlKeys, RedisUrlSource,
+    DEFAULT_CLIENT, DEFAULT_REDIS_URL, FailMode, MAX_BURST, MAX_PER_SECOND, MIN_FALLBACK_SHARE,
+    MIN_PER_SECOND, Rate, RateError, RateLimitBackend, RateLimitConfig, RedisUrl, RedisUrlKeys,
+    RedisUrlSource,
 };
 pub use retry::{CodeValue, RetryConfig};
 pub use routes::{Class, RouteConfig, check_overlaps, v1_form};
@@ -279,6 +280,17 @@ impl Config {
             &self.profiles,
             self.server.tls_client_ca_file.is_some(),
         )?;
+        let unknown = self.rate_limit.as_ref().and_then(|r| r.client.as_deref());
+        let unknown = unknown.unwrap_or(rate_limit::DEFAULT_CLIENT);
+        if let Some(i) = self.clients.iter().position(|c| c.name == unknown) {
+            return Err(ConfigError::new(
+                format!("clients[{i}].name"),
+                format_args!(
+                    "{unknown:?} names the calls of no client in the quota's shares \
+                     (rate_limit.client): give the entry another name"
+                ),
+            ));
+        }
         if let Some(callbacks) = &self.callbacks {
             let names: Vec<String> = self.profiles.iter().map(|p| p.name.clone()).collect();
             callbacks.validate(&names)?;

@@ -20,6 +20,11 @@ pub const MAX_PER_SECOND: f64 = 1_000_000.0;
 pub const MAX_BURST: u32 = 1_000_000;
 /// Smallest `fallback_share`: one replica in a thousand.
 pub const MIN_FALLBACK_SHARE: f64 = 0.001;
+/// Largest `quota_share` / `share`; the smallest is above 0.
+pub const MAX_SHARE: f64 = 1000.0;
+/// The name of the calls of no known client.
+pub const DEFAULT_CLIENT: &str = "default";
+
 /// The Redis URL used when `[rate_limit]` names none.
 pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
 
@@ -66,6 +71,15 @@ pub struct RateLimitConfig {
     /// Prefix of the Redis keys.
     #[serde(default = "default_key_prefix")]
     pub redis_key_prefix: String,
+    /// Who the calls of no `[[clients]]` entry are, for the quota's shares:
+    /// in a sidecar, the service it serves, so that the sidecars of every
+    /// service sharing a key through Redis share it by the same rule.
+    /// Default: `default`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client: Option<String>,
+    /// That client's weight (default 1, above 0 up to [`MAX_SHARE`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub share: Option<f64>,
 }
 
 fn default_redis_timeout_ms() -> u64 {
@@ -148,6 +162,8 @@ impl RateLimitConfig {
             fail_mode: FailMode::Local,
             fallback_share: default_fallback_share(),
             redis_key_prefix: default_key_prefix(),
+            client: None,
+            share: None,
         }
     }
 
@@ -169,6 +185,12 @@ impl RateLimitConfig {
                 "must be greater than 0",
             ));
         }
+        if let Some(share) = self.share {
+            check_share("rate_limit.share", share)?;
+        }
+        if let Some(name) = &self.client {
+            check_client_name("rate_limit.client", name)?;
+        }
         for (key, ms) in [
             ("rate_limit.max_wait_ms", self.max_wait_ms),
             ("rate_limit.redis_timeout_ms", self.redis_timeout_ms),
@@ -177,6 +199,29 @@ impl RateLimitConfig {
         }
         self.check_redis_url()
     }
+}
+
+/// A weight in the quota: above 0, at most [`MAX_SHARE`].
+pub fn check_share(key: &str, share: f64) -> Result<(), ConfigError> {
+    if share > 0.0 && share <= MAX_SHARE {
+        return Ok(());
+    }
+    Err(ConfigError::new(
+        key,
+        format_args!("must be above 0 and at most {MAX_SHARE}, not {share}"),
+    ))
+}
+
+/// A client's name as the quota keeps it (a Redis hash field, a metric
+/// label): 1 to 64 visible ASCII characters.
+pub fn check_client_name(key: &str, name: &str) -> Result<(), ConfigError> {
+    if (1..=64).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_graphic()) {
+        return Ok(());
+    }
+    Err(ConfigError::new(
+        key,
+        "must be 1 to 64 visible ASCII characters, without spaces",
+    ))
 }
 
 /// A section with `redis_url`, `redis_url_env` and `redis_url_file`
@@ -378,7 +423,7 @@ impl Rate {
 
     /// Time between two slots, in whole nanoseconds: at least 1, and small
     /// enough that it times the burst, plus any instant of the next 292
-    /// years, fits in the u64 nanoseconds `governor` computes in.
+    /// years, fits in u64 nanoseconds.
     pub(crate) fn interval_nanos(self) -> u64 {
         let ceiling = (u64::MAX / 2) / u64::from(self.burst.max(1));
         // A NaN or infinite quotient cannot come from `new`; it would cast to 0 or u64::MAX.

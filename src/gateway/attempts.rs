@@ -152,7 +152,7 @@ impl Gateway {
         })?;
         let slot = self
             .limiter
-            .acquire(call.profile.quota_key, call.route.bucket)
+            .acquire(call.profile.quota_key, call.route.bucket, call.client)
             .await;
         if let Err(limited) = slot {
             permit.record(None, Instant::now());

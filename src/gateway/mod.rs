@@ -56,7 +56,7 @@ use crate::policy::retry::Budget;
 use crate::policy::routes::Routes;
 use crate::state::cache::{self, CacheResult, ReadCache};
 use crate::state::idempotency::{IDEMPOTENCY_KEY, Idempotency, Logged};
-use crate::state::quota::Limiter;
+use crate::state::quota::{Limiter, QuotaClient};
 use prepare::Prepared;
 
 mod attempts;
@@ -161,6 +161,7 @@ impl Gateway {
             loaded.redis_url.as_ref(),
             profiles.quota_keys(),
             routes.buckets(),
+            &quota_clients(c),
         )?;
         let cache_forward = c
             .cache
@@ -395,6 +396,27 @@ impl Gateway {
             _ => self.attempts(call, body, record, &mut false).await,
         }
     }
+}
+
+/// The quota's clients: the calls of no `[[clients]]` entry (named by
+/// `[rate_limit] client`), then each entry in order.
+fn quota_clients(c: &crate::config::Config) -> Vec<QuotaClient> {
+    let limit = c.rate_limit.as_ref();
+    let unknown = QuotaClient {
+        name: limit
+            .and_then(|r| r.client.as_deref())
+            .unwrap_or(crate::config::DEFAULT_CLIENT)
+            .into(),
+        share: limit.and_then(|r| r.share).unwrap_or(1.0),
+        max_per_second: None,
+    };
+    std::iter::once(unknown)
+        .chain(c.clients.iter().map(|entry| QuotaClient {
+            name: entry.name.as_str().into(),
+            share: entry.quota_share.unwrap_or(1.0),
+            max_per_second: entry.quota_max_per_second,
+        }))
+        .collect()
 }
 
 /// The caller's `x-request-id`, when it is one we can pass on.

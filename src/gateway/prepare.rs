@@ -20,6 +20,8 @@ use crate::state::idempotency::{self, IDEMPOTENCY_KEY, Key};
 #[derive(Debug)]
 pub(crate) struct Prepared<'a> {
     pub profile: &'a Profile,
+    /// The caller among the quota's clients (0: no known client).
+    pub client: usize,
     pub route: Route,
     /// The caller's `Content-Length`, when it sent one.
     pub declared: Option<u64>,
@@ -50,14 +52,14 @@ impl Gateway {
         // Caller: who is calling (when clients are configured), which
         // profile signs, and which user-id is sent.
         let requested = parts.headers.get(X_PANDAGATE_PROFILE);
-        let profile = match self.clients.authenticate(
+        let (profile, client) = match self.clients.authenticate(
             &parts.headers,
             parts.extensions.get::<crate::net::tls::PeerIdentity>(),
         )? {
-            None => self.profiles.select(requested)?,
+            None => (self.profiles.select(requested)?, 0),
             Some(client) => {
                 record.client = Some(client.name.clone());
-                client.select(&self.profiles, requested)?
+                (client.select(&self.profiles, requested)?, client.quota)
             }
         };
         record.profile = Some(profile.name.clone());
@@ -109,6 +111,7 @@ impl Gateway {
         }
         Ok(Prepared {
             profile,
+            client,
             route,
             declared,
             method: parts.method,

@@ -25,6 +25,8 @@ use crate::policy::profiles::{Profile, Profiles};
 #[derive(Clone)]
 pub struct Client {
     pub name: Arc<str>,
+    /// Its index among the quota's clients (0 is the calls of no client).
+    pub quota: usize,
     proof: Proof,
     profiles: Vec<Arc<str>>,
 }
@@ -48,7 +50,13 @@ impl std::fmt::Debug for Client {
 }
 
 impl Client {
-    pub fn load(c: &ClientConfig, key: &str, env: Env<'_>) -> Result<Client, ConfigError> {
+    /// `[[clients]]` entry `c`, the quota's client `quota`.
+    pub fn load(
+        c: &ClientConfig,
+        key: &str,
+        quota: usize,
+        env: Env<'_>,
+    ) -> Result<Client, ConfigError> {
         if c.name.is_empty() {
             return Err(ConfigError::new(format!("{key}.name"), "must not be empty"));
         }
@@ -74,6 +82,7 @@ impl Client {
         };
         Ok(Client {
             name: Arc::from(c.name.as_str()),
+            quota,
             proof,
             profiles: c.profiles.iter().map(|p| Arc::from(p.as_str())).collect(),
         })
@@ -170,6 +179,7 @@ mod tests {
                 ..ClientConfig::default()
             },
             "clients[0]",
+            1,
             &env,
         )
         .unwrap()
@@ -237,6 +247,7 @@ mod tests {
                 ..ClientConfig::default()
             },
             "clients[0]",
+            1,
             &|_| None,
         );
         let c = c.unwrap();
@@ -258,6 +269,7 @@ mod tests {
                 ..ClientConfig::default()
             },
             "clients[0]",
+            1,
             &|_| None,
         );
         assert_eq!(bad.unwrap_err().key, "clients[0].token_sha256");

@@ -81,7 +81,7 @@ pub fn resolve(config: Config, env: Env<'_>) -> Result<Loaded, ConfigError> {
         .clients
         .iter()
         .enumerate()
-        .map(|(i, c)| Client::load(c, &format!("clients[{i}]"), env))
+        .map(|(i, c)| Client::load(c, &format!("clients[{i}]"), i + 1, env))
         .collect::<Result<Vec<_>, _>>()?;
     let redis_url = match &config.rate_limit {
         Some(r) if r.backend == RateLimitBackend::Redis => Some(r.resolve_redis_url(env)?),

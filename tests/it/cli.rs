@@ -791,7 +791,21 @@ async fn the_redis_url_from_env_or_file_is_the_one_connected_with() {
         .query_async(&mut conn)
         .await
         .unwrap();
-    assert_eq!(keys.len(), 2, "one key bucket per run: {keys:?}");
+    assert_eq!(
+        keys.len(),
+        4,
+        "a quota schedule and its clients per run: {keys:?}"
+    );
+    assert_eq!(
+        keys.iter().filter(|k| k.ends_with(":key")).count(),
+        2,
+        "{keys:?}"
+    );
+    assert_eq!(
+        keys.iter().filter(|k| k.ends_with(":clients")).count(),
+        2,
+        "{keys:?}"
+    );
 
     // The wrong password: Redis refuses the gateway, the closed fail mode answers.
     let env = [("PANDAGATE_TEST_REDIS_URL", wrong.as_str())];

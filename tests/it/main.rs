@@ -32,6 +32,7 @@ mod idempotency;
 mod large_bodies;
 mod metrics;
 mod no_leaks;
+mod quota_shares;
 mod rate_limit;
 mod reload;
 mod retries;

@@ -278,7 +278,7 @@ async fn a_live_redis_decides_at_every_bound() {
         MAX_BURST, MAX_DURATION_MS, MAX_PER_SECOND, MIN_FALLBACK_SHARE, MIN_PER_SECOND, Rate,
         RedisUrl,
     };
-    use pandagate::quota::Limiter;
+    use pandagate::quota::{Limiter, QuotaClient};
     let redis = RedisServer::start();
     let url = tls::with_default_trust(RedisUrl::parse(&redis.url(), "test").unwrap());
     let routes = [
@@ -347,18 +347,25 @@ async fn a_live_redis_decides_at_every_bound() {
     for (mut c, refused) in cases {
         c.backend = RateLimitBackend::Redis;
         c.redis_key_prefix = format!("bounds-{}", pandagate::ids::request_id());
-        let built = Limiter::new(Some(&c), Some(&url), &["ak".into()], &routes);
+        let clients = [QuotaClient {
+            name: "default".into(),
+            share: 1.0,
+            max_per_second: None,
+        }];
+        let built = Limiter::new(Some(&c), Some(&url), &["ak".into()], &routes, &clients);
         match (built, refused) {
             (Err(e), Some(key)) => assert_eq!(e.key, key, "{c:?}: {e}"),
             (Err(e), None) => panic!("{c:?} refused: {e}"),
             (Ok(_), Some(key)) => panic!("{c:?} built with {key} out of bounds"),
             (Ok(limiter), None) => {
-                assert!(limiter.acquire(0, None).await.is_ok(), "{c:?}");
+                assert!(limiter.acquire(0, None, 0).await.is_ok(), "{c:?}");
                 for route in [Some(0), Some(1), None] {
                     // A granted wait may be long: the answer, not the wait, is the point.
-                    let _ =
-                        tokio::time::timeout(Duration::from_millis(100), limiter.acquire(0, route))
-                            .await;
+                    let _ = tokio::time::timeout(
+                        Duration::from_millis(100),
+                        limiter.acquire(0, route, 0),
+                    )
+                    .await;
                 }
                 assert_eq!(limiter.backend_state(), BackendState::Redis, "{c:?}");
             }

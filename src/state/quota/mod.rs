@@ -1,24 +1,27 @@
-//! Quota enforcement: GCRA per AccessKey (and per route bucket), locally with
-//! `governor` or shared by every replica through Redis.
+//! Quota enforcement: GCRA per AccessKey (and per route bucket), shared by
+//! weight among the clients asking ([`fair`]), in this process or across
+//! every replica through Redis.
 //!
 //! The provider counts every request it receives against the AccessKey, so
 //! the limiter sits inside the retry loop: each attempt takes a slot. A call
-//! passes its route bucket (if its `[[routes]]` entry sets one) and then its
-//! key's bucket.
+//! takes a slot of its route bucket (if its `[[routes]]` entry sets one) and
+//! of its key's quota together, or neither.
 //!
 //! Over the limit, a call either gets 429 at once (`max_wait_ms = 0`) or
-//! queues, first come first served, for a slot within `max_wait_ms`. The
-//! queue is bounded by what could be served in that time, so a call that
-//! would wait longer is refused at once; a caller that goes away leaves the
-//! queue (its future is dropped).
+//! waits in its client's line, first come first served within the client,
+//! for a slot within `max_wait_ms`; the first of the line asks again when a
+//! slot it may take should be free. A line is bounded by what could be
+//! served in that time, so a call that would wait longer is refused at
+//! once; a caller that goes away leaves the line (its future is dropped).
 //!
-//! With `backend = "redis"` each attempt makes one atomic GCRA decision in
-//! Redis (a Lua script loaded once, called by its SHA), on Redis's own clock
-//! (`TIME`), so replicas with skewed clocks still agree. A slot granted with a
-//! wait is reserved: the caller sleeps, then goes. When Redis is unreachable
-//! or slower than `redis_timeout_ms`, `fail_mode` decides, and Redis is tried
-//! again (one call a second) until it answers.
+//! With `backend = "redis"` each time a line's first call asks is one atomic
+//! decision in Redis (a Lua script loaded once, called by its SHA), on
+//! Redis's own clock (`TIME`), so replicas with skewed clocks still agree.
+//! Nothing is reserved ahead. When Redis is unreachable or slower than
+//! `redis_timeout_ms`, `fail_mode` decides, and Redis is tried again (one
+//! call a second) until it answers.
 
+mod fair;
 mod local;
 mod redis;
 
@@ -30,6 +33,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use self::local::LocalBuckets;
+pub use self::local::QuotaClient;
 use self::redis::RedisBackend;
 use crate::base::error::GatewayError;
 use crate::config::RedisUrlKeys as _;
@@ -76,6 +80,8 @@ pub struct Limiter {
     /// Calls that waited for a slot, and calls refused, since start.
     waited: AtomicU64,
     rejected: AtomicU64,
+    /// Per client: its name, and the slots it was granted and refused.
+    clients: Vec<(std::sync::Arc<str>, AtomicU64, AtomicU64)>,
 }
 
 impl Limiter {
@@ -91,7 +97,9 @@ impl Limiter {
         redis_url: Option<&WithTrust<RedisUrl>>,
         keys: &[Arc<str>],
         routes: &[(String, Rate)],
+        clients: &[QuotaClient],
     ) -> Result<Limiter, ConfigError> {
+        assert!(!clients.is_empty(), "the default client is always there");
         if let Some(c) = config {
             c.validate()?;
         }
@@ -130,6 +138,7 @@ impl Limiter {
                     routes,
                     key_rate,
                     &route_rates,
+                    clients,
                 )?)
             }
             _ => None,
@@ -139,10 +148,14 @@ impl Limiter {
                 .map(|c| c.max_wait_ms)
                 .filter(|ms| *ms > 0)
                 .map(Duration::from_millis),
-            local: LocalBuckets::new(keys.len(), key_rate, &route_rates, 1.0),
+            local: LocalBuckets::new(keys.len(), key_rate, &route_rates, clients, 1.0),
             redis,
             waited: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
+            clients: clients
+                .iter()
+                .map(|c| (c.name.clone(), AtomicU64::new(0), AtomicU64::new(0)))
+                .collect(),
         })
     }
 
@@ -162,6 +175,18 @@ impl Limiter {
     /// Calls refused since start.
     pub fn rejected(&self) -> u64 {
         self.rejected.load(Ordering::Relaxed)
+    }
+
+    /// Per client: its name, the slots it was granted and those it was
+    /// refused since start.
+    pub fn per_client(&self) -> impl Iterator<Item = (&str, u64, u64)> {
+        self.clients.iter().map(|(name, granted, refused)| {
+            (
+                &**name,
+                granted.load(Ordering::Relaxed),
+                refused.load(Ordering::Relaxed),
+            )
+        })
     }
 
     /// Waits, refusals, and whether the shared limiter is away.
@@ -187,23 +212,33 @@ impl Limiter {
         )
     }
 
-    /// Takes a slot for one attempt of quota key `key` on route bucket `route`.
-    pub async fn acquire(&self, key: usize, route: Option<usize>) -> Result<(), RateLimited> {
+    /// Takes a slot for one attempt of quota key `key` on route bucket
+    /// `route`, for `client` (0: calls of no known client).
+    pub async fn acquire(
+        &self,
+        key: usize,
+        route: Option<usize>,
+        client: usize,
+    ) -> Result<(), RateLimited> {
         let started = Instant::now();
         let deadline = self.max_wait.map(|w| started + w);
         let result = match &self.redis {
-            None => self.local.acquire(key, route, deadline).await,
+            None => self.local.acquire(key, route, client, deadline).await,
             // Boxed: a round trip's state, kept out of every call's future.
-            Some(redis) => Box::pin(redis.acquire(key, route, self.max_wait, deadline)).await,
+            Some(redis) => Box::pin(redis.acquire(key, route, client, deadline)).await,
         };
+        let (_, granted, refused) = &self.clients[client];
         match &result {
             Err(_) => {
+                refused.fetch_add(1, Ordering::Relaxed);
                 self.rejected.fetch_add(1, Ordering::Relaxed);
             }
-            Ok(()) if started.elapsed() > Duration::from_millis(1) => {
-                self.waited.fetch_add(1, Ordering::Relaxed);
+            Ok(()) => {
+                granted.fetch_add(1, Ordering::Relaxed);
+                if started.elapsed() > Duration::from_millis(1) {
+                    self.waited.fetch_add(1, Ordering::Relaxed);
+                }
             }
-            Ok(()) => {}
         }
         result
     }
@@ -218,6 +253,14 @@ mod tests {
         Rate::new(per_second, Some(burst)).unwrap()
     }
 
+    pub(super) fn default_client() -> Vec<QuotaClient> {
+        vec![QuotaClient {
+            name: "default".into(),
+            share: 1.0,
+            max_per_second: None,
+        }]
+    }
+
     fn limiter(per_second: f64, burst: u32, max_wait_ms: u64) -> Limiter {
         let c = RateLimitConfig {
             max_wait_ms,
@@ -229,6 +272,7 @@ mod tests {
             None,
             &["ak".into()],
             &[("/route".into(), rate(1.0, 1))],
+            &default_client(),
         )
         .unwrap()
     }
@@ -237,22 +281,22 @@ mod tests {
     async fn burst_then_steady_rate() {
         let l = limiter(10.0, 5, 0);
         for _ in 0..5 {
-            assert!(l.acquire(0, None).await.is_ok());
+            assert!(l.acquire(0, None, 0).await.is_ok());
         }
-        let refused = l.acquire(0, None).await.unwrap_err();
+        let refused = l.acquire(0, None, 0).await.unwrap_err();
         assert_eq!(refused.limit, 10.0);
         assert!(
             refused.retry_after <= Duration::from_millis(100),
             "{refused:?}"
         );
         tokio::time::advance(Duration::from_millis(100)).await;
-        assert!(l.acquire(0, None).await.is_ok(), "one slot per 100 ms");
-        assert!(l.acquire(0, None).await.is_err());
+        assert!(l.acquire(0, None, 0).await.is_ok(), "one slot per 100 ms");
+        assert!(l.acquire(0, None, 0).await.is_err());
         // Over 10 s at most 10/s go through.
         let mut passed = 0;
         for _ in 0..1000 {
             tokio::time::advance(Duration::from_millis(10)).await;
-            if l.acquire(0, None).await.is_ok() {
+            if l.acquire(0, None, 0).await.is_ok() {
                 passed += 1;
             }
         }
@@ -263,14 +307,14 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn waits_for_a_slot_in_arrival_order() {
         let l = Arc::new(limiter(10.0, 1, 1_000));
-        assert!(l.acquire(0, None).await.is_ok());
+        assert!(l.acquire(0, None, 0).await.is_ok());
         let started = Instant::now();
         let order = Arc::new(std::sync::Mutex::new(Vec::new()));
         let mut tasks = Vec::new();
         for i in 0..5 {
             let (l, order) = (l.clone(), order.clone());
             tasks.push(tokio::spawn(async move {
-                l.acquire(0, None).await.unwrap();
+                l.acquire(0, None, 0).await.unwrap();
                 order.lock().unwrap().push((i, started.elapsed()));
             }));
             tokio::task::yield_now().await;
@@ -293,15 +337,15 @@ mod tests {
     async fn refuses_at_once_what_could_not_be_served_in_time() {
         // 10/s and 250 ms of patience: the queue holds 3.
         let l = Arc::new(limiter(10.0, 1, 250));
-        assert!(l.acquire(0, None).await.is_ok());
+        assert!(l.acquire(0, None, 0).await.is_ok());
         let mut waiting = Vec::new();
         for _ in 0..3 {
             let l = l.clone();
-            waiting.push(tokio::spawn(async move { l.acquire(0, None).await }));
+            waiting.push(tokio::spawn(async move { l.acquire(0, None, 0).await }));
             tokio::task::yield_now().await;
         }
         let before = Instant::now();
-        let refused = l.acquire(0, None).await;
+        let refused = l.acquire(0, None, 0).await;
         assert!(refused.is_err(), "queue is full");
         assert_eq!(before.elapsed(), Duration::ZERO, "refused without waiting");
         let results: Vec<_> = futures_join(waiting).await;
@@ -316,18 +360,18 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_caller_that_leaves_gives_its_place_up() {
         let l = Arc::new(limiter(10.0, 1, 150));
-        assert!(l.acquire(0, None).await.is_ok());
+        assert!(l.acquire(0, None, 0).await.is_ok());
         // 150 ms of patience at 10/s: the queue holds 2.
         let spawn = |l: &Arc<Limiter>| {
             let l = l.clone();
-            tokio::spawn(async move { l.acquire(0, None).await })
+            tokio::spawn(async move { l.acquire(0, None, 0).await })
         };
         let leaver = spawn(&l);
         tokio::task::yield_now().await;
         let stayer = spawn(&l);
         tokio::task::yield_now().await;
         assert!(
-            l.acquire(0, None).await.is_err(),
+            l.acquire(0, None, 0).await.is_err(),
             "queue full: refused at the door"
         );
 
@@ -345,10 +389,13 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_call_must_pass_its_route_and_its_key() {
         let l = limiter(100.0, 100, 0);
-        assert!(l.acquire(0, Some(0)).await.is_ok());
-        let refused = l.acquire(0, Some(0)).await.unwrap_err();
+        assert!(l.acquire(0, Some(0), 0).await.is_ok());
+        let refused = l.acquire(0, Some(0), 0).await.unwrap_err();
         assert_eq!(refused.limit, 1.0, "the route bucket refused");
-        assert!(l.acquire(0, None).await.is_ok(), "other routes still pass");
+        assert!(
+            l.acquire(0, None, 0).await.is_ok(),
+            "other routes still pass"
+        );
     }
 
     #[test]
@@ -511,7 +558,8 @@ mod tests {
         let (mut built, mut refused) = (0, 0);
         for c in &configs {
             let bad = out_of_bounds(c);
-            match Limiter::new(Some(c), Some(&redis), &["ak".into(), "ak2".into()], &routes) {
+            let keys = ["ak".into(), "ak2".into()];
+            match Limiter::new(Some(c), Some(&redis), &keys, &routes, &default_client()) {
                 Err(e) => {
                     assert!(
                         bad.contains(&e.key.as_str()),
@@ -521,13 +569,13 @@ mod tests {
                 }
                 Ok(l) => {
                     assert!(bad.is_empty(), "{c:?} built with {bad:?} out of bounds");
-                    let first = l.acquire(0, None).await;
+                    let first = l.acquire(0, None, 0).await;
                     if c.backend == RateLimitBackend::Local {
                         assert!(first.is_ok(), "{c:?}: {first:?}");
                     }
                     for route in [None, Some(0), Some(1)] {
-                        let _ = l.acquire(0, route).await;
-                        let _ = l.acquire(1, route).await;
+                        let _ = l.acquire(0, route, 0).await;
+                        let _ = l.acquire(1, route, 0).await;
                     }
                     built += 1;
                 }

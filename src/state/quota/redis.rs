@@ -1,5 +1,7 @@
-//! The shared backend: each attempt is one atomic GCRA decision in Redis,
-//! with `fail_mode` deciding while Redis is away.
+//! The shared backend: each time an attempt asks for a slot is one atomic
+//! decision in Redis (the quota shared by weight among the clients of
+//! every replica, and the route bucket), with `fail_mode` deciding while
+//! Redis is away.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -8,14 +10,20 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::RateLimited;
-use super::local::LocalBuckets;
+use super::fair;
+use super::local::{LocalBuckets, QuotaClient, micros};
 use crate::base::redact;
 use crate::config::{ConfigError, FailMode, Rate, RateLimitConfig, RedisUrl};
 use crate::net::tls::WithTrust;
 use crate::state;
 
-/// The GCRA decision over a call's buckets; its arguments and answer are described atop the script.
-const GCRA_LUA: &str = include_str!("gcra.lua");
+/// The decision over a call's quota and route bucket; its arguments and
+/// answer are described atop the script.
+const FAIR_LUA: &str = include_str!("fair.lua");
+
+/// How long after the next free slot an entitled waiter is expected back
+/// (a round trip to Redis and a timer's slack).
+const COME_BACK_US: u64 = 5_000;
 
 #[derive(Debug)]
 pub(super) struct RedisBackend {
@@ -30,10 +38,17 @@ pub(super) struct RedisBackend {
     /// Milliseconds since `start` before which Redis is not tried again.
     next_probe: AtomicU64,
     start: Instant,
-    /// Redis key and rate of each key bucket, per quota key.
-    key_buckets: Vec<Option<(String, Rate)>>,
+    /// The quota's rate, and per quota key the Redis keys of its schedule
+    /// and of its clients' hash.
+    key_rate: Option<Rate>,
+    key_buckets: Vec<(String, String)>,
     /// Redis key and rate of each route bucket, per quota key.
     route_buckets: Vec<Vec<(String, Rate)>>,
+    /// Per client: its name, share and cap's interval (µs, 0: none).
+    clients: Vec<(String, f64, u64)>,
+    /// Per client: its line of waiting calls on this replica (one asks
+    /// Redis at a time).
+    lines: Vec<tokio::sync::Semaphore>,
 }
 
 impl RedisBackend {
@@ -44,6 +59,7 @@ impl RedisBackend {
         routes: &[(String, Rate)],
         key_rate: Option<Rate>,
         route_rates: &[Rate],
+        clients: &[QuotaClient],
     ) -> Result<RedisBackend, ConfigError> {
         let timeout = Duration::from_millis(c.redis_timeout_ms);
         let conn = state::redis::connect(url, "rate_limit.redis_url", timeout)?;
@@ -53,16 +69,23 @@ impl RedisBackend {
         Ok(RedisBackend {
             url: (**url).clone(),
             conn,
-            script: redis::Script::new(GCRA_LUA),
+            script: redis::Script::new(FAIR_LUA),
             timeout,
             fail_mode: c.fail_mode,
-            fallback: LocalBuckets::new(keys.len(), key_rate, route_rates, c.fallback_share),
+            fallback: LocalBuckets::new(
+                keys.len(),
+                key_rate,
+                route_rates,
+                clients,
+                c.fallback_share,
+            ),
             healthy: AtomicBool::new(true),
             next_probe: AtomicU64::new(0),
             start: Instant::now(),
+            key_rate,
             key_buckets: keys
                 .iter()
-                .map(|k| key_rate.map(|r| (name(k, "key"), r)))
+                .map(|k| (name(k, "key"), name(k, "clients")))
                 .collect(),
             route_buckets: keys
                 .iter()
@@ -73,67 +96,122 @@ impl RedisBackend {
                         .collect()
                 })
                 .collect(),
+            clients: clients
+                .iter()
+                .map(|c| {
+                    let cap = c
+                        .max_per_second
+                        .map_or(0, |m| micros(Duration::from_secs_f64(1.0 / m)));
+                    (c.name.to_string(), c.share, cap)
+                })
+                .collect(),
+            lines: clients
+                .iter()
+                .map(|_| tokio::sync::Semaphore::new(1))
+                .collect(),
         })
     }
 
+    /// A slot for `client` on quota key `key` and route bucket `route`: one
+    /// script call each time this replica's first waiting call of the
+    /// client asks, until a slot is taken or the next would come after
+    /// `deadline`.
     pub(super) async fn acquire(
         &self,
         key: usize,
         route: Option<usize>,
-        max_wait: Option<Duration>,
+        client: usize,
         deadline: Option<Instant>,
     ) -> Result<(), RateLimited> {
-        let buckets: Vec<&(String, Rate)> = route
-            .map(|r| &self.route_buckets[key][r])
-            .into_iter()
-            .chain(self.key_buckets[key].as_ref())
-            .collect();
-        if buckets.is_empty() {
+        let route_index = route;
+        let route = route.map(|r| &self.route_buckets[key][r]);
+        let Some(quota) = self.key_rate.or(route.map(|(_, r)| *r)) else {
             return Ok(());
+        };
+        let _turn = match deadline {
+            None => None,
+            Some(deadline) => Some(
+                tokio::time::timeout_at(deadline, self.lines[client].acquire())
+                    .await
+                    .map_err(|_| RateLimited {
+                        retry_after: quota.interval(),
+                        limit: quota.per_second(),
+                    })?
+                    .expect("a line is never closed"),
+            ),
+        };
+        loop {
+            if !self.should_try() {
+                return self.fall_back(key, route_index, client, deadline).await;
+            }
+            let wait = match self.ask(key, route, client).await {
+                Ok(None) => return Ok(()),
+                Ok(Some(wait)) => wait,
+                Err(why) => {
+                    self.mark_unhealthy(&why);
+                    return self.fall_back(key, route_index, client, deadline).await;
+                }
+            };
+            let at = Instant::now() + wait;
+            if deadline.is_none_or(|d| at > d) {
+                // The bucket that holds the call back: its route's when that
+                // is the slower.
+                let limit = route
+                    .map(|(_, r)| r.per_second())
+                    .into_iter()
+                    .chain(self.key_rate.map(Rate::per_second))
+                    .fold(f64::INFINITY, f64::min);
+                return Err(RateLimited {
+                    retry_after: wait,
+                    limit,
+                });
+            }
+            tokio::time::sleep_until(at).await;
         }
-        if !self.should_try() {
-            return self.fall_back(key, route, deadline).await;
-        }
-        let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+    }
+
+    /// One decision: `None` when a slot was taken, else how long to wait
+    /// before asking again; `Err` when Redis did not decide.
+    async fn ask(
+        &self,
+        key: usize,
+        route: Option<&(String, Rate)>,
+        client: usize,
+    ) -> Result<Option<Duration>, String> {
+        let (quota_key, clients_key) = &self.key_buckets[key];
+        let (name, share, cap) = &self.clients[client];
+        // No quota: a schedule that never binds, so the route alone decides.
+        let (interval, tolerance) = match self.key_rate {
+            Some(r) => {
+                let i = micros(r.interval());
+                (i, i.saturating_mul(u64::from(r.burst().saturating_sub(1))))
+            }
+            None => (1, 0),
+        };
         let mut call = self.script.prepare_invoke();
-        call.arg(micros(max_wait.unwrap_or_default()));
-        for (name, rate) in &buckets {
-            let interval = micros(rate.interval()).max(1);
-            call.key(name.as_str())
-                .arg(interval)
-                .arg(interval.saturating_mul(u64::from(rate.burst().saturating_sub(1))));
+        call.key(quota_key.as_str())
+            .key(clients_key.as_str())
+            .arg(interval)
+            .arg(tolerance)
+            .arg(name.as_str())
+            .arg(*share)
+            .arg(*cap)
+            .arg(fair::ASKING_US)
+            .arg(COME_BACK_US);
+        if let Some((route_key, rate)) = route {
+            let i = micros(rate.interval());
+            call.key(route_key.as_str())
+                .arg(i)
+                .arg(i.saturating_mul(u64::from(rate.burst().saturating_sub(1))));
         }
         let mut conn = self.conn.clone();
-        let decided =
-            tokio::time::timeout(self.timeout, call.invoke_async::<(u8, i64)>(&mut conn)).await;
-        match decided {
+        match tokio::time::timeout(self.timeout, call.invoke_async::<(u8, i64)>(&mut conn)).await {
             Ok(Ok((granted, wait_us))) => {
                 self.mark_healthy();
-                let wait = Duration::from_micros(wait_us.max(0) as u64);
-                if granted == 1 {
-                    if !wait.is_zero() {
-                        tokio::time::sleep(wait).await;
-                    }
-                    Ok(())
-                } else {
-                    let limit = buckets
-                        .iter()
-                        .map(|(_, r)| r.per_second())
-                        .fold(f64::INFINITY, f64::min);
-                    Err(RateLimited {
-                        retry_after: wait,
-                        limit,
-                    })
-                }
+                Ok((granted != 1).then(|| Duration::from_micros(wait_us.max(1) as u64)))
             }
-            Ok(Err(e)) => {
-                self.mark_unhealthy(&state::redis::describe(&e, &self.url));
-                self.fall_back(key, route, deadline).await
-            }
-            Err(_) => {
-                self.mark_unhealthy("no answer within redis_timeout_ms");
-                self.fall_back(key, route, deadline).await
-            }
+            Ok(Err(e)) => Err(state::redis::describe(&e, &self.url)),
+            Err(_) => Err("no answer within redis_timeout_ms".into()),
         }
     }
 
@@ -173,17 +251,16 @@ impl RedisBackend {
         &self,
         key: usize,
         route: Option<usize>,
+        client: usize,
         deadline: Option<Instant>,
     ) -> Result<(), RateLimited> {
         match self.fail_mode {
             FailMode::Open => Ok(()),
             FailMode::Closed => Err(RateLimited {
                 retry_after: Duration::from_secs(1),
-                limit: self.key_buckets[key]
-                    .as_ref()
-                    .map_or(0.0, |(_, r)| r.per_second()),
+                limit: self.key_rate.map_or(0.0, Rate::per_second),
             }),
-            FailMode::Local => self.fallback.acquire(key, route, deadline).await,
+            FailMode::Local => self.fallback.acquire(key, route, client, deadline).await,
         }
     }
 }
