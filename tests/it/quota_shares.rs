@@ -141,6 +141,19 @@ async fn a_steady_client_keeps_its_calls_while_a_batch_client_floods() {
         "{received} calls in {elapsed:.2} s: the quota was left unused"
     );
     assert_eq!(granted(&gw, "checkout"), ok as u64);
+    let gateway = gw.gateway.clone();
+    let text =
+        pandagate::exporter::Exporter::new(std::sync::Arc::new(move || gateway.clone())).render();
+    let line = format!("pandagate_quota_granted_total{{client=\"checkout\"}} {ok}");
+    assert!(text.contains(&line), "{line} not in:\n{text}");
+    let line = format!("pandagate_quota_granted_total{{client=\"batch\"}} {batch_ok}");
+    assert!(text.contains(&line), "{line} not in:\n{text}");
+    assert!(
+        text.contains(r#"pandagate_quota_refused_total{client="default"} 0"#),
+        "{text}"
+    );
+    let waited = format!("pandagate_quota_wait_seconds_count{{client=\"checkout\"}} {ok}");
+    assert!(text.contains(&waited), "{waited} not in:\n{text}");
     let log = gw.access_log_of(received).await;
     assert!(log.iter().any(|line| line["client"] == "checkout"));
     assert!(log.iter().any(|line| line["client"] == "batch"));

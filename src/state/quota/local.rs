@@ -60,7 +60,7 @@ impl Schedule {
         let interval = micros(rate.interval());
         Schedule {
             interval,
-            tolerance: interval.saturating_mul(u64::from(rate.burst().max(1) - 1)),
+            tolerance: fair::tolerance(interval, rate.burst()),
             tat: 0,
             per_second: rate.per_second(),
         }
@@ -261,10 +261,10 @@ impl LocalBuckets {
 
 /// A place in a line, given back when dropped (also when the caller went
 /// away while waiting).
-struct Place<'a>(&'a AtomicUsize);
+pub(super) struct Place<'a>(&'a AtomicUsize);
 
 impl<'a> Place<'a> {
-    fn take(waiting: &'a AtomicUsize, bound: usize) -> Option<Place<'a>> {
+    pub(super) fn take(waiting: &'a AtomicUsize, bound: usize) -> Option<Place<'a>> {
         if waiting.fetch_add(1, Ordering::AcqRel) >= bound {
             waiting.fetch_sub(1, Ordering::AcqRel);
             return None;

@@ -26,7 +26,12 @@ mod local;
 mod redis;
 
 use crate::base::families::{self, Described, DescriptorEncoder};
+use crate::base::latency::Latency;
 use std::sync::Arc;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -80,8 +85,23 @@ pub struct Limiter {
     /// Calls that waited for a slot, and calls refused, since start.
     waited: AtomicU64,
     rejected: AtomicU64,
-    /// Per client: its name, and the slots it was granted and refused.
-    clients: Vec<(std::sync::Arc<str>, AtomicU64, AtomicU64)>,
+    /// Per client (by quota client index): what it was granted and refused.
+    clients: Vec<ClientCounts>,
+}
+
+/// One client's figures, exported per `client` label.
+#[derive(Debug)]
+struct ClientCounts {
+    name: Arc<str>,
+    granted: AtomicU64,
+    refused: AtomicU64,
+    /// How long granted attempts waited for their slot.
+    wait: Latency,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClientLabels {
+    client: String,
 }
 
 impl Limiter {
@@ -154,7 +174,12 @@ impl Limiter {
             rejected: AtomicU64::new(0),
             clients: clients
                 .iter()
-                .map(|c| (c.name.clone(), AtomicU64::new(0), AtomicU64::new(0)))
+                .map(|c| ClientCounts {
+                    name: c.name.clone(),
+                    granted: AtomicU64::new(0),
+                    refused: AtomicU64::new(0),
+                    wait: Latency::default(),
+                })
                 .collect(),
         })
     }
@@ -180,11 +205,11 @@ impl Limiter {
     /// Per client: its name, the slots it was granted and those it was
     /// refused since start.
     pub fn per_client(&self) -> impl Iterator<Item = (&str, u64, u64)> {
-        self.clients.iter().map(|(name, granted, refused)| {
+        self.clients.iter().map(|c| {
             (
-                &**name,
-                granted.load(Ordering::Relaxed),
-                refused.load(Ordering::Relaxed),
+                &*c.name,
+                c.granted.load(Ordering::Relaxed),
+                c.refused.load(Ordering::Relaxed),
             )
         })
     }
@@ -209,7 +234,42 @@ impl Limiter {
             "rate_limit_fallback",
             "1 while the shared (Redis) rate limiter is away and fail_mode decides.",
             i64::from(fallback),
-        )
+        )?;
+        for (name, help, granted) in [
+            (
+                "quota_granted",
+                "Quota slots granted (every attempt takes one), per client.",
+                true,
+            ),
+            (
+                "quota_refused",
+                "Attempts refused a quota slot (429), per client.",
+                false,
+            ),
+        ] {
+            let mut family = e.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for c in &self.clients {
+                let n = if granted { &c.granted } else { &c.refused };
+                let labels = ClientLabels {
+                    client: c.name.to_string(),
+                };
+                ConstCounter::new(n.load(Ordering::Relaxed))
+                    .encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let mut family = e.encode_descriptor(
+            "quota_wait_seconds",
+            "How long granted attempts waited for their quota slot, per client.",
+            None,
+            MetricType::Histogram,
+        )?;
+        for c in &self.clients {
+            let labels = ClientLabels {
+                client: c.name.to_string(),
+            };
+            c.wait.encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
     }
 
     /// Takes a slot for one attempt of quota key `key` on route bucket
@@ -227,15 +287,17 @@ impl Limiter {
             // Boxed: a round trip's state, kept out of every call's future.
             Some(redis) => Box::pin(redis.acquire(key, route, client, deadline)).await,
         };
-        let (_, granted, refused) = &self.clients[client];
+        let counts = &self.clients[client];
         match &result {
             Err(_) => {
-                refused.fetch_add(1, Ordering::Relaxed);
+                counts.refused.fetch_add(1, Ordering::Relaxed);
                 self.rejected.fetch_add(1, Ordering::Relaxed);
             }
             Ok(()) => {
-                granted.fetch_add(1, Ordering::Relaxed);
-                if started.elapsed() > Duration::from_millis(1) {
+                counts.granted.fetch_add(1, Ordering::Relaxed);
+                let waited = started.elapsed();
+                counts.wait.observe(waited);
+                if waited > Duration::from_millis(1) {
                     self.waited.fetch_add(1, Ordering::Relaxed);
                 }
             }

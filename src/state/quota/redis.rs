@@ -11,7 +11,7 @@ use tokio::time::Instant;
 
 use super::RateLimited;
 use super::fair;
-use super::local::{LocalBuckets, QuotaClient, micros};
+use super::local::{LocalBuckets, Place, QuotaClient, micros};
 use crate::base::redact;
 use crate::config::{ConfigError, FailMode, Rate, RateLimitConfig, RedisUrl};
 use crate::net::tls::WithTrust;
@@ -47,8 +47,9 @@ pub(super) struct RedisBackend {
     /// Per client: its name, share and cap's interval (µs, 0: none).
     clients: Vec<(String, f64, u64)>,
     /// Per client: its line of waiting calls on this replica (one asks
-    /// Redis at a time).
+    /// Redis at a time), and how many wait in it.
     lines: Vec<tokio::sync::Semaphore>,
+    waiting: Vec<std::sync::atomic::AtomicUsize>,
 }
 
 impl RedisBackend {
@@ -109,6 +110,10 @@ impl RedisBackend {
                 .iter()
                 .map(|_| tokio::sync::Semaphore::new(1))
                 .collect(),
+            waiting: clients
+                .iter()
+                .map(|_| std::sync::atomic::AtomicUsize::new(0))
+                .collect(),
         })
     }
 
@@ -128,17 +133,27 @@ impl RedisBackend {
         let Some(quota) = self.key_rate.or(route.map(|(_, r)| *r)) else {
             return Ok(());
         };
+        let refused = || RateLimited {
+            retry_after: quota.interval(),
+            limit: quota.per_second(),
+        };
+        // As in this process's lines: no longer than the quota could serve
+        // before the deadline.
+        let mut _place = None;
         let _turn = match deadline {
             None => None,
-            Some(deadline) => Some(
-                tokio::time::timeout_at(deadline, self.lines[client].acquire())
-                    .await
-                    .map_err(|_| RateLimited {
-                        retry_after: quota.interval(),
-                        limit: quota.per_second(),
-                    })?
-                    .expect("a line is never closed"),
-            ),
+            Some(deadline) => {
+                let budget = deadline.saturating_duration_since(Instant::now());
+                let servable = ((budget.as_secs_f64() * quota.per_second()).floor() as usize)
+                    .saturating_add(1);
+                _place = Some(Place::take(&self.waiting[client], servable).ok_or_else(refused)?);
+                Some(
+                    tokio::time::timeout_at(deadline, self.lines[client].acquire())
+                        .await
+                        .map_err(|_| refused())?
+                        .expect("a line is never closed"),
+                )
+            }
         };
         loop {
             if !self.should_try() {
@@ -184,7 +199,7 @@ impl RedisBackend {
         let (interval, tolerance) = match self.key_rate {
             Some(r) => {
                 let i = micros(r.interval());
-                (i, i.saturating_mul(u64::from(r.burst().saturating_sub(1))))
+                (i, fair::tolerance(i, r.burst()))
             }
             None => (1, 0),
         };
@@ -202,7 +217,7 @@ impl RedisBackend {
             let i = micros(rate.interval());
             call.key(route_key.as_str())
                 .arg(i)
-                .arg(i.saturating_mul(u64::from(rate.burst().saturating_sub(1))));
+                .arg(fair::tolerance(i, rate.burst()));
         }
         let mut conn = self.conn.clone();
         match tokio::time::timeout(self.timeout, call.invoke_async::<(u8, i64)>(&mut conn)).await {
