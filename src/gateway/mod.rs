@@ -136,6 +136,9 @@ pub struct Gateway {
     budget: Budget,
     breaker: Breaker,
     limiter: Limiter,
+    /// `[rate_limit] client`: who the calls of no `[[clients]]` entry are,
+    /// as the access log names them.
+    sidecar_client: Option<Arc<str>>,
     server: ServerConfig,
     max_body: u64,
     buffer_body: u64,
@@ -183,6 +186,11 @@ impl Gateway {
             clients: Clients::new(loaded.clients.clone()),
             routes,
             limiter,
+            sidecar_client: c
+                .rate_limit
+                .as_ref()
+                .and_then(|r| r.client.as_deref())
+                .map(Arc::from),
             server: c.server.clone(),
             signing: c.signing.clone(),
             retry: c.retry.clone(),

@@ -85,6 +85,11 @@ impl Gateway {
                 idempotency.key_of(&parts.headers, route.class, owner, &mut record.idempotency)?
             }
         };
+        // Named for the log after the key, whose owner is the authenticated
+        // caller only.
+        if record.client.is_none() {
+            record.client.clone_from(&self.sidecar_client);
+        }
 
         let declared = content_length(&parts.headers)?;
         let uri = self.upstream.uri_for(&parts.uri)?;

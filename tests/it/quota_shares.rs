@@ -204,6 +204,9 @@ async fn sidecars_of_two_services_share_a_key_through_redis_by_weight() {
     assert!((2.4..=3.6).contains(&ratio), "orders {o}, reports {r}");
     let received = upstream.received_requests().await.unwrap().len() as u64;
     assert_eq!(received, o + r);
+    // Each sidecar's log names its service.
+    let line = &orders.access_log_of(1).await[0];
+    assert_eq!(line["client"], "orders", "{line}");
     let ceiling = (40.0 * elapsed + 1.0).ceil() as u64;
     assert!(
         received <= ceiling,
