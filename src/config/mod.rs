@@ -446,6 +446,66 @@ mod tests {
         assert!(e.key.starts_with("server"), "{e}");
     }
 
+    /// Quota shares: a weight above 0 up to the maximum, a cap that is a
+    /// rate, a sidecar's name of visible characters, and no `[[clients]]`
+    /// entry named as the calls of no client are; each refusal names its key.
+    #[test]
+    fn quota_shares_out_of_bounds_are_named() {
+        let limit = "[rate_limit]\nrequests_per_second = 10\n";
+        let client = |extra: &str| {
+            format!(
+                "{limit}[[clients]]\nname = \"svc\"\ntoken_sha256 = \"{}\"\nprofiles = [\"default\"]\n{extra}",
+                "a".repeat(64)
+            )
+        };
+        for (toml, key) in [
+            (format!("{limit}share = 0\n"), "rate_limit.share"),
+            (format!("{limit}share = -1\n"), "rate_limit.share"),
+            (format!("{limit}share = 1000.5\n"), "rate_limit.share"),
+            (format!("{limit}share = nan\n"), "rate_limit.share"),
+            (format!("{limit}client = \"\"\n"), "rate_limit.client"),
+            (
+                format!("{limit}client = \"two words\"\n"),
+                "rate_limit.client",
+            ),
+            (client("quota_share = 0\n"), "clients[0].quota_share"),
+            (client("quota_share = inf\n"), "clients[0].quota_share"),
+            (
+                client("quota_max_per_second = 0\n"),
+                "clients[0].quota_max_per_second",
+            ),
+            (
+                client("quota_max_per_second = 1e9\n"),
+                "clients[0].quota_max_per_second",
+            ),
+            (
+                client("").replace("name = \"svc\"", "name = \"default\""),
+                "clients[0].name",
+            ),
+            (
+                client("").replace(
+                    "requests_per_second = 10\n",
+                    "requests_per_second = 10\nclient = \"svc\"\n",
+                ),
+                "clients[0].name",
+            ),
+        ] {
+            let e = err(&toml);
+            assert_eq!(e.key, key, "{toml}: {e}");
+        }
+        // In bounds, both kinds at once.
+        let mut c = Config::from_toml(&format!(
+            "{}quota_share = 1000\nquota_max_per_second = 0.5\n",
+            client("").replace(
+                "requests_per_second = 10\n",
+                "requests_per_second = 10\nclient = \"orders\"\nshare = 0.001\n"
+            )
+        ))
+        .unwrap();
+        c.apply_env(&env_of(CREDS)).unwrap();
+        c.validate().unwrap();
+    }
+
     #[test]
     fn negative_and_zero_limits_are_named() {
         let e = err("[server]\nmax_request_body_bytes = -1\n");
