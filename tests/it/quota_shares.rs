@@ -215,3 +215,36 @@ async fn sidecars_of_two_services_share_a_key_through_redis_by_weight() {
     orders.stop().await;
     reports.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_local_fallback_keeps_the_shares_while_redis_is_away() {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = dead.local_addr().unwrap().port();
+    drop(dead);
+    let upstream = upstream_answering(envelope()).await;
+    let mut c = quota(&upstream.uri(), 40.0, 1_000);
+    let limit = c.rate_limit.as_mut().unwrap();
+    limit.backend = RateLimitBackend::Redis;
+    limit.redis_url = Some(format!("redis://127.0.0.1:{port}"));
+    limit.fail_mode = pandagate::config::FailMode::Local;
+    limit.fallback_share = 1.0;
+    c.clients = vec![client("orders", 3.0), client("reports", 1.0)];
+    let gw = spawn_gateway(c).await;
+    let until = Instant::now() + Duration::from_secs(3);
+    let mut tasks = flood(&gw, "orders", 8, until);
+    tasks.extend(flood(&gw, "reports", 8, until));
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert!(
+        matches!(
+            gw.gateway.limiter().backend_state(),
+            pandagate::quota::BackendState::Fallback(_)
+        ),
+        "Redis is away: the local fallback decides"
+    );
+    let (o, r) = (granted(&gw, "orders"), granted(&gw, "reports"));
+    let ratio = o as f64 / r as f64;
+    assert!((2.4..=3.6).contains(&ratio), "orders {o}, reports {r}");
+    gw.stop().await;
+}
