@@ -115,11 +115,7 @@ fn benches(c: &mut Criterion) {
         .expect("runtime");
     let config: RateLimitConfig =
         toml::from_str("requests_per_second = 1000000.0\nburst = 1000000").expect("config");
-    let clients = [QuotaClient {
-        name: "default".into(),
-        share: 1.0,
-        max_per_second: None,
-    }];
+    let clients = QuotaClient::alone();
     let limiter =
         Limiter::new(Some(&config), None, &[Arc::from("key")], &[], &clients).expect("limiter");
     c.bench_function("limiter_check_local", |b| {

@@ -347,11 +347,7 @@ async fn a_live_redis_decides_at_every_bound() {
     for (mut c, refused) in cases {
         c.backend = RateLimitBackend::Redis;
         c.redis_key_prefix = format!("bounds-{}", pandagate::ids::request_id());
-        let clients = [QuotaClient {
-            name: "default".into(),
-            share: 1.0,
-            max_per_second: None,
-        }];
+        let clients = QuotaClient::alone();
         let built = Limiter::new(Some(&c), Some(&url), &["ak".into()], &routes, &clients);
         match (built, refused) {
             (Err(e), Some(key)) => assert_eq!(e.key, key, "{c:?}: {e}"),

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 
 use super::RateLimited;
 use super::fair::{self, Fair, Step};
-use crate::config::Rate;
+use crate::config::{MIN_PER_SECOND, Rate};
 
 /// A client's part of a quota, as configured.
 #[derive(Clone, Debug, PartialEq)]
@@ -23,6 +23,23 @@ pub struct QuotaClient {
     pub share: f64,
     /// Its cap (`quota_max_per_second`).
     pub max_per_second: Option<f64>,
+}
+
+impl QuotaClient {
+    /// The calls of no client, alone: a quota without `[[clients]]`.
+    pub fn alone() -> Vec<QuotaClient> {
+        vec![QuotaClient {
+            name: crate::config::DEFAULT_CLIENT.into(),
+            share: 1.0,
+            max_per_second: None,
+        }]
+    }
+
+    /// The interval of its cap, in µs, with the cap scaled by `scale`.
+    pub(super) fn cap_interval(&self, scale: f64) -> Option<u64> {
+        self.max_per_second
+            .map(|m| micros(Duration::from_secs_f64(1.0 / (m * scale))))
+    }
 }
 
 /// Microseconds on the limiter's clock; it starts past the asking window,
@@ -48,15 +65,16 @@ impl Clock {
 
 /// A GCRA schedule: free when `tat - tolerance` has come.
 #[derive(Debug)]
-struct Schedule {
-    interval: u64,
-    tolerance: u64,
+pub(super) struct Schedule {
+    pub(super) interval: u64,
+    pub(super) tolerance: u64,
     tat: u64,
     per_second: f64,
 }
 
 impl Schedule {
-    fn new(rate: Rate) -> Schedule {
+    /// `rate`'s schedule, its interval and tolerance in µs.
+    pub(super) fn new(rate: Rate) -> Schedule {
         let interval = micros(rate.interval());
         Schedule {
             interval,
@@ -131,8 +149,10 @@ struct KeyBuckets {
     /// Per client.
     lines: Vec<Line>,
     /// The quota's rate, or the fastest route's when there is no quota: a
-    /// client's line is as long as this rate could serve in time.
+    /// client's line is as long as this rate could serve in time, and its
+    /// newcomers first ask one interval of it later.
     rate: f64,
+    pace: u64,
 }
 
 /// The buckets of every quota key and route, built once from config.
@@ -169,12 +189,7 @@ impl LocalBuckets {
                         r.burst(),
                         clients
                             .iter()
-                            .map(|c| {
-                                let cap = c
-                                    .max_per_second
-                                    .map(|m| micros(Duration::from_secs_f64(1.0 / (m * share))));
-                                fair::Client::new(c.share, cap)
-                            })
+                            .map(|c| fair::Client::new(c.share, c.cap_interval(share)))
                             .collect(),
                     )
                 }),
@@ -188,6 +203,7 @@ impl LocalBuckets {
                 })
                 .collect(),
             rate,
+            pace: micros(Duration::from_secs_f64(1.0 / rate.max(MIN_PER_SECOND))),
         };
         LocalBuckets {
             keys: (0..keys).map(|_| key()).collect(),
@@ -231,7 +247,7 @@ impl LocalBuckets {
             }
         } else {
             Later {
-                until: self.clock.now() + micros(Duration::from_secs_f64(1.0 / buckets.rate)),
+                until: self.clock.now() + buckets.pace,
                 limit: buckets.rate,
             }
         };
@@ -285,14 +301,6 @@ mod tests {
     use crate::config::RateError;
     use crate::state::quota::tests::{BURST, PER_SECOND, SHARE, burst_in_bounds, rate_in_bounds};
 
-    fn alone() -> Vec<QuotaClient> {
-        vec![QuotaClient {
-            name: "default".into(),
-            share: 1.0,
-            max_per_second: None,
-        }]
-    }
-
     /// `Rate::new` and `scaled` over extreme values: out of bounds is an
     /// error about the right one of the two; in bounds builds local buckets
     /// at every fallback share, whose schedules fit in u64 microseconds and
@@ -325,7 +333,8 @@ mod tests {
                         "{r} {b:?} {share}: {interval} µs x {}",
                         scaled.burst()
                     );
-                    let buckets = LocalBuckets::new(1, Some(rate), &[rate], &alone(), share);
+                    let buckets =
+                        LocalBuckets::new(1, Some(rate), &[rate], &QuotaClient::alone(), share);
                     assert!(
                         buckets.acquire(0, Some(0), 0, None).await.is_ok(),
                         "the burst's first slot"

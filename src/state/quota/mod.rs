@@ -315,14 +315,6 @@ mod tests {
         Rate::new(per_second, Some(burst)).unwrap()
     }
 
-    pub(super) fn default_client() -> Vec<QuotaClient> {
-        vec![QuotaClient {
-            name: "default".into(),
-            share: 1.0,
-            max_per_second: None,
-        }]
-    }
-
     fn limiter(per_second: f64, burst: u32, max_wait_ms: u64) -> Limiter {
         let c = RateLimitConfig {
             max_wait_ms,
@@ -334,7 +326,7 @@ mod tests {
             None,
             &["ak".into()],
             &[("/route".into(), rate(1.0, 1))],
-            &default_client(),
+            &QuotaClient::alone(),
         )
         .unwrap()
     }
@@ -621,7 +613,7 @@ mod tests {
         for c in &configs {
             let bad = out_of_bounds(c);
             let keys = ["ak".into(), "ak2".into()];
-            match Limiter::new(Some(c), Some(&redis), &keys, &routes, &default_client()) {
+            match Limiter::new(Some(c), Some(&redis), &keys, &routes, &QuotaClient::alone()) {
                 Err(e) => {
                     assert!(
                         bad.contains(&e.key.as_str()),

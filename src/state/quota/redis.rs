@@ -11,7 +11,7 @@ use tokio::time::Instant;
 
 use super::RateLimited;
 use super::fair;
-use super::local::{LocalBuckets, Place, QuotaClient, micros};
+use super::local::{LocalBuckets, Place, QuotaClient, Schedule};
 use crate::base::redact;
 use crate::config::{ConfigError, FailMode, Rate, RateLimitConfig, RedisUrl};
 use crate::net::tls::WithTrust;
@@ -38,12 +38,13 @@ pub(super) struct RedisBackend {
     /// Milliseconds since `start` before which Redis is not tried again.
     next_probe: AtomicU64,
     start: Instant,
-    /// The quota's rate, and per quota key the Redis keys of its schedule
-    /// and of its clients' hash.
+    /// The quota's rate and schedule, and per quota key the Redis keys of
+    /// its schedule and of its clients' hash.
     key_rate: Option<Rate>,
+    key_schedule: Option<Schedule>,
     key_buckets: Vec<(String, String)>,
-    /// Redis key and rate of each route bucket, per quota key.
-    route_buckets: Vec<Vec<(String, Rate)>>,
+    /// Redis key, rate and schedule of each route bucket, per quota key.
+    route_buckets: Vec<Vec<(String, Rate, Schedule)>>,
     /// Per client: its name, share and cap's interval (µs, 0: none).
     clients: Vec<(String, f64, u64)>,
     /// Per client: its line of waiting calls on this replica (one asks
@@ -84,6 +85,7 @@ impl RedisBackend {
             next_probe: AtomicU64::new(0),
             start: Instant::now(),
             key_rate,
+            key_schedule: key_rate.map(Schedule::new),
             key_buckets: keys
                 .iter()
                 .map(|k| (name(k, "key"), name(k, "clients")))
@@ -93,17 +95,20 @@ impl RedisBackend {
                 .map(|k| {
                     routes
                         .iter()
-                        .map(|(pattern, r)| (name(k, &format!("route:{pattern}")), *r))
+                        .map(|(pattern, r)| {
+                            (name(k, &format!("route:{pattern}")), *r, Schedule::new(*r))
+                        })
                         .collect()
                 })
                 .collect(),
             clients: clients
                 .iter()
                 .map(|c| {
-                    let cap = c
-                        .max_per_second
-                        .map_or(0, |m| micros(Duration::from_secs_f64(1.0 / m)));
-                    (c.name.to_string(), c.share, cap)
+                    (
+                        c.name.to_string(),
+                        c.share,
+                        c.cap_interval(1.0).unwrap_or(0),
+                    )
                 })
                 .collect(),
             lines: clients
@@ -130,7 +135,7 @@ impl RedisBackend {
     ) -> Result<(), RateLimited> {
         let route_index = route;
         let route = route.map(|r| &self.route_buckets[key][r]);
-        let Some(quota) = self.key_rate.or(route.map(|(_, r)| *r)) else {
+        let Some(quota) = self.key_rate.or(route.map(|(_, r, _)| *r)) else {
             return Ok(());
         };
         let refused = || RateLimited {
@@ -172,7 +177,7 @@ impl RedisBackend {
                 // The bucket that holds the call back: its route's when that
                 // is the slower.
                 let limit = route
-                    .map(|(_, r)| r.per_second())
+                    .map(|(_, r, _)| r.per_second())
                     .into_iter()
                     .chain(self.key_rate.map(Rate::per_second))
                     .fold(f64::INFINITY, f64::min);
@@ -190,19 +195,16 @@ impl RedisBackend {
     async fn ask(
         &self,
         key: usize,
-        route: Option<&(String, Rate)>,
+        route: Option<&(String, Rate, Schedule)>,
         client: usize,
     ) -> Result<Option<Duration>, String> {
         let (quota_key, clients_key) = &self.key_buckets[key];
         let (name, share, cap) = &self.clients[client];
         // No quota: a schedule that never binds, so the route alone decides.
-        let (interval, tolerance) = match self.key_rate {
-            Some(r) => {
-                let i = micros(r.interval());
-                (i, fair::tolerance(i, r.burst()))
-            }
-            None => (1, 0),
-        };
+        let (interval, tolerance) = self
+            .key_schedule
+            .as_ref()
+            .map_or((1, 0), |s| (s.interval, s.tolerance));
         let mut call = self.script.prepare_invoke();
         call.key(quota_key.as_str())
             .key(clients_key.as_str())
@@ -213,11 +215,10 @@ impl RedisBackend {
             .arg(*cap)
             .arg(fair::ASKING_US)
             .arg(COME_BACK_US);
-        if let Some((route_key, rate)) = route {
-            let i = micros(rate.interval());
+        if let Some((route_key, _, schedule)) = route {
             call.key(route_key.as_str())
-                .arg(i)
-                .arg(fair::tolerance(i, rate.burst()));
+                .arg(schedule.interval)
+                .arg(schedule.tolerance);
         }
         let mut conn = self.conn.clone();
         match tokio::time::timeout(self.timeout, call.invoke_async::<(u8, i64)>(&mut conn)).await {
