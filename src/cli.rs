@@ -22,14 +22,23 @@ use crate::policy::loaded::{self, Loaded};
 use crate::process::app::{App, EXIT_FLUSH, StartError};
 use crate::{base::ids, observe::diagnostics};
 
-/// Exit status for an invalid configuration (EX_CONFIG... sysexits' EX_USAGE, 64).
-pub const EXIT_CONFIG: u8 = 64;
+/// Exit statuses, as sysexits(3) names them: an invalid configuration
+/// (the file, the environment, a secret file) is `EX_CONFIG`; a command
+/// line that cannot be used is `EX_USAGE`; a listener that cannot be bound,
+/// or a running gateway that cannot be reached, is `EX_UNAVAILABLE`. Any
+/// other failure is 1.
+pub const EXIT_CONFIG: u8 = 78;
+pub const EXIT_USAGE: u8 = 64;
+pub const EXIT_UNAVAILABLE: u8 = 69;
 
 #[derive(Debug, Parser)]
 #[command(
     name = "pandagate",
-    version,
-    about = "A signing gateway for the PandaPon OpenAPI"
+    version = crate::base::build::VERSION,
+    about = "A signing gateway for the PandaPon OpenAPI",
+    after_help = "Exit status: 0 done; 1 failed; 64 the command line cannot be used (EX_USAGE); \
+69 a listener cannot be bound or the running gateway cannot be reached (EX_UNAVAILABLE); \
+78 the config is invalid (EX_CONFIG)."
 )]
 pub struct Cli {
     /// TOML config file; environment variables override it.
@@ -143,7 +152,18 @@ pub enum UnitArg {
 }
 
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // `--help` and `--version` go to stdout and succeed.
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
     let path = cli.config.as_deref();
     let code = match cli.command.unwrap_or(Command::Run) {
         // Calls are served by threads of their own (`server.worker_threads`);
@@ -244,6 +264,10 @@ async fn run(loaded: Loaded, config_path: Option<PathBuf>) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(StartError::Config(e)) => config_failure(&e),
+        Err(e @ StartError::Listen { .. }) => {
+            exit_message(format_args!("pandagate: {e}"));
+            ExitCode::from(EXIT_UNAVAILABLE)
+        }
         Err(e) => {
             exit_message(format_args!("pandagate: {e}"));
             ExitCode::FAILURE
@@ -355,7 +379,7 @@ fn sign(
     let name = profile.unwrap_or_else(|| loaded.config.default_profile.clone());
     let Some(p) = loaded.profiles.iter().find(|p| *p.name == *name) else {
         eprintln!("pandagate: no profile named {name:?}");
-        return ExitCode::from(EXIT_CONFIG);
+        return ExitCode::from(EXIT_USAGE);
     };
     let signing = &loaded.config.signing;
     let timestamp =
@@ -435,7 +459,7 @@ async fn callbacks_command(
         ),
         CallbacksAction::Replay { .. } => {
             eprintln!("pandagate callbacks replay: give a delivery id or --all-dead");
-            return ExitCode::from(2);
+            return ExitCode::from(EXIT_USAGE);
         }
     };
     let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
@@ -448,7 +472,7 @@ async fn callbacks_command(
         let Ok(mut bearer) = http::HeaderValue::from_str(&format!("Bearer {}", token.trim()))
         else {
             eprintln!("pandagate callbacks: PANDAGATE_CONTROL_TOKEN is not a valid header value");
-            return ExitCode::from(2);
+            return ExitCode::from(EXIT_USAGE);
         };
         bearer.set_sensitive(true);
         req = req.header(http::header::AUTHORIZATION, bearer);
@@ -474,7 +498,7 @@ async fn callbacks_command(
         }
         Err(e) => {
             eprintln!("pandagate callbacks: cannot reach the {name} listener at {listener}: {e}");
-            ExitCode::FAILURE
+            ExitCode::from(EXIT_UNAVAILABLE)
         }
     }
 }
@@ -507,7 +531,7 @@ async fn sandbox(
             exit_message(format_args!(
                 "pandagate sandbox: cannot listen on {listen}: {e}"
             ));
-            return ExitCode::FAILURE;
+            return ExitCode::from(EXIT_UNAVAILABLE);
         }
     };
     server::serve(

@@ -2,9 +2,10 @@
 //! gateway's one error type and its mapping to answers, the ids it makes up,
 //! secrets that never print, credentials cut out of URLs, the byte budget
 //! that bounds the memory request bodies may hold, and the lock-free latency
-//! histogram.
+//! histogram, and what the binary is (version and commit).
 
 pub mod body_budget;
+pub mod build;
 pub mod error;
 pub mod families;
 pub mod ids;

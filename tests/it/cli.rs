@@ -38,7 +38,7 @@ const CREDS: Env<'static> = &[
 ];
 
 #[test]
-fn invalid_config_exits_64_with_one_line_naming_the_key() {
+fn invalid_config_exits_78_with_one_line_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let cases: [(&str, &str, Env); 12] = [
         (
@@ -103,7 +103,7 @@ fn invalid_config_exits_64_with_one_line_naming_the_key() {
         std::fs::write(&path, toml).unwrap();
         let out = output(&["check", "--config", path.to_str().unwrap()], env);
         let stderr = text(&out.stderr);
-        assert_eq!(out.status.code(), Some(64), "{toml}: {stderr}");
+        assert_eq!(out.status.code(), Some(78), "{toml}: {stderr}");
         assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
         assert!(stderr.contains(key), "{key} named in: {stderr}");
         assert!(out.stdout.is_empty());
@@ -111,17 +111,17 @@ fn invalid_config_exits_64_with_one_line_naming_the_key() {
 }
 
 #[test]
-fn serving_with_an_invalid_config_also_exits_64() {
+fn serving_with_an_invalid_config_also_exits_78() {
     let out = output(&["run"], &[("PANDAPON_ACCESS_KEY", "ak")]);
-    assert_eq!(out.status.code(), Some(64));
+    assert_eq!(out.status.code(), Some(78));
     let out = output(&[], &[("PANDAGATE_LISTEN", "nowhere"), CREDS[0], CREDS[1]]);
-    assert_eq!(out.status.code(), Some(64));
+    assert_eq!(out.status.code(), Some(78));
     assert!(text(&out.stderr).contains("PANDAGATE_LISTEN"));
     let out = output(
         &[],
         &[("PANDAGATE_WORKER_THREADS", "two"), CREDS[0], CREDS[1]],
     );
-    assert_eq!(out.status.code(), Some(64));
+    assert_eq!(out.status.code(), Some(78));
     assert!(text(&out.stderr).contains("PANDAGATE_WORKER_THREADS"));
 }
 
@@ -213,7 +213,7 @@ fn the_shipped_example_config_is_valid() {
     assert!(stdout.contains("name = \"ops\""), "{stdout}");
     // Without the second profile's secret the example is rejected, naming it.
     let out = output(&["check", "--config", example], &env[..1]);
-    assert_eq!(out.status.code(), Some(64));
+    assert_eq!(out.status.code(), Some(78));
     assert!(text(&out.stderr).contains("profiles[1].secret_env"));
 }
 
@@ -533,7 +533,7 @@ fn check_and_run_refuse_alike_what_would_overflow_or_panic() {
         let path = config_file(&dir, &format!("case{i}.toml"), toml);
         let checked = output(&["check", "--config", &path], CREDS);
         let stderr = text(&checked.stderr);
-        assert_eq!(checked.status.code(), Some(64), "check {toml}: {stderr}");
+        assert_eq!(checked.status.code(), Some(78), "check {toml}: {stderr}");
         assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
         assert!(
             stderr.starts_with(&format!("pandagate: invalid config: {key}: ")),
@@ -551,7 +551,7 @@ fn check_and_run_refuse_alike_what_would_overflow_or_panic() {
         let ran = output(&["run", "--config", &path], &env);
         assert_eq!(
             ran.status.code(),
-            Some(64),
+            Some(78),
             "run {toml}: {}",
             text(&ran.stderr)
         );
@@ -670,7 +670,7 @@ fn check_shows_no_password_of_any_url() {
     // Credentials in the upstream URL are refused, named redacted: they
     // would travel to the provider in `Host`.
     let out_upstream = output(&["check", "--config", &from_env], &env);
-    assert_eq!(out_upstream.status.code(), Some(64));
+    assert_eq!(out_upstream.status.code(), Some(78));
     let refused = text(&out_upstream.stderr);
     assert!(
         refused.contains("upstream.url: must not carry credentials")
@@ -683,7 +683,7 @@ fn check_shows_no_password_of_any_url() {
         "[upstream]\nurl = \"https://gw:upstream-pw-in-toml@api.example.test/base\"\n",
     );
     let out_toml = output(&["check", "--config", &toml_upstream], CREDS);
-    assert_eq!(out_toml.status.code(), Some(64));
+    assert_eq!(out_toml.status.code(), Some(78));
     let env = [env[0], env[1], env[3]];
     let out_env = output(&["check", "--config", &from_env], &env);
     let stdout_env = text(&out_env.stdout);
@@ -811,4 +811,61 @@ async fn the_redis_url_from_env_or_file_is_the_one_connected_with() {
     let env = [("PANDAGATE_TEST_REDIS_URL", wrong.as_str())];
     let waited = second_call_retry_after(&from_env, &env, &upstream.uri()).await;
     assert_eq!(waited, 1, "refused by the fail mode, not by Redis");
+}
+
+/// sysexits: a command line that cannot be used is EX_USAGE (64), a
+/// listener that cannot be bound EX_UNAVAILABLE (69); `--help` and
+/// `--version` succeed, and `--version` names the commit.
+#[test]
+fn exit_statuses_follow_sysexits() {
+    for args in [
+        &["--no-such-flag"][..],
+        &["no-such-command"],
+        &["sandbox", "--listen", "not-an-address"],
+        &["callbacks", "replay"],
+    ] {
+        let out = output(args, &[]);
+        assert_eq!(
+            out.status.code(),
+            Some(64),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+        assert!(!out.stderr.is_empty(), "{args:?} says why");
+    }
+    let out = output(&["sign", "--profile", "nobody"], CREDS);
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out.stderr));
+
+    let help = output(&["--help"], &[]);
+    assert_eq!(help.status.code(), Some(0));
+    let help = text(&help.stdout);
+    for status in ["64", "69", "78"] {
+        assert!(
+            help.contains(status),
+            "--help lists exit status {status}: {help}"
+        );
+    }
+    let version = output(&["--version"], &[]);
+    assert_eq!(version.status.code(), Some(0));
+    let version = text(&version.stdout);
+    assert!(
+        version.contains(env!("CARGO_PKG_VERSION")) && version.contains("(commit "),
+        "{version}"
+    );
+
+    // The admin port already taken: the gateway cannot serve.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = output(
+        &["run"],
+        &[
+            CREDS[0],
+            CREDS[1],
+            ("PANDAGATE_LISTEN", "127.0.0.1:0"),
+            ("PANDAGATE_ADMIN_LISTEN", &addr),
+            ("PANDAGATE_CONTROL_LISTEN", "127.0.0.1:0"),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(69), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains(&addr));
 }
