@@ -19,6 +19,11 @@ struct ListenerLabels {
     listener: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
 /// A counter read now.
 pub fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> Described {
     let c = ConstCounter::new(v);
@@ -44,9 +49,35 @@ pub fn per_listener(
     kind: Kind,
     series: impl IntoIterator<Item = (&'static str, u64)>,
 ) -> Described {
+    labelled(e, name, help, kind, series, |listener| ListenerLabels {
+        listener,
+    })
+}
+
+/// One series per `result` label, a counter or a gauge.
+pub fn by_result(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    kind: Kind,
+    series: impl IntoIterator<Item = (&'static str, u64)>,
+) -> Described {
+    labelled(e, name, help, kind, series, |result| ResultLabels {
+        result,
+    })
+}
+
+fn labelled<L: EncodeLabelSet>(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    kind: Kind,
+    series: impl IntoIterator<Item = (&'static str, u64)>,
+    labels: impl Fn(&'static str) -> L,
+) -> Described {
     let mut family = e.encode_descriptor(name, help, None, kind)?;
-    for (listener, value) in series {
-        let labels = ListenerLabels { listener };
+    for (label, value) in series {
+        let labels = labels(label);
         let encoder = family.encode_family(&labels)?;
         match kind {
             Kind::Counter => ConstCounter::new(value).encode(encoder)?,

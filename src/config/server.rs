@@ -82,8 +82,12 @@ pub struct ServerConfig {
     pub max_buffered_body_bytes: u64,
     /// On SIGTERM/SIGINT, how long calls in flight may take to finish, in milliseconds.
     pub shutdown_grace_ms: u64,
-    /// How often secret files are re-read for rotation, in milliseconds.
+    /// How often secret files (profiles' secrets, clients' token files) are
+    /// re-read for rotation, in milliseconds.
     pub secret_poll_ms: u64,
+    /// How often the config file is read again; a changed file is reloaded
+    /// as on SIGHUP, in milliseconds. Read at start.
+    pub config_poll_ms: u64,
     /// Threads serving calls (env `PANDAGATE_WORKER_THREADS`), like nginx's
     /// `worker_processes`: 0 = one per CPU the process may use (a cgroup
     /// CPU quota counts). Each has its own single-threaded runtime, its own
@@ -137,6 +141,7 @@ impl Default for ServerConfig {
             max_buffered_body_bytes: 64 * 1024 * 1024,
             shutdown_grace_ms: 20_000,
             secret_poll_ms: 1_000,
+            config_poll_ms: 1_000,
             worker_threads: 0,
         }
     }
@@ -164,6 +169,7 @@ impl ServerConfig {
             ),
             ("server.shutdown_grace_ms", self.shutdown_grace_ms),
             ("server.secret_poll_ms", self.secret_poll_ms),
+            ("server.config_poll_ms", self.config_poll_ms),
         ] {
             positive(key, value)?;
         }

@@ -140,6 +140,8 @@ pub struct Gateway {
     /// as the access log names them.
     sidecar_client: Option<Arc<str>>,
     server: ServerConfig,
+    /// `[rate_limit]` as configured, for the status page.
+    rate_limit: Option<crate::config::RateLimitConfig>,
     max_body: u64,
     buffer_body: u64,
     request_timeout: Duration,
@@ -192,6 +194,7 @@ impl Gateway {
                 .and_then(|r| r.client.as_deref())
                 .map(Arc::from),
             server: c.server.clone(),
+            rate_limit: c.rate_limit.clone(),
             signing: c.signing.clone(),
             retry: c.retry.clone(),
             budget: Budget::new(
@@ -235,6 +238,16 @@ impl Gateway {
 
     pub fn profiles(&self) -> &Profiles {
         &self.profiles
+    }
+
+    /// The quota this gateway was built with (`[rate_limit]`), if any.
+    pub fn quota_config(&self) -> Option<&crate::config::RateLimitConfig> {
+        self.rate_limit.as_ref()
+    }
+
+    /// The callers of a shared gateway (`[[clients]]`).
+    pub fn clients(&self) -> &Clients {
+        &self.clients
     }
 
     /// The listener settings this gateway was built with.

@@ -9,14 +9,16 @@
 //! counters (labelled with the provider's `code`, known only per call) are
 //! kept by each thread in a small cache of its own.
 
-use crate::base::families::{self, Described, DescriptorEncoder};
+use crate::base::families::{self, Described, DescriptorEncoder, Kind};
 pub use crate::base::latency::Latency;
 use std::cell::RefCell;
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, SystemTime};
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
@@ -24,6 +26,9 @@ use prometheus_client::registry::Registry;
 use crate::config::Class;
 use crate::observe::access_log::AccessRecord;
 use crate::pandapon::envelope::EnvelopeFields;
+use crate::policy::retry::RetryReason;
+use crate::state::cache::CacheResult;
+use crate::state::idempotency::Logged;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CallLabels {
@@ -67,7 +72,39 @@ pub struct Metrics {
     in_flight: AtomicI64,
     secret_reloads: AtomicU64,
     secret_reload_failures: AtomicU64,
-    config_reloads: AtomicU64,
+    /// Config reloads applied, and refused.
+    config_reloads: [AtomicU64; 2],
+    /// The gateway's own errors, by kind: how many, and the last one.
+    errors: Mutex<Vec<ErrorSeen>>,
+}
+
+/// Calls that ended in one kind of gateway error, and the last of them.
+#[derive(Clone, Debug)]
+pub struct ErrorSeen {
+    pub kind: &'static str,
+    pub count: u64,
+    pub last: SystemTime,
+    /// What the last one's caller was told.
+    pub message: String,
+}
+
+/// `pandagate_calls_total`, whose label values are known only as calls
+/// end: exported through a collector so that its family is there, with no
+/// series, before the first call (a registered family is left out while
+/// it is empty).
+#[derive(Debug)]
+struct CallsCollector(Family<CallLabels, Counter>);
+
+impl Collector for CallsCollector {
+    fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+        let family = e.encode_descriptor(
+            "calls",
+            "Calls answered, by route class, HTTP status and provider code.",
+            None,
+            MetricType::Counter,
+        )?;
+        self.0.encode(family)
+    }
 }
 
 /// One class's series, shared with the families that export them.
@@ -97,8 +134,13 @@ thread_local! {
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 
 impl Default for Metrics {
+    /// Every series whose labels are known in advance exists from the
+    /// start, at 0: each class's latencies and attempts, each idempotency
+    /// outcome, each cache result, each retry reason but the open-ended
+    /// ones (statuses and codes), so dashboards and alerts see them before
+    /// the first event.
     fn default() -> Self {
-        Metrics {
+        let metrics = Metrics {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             calls: Family::default(),
             duration: Family::default(),
@@ -111,8 +153,37 @@ impl Default for Metrics {
             in_flight: AtomicI64::new(0),
             secret_reloads: AtomicU64::new(0),
             secret_reload_failures: AtomicU64::new(0),
-            config_reloads: AtomicU64::new(0),
+            config_reloads: Default::default(),
+            errors: Mutex::new(Vec::new()),
+        };
+        for class in [
+            None,
+            Some(Class::Read),
+            Some(Class::Write),
+            Some(Class::Unknown),
+        ] {
+            metrics.class(class);
         }
+        for logged in Logged::ALL {
+            let _ = metrics.idempotency.get_or_create(&ResultLabels {
+                result: logged.as_str(),
+            });
+        }
+        for result in CacheResult::ALL {
+            let _ = metrics.cache.get_or_create(&ResultLabels {
+                result: result.as_str(),
+            });
+        }
+        for reason in [
+            RetryReason::Connect,
+            RetryReason::Reset,
+            RetryReason::Timeout,
+        ] {
+            let _ = metrics.retries.get_or_create(&ReasonLabels {
+                reason: reason.to_string(),
+            });
+        }
+        metrics
     }
 }
 
@@ -144,6 +215,36 @@ impl Metrics {
                 })
                 .inc();
         }
+        if let Some(kind) = r.error {
+            self.error_seen(kind, r.gateway_msg.as_deref().unwrap_or(""));
+        }
+    }
+
+    /// A call ended in the gateway's error `kind` (a lock, on errors only).
+    fn error_seen(&self, kind: &'static str, message: &str) {
+        let mut errors = self.errors.lock().unwrap_or_else(|e| e.into_inner());
+        let now = SystemTime::now();
+        match errors.iter_mut().find(|e| e.kind == kind) {
+            Some(seen) => {
+                seen.count += 1;
+                seen.last = now;
+                message.clone_into(&mut seen.message);
+            }
+            None => errors.push(ErrorSeen {
+                kind,
+                count: 1,
+                last: now,
+                message: message.to_owned(),
+            }),
+        }
+    }
+
+    /// Each kind of gateway error seen since start, with its last one.
+    pub fn errors_seen(&self) -> Vec<ErrorSeen> {
+        self.errors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// One upstream attempt took `took` to its response head (or failure).
@@ -235,8 +336,10 @@ impl Metrics {
         }
     }
 
-    pub fn config_reloaded(&self) {
-        self.config_reloads.fetch_add(1, Ordering::Relaxed);
+    /// A config reload ended: `applied` or `refused`.
+    pub fn config_reloaded(&self, result: &str) {
+        let slot = usize::from(result != "applied");
+        self.config_reloads[slot].fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn in_flight(&self) -> i64 {
@@ -252,8 +355,12 @@ impl Metrics {
         )
     }
 
-    pub fn config_reloads(&self) -> u64 {
-        self.config_reloads.load(Ordering::Relaxed)
+    /// Config reloads (applied, refused).
+    pub fn config_reloads(&self) -> (u64, u64) {
+        (
+            self.config_reloads[0].load(Ordering::Relaxed),
+            self.config_reloads[1].load(Ordering::Relaxed),
+        )
     }
 
     /// The process-level series kept here beside the per-call ones: calls
@@ -278,21 +385,19 @@ impl Metrics {
             "Secret files that changed but could not be used.",
             failures,
         )?;
-        families::counter(
+        let (applied, refused) = self.config_reloads();
+        families::by_result(
             e,
             "config_reloads",
-            "Configs reloaded on SIGHUP.",
-            self.config_reloads(),
+            "Config reloads (SIGHUP, POST /reload, a changed file), by result: applied, or refused and the running config kept.",
+            Kind::Counter,
+            [("applied", applied), ("refused", refused)],
         )
     }
 
     /// Adds the per-call series to `registry`.
     pub fn register(&self, registry: &mut Registry) {
-        registry.register(
-            "calls",
-            "Calls answered, by route class, HTTP status and provider code",
-            self.calls.clone(),
-        );
+        registry.register_collector(Box::new(CallsCollector(self.calls.clone())));
         registry.register(
             "request_duration_seconds",
             "Time from a call's arrival to the end of its response",

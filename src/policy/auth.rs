@@ -11,12 +11,15 @@
 //! clients. With no client configured, the gateway refuses to start on a
 //! non-loopback listener unless `allow_unauthenticated = true`.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use http::{HeaderMap, HeaderValue, header};
 use sha2::{Digest, Sha256};
 
 use crate::base::error::GatewayError;
+use crate::base::secret::Secret;
 use crate::config::{ClientConfig, ConfigError, Env, TokenSource};
 use crate::net::tls::PeerIdentity;
 use crate::policy::profiles::{Profile, Profiles};
@@ -29,13 +32,15 @@ pub struct Client {
     pub quota: usize,
     proof: Proof,
     profiles: Vec<Arc<str>>,
+    /// The file its token is read from, re-read for rotation.
+    token_file: Option<PathBuf>,
 }
 
 /// How a client is recognised.
 #[derive(Clone)]
 enum Proof {
-    /// Its bearer token's SHA-256.
-    Token([u8; 32]),
+    /// Its bearer token's SHA-256; replaced when its token file changes.
+    Token(Arc<ArcSwap<[u8; 32]>>),
     /// A subject alternative name of its client certificate.
     CertSan(Arc<str>),
 }
@@ -66,17 +71,19 @@ impl Client {
                 "list at least one profile this client may use",
             ));
         }
+        let mut token_file = None;
         let proof = match c.token_source(key)? {
             TokenSource::Secret(source) => {
                 let token = source.read(env, &format!("{key}.token"))?;
-                Proof::Token(Sha256::digest(token.expose().as_bytes()).into())
+                token_file = source.file().map(Path::to_path_buf);
+                Proof::Token(Arc::new(ArcSwap::from_pointee(digest_of(&token))))
             }
             TokenSource::Sha256(hex_digest) => {
                 let mut digest = [0u8; 32];
                 hex::decode_to_slice(hex_digest, &mut digest).map_err(|_| {
                     ConfigError::new(format!("{key}.token_sha256"), "must be 64 hex characters")
                 })?;
-                Proof::Token(digest)
+                Proof::Token(Arc::new(ArcSwap::from_pointee(digest)))
             }
             TokenSource::CertSan(san) => Proof::CertSan(Arc::from(san.as_str())),
         };
@@ -85,7 +92,27 @@ impl Client {
             quota,
             proof,
             profiles: c.profiles.iter().map(|p| Arc::from(p.as_str())).collect(),
+            token_file,
         })
+    }
+
+    /// The file this client's token is read from, if it is read from one.
+    pub fn token_file(&self) -> Option<&Path> {
+        self.token_file.as_deref()
+    }
+
+    /// Accepts `token` from now on instead of the one before; true when it
+    /// differs from it.
+    pub fn rotate(&self, token: &Secret) -> bool {
+        let Proof::Token(digest) = &self.proof else {
+            return false;
+        };
+        let new = digest_of(token);
+        if **digest.load() == new {
+            return false;
+        }
+        digest.store(Arc::new(new));
+        true
     }
 
     /// The profile this client's call uses: the one it names (which must be
@@ -111,6 +138,10 @@ impl Client {
     }
 }
 
+fn digest_of(token: &Secret) -> [u8; 32] {
+    Sha256::digest(token.expose().as_bytes()).into()
+}
+
 /// All configured clients.
 #[derive(Clone, Debug, Default)]
 pub struct Clients {
@@ -120,6 +151,11 @@ pub struct Clients {
 impl Clients {
     pub fn new(list: Vec<Client>) -> Clients {
         Clients { list }
+    }
+
+    /// Every client, in config order.
+    pub fn iter(&self) -> impl Iterator<Item = &Client> {
+        self.list.iter()
     }
 
     /// `Ok(None)` when no client is configured (no authentication); the
@@ -156,7 +192,7 @@ impl Clients {
         for client in &self.list {
             // Every client is compared, whatever matched before.
             if let Proof::Token(digest) = &client.proof
-                && crate::base::secret::same_digest(digest, &presented)
+                && crate::base::secret::same_digest(&digest.load(), &presented)
             {
                 found = Some(client);
             }

@@ -39,8 +39,9 @@ use crate::observe::log_queue::LogQueue;
 use crate::policy::loaded::Loaded;
 use crate::process::admin::{Admin, Control, Drain};
 use crate::process::exporter::Process;
+use crate::process::reload::{self, Reloader};
 use crate::state::idempotency::{self, LocalStore, Store};
-use crate::{net::worker, observe::diagnostics, process::reload};
+use crate::{net::worker, observe::diagnostics};
 
 /// Longest an access-log line waits in its worker's batch before the
 /// batch goes to the writer (which writes within another 20 ms).
@@ -179,7 +180,8 @@ impl App {
         let listeners = self.bind().await?;
         let drain = Drain::default();
         self.watch_signals(drain.clone())?;
-        self.watch_reloads();
+        let reloader = self.reloader();
+        self.watch_reloads(&reloader);
 
         let server_config = &self.loaded.config.server;
         let opts = ServerOptions::from(server_config);
@@ -207,7 +209,13 @@ impl App {
                 let _ = stop.wait_for(|done| *done).await;
             }
         };
-        let admin = self.admin(drain.clone(), counted);
+        // The status page shows the actions at the address the control
+        // listener got (port 0 picks one).
+        let control_addr = listeners
+            .control
+            .local_addr()
+            .unwrap_or(self.loaded.config.server.control_listen);
+        let admin = self.admin(drain.clone(), counted, control_addr);
         let admin_task = tokio::spawn(server::serve_counted(
             listeners.admin,
             move |req| {
@@ -218,7 +226,7 @@ impl App {
             admin_conns,
             stopped(),
         ));
-        let control = Arc::new(self.control(drain.clone()));
+        let control = Arc::new(self.control(drain.clone(), reloader));
         let control_task = tokio::spawn(server::serve_counted(
             listeners.control,
             move |req| {
@@ -321,38 +329,48 @@ impl App {
         Ok(())
     }
 
-    /// SIGHUP reloads the whole config; secret files are re-read on their own.
-    fn watch_reloads(&self) {
+    /// Secret and token files are re-read on their own; the config is
+    /// reloaded on SIGHUP and when its file changes (and on `POST /reload`,
+    /// through the control listener).
+    fn watch_reloads(&self, reloader: &Arc<Reloader>) {
+        let server = &self.loaded.config.server;
         tokio::spawn(reload::watch_secret_files(
             self.current.clone(),
             self.lasting.metrics.clone(),
-            Duration::from_millis(self.loaded.config.server.secret_poll_ms),
+            Duration::from_millis(server.secret_poll_ms),
+        ));
+        tokio::spawn(reload::watch_config_file(
+            reloader.clone(),
+            Duration::from_millis(server.config_poll_ms),
         ));
         let hangup = tokio::signal::unix::SignalKind::hangup();
         let mut hangups = match tokio::signal::unix::signal(hangup) {
             Ok(hangups) => hangups,
             Err(e) => {
-                tracing::warn!(error = %e, "cannot watch SIGHUP; config reload is off");
+                tracing::warn!(error = %e, "cannot watch SIGHUP; reload by POST /reload or the file");
                 return;
             }
         };
-        let current = self.current.clone();
-        let config_path = self.config_path.clone();
-        let receiver_profile = self.callbacks.as_ref().map(|cb| cb.profile().to_owned());
+        let reloader = reloader.clone();
         tokio::spawn(async move {
             while hangups.recv().await.is_some() {
-                tracing::info!("SIGHUP: reloading the config");
-                reload::reload(
-                    config_path.as_deref(),
-                    &process_env,
-                    &current,
-                    receiver_profile.as_deref(),
-                );
+                let reloader = reloader.clone();
+                let _ = tokio::task::spawn_blocking(move || reloader.reload("SIGHUP")).await;
             }
         });
     }
 
-    fn control(&self, drain: Drain) -> Control {
+    fn reloader(&self) -> Arc<Reloader> {
+        Arc::new(Reloader::new(
+            self.config_path.clone(),
+            process_env,
+            self.current.clone(),
+            self.callbacks.as_ref().map(|cb| cb.profile().to_owned()),
+            &self.loaded.config,
+        ))
+    }
+
+    fn control(&self, drain: Drain, reloader: Arc<Reloader>) -> Control {
         let current = self.current.clone();
         Control::new(
             Arc::new(move || current.load_full()),
@@ -360,19 +378,28 @@ impl App {
             self.callbacks.clone(),
             self.loaded.control_token.clone(),
         )
+        .with_reloader(reloader)
     }
 
-    fn admin(&self, drain: Drain, listeners: Vec<Arc<Connections>>) -> Arc<Admin> {
+    fn admin(
+        &self,
+        drain: Drain,
+        listeners: Vec<Arc<Connections>>,
+        control: SocketAddr,
+    ) -> Arc<Admin> {
         let current = self.current.clone();
-        Arc::new(Admin::new(
-            Arc::new(move || current.load_full()),
-            drain,
-            Process {
-                callbacks: self.callbacks.clone(),
-                listeners,
-                diagnostics_dropped: Some(diagnostics::dropped),
-            },
-        ))
+        Arc::new(
+            Admin::new(
+                Arc::new(move || current.load_full()),
+                drain,
+                Process {
+                    callbacks: self.callbacks.clone(),
+                    listeners,
+                    diagnostics_dropped: Some(diagnostics::dropped),
+                },
+            )
+            .with_control(control, self.loaded.control_token.is_some()),
+        )
     }
 }
 

@@ -8,9 +8,12 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::DescriptorEncoder;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
+use crate::base::build;
 use crate::callbacks::Callbacks;
 use crate::gateway::Gateway;
 use crate::net::connections::{self, Connections};
@@ -45,6 +48,7 @@ impl Collector for StateCollector {
     /// Each part describes its own series; the order is the exposition's.
     fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
         let gateway = (self.gateway)();
+        describe_build(&mut e)?;
         connections::describe(&self.process.listeners, &mut e)?;
         gateway.lasting().bodies.describe(&mut e)?;
         gateway.describe(&mut e)?;
@@ -55,6 +59,26 @@ impl Collector for StateCollector {
         }
         Ok(())
     }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+    commit: &'static str,
+}
+
+/// `pandagate_build_info{version, commit} 1`.
+fn describe_build(e: &mut DescriptorEncoder) -> std::fmt::Result {
+    let family = e.encode_descriptor(
+        "build_info",
+        "The binary's version and the commit it was built from; always 1.",
+        None,
+        MetricType::Gauge,
+    );
+    ConstGauge::new(1i64).encode(family?.encode_family(&BuildLabels {
+        version: build::VERSION_NUMBER,
+        commit: build::COMMIT,
+    })?)
 }
 
 /// The registry for one gateway.

@@ -179,7 +179,8 @@ fn config(dir: &Path, subscriber: &str, collector: &str) -> PathBuf {
 /// idempotency store, a cached route and trace export configured, after calls that give every labelled
 /// family a sample: a read retried after a 503, a keyed write, a push
 /// delivered.
-async fn scrape_a_busy_gateway() -> String {
+/// `/metrics` of a gateway before its first call, and after a few calls.
+async fn scrape_a_busy_gateway() -> (String, String) {
     let dir = tempfile::tempdir().unwrap();
     let upstream = support::provider::upstream_failing_first(
         1,
@@ -206,6 +207,8 @@ async fn scrape_a_busy_gateway() -> String {
         ],
     )
     .await;
+    let metrics = format!("http://{}/metrics", gw.admin);
+    let first = String::from_utf8(support::get(&metrics).await.body.to_vec()).unwrap();
 
     let read = support::get(&format!("http://{}/open/product/get", gw.gateway)).await;
     assert_eq!(read.status, 200, "the read is retried after the 503");
@@ -216,7 +219,6 @@ async fn scrape_a_busy_gateway() -> String {
     assert_eq!(support::send(write).await.status, 200);
     assert_eq!(support::push_signed(&gw.gateway, SECRET, "D1").await, 200);
 
-    let metrics = format!("http://{}/metrics", gw.admin);
     for _ in 0..500 {
         let text = String::from_utf8(support::get(&metrics).await.body.to_vec()).unwrap();
         let done = [
@@ -227,7 +229,7 @@ async fn scrape_a_busy_gateway() -> String {
         .iter()
         .all(|line| text.contains(line));
         if done {
-            return text;
+            return (first, text);
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -386,12 +388,47 @@ fn dashboard() -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_and_rules_use_only_exported_metrics_and_labels() {
-    let exported = Exported::parse(&scrape_a_busy_gateway().await);
+    let (first, busy) = scrape_a_busy_gateway().await;
+    let exported = Exported::parse(&busy);
     assert!(
         exported.families.len() >= 20,
         "too few families scraped: {:?}",
         exported.families
     );
+    // Every family is there from the first scrape, and the series whose
+    // labels are known in advance are there at 0, so that a rule or panel
+    // sees them before the first event.
+    let fresh = Exported::parse(&first);
+    let late: Vec<&String> = exported
+        .families
+        .keys()
+        .filter(|f| !fresh.families.contains_key(*f))
+        .collect();
+    assert!(
+        late.is_empty(),
+        "families missing from the first scrape: {late:?}\n{first}"
+    );
+    for series in [
+        r#"pandagate_idempotency_total{result="replayed"} 0"#,
+        r#"pandagate_idempotency_total{result="unknown_outcome"} 0"#,
+        r#"pandagate_cache_requests_total{result="hit"} 0"#,
+        r#"pandagate_cache_requests_total{result="stale"} 0"#,
+        r#"pandagate_retries_total{reason="timeout"} 0"#,
+        r#"pandagate_upstream_attempts_total{class="write"} 0"#,
+        r#"pandagate_request_duration_seconds_count{class="read"} 0"#,
+        r#"pandagate_config_reloads_total{result="refused"} 0"#,
+        r#"pandagate_quota_refused_total{client="default"} 0"#,
+    ] {
+        assert!(
+            first.contains(series),
+            "not in the first scrape: {series}\n{first}"
+        );
+    }
+    let build = format!(
+        r#"pandagate_build_info{{version="{}",commit=""#,
+        env!("CARGO_PKG_VERSION")
+    );
+    assert!(first.contains(&build), "{build}\n{first}");
 
     let (panels, variables) = dashboard_exprs(&dashboard());
     let mut all: Exprs = panels.clone();

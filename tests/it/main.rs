@@ -39,6 +39,7 @@ mod retries;
 mod shutdown;
 mod signing;
 mod stalls;
+mod status_page;
 mod traces;
 mod unread_logs;
 mod upstream_tls;

@@ -134,6 +134,23 @@ async fn sighup_applies_a_valid_config_and_keeps_serving_on_a_broken_one() {
     assert_eq!(status.unwrap().unwrap().code(), Some(0));
 }
 
+/// Reads diagnostics until one has `message` (bounded), skipping others;
+/// returns that line.
+async fn wait_for_line(gw: &mut support::binary::Running, message: &str) -> String {
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        let line = tokio::time::timeout(left, gw.stderr.next_line())
+            .await
+            .unwrap_or_else(|_| panic!("no diagnostic {message:?} within 10 s"))
+            .unwrap()
+            .unwrap_or_else(|| panic!("stderr closed before {message:?}"));
+        if line.contains(message) {
+            return line;
+        }
+    }
+}
+
 /// Reads diagnostics until one has `message` (bounded), skipping others.
 async fn wait_for_message(gw: &mut support::binary::Running, message: &str) {
     let found = tokio::time::timeout(Duration::from_secs(10), async {
@@ -205,11 +222,8 @@ async fn after_a_reload_pushes_are_verified_with_the_rotated_secret() {
     );
     std::fs::write(&config, renamed).unwrap();
     gw.signal("-HUP");
-    wait_for_message(
-        &mut gw,
-        "config reload rejected: the push receiver's profile is missing; the running config stays",
-    )
-    .await;
+    let refused = wait_for_line(&mut gw, "config reload refused; the running config stays").await;
+    assert!(refused.contains("callbacks.profile"), "{refused}");
     assert_eq!(
         push("push-secret-two", "A5").await,
         200,
@@ -246,10 +260,208 @@ async fn a_reload_keeps_the_body_budget_and_resizes_it() {
     let current = Arc::new(arc_swap::ArcSwap::from_pointee(gateway));
 
     std::fs::write(&path, "[server]\nmax_buffered_body_bytes = 16777216\n").unwrap();
-    pandagate::reload::reload(Some(&path), &env, &current, None);
-    assert_eq!(metrics.config_reloads(), 1, "the reload was applied");
+    let reloader =
+        pandagate::reload::Reloader::new(Some(path), env, current.clone(), None, &loaded.config);
+    let outcome = reloader.reload("test");
+    assert_eq!(outcome.result(), "applied", "{outcome:?}");
+    assert_eq!(metrics.config_reloads(), (1, 0), "the reload was applied");
     assert!(Arc::ptr_eq(&current.load().lasting().bodies, &budget));
     assert_eq!((budget.limit(), budget.used()), (16_777_216, 1000));
     drop(held);
     assert_eq!(budget.used(), 0);
+}
+
+/// Writes the config the way the kubelet updates a mounted ConfigMap:
+/// `kubelet_write`'s swap of the `..data` link, under the name `config`.
+fn kubelet_config(dir: &Path, version: &str, toml: &str) -> std::path::PathBuf {
+    kubelet_write(dir, version, toml);
+    dir.join("secret")
+}
+
+async fn post(url: &str) -> support::client::Answer {
+    support::send(
+        http::Request::post(url)
+            .body(http_body_util::Full::default())
+            .unwrap(),
+    )
+    .await
+}
+
+async fn metrics_text(gw: &support::binary::Running) -> String {
+    let m = support::get(&format!("http://{}/metrics", gw.admin)).await;
+    String::from_utf8_lossy(&m.body).into_owned()
+}
+
+/// Calls `call` until `done` says so, at most 5 s.
+async fn eventually(what: &str, mut done: impl AsyncFnMut() -> bool) {
+    let until = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < until {
+        if done().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("not within 5 s: {what}");
+}
+
+/// The config file is watched: a ConfigMap swapped by the kubelet is
+/// applied without a signal; a broken one, and one that changes what is
+/// fixed at start, are refused with the key named, the old config serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_config_file_is_applied_and_a_bad_one_refused_whole() {
+    let first = support::upstream_answering(ok()).await;
+    let second = support::upstream_answering(ok()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let toml = |url: &str, extra: &str| {
+        format!("[server]\nconfig_poll_ms = 50\n{extra}\n[upstream]\nurl = \"{url}\"\n")
+    };
+    let config = kubelet_config(dir.path(), "1", &toml(&first.uri(), ""));
+    let mut gw = support::launch(
+        &["--config", config.to_str().unwrap()],
+        &[
+            ("PANDAPON_ACCESS_KEY", "ak"),
+            ("PANDAPON_ACCESS_SECRET", "sk-watch"),
+        ],
+    )
+    .await;
+    let url = format!("http://{}/open/product/get", gw.gateway);
+    assert_eq!(support::get(&url).await.status, 200);
+
+    // Not TOML: refused, counted, the first upstream still serving.
+    kubelet_config(dir.path(), "2", "[upstream\nurl = broken");
+    wait_for_message(&mut gw, "config reload refused; the running config stays").await;
+    // A change of a key fixed at start, with a valid upstream change
+    // beside it: refused whole, naming the key.
+    kubelet_config(
+        dir.path(),
+        "3",
+        &toml(&second.uri(), "worker_threads = 7\n"),
+    );
+    let refused = wait_for_line(&mut gw, "config reload refused; the running config stays").await;
+    assert!(refused.contains("server.worker_threads"), "{refused}");
+    for _ in 0..3 {
+        assert_eq!(support::get(&url).await.status, 200);
+    }
+    assert!(second.received_requests().await.unwrap().is_empty());
+    assert_eq!(first.received_requests().await.unwrap().len(), 4);
+
+    // A valid change: applied, with no signal.
+    kubelet_config(dir.path(), "4", &toml(&second.uri(), ""));
+    eventually("the new upstream serves", async || {
+        assert_eq!(support::get(&url).await.status, 200);
+        !second.received_requests().await.unwrap().is_empty()
+    })
+    .await;
+    let m = metrics_text(&gw).await;
+    assert!(
+        m.contains("pandagate_config_reloads_total{result=\"applied\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("pandagate_config_reloads_total{result=\"refused\"} 2"),
+        "{m}"
+    );
+}
+
+/// `POST /reload` on the control listener: the outcome in the answer,
+/// refused with the key at fault, applied when valid.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn post_reload_answers_what_became_of_the_config() {
+    let first = support::upstream_answering(ok()).await;
+    let second = support::upstream_answering(ok()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("pandagate.toml");
+    // A long poll: only POST /reload reloads here.
+    let toml = |url: &str, extra: &str| {
+        format!("[server]\nconfig_poll_ms = 3600000\n{extra}\n[upstream]\nurl = \"{url}\"\n")
+    };
+    std::fs::write(&config, toml(&first.uri(), "")).unwrap();
+    let gw = support::launch(
+        &["--config", config.to_str().unwrap()],
+        &[
+            ("PANDAPON_ACCESS_KEY", "ak"),
+            ("PANDAPON_ACCESS_SECRET", "sk-post"),
+        ],
+    )
+    .await;
+    let reload = format!("http://{}/reload", gw.control);
+    let url = format!("http://{}/open/product/get", gw.gateway);
+
+    std::fs::write(&config, toml(&second.uri(), "max_connections = 5\n")).unwrap();
+    let refused = post(&reload).await;
+    assert_eq!(refused.status, 422);
+    let body: serde_json::Value = serde_json::from_slice(&refused.body).unwrap();
+    assert_eq!(body["result"], "refused");
+    assert_eq!(body["key"], "server.max_connections");
+    assert_eq!(support::get(&url).await.status, 200);
+    assert!(second.received_requests().await.unwrap().is_empty());
+
+    std::fs::write(&config, toml(&second.uri(), "")).unwrap();
+    let applied = post(&reload).await;
+    assert_eq!(applied.status, 200, "{:?}", applied.body);
+    let body: serde_json::Value = serde_json::from_slice(&applied.body).unwrap();
+    assert_eq!(body["result"], "applied");
+    assert_eq!(support::get(&url).await.status, 200);
+    assert_eq!(second.received_requests().await.unwrap().len(), 1);
+    assert_eq!(
+        support::get(&reload).await.status,
+        405,
+        "a reload changes state: POST only"
+    );
+}
+
+/// A client's token file is re-read like a secret: the rotated token is
+/// accepted and the old one refused, with no signal and no failed call
+/// in between for the token the file holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_client_token_file_takes_over_from_the_old_token() {
+    let upstream = support::upstream_answering(ok()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens");
+    std::fs::create_dir(&tokens).unwrap();
+    kubelet_write(&tokens, "1", "token-one");
+    let config = dir.path().join("pandagate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nsecret_poll_ms = 50\n[upstream]\nurl = \"{}\"\n\n\
+             [[clients]]\nname = \"orders\"\ntoken_file = \"{}\"\nprofiles = [\"default\"]\n",
+            upstream.uri(),
+            tokens.join("secret").display()
+        ),
+    )
+    .unwrap();
+    let gw = support::launch(
+        &["--config", config.to_str().unwrap()],
+        &[
+            ("PANDAPON_ACCESS_KEY", "ak"),
+            ("PANDAPON_ACCESS_SECRET", "sk-tokens"),
+        ],
+    )
+    .await;
+    let url = format!("http://{}/open/product/get", gw.gateway);
+    let call = |token: &'static str| {
+        let url = url.clone();
+        async move {
+            support::send(
+                http::Request::get(url)
+                    .header("authorization", format!("Bearer {token}"))
+                    .body(http_body_util::Full::default())
+                    .unwrap(),
+            )
+            .await
+            .status
+        }
+    };
+    assert_eq!(call("token-one").await, 200);
+    assert_eq!(call("token-two").await, 401);
+
+    kubelet_write(&tokens, "2", "token-two");
+    eventually("the rotated token is accepted", async || {
+        call("token-two").await == 200
+    })
+    .await;
+    assert_eq!(call("token-one").await, 401, "the old token no longer");
+    let m = metrics_text(&gw).await;
+    assert!(m.contains("pandagate_secret_reloads_total 1"), "{m}");
 }

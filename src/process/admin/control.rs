@@ -2,6 +2,8 @@
 //!
 //! * `POST /quitquitquit`: drain and exit (for Jobs whose main container has
 //!   finished);
+//! * `POST /reload`: reload the config now, all or nothing (200 applied,
+//!   422 refused with the key at fault; the running config stays);
 //! * `POST /cache/purge?prefix=P`: drop the read cache's entries whose path
 //!   starts with `P`, here and in Redis (503 when Redis could not be
 //!   purged to the end: purging again goes on);
@@ -24,6 +26,7 @@ use super::{Drain, has_flag, json, query_value, text, with_callbacks};
 use crate::base::secret::Secret;
 use crate::callbacks::Callbacks;
 use crate::process::exporter::GatewaySource;
+use crate::process::reload::{Outcome, Reloader};
 
 /// What the control endpoints act on.
 pub struct Control {
@@ -31,6 +34,8 @@ pub struct Control {
     drain: Drain,
     callbacks: Option<Arc<Callbacks>>,
     token: Option<Secret>,
+    /// What `POST /reload` runs; none: it answers 404.
+    reloader: Option<Arc<Reloader>>,
 }
 
 impl std::fmt::Debug for Control {
@@ -54,7 +59,14 @@ impl Control {
             drain,
             callbacks,
             token,
+            reloader: None,
         }
+    }
+
+    /// Serves `POST /reload` with `reloader`.
+    pub fn with_reloader(mut self, reloader: Arc<Reloader>) -> Control {
+        self.reloader = Some(reloader);
+        self
     }
 
     pub async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -75,6 +87,7 @@ impl Control {
                 self.drain.start("POST /quitquitquit");
                 text(StatusCode::OK, "draining\n".into())
             }
+            (&Method::POST, "/reload") => self.reload().await,
             (&Method::POST, "/cache/purge") => {
                 let Some(prefix) = query_value(query, "prefix") else {
                     return text(StatusCode::BAD_REQUEST, "give prefix=/path/\n".into());
@@ -93,7 +106,7 @@ impl Control {
                 })
                 .await
             }
-            (_, "/quitquitquit" | "/cache/purge" | "/callbacks/replay") => text(
+            (_, "/quitquitquit" | "/reload" | "/cache/purge" | "/callbacks/replay") => text(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method not allowed: POST\n".into(),
             ),
@@ -113,6 +126,29 @@ impl Control {
             .and_then(|v| v.split_once(' '))
             .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
             .is_some_and(|(_, presented)| token.matches(presented.trim().as_bytes()))
+    }
+
+    /// Reloads the config now: 200 when applied, 422 when refused (the
+    /// running config stays), with the key at fault.
+    async fn reload(&self) -> Response<Full<Bytes>> {
+        let Some(reloader) = self.reloader.clone() else {
+            return text(StatusCode::NOT_FOUND, "not found\n".into());
+        };
+        let outcome = tokio::task::spawn_blocking(move || reloader.reload("POST /reload")).await;
+        match outcome {
+            Ok(Outcome::Applied { profiles }) => json(
+                StatusCode::OK,
+                &serde_json::json!({ "result": "applied", "profiles": profiles }),
+            ),
+            Ok(Outcome::Refused(e)) => json(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                &serde_json::json!({ "result": "refused", "key": e.key, "error": e.message }),
+            ),
+            Err(_) => text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the reload did not finish\n".into(),
+            ),
+        }
     }
 
     async fn purge(&self, prefix: &str) -> Response<Full<Bytes>> {

@@ -1,6 +1,7 @@
 //! The operator endpoints, apart from traffic, on two listeners:
 //!
-//! * the admin listener (`server.admin_listen`) only reads: `GET /healthz`,
+//! * the admin listener (`server.admin_listen`) only reads: `GET /` (the
+//!   status page, [`status`]), `GET /healthz`,
 //!   `GET /readyz`, `GET /metrics` (Prometheus text) and, with
 //!   `[callbacks]`, `GET /callbacks[?dead=1][&limit=N][&after=NEXT]` (a page
 //!   of pending or dead deliveries, JSON `{"deliveries": [...], "next":
@@ -10,6 +11,7 @@
 //!   /callbacks/replay`. It is on loopback, or demands a token.
 
 mod control;
+mod status;
 
 pub use control::Control;
 
@@ -31,6 +33,7 @@ pub struct Admin {
     exporter: Exporter,
     drain: Drain,
     callbacks: Option<Arc<Callbacks>>,
+    page: status::Page,
 }
 
 impl std::fmt::Debug for Admin {
@@ -43,16 +46,28 @@ impl Admin {
     /// `process`: what `/metrics` reports besides the gateway, and the
     /// push receiver the `/callbacks` endpoints operate.
     pub fn new(gateway: GatewaySource, drain: Drain, process: Process) -> Admin {
+        let server = gateway().server_config().clone();
+        let control_token =
+            server.control_token_env.is_some() || server.control_token_file.is_some();
         Admin {
             callbacks: process.callbacks.clone(),
             exporter: Exporter::with_process(gateway.clone(), process),
             gateway,
             drain,
+            page: status::Page::new(server.control_listen, control_token),
         }
+    }
+
+    /// The status page shows its actions at `control`, with a bearer token
+    /// when `token`.
+    pub fn with_control(mut self, control: std::net::SocketAddr, token: bool) -> Admin {
+        self.page = status::Page::new(control, token);
+        self
     }
 
     pub async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
         match (req.method(), req.uri().path()) {
+            (&Method::GET | &Method::HEAD, "/") => self.status_page().await,
             (&Method::GET | &Method::HEAD, "/healthz") => text(StatusCode::OK, "ok\n".into()),
             (&Method::GET | &Method::HEAD, "/readyz") => self.readiness(),
             (&Method::GET | &Method::HEAD, "/metrics") => {
@@ -82,7 +97,7 @@ impl Admin {
                  listener (server.control_listen)\n"
                     .into(),
             ),
-            (_, "/healthz" | "/readyz" | "/metrics" | "/callbacks") => text(
+            (_, "/" | "/healthz" | "/readyz" | "/metrics" | "/callbacks") => text(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method not allowed\n".into(),
             ),
@@ -90,10 +105,54 @@ impl Admin {
         }
     }
 
+    /// The status page, from what `/metrics` and `/readyz` say now.
+    async fn status_page(&self) -> Response<Full<Bytes>> {
+        let pushes = match &self.callbacks {
+            None => None,
+            Some(cb) => {
+                let count = |dead| async move {
+                    cb.list(dead, None, LIST_LIMIT_MAX)
+                        .await
+                        .map(|page| (page.deliveries.len(), page.next.is_some()))
+                        .unwrap_or((0, false))
+                };
+                let ((pending, more_pending), (dead, more_dead)) =
+                    (count(false).await, count(true).await);
+                Some(status::Pushes {
+                    pending,
+                    dead,
+                    more: more_pending || more_dead,
+                })
+            }
+        };
+        let (_, ready) = self.ready();
+        let html = self.page.render(
+            &(self.gateway)(),
+            &self.exporter.render(),
+            &ready,
+            pushes.as_ref(),
+        );
+        let mut r = text(StatusCode::OK, html);
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("text/html; charset=utf-8"),
+        );
+        r.headers_mut().insert(
+            header::CACHE_CONTROL,
+            header::HeaderValue::from_static("no-store"),
+        );
+        r
+    }
+
     /// Ready: config loaded and secrets present (the gateway exists only
     /// then), the rate-limit backend answering or in its declared fallback,
     /// and not draining.
     fn readiness(&self) -> Response<Full<Bytes>> {
+        let (status, said) = self.ready();
+        text(status, said)
+    }
+
+    fn ready(&self) -> (StatusCode, String) {
         let limiter = match (self.gateway)().limiter().backend_state() {
             BackendState::Local => "local".to_owned(),
             BackendState::Redis => "redis".to_owned(),
@@ -102,9 +161,9 @@ impl Admin {
             }
         };
         if self.drain.is_draining() {
-            return text(StatusCode::SERVICE_UNAVAILABLE, "draining\n".into());
+            return (StatusCode::SERVICE_UNAVAILABLE, "draining\n".into());
         }
-        text(StatusCode::OK, format!("ready; rate limit: {limiter}\n"))
+        (StatusCode::OK, format!("ready; rate limit: {limiter}\n"))
     }
 }
 

@@ -65,6 +65,15 @@ pub enum CacheResult {
 }
 
 impl CacheResult {
+    /// Every result, for series that exist before the first call.
+    pub const ALL: [CacheResult; 5] = [
+        CacheResult::Hit,
+        CacheResult::Miss,
+        CacheResult::Coalesced,
+        CacheResult::Stale,
+        CacheResult::Bypass,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             CacheResult::Hit => "hit",

@@ -73,6 +73,18 @@ pub enum Logged {
 }
 
 impl Logged {
+    /// Every outcome, for series that exist before the first call.
+    pub const ALL: [Logged; 8] = [
+        Logged::Ignored,
+        Logged::New,
+        Logged::Replayed,
+        Logged::InProgress,
+        Logged::Mismatch,
+        Logged::Released,
+        Logged::UnknownOutcome,
+        Logged::Unavailable,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Logged::Ignored => "ignored",
