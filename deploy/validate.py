@@ -768,7 +768,8 @@ def check_manifests(report, path, rendered=False, documented=None):
             errors += secret_checks(docs, secret_files, documented)
     report.subject(shown(path) if not rendered else f"overlay {os.path.basename(path)[:-5]}", errors,
                    f"{len(docs)} resources valid against Kubernetes {', '.join(versions)} (strict): "
-                   + ", ".join(name_of(d) for d in docs if isinstance(d, dict)))
+                   + ", ".join(name_of(d) + (" (by structure)" if (d.get("apiVersion"), d.get("kind")) in OPERATOR_KINDS else "")
+                               for d in docs if isinstance(d, dict)))
     return docs
 
 
@@ -1064,16 +1065,16 @@ def check_with_binary(report, binary, renders):
                         out.write(content)
                 for _, d in config_dirs(config):
                     os.makedirs(root + d, exist_ok=True)
-                config_path = root + path
-                os.makedirs(os.path.dirname(config_path), exist_ok=True)
-                with open(config_path, "w", encoding="utf-8") as out:
+                config_file = root + path
+                os.makedirs(os.path.dirname(config_file), exist_ok=True)
+                with open(config_file, "w", encoding="utf-8") as out:
                     out.write(under_root(text, mounts, root))
                 if not errors:
                     try:
-                        run = subprocess.run([binary, "check", "--config", config_path], env=env,
+                        run = subprocess.run([binary, "check", "--config", config_file], env=env,
                                              capture_output=True, text=True, timeout=60)
-                        out = run.stdout.splitlines()
-                        if run.returncode != 0 or not out or "config is valid" not in out[0]:
+                        lines = run.stdout.splitlines()
+                        if run.returncode != 0 or not lines or "config is valid" not in lines[0]:
                             errors.append(f"exit {run.returncode}: {(run.stderr or run.stdout).strip()}")
                     except (OSError, subprocess.TimeoutExpired) as e:
                         errors.append(f"cannot run {binary}: {e}")
