@@ -298,7 +298,10 @@ fn check(loaded: &Loaded) -> ExitCode {
         && r.backend == RateLimitBackend::Redis
         && let Ok(source) = r.redis_url_source()
     {
-        println!("# rate_limit: Redis URL {source}");
+        println!(
+            "# rate_limit: {}",
+            redis_line(source, loaded.redis_url.as_deref())
+        );
     }
     match &loaded.traces_endpoint {
         Some(endpoint) => println!(
@@ -314,10 +317,52 @@ fn check(loaded: &Loaded) -> ExitCode {
         && i.backend == IdempotencyBackend::Redis
         && let Ok(source) = i.redis_url_source()
     {
-        println!("# idempotency: Redis URL {source}");
+        let line = redis_line(source, loaded.idempotency_redis_url.as_deref());
+        println!("# idempotency: {line}");
+    }
+    if loaded.config.cache.backend == crate::config::CacheBackend::Redis
+        && let Ok(source) = loaded.config.cache.redis_url_source()
+    {
+        let line = redis_line(source, loaded.cache_redis_url.as_deref());
+        println!("# cache: {line}");
     }
     print!("{}", loaded.config.to_toml());
     ExitCode::SUCCESS
+}
+
+/// Where a section's Redis is, passwords redacted: its one URL and where
+/// it comes from, a Cluster's seed nodes, or the sentinels and the master
+/// they are asked for.
+fn redis_line(
+    source: crate::config::RedisUrlSource<'_>,
+    resolved: Option<&crate::config::RedisUrl>,
+) -> String {
+    use crate::base::redact;
+    use crate::config::RedisMode;
+    let Some(url) = resolved else {
+        return format!("Redis URL {source}");
+    };
+    let list = || {
+        url.all()
+            .map(|u| redact::url(u).into_owned())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let from = match source {
+        crate::config::RedisUrlSource::Env(_) | crate::config::RedisUrlSource::File(_) => {
+            format!(" ({source})")
+        }
+        _ => String::new(),
+    };
+    match url.mode() {
+        RedisMode::Standalone => format!("Redis URL {source}"),
+        RedisMode::Cluster => format!("Redis Cluster, seed nodes {}{from}", list()),
+        RedisMode::Sentinel => format!(
+            "Redis master {:?} asked of the sentinels {}{from}",
+            url.sentinel_master().unwrap_or_default(),
+            list()
+        ),
+    }
 }
 
 /// Whether the push store's database answers, and whether its schema is

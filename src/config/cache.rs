@@ -42,6 +42,19 @@ pub struct CacheConfig {
     pub redis_url_env: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redis_url_file: Option<PathBuf>,
+    /// `standalone` (one server: `redis_url`), `cluster` (Redis Cluster:
+    /// `redis_urls` are seed nodes) or `sentinel` (the master of
+    /// `redis_sentinel_master`, asked of the sentinels in `redis_urls`).
+    #[serde(default)]
+    pub redis_mode: super::RedisMode,
+    /// With `redis_mode` cluster or sentinel: the nodes or sentinels; their
+    /// password may be given in `redis_url_env` or `redis_url_file` instead,
+    /// as the same list (separated by commas or whitespace).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub redis_urls: Vec<String>,
+    /// With `redis_mode = "sentinel"`: the name the sentinels know the master by.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis_sentinel_master: Option<String>,
     /// Longest a call waits for Redis, in milliseconds; past it, a miss.
     pub redis_timeout_ms: u64,
     /// Prefix of the Redis keys.
@@ -76,6 +89,9 @@ impl Default for CacheConfig {
             redis_url: None,
             redis_url_env: None,
             redis_url_file: None,
+            redis_mode: super::RedisMode::Standalone,
+            redis_urls: Vec::new(),
+            redis_sentinel_master: None,
             redis_timeout_ms: 50,
             redis_key_prefix: "pandagate".into(),
             forward_headers: DEFAULT_FORWARD_HEADERS.map(str::to_owned).to_vec(),
@@ -132,6 +148,14 @@ impl RedisUrlKeys for CacheConfig {
             self.redis_url.as_deref(),
             self.redis_url_env.as_deref(),
             self.redis_url_file.as_deref(),
+        )
+    }
+
+    fn redis_topology(&self) -> (super::RedisMode, &[String], Option<&str>) {
+        (
+            self.redis_mode,
+            &self.redis_urls,
+            self.redis_sentinel_master.as_deref(),
         )
     }
 

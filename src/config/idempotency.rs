@@ -45,6 +45,26 @@ pub struct IdempotencyConfig {
     /// File holding the Redis URL (trailing whitespace ignored).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redis_url_file: Option<PathBuf>,
+    /// `standalone` (one server: `redis_url`), `cluster` (Redis Cluster:
+    /// `redis_urls` are seed nodes) or `sentinel` (the master of
+    /// `redis_sentinel_master`, asked of the sentinels in `redis_urls`).
+    #[serde(default)]
+    pub redis_mode: super::RedisMode,
+    /// With `redis_mode` cluster or sentinel: the nodes or sentinels; their
+    /// password may be given in `redis_url_env` or `redis_url_file` instead,
+    /// as the same list (separated by commas or whitespace).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub redis_urls: Vec<String>,
+    /// With `redis_mode = "sentinel"`: the name the sentinels know the master by.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis_sentinel_master: Option<String>,
+    /// Replicas each key's write must reach (Redis `WAIT`) before its call
+    /// goes on: a key written only to a master that then fails over would
+    /// be lost, and its call sent again. Fewer in time: the store counts as
+    /// unavailable (503, nothing sent). Default: 1 with `redis_mode =
+    /// "sentinel"`, else 0 (set it when a Cluster has replicas).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis_wait_replicas: Option<u32>,
     /// Longest a call waits for one Redis operation, in milliseconds; past
     /// it the keyed call is refused (503), nothing sent.
     pub redis_timeout_ms: u64,
@@ -71,6 +91,10 @@ impl Default for IdempotencyConfig {
             redis_url: None,
             redis_url_env: None,
             redis_url_file: None,
+            redis_mode: super::RedisMode::Standalone,
+            redis_urls: Vec::new(),
+            redis_sentinel_master: None,
+            redis_wait_replicas: None,
             redis_timeout_ms: 250,
             redis_key_prefix: "pandagate".into(),
             ttl_ms: 24 * 3600 * 1000,
@@ -102,6 +126,12 @@ impl IdempotencyConfig {
                 return Err(ConfigError::new(key, "must be greater than 0"));
             }
         }
+        if self.redis_wait_replicas.is_some_and(|n| n > 16) {
+            return Err(ConfigError::new(
+                "idempotency.redis_wait_replicas",
+                "must be at most 16",
+            ));
+        }
         if self.max_response_bytes > MAX_RESPONSE_BYTES {
             return Err(ConfigError::new(
                 "idempotency.max_response_bytes",
@@ -124,6 +154,14 @@ impl IdempotencyConfig {
     }
 }
 
+impl IdempotencyConfig {
+    /// Replicas each write must reach: `redis_wait_replicas`, or its default.
+    pub fn wait_replicas(&self) -> u32 {
+        self.redis_wait_replicas
+            .unwrap_or(u32::from(self.redis_mode == super::RedisMode::Sentinel))
+    }
+}
+
 impl RedisUrlKeys for IdempotencyConfig {
     const KEY: &'static str = "idempotency.redis_url";
 
@@ -132,6 +170,14 @@ impl RedisUrlKeys for IdempotencyConfig {
             self.redis_url.as_deref(),
             self.redis_url_env.as_deref(),
             self.redis_url_file.as_deref(),
+        )
+    }
+
+    fn redis_topology(&self) -> (super::RedisMode, &[String], Option<&str>) {
+        (
+            self.redis_mode,
+            &self.redis_urls,
+            self.redis_sentinel_master.as_deref(),
         )
     }
 

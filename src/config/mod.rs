@@ -46,8 +46,8 @@ pub use log::{LogConfig, LogFormat};
 pub use profiles::{ENV_PROFILE, ProfileConfig};
 pub use rate_limit::{
     DEFAULT_CLIENT, DEFAULT_REDIS_URL, FailMode, MAX_BURST, MAX_PER_SECOND, MIN_FALLBACK_SHARE,
-    MIN_PER_SECOND, Rate, RateError, RateLimitBackend, RateLimitConfig, RedisUrl, RedisUrlKeys,
-    RedisUrlSource,
+    MIN_PER_SECOND, Rate, RateError, RateLimitBackend, RateLimitConfig, RedisMode, RedisUrl,
+    RedisUrlKeys, RedisUrlSource,
 };
 pub use retry::{CodeValue, RetryConfig};
 pub use routes::{Class, RouteConfig, check_overlaps, v1_form};
@@ -444,6 +444,68 @@ mod tests {
         let e = err("[server]\nlisten_adress = \"127.0.0.1:1\"\n");
         assert!(e.to_string().contains("listen_adress"), "{e}");
         assert!(e.key.starts_with("server"), "{e}");
+    }
+
+    /// Redis topologies, in each section that takes Redis: the keys fit the
+    /// mode, every listed URL is read, and each refusal names its key.
+    #[test]
+    fn redis_topologies_out_of_bounds_are_named() {
+        for (section, head) in [
+            (
+                "rate_limit",
+                "[rate_limit]\nrequests_per_second = 10\nbackend = \"redis\"\n",
+            ),
+            ("idempotency", "[idempotency]\nstore = \"redis\"\n"),
+            ("cache", "[cache]\nbackend = \"redis\"\n"),
+        ] {
+            let key = |k: &str| format!("{section}.{k}");
+            for (extra, at) in [
+                ("redis_urls = [\"redis://a:1\"]\n", key("redis_urls")),
+                (
+                    "redis_sentinel_master = \"m\"\n",
+                    key("redis_sentinel_master"),
+                ),
+                ("redis_mode = \"cluster\"\n", key("redis_urls")),
+                (
+                    "redis_mode = \"cluster\"\nredis_url = \"redis://a:1\"\n",
+                    key("redis_url"),
+                ),
+                (
+                    "redis_mode = \"cluster\"\nredis_urls = [\"redis://a:1\"]\nredis_sentinel_master = \"m\"\n",
+                    key("redis_sentinel_master"),
+                ),
+                (
+                    "redis_mode = \"sentinel\"\nredis_urls = [\"redis://a:1\"]\n",
+                    key("redis_sentinel_master"),
+                ),
+                (
+                    "redis_mode = \"cluster\"\nredis_urls = [\"redis://a:1\", \"nope://b\"]\n",
+                    format!("{section}.redis_urls[1]"),
+                ),
+                (
+                    "redis_mode = \"cluster\"\nredis_urls = [\"redis://a:1\", \"rediss://b:2\"]\n",
+                    key("redis_urls"),
+                ),
+                (
+                    "redis_mode = \"cluster\"\nredis_urls = [\"redis://a:1\"]\nredis_url_env = \"R\"\n",
+                    key("redis_urls"),
+                ),
+                ("redis_mode = \"ring\"\n", key("redis_mode")),
+            ] {
+                let toml = format!("{head}{extra}");
+                let e = err(&toml);
+                assert!(
+                    e.key == at || e.key.starts_with(&at),
+                    "{toml}: {e} (expected {at})"
+                );
+            }
+            let ok = format!(
+                "{head}redis_mode = \"sentinel\"\nredis_urls = [\"redis://:pw@s1:26379\", \"redis://:pw@s2:26379\"]\nredis_sentinel_master = \"m\"\n"
+            );
+            let mut c = Config::from_toml(&ok).unwrap();
+            c.apply_env(&env_of(CREDS)).unwrap();
+            c.validate().unwrap();
+        }
     }
 
     /// Quota shares: a weight above 0 up to the maximum, a cap that is a

@@ -57,6 +57,19 @@ pub struct RateLimitConfig {
     /// File holding the Redis URL (trailing whitespace ignored).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redis_url_file: Option<PathBuf>,
+    /// `standalone` (one server: `redis_url`), `cluster` (Redis Cluster:
+    /// `redis_urls` are seed nodes) or `sentinel` (the master of
+    /// `redis_sentinel_master`, asked of the sentinels in `redis_urls`).
+    #[serde(default)]
+    pub redis_mode: super::RedisMode,
+    /// With `redis_mode` cluster or sentinel: the nodes or sentinels; their
+    /// password may be given in `redis_url_env` or `redis_url_file` instead,
+    /// as the same list (separated by commas or whitespace).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub redis_urls: Vec<String>,
+    /// With `redis_mode = "sentinel"`: the name the sentinels know the master by.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis_sentinel_master: Option<String>,
     /// Longest a call waits for a Redis decision, in milliseconds.
     #[serde(default = "default_redis_timeout_ms")]
     pub redis_timeout_ms: u64,
@@ -158,6 +171,9 @@ impl RateLimitConfig {
             redis_url: None,
             redis_url_env: None,
             redis_url_file: None,
+            redis_mode: super::RedisMode::Standalone,
+            redis_urls: Vec::new(),
+            redis_sentinel_master: None,
             redis_timeout_ms: default_redis_timeout_ms(),
             fail_mode: FailMode::Local,
             fallback_share: default_fallback_share(),
@@ -234,6 +250,9 @@ pub trait RedisUrlKeys {
     /// `redis_url`, `redis_url_env`, `redis_url_file`.
     fn redis_url_keys(&self) -> (Option<&str>, Option<&str>, Option<&Path>);
 
+    /// `redis_mode`, `redis_urls`, `redis_sentinel_master`.
+    fn redis_topology(&self) -> (RedisMode, &[String], Option<&str>);
+
     /// Whether the section's settings use Redis at all.
     fn uses_redis(&self) -> bool;
 
@@ -247,15 +266,41 @@ pub trait RedisUrlKeys {
     /// `redis_url_env`); errors name the source's key, never the URL's
     /// password.
     fn resolve_redis_url(&self, env: Env<'_>) -> Result<RedisUrl, ConfigError> {
-        self.redis_url_source()?.resolve(Self::KEY, env)
+        let source = self.redis_url_source()?;
+        let (mode, urls, master) = self.redis_topology();
+        let urls_key = format!("{}s", Self::KEY);
+        check_topology(mode, urls, master, source, Self::KEY)?;
+        match mode {
+            RedisMode::Standalone => source.resolve(Self::KEY, env),
+            _ if !urls.is_empty() => RedisUrl::servers(mode, urls, master, &urls_key),
+            _ => {
+                let listed = source.read_list(Self::KEY, env)?;
+                let list: Vec<String> = listed
+                    .expose()
+                    .split(|c: char| c == ',' || c.is_whitespace())
+                    .filter(|u| !u.is_empty())
+                    .map(str::to_owned)
+                    .collect();
+                RedisUrl::servers(mode, &list, master, &source.key_of(Self::KEY))
+            }
+        }
     }
 
-    /// At most one source, and an inline URL the client can read when the
-    /// section uses Redis; reads neither the environment nor files.
+    /// At most one source, a topology that fits the mode, and inline URLs
+    /// the client can read when the section uses Redis; reads neither the
+    /// environment nor files.
     fn check_redis_url(&self) -> Result<(), ConfigError> {
         let source = self.redis_url_source()?;
-        if let (true, RedisUrlSource::Inline(url)) = (self.uses_redis(), source) {
+        let (mode, urls, master) = self.redis_topology();
+        check_topology(mode, urls, master, source, Self::KEY)?;
+        if !self.uses_redis() {
+            return Ok(());
+        }
+        if let RedisUrlSource::Inline(url) = source {
             RedisUrl::parse(url, Self::KEY)?;
+        }
+        if !urls.is_empty() {
+            RedisUrl::servers(mode, urls, master, &format!("{}s", Self::KEY))?;
         }
         Ok(())
     }
@@ -272,12 +317,106 @@ impl RedisUrlKeys for RateLimitConfig {
         )
     }
 
+    fn redis_topology(&self) -> (super::RedisMode, &[String], Option<&str>) {
+        (
+            self.redis_mode,
+            &self.redis_urls,
+            self.redis_sentinel_master.as_deref(),
+        )
+    }
+
     fn uses_redis(&self) -> bool {
         self.backend == RateLimitBackend::Redis
     }
 }
 
+/// How a section finds its Redis.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RedisMode {
+    /// One server, at `redis_url`.
+    #[default]
+    Standalone,
+    /// Redis Cluster: `redis_urls` are seed nodes; commands follow MOVED
+    /// and ASK to the node that owns each key.
+    Cluster,
+    /// The master the sentinels in `redis_urls` name for
+    /// `redis_sentinel_master`, asked again after a failover.
+    Sentinel,
+}
+
+/// The topology keys agree with the mode: `redis_urls` only with cluster
+/// or sentinel, and then instead of an inline `redis_url`;
+/// `redis_sentinel_master` exactly with sentinel. `url_key` is the
+/// section's `redis_url` key; errors name the key at fault.
+fn check_topology(
+    mode: RedisMode,
+    urls: &[String],
+    master: Option<&str>,
+    source: RedisUrlSource<'_>,
+    url_key: &str,
+) -> Result<(), ConfigError> {
+    let section = url_key.trim_end_matches("redis_url");
+    let urls_key = format!("{url_key}s");
+    match mode {
+        RedisMode::Standalone if !urls.is_empty() => Err(ConfigError::new(
+            urls_key,
+            "only with redis_mode = \"cluster\" or \"sentinel\"; one server is redis_url",
+        )),
+        RedisMode::Standalone | RedisMode::Cluster if master.is_some() => Err(ConfigError::new(
+            format!("{section}redis_sentinel_master"),
+            "only with redis_mode = \"sentinel\"",
+        )),
+        RedisMode::Standalone => Ok(()),
+        _ => {
+            if mode == RedisMode::Sentinel && master.is_none_or(str::is_empty) {
+                return Err(ConfigError::new(
+                    format!("{section}redis_sentinel_master"),
+                    "name the master the sentinels watch",
+                ));
+            }
+            match (urls.is_empty(), source) {
+                (_, RedisUrlSource::Inline(_)) => Err(ConfigError::new(
+                    url_key,
+                    "with redis_mode cluster or sentinel, list the servers in redis_urls",
+                )),
+                (true, RedisUrlSource::Default) => Err(ConfigError::new(
+                    urls_key,
+                    "list the cluster's seed nodes or the sentinels (or name them in redis_url_env or redis_url_file)",
+                )),
+                (false, RedisUrlSource::Env(_) | RedisUrlSource::File(_)) => Err(ConfigError::new(
+                    urls_key,
+                    "set redis_urls or redis_url_env / redis_url_file, not both",
+                )),
+                _ => Ok(()),
+            }
+        }
+    }
+}
+
 impl<'a> RedisUrlSource<'a> {
+    /// The key of the variable or file the URLs are read from.
+    fn key_of(self, key: &str) -> String {
+        match self {
+            RedisUrlSource::Env(var) => SecretSource::Env(var.to_owned()).key(key),
+            RedisUrlSource::File(path) => SecretSource::File(path.to_owned()).key(key),
+            _ => key.to_owned(),
+        }
+    }
+
+    /// The text of `redis_url_env` or `redis_url_file` (a list of URLs).
+    fn read_list(
+        self,
+        key: &str,
+        env: Env<'_>,
+    ) -> Result<crate::base::secret::Secret, ConfigError> {
+        match self {
+            RedisUrlSource::Env(var) => SecretSource::Env(var.to_owned()).read(env, key),
+            RedisUrlSource::File(path) => SecretSource::File(path.to_owned()).read(env, key),
+            _ => Err(ConfigError::new(key, "no list of servers given")),
+        }
+    }
+
     /// The one source among `url`, `var` (`*_env`) and `file` (`*_file`)
     /// that is set, for the section whose URL key is `key`; more than one
     /// is an error.
@@ -321,8 +460,15 @@ impl<'a> RedisUrlSource<'a> {
 
 /// A Redis URL the backend connects with. It may hold a password, so
 /// `Debug` shows it redacted; [`RedisUrl::expose`] is the only way to it.
+///
+/// With `redis_mode` cluster or sentinel it holds every node or sentinel
+/// given; [`RedisUrl::expose`] is the first.
 #[derive(Clone, PartialEq, Eq)]
-pub struct RedisUrl(crate::base::secret::Secret);
+pub struct RedisUrl {
+    urls: Vec<crate::base::secret::Secret>,
+    mode: RedisMode,
+    sentinel_master: Option<String>,
+}
 
 impl RedisUrl {
     /// Checks `url` the way the Redis client will read it. The error names
@@ -340,7 +486,11 @@ impl RedisUrl {
                     "a rediss:// URL ending in #insecure would accept any certificate; \
                      drop #insecure and trust the server's CA with tls.ca_file",
                 )),
-                _ => Ok(RedisUrl(crate::base::secret::Secret::new(url))),
+                _ => Ok(RedisUrl {
+                    urls: vec![crate::base::secret::Secret::new(url)],
+                    mode: RedisMode::Standalone,
+                    sentinel_master: None,
+                }),
             },
             Err(e) => Err(ConfigError::new(
                 key,
@@ -352,14 +502,63 @@ impl RedisUrl {
         }
     }
 
+    /// Every URL of `urls` checked as [`RedisUrl::parse`] does, all of one
+    /// scheme (plain or TLS), for `mode` cluster or sentinel.
+    pub fn servers(
+        mode: RedisMode,
+        urls: &[String],
+        sentinel_master: Option<&str>,
+        key: &str,
+    ) -> Result<RedisUrl, ConfigError> {
+        let mut all = Vec::with_capacity(urls.len());
+        for (i, url) in urls.iter().enumerate() {
+            let one = RedisUrl::parse(url, &format!("{key}[{i}]"))?;
+            all.extend(one.urls);
+        }
+        let tls = |u: &crate::base::secret::Secret| u.expose().starts_with("rediss://");
+        if all.is_empty() {
+            return Err(ConfigError::new(key, "list at least one server"));
+        }
+        if all.iter().any(|u| tls(u) != tls(&all[0])) {
+            return Err(ConfigError::new(
+                key,
+                "all redis:// or all rediss://: one topology speaks TLS or does not",
+            ));
+        }
+        Ok(RedisUrl {
+            urls: all,
+            mode,
+            sentinel_master: sentinel_master.map(str::to_owned),
+        })
+    }
+
+    /// The (first) URL.
     pub fn expose(&self) -> &str {
-        self.0.expose()
+        self.urls[0].expose()
+    }
+
+    /// Every URL given: one, the cluster's seed nodes, or the sentinels.
+    pub fn all(&self) -> impl Iterator<Item = &str> {
+        self.urls.iter().map(|u| u.expose())
+    }
+
+    pub fn mode(&self) -> RedisMode {
+        self.mode
+    }
+
+    /// The master's name, with `redis_mode = "sentinel"`.
+    pub fn sentinel_master(&self) -> Option<&str> {
+        self.sentinel_master.as_deref()
     }
 }
 
 impl fmt::Debug for RedisUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "RedisUrl({})", redact::url(self.0.expose()))
+        let urls: Vec<String> = self.all().map(|u| redact::url(u).into_owned()).collect();
+        match self.mode {
+            RedisMode::Standalone => write!(f, "RedisUrl({})", urls.join(", ")),
+            mode => write!(f, "RedisUrl({mode:?}: {})", urls.join(", ")),
+        }
     }
 }
 

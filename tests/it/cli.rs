@@ -869,3 +869,53 @@ fn exit_statuses_follow_sysexits() {
     assert_eq!(out.status.code(), Some(69), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains(&addr));
 }
+
+/// `check` says where each section's Redis is in every mode: a Cluster's
+/// seed nodes, the sentinels and their master, read from a variable too,
+/// with every password redacted.
+#[test]
+fn check_shows_each_redis_topology_with_passwords_redacted() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("topologies.toml");
+    std::fs::write(
+        &path,
+        "[rate_limit]\nrequests_per_second = 10\nbackend = \"redis\"\nredis_mode = \"cluster\"\n\
+         redis_urls = [\"redis://:seed-pw-1@10.0.0.1:7000\", \"redis://:seed-pw-1@10.0.0.2:7000\"]\n\n\
+         [idempotency]\nstore = \"redis\"\nredis_mode = \"sentinel\"\nredis_url_env = \"SENTINELS\"\n\
+         redis_sentinel_master = \"orders-master\"\n",
+    )
+    .unwrap();
+    let out = output(
+        &["check", "--config", path.to_str().unwrap()],
+        &[
+            CREDS[0],
+            CREDS[1],
+            (
+                "SENTINELS",
+                "redis://:sent-pw-2@s1:26379, redis://:sent-pw-2@s2:26379",
+            ),
+        ],
+    );
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        stdout.contains(
+            "# rate_limit: Redis Cluster, seed nodes redis://:<redacted>@10.0.0.1:7000, \
+             redis://:<redacted>@10.0.0.2:7000"
+        ),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(
+            "# idempotency: Redis master \"orders-master\" asked of the sentinels \
+             redis://:<redacted>@s1:26379, redis://:<redacted>@s2:26379 \
+             (from environment variable SENTINELS)"
+        ),
+        "{stdout}"
+    );
+    assert!(stdout.contains("redis_mode = \"cluster\""), "{stdout}");
+    for password in ["seed-pw-1", "sent-pw-2"] {
+        assert!(!stdout.contains(password), "{password} shown: {stdout}");
+        assert!(!text(&out.stderr).contains(password));
+    }
+}

@@ -34,6 +34,7 @@ mod metrics;
 mod no_leaks;
 mod quota_shares;
 mod rate_limit;
+mod redis_topologies;
 mod reload;
 mod retries;
 mod shutdown;

@@ -65,7 +65,7 @@ impl Entry {
 /// Redis, shared by the replicas: best effort, bounded by its timeout.
 pub(super) struct Shared {
     url: RedisUrl,
-    conn: redis::aio::ConnectionManager,
+    conn: state::redis::Conn,
     prefix: String,
     timeout: Duration,
     purge_timeout: Duration,
@@ -144,36 +144,34 @@ impl Shared {
             pattern.push(c);
         }
         pattern.push('*');
-        let mut conn = self.conn.clone();
-        let mut cursor: u64 = 0;
-        let mut removed = 0;
-        loop {
-            let mut cmd = redis::cmd("SCAN");
-            cmd.arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(1000);
-            let scan = cmd.query_async::<(u64, Vec<String>)>(&mut conn);
-            let Ok(Ok((next, keys))) = tokio::time::timeout_at(deadline, scan).await else {
-                break;
-            };
-            if !keys.is_empty() {
-                let mut cmd = redis::cmd("DEL");
-                cmd.arg(&keys);
-                let del = cmd.query_async::<usize>(&mut conn);
-                match tokio::time::timeout_at(deadline, del).await {
-                    Ok(Ok(n)) => removed += n,
-                    _ => break,
+        // A Cluster's keys are spread over its masters: each is scanned.
+        let nodes = match &self.conn {
+            state::redis::Conn::Cluster(cluster) => {
+                match tokio::time::timeout_at(deadline, cluster.masters()).await {
+                    Ok(Ok(masters)) if !masters.is_empty() => {
+                        masters.into_iter().map(Some).collect()
+                    }
+                    _ => Vec::new(),
                 }
             }
-            cursor = next;
-            if cursor == 0 {
-                return SharedPurge {
-                    removed,
-                    complete: true,
-                };
+            _ => vec![None],
+        };
+        let mut removed = 0;
+        let mut complete = !nodes.is_empty();
+        for node in &nodes {
+            if !self
+                .purge_on(node.as_ref(), &pattern, deadline, &mut removed)
+                .await
+            {
+                complete = false;
+                break;
             }
+        }
+        if complete {
+            return SharedPurge {
+                removed,
+                complete: true,
+            };
         }
         tracing::warn!(
             prefix,
@@ -183,6 +181,57 @@ impl Shared {
         SharedPurge {
             removed,
             complete: false,
+        }
+    }
+
+    /// Scans one server (`node`: a Cluster's master; none: the one server)
+    /// for `pattern` and deletes what it finds; false when Redis failed or
+    /// `deadline` passed first.
+    async fn purge_on(
+        &self,
+        node: Option<&(String, u16)>,
+        pattern: &str,
+        deadline: tokio::time::Instant,
+        removed: &mut usize,
+    ) -> bool {
+        let mut conn = self.conn.clone();
+        let mut cursor: u64 = 0;
+        loop {
+            let mut cmd = redis::cmd("SCAN");
+            cmd.arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(1000);
+            let scanned = match (node, &self.conn) {
+                (Some((host, port)), state::redis::Conn::Cluster(cluster)) => {
+                    tokio::time::timeout_at(deadline, cluster.on_node(&cmd, host, *port)).await
+                }
+                _ => tokio::time::timeout_at(deadline, cmd.query_async(&mut conn)).await,
+            };
+            let Ok(Ok((next, keys))) = scanned else {
+                return false;
+            };
+            let keys: Vec<String> = keys;
+            // In a Cluster, keys of different slots cannot go in one DEL.
+            let batches: Vec<&[String]> = match node {
+                Some(_) => keys.chunks(1).collect(),
+                None if keys.is_empty() => Vec::new(),
+                None => vec![&keys[..]],
+            };
+            for batch in batches {
+                let mut cmd = redis::cmd("DEL");
+                cmd.arg(batch);
+                let del = cmd.query_async::<usize>(&mut conn);
+                match tokio::time::timeout_at(deadline, del).await {
+                    Ok(Ok(n)) => *removed += n,
+                    _ => return false,
+                }
+            }
+            cursor = next;
+            if cursor == 0 {
+                return true;
+            }
         }
     }
 }

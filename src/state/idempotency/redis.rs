@@ -38,9 +38,11 @@ return 0
 #[derive(Clone)]
 pub struct RedisStore {
     url: RedisUrl,
-    conn: redis::aio::ConnectionManager,
+    conn: state::redis::Conn,
     prefix: String,
     timeout: Duration,
+    /// Replicas each write must reach before it counts.
+    wait_replicas: u32,
     insert_if_vacant: redis::Script,
     replace: redis::Script,
     remove: redis::Script,
@@ -69,6 +71,7 @@ impl RedisStore {
             conn,
             prefix: c.redis_key_prefix.clone(),
             timeout,
+            wait_replicas: c.wait_replicas(),
             insert_if_vacant: redis::Script::new(INSERT_IF_VACANT),
             replace: redis::Script::new(REPLACE),
             remove: redis::Script::new(REMOVE),
@@ -98,6 +101,28 @@ impl RedisStore {
         }
     }
 
+    /// After a write on `key`: it reached `wait_replicas` replicas, or it
+    /// counts as not made (a failover could lose it).
+    async fn replicated(&self, key: &[u8; 32]) -> Result<(), StoreError> {
+        if self.wait_replicas == 0 {
+            return Ok(());
+        }
+        // Half the budget for the replicas, the rest for the answer.
+        let wait = self.timeout / 2;
+        let key = self.key(key);
+        let asked = self.conn.replicas_having(&key, self.wait_replicas, wait);
+        match tokio::time::timeout(self.timeout, asked).await {
+            Ok(Ok(n)) if n >= self.wait_replicas => Ok(()),
+            Ok(Ok(n)) => Err(StoreError::Redis(format!(
+                "the write reached {n} of {} replicas within {} ms",
+                self.wait_replicas,
+                wait.as_millis()
+            ))),
+            Ok(Err(e)) => Err(StoreError::Redis(state::redis::describe(&e, &self.url))),
+            Err(_) => Err(StoreError::RedisTimeout(self.timeout.as_millis() as u64)),
+        }
+    }
+
     pub(super) async fn insert_if_vacant(
         &self,
         key: &[u8; 32],
@@ -105,8 +130,18 @@ impl RedisStore {
         ttl_ms: u64,
     ) -> Result<Option<Vec<u8>>, StoreError> {
         let ttl = ttl_ms.to_string();
-        self.run(&self.insert_if_vacant, key, &[value, ttl.as_bytes()])
-            .await
+        let found: Option<Vec<u8>> = self
+            .run(&self.insert_if_vacant, key, &[value, ttl.as_bytes()])
+            .await?;
+        if found.is_none()
+            && let Err(e) = self.replicated(key).await
+        {
+            // Not kept for sure: the reservation is taken back (best
+            // effort) and the call is refused, nothing sent.
+            let _ = self.run::<i64>(&self.remove, key, &[value]).await;
+            return Err(e);
+        }
+        Ok(found)
     }
 
     pub(super) async fn replace(
@@ -116,6 +151,9 @@ impl RedisStore {
         new: &[u8],
     ) -> Result<bool, StoreError> {
         let n: i64 = self.run(&self.replace, key, &[expected, new]).await?;
+        if n == 1 {
+            self.replicated(key).await?;
+        }
         Ok(n == 1)
     }
 

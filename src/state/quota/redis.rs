@@ -29,7 +29,7 @@ const COME_BACK_US: u64 = 5_000;
 pub(super) struct RedisBackend {
     /// For scrubbing error texts before they are logged.
     url: RedisUrl,
-    conn: redis::aio::ConnectionManager,
+    conn: state::redis::Conn,
     script: redis::Script,
     timeout: Duration,
     pub(super) fail_mode: FailMode,

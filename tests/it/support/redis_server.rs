@@ -35,8 +35,16 @@ impl RedisServer {
         Self::start_with(dead_address().port(), &["--requirepass", password])
     }
 
-    fn start_with(port: u16, extra: &[&str]) -> RedisServer {
-        let mut child = std::process::Command::new("redis-server")
+    pub fn start_with(port: u16, extra: &[&str]) -> RedisServer {
+        Self::spawn(None, port, extra)
+    }
+
+    /// `redis-server` with `conf` (its config file, which must come
+    /// first) and `extra` after the port and bind options.
+    fn spawn(conf: Option<&Path>, port: u16, extra: &[&str]) -> RedisServer {
+        let mut command = std::process::Command::new("redis-server");
+        command.args(conf);
+        let mut child = command
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
             .args(extra)
@@ -116,7 +124,7 @@ pub fn rediss_url(server: &RedisServer, password: Option<&str>) -> String {
 
 /// A connection to the Redis at `url` (`rediss://`) trusting `ca_file`,
 /// made the gateway's way: for a test to look at what the gateway wrote.
-pub fn redis_manager(url: &str, ca_file: &Path) -> redis::aio::ConnectionManager {
+pub fn redis_manager(url: &str, ca_file: &Path) -> pandagate::redis::Conn {
     let url = pandagate::config::RedisUrl::parse(url, "test").unwrap();
     pandagate::redis::connect(
         &WithTrust::new(url, trust(Some(ca_file))),
@@ -124,4 +132,251 @@ pub fn redis_manager(url: &str, ca_file: &Path) -> redis::aio::ConnectionManager
         std::time::Duration::from_secs(5),
     )
     .unwrap()
+}
+
+/// `redis-cli` with `args`, bounded to 20 s; its stdout, or a panic saying
+/// what it printed.
+pub fn redis_cli(args: &[&str]) -> String {
+    redis_cli_try(args).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// `redis-cli` with `args`, bounded to 20 s: its stdout, or what it said
+/// when it failed (an error reply included).
+pub fn redis_cli_try(args: &[&str]) -> Result<String, String> {
+    let mut child = std::process::Command::new("redis-cli")
+        .env("REDISCLI_AUTH", TOPOLOGY_PASSWORD)
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("redis-cli runs (Debian package redis-tools, with redis-server)");
+    let started = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("redis-cli {args:?} did not finish within 20 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if out.status.success() && !stdout.starts_with("ERR") {
+        Ok(stdout)
+    } else {
+        Err(format!(
+            "redis-cli {args:?}: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+/// Polls `done` every 50 ms for at most `within`; panics with `what`.
+pub fn wait_until(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
+    let started = std::time::Instant::now();
+    while !done() {
+        assert!(started.elapsed() < within, "not within {within:?}: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The password of every server of a Cluster or a sentinel setup (and of
+/// the sentinel): clients reach them as they reach a standalone server
+/// with one.
+pub const TOPOLOGY_PASSWORD: &str = "topology-pw-5";
+
+/// A Redis Cluster of `masters` masters and no replicas, each a
+/// `redis-server --cluster-enabled yes` on free loopback ports (its bus on
+/// another), made one cluster by `redis-cli --cluster create`; stopped when
+/// dropped.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisCluster {
+    pub fn start(masters: usize) -> RedisCluster {
+        let dir = tempfile::tempdir().unwrap();
+        let nodes: Vec<RedisServer> = (0..masters)
+            .map(|i| {
+                let port = dead_address().port();
+                let bus = dead_address().port().to_string();
+                let conf = dir.path().join(format!("nodes-{i}.conf"));
+                RedisServer::start_with(
+                    port,
+                    &[
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-port",
+                        &bus,
+                        "--cluster-config-file",
+                        conf.to_str().unwrap(),
+                        "--cluster-node-timeout",
+                        "2000",
+                        "--requirepass",
+                        TOPOLOGY_PASSWORD,
+                        "--masterauth",
+                        TOPOLOGY_PASSWORD,
+                        "--dir",
+                        dir.path().to_str().unwrap(),
+                    ],
+                )
+            })
+            .collect();
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let mut args = vec!["--cluster", "create"];
+        args.extend(addrs.iter().map(String::as_str));
+        args.extend(["--cluster-replicas", "0", "--cluster-yes"]);
+        redis_cli(&args);
+        for n in &nodes {
+            let port = n.port.to_string();
+            wait_until(
+                "the cluster is ok on every node",
+                Duration::from_secs(20),
+                || redis_cli(&["-p", &port, "cluster", "info"]).contains("cluster_state:ok"),
+            );
+        }
+        RedisCluster { nodes, _dir: dir }
+    }
+
+    /// The nodes' URLs, with the password (seed nodes for a client).
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .map(|n| format!("redis://:{TOPOLOGY_PASSWORD}@127.0.0.1:{}", n.port))
+            .collect()
+    }
+
+    /// How many keys each node holds.
+    pub fn keys_per_node(&self) -> Vec<usize> {
+        self.nodes
+            .iter()
+            .map(|n| {
+                redis_cli(&["-p", &n.port.to_string(), "dbsize"])
+                    .trim()
+                    .parse()
+                    .unwrap()
+            })
+            .collect()
+    }
+}
+
+/// A master, one replica of it and one sentinel watching it as `mymaster`
+/// (quorum 1, a master down after 1 s), on free loopback ports; stopped
+/// when dropped.
+pub struct RedisSentinel {
+    pub master: RedisServer,
+    pub replica: RedisServer,
+    pub sentinel: RedisServer,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisSentinel {
+    pub const MASTER_NAME: &'static str = "mymaster";
+
+    pub fn start() -> RedisSentinel {
+        let dir = tempfile::tempdir().unwrap();
+        let auth = [
+            "--requirepass",
+            TOPOLOGY_PASSWORD,
+            "--masterauth",
+            TOPOLOGY_PASSWORD,
+        ];
+        let master = RedisServer::start_with(dead_address().port(), &auth);
+        let master_port = master.port.to_string();
+        let mut replica_args = auth.to_vec();
+        replica_args.extend(["--replicaof", "127.0.0.1", &master_port]);
+        let replica = RedisServer::start_with(dead_address().port(), &replica_args);
+        let port = dead_address().port();
+        let conf = dir.path().join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "dir {dir}\n\
+                 sentinel monitor {name} 127.0.0.1 {master} 1\n\
+                 sentinel down-after-milliseconds {name} 1000\n\
+                 sentinel failover-timeout {name} 5000\n\
+                 sentinel auth-pass {name} {pw}\nrequirepass {pw}\n",
+                pw = TOPOLOGY_PASSWORD,
+                dir = dir.path().display(),
+                name = Self::MASTER_NAME,
+                master = master.port,
+            ),
+        )
+        .unwrap();
+        let sentinel = RedisServer::spawn(Some(&conf), port, &["--sentinel"]);
+        let (m, r) = (master.port.to_string(), replica.port.to_string());
+        wait_until("the replica is in sync", Duration::from_secs(20), || {
+            redis_cli(&["-p", &r, "info", "replication"]).contains("master_link_status:up")
+                && redis_cli(&["-p", &m, "info", "replication"]).contains("connected_slaves:1")
+        });
+        let s = sentinel.port.to_string();
+        wait_until(
+            "the sentinel knows the replica",
+            Duration::from_secs(30),
+            || redis_cli(&["-p", &s, "sentinel", "replicas", Self::MASTER_NAME]).contains(&r),
+        );
+        RedisSentinel {
+            master,
+            replica,
+            sentinel,
+            _dir: dir,
+        }
+    }
+
+    /// The sentinel's URL, with the password it and the master share.
+    pub fn sentinel_url(&self) -> String {
+        format!(
+            "redis://:{TOPOLOGY_PASSWORD}@127.0.0.1:{}",
+            self.sentinel.port
+        )
+    }
+
+    /// The master's port, as the sentinel names it now.
+    pub fn master_port(&self) -> u16 {
+        let out = redis_cli(&[
+            "-p",
+            &self.sentinel.port.to_string(),
+            "sentinel",
+            "get-master-addr-by-name",
+            Self::MASTER_NAME,
+        ]);
+        out.lines().nth(1).unwrap().trim().parse().unwrap()
+    }
+}
+
+/// Asks the sentinel on `sentinel` to promote the replica on `replica`
+/// now, and waits until the sentinel names it and it takes writes.
+pub fn fail_over(sentinel: u16, replica: u16) {
+    let s = sentinel.to_string();
+    // The sentinel refuses while it judges no replica good yet (NOGOODSLAVE)
+    // or a failover is under way: asked again until it accepts.
+    wait_until(
+        "the sentinel starts a failover",
+        Duration::from_secs(30),
+        || redis_cli_try(&["-p", &s, "sentinel", "failover", RedisSentinel::MASTER_NAME]).is_ok(),
+    );
+    wait_until(
+        "the sentinel names the replica",
+        Duration::from_secs(30),
+        || {
+            let out = redis_cli(&[
+                "-p",
+                &s,
+                "sentinel",
+                "get-master-addr-by-name",
+                RedisSentinel::MASTER_NAME,
+            ]);
+            out.lines().nth(1).map(str::trim) == Some(replica.to_string().as_str())
+        },
+    );
+    let r = replica.to_string();
+    wait_until(
+        "the promoted replica is a master",
+        Duration::from_secs(30),
+        || redis_cli(&["-p", &r, "role"]).starts_with("master"),
+    );
 }

@@ -1,0 +1,321 @@
+//! Redis as teams run it: the shared quota, idempotency keys and the read
+//! cache on a real 3-master Redis Cluster, and on a master found through a
+//! sentinel, across a failover during traffic. Every server is a real
+//! `redis-server` on loopback, started and stopped by the test.
+
+use crate::support;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::Full;
+use pandagate::config::{
+    CacheBackend, Config, IdempotencyBackend, IdempotencyConfig, RateLimitBackend, RateLimitConfig,
+    RedisMode, RouteConfig,
+};
+use pandagate::quota::BackendState;
+use support::gateway::TestGateway;
+use support::redis_server::{RedisCluster, RedisSentinel};
+use support::*;
+use wiremock::ResponseTemplate;
+
+const ORDER: &str = "/alibaba/order/create";
+const ITEM: &str = "/open/product/get?itemId=7";
+
+fn envelope() -> ResponseTemplate {
+    ResponseTemplate::new(200).set_body_raw(provider_body("rid", 200, "ok"), "application/json")
+}
+
+/// Quota, keys and cache, all on the Redis `mode` reaches through `urls`.
+fn on_redis(upstream: &str, mode: RedisMode, urls: &[String], master: Option<&str>) -> Config {
+    let mut c = config(upstream);
+    c.circuit_breaker.enabled = false;
+    c.retry.backoff_base_ms = 1;
+    c.retry.backoff_cap_ms = 1;
+    let prefix = format!("t-{}", pandagate::ids::request_id());
+    c.rate_limit = Some(RateLimitConfig {
+        backend: RateLimitBackend::Redis,
+        redis_mode: mode,
+        redis_urls: urls.to_vec(),
+        redis_sentinel_master: master.map(str::to_owned),
+        redis_timeout_ms: 2_000,
+        // Callers wait for a slot rather than be refused: the keyed calls
+        // after the flood are answered as the quota refills.
+        max_wait_ms: 1_000,
+        redis_key_prefix: prefix.clone(),
+        ..RateLimitConfig::new(20.0, Some(5))
+    });
+    c.idempotency = Some(IdempotencyConfig {
+        backend: IdempotencyBackend::Redis,
+        redis_mode: mode,
+        redis_urls: urls.to_vec(),
+        redis_sentinel_master: master.map(str::to_owned),
+        redis_key_prefix: prefix.clone(),
+        ..IdempotencyConfig::default()
+    });
+    c.cache.backend = CacheBackend::Redis;
+    c.cache.redis_mode = mode;
+    c.cache.redis_urls = urls.to_vec();
+    c.cache.redis_sentinel_master = master.map(str::to_owned);
+    c.cache.redis_key_prefix = prefix;
+    c.routes = vec![
+        RouteConfig {
+            prefix: Some("/open/product/".into()),
+            cache_ttl_ms: Some(60_000),
+            ..RouteConfig::default()
+        },
+        // A route bucket too: its key goes in the same script as the
+        // quota's, so it must share their hash slot.
+        RouteConfig {
+            path: Some("/alibaba/order/list".into()),
+            rate_limit_per_second: Some(18.0),
+            rate_limit_burst: Some(5),
+            ..RouteConfig::default()
+        },
+    ];
+    c
+}
+
+fn keyed(gw: &TestGateway, key: &str) -> Request<Full<Bytes>> {
+    Request::post(gw.url(ORDER))
+        .header("idempotency-key", key)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(format!(
+            r#"{{"outOrderId":"{key}"}}"#
+        ))))
+        .unwrap()
+}
+
+/// Calls answered 200 by the gateways, `callers` at a time each, for `run`.
+async fn flood(gateways: &[&TestGateway], callers: usize, run: Duration) -> usize {
+    let until = Instant::now() + run;
+    let mut tasks = Vec::new();
+    for gw in gateways {
+        for n in 0..callers {
+            let url = gw.url(&format!("/alibaba/order/list?c={n}"));
+            tasks.push(tokio::spawn(async move {
+                let mut ok = 0;
+                while Instant::now() < until {
+                    if get(&url).await.status == 200 {
+                        ok += 1;
+                    }
+                }
+                ok
+            }));
+        }
+    }
+    let mut ok = 0;
+    for t in tasks {
+        ok += t.await.unwrap();
+    }
+    ok
+}
+
+/// How many times the provider saw each idempotency key's order.
+async fn orders_seen(upstream: &wiremock::MockServer) -> HashMap<String, usize> {
+    let mut seen = HashMap::new();
+    for r in upstream.received_requests().await.unwrap() {
+        if r.url.path() == ORDER {
+            let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+            *seen
+                .entry(body["outOrderId"].as_str().unwrap().to_owned())
+                .or_default() += 1;
+        }
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_master_cluster_holds_the_quota_the_keys_and_the_cache() {
+    let cluster = RedisCluster::start(3);
+    let upstream = upstream_answering(envelope()).await;
+    let c = on_redis(&upstream.uri(), RedisMode::Cluster, &cluster.urls(), None);
+    let a = spawn_gateway(c.clone()).await;
+    let b = spawn_gateway(c).await;
+
+    // The quota, shared through the cluster by two replicas.
+    let started = Instant::now();
+    let ok = flood(&[&a, &b], 3, Duration::from_secs(2)).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let ceiling = (20.0 * elapsed + 5.0).ceil() as usize;
+    assert!(
+        ok <= ceiling,
+        "{ok} calls in {elapsed:.2} s, ceiling {ceiling}"
+    );
+    assert!(ok >= 30, "the quota was let through: {ok}");
+    for gw in [&a, &b] {
+        assert_eq!(
+            gw.gateway.limiter().backend_state(),
+            BackendState::Redis,
+            "decided by the cluster, not by a local fallback"
+        );
+    }
+
+    // Keys of many slots: each order sent once, replayed on the other replica.
+    for n in 0..12 {
+        let key = format!("order-{n}");
+        let first = send(keyed(&a, &key)).await;
+        assert_eq!(first.status, 200, "{key}");
+        let again = send(keyed(&b, &key)).await;
+        assert_eq!(again.status, 200);
+        assert_eq!(
+            again
+                .headers
+                .get("idempotent-replayed")
+                .map(|v| v.to_str().unwrap()),
+            Some("true"),
+            "{key} replayed from the cluster"
+        );
+    }
+    let seen = orders_seen(&upstream).await;
+    assert_eq!(seen.len(), 12);
+    assert!(seen.values().all(|n| *n == 1), "{seen:?}");
+
+    // The cache: b finds a's entry; purged on every master.
+    assert_eq!(get(&a.url(ITEM)).await.status, 200);
+    let mut found = false;
+    for _ in 0..100 {
+        let on_b = get(&b.url(ITEM)).await;
+        if on_b
+            .headers
+            .get("x-pandagate-cache")
+            .is_some_and(|v| v == "hit")
+        {
+            found = true;
+            break;
+        }
+        b.gateway.cache().purge("/open/product/");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(found, "b answered from a's entry in the cluster");
+    for n in 0..20 {
+        assert_eq!(
+            get(&a.url(&format!("/open/product/get?itemId=p{n}")))
+                .await
+                .status,
+            200
+        );
+    }
+    support::redis_server::wait_until("entries written", Duration::from_secs(5), || {
+        cluster.keys_per_node().iter().filter(|n| **n > 0).count() == 3
+    });
+    let purged = a.gateway.cache().purge_everywhere("/open/product/").await;
+    assert!(purged.complete(), "{purged:?}");
+    assert!(
+        purged.shared.map(|s| s.removed).unwrap_or(0) >= 20,
+        "{purged:?}"
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sentinel_failover_during_traffic_keeps_the_quota_and_sends_no_order_twice() {
+    let redis = RedisSentinel::start();
+    let upstream = upstream_answering(envelope()).await;
+    let c = on_redis(
+        &upstream.uri(),
+        RedisMode::Sentinel,
+        &[redis.sentinel_url()],
+        Some(RedisSentinel::MASTER_NAME),
+    );
+    let gw = spawn_gateway(c).await;
+    assert_eq!(redis.master_port(), redis.master.port);
+
+    // Keyed orders and quota traffic, while the sentinel moves the master.
+    let traffic = {
+        let url = gw.url("/alibaba/order/list");
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let mut ok = 0;
+            while started.elapsed() < Duration::from_secs(6) {
+                if get(&url).await.status == 200 {
+                    ok += 1;
+                }
+            }
+            (ok, started.elapsed().as_secs_f64())
+        })
+    };
+    let mut statuses = Vec::new();
+    for n in 0..10 {
+        statuses.push(
+            send(keyed(&gw, &format!("before-{n}")))
+                .await
+                .status
+                .as_u16(),
+        );
+    }
+    let failing_over = tokio::task::spawn_blocking({
+        let (sentinel, replica) = (redis.sentinel.port, redis.replica.port);
+        move || support::redis_server::fail_over(sentinel, replica)
+    });
+    // Every key sent twice: once now, during the failover, once after it.
+    for n in 0..30 {
+        let key = format!("during-{n}");
+        statuses.push(send(keyed(&gw, &key)).await.status.as_u16());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    failing_over.await.unwrap();
+    // The old master now follows the new one: writes there are refused, so
+    // a gateway that stayed on it could take no key.
+    let old = redis.master.port.to_string();
+    support::redis_server::wait_until(
+        "the old master is a replica",
+        Duration::from_secs(30),
+        || support::redis_server::redis_cli(&["-p", &old, "role"]).starts_with("slave"),
+    );
+    assert_eq!(redis.master_port(), redis.replica.port);
+    // After the switch, each key again: a replay, or (for a key refused
+    // during the failover) a first send; never a second one.
+    for n in 0..30 {
+        let key = format!("during-{n}");
+        statuses.push(send(keyed(&gw, &key)).await.status.as_u16());
+    }
+    // A new key is taken on the new master once its replica (the old
+    // master) has caught up; before, a key that reached no replica is
+    // refused (503) and taken back, so the caller's retry of it is not
+    // refused as in progress.
+    for n in 0..5 {
+        let key = format!("after-{n}");
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            let fresh = send(keyed(&gw, &key)).await.status.as_u16();
+            if fresh == 200 {
+                break;
+            }
+            assert_eq!(fresh, 503, "{key}: refused as unavailable, nothing sent");
+            assert!(
+                Instant::now() < until,
+                "{key} not taken on the new master within 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let (ok, elapsed) = traffic.await.unwrap();
+    assert_eq!(get(&gw.url("/alibaba/order/list")).await.status, 200);
+    assert_eq!(
+        gw.gateway.limiter().backend_state(),
+        BackendState::Redis,
+        "the quota is decided on the new master"
+    );
+
+    let seen = orders_seen(&upstream).await;
+    assert!(
+        seen.values().all(|n| *n == 1),
+        "an order sent twice: {seen:?}"
+    );
+    let ceiling = (20.0 * elapsed + 5.0 + 10.0 + 60.0 + 5.0).ceil() as usize;
+    let sent = upstream.received_requests().await.unwrap().len();
+    assert!(
+        sent <= ceiling,
+        "{sent} calls in {elapsed:.2} s, ceiling {ceiling}"
+    );
+    assert!(ok > 0);
+    assert!(
+        statuses.iter().all(|s| [200, 409, 502, 503].contains(s)),
+        "{statuses:?}"
+    );
+    gw.stop().await;
+}
