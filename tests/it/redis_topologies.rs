@@ -319,3 +319,41 @@ async fn a_sentinel_failover_during_traffic_keeps_the_quota_and_sends_no_order_t
     );
     gw.stop().await;
 }
+
+/// With a sentinel, a key's write must reach a replica before its order is
+/// sent: with the replica frozen the key is refused (503) and nothing is
+/// sent, and taken back, so the same key goes through once the replica
+/// answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_that_reaches_no_replica_is_refused_and_nothing_is_sent() {
+    let redis = RedisSentinel::start();
+    let upstream = upstream_answering(envelope()).await;
+    let c = on_redis(
+        &upstream.uri(),
+        RedisMode::Sentinel,
+        &[redis.sentinel_url()],
+        Some(RedisSentinel::MASTER_NAME),
+    );
+    assert_eq!(c.idempotency.as_ref().unwrap().wait_replicas(), 1);
+    let gw = spawn_gateway(c).await;
+    assert_eq!(send(keyed(&gw, "warm-up")).await.status, 200);
+
+    redis.replica.freeze();
+    let refused = send(keyed(&gw, "frozen-1")).await;
+    assert_eq!(refused.status, 503, "{:?}", refused.body);
+    assert_eq!(
+        orders_seen(&upstream).await.get("frozen-1"),
+        None,
+        "nothing sent"
+    );
+    redis.replica.thaw();
+
+    let again = send(keyed(&gw, "frozen-1")).await;
+    assert_eq!(
+        again.status, 200,
+        "the key was taken back: {:?}",
+        again.body
+    );
+    assert_eq!(orders_seen(&upstream).await.get("frozen-1"), Some(&1));
+    gw.stop().await;
+}
