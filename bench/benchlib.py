@@ -484,6 +484,111 @@ def start_redis(work):
     raise RuntimeError("redis-server did not answer PING in time")
 
 
+def redis_cli(port, *args, timeout=20):
+    """`redis-cli -h 127.0.0.1 -p PORT ARGS...`, bounded to `timeout` seconds;
+    its stdout. Raises RuntimeError when it fails or answers an error."""
+    command = ["redis-cli", "-h", "127.0.0.1", "-p", str(port), *map(str, args)]
+    try:
+        r = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"{' '.join(command)}: no answer within {timeout} s") from None
+    if r.returncode != 0 or r.stdout.startswith(("ERR", "(error)")):
+        raise RuntimeError(f"{' '.join(command)}: {r.stdout.strip()} {r.stderr.strip()}")
+    return r.stdout
+
+
+def distinct_free_ports(n):
+    """`n` different free loopback ports (free when asked, as free_port)."""
+    ports = []
+    while len(ports) < n:
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
+class RedisCluster:
+    """A Redis Cluster of the run's own: `masters` `redis-server
+    --cluster-enabled yes` processes on free loopback ports (each bus on a
+    free port of its own, `--cluster-node-timeout 2000`, no persistence,
+    config files and logs in work/`name`), no replicas, made one cluster by
+    `redis-cli --cluster create`. `start()` returns once every node says
+    `cluster_state:ok`; `stop()` stops each process it started by its own
+    handle (also after a failed start)."""
+
+    def __init__(self, work, masters=3, name="cluster"):
+        self.dir = Path(work) / name
+        self.masters = masters
+        self.procs = []
+        self.ports = []
+        self.bus_ports = []
+
+    def start(self, timeout=30.0):
+        self.dir.mkdir()
+        ports = distinct_free_ports(2 * self.masters)
+        self.ports, self.bus_ports = ports[:self.masters], ports[self.masters:]
+        for i, (port, bus) in enumerate(zip(self.ports, self.bus_ports)):
+            with open(self.dir / f"redis-{port}.log", "wb") as out:
+                self.procs.append(subprocess.Popen(
+                    ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                     "--save", "", "--appendonly", "no",
+                     "--cluster-enabled", "yes", "--cluster-port", str(bus),
+                     "--cluster-config-file", str(self.dir / f"nodes-{i}.conf"),
+                     "--cluster-node-timeout", "2000", "--dir", str(self.dir)],
+                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
+        deadline = time.monotonic() + timeout
+        for proc, port in zip(self.procs, self.ports):
+            self._wait(deadline, f"node {port} answers PING",
+                       lambda: resp_command(port, "PING", timeout=0.5).startswith(b"+PONG"))
+        redis_cli(self.ports[0], "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
+                  "--cluster-replicas", "0", "--cluster-yes", timeout=max(1.0, deadline - time.monotonic()))
+        for port in self.ports:
+            self._wait(deadline, f"node {port} says cluster_state:ok",
+                       lambda: "cluster_state:ok" in redis_cli(port, "cluster", "info", timeout=2))
+        return self
+
+    def _wait(self, deadline, what, done):
+        while True:
+            dead = [p.args[2] for p in self.procs if p.poll() is not None]
+            if dead:
+                raise RuntimeError(f"redis-server on port(s) {', '.join(dead)} exited; logs in {self.dir}")
+            try:
+                if done():
+                    return
+            except (OSError, RuntimeError):
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Redis Cluster: not in time: {what}")
+            time.sleep(0.05)
+
+    def urls(self):
+        return [f"redis://127.0.0.1:{p}" for p in self.ports]
+
+    def slots(self):
+        """{port: "first-last ..."}: the slot ranges each master serves, as
+        the first node's `CLUSTER NODES` says."""
+        out = {}
+        for line in redis_cli(self.ports[0], "cluster", "nodes", timeout=5).splitlines():
+            f = line.split()
+            if len(f) >= 8:
+                port = int(f[1].split("@")[0].rsplit(":", 1)[1])
+                out[port] = " ".join(f[8:])
+        return out
+
+    def keys(self, port, pattern="*"):
+        """{key: slot} of the keys matching `pattern` on the node at `port`
+        (KEYS: for the small key sets of a benchmark only)."""
+        names = [k for k in redis_cli(port, "keys", pattern, timeout=5).splitlines() if k]
+        return {k: int(redis_cli(port, "cluster", "keyslot", k, timeout=5).strip()) for k in names}
+
+    def dbsize(self, port):
+        return int(redis_cli(port, "dbsize", timeout=5).strip())
+
+    def stop(self, grace=10):
+        for proc in self.procs:
+            stop(proc, grace)
+
+
 # --------------------------------------------------------------------------
 # PostgreSQL
 # --------------------------------------------------------------------------

@@ -16,6 +16,18 @@ sequential calls on one keep-alive connection; client-observed p50/p90/p99
 for both and the difference the Redis decision makes. The pair is measured
 3 times (alternating order) and the median of each figure is reported.
 
+Topology (--topology, accuracy and cost runs only): `standalone` (default)
+is the above, one redis-server. `cluster`: the script starts a Redis
+Cluster of 3 masters (no replicas) on free loopback ports in its temp dir
+and the gateways use it with `redis_mode = "cluster"` and `redis_urls`;
+the cost run compares local with cluster. `both`: the accuracy run on the
+standalone Redis and then on the cluster, and the cost run with three
+gateways, local, standalone and cluster, measured in the same rounds (the
+order turning by one each round). For a cluster the report shows, after
+each run, each node's slots and key count, the run's keys with their
+CLUSTER KEYSLOT, and the EVALSHA/EVAL calls each node ran (INFO
+commandstats), i.e. whether every decision stayed on one node.
+
 Fairness run (docs/quota.md, "Shares"): --fair-replicas (2) gateways on one
 Redis, quota --fair-quota (60/s), burst 1, max_wait_ms 1000, three
 `[[clients]]` A, B, C with quota_share 3, 1, 1 (bearer tokens from files).
@@ -44,6 +56,7 @@ again; one that waited asks again at once.
 
     python3 bench/quota.py [--scenario all|accuracy|fairness] [--no-build]
         [--quota 100] [--seconds 10] [--replicas 3]          (accuracy, cost)
+        [--topology standalone|cluster|both]                 (accuracy, cost)
         [--fair-quota 60] [--fair-seconds 20] [--fair-callers 6] ...
         [--single-quota 20] [--checkout-rate 10] [--batch-callers 24] ...
 
@@ -52,9 +65,10 @@ fairness run and the single-gateway case; all (default): both.
 
 Python 3.11 standard library only. Talks only to 127.0.0.1. Installs
 redis-server (Debian package) when missing. Prints a Markdown summary on
-stdout (progress goes to stderr). Exit status 1 when the accuracy run FAILs
-or a fairness target is MISSed, 2 when a run is INVALID (calls without an
-answer, a gateway died, arrivals the provider cannot attribute).
+stdout (progress goes to stderr). Exit status 1 when an accuracy run (any
+topology) FAILs or a fairness target is MISSed, 2 when a run is INVALID
+(calls without an answer, a gateway died, arrivals the provider cannot
+attribute) or the Redis Cluster could not be formed.
 """
 
 import argparse
@@ -77,13 +91,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import RELEASE_BINARY as BINARY, Gateway, LoopbackServer, QuietHandler, build_release  # noqa: E402
 from benchlib import command_output, ensure_redis, git_version, leave_work, logger, redis_version, resp_command  # noqa: E402
-from benchlib import serve_in_thread, start_redis, stop, stop_server  # noqa: E402
+from benchlib import RedisCluster, serve_in_thread, start_redis, stop, stop_server  # noqa: E402
 
 PATH = "/open/product/get?itemId=652874751412"
 ACCESS_KEY = "bench-quota-key"
 TOLERANCE = 0.05
 CALL_TIMEOUT_S = 5.0
 STOP_TIMEOUT_S = 10.0
+# Starting the cluster's nodes, `redis-cli --cluster create` and every node
+# saying cluster_state:ok, all within this.
+CLUSTER_START_TIMEOUT_S = 45.0
 # The fairness runs' callers name their client in this header too; the
 # gateway forwards it, so the provider attributes each arrival.
 TAG_HEADER = "X-Bench-Client"
@@ -173,15 +190,69 @@ def fallbacks_in(gateway):
     return sum(1 for d in gateway.log_events("gateway.err") if "falling back" in str(d.get("message", "")))
 
 
-def gateway_toml(rps, burst, backend, redis_port=None, prefix="pandagate"):
+class Topology:
+    """Where the gateways keep the quota: one redis-server (`standalone`)
+    or a Redis Cluster (`cluster`, a benchlib.RedisCluster)."""
+
+    def __init__(self, name, ports, cluster=None):
+        self.name = name
+        self.ports = ports
+        self.cluster = cluster
+
+    @classmethod
+    def standalone(cls, port):
+        return cls("standalone", [port])
+
+    @classmethod
+    def of_cluster(cls, cluster):
+        return cls("cluster", list(cluster.ports), cluster)
+
+    def toml_lines(self, prefix):
+        """[rate_limit]'s Redis lines; with a cluster, `redis_url` must not be set."""
+        if self.cluster is None:
+            return [f'redis_url = "redis://127.0.0.1:{self.ports[0]}"',
+                    f'redis_key_prefix = "{prefix}"']
+        urls = ", ".join(f'"{u}"' for u in self.cluster.urls())
+        return ['redis_mode = "cluster"', f"redis_urls = [{urls}]",
+                f'redis_key_prefix = "{prefix}"']
+
+    def describe(self):
+        if self.cluster is None:
+            return f"standalone Redis (127.0.0.1:{self.ports[0]})"
+        return (f"Redis Cluster of {len(self.ports)} masters, no replicas (127.0.0.1:"
+                + ", ".join(map(str, self.ports)) + ")")
+
+    def script_calls(self):
+        """{port: EVALSHA + EVAL calls so far} per node (INFO commandstats)."""
+        out = {}
+        for port in self.ports:
+            stats = redis_commandstats(port)
+            out[port] = stats.get("evalsha", 0) + stats.get("eval", 0)
+        return out
+
+    def placement(self, prefix, scripts_before):
+        """Per cluster node: its slots, its key count, the keys named
+        `prefix`:* (with their slots) and the scripts it ran since
+        `scripts_before`; None for a standalone Redis."""
+        if self.cluster is None:
+            return None
+        slots = self.cluster.slots()
+        scripts = self.script_calls()
+        return [{"port": port, "slots": slots.get(port, "?"), "dbsize": self.cluster.dbsize(port),
+                 "keys": self.cluster.keys(port, f"{prefix}:*"),
+                 "scripts": scripts[port] - scripts_before.get(port, 0)}
+                for port in self.ports]
+
+
+def gateway_toml(rps, burst, backend, redis=None, prefix="pandagate"):
+    """`redis`: the Topology of `backend = "redis"`."""
     lines = ["[rate_limit]",
              f"requests_per_second = {rps}",
              f"burst = {burst}",
              "max_wait_ms = 0",
              f'backend = "{backend}"']
     if backend == "redis":
-        lines += [f'redis_url = "redis://127.0.0.1:{redis_port}"',
-                  f'redis_key_prefix = "{prefix}"']
+        lines += redis.toml_lines(prefix)
     return "\n".join(lines) + "\n"
 
 
@@ -286,13 +357,16 @@ def fmt_pct(x):
 # Accuracy run
 # --------------------------------------------------------------------------
 
-def accuracy_run(args, work, provider, redis_port):
+def accuracy_run(args, work, provider, topo):
     upstream = f"http://127.0.0.1:{provider.server_address[1]}"
-    toml = gateway_toml(args.quota, args.burst, "redis", redis_port, prefix="accuracy")
+    toml = gateway_toml(args.quota, args.burst, "redis", topo, prefix="accuracy")
+    # Redis TIME is asked of the first node (one host: one clock).
+    time_port = topo.ports[0]
     gateways = []
     try:
         for i in range(args.replicas):
-            gateways.append(quota_gateway(f"replica{i}", work, toml, upstream))
+            name = f"replica{i}" if topo.cluster is None else f"{topo.name}-replica{i}"
+            gateways.append(quota_gateway(name, work, toml, upstream))
         log(f"{len(gateways)} replicas ready on ports", [g.port for g in gateways])
 
         offered = 3 * args.quota
@@ -310,7 +384,8 @@ def accuracy_run(args, work, provider, redis_port):
         time.sleep(1.0)
         provider.clear()
         warmup_lines = [len(g.access_log()) for g in gateways]
-        offset_before = redis_time_offset_us(redis_port)
+        offset_before = redis_time_offset_us(time_port)
+        scripts_before = topo.script_calls() if topo.cluster is not None else {}
 
         stop = threading.Event()
         results = [[] for _ in range(n_threads)]
@@ -332,12 +407,13 @@ def accuracy_run(args, work, provider, redis_port):
             th.join(timeout=CALL_TIMEOUT_S + 1)
         hung = sum(th.is_alive() for th in threads)
         time.sleep(0.3)  # let the last forwarded calls land
-        offset_after = redis_time_offset_us(redis_port)
+        offset_after = redis_time_offset_us(time_port)
         arrivals = provider.snapshot()
         died = [g.name for g in gateways if not g.alive()]
     finally:
         for g in gateways:
             g.stop(STOP_TIMEOUT_S)
+    placement = topo.placement("accuracy", scripts_before)
 
     # Client side
     calls = [r for rs in results for r in rs]
@@ -414,6 +490,7 @@ def accuracy_run(args, work, provider, redis_port):
         "gap_ms": gap * 1e3, "gap_at": gap_at - start,
         "worst_lag_at": (worst_lag[0] - start) if worst_lag else 0.0, "window_at": (win_at - start) if win_at is not None else None,
         "offset_before": offset_before, "offset_after": offset_after,
+        "topology": topo, "time_port": time_port, "placement": placement,
     }
 
 
@@ -444,21 +521,35 @@ def sequential(port, warmup_s, seconds):
             "p99": percentile(lat, 99) * 1e6}
 
 
-def cost_run(args, work, provider, redis_port):
+def cost_labels(topologies):
+    """The cost run's gateways: `local`, then one per topology (`redis` when
+    the only one is standalone, as the report has always called it)."""
+    if [t.name for t in topologies] == ["standalone"]:
+        return ["local", "redis"]
+    return ["local"] + [t.name for t in topologies]
+
+
+def cost_run(args, work, provider, topologies):
+    """One gateway with the local backend and one per topology, measured in
+    the same rounds; the order turns by one gateway each round (with two:
+    alternates), so none is always first. Returns the rounds ({label:
+    figures}), the fallback switches each Redis gateway logged, and each
+    cluster's key placement afterwards ({label: placement})."""
     upstream = f"http://127.0.0.1:{provider.server_address[1]}"
     rps = 100000
     rounds = []
     started = []
+    labels = cost_labels(topologies)
+    scripts_before = {t.name: t.script_calls() for t in topologies if t.cluster is not None}
     try:
-        local = quota_gateway("cost-local", work, gateway_toml(rps, 1000, "local"), upstream)
-        started.append(local)
-        redis = quota_gateway("cost-redis", work,
-                        gateway_toml(rps, 1000, "redis", redis_port, prefix="cost"), upstream)
-        started.append(redis)
+        started.append(quota_gateway("cost-local", work, gateway_toml(rps, 1000, "local"), upstream))
+        for label, topo in zip(labels[1:], topologies):
+            started.append(quota_gateway(f"cost-{label}", work,
+                                         gateway_toml(rps, 1000, "redis", topo, prefix="cost"), upstream))
+        named = list(zip(labels, started))
         for i in range(args.cost_repeats):
-            order = [("local", local), ("redis", redis)]
-            if i % 2:
-                order.reverse()
+            turn = i % len(named)
+            order = named[turn:] + named[:turn]
             r = {}
             for name, g in order:
                 log(f"cost round {i + 1}/{args.cost_repeats}: {name}")
@@ -467,8 +558,10 @@ def cost_run(args, work, provider, redis_port):
     finally:
         for g in started:
             g.stop(STOP_TIMEOUT_S)
-    fallbacks = fallbacks_in(redis)
-    return rounds, fallbacks
+    fallbacks = {label: fallbacks_in(g) for label, g in zip(labels[1:], started[1:])}
+    placements = {t.name: t.placement("cost", scripts_before[t.name])
+                  for t in topologies if t.cluster is not None}
+    return rounds, fallbacks, placements
 
 
 # --------------------------------------------------------------------------
@@ -1002,7 +1095,9 @@ def fairness_report(args, fair, single):
 # Report
 # --------------------------------------------------------------------------
 
-def header(argv, started):
+def header(argv, started, topologies=()):
+    """`topologies`: the Redis of the accuracy and cost runs, named in the
+    header unless it is the default (one standalone Redis)."""
     out = []
     w = out.append
     w("# pandagate shared quota (Redis) benchmark")
@@ -1012,16 +1107,33 @@ def header(argv, started):
     w(f"- nproc: {os.cpu_count()} (`nproc` = {nproc()}); load average at end: "
       + " ".join(f"{x:.2f}" for x in os.getloadavg()))
     w(f"- redis-server: {redis_version()}")
+    if [t.name for t in topologies] not in ([], ["standalone"]):
+        for t in topologies:
+            w(f"- {t.name}: {t.describe()}"
+              + ("; `--cluster-node-timeout 2000`, made one cluster by `redis-cli --cluster create`"
+                 if t.cluster is not None else ""))
     w(f"- binary: {BINARY} ({git_version()})")
     w("")
     return "\n".join(out)
 
 
-def report(args, acc, rounds, cost_fallbacks):
+def report(args, accs, cost, default_topology):
+    """`accs`: one accuracy result per topology; `cost`: (rounds, fallbacks,
+    placements) of cost_run. `default_topology`: one standalone Redis, the
+    report worded as it always was."""
+    rounds, fallbacks, placements = cost
+    parts = [accuracy_section(args, acc, default_topology) for acc in accs]
+    parts.append(cost_section(args, rounds, fallbacks, placements))
+    return "\n\n".join(parts)
+
+
+def accuracy_section(args, acc, default_topology):
     out = []
     w = out.append
     q = args.quota
-    w(f"## Accuracy: {args.replicas} replicas, quota {q}/s, burst {args.burst}, max_wait_ms 0")
+    topo = acc["topology"]
+    on = "" if default_topology else f" on {topo.describe()}"
+    w(f"## Accuracy{on}: {args.replicas} replicas, quota {q}/s, burst {args.burst}, max_wait_ms 0")
     w("")
     w(f"- offered: {acc['offered']}/s target over {acc['n_threads']} paced threads "
       f"({args.threads_per_replica} per replica, one keep-alive connection each) for "
@@ -1041,7 +1153,8 @@ def report(args, acc, rounds, cost_fallbacks):
       + (f", other: {dict((k, v) for k, v in gs.items() if k not in (200, 429))}"
          if any(k not in (200, 429) for k in gs) else "")
       + f"; Redis fallback switches logged: {acc['fallbacks']}")
-    w(f"- Redis TIME minus local clock: {acc['offset_before'][0]:+.0f} µs before, "
+    node = "" if topo.cluster is None else f" (node {acc['time_port']})"
+    w(f"- Redis TIME{node} minus local clock: {acc['offset_before'][0]:+.0f} µs before, "
       f"{acc['offset_after'][0]:+.0f} µs after (same host)")
     w("")
     w("Provider arrivals per 1-second bin, bins aligned on the start of the offered load "
@@ -1067,51 +1180,120 @@ def report(args, acc, rounds, cost_fallbacks):
           f"in windows starting after the first second: {acc['steady_window_max']}")
     w(f"- longest silence at the provider: {acc['gap_ms']:.1f} ms (from {acc['gap_at']:.3f} s; "
       f"the quota's interval is {1000 / q:.1f} ms)")
+    if acc["placement"] is not None:
+        w("")
+        out.extend(placement_lines("the accuracy run", "accuracy", acc["placement"],
+                                   gs.get(200, 0) + gs.get(429, 0)))
     w("")
-    w(f"**Accuracy: {verdict(acc)}** (every full bin within 5 % of {q}/s)")
+    label = "" if default_topology else f" ({topo.name})"
+    w(f"**Accuracy{label}: {verdict(acc)}** (every full bin within 5 % of {q}/s)")
     if acc["errors"] or acc["died"]:
         w("")
         w(f"INVALID: {acc['errors']} calls got no answer; gateways that died: "
           f"{acc['died'] or 'none'}. The bins above do not measure a shared quota.")
-    w("")
+    return "\n".join(out)
+
+
+def placement_lines(run, prefix, nodes, decisions=None):
+    """Markdown: where a cluster holds the `prefix`:* keys and which nodes
+    ran the scripts during `run`."""
+    out = [f"Where the Redis Cluster holds the quota after {run} (`KEYS {prefix}:*` and "
+           "`CLUSTER KEYSLOT` per node; scripts: EVALSHA + EVAL calls in INFO commandstats "
+           "during the run):", "",
+           "| node | slots | keys on the node (DBSIZE) | this run's keys (slot) | scripts run |",
+           "|---:|---|---:|---|---:|"]
+    for n in nodes:
+        keys = ", ".join(f"`{k}` ({slot})" for k, slot in sorted(n["keys"].items())) or "none"
+        out.append(f"| {n['port']} | {n['slots']} | {n['dbsize']} | {keys} | {n['scripts']} |")
+    holding = [n for n in nodes if n["keys"]]
+    running = [n for n in nodes if n["scripts"]]
+    slots = sorted({slot for n in nodes for slot in n["keys"].values()})
+    one = len(holding) == 1 and [n["port"] for n in running] == [holding[0]["port"]]
+    out.append("")
+    if one:
+        out.append(f"- one node: all {len(holding[0]['keys'])} keys (slot "
+                   + ", ".join(map(str, slots)) + f") and all {holding[0]['scripts']} scripts on "
+                   f"node {holding[0]['port']}; the other nodes ran none"
+                   + (f" ({decisions} calls decided)" if decisions is not None else ""))
+    else:
+        out.append(f"- NOT one node: keys on {[n['port'] for n in holding]}, scripts on "
+                   f"{[(n['port'], n['scripts']) for n in running]}")
+    return out
+
+
+def cost_section(args, rounds, fallbacks, placements):
+    """The cost table: local first, then each Redis gateway (one: the
+    report as it always was, `redis` and plain Δ columns)."""
+    out = []
+    w = out.append
+    labels = list(rounds[0])
+    labels = ["local"] + [x for x in labels if x != "local"]
+    remote = labels[1:]
+    single = len(remote) == 1
     w(f"## Cost of the Redis decision: one sequential client, {args.cost_seconds} s per "
       f"measurement after 1 s warm-up, {len(rounds)} rounds")
     w("")
-    w("| round | local p50 | local p90 | local p99 | redis p50 | redis p90 | redis p99 "
-      "| Δp50 | Δp99 | calls local/redis |")
-    w("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    fig = {k: [] for k in ("lp50", "lp90", "lp99", "rp50", "rp90", "rp99", "d50", "d99")}
+    if not single:
+        w("The gateways are measured one after the other in each round, the order turning "
+          "by one each round: " + ", ".join(f"`{x}`" for x in labels) + ".")
+        w("")
+    cols = [f"{x} p{p}" for x in labels for p in (50, 90, 99)]
+    deltas = [(f"Δp{p}" if single else f"Δp{p} {x}") for x in remote for p in (50, 99)]
+    w("| round | " + " | ".join(cols + deltas) + f" | calls {'/'.join(labels)} |")
+    w("|---:|" + "---:|" * (len(cols) + len(deltas) + 1))
+    fig = {}
     for i, r in enumerate(rounds):
-        lo, re_ = r["local"], r["redis"]
-        row = {"lp50": lo["p50"], "lp90": lo["p90"], "lp99": lo["p99"],
-               "rp50": re_["p50"], "rp90": re_["p90"], "rp99": re_["p99"],
-               "d50": re_["p50"] - lo["p50"], "d99": re_["p99"] - lo["p99"]}
+        row = {}
+        for x in labels:
+            for p in (50, 90, 99):
+                row[(x, p)] = r[x][f"p{p}"]
+        for x in remote:
+            for p in (50, 99):
+                row[("Δ", x, p)] = r[x][f"p{p}"] - r["local"][f"p{p}"]
         for k, v in row.items():
-            fig[k].append(v)
-        w(f"| {i + 1} | {row['lp50']:.0f} | {row['lp90']:.0f} | {row['lp99']:.0f} | "
-          f"{row['rp50']:.0f} | {row['rp90']:.0f} | {row['rp99']:.0f} | "
-          f"{row['d50']:+.0f} | {row['d99']:+.0f} | {lo['n']}/{re_['n']} |")
+            fig.setdefault(k, []).append(v)
+        cells = [f"{row[(x, p)]:.0f}" for x in labels for p in (50, 90, 99)]
+        cells += [f"{row[('Δ', x, p)]:+.0f}" for x in remote for p in (50, 99)]
+        w(f"| {i + 1} | " + " | ".join(cells) + " | " + "/".join(str(r[x]["n"]) for x in labels) + " |")
     med = {k: statistics.median(v) for k, v in fig.items()}
-    w(f"| **median** | **{med['lp50']:.0f}** | **{med['lp90']:.0f}** | **{med['lp99']:.0f}** | "
-      f"**{med['rp50']:.0f}** | **{med['rp90']:.0f}** | **{med['rp99']:.0f}** | "
-      f"**{med['d50']:+.0f}** | **{med['d99']:+.0f}** | |")
+    cells = [f"**{med[(x, p)]:.0f}**" for x in labels for p in (50, 90, 99)]
+    cells += [f"**{med[('Δ', x, p)]:+.0f}**" for x in remote for p in (50, 99)]
+    w("| **median** | " + " | ".join(cells) + " | |")
     w("")
     w("All figures in microseconds, client-observed (request written to response read).")
     errs = Counter()
     for r in rounds:
-        for name in ("local", "redis"):
+        for name in labels:
             for k, v in r[name]["errors"].items():
                 errs[f"{name}:{k}"] += v
+    switches = (fallbacks[remote[0]] if single
+                else ", ".join(f"{x} {fallbacks[x]}" for x in remote))
     w(f"Non-200 answers during cost runs: {dict(errs) if errs else 'none'}; "
-      f"Redis fallback switches logged: {cost_fallbacks}.")
-    w(f"Difference of the medians (redis − local): {med['rp50'] - med['lp50']:+.0f} µs at p50, "
-      f"{med['rp99'] - med['lp99']:+.0f} µs at p99.")
+      f"Redis fallback switches logged: {switches}.")
+    for x in remote:
+        w(f"Difference of the medians ({x} − local): {med[(x, 50)] - med[('local', 50)]:+.0f} µs at p50, "
+          f"{med[(x, 99)] - med[('local', 99)]:+.0f} µs at p99.")
+    if "standalone" in remote and "cluster" in remote:
+        over = {p: [r["cluster"][f"p{p}"] - r["standalone"][f"p{p}"] for r in rounds] for p in (50, 90, 99)}
+        w("Cluster − standalone, per round: "
+          + "; ".join(f"p{p} " + ", ".join(f"{v:+.0f}" for v in vs) for p, vs in over.items())
+          + " (medians " + ", ".join(f"p{p} {statistics.median(vs):+.0f}" for p, vs in over.items())
+          + " µs).")
     if errs:
         w("")
         w("WARNING: some cost-run calls failed; the figures above may be meaningless.")
+    for x, nodes in placements.items():
+        w("")
+        out.extend(placement_lines(f"the cost run's `cost-{x}` gateway", "cost", nodes))
     w("")
-    w(f"**Redis decision adds (median of {len(rounds)}): {med['d50']:+.0f} µs at p50, "
-      f"{med['d99']:+.0f} µs at p99.**")
+    if single:
+        what = "Redis Cluster" if remote[0] == "cluster" else "Redis"
+        w(f"**{what} decision adds (median of {len(rounds)}): {med[('Δ', remote[0], 50)]:+.0f} µs at p50, "
+          f"{med[('Δ', remote[0], 99)]:+.0f} µs at p99.**")
+    else:
+        w("**Added over local (median of " + f"{len(rounds)}): "
+          + "; ".join(f"{x} {med[('Δ', x, 50)]:+.0f} µs at p50, {med[('Δ', x, 99)]:+.0f} µs at p99"
+                      for x in remote) + ".**")
     return "\n".join(out)
 
 
@@ -1128,7 +1310,11 @@ def nproc():
 # --------------------------------------------------------------------------
 
 def main(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Exit status: 0 all PASS; 1 an accuracy run (any topology) FAILed or a fairness "
+               "target MISSed; 2 a run was INVALID or the Redis Cluster could not be formed. "
+               "The Markdown summary goes to stdout, progress to stderr.")
     p.add_argument("--scenario", choices=("all", "accuracy", "fairness"), default="all",
                    help="accuracy: the accuracy and cost runs; fairness: the fairness run and the "
                         "single-gateway case; all: both (default)")
@@ -1141,6 +1327,11 @@ def main(argv):
     p.add_argument("--cost-seconds", type=float, default=5.0,
                    help="measured seconds per cost measurement (default 5)")
     p.add_argument("--cost-repeats", type=int, default=3, help="cost rounds (default 3)")
+    p.add_argument("--topology", choices=("standalone", "cluster", "both"), default="standalone",
+                   help="Redis of the accuracy and cost runs: one redis-server (default), a Redis "
+                        "Cluster of 3 masters started by the script (redis_mode = \"cluster\"), or "
+                        "both: the accuracy run on each, and local, standalone and cluster gateways "
+                        "in the same cost rounds (the fairness run stays on one redis-server)")
     f = p.add_argument_group("fairness run (replicas on one Redis, clients A : B : C = 3 : 1 : 1)")
     f.add_argument("--fair-quota", type=int, default=60, help="requests per second (default 60)")
     f.add_argument("--fair-burst", type=int, default=1, help="rate_limit.burst (default 1)")
@@ -1191,11 +1382,25 @@ def main(argv):
 
     work = Path(tempfile.mkdtemp(prefix="pandagate-quota-"))
     redis_proc = None
+    cluster = None
     provider = None
     provider_thread = None
     try:
-        redis_proc, redis_port = start_redis(work)
-        log(f"redis-server on 127.0.0.1:{redis_port}")
+        topologies = []
+        if run_fairness or args.topology in ("standalone", "both"):
+            redis_proc, redis_port = start_redis(work)
+            log(f"redis-server on 127.0.0.1:{redis_port}")
+            if args.topology in ("standalone", "both"):
+                topologies.append(Topology.standalone(redis_port))
+        if run_accuracy and args.topology in ("cluster", "both"):
+            cluster = RedisCluster(work, masters=3)
+            try:
+                cluster.start(timeout=CLUSTER_START_TIMEOUT_S)
+            except RuntimeError as e:
+                log(f"the Redis Cluster could not be formed: {e}")
+                return 2
+            log("Redis Cluster on 127.0.0.1:" + ", ".join(map(str, cluster.ports)))
+            topologies.append(Topology.of_cluster(cluster))
         provider = Provider()
         provider_thread = serve_in_thread(provider, 0.1)
         log(f"fake provider on 127.0.0.1:{provider.server_address[1]}")
@@ -1203,11 +1408,15 @@ def main(argv):
         sections = []
         status = 0
         if run_accuracy:
-            acc = accuracy_run(args, work, provider, redis_port)
-            log("accuracy:", verdict(acc), acc["bins"])
-            rounds, cost_fallbacks = cost_run(args, work, provider, redis_port)
-            sections.append(report(args, acc, rounds, cost_fallbacks))
-            status = max(status, {"PASS": 0, "FAIL": 1}.get(verdict(acc), 2))
+            accs = []
+            for topo in topologies:
+                acc = accuracy_run(args, work, provider, topo)
+                log(f"accuracy ({topo.name}):", verdict(acc), acc["bins"])
+                accs.append(acc)
+            cost = cost_run(args, work, provider, topologies)
+            sections.append(report(args, accs, cost, args.topology == "standalone"))
+            for acc in accs:
+                status = max(status, {"PASS": 0, "FAIL": 1}.get(verdict(acc), 2))
         if run_fairness:
             fair = fairness_run(args, work, provider, redis_port)
             log("fairness:", [(t, ok) for t, ok in fair["targets"]])
@@ -1215,11 +1424,14 @@ def main(argv):
             log("single:", [(t, ok) for t, ok in single["targets"]])
             sections.append(fairness_report(args, fair, single))
             status = max(status, {"PASS": 0, "MISS": 1}.get(fairness_verdict(fair, single), 2))
-        print(header(argv, started) + "\n" + "\n\n".join(sections), flush=True)
+        print(header(argv, started, topologies if run_accuracy else ()) + "\n"
+              + "\n\n".join(sections), flush=True)
         return status
     finally:
         stop_server(provider, provider_thread)
         stop(redis_proc, grace=STOP_TIMEOUT_S)
+        if cluster is not None:
+            cluster.stop(grace=STOP_TIMEOUT_S)
         leave_work(work, args.keep, log)
 
 

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use pandagate::config::Config;
 use pandagate::config::{FailMode, RateLimitBackend, RateLimitConfig, RouteConfig};
 use pandagate::quota::BackendState;
-use support::gateway::TestGateway;
+use support::gateway::hammer;
 use support::provider::upstream_failing_first;
 use support::redis_server::RedisServer;
 use support::*;
@@ -153,32 +153,6 @@ async fn the_other_spelling_of_a_path_shares_its_route_bucket() {
     gw.stop().await;
 }
 
-/// Sends calls from `workers` tasks against each gateway until `run` passes;
-/// returns how many were answered 200.
-async fn hammer(gateways: &[&TestGateway], workers: usize, run: Duration) -> usize {
-    let until = Instant::now() + run;
-    let mut tasks = Vec::new();
-    for gw in gateways {
-        for _ in 0..workers {
-            let url = gw.url("/open/product/get");
-            tasks.push(tokio::spawn(async move {
-                let mut ok = 0;
-                while Instant::now() < until {
-                    if get(&url).await.status == 200 {
-                        ok += 1;
-                    }
-                }
-                ok
-            }));
-        }
-    }
-    let mut ok = 0;
-    for t in tasks {
-        ok += t.await.unwrap();
-    }
-    ok
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_sharing_redis_stay_under_quota_plus_burst() {
     let redis = RedisServer::start();
@@ -191,7 +165,7 @@ async fn two_replicas_sharing_redis_stay_under_quota_plus_burst() {
     let b = spawn_gateway(c).await;
     let run = Duration::from_secs(2);
     let started = Instant::now();
-    let ok = hammer(&[&a, &b], 4, run).await;
+    let ok = hammer(&[&a, &b], 4, run, "/open/product/get").await;
     let elapsed = started.elapsed().as_secs_f64();
     let received = upstream.received_requests().await.unwrap().len();
     assert_eq!(ok, received, "every 200 is a call the provider saw");

@@ -170,3 +170,29 @@ impl TestGateway {
         let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
     }
 }
+
+/// Calls `path` from `workers` tasks against each gateway until `run`
+/// passes; returns how many were answered 200.
+pub async fn hammer(gateways: &[&TestGateway], workers: usize, run: Duration, path: &str) -> usize {
+    let until = std::time::Instant::now() + run;
+    let mut tasks = Vec::new();
+    for gw in gateways {
+        for _ in 0..workers {
+            let url = gw.url(path);
+            tasks.push(tokio::spawn(async move {
+                let mut ok = 0;
+                while std::time::Instant::now() < until {
+                    if super::client::get(&url).await.status == 200 {
+                        ok += 1;
+                    }
+                }
+                ok
+            }));
+        }
+    }
+    let mut ok = 0;
+    for t in tasks {
+        ok += t.await.unwrap();
+    }
+    ok
+}

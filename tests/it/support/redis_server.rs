@@ -279,15 +279,23 @@ impl RedisSentinel {
 
     pub fn start() -> RedisSentinel {
         let dir = tempfile::tempdir().unwrap();
+        // A full sync writes a snapshot to each server's directory: the
+        // test's own, one each, not the working directory.
+        let (master_dir, replica_dir) = (dir.path().join("master"), dir.path().join("replica"));
+        std::fs::create_dir(&master_dir).unwrap();
+        std::fs::create_dir(&replica_dir).unwrap();
         let auth = [
             "--requirepass",
             TOPOLOGY_PASSWORD,
             "--masterauth",
             TOPOLOGY_PASSWORD,
         ];
-        let master = RedisServer::start_with(dead_address().port(), &auth);
+        let mut master_args = auth.to_vec();
+        master_args.extend(["--dir", master_dir.to_str().unwrap()]);
+        let master = RedisServer::start_with(dead_address().port(), &master_args);
         let master_port = master.port.to_string();
         let mut replica_args = auth.to_vec();
+        replica_args.extend(["--dir", replica_dir.to_str().unwrap()]);
         replica_args.extend(["--replicaof", "127.0.0.1", &master_port]);
         let replica = RedisServer::start_with(dead_address().port(), &replica_args);
         let port = dead_address().port();
