@@ -338,3 +338,37 @@ async fn a_key_that_reaches_no_replica_is_refused_and_nothing_is_sent() {
     assert_eq!(orders_seen(&upstream).await.get("frozen-1"), Some(&1));
     gw.stop().await;
 }
+
+/// A cluster on TLS ports only (its bus too), with a password, reached over
+/// `rediss://` trusting `tls.ca_file` as one server is: the quota decided
+/// there, shared by two replicas.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_over_tls_is_reached_as_one_server_over_tls_is() {
+    let ca = support::tls::TestCa::new();
+    // Its nodes connect to each other over TLS as clients too.
+    let cluster = RedisCluster::start_tls(3, &ca, &ca.peer("cluster"));
+    assert!(cluster.urls().iter().all(|u| u.starts_with("rediss://")));
+    let upstream = upstream_answering(envelope()).await;
+    let mut c = on_redis(&upstream.uri(), RedisMode::Cluster, &cluster.urls(), None);
+    c.tls.ca_file = Some(ca.ca_file.clone());
+    c.idempotency = None;
+    c.cache.backend = CacheBackend::Local;
+    c.cache.redis_mode = RedisMode::Standalone;
+    c.cache.redis_urls = Vec::new();
+    let a = spawn_gateway(c.clone()).await;
+    let b = spawn_gateway(c).await;
+    let started = Instant::now();
+    let ok = hammer(&[&a, &b], 3, Duration::from_secs(2), "/alibaba/order/list").await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let ceiling = (20.0 * elapsed + 5.0).ceil() as usize;
+    assert!(
+        ok <= ceiling,
+        "{ok} calls in {elapsed:.2} s, ceiling {ceiling}"
+    );
+    assert!(ok >= 30, "the quota was let through: {ok}");
+    for gw in [&a, &b] {
+        assert_eq!(gw.gateway.limiter().backend_state(), BackendState::Redis);
+    }
+    a.stop().await;
+    b.stop().await;
+}

@@ -191,62 +191,132 @@ pub const TOPOLOGY_PASSWORD: &str = "topology-pw-5";
 /// dropped.
 pub struct RedisCluster {
     pub nodes: Vec<RedisServer>,
+    /// redis-cli's options to reach the nodes (TLS, its CA).
+    cli_tls: Vec<String>,
     _dir: tempfile::TempDir,
 }
 
 impl RedisCluster {
     pub fn start(masters: usize) -> RedisCluster {
+        Self::start_over(masters, None)
+    }
+
+    /// The same cluster, on TLS ports only (its bus too), serving `cert`
+    /// signed by `ca`.
+    pub fn start_tls(masters: usize, ca: &TestCa, cert: &Issued) -> RedisCluster {
+        Self::start_over(masters, Some((ca, cert)))
+    }
+
+    fn start_over(masters: usize, tls: Option<(&TestCa, &Issued)>) -> RedisCluster {
         let dir = tempfile::tempdir().unwrap();
+        let tls_args: Vec<String> = match tls {
+            None => Vec::new(),
+            Some((ca, cert)) => [
+                "--tls-cluster",
+                "yes",
+                "--tls-auth-clients",
+                "no",
+                "--tls-cert-file",
+                cert.cert.to_str().unwrap(),
+                "--tls-key-file",
+                cert.key.to_str().unwrap(),
+                "--tls-ca-cert-file",
+                ca.ca_file.to_str().unwrap(),
+            ]
+            .map(str::to_owned)
+            .into(),
+        };
+        let cli_tls: Vec<String> = match tls {
+            None => Vec::new(),
+            Some((ca, _)) => vec![
+                "--tls".into(),
+                "--cacert".into(),
+                ca.ca_file.display().to_string(),
+            ],
+        };
         let nodes: Vec<RedisServer> = (0..masters)
             .map(|i| {
                 let port = dead_address().port();
                 let bus = dead_address().port().to_string();
                 let conf = dir.path().join(format!("nodes-{i}.conf"));
-                RedisServer::start_with(
-                    port,
-                    &[
-                        "--cluster-enabled",
-                        "yes",
-                        "--cluster-port",
-                        &bus,
-                        "--cluster-config-file",
-                        conf.to_str().unwrap(),
-                        "--cluster-node-timeout",
-                        "2000",
-                        "--requirepass",
-                        TOPOLOGY_PASSWORD,
-                        "--masterauth",
-                        TOPOLOGY_PASSWORD,
-                        "--dir",
-                        dir.path().to_str().unwrap(),
-                    ],
-                )
+                let mut args: Vec<String> = [
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-port",
+                    &bus,
+                    "--cluster-config-file",
+                    conf.to_str().unwrap(),
+                    "--cluster-node-timeout",
+                    "2000",
+                    "--requirepass",
+                    TOPOLOGY_PASSWORD,
+                    "--masterauth",
+                    TOPOLOGY_PASSWORD,
+                    "--dir",
+                    dir.path().to_str().unwrap(),
+                ]
+                .map(str::to_owned)
+                .into();
+                if tls.is_some() {
+                    // The port given is the TLS one; no plain port.
+                    args.extend(["--port", "0", "--tls-port"].map(str::to_owned));
+                    args.push(port.to_string());
+                    args.extend(tls_args.iter().cloned());
+                }
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                RedisServer::start_with(port, &args)
             })
             .collect();
-        let addrs: Vec<String> = nodes
+        let cluster = RedisCluster {
+            nodes,
+            cli_tls,
+            _dir: dir,
+        };
+        let addrs: Vec<String> = cluster
+            .nodes
             .iter()
             .map(|n| format!("127.0.0.1:{}", n.port))
             .collect();
         let mut args = vec!["--cluster", "create"];
         args.extend(addrs.iter().map(String::as_str));
         args.extend(["--cluster-replicas", "0", "--cluster-yes"]);
-        redis_cli(&args);
-        for n in &nodes {
-            let port = n.port.to_string();
+        cluster.cli(None, &args);
+        for n in &cluster.nodes {
             wait_until(
                 "the cluster is ok on every node",
                 Duration::from_secs(20),
-                || redis_cli(&["-p", &port, "cluster", "info"]).contains("cluster_state:ok"),
+                || {
+                    cluster
+                        .cli(Some(n.port), &["cluster", "info"])
+                        .contains("cluster_state:ok")
+                },
             );
         }
-        RedisCluster { nodes, _dir: dir }
+        cluster
     }
 
-    /// The nodes' URLs, with the password (seed nodes for a client).
+    /// `redis-cli` (over TLS for a TLS cluster), on the node at `port` if given.
+    fn cli(&self, port: Option<u16>, args: &[&str]) -> String {
+        let port = port.map(|p| p.to_string());
+        let mut all: Vec<&str> = self.cli_tls.iter().map(String::as_str).collect();
+        if let Some(port) = &port {
+            all.extend(["-p", port.as_str()]);
+        }
+        all.extend(args);
+        redis_cli(&all)
+    }
+
+    /// The nodes' URLs, with the password (seed nodes for a client):
+    /// `rediss://` for a TLS cluster.
     pub fn urls(&self) -> Vec<String> {
+        let scheme = if self.cli_tls.is_empty() {
+            "redis"
+        } else {
+            "rediss"
+        };
         self.nodes
             .iter()
-            .map(|n| format!("redis://:{TOPOLOGY_PASSWORD}@127.0.0.1:{}", n.port))
+            .map(|n| format!("{scheme}://:{TOPOLOGY_PASSWORD}@127.0.0.1:{}", n.port))
             .collect()
     }
 
@@ -254,12 +324,7 @@ impl RedisCluster {
     pub fn keys_per_node(&self) -> Vec<usize> {
         self.nodes
             .iter()
-            .map(|n| {
-                redis_cli(&["-p", &n.port.to_string(), "dbsize"])
-                    .trim()
-                    .parse()
-                    .unwrap()
-            })
+            .map(|n| self.cli(Some(n.port), &["dbsize"]).trim().parse().unwrap())
             .collect()
     }
 }

@@ -68,6 +68,23 @@ impl TestCa {
         self.issue(name, params)
     }
 
+    /// A certificate for `localhost` and 127.0.0.1 that serves and also
+    /// connects as a client, as a Redis Cluster node does on its bus.
+    pub fn peer(&self, name: &str) -> Issued {
+        let mut params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        params
+            .subject_alt_names
+            .push(SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)));
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "localhost");
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        self.issue(name, params)
+    }
+
     /// A server certificate for the DNS names `dns` only, written as
     /// `NAME.pem` and `NAME-key.pem`.
     pub fn server_for(&self, name: &str, dns: &[&str]) -> Issued {
