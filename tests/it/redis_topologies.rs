@@ -102,6 +102,27 @@ async fn behind_a_sentinel() -> (RedisSentinel, wiremock::MockServer, Config) {
     (redis, upstream, c)
 }
 
+/// Two replicas flooding for 2 s get no more than the quota (20/s, burst
+/// 5) and most of it, decided by Redis, not by a local fallback.
+async fn quota_shared_by(a: &TestGateway, b: &TestGateway) {
+    let started = Instant::now();
+    let ok = hammer(&[a, b], 3, Duration::from_secs(2), "/alibaba/order/list").await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let ceiling = (20.0 * elapsed + 5.0).ceil() as usize;
+    assert!(
+        ok <= ceiling,
+        "{ok} calls in {elapsed:.2} s, ceiling {ceiling}"
+    );
+    assert!(ok >= 30, "the quota was let through: {ok}");
+    for gw in [a, b] {
+        assert_eq!(
+            gw.gateway.limiter().backend_state(),
+            BackendState::Redis,
+            "decided by Redis, not by a local fallback"
+        );
+    }
+}
+
 /// How many times the provider saw each idempotency key's order.
 async fn orders_seen(upstream: &wiremock::MockServer) -> HashMap<String, usize> {
     let mut seen = HashMap::new();
@@ -125,22 +146,7 @@ async fn a_three_master_cluster_holds_the_quota_the_keys_and_the_cache() {
     let b = spawn_gateway(c).await;
 
     // The quota, shared through the cluster by two replicas.
-    let started = Instant::now();
-    let ok = hammer(&[&a, &b], 3, Duration::from_secs(2), "/alibaba/order/list").await;
-    let elapsed = started.elapsed().as_secs_f64();
-    let ceiling = (20.0 * elapsed + 5.0).ceil() as usize;
-    assert!(
-        ok <= ceiling,
-        "{ok} calls in {elapsed:.2} s, ceiling {ceiling}"
-    );
-    assert!(ok >= 30, "the quota was let through: {ok}");
-    for gw in [&a, &b] {
-        assert_eq!(
-            gw.gateway.limiter().backend_state(),
-            BackendState::Redis,
-            "decided by the cluster, not by a local fallback"
-        );
-    }
+    quota_shared_by(&a, &b).await;
 
     // Keys of many slots: each order sent once, replayed on the other replica.
     for n in 0..12 {
@@ -357,18 +363,7 @@ async fn a_cluster_over_tls_is_reached_as_one_server_over_tls_is() {
     c.cache.redis_urls = Vec::new();
     let a = spawn_gateway(c.clone()).await;
     let b = spawn_gateway(c).await;
-    let started = Instant::now();
-    let ok = hammer(&[&a, &b], 3, Duration::from_secs(2), "/alibaba/order/list").await;
-    let elapsed = started.elapsed().as_secs_f64();
-    let ceiling = (20.0 * elapsed + 5.0).ceil() as usize;
-    assert!(
-        ok <= ceiling,
-        "{ok} calls in {elapsed:.2} s, ceiling {ceiling}"
-    );
-    assert!(ok >= 30, "the quota was let through: {ok}");
-    for gw in [&a, &b] {
-        assert_eq!(gw.gateway.limiter().backend_state(), BackendState::Redis);
-    }
+    quota_shared_by(&a, &b).await;
     a.stop().await;
     b.stop().await;
 }

@@ -57,20 +57,22 @@ impl TestCa {
     /// A server certificate for `localhost` and 127.0.0.1, written as
     /// `NAME.pem` and `NAME-key.pem`.
     pub fn server(&self, name: &str) -> Issued {
-        let mut params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
-        params
-            .subject_alt_names
-            .push(SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)));
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "localhost");
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        self.issue(name, params)
+        self.for_localhost(name, vec![ExtendedKeyUsagePurpose::ServerAuth])
     }
 
     /// A certificate for `localhost` and 127.0.0.1 that serves and also
     /// connects as a client, as a Redis Cluster node does on its bus.
     pub fn peer(&self, name: &str) -> Issued {
+        self.for_localhost(
+            name,
+            vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+        )
+    }
+
+    fn for_localhost(&self, name: &str, usages: Vec<ExtendedKeyUsagePurpose>) -> Issued {
         let mut params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
         params
             .subject_alt_names
@@ -78,10 +80,7 @@ impl TestCa {
         params
             .distinguished_name
             .push(DnType::CommonName, "localhost");
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        params.extended_key_usages = usages;
         self.issue(name, params)
     }
 
