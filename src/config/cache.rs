@@ -55,6 +55,11 @@ pub struct CacheConfig {
     /// With `redis_mode = "sentinel"`: the name the sentinels know the master by.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redis_sentinel_master: Option<String>,
+    /// With `redis_mode = "sentinel"`: whether the sentinels take the
+    /// password (and username) of the URLs too; `false`: they are asked
+    /// without, and only the master takes it. Default: `true`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis_sentinel_auth: Option<bool>,
     /// Longest a call waits for Redis, in milliseconds; past it, a miss.
     pub redis_timeout_ms: u64,
     /// Prefix of the Redis keys.
@@ -92,6 +97,7 @@ impl Default for CacheConfig {
             redis_mode: super::RedisMode::Standalone,
             redis_urls: Vec::new(),
             redis_sentinel_master: None,
+            redis_sentinel_auth: None,
             redis_timeout_ms: 50,
             redis_key_prefix: "pandagate".into(),
             forward_headers: DEFAULT_FORWARD_HEADERS.map(str::to_owned).to_vec(),
@@ -157,6 +163,10 @@ impl RedisUrlKeys for CacheConfig {
             &self.redis_urls,
             self.redis_sentinel_master.as_deref(),
         )
+    }
+
+    fn redis_sentinel_auth(&self) -> Option<bool> {
+        self.redis_sentinel_auth
     }
 
     fn uses_redis(&self) -> bool {

@@ -58,6 +58,11 @@ pub struct IdempotencyConfig {
     /// With `redis_mode = "sentinel"`: the name the sentinels know the master by.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redis_sentinel_master: Option<String>,
+    /// With `redis_mode = "sentinel"`: whether the sentinels take the
+    /// password (and username) of the URLs too; `false`: they are asked
+    /// without, and only the master takes it. Default: `true`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis_sentinel_auth: Option<bool>,
     /// Replicas each key's write must reach (Redis `WAIT`) before its call
     /// goes on: a key written only to a master that then fails over would
     /// be lost, and its call sent again. Fewer in time: the store counts as
@@ -94,6 +99,7 @@ impl Default for IdempotencyConfig {
             redis_mode: super::RedisMode::Standalone,
             redis_urls: Vec::new(),
             redis_sentinel_master: None,
+            redis_sentinel_auth: None,
             redis_wait_replicas: None,
             redis_timeout_ms: 250,
             redis_key_prefix: "pandagate".into(),
@@ -179,6 +185,10 @@ impl RedisUrlKeys for IdempotencyConfig {
             &self.redis_urls,
             self.redis_sentinel_master.as_deref(),
         )
+    }
+
+    fn redis_sentinel_auth(&self) -> Option<bool> {
+        self.redis_sentinel_auth
     }
 
     fn uses_redis(&self) -> bool {

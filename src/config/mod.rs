@@ -491,6 +491,11 @@ mod tests {
                     key("redis_urls"),
                 ),
                 ("redis_mode = \"ring\"\n", key("redis_mode")),
+                ("redis_sentinel_auth = false\n", key("redis_sentinel_auth")),
+                (
+                    "redis_mode = \"cluster\"\nredis_urls = [\"redis://a:1\"]\nredis_sentinel_auth = true\n",
+                    key("redis_sentinel_auth"),
+                ),
             ] {
                 let toml = format!("{head}{extra}");
                 let e = err(&toml);
@@ -500,7 +505,7 @@ mod tests {
                 );
             }
             let ok = format!(
-                "{head}redis_mode = \"sentinel\"\nredis_urls = [\"redis://:pw@s1:26379\", \"redis://:pw@s2:26379\"]\nredis_sentinel_master = \"m\"\n"
+                "{head}redis_mode = \"sentinel\"\nredis_urls = [\"redis://:pw@s1:26379\", \"redis://:pw@s2:26379\"]\nredis_sentinel_master = \"m\"\nredis_sentinel_auth = false\n"
             );
             let mut c = Config::from_toml(&ok).unwrap();
             c.apply_env(&env_of(CREDS)).unwrap();

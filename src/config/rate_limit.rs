@@ -70,6 +70,11 @@ pub struct RateLimitConfig {
     /// With `redis_mode = "sentinel"`: the name the sentinels know the master by.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redis_sentinel_master: Option<String>,
+    /// With `redis_mode = "sentinel"`: whether the sentinels take the
+    /// password (and username) of the URLs too; `false`: they are asked
+    /// without, and only the master takes it. Default: `true`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis_sentinel_auth: Option<bool>,
     /// Longest a call waits for a Redis decision, in milliseconds.
     #[serde(default = "default_redis_timeout_ms")]
     pub redis_timeout_ms: u64,
@@ -174,6 +179,7 @@ impl RateLimitConfig {
             redis_mode: super::RedisMode::Standalone,
             redis_urls: Vec::new(),
             redis_sentinel_master: None,
+            redis_sentinel_auth: None,
             redis_timeout_ms: default_redis_timeout_ms(),
             fail_mode: FailMode::Local,
             fallback_share: default_fallback_share(),
@@ -253,6 +259,9 @@ pub trait RedisUrlKeys {
     /// `redis_mode`, `redis_urls`, `redis_sentinel_master`.
     fn redis_topology(&self) -> (RedisMode, &[String], Option<&str>);
 
+    /// `redis_sentinel_auth`.
+    fn redis_sentinel_auth(&self) -> Option<bool>;
+
     /// Whether the section's settings use Redis at all.
     fn uses_redis(&self) -> bool;
 
@@ -270,7 +279,8 @@ pub trait RedisUrlKeys {
         let (mode, urls, master) = self.redis_topology();
         let urls_key = format!("{}s", Self::KEY);
         check_topology(mode, urls, master, source, Self::KEY)?;
-        match mode {
+        check_sentinel_auth(mode, self.redis_sentinel_auth(), Self::KEY)?;
+        let resolved = match mode {
             RedisMode::Standalone => source.resolve(Self::KEY, env),
             _ if !urls.is_empty() => RedisUrl::servers(mode, urls, master, &urls_key),
             _ => {
@@ -283,7 +293,8 @@ pub trait RedisUrlKeys {
                     .collect();
                 RedisUrl::servers(mode, &list, master, &source.key_of(Self::KEY))
             }
-        }
+        };
+        Ok(resolved?.with_sentinel_auth(self.redis_sentinel_auth().unwrap_or(true)))
     }
 
     /// At most one source, a topology that fits the mode, and inline URLs
@@ -293,6 +304,7 @@ pub trait RedisUrlKeys {
         let source = self.redis_url_source()?;
         let (mode, urls, master) = self.redis_topology();
         check_topology(mode, urls, master, source, Self::KEY)?;
+        check_sentinel_auth(mode, self.redis_sentinel_auth(), Self::KEY)?;
         if !self.uses_redis() {
             return Ok(());
         }
@@ -323,6 +335,10 @@ impl RedisUrlKeys for RateLimitConfig {
             &self.redis_urls,
             self.redis_sentinel_master.as_deref(),
         )
+    }
+
+    fn redis_sentinel_auth(&self) -> Option<bool> {
+        self.redis_sentinel_auth
     }
 
     fn uses_redis(&self) -> bool {
@@ -392,6 +408,24 @@ fn check_topology(
             }
         }
     }
+}
+
+/// `redis_sentinel_auth` only with `redis_mode = "sentinel"`.
+fn check_sentinel_auth(
+    mode: RedisMode,
+    auth: Option<bool>,
+    url_key: &str,
+) -> Result<(), ConfigError> {
+    if auth.is_some() && mode != RedisMode::Sentinel {
+        return Err(ConfigError::new(
+            format!(
+                "{}redis_sentinel_auth",
+                url_key.trim_end_matches("redis_url")
+            ),
+            "only with redis_mode = \"sentinel\"",
+        ));
+    }
+    Ok(())
 }
 
 impl<'a> RedisUrlSource<'a> {
@@ -468,6 +502,8 @@ pub struct RedisUrl {
     urls: Vec<crate::base::secret::Secret>,
     mode: RedisMode,
     sentinel_master: Option<String>,
+    /// Whether the sentinels take the URLs' credentials too.
+    sentinel_auth: bool,
 }
 
 impl RedisUrl {
@@ -490,6 +526,7 @@ impl RedisUrl {
                     urls: vec![crate::base::secret::Secret::new(url)],
                     mode: RedisMode::Standalone,
                     sentinel_master: None,
+                    sentinel_auth: true,
                 }),
             },
             Err(e) => Err(ConfigError::new(
@@ -529,7 +566,19 @@ impl RedisUrl {
             urls: all,
             mode,
             sentinel_master: sentinel_master.map(str::to_owned),
+            sentinel_auth: true,
         })
+    }
+
+    /// The same, the sentinels taking the URLs' credentials or not.
+    pub fn with_sentinel_auth(mut self, auth: bool) -> RedisUrl {
+        self.sentinel_auth = auth;
+        self
+    }
+
+    /// Whether the sentinels are asked with the URLs' credentials.
+    pub fn sentinel_auth(&self) -> bool {
+        self.sentinel_auth
     }
 
     /// The (first) URL.

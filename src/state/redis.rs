@@ -118,9 +118,10 @@ pub fn connect(
     }
 }
 
-/// A sentinel client for `url`'s master: the sentinels' own password is
-/// the one in their URLs, and the master is reached with the same
-/// username, password and TLS.
+/// A sentinel client for `url`'s master: the master is reached with the
+/// username, password and TLS of the (first) URL, and the sentinels with
+/// the same TLS, and the same credentials unless `redis_sentinel_auth =
+/// false` (sentinels that need none refuse an `AUTH`).
 fn sentinel_client(
     url: &WithTrust<RedisUrl>,
 ) -> redis::RedisResult<redis::sentinel::SentinelClient> {
@@ -141,14 +142,16 @@ fn sentinel_client(
     )?;
     let redis = first.redis_settings();
     if let Some(user) = redis.username() {
-        builder = builder
-            .set_client_to_redis_username(user)
-            .set_client_to_sentinel_username(user);
+        builder = builder.set_client_to_redis_username(user);
+        if url.sentinel_auth() {
+            builder = builder.set_client_to_sentinel_username(user);
+        }
     }
     if let Some(password) = redis.password() {
-        builder = builder
-            .set_client_to_redis_password(password)
-            .set_client_to_sentinel_password(password);
+        builder = builder.set_client_to_redis_password(password);
+        if url.sentinel_auth() {
+            builder = builder.set_client_to_sentinel_password(password);
+        }
     }
     if url.expose().starts_with("rediss://") {
         builder = builder

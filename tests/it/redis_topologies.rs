@@ -367,3 +367,41 @@ async fn a_cluster_over_tls_is_reached_as_one_server_over_tls_is() {
     a.stop().await;
     b.stop().await;
 }
+
+/// Sentinels that want no password, in front of a master that wants one
+/// (a common chart default): with `redis_sentinel_auth = false` they are
+/// asked without it and the master with it; with the default they refuse
+/// the `AUTH`, and keys fail closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinels_without_a_password_are_asked_without_one_when_told() {
+    let redis = RedisSentinel::start_open_sentinel();
+    let upstream = upstream_answering(envelope()).await;
+    let urls = [redis.sentinel_url()];
+    let master = Some(RedisSentinel::MASTER_NAME);
+
+    let same = spawn_gateway(on_redis(
+        &upstream.uri(),
+        RedisMode::Sentinel,
+        &urls,
+        master,
+    ))
+    .await;
+    assert_eq!(
+        send(keyed(&same, "open-0")).await.status,
+        503,
+        "the sentinel refuses the AUTH: the key fails closed"
+    );
+    assert_eq!(orders_seen(&upstream).await.get("open-0"), None);
+    same.stop().await;
+
+    let mut c = on_redis(&upstream.uri(), RedisMode::Sentinel, &urls, master);
+    c.rate_limit.as_mut().unwrap().redis_sentinel_auth = Some(false);
+    c.idempotency.as_mut().unwrap().redis_sentinel_auth = Some(false);
+    c.cache.redis_sentinel_auth = Some(false);
+    let told = spawn_gateway(c).await;
+    assert_eq!(send(keyed(&told, "open-1")).await.status, 200);
+    assert_eq!(orders_seen(&upstream).await.get("open-1"), Some(&1));
+    assert_eq!(get(&told.url("/alibaba/order/list")).await.status, 200);
+    assert_eq!(told.gateway.limiter().backend_state(), BackendState::Redis);
+    told.stop().await;
+}

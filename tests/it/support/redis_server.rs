@@ -343,6 +343,16 @@ impl RedisSentinel {
     pub const MASTER_NAME: &'static str = "mymaster";
 
     pub fn start() -> RedisSentinel {
+        Self::start_with(true)
+    }
+
+    /// The same, the sentinel itself answering without a password (the
+    /// master and replica still want one).
+    pub fn start_open_sentinel() -> RedisSentinel {
+        Self::start_with(false)
+    }
+
+    fn start_with(sentinel_password: bool) -> RedisSentinel {
         let dir = tempfile::tempdir().unwrap();
         // A full sync writes a snapshot to each server's directory: the
         // test's own, one each, not the working directory.
@@ -372,8 +382,13 @@ impl RedisSentinel {
                  sentinel monitor {name} 127.0.0.1 {master} 1\n\
                  sentinel down-after-milliseconds {name} 1000\n\
                  sentinel failover-timeout {name} 5000\n\
-                 sentinel auth-pass {name} {pw}\nrequirepass {pw}\n",
+                 sentinel auth-pass {name} {pw}\n{require}",
                 pw = TOPOLOGY_PASSWORD,
+                require = if sentinel_password {
+                    format!("requirepass {TOPOLOGY_PASSWORD}\n")
+                } else {
+                    String::new()
+                },
                 dir = dir.path().display(),
                 name = Self::MASTER_NAME,
                 master = master.port,
