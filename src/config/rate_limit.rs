@@ -284,7 +284,7 @@ pub trait RedisUrlKeys {
             RedisMode::Standalone => source.resolve(Self::KEY, env),
             _ if !urls.is_empty() => RedisUrl::servers(mode, urls, master, &urls_key),
             _ => {
-                let listed = source.read_list(Self::KEY, env)?;
+                let listed = source.read_text(Self::KEY, env)?;
                 let list: Vec<String> = listed
                     .expose()
                     .split(|c: char| c == ',' || c.is_whitespace())
@@ -438,8 +438,8 @@ impl<'a> RedisUrlSource<'a> {
         }
     }
 
-    /// The text of `redis_url_env` or `redis_url_file` (a list of URLs).
-    fn read_list(
+    /// The text of `redis_url_env` or `redis_url_file`: a URL, or a list.
+    fn read_text(
         self,
         key: &str,
         env: Env<'_>,
@@ -447,7 +447,7 @@ impl<'a> RedisUrlSource<'a> {
         match self {
             RedisUrlSource::Env(var) => SecretSource::Env(var.to_owned()).read(env, key),
             RedisUrlSource::File(path) => SecretSource::File(path.to_owned()).read(env, key),
-            _ => Err(ConfigError::new(key, "no list of servers given")),
+            _ => Err(ConfigError::new(key, "no variable or file given")),
         }
     }
 
@@ -478,15 +478,9 @@ impl<'a> RedisUrlSource<'a> {
         match self {
             RedisUrlSource::Default => RedisUrl::parse(DEFAULT_REDIS_URL, key),
             RedisUrlSource::Inline(url) => RedisUrl::parse(url, key),
-            RedisUrlSource::Env(var) => {
-                let source = SecretSource::Env(var.to_owned());
-                let url = source.read(env, key)?;
-                RedisUrl::parse(url.expose().trim(), &source.key(key))
-            }
-            RedisUrlSource::File(path) => {
-                let source = SecretSource::File(path.to_owned());
-                let url = source.read(env, key)?;
-                RedisUrl::parse(url.expose().trim(), &source.key(key))
+            RedisUrlSource::Env(_) | RedisUrlSource::File(_) => {
+                let url = self.read_text(key, env)?;
+                RedisUrl::parse(url.expose().trim(), &self.key_of(key))
             }
         }
     }
