@@ -405,3 +405,29 @@ async fn sentinels_without_a_password_are_asked_without_one_when_told() {
     assert_eq!(told.gateway.limiter().backend_state(), BackendState::Redis);
     told.stop().await;
 }
+
+/// In a Cluster with replicas, `redis_wait_replicas = 1` makes each key's
+/// write wait for its master's replica (`WAIT` sent to the node that owns
+/// the key): keys of many slots go through once each while the replicas
+/// answer; with every replica frozen a new key is refused and nothing sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_cluster_with_replicas_a_key_waits_for_its_masters_replica() {
+    let cluster = RedisCluster::start_with_replicas(3);
+    let upstream = upstream_answering(envelope()).await;
+    let mut c = on_redis(&upstream.uri(), RedisMode::Cluster, &cluster.urls(), None);
+    c.idempotency.as_mut().unwrap().redis_wait_replicas = Some(1);
+    let gw = spawn_gateway(c).await;
+    for n in 0..12 {
+        let key = format!("replicated-{n}");
+        assert_eq!(send(keyed(&gw, &key)).await.status, 200, "{key}");
+    }
+    let seen = orders_seen(&upstream).await;
+    assert_eq!(seen.len(), 12);
+    assert!(seen.values().all(|n| *n == 1), "{seen:?}");
+
+    cluster.freeze_replicas();
+    let refused = send(keyed(&gw, "unreplicated")).await;
+    assert_eq!(refused.status, 503, "{:?}", refused.body);
+    assert_eq!(orders_seen(&upstream).await.get("unreplicated"), None);
+    gw.stop().await;
+}

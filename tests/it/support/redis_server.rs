@@ -198,16 +198,48 @@ pub struct RedisCluster {
 
 impl RedisCluster {
     pub fn start(masters: usize) -> RedisCluster {
-        Self::start_over(masters, None)
+        Self::start_over(masters, 0, None)
+    }
+
+    /// `masters` masters with one replica each, every master's replica in
+    /// sync before it returns.
+    pub fn start_with_replicas(masters: usize) -> RedisCluster {
+        let cluster = Self::start_over(masters, 1, None);
+        for n in &cluster.nodes {
+            wait_until(
+                "each master has its replica in sync",
+                Duration::from_secs(30),
+                || {
+                    let info = cluster.cli(Some(n.port), &["info", "replication"]);
+                    info.contains("role:slave") && info.contains("master_link_status:up")
+                        || info.contains("role:master") && info.contains("connected_slaves:1")
+                },
+            );
+        }
+        cluster
+    }
+
+    /// Freezes every replica (SIGSTOP): their masters go on, nothing is
+    /// copied to them.
+    pub fn freeze_replicas(&self) {
+        for n in &self.nodes {
+            if self.cli(Some(n.port), &["role"]).starts_with("slave") {
+                n.freeze();
+            }
+        }
     }
 
     /// The same cluster, on TLS ports only (its bus too), serving `cert`
     /// signed by `ca`.
     pub fn start_tls(masters: usize, ca: &TestCa, cert: &Issued) -> RedisCluster {
-        Self::start_over(masters, Some((ca, cert)))
+        Self::start_over(masters, 0, Some((ca, cert)))
     }
 
-    fn start_over(masters: usize, tls: Option<(&TestCa, &Issued)>) -> RedisCluster {
+    fn start_over(
+        masters: usize,
+        replicas: usize,
+        tls: Option<(&TestCa, &Issued)>,
+    ) -> RedisCluster {
         let dir = tempfile::tempdir().unwrap();
         let tls_args: Vec<String> = match tls {
             None => Vec::new(),
@@ -234,7 +266,7 @@ impl RedisCluster {
                 ca.ca_file.display().to_string(),
             ],
         };
-        let nodes: Vec<RedisServer> = (0..masters)
+        let nodes: Vec<RedisServer> = (0..masters * (1 + replicas))
             .map(|i| {
                 let port = dead_address().port();
                 let bus = dead_address().port().to_string();
@@ -279,7 +311,8 @@ impl RedisCluster {
             .collect();
         let mut args = vec!["--cluster", "create"];
         args.extend(addrs.iter().map(String::as_str));
-        args.extend(["--cluster-replicas", "0", "--cluster-yes"]);
+        let replicas = replicas.to_string();
+        args.extend(["--cluster-replicas", &replicas, "--cluster-yes"]);
         cluster.cli(None, &args);
         for n in &cluster.nodes {
             wait_until(
